@@ -1,0 +1,133 @@
+"""Configuration values: what ``iii-config.yaml`` turns into.
+
+Every value here is a frozen attrs object, validated once at the boundary (YAML → attrs in
+:mod:`iii_embedded._config_loader`, or keyword arguments in Python) and trusted inside.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import attrs
+
+__all__ = [
+    "QueueConfig",
+    "StoreConfig",
+    "HttpConfig",
+    "Config",
+    "DEFAULT_QUEUE",
+]
+
+DEFAULT_QUEUE = "default"
+
+
+def _positive(_inst: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if value < 1:
+        raise ValueError(f"{attribute.name} must be >= 1, got {value}")
+
+
+def _non_negative(_inst: object, attribute: attrs.Attribute[int], value: int | None) -> None:
+    if value is not None and value < 0:
+        raise ValueError(f"{attribute.name} must be >= 0, got {value}")
+
+
+@attrs.define(frozen=True, kw_only=True)
+class QueueConfig:
+    """One named queue: iii's keys and defaults, plus our documented extensions.
+
+    ``max_retries`` counts *total delivery attempts* (iii's tested meaning: 3 means three
+    calls; 0 and 1 both mean one call).
+    """
+
+    name: str = DEFAULT_QUEUE
+    max_retries: int = attrs.field(default=3, validator=_non_negative)
+    concurrency: int = attrs.field(default=10, validator=_positive)
+    type: Literal["standard", "fifo"] = "standard"
+    message_group_field: str | None = None
+    backoff_ms: int = attrs.field(default=1000, validator=_non_negative)
+    poll_interval_ms: int = attrs.field(default=100, validator=_positive)
+    # Extensions (not in iii):
+    timeout_ms: int | None = attrs.field(default=None, validator=_non_negative)
+    max_backoff_ms: int | None = attrs.field(default=None, validator=_non_negative)
+    jitter: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        if self.type not in ("standard", "fifo"):
+            raise ValueError(f"type must be 'standard' or 'fifo', got {self.type!r}")
+        if self.type == "fifo" and not self.message_group_field:
+            raise ValueError(f"FIFO queue '{self.name}' requires message_group_field")
+
+    @property
+    def is_fifo(self) -> bool:
+        """True for FIFO queues."""
+        return self.type == "fifo"
+
+    @property
+    def max_attempts(self) -> int:
+        """Total delivery attempts (``max_retries``, at least one)."""
+        return max(1, self.max_retries)
+
+    def backoff_delay_ms(self, retry: int) -> int:
+        """Delay before retry number ``retry`` (1-based), before jitter.
+
+        ``backoff_ms × 2^(retry-1)``, capped by ``max_backoff_ms`` when set.
+        """
+        delay = self.backoff_ms * (2 ** (max(1, retry) - 1))
+        if self.max_backoff_ms is not None:
+            delay = min(delay, self.max_backoff_ms)
+        return delay
+
+
+@attrs.define(frozen=True, kw_only=True)
+class StoreConfig:
+    """The queue store: iii's builtin adapter (``in_memory`` or ``file_based``)."""
+
+    store_method: Literal["in_memory", "file_based"] = "in_memory"
+    file_path: str | None = None
+    synchronous: Literal["normal", "full"] = "normal"
+    lease_ms: int = attrs.field(default=30_000, validator=_positive)
+    result_retention_ms: int = attrs.field(default=86_400_000, validator=_positive)
+
+    def __attrs_post_init__(self) -> None:
+        if self.store_method not in ("in_memory", "file_based"):
+            raise ValueError(
+                f"store_method must be 'in_memory' or 'file_based', got {self.store_method!r}"
+            )
+        if self.store_method == "file_based" and not self.file_path:
+            raise ValueError("store_method 'file_based' requires file_path")
+        if self.synchronous not in ("normal", "full"):
+            raise ValueError(f"synchronous must be 'normal' or 'full', got {self.synchronous!r}")
+
+
+@attrs.define(frozen=True, kw_only=True)
+class HttpConfig:
+    """iii's http worker: where the engine serves HTTP triggers itself."""
+
+    host: str = "127.0.0.1"
+    port: int = 3111
+
+
+def _default_queues() -> dict[str, QueueConfig]:
+    return {DEFAULT_QUEUE: QueueConfig(name=DEFAULT_QUEUE)}
+
+
+def _ensure_default(queues: dict[str, QueueConfig]) -> dict[str, QueueConfig]:
+    if DEFAULT_QUEUE not in queues:
+        queues = {**queues, DEFAULT_QUEUE: QueueConfig(name=DEFAULT_QUEUE)}
+    for name, queue in queues.items():
+        if queue.name != name:
+            raise ValueError(f"queue key {name!r} does not match its config name {queue.name!r}")
+    return queues
+
+
+@attrs.define(frozen=True, kw_only=True)
+class Config:
+    """A whole runtime configuration. A ``default`` queue always exists."""
+
+    queues: dict[str, QueueConfig] = attrs.field(
+        factory=_default_queues, converter=_ensure_default
+    )
+    store: StoreConfig = attrs.field(factory=StoreConfig)
+    http: HttpConfig | None = None
+    source: str | None = None
+    """The file this config was read from, if any."""

@@ -1,0 +1,115 @@
+"""The error hierarchy of iii-embedded, in one place.
+
+Each error derives from the built-in it resembles too, so that code written against plain
+Python exceptions keeps working (``ConfigError`` is a ``ValueError``, ``StoreError`` an
+``OSError``).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "IIIError",
+    "InvocationError",
+    "NonRetryableError",
+    "RetryAfter",
+    "ConfigError",
+    "StoreError",
+    "StoreVersionError",
+    "RunFailedError",
+]
+
+
+class IIIError(Exception):
+    """Base class of every error raised by iii-embedded itself."""
+
+
+class InvocationError(IIIError, RuntimeError):
+    """A ``trigger`` call failed.
+
+    Raised to the caller of a synchronous or enqueue ``trigger``. ``code`` is iii's error
+    code (``function_not_found``, ``invocation_failed``, ``TIMEOUT``, ``enqueue_error``) and
+    ``message`` says what went wrong; ``str(err)`` is ``"{code}: {message}"``. When a handler
+    raised, the original exception is the ``__cause__``.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+    def __repr__(self) -> str:
+        return f"InvocationError(code={self.code!r}, message={self.message!r})"
+
+
+class NonRetryableError(IIIError):
+    """Raise from a queued handler to send its job straight to the dead-letter queue.
+
+    No further attempt is made, whatever ``max_retries`` says. Use it for failures a retry
+    cannot fix (a malformed payload, a permanently rejected card).
+    """
+
+
+class RetryAfter(IIIError):
+    """Raise from a queued handler to retry after ``delay_ms`` instead of the queue's backoff.
+
+    The attempt still counts towards ``max_retries``. Useful when a remote service says when
+    to come back (an HTTP 429 with ``Retry-After``).
+    """
+
+    def __init__(self, delay_ms: int, message: str = "") -> None:
+        if delay_ms < 0:
+            raise ValueError(f"RetryAfter delay_ms must be >= 0, got {delay_ms}")
+        super().__init__(message or f"retry after {delay_ms} ms")
+        self.delay_ms = delay_ms
+
+
+class ConfigError(IIIError, ValueError):
+    """A configuration file or value is invalid.
+
+    The message names the file, the line and the key that is wrong, and what was expected.
+    Fix the file and start again; nothing has been started or stored.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, line: int | None = None) -> None:
+        where = ""
+        if path is not None:
+            where = f"{path}:{line}: " if line is not None else f"{path}: "
+        super().__init__(f"{where}{message}")
+        self.path = path
+        self.line = line
+        self.reason = message
+
+
+class StoreError(IIIError, OSError):
+    """The queue store cannot be opened, read or written.
+
+    The message names the store's path and the cause (read-only directory, corrupt or
+    foreign database, disk full). Jobs that were already acknowledged are not lost: fix the
+    cause and start again, or retry the enqueue that failed.
+    """
+
+
+class StoreVersionError(StoreError):
+    """The store was written by a newer version of iii-embedded than the one running.
+
+    Upgrade iii-embedded (or point the app at another directory); the store is left as is.
+    """
+
+
+class RunFailedError(IIIError, RuntimeError):
+    """Raised by ``RunResult.unwrap()`` when the run did not complete successfully.
+
+    ``run_id`` and ``function_id`` name the run; ``error`` is the last error it recorded
+    (a ``RunError`` with the type, message and traceback), or ``None`` if it was cancelled.
+    """
+
+    def __init__(self, run_id: str, function_id: str, status: str, error: object | None) -> None:
+        detail = f": {error}" if error is not None else ""
+        super().__init__(f"run {run_id} of {function_id!r} ended {status}{detail}")
+        self.run_id = run_id
+        self.function_id = function_id
+        self.status = status
+        self.error = error

@@ -1,0 +1,237 @@
+"""The store protocol: everything the queue logic asks of persistence.
+
+Design rules every store follows (the conformance suite checks each):
+
+* The store never reads a clock: every call that depends on time takes ``now``. The runtime
+  passes its clock's time, so a virtual clock drives stores too.
+* ``enqueue`` is atomic over its whole batch: every job is stored, or none is.
+* A claim moves jobs from ``queued`` to ``running`` and increments ``attempts`` in the same
+  step, so an attempt that is lost with its process still counts.
+* Standard queues hand out available jobs oldest-available first (``available_at``, then
+  enqueue order). FIFO queues hand out only the *head* of each group (the lowest ``seq`` among
+  its ``queued``, ``running`` and ``held`` jobs), only when the head is available and nothing
+  of its group is running; a delayed head (backoff) blocks its group.
+* ``finish`` applies outcomes only to jobs still leased by the caller for that attempt; an
+  outcome for a job whose lease was lost (and maybe re-claimed elsewhere) is ignored.
+* Claiming stays an index lookup: its cost must not grow with the number of pending jobs.
+
+Times are float seconds since the epoch. Payloads and outputs are JSON text: serialised once
+at enqueue, so both stores see exactly the same bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, Protocol
+
+import attrs
+
+__all__ = [
+    "ErrorInfo",
+    "Job",
+    "JobState",
+    "NewJob",
+    "Outcome",
+    "OutcomeKind",
+    "QueueCounts",
+    "Store",
+]
+
+JobState = Literal["queued", "running", "held", "dead", "completed", "cancelled"]
+"""Where a job is. ``queued`` covers ready and delayed (``available_at`` in the future)."""
+
+OutcomeKind = Literal["completed", "retry", "dead", "released", "held", "cancelled"]
+
+
+@attrs.define(frozen=True, kw_only=True)
+class ErrorInfo:
+    """An error recorded on a job: the exception's type name, message and traceback."""
+
+    type: str
+    message: str
+    traceback: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.type}: {self.message}"
+
+
+@attrs.define(frozen=True, kw_only=True)
+class NewJob:
+    """A job to store. ``id`` is its receipt id (a UUID string chosen by the runtime)."""
+
+    id: str
+    queue: str
+    function_id: str
+    payload: str
+    """JSON text of the payload."""
+    group: str | None = None
+    """FIFO group key (JSON text of the group field's value), ``None`` on standard queues."""
+    created_at: float
+    available_at: float
+    max_attempts: int
+    idempotency_key: str | None = None
+    """If set, a live job of the same function with the same key is returned instead."""
+
+
+@attrs.define(frozen=True, kw_only=True)
+class Job:
+    """A stored job as the store sees it (also a run record)."""
+
+    id: str
+    queue: str
+    function_id: str
+    payload: str
+    group: str | None
+    seq: int
+    """Enqueue order within the store; a redrive gives a job a new, later ``seq``."""
+    state: JobState
+    attempts: int
+    """Attempts started so far (a claim increments it)."""
+    max_attempts: int
+    created_at: float
+    available_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    first_failed_at: float | None = None
+    last_failed_at: float | None = None
+    error: ErrorInfo | None = None
+    output: str | None = None
+    """JSON text of the handler's return value, for completed jobs."""
+    lease_owner: str | None = None
+    lease_until: float | None = None
+    idempotency_key: str | None = None
+    cancel_requested: bool = False
+
+
+@attrs.define(frozen=True, kw_only=True)
+class Outcome:
+    """What happened to a claimed job's attempt, to be applied by ``Store.finish``.
+
+    * ``completed``: the handler returned ``output`` (JSON text).
+    * ``retry``: the attempt failed with ``error``; available again at ``available_at``.
+    * ``dead``: the attempt failed with ``error`` and the job goes to the DLQ.
+    * ``released``: the attempt did not happen (graceful shutdown); the attempt is given back.
+    * ``held``: the function is not registered here; the job waits (attempt given back).
+    * ``cancelled``: the run was cancelled while running.
+    """
+
+    job_id: str
+    kind: OutcomeKind
+    owner: str
+    attempt: int
+    at: float
+    output: str | None = None
+    error: ErrorInfo | None = None
+    available_at: float | None = None
+
+
+@attrs.define(frozen=True, kw_only=True)
+class QueueCounts:
+    """Point-in-time counts of one queue's jobs in a store."""
+
+    ready: int = 0
+    delayed: int = 0
+    running: int = 0
+    held: int = 0
+    dead: int = 0
+    oldest_ready_at: float | None = None
+
+
+class Store(Protocol):
+    """What the queue logic needs from persistence. All methods are safe to call from the
+    event loop thread: a store that blocks (SQLite) does its work on its own thread."""
+
+    @property
+    def shared(self) -> bool:
+        """True if other processes may write to this store (the runtime then polls)."""
+
+    @property
+    def location(self) -> str:
+        """Where the store lives, for messages (a path, or ``":memory:"``)."""
+
+    async def open(self) -> None:
+        """Open (create or migrate) the store. Raises ``StoreError`` with path and cause."""
+
+    async def aclose(self) -> None:
+        """Flush and close. Idempotent."""
+
+    # --- producing -------------------------------------------------------------------
+
+    async def enqueue(self, jobs: Sequence[NewJob]) -> list[str]:
+        """Store ``jobs`` atomically (all or none) and return their ids in order.
+
+        For a job whose ``idempotency_key`` matches a live job of the same function (one that
+        is not ``dead`` or ``cancelled`` and not yet pruned), nothing is stored and the live
+        job's id is returned in its place. Returns only once the jobs are durable.
+        """
+
+    # --- consuming -------------------------------------------------------------------
+
+    async def claim(
+        self,
+        queue: str,
+        *,
+        fifo: bool,
+        limit: int,
+        now: float,
+        owner: str,
+        lease_until: float,
+    ) -> list[Job]:
+        """Move up to ``limit`` available jobs of ``queue`` to ``running`` and return them.
+
+        Each returned job has ``attempts`` already incremented, ``started_at = now`` and the
+        lease set to ``owner`` until ``lease_until``. See the module docstring for order.
+        """
+
+    async def finish(self, outcomes: Sequence[Outcome]) -> None:
+        """Apply outcomes (see :class:`Outcome`), all in one transaction."""
+
+    async def renew(self, owner: str, job_ids: Sequence[str], lease_until: float) -> set[str]:
+        """Extend the leases of ``owner``'s running jobs; return the ids whose cancellation
+        was requested."""
+
+    async def recover(self, now: float) -> list[Job]:
+        """Return running jobs whose lease expired (or whose owner process is known to be
+        gone) to ``queued`` (available at ``now``), or to ``dead`` when they have used every
+        attempt. Returns the jobs it moved, in their new state."""
+
+    async def release_held(self, function_ids: Sequence[str]) -> int:
+        """Make ``held`` jobs of these functions ``queued`` again; return how many."""
+
+    async def next_available_at(self, queue: str, now: float) -> float | None:
+        """The earliest ``available_at`` after ``now`` among ``queued`` jobs of ``queue``."""
+
+    # --- runs ------------------------------------------------------------------------
+
+    async def get(self, job_id: str) -> Job | None:
+        """The job (run) with this id, in any state, or ``None``."""
+
+    async def cancel(self, job_id: str, now: float) -> Job | None:
+        """Cancel a run. A ``queued`` or ``held`` job becomes ``cancelled`` at once; a
+        ``running`` one is flagged ``cancel_requested`` (its runner stops it). Returns the
+        job as it was *before* the call, or ``None`` if unknown."""
+
+    async def prune(self, finished_before: float) -> int:
+        """Delete ``completed`` and ``cancelled`` jobs finished before the given time."""
+
+    # --- dead-letter queue -----------------------------------------------------------
+
+    async def list_dead(self, queue: str, *, offset: int = 0, limit: int = 100) -> list[Job]:
+        """Dead jobs of ``queue``, oldest failure first."""
+
+    async def redrive(self, queue: str, job_ids: Sequence[str] | None, now: float) -> list[str]:
+        """Move dead jobs (these ids, or all when ``None``) back to ``queued`` with attempts
+        reset and a new ``seq`` (the tail of their group). Returns the ids moved."""
+
+    async def discard(self, queue: str, job_ids: Sequence[str] | None) -> list[str]:
+        """Delete dead jobs (these ids, or all when ``None``); return the ids deleted."""
+
+    # --- inspection ------------------------------------------------------------------
+
+    async def counts(self, now: float) -> dict[str, QueueCounts]:
+        """Counts per queue name for every queue that has jobs in the store."""
+
+    async def list_jobs(
+        self, queue: str | None = None, state: JobState | None = None, *, limit: int = 1000
+    ) -> list[Job]:
+        """Jobs filtered by queue and state, in ``seq`` order (for inspection and tests)."""

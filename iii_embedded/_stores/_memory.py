@@ -1,0 +1,522 @@
+"""The in-memory store: fast, lost on exit, and the reference for the store semantics.
+
+Standard queues keep a heap of ``(available_at, seq, id)``; FIFO queues keep, per group, the
+group's live jobs in ``seq`` order and a heap of group heads. Heap entries are validated
+lazily when popped (a job whose state or time changed since its entry was pushed is skipped),
+so every operation is O(log n) and nothing scans the backlog.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+
+from .._errors import StoreError
+from ._base import ErrorInfo, Job, JobState, NewJob, Outcome, QueueCounts
+
+__all__ = ["MemoryStore"]
+
+
+class _Row:
+    __slots__ = (
+        "attempts",
+        "available_at",
+        "cancel_requested",
+        "created_at",
+        "error",
+        "finished_at",
+        "first_failed_at",
+        "function_id",
+        "group",
+        "id",
+        "idempotency_key",
+        "last_failed_at",
+        "lease_owner",
+        "lease_until",
+        "max_attempts",
+        "output",
+        "payload",
+        "queue",
+        "seq",
+        "started_at",
+        "state",
+    )
+
+    def __init__(self, job: NewJob, seq: int) -> None:
+        self.id = job.id
+        self.queue = job.queue
+        self.function_id = job.function_id
+        self.payload = job.payload
+        self.group = job.group
+        self.seq = seq
+        self.state: JobState = "queued"
+        self.attempts = 0
+        self.max_attempts = job.max_attempts
+        self.created_at = job.created_at
+        self.available_at = job.available_at
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
+        self.first_failed_at: float | None = None
+        self.last_failed_at: float | None = None
+        self.error: ErrorInfo | None = None
+        self.output: str | None = None
+        self.lease_owner: str | None = None
+        self.lease_until: float | None = None
+        self.idempotency_key = job.idempotency_key
+        self.cancel_requested = False
+
+    def to_job(self) -> Job:
+        return Job(
+            id=self.id,
+            queue=self.queue,
+            function_id=self.function_id,
+            payload=self.payload,
+            group=self.group,
+            seq=self.seq,
+            state=self.state,
+            attempts=self.attempts,
+            max_attempts=self.max_attempts,
+            created_at=self.created_at,
+            available_at=self.available_at,
+            started_at=self.started_at,
+            finished_at=self.finished_at,
+            first_failed_at=self.first_failed_at,
+            last_failed_at=self.last_failed_at,
+            error=self.error,
+            output=self.output,
+            lease_owner=self.lease_owner,
+            lease_until=self.lease_until,
+            idempotency_key=self.idempotency_key,
+            cancel_requested=self.cancel_requested,
+        )
+
+
+class _QueueIndex:
+    """Per-queue indexes of live jobs."""
+
+    __slots__ = ("dead", "group_heads", "groups", "ready")
+
+    def __init__(self) -> None:
+        # Standard queues: (available_at, seq, id) of queued jobs (lazy deletion).
+        self.ready: list[tuple[float, int, str]] = []
+        # FIFO queues: group -> live job ids (queued/running/held) in seq order.
+        self.groups: dict[str, deque[str]] = {}
+        # FIFO queues: (available_at, seq, group) of groups whose head is queued.
+        self.group_heads: list[tuple[float, int, str]] = []
+        # Dead job ids in order of death.
+        self.dead: OrderedDict[str, None] = OrderedDict()
+
+
+class MemoryStore:
+    """A :class:`~iii_embedded._stores.Store` held in this process's memory."""
+
+    shared = False
+    location = ":memory:"
+
+    def __init__(self) -> None:
+        self._rows: dict[str, _Row] = {}
+        self._queues: dict[str, _QueueIndex] = {}
+        self._seq = itertools.count(1)
+        self._keys: dict[tuple[str, str], str] = {}
+        self._finished: deque[tuple[float, str]] = deque()
+        self._closed = False
+
+    async def open(self) -> None:
+        """Nothing to open; kept for the protocol."""
+        self._closed = False
+
+    async def aclose(self) -> None:
+        """Mark the store closed (its contents stay for inspection)."""
+        self._closed = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError("the in-memory store is closed")
+
+    def _index(self, queue: str) -> _QueueIndex:
+        index = self._queues.get(queue)
+        if index is None:
+            index = self._queues[queue] = _QueueIndex()
+        return index
+
+    # --- producing -------------------------------------------------------------------
+
+    async def enqueue(self, jobs: Sequence[NewJob]) -> list[str]:
+        """Store jobs atomically; see :meth:`Store.enqueue`."""
+        self._check_open()
+        ids: list[str] = []
+        batch_keys: dict[tuple[str, str], str] = {}
+        for job in jobs:
+            if job.id in self._rows:
+                raise StoreError(f"job id {job.id} already exists")
+        for job in jobs:
+            if job.idempotency_key is not None:
+                key = (job.function_id, job.idempotency_key)
+                existing = self._keys.get(key) or batch_keys.get(key)
+                if existing is not None:
+                    ids.append(existing)
+                    continue
+                batch_keys[key] = job.id
+            row = _Row(job, next(self._seq))
+            self._rows[row.id] = row
+            self._push_live(row)
+            ids.append(row.id)
+        self._keys.update(batch_keys)
+        return ids
+
+    def _push_live(self, row: _Row) -> None:
+        index = self._index(row.queue)
+        if row.group is None:
+            heapq.heappush(index.ready, (row.available_at, row.seq, row.id))
+            return
+        members = index.groups.get(row.group)
+        if members is None:
+            members = index.groups[row.group] = deque()
+        members.append(row.id)
+        if len(members) == 1:
+            heapq.heappush(index.group_heads, (row.available_at, row.seq, row.group))
+
+    def _push_ready(self, row: _Row) -> None:
+        """Re-index a job that became queued again in place (retry, release, unhold)."""
+        index = self._index(row.queue)
+        if row.group is None:
+            heapq.heappush(index.ready, (row.available_at, row.seq, row.id))
+            return
+        members = index.groups.get(row.group)
+        if members and members[0] == row.id:
+            heapq.heappush(index.group_heads, (row.available_at, row.seq, row.group))
+
+    def _remove_live(self, row: _Row) -> None:
+        """Take a job out of its group (it completed, died or was cancelled)."""
+        if row.group is None:
+            return  # the ready heap is cleaned lazily
+        index = self._index(row.queue)
+        members = index.groups.get(row.group)
+        if not members:
+            return
+        was_head = members[0] == row.id
+        try:
+            members.remove(row.id)
+        except ValueError:
+            return
+        if not members:
+            del index.groups[row.group]
+        elif was_head:
+            head = self._rows[members[0]]
+            if head.state == "queued":
+                heapq.heappush(index.group_heads, (head.available_at, head.seq, head.group or ""))
+
+    # --- consuming -------------------------------------------------------------------
+
+    async def claim(
+        self,
+        queue: str,
+        *,
+        fifo: bool,
+        limit: int,
+        now: float,
+        owner: str,
+        lease_until: float,
+    ) -> list[Job]:
+        """Claim available jobs; see :meth:`Store.claim`."""
+        self._check_open()
+        index = self._queues.get(queue)
+        if index is None or limit <= 0:
+            return []
+        claimed: list[Job] = []
+        rows = self._rows
+        if not fifo:
+            heap = index.ready
+            while heap and len(claimed) < limit and heap[0][0] <= now:
+                available_at, _seq, job_id = heapq.heappop(heap)
+                row = rows.get(job_id)
+                if row is None or row.state != "queued" or row.available_at != available_at:
+                    continue
+                claimed.append(self._start(row, now, owner, lease_until))
+            return claimed
+        heads = index.group_heads
+        while heads and len(claimed) < limit and heads[0][0] <= now:
+            available_at, seq, group = heapq.heappop(heads)
+            members = index.groups.get(group)
+            if not members:
+                continue
+            row = rows[members[0]]
+            if row.seq != seq or row.state != "queued" or row.available_at != available_at:
+                continue
+            claimed.append(self._start(row, now, owner, lease_until))
+        return claimed
+
+    @staticmethod
+    def _start(row: _Row, now: float, owner: str, lease_until: float) -> Job:
+        row.state = "running"
+        row.attempts += 1
+        row.started_at = now
+        row.lease_owner = owner
+        row.lease_until = lease_until
+        return row.to_job()
+
+    async def finish(self, outcomes: Sequence[Outcome]) -> None:
+        """Apply outcomes; see :meth:`Store.finish`."""
+        self._check_open()
+        for outcome in outcomes:
+            row = self._rows.get(outcome.job_id)
+            if (
+                row is None
+                or row.state != "running"
+                or row.lease_owner != outcome.owner
+                or row.attempts != outcome.attempt
+            ):
+                continue
+            self._apply(row, outcome)
+
+    def _apply(self, row: _Row, outcome: Outcome) -> None:
+        kind = outcome.kind
+        row.lease_owner = None
+        row.lease_until = None
+        if kind == "completed":
+            row.state = "completed"
+            row.output = outcome.output
+            row.finished_at = outcome.at
+            self._finished.append((outcome.at, row.id))
+            self._remove_live(row)
+        elif kind == "retry":
+            row.state = "queued"
+            row.error = outcome.error
+            row.first_failed_at = row.first_failed_at or outcome.at
+            row.last_failed_at = outcome.at
+            row.available_at = outcome.available_at if outcome.available_at is not None else outcome.at
+            self._push_ready(row)
+        elif kind == "dead":
+            self._bury(row, outcome.error, outcome.at)
+        elif kind in ("released", "held"):
+            row.attempts = max(0, row.attempts - 1)
+            row.state = "queued" if kind == "released" else "held"
+            if kind == "released":
+                self._push_ready(row)
+        else:  # cancelled
+            self._cancel_row(row, outcome.at)
+
+    def _bury(self, row: _Row, error: ErrorInfo | None, at: float) -> None:
+        row.state = "dead"
+        row.error = error
+        row.first_failed_at = row.first_failed_at or at
+        row.last_failed_at = at
+        row.finished_at = at
+        self._remove_live(row)
+        self._index(row.queue).dead[row.id] = None
+        self._release_key(row)
+
+    def _cancel_row(self, row: _Row, at: float) -> None:
+        row.state = "cancelled"
+        row.finished_at = at
+        self._finished.append((at, row.id))
+        self._remove_live(row)
+        self._release_key(row)
+
+    def _release_key(self, row: _Row) -> None:
+        if row.idempotency_key is not None:
+            key = (row.function_id, row.idempotency_key)
+            if self._keys.get(key) == row.id:
+                del self._keys[key]
+
+    async def renew(self, owner: str, job_ids: Sequence[str], lease_until: float) -> set[str]:
+        """Extend leases; see :meth:`Store.renew`."""
+        self._check_open()
+        cancelled: set[str] = set()
+        for job_id in job_ids:
+            row = self._rows.get(job_id)
+            if row is not None and row.state == "running" and row.lease_owner == owner:
+                row.lease_until = lease_until
+                if row.cancel_requested:
+                    cancelled.add(job_id)
+        return cancelled
+
+    async def recover(self, now: float) -> list[Job]:
+        """Return expired leases to their queue; see :meth:`Store.recover`."""
+        self._check_open()
+        moved: list[Job] = []
+        for row in list(self._rows.values()):
+            if row.state != "running" or row.lease_until is None or row.lease_until > now:
+                continue
+            row.lease_owner = None
+            row.lease_until = None
+            error = ErrorInfo(
+                type="LeaseExpired",
+                message="the process running this attempt stopped before finishing it",
+            )
+            if row.attempts >= row.max_attempts:
+                self._bury(row, error, now)
+            else:
+                row.state = "queued"
+                row.error = error
+                row.available_at = now
+                self._push_ready(row)
+            moved.append(row.to_job())
+        return moved
+
+    async def release_held(self, function_ids: Sequence[str]) -> int:
+        """Un-hold jobs of now-registered functions; see :meth:`Store.release_held`."""
+        self._check_open()
+        wanted = set(function_ids)
+        count = 0
+        for row in self._rows.values():
+            if row.state == "held" and row.function_id in wanted:
+                row.state = "queued"
+                self._push_ready(row)
+                count += 1
+        return count
+
+    async def next_available_at(self, queue: str, now: float) -> float | None:
+        """Earliest future availability in ``queue``; see :meth:`Store.next_available_at`."""
+        index = self._queues.get(queue)
+        if index is None:
+            return None
+        best: float | None = None
+        heaps: list[list[tuple[float, int, str]]] = [index.ready, index.group_heads]
+        for heap in heaps:
+            # Drop stale entries at the top so the answer is exact.
+            while heap:
+                available_at, seq, key = heap[0]
+                if heap is index.ready:
+                    row = self._rows.get(key)
+                    valid = row is not None and row.state == "queued" and row.available_at == available_at
+                else:
+                    members = index.groups.get(key)
+                    head = self._rows[members[0]] if members else None
+                    valid = (
+                        head is not None
+                        and head.seq == seq
+                        and head.state == "queued"
+                        and head.available_at == available_at
+                    )
+                if valid:
+                    break
+                heapq.heappop(heap)
+            if heap and heap[0][0] > now and (best is None or heap[0][0] < best):
+                best = heap[0][0]
+        return best
+
+    # --- runs ------------------------------------------------------------------------
+
+    async def get(self, job_id: str) -> Job | None:
+        """The job with this id; see :meth:`Store.get`."""
+        row = self._rows.get(job_id)
+        return row.to_job() if row is not None else None
+
+    async def cancel(self, job_id: str, now: float) -> Job | None:
+        """Cancel a run; see :meth:`Store.cancel`."""
+        self._check_open()
+        row = self._rows.get(job_id)
+        if row is None:
+            return None
+        before = row.to_job()
+        if row.state in ("queued", "held"):
+            self._cancel_row(row, now)
+        elif row.state == "running":
+            row.cancel_requested = True
+        return before
+
+    async def prune(self, finished_before: float) -> int:
+        """Forget finished runs; see :meth:`Store.prune`."""
+        count = 0
+        while self._finished and self._finished[0][0] < finished_before:
+            _, job_id = self._finished.popleft()
+            row = self._rows.get(job_id)
+            if row is not None and row.state in ("completed", "cancelled"):
+                del self._rows[job_id]
+                self._release_key(row)
+                count += 1
+        return count
+
+    # --- dead-letter queue -----------------------------------------------------------
+
+    async def list_dead(self, queue: str, *, offset: int = 0, limit: int = 100) -> list[Job]:
+        """Dead jobs, oldest failure first; see :meth:`Store.list_dead`."""
+        index = self._queues.get(queue)
+        if index is None:
+            return []
+        ids = list(itertools.islice(index.dead, offset, offset + limit))
+        return [self._rows[i].to_job() for i in ids]
+
+    def _dead_ids(self, queue: str, job_ids: Sequence[str] | None) -> list[str]:
+        index = self._queues.get(queue)
+        if index is None:
+            return []
+        if job_ids is None:
+            return list(index.dead)
+        return [i for i in job_ids if i in index.dead]
+
+    async def redrive(self, queue: str, job_ids: Sequence[str] | None, now: float) -> list[str]:
+        """Send dead jobs back; see :meth:`Store.redrive`."""
+        self._check_open()
+        moved = self._dead_ids(queue, job_ids)
+        index = self._index(queue)
+        for job_id in moved:
+            del index.dead[job_id]
+            row = self._rows[job_id]
+            if row.idempotency_key is not None:
+                self._keys.setdefault((row.function_id, row.idempotency_key), row.id)
+            row.state = "queued"
+            row.attempts = 0
+            row.seq = next(self._seq)
+            row.available_at = now
+            row.finished_at = None
+            self._push_live(row)
+        return moved
+
+    async def discard(self, queue: str, job_ids: Sequence[str] | None) -> list[str]:
+        """Delete dead jobs; see :meth:`Store.discard`."""
+        self._check_open()
+        gone = self._dead_ids(queue, job_ids)
+        index = self._index(queue)
+        for job_id in gone:
+            del index.dead[job_id]
+            del self._rows[job_id]
+        return gone
+
+    # --- inspection ------------------------------------------------------------------
+
+    async def counts(self, now: float) -> dict[str, QueueCounts]:
+        """Counts per queue; see :meth:`Store.counts`."""
+        acc: dict[str, dict[str, float | int | None]] = {}
+        for row in self._rows.values():
+            c = acc.setdefault(
+                row.queue,
+                {"ready": 0, "delayed": 0, "running": 0, "held": 0, "dead": 0, "oldest": None},
+            )
+            if row.state == "queued":
+                if row.available_at <= now:
+                    c["ready"] = int(c["ready"] or 0) + 1
+                    oldest = c["oldest"]
+                    if oldest is None or row.available_at < oldest:
+                        c["oldest"] = row.available_at
+                else:
+                    c["delayed"] = int(c["delayed"] or 0) + 1
+            elif row.state in ("running", "held", "dead"):
+                c[row.state] = int(c[row.state] or 0) + 1
+        result: dict[str, QueueCounts] = {}
+        for name, c in acc.items():
+            oldest = c["oldest"]
+            result[name] = QueueCounts(
+                ready=int(c["ready"] or 0),
+                delayed=int(c["delayed"] or 0),
+                running=int(c["running"] or 0),
+                held=int(c["held"] or 0),
+                dead=int(c["dead"] or 0),
+                oldest_ready_at=float(oldest) if oldest is not None else None,
+            )
+        return result
+
+    async def list_jobs(
+        self, queue: str | None = None, state: JobState | None = None, *, limit: int = 1000
+    ) -> list[Job]:
+        """Jobs by queue and state in ``seq`` order; see :meth:`Store.list_jobs`."""
+        rows = [
+            r
+            for r in self._rows.values()
+            if (queue is None or r.queue == queue) and (state is None or r.state == state)
+        ]
+        rows.sort(key=lambda r: r.seq)
+        return [r.to_job() for r in rows[:limit]]
