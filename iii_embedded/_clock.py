@@ -14,7 +14,9 @@ from __future__ import annotations
 import heapq
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager as ContextManager
+from contextlib import contextmanager
 from typing import Protocol
 
 import anyio
@@ -31,8 +33,9 @@ class Clock(Protocol):
     async def sleep_until(self, deadline: float) -> None:
         """Return once ``now() >= deadline`` (cancellable)."""
 
-    def cancel_scope_until(self, deadline: float) -> anyio.CancelScope:
-        """A cancel scope that is cancelled when ``now()`` reaches ``deadline``."""
+    def deadline_scope(self, deadline: float) -> ContextManager[anyio.CancelScope]:
+        """A context manager entering a cancel scope that is cancelled when ``now()``
+        reaches ``deadline``."""
 
     @property
     def is_virtual(self) -> bool:
@@ -54,9 +57,17 @@ class SystemClock:
         if delay > 0:
             await anyio.sleep(delay)
 
-    def cancel_scope_until(self, deadline: float) -> anyio.CancelScope:
+    def deadline_scope(self, deadline: float) -> ContextManager[anyio.CancelScope]:
         """A cancel scope whose deadline is ``deadline`` in wall time."""
         return anyio.CancelScope(deadline=anyio.current_time() + (deadline - time.time()))
+
+
+class _Timer:
+    __slots__ = ("active", "fire")
+
+    def __init__(self, fire: Callable[[], None]) -> None:
+        self.fire = fire
+        self.active = True
 
 
 class VirtualClock:
@@ -64,7 +75,7 @@ class VirtualClock:
 
     ``advance(seconds)`` / ``advance_to(t)`` move it and wake every sleeper and cancel scope
     whose deadline has passed. ``next_deadline()`` tells a driver (``drain()``) where the next
-    timer is. Must be used from the event loop thread that runs the runtime.
+    live timer is. Must be used from the event loop thread that runs the runtime.
     """
 
     is_virtual = True
@@ -72,7 +83,7 @@ class VirtualClock:
     def __init__(self, start: float = 1_700_000_000.0) -> None:
         self._now = start
         self._seq = itertools.count()
-        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._timers: list[tuple[float, int, _Timer]] = []
         self._listeners: list[Callable[[], None]] = []
 
     def now(self) -> float:
@@ -80,13 +91,15 @@ class VirtualClock:
         return self._now
 
     def next_deadline(self) -> float | None:
-        """The earliest pending timer, or ``None``."""
-        while self._timers:
-            return self._timers[0][0]
-        return None
+        """The earliest live timer, or ``None``."""
+        while self._timers and not self._timers[0][2].active:
+            heapq.heappop(self._timers)
+        return self._timers[0][0] if self._timers else None
 
-    def _add_timer(self, deadline: float, fire: Callable[[], None]) -> None:
-        heapq.heappush(self._timers, (deadline, next(self._seq), fire))
+    def _add_timer(self, deadline: float, fire: Callable[[], None]) -> _Timer:
+        timer = _Timer(fire)
+        heapq.heappush(self._timers, (deadline, next(self._seq), timer))
+        return timer
 
     def advance(self, seconds: float) -> None:
         """Move time forward by ``seconds`` and fire the timers that are due."""
@@ -95,17 +108,19 @@ class VirtualClock:
         self.advance_to(self._now + seconds)
 
     def advance_to(self, when: float) -> None:
-        """Move time forward to ``when`` (no-op if it is in the past)."""
+        """Move time forward to ``when`` (no-op if it is in the past) and fire due timers."""
         if when > self._now:
             self._now = when
         while self._timers and self._timers[0][0] <= self._now:
-            _, _, fire = heapq.heappop(self._timers)
-            fire()
+            _, _, timer = heapq.heappop(self._timers)
+            if timer.active:
+                timer.active = False
+                timer.fire()
         for listener in list(self._listeners):
             listener()
 
     def add_listener(self, listener: Callable[[], None]) -> None:
-        """Call ``listener`` after every advance (the runtime re-checks due jobs)."""
+        """Call ``listener`` after every advance."""
         self._listeners.append(listener)
 
     def remove_listener(self, listener: Callable[[], None]) -> None:
@@ -119,14 +134,22 @@ class VirtualClock:
             await anyio.lowlevel.checkpoint()
             return
         event = anyio.Event()
-        self._add_timer(deadline, event.set)
-        await event.wait()
+        timer = self._add_timer(deadline, event.set)
+        try:
+            await event.wait()
+        finally:
+            timer.active = False
 
-    def cancel_scope_until(self, deadline: float) -> anyio.CancelScope:
+    @contextmanager
+    def deadline_scope(self, deadline: float) -> Iterator[anyio.CancelScope]:
         """A cancel scope cancelled when virtual time reaches ``deadline``."""
-        scope = anyio.CancelScope()
-        if deadline <= self._now:
-            scope.cancel()
-        else:
-            self._add_timer(deadline, scope.cancel)
-        return scope
+        with anyio.CancelScope() as scope:
+            if deadline <= self._now:
+                scope.cancel()
+                yield scope
+                return
+            timer = self._add_timer(deadline, scope.cancel)
+            try:
+                yield scope
+            finally:
+                timer.active = False

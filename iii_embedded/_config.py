@@ -72,7 +72,7 @@ class QueueConfig:
 
         ``backoff_ms × 2^(retry-1)``, capped by ``max_backoff_ms`` when set.
         """
-        delay = self.backoff_ms * (2 ** (max(1, retry) - 1))
+        delay = self.backoff_ms << (max(1, retry) - 1)
         if self.max_backoff_ms is not None:
             delay = min(delay, self.max_backoff_ms)
         return delay
@@ -124,9 +124,7 @@ def _ensure_default(queues: dict[str, QueueConfig]) -> dict[str, QueueConfig]:
 class Config:
     """A whole runtime configuration. A ``default`` queue always exists."""
 
-    queues: dict[str, QueueConfig] = attrs.field(
-        factory=_default_queues, converter=_ensure_default
-    )
+    queues: dict[str, QueueConfig] = attrs.field(factory=_default_queues, converter=_ensure_default)
     store: StoreConfig = attrs.field(factory=StoreConfig)
     http: HttpConfig | None = None
     source: str | None = None

@@ -286,7 +286,9 @@ class MemoryStore:
             row.error = outcome.error
             row.first_failed_at = row.first_failed_at or outcome.at
             row.last_failed_at = outcome.at
-            row.available_at = outcome.available_at if outcome.available_at is not None else outcome.at
+            row.available_at = (
+                outcome.available_at if outcome.available_at is not None else outcome.at
+            )
             self._push_ready(row)
         elif kind == "dead":
             self._bury(row, outcome.error, outcome.at)
@@ -381,7 +383,11 @@ class MemoryStore:
                 available_at, seq, key = heap[0]
                 if heap is index.ready:
                     row = self._rows.get(key)
-                    valid = row is not None and row.state == "queued" and row.available_at == available_at
+                    valid = (
+                        row is not None
+                        and row.state == "queued"
+                        and row.available_at == available_at
+                    )
                 else:
                     members = index.groups.get(key)
                     head = self._rows[members[0]] if members else None

@@ -1,0 +1,105 @@
+"""Trigger actions: how a ``trigger`` call is carried out (iii's ``TriggerAction``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from ._errors import InvocationError
+
+__all__ = ["TriggerAction", "EnqueueAction", "VoidAction", "Action", "parse_action"]
+
+
+@attrs.define(frozen=True, kw_only=True)
+class EnqueueAction:
+    """Route the call through a named queue; the caller gets ``{"messageReceiptId": ...}``.
+
+    ``delay_ms``, ``idempotency_key`` and ``max_attempts`` are our extensions (Trigger.dev
+    style): start no earlier than ``delay_ms`` from now; return the live run with the same
+    key instead of storing a new one; override the queue's ``max_retries`` for this run.
+    """
+
+    queue: str
+    delay_ms: int = 0
+    idempotency_key: str | None = None
+    max_attempts: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """iii's wire form, ``{"type": "enqueue", "queue": ...}`` (plus set extensions)."""
+        out: dict[str, Any] = {"type": "enqueue", "queue": self.queue}
+        if self.delay_ms:
+            out["delay_ms"] = self.delay_ms
+        if self.idempotency_key is not None:
+            out["idempotency_key"] = self.idempotency_key
+        if self.max_attempts is not None:
+            out["max_attempts"] = self.max_attempts
+        return out
+
+
+@attrs.define(frozen=True)
+class VoidAction:
+    """Fire and forget: the caller continues at once and never sees the outcome."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """iii's wire form, ``{"type": "void"}``."""
+        return {"type": "void"}
+
+
+Action = EnqueueAction | VoidAction
+
+
+class TriggerAction:
+    """Constructors for the trigger actions, spelled as in the iii SDK."""
+
+    @staticmethod
+    def Enqueue(
+        *,
+        queue: str,
+        delay_ms: int = 0,
+        idempotency_key: str | None = None,
+        max_attempts: int | None = None,
+    ) -> EnqueueAction:
+        """Enqueue on the named queue (see :class:`EnqueueAction`)."""
+        return EnqueueAction(
+            queue=queue,
+            delay_ms=delay_ms,
+            idempotency_key=idempotency_key,
+            max_attempts=max_attempts,
+        )
+
+    @staticmethod
+    def Void() -> VoidAction:
+        """Fire and forget (see :class:`VoidAction`)."""
+        return _VOID
+
+
+_VOID = VoidAction()
+
+
+def parse_action(action: object) -> Action | None:
+    """Accept an action object, iii's dict form, or ``None`` (a synchronous call)."""
+    if action is None or isinstance(action, EnqueueAction | VoidAction):
+        return action
+    if isinstance(action, Mapping):
+        kind = str(action.get("type", "")).lower()
+        if kind == "void":
+            return _VOID
+        if kind == "enqueue":
+            queue = action.get("queue")
+            if not isinstance(queue, str) or not queue:
+                raise InvocationError("enqueue_error", "Enqueue action requires a 'queue' name")
+            delay = action.get("delay_ms", 0) or 0
+            max_attempts = action.get("max_attempts")
+            return EnqueueAction(
+                queue=queue,
+                delay_ms=int(delay),
+                idempotency_key=action.get("idempotency_key"),
+                max_attempts=int(max_attempts) if max_attempts is not None else None,
+            )
+    raise InvocationError(
+        "invalid_action",
+        f"unknown trigger action {action!r}: use TriggerAction.Enqueue(queue=...), "
+        "TriggerAction.Void(), or omit it for a synchronous call",
+    )

@@ -1,0 +1,427 @@
+"""The app: ``III``, the one object users hold.
+
+It keeps what outlives a run (config, registered functions, triggers, hooks) and starts a
+:class:`~iii_embedded._runtime.Runtime` for each lifecycle: ``async with iii.running()``
+inside an existing anyio/asyncio program, ``iii.run()`` as the main program, or
+``iii.start()``/``iii.shutdown()`` on a background thread for synchronous programs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, asynccontextmanager
+from typing import Any, TypeVar
+
+import anyio
+from anyio.from_thread import BlockingPortal
+
+from ._actions import EnqueueAction, VoidAction, parse_action
+from ._clock import Clock, SystemClock
+from ._config import Config
+from ._errors import InvocationError
+from ._registry import FunctionRef, FunctionSpec, Registry, is_async_callable
+from ._runtime import Runtime
+from ._stats import DeadJob, QueueStats
+from ._stores import Store, open_store
+
+__all__ = ["III", "HOOK_EVENTS"]
+
+log = logging.getLogger("iii_embedded")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+HOOK_EVENTS = frozenset(
+    {
+        "job_started",
+        "job_succeeded",
+        "job_failed",
+        "job_retried",
+        "job_dead_lettered",
+        "job_cancelled",
+    }
+)
+
+TriggerRegistrar = Callable[["III", Mapping[str, Any]], None]
+_TRIGGER_TYPES: dict[str, TriggerRegistrar] = {}
+
+
+def register_trigger_type(name: str, registrar: TriggerRegistrar) -> None:
+    """Plug in a trigger type (``http``, ``cron``, ``queue``...) for ``register_trigger``."""
+    _TRIGGER_TYPES[name] = registrar
+
+
+class III:
+    """An embedded iii engine: functions, trigger actions and named queues in one process.
+
+    ``III()`` uses an in-memory store and a ``default`` queue; ``III(config)`` or
+    ``III.from_config("iii-config.yaml")`` use the given queues and store. ``clock`` and
+    ``store`` are for tests (see :mod:`iii_embedded.testing`).
+    """
+
+    def __init__(
+        self,
+        config: Config | None = None,
+        *,
+        clock: Clock | None = None,
+        store: Store | None = None,
+        shutdown_grace_ms: int = 10_000,
+    ) -> None:
+        self.config = config if config is not None else Config()
+        self.clock: Clock = clock if clock is not None else SystemClock()
+        self._store_override = store
+        self.shutdown_grace_ms = shutdown_grace_ms
+        self.registry = Registry()
+        self.hooks: dict[str, list[Callable[..., Any]]] = {}
+        self.triggers: list[dict[str, Any]] = []
+        self.lifecycle_hooks: list[Callable[[III, anyio.abc.TaskGroup], Any]] = []
+        self._runtime: Runtime | None = None
+        self._thread_cm: AbstractContextManager[Any] | None = None
+        self._portal_cm: AbstractContextManager[BlockingPortal] | None = None
+        from ._builtins import register_builtins
+
+        register_builtins(self)
+
+    @classmethod
+    def from_config(cls, path: str | os.PathLike[str], **kwargs: Any) -> III:
+        """Build an app from an ``iii-config.yaml`` file (both of iii's spellings)."""
+        from ._config_loader import load_config
+
+        return cls(load_config(path), **kwargs)
+
+    # --- registering -----------------------------------------------------------------
+
+    def function(
+        self,
+        function_id: str,
+        *,
+        description: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Callable[[F], F]:
+        """Decorator: register the decorated sync or async function under ``function_id``."""
+
+        def decorate(fn: F) -> F:
+            self.register_function(
+                {"id": function_id, "description": description, "metadata": metadata}, fn
+            )
+            return fn
+
+        return decorate
+
+    def register_function(
+        self, function: str | Mapping[str, Any], handler: Callable[[Any], Any]
+    ) -> FunctionRef:
+        """Register ``handler`` as ``function`` (an id, or iii's ``{"id": ...}`` dict).
+
+        Returns a ref with ``.id``. Raises ``ValueError`` if the id is already registered.
+        """
+        if isinstance(function, Mapping):
+            if "id" not in function:
+                raise ValueError("register_function: the function dict needs an 'id'")
+            fid = function["id"]
+            description = function.get("description")
+            metadata = function.get("metadata")
+        else:
+            fid, description, metadata = function, None, None
+        if not callable(handler):
+            raise TypeError(f"register_function({fid!r}): handler is not callable")
+        spec = FunctionSpec(
+            id=fid,
+            handler=handler,
+            is_async=is_async_callable(handler),
+            description=description,
+            metadata=metadata,
+        )
+        self.registry.add(spec)
+        return spec.ref()
+
+    def _register_internal(self, function_id: str, handler: Callable[[Any], Any]) -> None:
+        self.registry.add(
+            FunctionSpec(
+                id=function_id,
+                handler=handler,
+                is_async=is_async_callable(handler),
+                internal=True,
+            )
+        )
+
+    def register_trigger(self, trigger: Mapping[str, Any]) -> None:
+        """Bind a trigger (iii's ``{"type", "function_id", "config"}``) to a function."""
+        kind = trigger.get("type")
+        registrar = _TRIGGER_TYPES.get(str(kind))
+        if registrar is None:
+            known = ", ".join(sorted(_TRIGGER_TYPES)) or "none"
+            raise ValueError(f"unknown trigger type {kind!r} (supported: {known})")
+        registrar(self, trigger)
+        self.triggers.append(dict(trigger))
+
+    def on(self, event: str, callback: Callable[..., Any]) -> None:
+        """Subscribe ``callback(job, **info)`` to a job event (see ``HOOK_EVENTS``)."""
+        if event not in HOOK_EVENTS:
+            raise ValueError(f"unknown event {event!r}; one of {sorted(HOOK_EVENTS)}")
+        self.hooks.setdefault(event, []).append(callback)
+
+    # --- triggering ------------------------------------------------------------------
+
+    @property
+    def runtime(self) -> Runtime:
+        """The running engine; ``RuntimeError`` when the app is not running."""
+        rt = self._runtime
+        if rt is None:
+            raise RuntimeError(
+                "the iii-embedded engine is not running: use `async with iii.running():`, "
+                "`iii.run()` or `iii.start()` first"
+            )
+        return rt
+
+    @property
+    def is_running(self) -> bool:
+        """True between the start and the end of a lifecycle."""
+        return self._runtime is not None
+
+    async def trigger_async(
+        self,
+        request: str | Mapping[str, Any],
+        payload: Any = None,
+        *,
+        action: EnqueueAction | VoidAction | Mapping[str, Any] | None = None,
+        timeout_ms: int | None = None,
+    ) -> Any:
+        """Invoke a function: synchronously (no action), Void, or Enqueue.
+
+        ``request`` is iii's dict (``function_id``, ``payload``, ``action``, ``timeout_ms``)
+        or a function id with the other fields as arguments. Returns the handler's value,
+        ``None`` (Void) or ``{"messageReceiptId": id}`` (Enqueue); raises
+        :class:`InvocationError` as iii does.
+        """
+        fid, data, act, timeout = _parse_request(request, payload, action, timeout_ms)
+        rt = self.runtime
+        if rt.loop_thread == threading.get_ident():
+            return await rt.trigger(fid, data, act, timeout)
+        # Called from another event loop (the engine runs in a background thread).
+        portal = rt.portal
+        assert portal is not None
+        return await anyio.to_thread.run_sync(portal.call, rt.trigger, fid, data, act, timeout)
+
+    def trigger(
+        self,
+        request: str | Mapping[str, Any],
+        payload: Any = None,
+        *,
+        action: EnqueueAction | VoidAction | Mapping[str, Any] | None = None,
+        timeout_ms: int | None = None,
+    ) -> Any:
+        """The blocking twin of :meth:`trigger_async`, for sync code and sync handlers.
+
+        Raises ``RuntimeError`` on the engine's event-loop thread (it would deadlock there):
+        use ``await iii.trigger_async(...)`` in async code.
+        """
+        fid, data, act, timeout = _parse_request(request, payload, action, timeout_ms)
+        rt = self.runtime
+        if rt.loop_thread == threading.get_ident():
+            raise RuntimeError(
+                "iii.trigger() blocks, and this is the engine's event-loop thread: "
+                "use `await iii.trigger_async(...)` in async code"
+            )
+        portal = rt.portal
+        assert portal is not None
+        return portal.call(rt.trigger, fid, data, act, timeout)
+
+    def _call_blocking(self, fn: Callable[..., Any], *args: Any) -> Any:
+        rt = self.runtime
+        if rt.loop_thread == threading.get_ident():
+            raise RuntimeError(
+                "this call blocks, and this is the engine's event-loop thread: "
+                "use its `_async` twin in async code"
+            )
+        assert rt.portal is not None
+        return rt.portal.call(fn, *args)
+
+    # --- lifecycles ------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[III]:
+        """Run the engine inside the current anyio/asyncio program for the ``with`` block.
+
+        On exit the engine shuts down gracefully (see ``shutdown_grace_ms``).
+        """
+        if self._runtime is not None:
+            raise RuntimeError("this III app is already running")
+        store = self._store_override or open_store(self.config.store)
+        rt = Runtime(
+            config=self.config,
+            registry=self.registry,
+            clock=self.clock,
+            store=store,
+            hooks=self.hooks,
+            shutdown_grace_s=self.shutdown_grace_ms / 1000,
+        )
+        async with BlockingPortal() as portal, anyio.create_task_group() as tg:
+            await rt.start(tg, portal)
+            self._runtime = rt
+            try:
+                for hook in self.lifecycle_hooks:
+                    result = hook(self, tg)
+                    if result is not None:
+                        await result
+                yield self
+            finally:
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await rt.shutdown()
+                    finally:
+                        self._runtime = None
+                        tg.cancel_scope.cancel()
+
+    async def serve_forever(self) -> None:
+        """Run until SIGINT or SIGTERM, then shut down gracefully."""
+        async with self.running():
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    log.info("received %s, shutting down", signal.Signals(signum).name)
+                    return
+
+    def run(self) -> None:
+        """Run the engine as the main program (blocking) until SIGINT/SIGTERM."""
+        anyio.run(self.serve_forever)
+
+    def start(self) -> III:
+        """Start the engine on a background thread and return once it is running."""
+        if self._thread_cm is not None:
+            raise RuntimeError("this III app is already started")
+        portal_cm = anyio.from_thread.start_blocking_portal()
+        portal = portal_cm.__enter__()
+        try:
+            thread_cm = portal.wrap_async_context_manager(self.running())
+            thread_cm.__enter__()
+        except BaseException:
+            portal_cm.__exit__(None, None, None)
+            raise
+        self._portal_cm = portal_cm
+        self._thread_cm = thread_cm
+        return self
+
+    def shutdown(self) -> None:
+        """Stop an engine started with :meth:`start` (graceful; waits for it)."""
+        thread_cm, portal_cm = self._thread_cm, self._portal_cm
+        self._thread_cm = self._portal_cm = None
+        if thread_cm is not None:
+            thread_cm.__exit__(None, None, None)
+        if portal_cm is not None:
+            portal_cm.__exit__(None, None, None)
+
+    def __enter__(self) -> III:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # --- inspection and the dead-letter queue ------------------------------------------
+
+    def _queue_names(self, queue: str) -> str:
+        if queue not in self.config.queues:
+            raise ValueError(f"Queue '{queue}' not found")
+        return queue
+
+    async def stats_async(self) -> dict[str, QueueStats]:
+        """Statistics of every configured queue."""
+        rt = self.runtime
+        now = rt.clock.now()
+        counts = await rt.store.counts(now)
+        from ._stores import QueueCounts
+
+        out: dict[str, QueueStats] = {}
+        for name, runner in rt.runners.items():
+            out[name] = QueueStats.build(
+                queue=name,
+                type=runner.config.type,
+                concurrency=runner.config.concurrency,
+                counts=counts.get(name, QueueCounts()),
+                now=now,
+                completed=runner.completed,
+                failed=runner.failed,
+                retried=runner.retried,
+                dead_lettered=runner.dead_lettered,
+            )
+        return out
+
+    def stats(self) -> dict[str, QueueStats]:
+        """Blocking twin of :meth:`stats_async`."""
+        result: dict[str, QueueStats] = self._call_blocking(self.stats_async)
+        return result
+
+    async def queue_stats_async(self, queue: str) -> QueueStats:
+        """Statistics of one queue."""
+        return (await self.stats_async())[self._queue_names(queue)]
+
+    def queue_stats(self, queue: str) -> QueueStats:
+        """Blocking twin of :meth:`queue_stats_async`."""
+        result: QueueStats = self._call_blocking(self.queue_stats_async, queue)
+        return result
+
+    async def dlq_list_async(
+        self, queue: str, *, offset: int = 0, limit: int = 100
+    ) -> list[DeadJob]:
+        """Dead jobs of ``queue``, oldest failure first."""
+        jobs = await self.runtime.store.list_dead(
+            self._queue_names(queue), offset=offset, limit=limit
+        )
+        return [DeadJob.from_job(j) for j in jobs]
+
+    def dlq_list(self, queue: str, *, offset: int = 0, limit: int = 100) -> list[DeadJob]:
+        """Blocking twin of :meth:`dlq_list_async`."""
+        result: list[DeadJob] = self._call_blocking(
+            lambda: self.dlq_list_async(queue, offset=offset, limit=limit)
+        )
+        return result
+
+    async def dlq_redrive_async(self, queue: str, ids: Sequence[str] | None = None) -> list[str]:
+        """Send dead jobs (``ids``, or all) back to ``queue`` with their attempts reset.
+
+        A redriven job joins the tail of its FIFO group. Returns the ids moved.
+        """
+        rt = self.runtime
+        moved = await rt.store.redrive(self._queue_names(queue), ids, rt.clock.now())
+        if moved:
+            rt.runners[queue].wake()
+        return moved
+
+    def dlq_redrive(self, queue: str, ids: Sequence[str] | None = None) -> list[str]:
+        """Blocking twin of :meth:`dlq_redrive_async`."""
+        result: list[str] = self._call_blocking(self.dlq_redrive_async, queue, ids)
+        return result
+
+    async def dlq_discard_async(self, queue: str, ids: Sequence[str] | None = None) -> list[str]:
+        """Delete dead jobs (``ids``, or all) of ``queue``; returns the ids deleted."""
+        return await self.runtime.store.discard(self._queue_names(queue), ids)
+
+    def dlq_discard(self, queue: str, ids: Sequence[str] | None = None) -> list[str]:
+        """Blocking twin of :meth:`dlq_discard_async`."""
+        result: list[str] = self._call_blocking(self.dlq_discard_async, queue, ids)
+        return result
+
+
+def _parse_request(
+    request: str | Mapping[str, Any],
+    payload: Any,
+    action: EnqueueAction | VoidAction | Mapping[str, Any] | None,
+    timeout_ms: int | None,
+) -> tuple[str, Any, EnqueueAction | VoidAction | None, int | None]:
+    if isinstance(request, Mapping):
+        fid = request.get("function_id")
+        if not isinstance(fid, str) or not fid:
+            raise InvocationError(
+                "invalid_request", "a trigger request needs a 'function_id' string"
+            )
+        return (
+            fid,
+            request.get("payload"),
+            parse_action(request.get("action")),
+            request.get("timeout_ms"),
+        )
+    if not isinstance(request, str) or not request:
+        raise InvocationError("invalid_request", f"function id must be a string, got {request!r}")
+    return request, payload, parse_action(action), timeout_ms

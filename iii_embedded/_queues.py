@@ -1,0 +1,365 @@
+"""One named queue at run time: a dispatcher that claims jobs and a pool of workers.
+
+The dispatcher claims as many jobs as there are free slots in one store call (a batch, so
+a SQLite store pays one transaction for many jobs), hands them to long-lived worker tasks
+through an in-memory buffer (spawning a task per job costs more than the job), and sleeps
+until something can have changed: a local enqueue or a finished job (woken at once), the
+next delayed job's time (on the runtime's clock), or, for stores shared with other
+processes, ``poll_interval_ms`` of real time.
+
+What an attempt costs, and what blocks a FIFO group, is decided in the store (see
+:mod:`iii_embedded._stores._base`); this module decides what a handler's result or error
+means: completed, retry after backoff, dead-letter, released on shutdown, held when the
+function is unknown here, or cancelled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+import traceback
+from collections import deque
+from typing import TYPE_CHECKING, Any, Literal
+
+import anyio
+
+from ._config import QueueConfig
+from ._context import Invocation, _current
+from ._errors import NonRetryableError, RetryAfter, StoreError
+from ._stores import ErrorInfo, Job, Outcome
+
+if TYPE_CHECKING:
+    from ._runtime import Runtime
+
+__all__ = ["QueueRunner", "error_info"]
+
+log = logging.getLogger("iii_embedded.queue")
+
+StopReason = Literal["shutdown", "cancelled"]
+
+
+def error_info(exc: BaseException) -> ErrorInfo:
+    """Record an exception as the store keeps it: type name, message, traceback."""
+    return ErrorInfo(
+        type=type(exc).__qualname__,
+        message=str(exc),
+        traceback="".join(traceback.format_exception(exc)),
+    )
+
+
+class _Active:
+    __slots__ = ("job", "reason", "scope")
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.scope: anyio.CancelScope | None = None
+        self.reason: StopReason | None = None
+
+
+class QueueRunner:
+    """Runs one queue's jobs inside the runtime's task group."""
+
+    def __init__(self, runtime: Runtime, config: QueueConfig) -> None:
+        self.rt = runtime
+        self.config = config
+        self.name = config.name
+        self.active: dict[str, _Active] = {}
+        self.inflight = 0
+        self.completed = 0
+        self.failed = 0
+        self.retried = 0
+        self.dead_lettered = 0
+        self.idle = False
+        self._stopping = False
+        self._wake_pending = True
+        self._wake_event = anyio.Event()
+        self._buffer: deque[Job] = deque()
+        self._waiters: deque[anyio.Event] = deque()
+        self._workers_done = 0
+        self._limiter = anyio.CapacityLimiter(config.concurrency)
+        self._timeout_s = config.timeout_ms / 1000 if config.timeout_ms else None
+
+    # --- wiring ----------------------------------------------------------------------
+
+    def start(self, tg: anyio.abc.TaskGroup) -> None:
+        """Start the dispatcher and the workers."""
+        tg.start_soon(self._dispatch, name=f"iii-dispatch[{self.name}]")
+        for i in range(self.config.concurrency):
+            tg.start_soon(self._worker, name=f"iii-worker[{self.name}#{i}]")
+
+    def wake(self) -> None:
+        """Something may be claimable now (a local enqueue, a finished job, a redrive)."""
+        self._wake_pending = True
+        self.idle = False
+        self._wake_event.set()
+
+    def stop_claiming(self) -> None:
+        """Graceful shutdown, step one: claim nothing more."""
+        self._stopping = True
+        self.wake()
+        # Workers waiting for jobs exit once they see the runner stopping.
+        for waiter in self._waiters:
+            waiter.set()
+
+    def interrupt_all(self, reason: StopReason) -> None:
+        """Cancel every running handler of this queue (shutdown after the grace period)."""
+        for entry in list(self.active.values()):
+            self.interrupt(entry, reason)
+
+    @staticmethod
+    def interrupt(entry: _Active, reason: StopReason) -> None:
+        """Cancel one running handler; its outcome is decided by ``reason``."""
+        entry.reason = reason
+        if entry.scope is not None:
+            entry.scope.cancel()
+
+    # --- dispatcher ------------------------------------------------------------------
+
+    async def _dispatch(self) -> None:
+        rt = self.rt
+        store = rt.store
+        clock = rt.clock
+        fifo = self.config.is_fifo
+        lease_s = rt.lease_s
+        while not self._stopping:
+            self._wake_pending = False
+            free = self.config.concurrency - self.inflight
+            now = clock.now()
+            if free > 0:
+                try:
+                    jobs = await store.claim(
+                        self.name,
+                        fifo=fifo,
+                        limit=free,
+                        now=now,
+                        owner=rt.owner,
+                        lease_until=now + lease_s,
+                    )
+                except StoreError as exc:
+                    log.error("queue %r: claiming jobs failed: %s", self.name, exc)
+                    jobs = []
+                if self._stopping:
+                    # Claimed during shutdown: give them back without spending an attempt.
+                    await rt.finish_quietly([self._outcome(j, "released", now) for j in jobs])
+                    return
+                for job in jobs:
+                    self.inflight += 1
+                    self._hand_over(job)
+                if jobs and len(jobs) == free:
+                    continue
+            deadline: float | None = None
+            if free > 0:
+                try:
+                    deadline = await store.next_available_at(self.name, now)
+                except StoreError:
+                    deadline = None
+            if self._wake_pending or self._stopping:
+                continue
+            self._wake_event = anyio.Event()
+            self.idle = True
+            rt.notify_activity()
+            poll_s = self.config.poll_interval_ms / 1000 if store.shared else None
+            with anyio.CancelScope(
+                deadline=anyio.current_time() + poll_s if poll_s is not None else float("inf")
+            ):
+                if deadline is None:
+                    await self._wake_event.wait()
+                else:
+                    with clock.deadline_scope(deadline):
+                        await self._wake_event.wait()
+            self.idle = False
+
+    def _hand_over(self, job: Job) -> None:
+        if self._waiters:
+            self._buffer.append(job)
+            self._waiters.popleft().set()
+        else:
+            self._buffer.append(job)
+
+    # --- workers ---------------------------------------------------------------------
+
+    async def _worker(self) -> None:
+        buffer = self._buffer
+        while True:
+            if buffer:
+                job = buffer.popleft()
+            elif self._stopping:
+                return
+            else:
+                event = anyio.Event()
+                self._waiters.append(event)
+                await event.wait()
+                continue
+            await self._run(job)
+
+    async def _run(self, job: Job) -> None:
+        rt = self.rt
+        spec = rt.registry.get(job.function_id)
+        entry = _Active(job)
+        self.active[job.id] = entry
+        outcome: Outcome
+        try:
+            if spec is None:
+                rt.note_unknown_function(job)
+                outcome = self._outcome(job, "held", rt.clock.now())
+            else:
+                outcome = await self._attempt(job, spec.handler, spec.is_async, entry)
+            await rt.finish_quietly([outcome])
+        finally:
+            del self.active[job.id]
+            self.inflight -= 1
+            self.wake()
+        rt.job_finished(self, job, outcome)
+
+    async def _attempt(self, job: Job, handler: Any, is_async: bool, entry: _Active) -> Outcome:
+        rt = self.rt
+        clock = rt.clock
+        token = _current.set(
+            Invocation(
+                function_id=job.function_id,
+                action="enqueue",
+                receipt_id=job.id,
+                queue=self.name,
+                attempt=job.attempts,
+                max_attempts=job.max_attempts,
+                group=json.loads(job.group) if job.group is not None else None,
+            )
+        )
+        rt.emit("job_started", job)
+        started = time.perf_counter()
+        error: BaseException | None = None
+        result: Any = None
+        timed_out = False
+        scope: anyio.CancelScope | None = None
+        try:
+            payload = json.loads(job.payload)
+            with anyio.CancelScope() as scope:
+                entry.scope = scope
+                if entry.reason is not None:
+                    scope.cancel()
+                if self._timeout_s is None:
+                    result = await self._call(handler, is_async, payload)
+                else:
+                    with clock.deadline_scope(clock.now() + self._timeout_s) as tscope:
+                        result = await self._call(handler, is_async, payload)
+                    timed_out = tscope.cancelled_caught
+        except Exception as exc:
+            error = exc
+        finally:
+            _current.reset(token)
+        duration_ms = (time.perf_counter() - started) * 1000
+        now = clock.now()
+        if entry.reason is not None and scope is not None and scope.cancelled_caught:
+            kind: Literal["released", "cancelled"] = (
+                "released" if entry.reason == "shutdown" else "cancelled"
+            )
+            return self._outcome(job, kind, now)
+        if timed_out:
+            error = TimeoutError(
+                f"handler of {job.function_id!r} timed out after {self.config.timeout_ms} ms"
+            )
+        if error is None:
+            self.completed += 1
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "job %s of %r completed in %.1f ms",
+                    job.id,
+                    job.function_id,
+                    duration_ms,
+                    extra=self._extra(job, duration_ms),
+                )
+            return Outcome(
+                job_id=job.id,
+                kind="completed",
+                owner=rt.owner,
+                attempt=job.attempts,
+                at=now,
+                output=self._dump_output(job, result),
+            )
+        return self._failure(job, error, now, duration_ms)
+
+    async def _call(self, handler: Any, is_async: bool, payload: Any) -> Any:
+        if is_async:
+            return await handler(payload)
+        return await anyio.to_thread.run_sync(
+            handler, payload, limiter=self._limiter, abandon_on_cancel=True
+        )
+
+    def _failure(self, job: Job, error: BaseException, now: float, duration_ms: float) -> Outcome:
+        self.failed += 1
+        info = error_info(error)
+        extra = self._extra(job, duration_ms)
+        final = isinstance(error, NonRetryableError) or job.attempts >= job.max_attempts
+        if final:
+            self.dead_lettered += 1
+            log.warning(
+                "job %s of %r moved to the dead-letter queue of %r after %d attempt(s): %s",
+                job.id,
+                job.function_id,
+                self.name,
+                job.attempts,
+                info,
+                extra=extra,
+            )
+            return Outcome(
+                job_id=job.id,
+                kind="dead",
+                owner=self.rt.owner,
+                attempt=job.attempts,
+                at=now,
+                error=info,
+            )
+        if isinstance(error, RetryAfter):
+            delay_ms = float(error.delay_ms)
+        else:
+            delay_ms = float(self.config.backoff_delay_ms(job.attempts))
+            if self.config.jitter:
+                delay_ms = random.uniform(delay_ms / 2, delay_ms)
+        self.retried += 1
+        log.info(
+            "job %s of %r failed attempt %d/%d (%s); retrying in %d ms",
+            job.id,
+            job.function_id,
+            job.attempts,
+            job.max_attempts,
+            info,
+            delay_ms,
+            extra=extra,
+        )
+        return Outcome(
+            job_id=job.id,
+            kind="retry",
+            owner=self.rt.owner,
+            attempt=job.attempts,
+            at=now,
+            error=info,
+            available_at=now + delay_ms / 1000,
+        )
+
+    def _dump_output(self, job: Job, result: Any) -> str:
+        try:
+            return json.dumps(result)
+        except (TypeError, ValueError):
+            log.warning(
+                "job %s of %r returned a value that is not JSON-serialisable; "
+                "its run output is stored as its repr",
+                job.id,
+                job.function_id,
+            )
+            return json.dumps(repr(result))
+
+    def _extra(self, job: Job, duration_ms: float) -> dict[str, Any]:
+        return {
+            "function_id": job.function_id,
+            "receipt_id": job.id,
+            "queue": self.name,
+            "attempt": job.attempts,
+            "duration_ms": round(duration_ms, 3),
+        }
+
+    def _outcome(
+        self, job: Job, kind: Literal["released", "held", "cancelled"], now: float
+    ) -> Outcome:
+        return Outcome(job_id=job.id, kind=kind, owner=self.rt.owner, attempt=job.attempts, at=now)

@@ -1,0 +1,92 @@
+"""The function registry: ids to handlers."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+
+__all__ = ["FunctionRef", "FunctionSpec", "Handler", "Registry"]
+
+Handler = Callable[[Any], Any]
+"""A handler takes the payload and returns a JSON-serialisable value (or an awaitable)."""
+
+
+@attrs.define(frozen=True, kw_only=True)
+class FunctionRef:
+    """What ``register_function`` returns: a handle with the function's ``id``."""
+
+    id: str
+    description: str | None = None
+    metadata: Mapping[str, Any] | None = None
+
+
+@attrs.define(frozen=True, kw_only=True)
+class FunctionSpec:
+    """A registered function."""
+
+    id: str
+    handler: Handler
+    is_async: bool
+    description: str | None = None
+    metadata: Mapping[str, Any] | None = None
+    internal: bool = False
+    """True for the runtime's own functions (``iii::queue::*``, ``engine::queue::*``)."""
+
+    def ref(self) -> FunctionRef:
+        """The public handle."""
+        return FunctionRef(id=self.id, description=self.description, metadata=self.metadata)
+
+
+def is_async_callable(fn: object) -> bool:
+    """True for ``async def`` functions (also behind ``functools.partial`` or ``__call__``)."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    if inspect.iscoroutinefunction(fn):
+        return True
+    call = getattr(fn, "__call__", None)  # noqa: B004 - callable objects
+    return call is not None and inspect.iscoroutinefunction(call)
+
+
+class Registry:
+    """Holds function specs by id; duplicate ids are refused."""
+
+    def __init__(self) -> None:
+        self._specs: dict[str, FunctionSpec] = {}
+        self._listeners: list[Callable[[FunctionSpec], None]] = []
+
+    def add(self, spec: FunctionSpec) -> None:
+        """Register ``spec``; raises ``ValueError`` if its id is taken."""
+        if not spec.id or not isinstance(spec.id, str):
+            raise ValueError(f"a function id must be a non-empty string, got {spec.id!r}")
+        if spec.id in self._specs:
+            raise ValueError(f"function {spec.id!r} is already registered")
+        self._specs[spec.id] = spec
+        for listener in list(self._listeners):
+            listener(spec)
+
+    def remove(self, function_id: str) -> None:
+        """Unregister a function (no error if absent)."""
+        self._specs.pop(function_id, None)
+
+    def get(self, function_id: str) -> FunctionSpec | None:
+        """The spec for ``function_id``, or ``None``."""
+        return self._specs.get(function_id)
+
+    def ids(self) -> list[str]:
+        """Every registered id."""
+        return list(self._specs)
+
+    def user_ids(self) -> list[str]:
+        """Ids of user (non-internal) functions."""
+        return [s.id for s in self._specs.values() if not s.internal]
+
+    def on_register(self, listener: Callable[[FunctionSpec], None]) -> None:
+        """Call ``listener`` whenever a function is registered."""
+        self._listeners.append(listener)
+
+    def __contains__(self, function_id: object) -> bool:
+        return function_id in self._specs

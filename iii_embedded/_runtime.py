@@ -1,0 +1,420 @@
+"""A running engine: the store, the queue runners and the three trigger actions.
+
+One :class:`Runtime` exists per lifecycle of an :class:`~iii_embedded.III` app (``running()``,
+``run()``, ``start()``). It owns nothing outside the task group it is started in: when the
+group ends, everything it started has ended.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.abc
+from anyio.from_thread import BlockingPortal
+
+from ._actions import EnqueueAction, VoidAction
+from ._clock import Clock
+from ._config import Config, QueueConfig
+from ._context import Invocation, _current
+from ._errors import InvocationError, StoreError
+from ._queues import QueueRunner
+from ._registry import FunctionSpec, Registry
+from ._stores import Job, NewJob, Outcome, Store
+
+if TYPE_CHECKING:
+    pass
+
+__all__ = ["Runtime", "DEFAULT_TIMEOUT_MS", "JobEvent"]
+
+log = logging.getLogger("iii_embedded")
+
+DEFAULT_TIMEOUT_MS = 30_000
+
+JobEvent = str
+"""One of ``job_started``, ``job_succeeded``, ``job_failed``, ``job_retried``,
+``job_dead_lettered``, ``job_cancelled``."""
+
+_FINAL_KINDS = frozenset({"completed", "dead", "cancelled"})
+
+
+def make_owner_id() -> str:
+    """A lease owner id: ``host:pid:random`` (the pid lets others see we are gone)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+
+class Runtime:
+    """The engine while it runs."""
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        registry: Registry,
+        clock: Clock,
+        store: Store,
+        hooks: Mapping[str, Sequence[Callable[..., Any]]],
+        shutdown_grace_s: float,
+    ) -> None:
+        self.config = config
+        self.registry = registry
+        self.clock = clock
+        self.store = store
+        self.hooks = hooks
+        self.shutdown_grace_s = shutdown_grace_s
+        self.owner = make_owner_id()
+        self.lease_s = config.store.lease_ms / 1000
+        self.runners: dict[str, QueueRunner] = {
+            name: QueueRunner(self, q) for name, q in config.queues.items()
+        }
+        self.loop_thread: int | None = None
+        self.portal: BlockingPortal | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._void_inflight = 0
+        self._activity = anyio.Event()
+        self._unknown_warned: set[str] = set()
+        self._final_waiters: dict[str, list[Callable[[Job | None, Outcome], None]]] = {}
+        self.stopping = False
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    async def start(self, tg: anyio.abc.TaskGroup, portal: BlockingPortal) -> None:
+        """Open the store, recover what was left running, start the queues."""
+        self._tg = tg
+        self.portal = portal
+        self.loop_thread = threading.get_ident()
+        await self.store.open()
+        now = self.clock.now()
+        recovered = await self.store.recover(now)
+        if recovered:
+            log.warning(
+                "recovered %d job(s) left running by a process that stopped", len(recovered)
+            )
+        await self.store.release_held(self.registry.user_ids())
+        self.registry.on_register(self._on_register)
+        for runner in self.runners.values():
+            runner.start(tg)
+        tg.start_soon(self._maintain, name="iii-maintenance")
+
+    async def shutdown(self) -> None:
+        """Graceful stop: claim nothing more, wait up to the grace period for running jobs,
+        give the rest back to their queues without spending an attempt, close the store."""
+        self.stopping = True
+        for runner in self.runners.values():
+            runner.stop_claiming()
+        with anyio.move_on_after(self.shutdown_grace_s):
+            while any(r.inflight for r in self.runners.values()):
+                await self.wait_activity()
+        for runner in self.runners.values():
+            runner.interrupt_all("shutdown")
+        with anyio.move_on_after(5):
+            while any(r.inflight for r in self.runners.values()):
+                await self.wait_activity()
+        await self.store.aclose()
+
+    def _on_register(self, spec: FunctionSpec) -> None:
+        if self._tg is not None and not self.stopping:
+            self._tg.start_soon(self._release_held, spec.id)
+
+    async def _release_held(self, function_id: str) -> None:
+        try:
+            if await self.store.release_held([function_id]):
+                self.wake_all()
+        except StoreError as exc:
+            log.error("releasing held jobs of %r failed: %s", function_id, exc)
+
+    async def _maintain(self) -> None:
+        """Renew leases, recover expired ones (shared stores), prune old results."""
+        store = self.store
+        interval = max(self.lease_s / 3, 0.05)
+        retention_s = self.config.store.result_retention_ms / 1000
+        while True:
+            await self.clock.sleep_until(self.clock.now() + interval)
+            now = self.clock.now()
+            try:
+                for runner in self.runners.values():
+                    if runner.active:
+                        cancelled = await store.renew(
+                            self.owner, list(runner.active), now + self.lease_s
+                        )
+                        for job_id in cancelled:
+                            entry = runner.active.get(job_id)
+                            if entry is not None:
+                                runner.interrupt(entry, "cancelled")
+                if store.shared and await store.recover(now):
+                    self.wake_all()
+                await store.prune(now - retention_s)
+            except StoreError as exc:
+                log.error("store maintenance failed: %s", exc)
+
+    # --- activity (drain and shutdown wait on it) -------------------------------------
+
+    def notify_activity(self) -> None:
+        """Wake anything waiting for the runtime's state to change."""
+        self._activity.set()
+        self._activity = anyio.Event()
+
+    async def wait_activity(self) -> None:
+        """Wait for the next state change (a job finished, a queue went idle)."""
+        await self._activity.wait()
+
+    def is_quiet(self) -> bool:
+        """True when no queue has work it could start and nothing is running."""
+        if self._void_inflight:
+            return False
+        return all(r.idle and not r.inflight for r in self.runners.values())
+
+    def wake_all(self) -> None:
+        """Wake every queue's dispatcher."""
+        for runner in self.runners.values():
+            runner.wake()
+
+    async def next_due(self) -> float | None:
+        """The earliest time a delayed job becomes available, over all queues."""
+        now = self.clock.now()
+        times = [await self.store.next_available_at(name, now) for name in self.runners]
+        due = [t for t in times if t is not None]
+        return min(due) if due else None
+
+    # --- job events ------------------------------------------------------------------
+
+    def emit(self, event: JobEvent, job: Job, **info: Any) -> None:
+        """Call the user's hooks for ``event``; a failing hook is logged, never raised."""
+        listeners = self.hooks.get(event)
+        if not listeners:
+            return
+        for listener in listeners:
+            try:
+                listener(job, **info)
+            except Exception:
+                log.exception("event hook %r for %s failed", listener, event)
+
+    def job_finished(self, runner: QueueRunner, job: Job, outcome: Outcome) -> None:
+        """Bookkeeping after an attempt's outcome was written."""
+        kind = outcome.kind
+        if kind == "completed":
+            self.emit("job_succeeded", job, output=outcome.output)
+        elif kind == "retry":
+            self.emit("job_failed", job, error=outcome.error)
+            self.emit("job_retried", job, error=outcome.error, available_at=outcome.available_at)
+        elif kind == "dead":
+            self.emit("job_failed", job, error=outcome.error)
+            self.emit("job_dead_lettered", job, error=outcome.error)
+        elif kind == "cancelled":
+            self.emit("job_cancelled", job)
+        if kind in _FINAL_KINDS:
+            for waiter in self._final_waiters.pop(job.id, ()):
+                waiter(job, outcome)
+        self.notify_activity()
+
+    def on_final(self, job_id: str, callback: Callable[[Job | None, Outcome], None]) -> None:
+        """Call ``callback`` when this process finishes the job for good."""
+        self._final_waiters.setdefault(job_id, []).append(callback)
+
+    def note_unknown_function(self, job: Job) -> None:
+        """A job for a function not registered here: it is held, once logged per function."""
+        if job.function_id not in self._unknown_warned:
+            self._unknown_warned.add(job.function_id)
+            log.warning(
+                "queue %r holds job(s) for function %r, which is not registered in this "
+                "process; they wait until it is",
+                job.queue,
+                job.function_id,
+            )
+
+    async def finish_quietly(self, outcomes: list[Outcome]) -> None:
+        """Write outcomes; a store failure is logged (the lease brings the job back)."""
+        if not outcomes:
+            return
+        try:
+            await self.store.finish(outcomes)
+        except StoreError as exc:
+            log.error(
+                "recording the outcome of %d job(s) failed (%s); they will be delivered "
+                "again when their lease expires",
+                len(outcomes),
+                exc,
+            )
+
+    # --- the three trigger actions -------------------------------------------------------
+
+    async def trigger(
+        self,
+        function_id: str,
+        payload: Any,
+        action: EnqueueAction | VoidAction | None,
+        timeout_ms: int | None,
+    ) -> Any:
+        """Carry out one ``trigger`` request on the loop thread."""
+        if action is None:
+            return await self.call(function_id, payload, timeout_ms)
+        if isinstance(action, VoidAction):
+            self.fire(function_id, payload)
+            return None
+        ids = await self.enqueue(function_id, [payload], action, batch=False)
+        return {"messageReceiptId": ids[0]}
+
+    async def call(self, function_id: str, payload: Any, timeout_ms: int | None) -> Any:
+        """A synchronous invocation: run the handler now and return its value."""
+        spec = self.registry.get(function_id)
+        if spec is None:
+            raise InvocationError("function_not_found", f"Function '{function_id}' not found")
+        timeout = DEFAULT_TIMEOUT_MS if timeout_ms is None else timeout_ms
+        token = _current.set(Invocation(function_id=function_id, action="sync"))
+        try:
+            with self.clock.deadline_scope(self.clock.now() + timeout / 1000):
+                if spec.is_async:
+                    return await spec.handler(payload)
+                return await anyio.to_thread.run_sync(spec.handler, payload, abandon_on_cancel=True)
+        except Exception as exc:
+            raise InvocationError("invocation_failed", f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            _current.reset(token)
+        raise InvocationError(
+            "TIMEOUT", f"Function '{function_id}' did not return within {timeout} ms"
+        )
+
+    def fire(self, function_id: str, payload: Any) -> None:
+        """A Void invocation: start the handler and return at once."""
+        spec = self.registry.get(function_id)
+        if spec is None:
+            log.error("void trigger of %r dropped: function not found", function_id)
+            return
+        assert self._tg is not None
+        self._void_inflight += 1
+        self._tg.start_soon(self._run_void, spec, payload)
+
+    async def _run_void(self, spec: FunctionSpec, payload: Any) -> None:
+        token = _current.set(Invocation(function_id=spec.id, action="void"))
+        try:
+            if spec.is_async:
+                await spec.handler(payload)
+            else:
+                await anyio.to_thread.run_sync(spec.handler, payload, abandon_on_cancel=True)
+        except Exception:
+            log.exception(
+                "void trigger of %r failed (the caller is not told)",
+                spec.id,
+                extra={"function_id": spec.id},
+            )
+        finally:
+            _current.reset(token)
+            self._void_inflight -= 1
+            self.notify_activity()
+
+    async def enqueue(
+        self,
+        function_id: str,
+        payloads: Sequence[Any],
+        action: EnqueueAction,
+        *,
+        batch: bool,
+        idempotency_keys: Sequence[str | None] | None = None,
+    ) -> list[str]:
+        """Validate and store jobs atomically; return their receipt ids.
+
+        Raises ``InvocationError("enqueue_error", ...)`` naming the bad item (by index for
+        batches) and stores nothing if any item is invalid.
+        """
+        jobs = self.build_jobs(
+            function_id, payloads, action, batch=batch, idempotency_keys=idempotency_keys
+        )
+        try:
+            ids = await self.store.enqueue(jobs)
+        except StoreError as exc:
+            raise InvocationError("enqueue_error", f"could not store the job: {exc}") from exc
+        runner = self.runners.get(action.queue)
+        if runner is not None:
+            runner.wake()
+        return ids
+
+    def build_jobs(
+        self,
+        function_id: str,
+        payloads: Sequence[Any],
+        action: EnqueueAction,
+        *,
+        batch: bool,
+        idempotency_keys: Sequence[str | None] | None = None,
+    ) -> list[NewJob]:
+        """Turn payloads into :class:`NewJob` records, validating each (see ``enqueue``)."""
+        queue = self.config.queues.get(action.queue)
+        if queue is None:
+            raise InvocationError("enqueue_error", f"Queue '{action.queue}' not found")
+        if function_id not in self.registry:
+            raise InvocationError("enqueue_error", f"Function '{function_id}' not found")
+        if action.delay_ms < 0:
+            raise InvocationError("enqueue_error", f"delay_ms must be >= 0, got {action.delay_ms}")
+        max_attempts = queue.max_attempts
+        if action.max_attempts is not None:
+            if action.max_attempts < 1:
+                raise InvocationError(
+                    "enqueue_error", f"max_attempts must be >= 1, got {action.max_attempts}"
+                )
+            max_attempts = action.max_attempts
+        now = self.clock.now()
+        available_at = now + action.delay_ms / 1000
+        jobs: list[NewJob] = []
+        for index, payload in enumerate(payloads):
+            where = f"item {index}: " if batch else ""
+            group = _group_of(queue, payload, where)
+            try:
+                text = json.dumps(payload, allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                raise InvocationError(
+                    "enqueue_error", f"{where}payload is not JSON-serialisable: {exc}"
+                ) from exc
+            key = action.idempotency_key
+            if idempotency_keys is not None:
+                key = idempotency_keys[index]
+            jobs.append(
+                NewJob(
+                    id=str(uuid.uuid4()),
+                    queue=queue.name,
+                    function_id=function_id,
+                    payload=text,
+                    group=group,
+                    created_at=now,
+                    available_at=available_at,
+                    max_attempts=max_attempts,
+                    idempotency_key=key,
+                )
+            )
+        return jobs
+
+
+def _group_of(queue: QueueConfig, payload: Any, where: str) -> str | None:
+    if not queue.is_fifo:
+        return None
+    field = queue.message_group_field
+    assert field is not None
+    if not isinstance(payload, Mapping) or field not in payload:
+        raise InvocationError(
+            "enqueue_error",
+            f"{where}FIFO queue '{queue.name}' requires field '{field}' in data, "
+            "but it was not found",
+        )
+    value = payload[field]
+    if value is None:
+        raise InvocationError(
+            "enqueue_error", f"{where}FIFO queue '{queue.name}': field '{field}' must not be null"
+        )
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvocationError(
+            "enqueue_error", f"{where}FIFO queue '{queue.name}': field '{field}' must be finite"
+        )
+    try:
+        return json.dumps(value, sort_keys=True)
+    except (TypeError, ValueError) as exc:
+        raise InvocationError(
+            "enqueue_error",
+            f"{where}FIFO queue '{queue.name}': field '{field}' is not JSON-serialisable",
+        ) from exc
