@@ -1,0 +1,145 @@
+"""Lifecycles (running, start/shutdown, run) and graceful shutdown."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from iii_embedded import III, Config, QueueConfig, TriggerAction
+from iii_embedded._stores._memory import MemoryStore
+from iii_embedded.testing import VirtualClock, drain
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_shutdown_waits_for_running_jobs_within_the_grace_period() -> None:
+    store = MemoryStore()
+    iii = III(clock=VirtualClock(), store=store, shutdown_grace_ms=5_000)
+    started = anyio.Event()
+    finished: list[int] = []
+
+    @iii.function("work")
+    async def work(n: int) -> None:
+        started.set()
+        for _ in range(20):
+            await anyio.lowlevel.checkpoint()
+        finished.append(n)
+
+    async with iii.running():
+        receipt = await iii.trigger_async("work", 1, action=TriggerAction.Enqueue(queue="default"))
+        await started.wait()
+    assert finished == [1]
+    job = await store.get(receipt["messageReceiptId"])
+    assert job is not None and job.state == "completed"
+
+
+async def test_jobs_still_running_after_the_grace_period_go_back_without_spending_an_attempt() -> (
+    None
+):
+    store = MemoryStore()
+    iii = III(clock=VirtualClock(), store=store, shutdown_grace_ms=50)
+    started = anyio.Event()
+    cancelled: list[bool] = []
+
+    @iii.function("stuck")
+    async def stuck(_: Any) -> None:
+        started.set()
+        try:
+            await anyio.sleep_forever()
+        finally:
+            cancelled.append(True)
+
+    async with iii.running():
+        receipt = await iii.trigger_async(
+            "stuck", {}, action=TriggerAction.Enqueue(queue="default")
+        )
+        await started.wait()
+        queued = await iii.trigger_async("stuck", {}, action=TriggerAction.Enqueue(queue="default"))
+    assert cancelled == [True]
+    job = await store.get(receipt["messageReceiptId"])
+    assert job is not None and (job.state, job.attempts) == ("queued", 0)
+    other = await store.get(queued["messageReceiptId"])
+    assert other is not None and other.state in ("queued",)
+
+
+async def test_the_app_can_run_again_after_a_shutdown() -> None:
+    iii = III(clock=VirtualClock(), shutdown_grace_ms=0)
+    iii.register_function("id", lambda x: x)
+    for n in range(2):
+        async with iii.running():
+            assert await iii.trigger_async("id", n) == n
+    with pytest.raises(RuntimeError, match="not running"):
+        await iii.trigger_async("id", 3)
+
+
+async def test_running_twice_at_once_is_refused() -> None:
+    iii = III(clock=VirtualClock())
+    async with iii.running():
+        with pytest.raises(RuntimeError, match="already running"):
+            async with iii.running():
+                pass
+
+
+async def test_a_queue_drains_with_many_jobs_and_stats_count_them() -> None:
+    iii = III(
+        Config(queues={"bulk": QueueConfig(name="bulk", concurrency=3)}),
+        clock=VirtualClock(),
+        shutdown_grace_ms=0,
+    )
+    iii.register_function("noop", lambda _: None)
+    async with iii.running():
+        for n in range(50):
+            await iii.trigger_async("noop", n, action=TriggerAction.Enqueue(queue="bulk"))
+        await drain(iii)
+        stats = await iii.queue_stats_async("bulk")
+    assert (stats.completed, stats.ready, stats.running, stats.failed) == (50, 0, 0, 0)
+
+
+def test_run_stops_gracefully_on_sigterm(tmp_path: Path) -> None:
+    script = tmp_path / "app.py"
+    ready = tmp_path / "ready"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import logging, pathlib
+            from iii_embedded import III
+            logging.basicConfig(level=logging.INFO)
+            iii = III(shutdown_grace_ms=1000)
+
+            async def mark(_):
+                pathlib.Path({str(ready)!r}).write_text("ok")
+
+            iii.register_function("mark", mark)
+            iii.lifecycle_hooks.append(lambda app, tg: app.trigger_async("mark", None))
+            iii.run()
+            print("stopped cleanly")
+            """
+        )
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        for _ in range(200):
+            if ready.exists() or proc.poll() is not None:
+                break
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=0.05)
+        assert ready.exists(), proc.stderr.read() if proc.stderr else ""
+        os.kill(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "stopped cleanly" in out
+    assert "received SIGTERM, shutting down" in err

@@ -1,0 +1,379 @@
+"""The three trigger actions (SPEC §3): synchronous, Void and Enqueue."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import anyio
+import pytest
+
+from iii_embedded import (
+    III,
+    Config,
+    InvocationError,
+    QueueConfig,
+    TriggerAction,
+    current_invocation,
+)
+from iii_embedded._stores._memory import MemoryStore
+from iii_embedded.testing import VirtualClock, drain
+
+pytestmark = pytest.mark.anyio
+
+
+def make_app(clock: VirtualClock | None = None, store: MemoryStore | None = None) -> III:
+    config = Config(
+        queues={
+            "payment": QueueConfig(
+                name="payment", type="fifo", message_group_field="transaction_id"
+            ),
+            "email": QueueConfig(name="email", concurrency=5),
+        }
+    )
+    return III(config, clock=clock or VirtualClock(), store=store, shutdown_grace_ms=0)
+
+
+# --- synchronous ---------------------------------------------------------------------
+
+
+async def test_sync_call_returns_the_handlers_value_for_async_and_sync_handlers() -> None:
+    iii = make_app()
+
+    @iii.function("math::add")
+    async def add(data: dict[str, int]) -> int:
+        return data["a"] + data["b"]
+
+    @iii.function("math::mul")
+    def mul(data: dict[str, int]) -> int:
+        return data["a"] * data["b"]
+
+    async with iii.running():
+        assert await iii.trigger_async("math::add", {"a": 2, "b": 3}) == 5
+        assert (
+            await iii.trigger_async({"function_id": "math::mul", "payload": {"a": 4, "b": 5}}) == 20
+        )
+
+
+async def test_handler_receives_exactly_the_payload_object() -> None:
+    iii = make_app()
+    received: list[Any] = []
+    payload = {"nested": [1, 2, {"x": None}]}
+
+    @iii.function("echo")
+    async def echo(data: Any) -> None:
+        received.append(data)
+
+    async with iii.running():
+        await iii.trigger_async("echo", payload)
+    assert received == [payload]
+
+
+async def test_sync_error_is_invocation_failed_with_the_original_as_cause() -> None:
+    iii = make_app()
+
+    @iii.function("boom")
+    async def boom(_: Any) -> None:
+        raise KeyError("missing")
+
+    async with iii.running():
+        with pytest.raises(InvocationError) as caught:
+            await iii.trigger_async("boom", {})
+    err = caught.value
+    assert err.code == "invocation_failed"
+    assert str(err) == f"invocation_failed: {err.message}"
+    assert "KeyError" in err.message
+    assert isinstance(err.__cause__, KeyError)
+
+
+async def test_unknown_function_is_function_not_found() -> None:
+    iii = make_app()
+    async with iii.running():
+        with pytest.raises(InvocationError) as caught:
+            await iii.trigger_async("nope::nope", {})
+    assert caught.value.code == "function_not_found"
+    assert str(caught.value) == "function_not_found: Function 'nope::nope' not found"
+
+
+async def test_sync_timeout_cancels_an_async_handler() -> None:
+    clock = VirtualClock()
+    iii = make_app(clock)
+    started = anyio.Event()
+    cancelled = anyio.Event()
+
+    @iii.function("slow")
+    async def slow(_: Any) -> str:
+        started.set()
+        try:
+            await anyio.sleep_forever()
+        finally:
+            cancelled.set()
+        return "never"
+
+    async with iii.running(), anyio.create_task_group() as tg:
+        outcome: dict[str, BaseException] = {}
+
+        async def call() -> None:
+            try:
+                await iii.trigger_async("slow", {}, timeout_ms=5_000)
+            except InvocationError as exc:
+                outcome["error"] = exc
+
+        tg.start_soon(call)
+        await started.wait()
+        clock.advance(4.999)
+        await anyio.lowlevel.checkpoint()
+        assert "error" not in outcome
+        clock.advance(0.002)
+        await cancelled.wait()
+    assert isinstance(outcome["error"], InvocationError)
+    assert outcome["error"].code == "TIMEOUT"
+
+
+async def test_default_sync_timeout_is_thirty_seconds() -> None:
+    clock = VirtualClock()
+    iii = make_app(clock)
+    started = anyio.Event()
+
+    @iii.function("slow")
+    async def slow(_: Any) -> None:
+        started.set()
+        await anyio.sleep_forever()
+
+    async with iii.running(), anyio.create_task_group() as tg:
+        errors: list[InvocationError] = []
+
+        async def call() -> None:
+            with pytest.raises(InvocationError) as caught:
+                await iii.trigger_async("slow", {})
+            errors.append(caught.value)
+
+        tg.start_soon(call)
+        await started.wait()
+        clock.advance(29.9)
+        await anyio.lowlevel.checkpoint()
+        assert errors == []
+        clock.advance(0.2)
+    assert [e.code for e in errors] == ["TIMEOUT"]
+
+
+# --- void ------------------------------------------------------------------------------
+
+
+async def test_void_returns_none_at_once_and_runs_the_handler() -> None:
+    iii = make_app()
+    ran = anyio.Event()
+    release = anyio.Event()
+
+    @iii.function("analytics::track")
+    async def track(data: dict[str, str]) -> None:
+        await release.wait()
+        ran.set()
+
+    async with iii.running():
+        result = await iii.trigger_async(
+            {
+                "function_id": "analytics::track",
+                "payload": {"e": "x"},
+                "action": TriggerAction.Void(),
+            }
+        )
+        assert result is None
+        assert not ran.is_set()  # the caller did not wait for the handler
+        release.set()
+        await ran.wait()
+
+
+async def test_void_errors_never_reach_the_caller_and_are_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    iii = make_app()
+    calls = 0
+
+    @iii.function("flaky")
+    async def flaky(_: Any) -> None:
+        nonlocal calls
+        calls += 1
+        raise RuntimeError("void failure")
+
+    caplog.set_level(logging.ERROR, logger="iii_embedded")
+    async with iii.running():
+        assert await iii.trigger_async("flaky", {}, action={"type": "void"}) is None
+        await drain(iii)
+    assert calls == 1  # no retry
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("void trigger of 'flaky' failed" in m for m in messages)
+    assert any("void failure" in (r.exc_text or "") for r in caplog.records)
+
+
+# --- enqueue ---------------------------------------------------------------------------
+
+
+async def test_enqueue_returns_a_receipt_once_stored_and_the_job_runs_with_its_payload() -> None:
+    store = MemoryStore()
+    iii = make_app(store=store)
+    got: list[tuple[Any, str | None]] = []
+
+    @iii.function("emails::send")
+    async def send(data: Any) -> None:
+        inv = current_invocation()
+        assert inv is not None
+        got.append((data, inv.receipt_id))
+
+    async with iii.running():
+        receipt = await iii.trigger_async(
+            "emails::send", {"to": "a@example.com"}, action=TriggerAction.Enqueue(queue="email")
+        )
+        assert set(receipt) == {"messageReceiptId"}
+        stored = await store.get(receipt["messageReceiptId"])
+        assert stored is not None and stored.queue == "email"
+        await drain(iii)
+    assert got == [({"to": "a@example.com"}, receipt["messageReceiptId"])]
+
+
+@pytest.mark.parametrize(
+    ("function_id", "payload", "queue", "message"),
+    [
+        ("pay", {"transaction_id": "t1"}, "nope", "enqueue_error: Queue 'nope' not found"),
+        (
+            "pay",
+            {"amount": 1},
+            "payment",
+            "enqueue_error: FIFO queue 'payment' requires field 'transaction_id' in data, "
+            "but it was not found",
+        ),
+        (
+            "pay",
+            {"transaction_id": None},
+            "payment",
+            "enqueue_error: FIFO queue 'payment': field 'transaction_id' must not be null",
+        ),
+        ("ghost", {"transaction_id": "t"}, "payment", "enqueue_error: Function 'ghost' not found"),
+    ],
+)
+async def test_enqueue_errors_use_iii_messages_and_store_nothing(
+    function_id: str, payload: Any, queue: str, message: str
+) -> None:
+    store = MemoryStore()
+    iii = make_app(store=store)
+    iii.register_function("pay", lambda data: None)
+    async with iii.running():
+        with pytest.raises(InvocationError) as caught:
+            await iii.trigger_async(function_id, payload, action=TriggerAction.Enqueue(queue=queue))
+        assert str(caught.value) == message
+        assert caught.value.code == "enqueue_error"
+        assert await store.list_jobs() == []
+
+
+async def test_enqueue_of_a_payload_that_is_not_json_is_an_enqueue_error() -> None:
+    store = MemoryStore()
+    iii = make_app(store=store)
+    iii.register_function("pay", lambda data: None)
+    async with iii.running():
+        with pytest.raises(InvocationError) as caught:
+            await iii.trigger_async(
+                "pay", {"when": object()}, action=TriggerAction.Enqueue(queue="email")
+            )
+        assert caught.value.code == "enqueue_error"
+        assert "not JSON-serialisable" in caught.value.message
+        assert await store.list_jobs() == []
+
+
+async def test_dict_form_of_the_enqueue_action_is_accepted() -> None:
+    iii = make_app()
+    seen: list[Any] = []
+    iii.register_function("emails::send", seen.append)
+    async with iii.running():
+        receipt = await iii.trigger_async(
+            {
+                "function_id": "emails::send",
+                "payload": {"n": 1},
+                "action": {"type": "enqueue", "queue": "email"},
+            }
+        )
+        await drain(iii)
+    assert "messageReceiptId" in receipt
+    assert seen == [{"n": 1}]
+
+
+# --- nesting and threads ---------------------------------------------------------------
+
+
+async def test_nested_triggers_from_sync_and_async_handlers_do_not_deadlock() -> None:
+    iii = make_app()
+
+    @iii.function("leaf")
+    async def leaf(data: dict[str, int]) -> int:
+        return data["n"] * 10
+
+    @iii.function("middle::sync")
+    def middle_sync(data: dict[str, int]) -> int:
+        return int(iii.trigger("leaf", data)) + 1
+
+    @iii.function("top::async")
+    async def top(data: dict[str, int]) -> int:
+        first = await iii.trigger_async("middle::sync", data)
+        second = await iii.trigger_async("leaf", {"n": first})
+        return int(second)
+
+    async with iii.running():
+        assert await iii.trigger_async("top::async", {"n": 2}) == 210
+
+
+async def test_sync_trigger_on_the_loop_thread_raises_naming_trigger_async() -> None:
+    iii = make_app()
+    iii.register_function("x", lambda d: d)
+    async with iii.running():
+        with pytest.raises(RuntimeError, match="trigger_async"):
+            iii.trigger("x", 1)
+
+
+def test_start_and_shutdown_run_the_engine_in_a_background_thread() -> None:
+    iii = III(shutdown_grace_ms=0)
+    threads: list[int] = []
+
+    @iii.function("where")
+    async def where(_: Any) -> bool:
+        threads.append(threading.get_ident())
+        return True
+
+    iii.start()
+    try:
+        assert iii.trigger({"function_id": "where", "payload": None}) is True
+        receipt = iii.trigger("where", None, action=TriggerAction.Enqueue(queue="default"))
+        assert "messageReceiptId" in receipt
+    finally:
+        iii.shutdown()
+    assert threads and all(t != threading.get_ident() for t in threads)
+    assert not iii.is_running
+
+
+async def test_trigger_async_from_another_event_loop_thread_is_bridged() -> None:
+    iii = III(shutdown_grace_ms=0)
+
+    @iii.function("double")
+    async def double(n: int) -> int:
+        return n * 2
+
+    iii.start()
+    try:
+        # This test's own event loop is not the engine's.
+        assert await iii.trigger_async("double", 21) == 42
+    finally:
+        await anyio.to_thread.run_sync(iii.shutdown)
+
+
+def test_trigger_before_start_explains_how_to_start() -> None:
+    iii = III()
+    iii.register_function("x", lambda d: d)
+    with pytest.raises(RuntimeError, match="not running"):
+        iii.trigger("x", 1)
+
+
+def test_duplicate_function_ids_raise_value_error() -> None:
+    iii = III()
+    ref = iii.register_function({"id": "a::b"}, lambda d: d)
+    assert ref.id == "a::b"
+    with pytest.raises(ValueError, match="already registered"):
+        iii.register_function("a::b", lambda d: d)
