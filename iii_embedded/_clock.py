@@ -11,6 +11,7 @@ every process that shares a file store).
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import itertools
 import time
@@ -37,6 +38,10 @@ class Clock(Protocol):
         """A context manager entering a cancel scope that is cancelled when ``now()``
         reaches ``deadline``."""
 
+    def call_at(self, deadline: float, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` on the event loop when ``now()`` reaches ``deadline``; returns a
+        function that cancels the call."""
+
     @property
     def is_virtual(self) -> bool:
         """True for clocks that only move when advanced."""
@@ -56,6 +61,12 @@ class SystemClock:
         delay = deadline - time.time()
         if delay > 0:
             await anyio.sleep(delay)
+
+    def call_at(self, deadline: float, callback: Callable[[], None]) -> Callable[[], None]:
+        """Schedule ``callback`` on the running asyncio loop at wall time ``deadline``."""
+        loop = asyncio.get_running_loop()
+        handle = loop.call_later(max(0.0, deadline - time.time()), callback)
+        return handle.cancel
 
     def deadline_scope(self, deadline: float) -> ContextManager[anyio.CancelScope]:
         """A cancel scope whose deadline is ``deadline`` in wall time."""
@@ -139,6 +150,15 @@ class VirtualClock:
             await event.wait()
         finally:
             timer.active = False
+
+    def call_at(self, deadline: float, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` when virtual time reaches ``deadline``."""
+        timer = self._add_timer(deadline, callback)
+
+        def cancel() -> None:
+            timer.active = False
+
+        return cancel
 
     @contextmanager
     def deadline_scope(self, deadline: float) -> Iterator[anyio.CancelScope]:

@@ -28,7 +28,9 @@ import anyio
 from ._config import QueueConfig
 from ._context import Invocation, _current
 from ._errors import NonRetryableError, RetryAfter, StoreError
+from ._fastpath import Interrupted, Interrupter, run_handler
 from ._stores import ErrorInfo, Job, Outcome
+from ._threads import ThreadPool
 
 if TYPE_CHECKING:
     from ._runtime import Runtime
@@ -49,13 +51,14 @@ def error_info(exc: BaseException) -> ErrorInfo:
     )
 
 
-class _Active:
-    __slots__ = ("job", "reason", "scope")
+class _Active(Interrupter):
+    """A running job and the means to stop its handler."""
+
+    __slots__ = ("job",)
 
     def __init__(self, job: Job) -> None:
+        super().__init__()
         self.job = job
-        self.scope: anyio.CancelScope | None = None
-        self.reason: StopReason | None = None
 
 
 class QueueRunner:
@@ -78,7 +81,7 @@ class QueueRunner:
         self._buffer: deque[Job] = deque()
         self._waiters: deque[anyio.Event] = deque()
         self._workers_done = 0
-        self._limiter = anyio.CapacityLimiter(config.concurrency)
+        self.threads = ThreadPool(f"queue-{config.name}", max_threads=config.concurrency * 4)
         self._timeout_s = config.timeout_ms / 1000 if config.timeout_ms else None
 
     # --- wiring ----------------------------------------------------------------------
@@ -110,10 +113,8 @@ class QueueRunner:
 
     @staticmethod
     def interrupt(entry: _Active, reason: StopReason) -> None:
-        """Cancel one running handler; its outcome is decided by ``reason``."""
-        entry.reason = reason
-        if entry.scope is not None:
-            entry.scope.cancel()
+        """Stop one running handler; its outcome is decided by ``reason``."""
+        entry.interrupt(reason)
 
     # --- dispatcher ------------------------------------------------------------------
 
@@ -231,31 +232,27 @@ class QueueRunner:
         started = time.perf_counter()
         error: BaseException | None = None
         result: Any = None
-        timed_out = False
-        scope: anyio.CancelScope | None = None
+        stopped: str | None = None
         try:
             payload = json.loads(job.payload)
-            with anyio.CancelScope() as scope:
-                entry.scope = scope
-                if entry.reason is not None:
-                    scope.cancel()
-                if self._timeout_s is None:
-                    result = await self._call(handler, is_async, payload)
-                else:
-                    with clock.deadline_scope(clock.now() + self._timeout_s) as tscope:
-                        result = await self._call(handler, is_async, payload)
-                    timed_out = tscope.cancelled_caught
+            coro = handler(payload) if is_async else self.threads.run(handler, payload)
+            result = await run_handler(
+                coro,
+                call_at=clock.call_at,
+                deadline=clock.now() + self._timeout_s if self._timeout_s is not None else None,
+                interrupter=entry,
+            )
+        except Interrupted as exc:
+            stopped = exc.reason
         except Exception as exc:
             error = exc
         finally:
             _current.reset(token)
         duration_ms = (time.perf_counter() - started) * 1000
         now = clock.now()
-        if entry.reason is not None and scope is not None and scope.cancelled_caught:
-            kind: Literal["released", "cancelled"] = (
-                "released" if entry.reason == "shutdown" else "cancelled"
-            )
-            return self._outcome(job, kind, now)
+        if stopped in ("shutdown", "cancelled"):
+            return self._outcome(job, "released" if stopped == "shutdown" else "cancelled", now)
+        timed_out = stopped == "timeout"
         if timed_out:
             error = TimeoutError(
                 f"handler of {job.function_id!r} timed out after {self.config.timeout_ms} ms"
@@ -279,13 +276,6 @@ class QueueRunner:
                 output=self._dump_output(job, result),
             )
         return self._failure(job, error, now, duration_ms)
-
-    async def _call(self, handler: Any, is_async: bool, payload: Any) -> Any:
-        if is_async:
-            return await handler(payload)
-        return await anyio.to_thread.run_sync(
-            handler, payload, limiter=self._limiter, abandon_on_cancel=True
-        )
 
     def _failure(self, job: Job, error: BaseException, now: float, duration_ms: float) -> Outcome:
         self.failed += 1

@@ -26,9 +26,11 @@ from ._clock import Clock
 from ._config import Config, QueueConfig
 from ._context import Invocation, _current
 from ._errors import InvocationError, StoreError
+from ._fastpath import Interrupted, run_handler
 from ._queues import QueueRunner
 from ._registry import FunctionSpec, Registry
 from ._stores import Job, NewJob, Outcome, Store
+from ._threads import ThreadPool
 
 if TYPE_CHECKING:
     pass
@@ -83,6 +85,10 @@ class Runtime:
         self._unknown_warned: set[str] = set()
         self._final_waiters: dict[str, list[Callable[[Job | None, Outcome], None]]] = {}
         self.stopping = False
+        self._sync_invocations: dict[str, Invocation] = {}
+        self._activity_waiters = 0
+        # Threads for sync handlers of synchronous and Void calls (queues have their own).
+        self.threads = ThreadPool("calls", max_threads=64)
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -119,6 +125,9 @@ class Runtime:
             while any(r.inflight for r in self.runners.values()):
                 await self.wait_activity()
         await self.store.aclose()
+        self.threads.close()
+        for runner in self.runners.values():
+            runner.threads.close()
 
     def _on_register(self, spec: FunctionSpec) -> None:
         if self._tg is not None and not self.stopping:
@@ -159,12 +168,17 @@ class Runtime:
 
     def notify_activity(self) -> None:
         """Wake anything waiting for the runtime's state to change."""
-        self._activity.set()
-        self._activity = anyio.Event()
+        if self._activity_waiters:
+            self._activity.set()
+            self._activity = anyio.Event()
 
     async def wait_activity(self) -> None:
         """Wait for the next state change (a job finished, a queue went idle)."""
-        await self._activity.wait()
+        self._activity_waiters += 1
+        try:
+            await self._activity.wait()
+        finally:
+            self._activity_waiters -= 1
 
     def is_quiet(self) -> bool:
         """True when no queue has work it could start and nothing is running."""
@@ -268,19 +282,24 @@ class Runtime:
         if spec is None:
             raise InvocationError("function_not_found", f"Function '{function_id}' not found")
         timeout = DEFAULT_TIMEOUT_MS if timeout_ms is None else timeout_ms
-        token = _current.set(Invocation(function_id=function_id, action="sync"))
+        invocation = self._sync_invocations.get(function_id)
+        if invocation is None:
+            invocation = Invocation(function_id=function_id, action="sync")
+            self._sync_invocations[function_id] = invocation
+        token = _current.set(invocation)
+        coro = spec.handler(payload) if spec.is_async else self.threads.run(spec.handler, payload)
         try:
-            with self.clock.deadline_scope(self.clock.now() + timeout / 1000):
-                if spec.is_async:
-                    return await spec.handler(payload)
-                return await anyio.to_thread.run_sync(spec.handler, payload, abandon_on_cancel=True)
+            return await run_handler(
+                coro, call_at=self.clock.call_at, deadline=self.clock.now() + timeout / 1000
+            )
+        except Interrupted:
+            raise InvocationError(
+                "TIMEOUT", f"Function '{function_id}' did not return within {timeout} ms"
+            ) from None
         except Exception as exc:
             raise InvocationError("invocation_failed", f"{type(exc).__name__}: {exc}") from exc
         finally:
             _current.reset(token)
-        raise InvocationError(
-            "TIMEOUT", f"Function '{function_id}' did not return within {timeout} ms"
-        )
 
     def fire(self, function_id: str, payload: Any) -> None:
         """A Void invocation: start the handler and return at once."""
@@ -298,7 +317,7 @@ class Runtime:
             if spec.is_async:
                 await spec.handler(payload)
             else:
-                await anyio.to_thread.run_sync(spec.handler, payload, abandon_on_cancel=True)
+                await self.threads.run(spec.handler, payload)
         except Exception:
             log.exception(
                 "void trigger of %r failed (the caller is not told)",

@@ -1,0 +1,132 @@
+"""Run a handler without paying for a cancel scope, and stop it when asked.
+
+A cancel scope costs ~7 µs on asyncio (more than a whole no-op job), and most handlers
+never suspend. So a handler's coroutine is first stepped by hand: if it finishes on that
+first step there was nothing to time out or interrupt. If it suspends, the rest of it is
+handed to the event loop through :func:`resume`, a trampoline that passes every value and
+exception through unchanged, exactly as ``await`` would (the protocol ``yield from``
+implements).
+
+A suspended handler is stopped (timeout, shutdown, run cancellation) with asyncio's own
+task cancellation rather than a cancel scope entered *after* its first step: the handler
+may have entered scopes of its own during that step, and a scope entered later would nest
+the wrong way round. The cancellation we cause is recognised by the :class:`Interrupter`
+that caused it, and taken back with ``Task.uncancel()``; any other cancellation passes
+through untouched. This ties the runtime to the asyncio backend, which it is built on
+(see docs/design.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import types
+from collections.abc import Callable, Coroutine, Generator
+from typing import Any
+
+__all__ = ["Interrupted", "Interrupter", "run_handler", "resume", "first_step", "PENDING"]
+
+
+class _Pending:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "PENDING"
+
+
+PENDING: Any = _Pending()
+"""Marker: the coroutine suspended on its first step."""
+
+
+class Interrupted(Exception):
+    """A handler was stopped by its :class:`Interrupter` (``reason`` says why)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Interrupter:
+    """Lets the runtime stop one handler that is suspended."""
+
+    __slots__ = ("reason", "task")
+
+    def __init__(self) -> None:
+        self.task: asyncio.Task[Any] | None = None
+        self.reason: str | None = None
+
+    def interrupt(self, reason: str) -> None:
+        """Stop the handler at its current (or next) suspension point."""
+        if self.reason is None:
+            self.reason = reason
+        if self.task is not None:
+            self.task.cancel()
+
+
+def first_step(coro: Coroutine[Any, Any, Any]) -> tuple[Any, Any]:
+    """Step ``coro`` once: ``(result, None)`` if it finished, else ``(PENDING, yielded)``."""
+    try:
+        yielded = coro.send(None)
+    except StopIteration as stop:
+        return stop.value, None
+    return PENDING, yielded
+
+
+@types.coroutine
+def resume(coro: Coroutine[Any, Any, Any], yielded: Any) -> Generator[Any, Any, Any]:
+    """Continue a coroutine that :func:`first_step` left suspended on ``yielded``."""
+    while True:
+        try:
+            sent = yield yielded
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as exc:  # cancellation and anything else thrown in
+            try:
+                yielded = coro.throw(exc)
+            except StopIteration as stop:
+                return stop.value
+        else:
+            try:
+                yielded = coro.send(sent)
+            except StopIteration as stop:
+                return stop.value
+
+
+async def run_handler(
+    coro: Coroutine[Any, Any, Any],
+    *,
+    call_at: Callable[[float, Callable[[], None]], Callable[[], None]],
+    deadline: float | None,
+    interrupter: Interrupter | None = None,
+) -> Any:
+    """Await ``coro``; raise :class:`Interrupted` with reason ``"timeout"`` at ``deadline``
+    (on the runtime clock, through ``call_at``), or with the reason given to
+    ``interrupter.interrupt``."""
+    if interrupter is None or interrupter.reason is None:
+        result, yielded = first_step(coro)
+        if result is not PENDING:
+            return result
+    else:
+        coro.close()
+        raise Interrupted(interrupter.reason)
+    stopper = interrupter if interrupter is not None else Interrupter()
+    task = asyncio.current_task()
+    assert task is not None
+    stopper.task = task
+    cancel_timer = (
+        call_at(deadline, lambda: stopper.interrupt("timeout")) if deadline is not None else None
+    )
+    try:
+        result = await resume(coro, yielded)
+    except asyncio.CancelledError:
+        if stopper.reason is None:
+            raise
+        task.uncancel()
+        raise Interrupted(stopper.reason) from None
+    finally:
+        stopper.task = None
+        if cancel_timer is not None:
+            cancel_timer()
+    if stopper.reason is not None and task.cancelling():
+        task.uncancel()  # the handler swallowed our cancellation and returned
+    return result

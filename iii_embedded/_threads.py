@@ -1,0 +1,96 @@
+"""Long-lived worker threads for sync handlers.
+
+``anyio.to_thread.run_sync`` costs 70-140 µs per call on these machines (a thread hop plus
+its bookkeeping), more than everything else a job costs. Sync handlers instead go to a
+pool of threads that live as long as the runtime: a call puts ``(future, context, fn, arg)``
+on a ``queue.SimpleQueue`` and awaits an asyncio future that the thread resolves with
+``loop.call_soon_threadsafe``. The handler runs in a copy of the caller's context, so
+:func:`~iii_embedded.current_invocation` works in it.
+
+A pool grows while no thread is idle, up to ``max_threads``: a queue's pool never needs
+more than its ``concurrency`` threads, except when handlers that timed out or were
+cancelled are still running (a thread cannot be killed; it is abandoned and its result
+dropped). Threads are daemons, so an abandoned handler never keeps the process alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["ThreadPool"]
+
+_STOP = None
+
+
+def _deliver(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    if future.done():  # the caller stopped waiting (timeout, cancellation)
+        return
+    if ok:
+        future.set_result(value)
+    else:
+        future.set_exception(value)
+
+
+class ThreadPool:
+    """Worker threads for sync handlers, owned by one runtime (asyncio backend)."""
+
+    def __init__(self, name: str, max_threads: int) -> None:
+        self.name = name
+        self.max_threads = max_threads
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._idle = 0
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def run(self, fn: Callable[[Any], Any], arg: Any) -> Any:
+        """Run ``fn(arg)`` on a pool thread and return its result (or raise its error)."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        with self._lock:
+            spawn = self._idle == 0 and len(self._threads) < self.max_threads
+            if not spawn:
+                self._idle -= 1 if self._idle else 0
+        if spawn:
+            self._spawn()
+        self._queue.put((future, contextvars.copy_context(), fn, arg))
+        return await future
+
+    def _spawn(self) -> None:
+        thread = threading.Thread(
+            target=self._work, name=f"iii-{self.name}-{len(self._threads)}", daemon=True
+        )
+        self._threads.append(thread)
+        thread.start()
+
+    def _work(self) -> None:
+        get = self._queue.get
+        while True:
+            item = get()
+            if item is _STOP:
+                return
+            future, context, fn, arg = item
+            try:
+                value = context.run(fn, arg)
+                ok = True
+            except BaseException as exc:
+                value, ok = exc, False
+            loop = future.get_loop()
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+                loop.call_soon_threadsafe(_deliver, future, ok, value)
+            with self._lock:
+                self._idle += 1
+
+    def close(self) -> None:
+        """Ask every thread to exit once it is idle (running handlers are not waited for)."""
+        for _ in self._threads:
+            self._queue.put(_STOP)
+        self._threads.clear()
