@@ -41,6 +41,8 @@ log = logging.getLogger("iii_embedded.queue")
 
 StopReason = Literal["shutdown", "cancelled"]
 
+_encode = json.JSONEncoder().encode
+
 
 def error_info(exc: BaseException) -> ErrorInfo:
     """Record an exception as the store keeps it: type name, message, traceback."""
@@ -329,8 +331,10 @@ class QueueRunner:
         )
 
     def _dump_output(self, job: Job, result: Any) -> str:
+        if result is None:
+            return "null"
         try:
-            return json.dumps(result)
+            return _encode(result)
         except (TypeError, ValueError):
             log.warning(
                 "job %s of %r returned a value that is not JSON-serialisable; "

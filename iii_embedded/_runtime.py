@@ -27,6 +27,7 @@ from ._config import Config, QueueConfig
 from ._context import Invocation, _current
 from ._errors import InvocationError, StoreError
 from ._fastpath import Interrupted, run_handler
+from ._ids import new_receipt_id
 from ._queues import QueueRunner
 from ._registry import FunctionSpec, Registry
 from ._stores import Job, NewJob, Outcome, Store
@@ -46,6 +47,9 @@ JobEvent = str
 ``job_dead_lettered``, ``job_cancelled``."""
 
 _FINAL_KINDS = frozenset({"completed", "dead", "cancelled"})
+
+encode_json = json.JSONEncoder(allow_nan=False).encode
+"""Payload serialisation: strict JSON (no NaN/Infinity), one encoder built once."""
 
 
 def make_owner_id() -> str:
@@ -386,7 +390,7 @@ class Runtime:
             where = f"item {index}: " if batch else ""
             group = _group_of(queue, payload, where)
             try:
-                text = json.dumps(payload, allow_nan=False)
+                text = encode_json(payload)
             except (TypeError, ValueError) as exc:
                 raise InvocationError(
                     "enqueue_error", f"{where}payload is not JSON-serialisable: {exc}"
@@ -396,7 +400,7 @@ class Runtime:
                 key = idempotency_keys[index]
             jobs.append(
                 NewJob(
-                    id=str(uuid.uuid4()),
+                    id=new_receipt_id(),
                     queue=queue.name,
                     function_id=function_id,
                     payload=text,
