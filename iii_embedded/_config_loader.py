@@ -1,0 +1,360 @@
+"""Reading ``iii-config.yaml`` into :class:`~iii_embedded._config.Config`.
+
+Both of iii's spellings load (``workers: - name: iii-queue`` and the older
+``modules: - class: modules::queue::QueueModule``), and so does the docs' excerpt form (a
+top-level ``queue_configs:``). The file is parsed with ruamel.yaml's round-trip loader
+because it keeps line numbers: every error names the file, the line and the key, and says
+what was expected. Workers the runtime has no equivalent for are ignored with one warning
+each, so the same file stays valid for the real engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ruamel.yaml import YAML
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+from ._config import DEFAULT_QUEUE, Config, HttpConfig, QueueConfig, StoreConfig
+from ._errors import ConfigError
+
+__all__ = ["load_config", "parse_config", "find_config", "CONFIG_ENV", "DEFAULT_CONFIG_FILE"]
+
+log = logging.getLogger("iii_embedded.config")
+
+CONFIG_ENV = "III_CONFIG"
+DEFAULT_CONFIG_FILE = "iii-config.yaml"
+
+_QUEUE_WORKERS = {"iii-queue", "queue"}
+_HTTP_WORKERS = {"iii-http", "http"}
+_QUEUE_MODULES = {"modules::queue::QueueModule"}
+_HTTP_MODULES = {"modules::rest_api::RestApiModule", "modules::http::HttpModule"}
+_BUILTIN_ADAPTERS = {"builtin", "modules::queue::BuiltinQueueAdapter"}
+
+_INT_KEYS = {
+    "max_retries",
+    "concurrency",
+    "backoff_ms",
+    "poll_interval_ms",
+    "timeout_ms",
+    "max_backoff_ms",
+}
+_QUEUE_KEYS = _INT_KEYS | {"type", "message_group_field", "jitter"}
+_POSITIVE = {"concurrency", "poll_interval_ms"}
+_ADAPTER_KEYS = {"store_method", "file_path", "synchronous", "lease_ms", "result_retention_ms"}
+
+
+class _Reader:
+    """Walks the parsed document, turning nodes into values or precise errors."""
+
+    def __init__(self, source: str, base_dir: Path | None) -> None:
+        self.source = source
+        self.base_dir = base_dir
+
+    def fail(self, message: str, line: int | None) -> ConfigError:
+        return ConfigError(message, path=self.source, line=line)
+
+    @staticmethod
+    def line_of(node: Any, key: Any = None) -> int | None:
+        lc = getattr(node, "lc", None)
+        if lc is None:
+            return None
+        try:
+            if key is not None:
+                return int(lc.key(key)[0]) + 1
+            return int(lc.line) + 1
+        except (KeyError, TypeError, AttributeError, IndexError):
+            return None
+
+    def mapping(self, node: Any, what: str, line: int | None) -> Mapping[str, Any]:
+        if node is None:
+            return {}
+        if not isinstance(node, Mapping):
+            raise self.fail(f"{what} must be a mapping, got {_describe(node)}", line)
+        return node
+
+    # --- top level ----------------------------------------------------------------------
+
+    def read(self, doc: Any) -> Config:
+        if doc is None:
+            return Config(source=self.source)
+        top = self.mapping(doc, "the top level of the file", 1)
+        queues: dict[str, QueueConfig] = {}
+        store = StoreConfig()
+        http: HttpConfig | None = None
+        for key in top:
+            line = self.line_of(top, key)
+            value = top[key]
+            if key == "workers":
+                for item, item_line in self.items(value, "workers", line):
+                    name = item.get("name")
+                    config = item.get("config")
+                    cfg_line = self.line_of(item, "config") or item_line
+                    if name in _QUEUE_WORKERS:
+                        queues, store = self.queue_block(config, cfg_line, queues, store)
+                    elif name in _HTTP_WORKERS:
+                        http = self.http_block(config, cfg_line)
+                    else:
+                        log.warning(
+                            "%s:%s: worker %r is not supported by iii-embedded and is ignored",
+                            self.source,
+                            item_line,
+                            name,
+                        )
+            elif key == "modules":
+                for item, item_line in self.items(value, "modules", line):
+                    cls = item.get("class")
+                    config = item.get("config")
+                    cfg_line = self.line_of(item, "config") or item_line
+                    if cls in _QUEUE_MODULES:
+                        queues, store = self.queue_block(config, cfg_line, queues, store)
+                    elif cls in _HTTP_MODULES:
+                        http = self.http_block(config, cfg_line)
+                    else:
+                        log.warning(
+                            "%s:%s: module %r is not supported by iii-embedded and is ignored",
+                            self.source,
+                            item_line,
+                            cls,
+                        )
+            elif key == "queue_configs":
+                queues = {**queues, **self.queue_configs(value, line)}
+            elif key == "adapter":
+                store = self.adapter(value, line)
+            else:
+                log.warning(
+                    "%s:%s: top-level key %r is not used by iii-embedded and is ignored",
+                    self.source,
+                    line,
+                    key,
+                )
+        return Config(queues=queues, store=store, http=http, source=self.source)
+
+    def items(
+        self, node: Any, what: str, line: int | None
+    ) -> list[tuple[Mapping[str, Any], int | None]]:
+        if not isinstance(node, list):
+            raise self.fail(f"'{what}' must be a list, got {_describe(node)}", line)
+        out = []
+        for index, item in enumerate(node):
+            item_line = self.line_of(item) or line
+            if not isinstance(item, Mapping):
+                raise self.fail(
+                    f"'{what}' item {index} must be a mapping, got {_describe(item)}", item_line
+                )
+            out.append((item, item_line))
+        return out
+
+    def queue_block(
+        self,
+        node: Any,
+        line: int | None,
+        queues: dict[str, QueueConfig],
+        store: StoreConfig,
+    ) -> tuple[dict[str, QueueConfig], StoreConfig]:
+        block = self.mapping(node, "the queue worker's config", line)
+        for key in block:
+            key_line = self.line_of(block, key)
+            if key == "queue_configs":
+                queues = {**queues, **self.queue_configs(block[key], key_line)}
+            elif key == "adapter":
+                store = self.adapter(block[key], key_line)
+            else:
+                raise self.fail(
+                    f"unknown key {key!r} in the queue worker's config "
+                    "(allowed: adapter, queue_configs)",
+                    key_line,
+                )
+        return queues, store
+
+    def http_block(self, node: Any, line: int | None) -> HttpConfig:
+        block = self.mapping(node, "the http worker's config", line)
+        host, port = "127.0.0.1", 3111
+        for key in block:
+            key_line = self.line_of(block, key)
+            value = block[key]
+            if key == "port":
+                if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+                    raise self.fail(
+                        f"http port must be an integer 0-65535, got {value!r}", key_line
+                    )
+                port = value
+            elif key == "host":
+                if not isinstance(value, str) or not value:
+                    raise self.fail(f"http host must be a string, got {value!r}", key_line)
+                host = value
+            else:
+                log.warning(
+                    "%s:%s: http option %r is not supported by iii-embedded and is ignored",
+                    self.source,
+                    key_line,
+                    key,
+                )
+        return HttpConfig(host=host, port=port)
+
+    # --- queues ------------------------------------------------------------------------
+
+    def queue_configs(self, node: Any, line: int | None) -> dict[str, QueueConfig]:
+        block = self.mapping(node, "queue_configs", line)
+        out: dict[str, QueueConfig] = {}
+        for name in block:
+            name_line = self.line_of(block, name)
+            if not isinstance(name, str) or not name:
+                raise self.fail(f"a queue name must be a non-empty string, got {name!r}", name_line)
+            out[name] = self.queue(name, block[name], name_line)
+        return out
+
+    def queue(self, name: str, node: Any, line: int | None) -> QueueConfig:
+        fields = self.mapping(node, f"queue '{name}'", line)
+        values: dict[str, Any] = {}
+        for key in fields:
+            key_line = self.line_of(fields, key)
+            value = fields[key]
+            if key not in _QUEUE_KEYS:
+                raise self.fail(
+                    f"queue '{name}': unknown key {key!r} "
+                    f"(allowed: {', '.join(sorted(_QUEUE_KEYS))})",
+                    key_line,
+                )
+            if key in _INT_KEYS:
+                if value is None and key in ("timeout_ms", "max_backoff_ms"):
+                    continue
+                low = 1 if key in _POSITIVE else 0
+                if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                    raise self.fail(
+                        f"queue '{name}': {key} must be an integer >= {low}, got {value!r}",
+                        key_line,
+                    )
+            elif key == "type":
+                if value not in ("standard", "fifo"):
+                    raise self.fail(
+                        f"queue '{name}': type must be 'standard' or 'fifo', got {value!r}",
+                        key_line,
+                    )
+            elif key == "message_group_field":
+                if value is not None and (not isinstance(value, str) or not value):
+                    raise self.fail(
+                        f"queue '{name}': message_group_field must be a field name, got {value!r}",
+                        key_line,
+                    )
+            elif key == "jitter" and not isinstance(value, bool):
+                raise self.fail(
+                    f"queue '{name}': jitter must be true or false, got {value!r}", key_line
+                )
+            values[key] = value
+        if values.get("type") == "fifo" and not values.get("message_group_field"):
+            raise self.fail(
+                f"queue '{name}': type 'fifo' requires message_group_field "
+                "(the payload field whose value orders jobs)",
+                line,
+            )
+        try:
+            return QueueConfig(name=name, **values)
+        except (TypeError, ValueError) as exc:  # pragma: no cover - validated above
+            raise self.fail(f"queue '{name}': {exc}", line) from None
+
+    # --- adapter -----------------------------------------------------------------------
+
+    def adapter(self, node: Any, line: int | None) -> StoreConfig:
+        block = self.mapping(node, "adapter", line)
+        kind = block.get("name", block.get("class", "builtin"))
+        if kind not in _BUILTIN_ADAPTERS:
+            raise self.fail(
+                f"adapter {kind!r} is not supported: iii-embedded has the builtin adapter "
+                "(name: builtin, or class: modules::queue::BuiltinQueueAdapter)",
+                self.line_of(block, "name" if "name" in block else "class") or line,
+            )
+        for key in block:
+            if key not in ("name", "class", "config"):
+                raise self.fail(
+                    f"adapter: unknown key {key!r} (allowed: name, class, config)",
+                    self.line_of(block, key),
+                )
+        config_line = self.line_of(block, "config") or line
+        config = self.mapping(block.get("config"), "adapter config", config_line)
+        values: dict[str, Any] = {}
+        for key in config:
+            key_line = self.line_of(config, key)
+            value = config[key]
+            if key not in _ADAPTER_KEYS:
+                raise self.fail(
+                    f"adapter config: unknown key {key!r} "
+                    f"(allowed: {', '.join(sorted(_ADAPTER_KEYS))})",
+                    key_line,
+                )
+            if key == "store_method" and value not in ("in_memory", "file_based"):
+                raise self.fail(
+                    f"store_method must be 'in_memory' or 'file_based', got {value!r}", key_line
+                )
+            if key == "synchronous" and value not in ("normal", "full"):
+                raise self.fail(f"synchronous must be 'normal' or 'full', got {value!r}", key_line)
+            if key in ("lease_ms", "result_retention_ms") and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise self.fail(f"{key} must be an integer >= 1, got {value!r}", key_line)
+            if key == "file_path":
+                if not isinstance(value, str) or not value:
+                    raise self.fail(f"file_path must be a directory path, got {value!r}", key_line)
+                # Relative paths are relative to the config file, not to the directory the
+                # program happens to start in: the same file then means the same store.
+                path = Path(value)
+                if not path.is_absolute() and self.base_dir is not None:
+                    path = self.base_dir / path
+                value = str(path)
+            values[key] = value
+        if values.get("store_method") == "file_based" and not values.get("file_path"):
+            raise self.fail("store_method 'file_based' requires file_path", config_line)
+        return StoreConfig(**values)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return repr(value)
+
+
+def parse_config(text: str, *, source: str = "<string>", base_dir: str | None = None) -> Config:
+    """Parse configuration text. ``base_dir`` resolves a relative ``file_path``."""
+    yaml = YAML(typ="rt")
+    try:
+        doc = yaml.load(text)
+    except MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else None
+        problem = exc.problem or exc.context or "invalid YAML"
+        raise ConfigError(f"invalid YAML: {problem}", path=source, line=line) from None
+    except YAMLError as exc:
+        raise ConfigError(f"invalid YAML: {exc}", path=source) from None
+    return _Reader(source, Path(base_dir) if base_dir else None).read(doc)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate an ``iii-config.yaml`` file (either of iii's spellings)."""
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("config file not found", path=str(file)) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config file: {exc.strerror}", path=str(file)) from None
+    return parse_config(text, source=str(file), base_dir=str(file.resolve().parent))
+
+
+def find_config(explicit: str | os.PathLike[str] | None = None) -> Config:
+    """The config to use: ``explicit`` if given, else ``$III_CONFIG``, else
+    ``./iii-config.yaml`` if it exists, else defaults (in-memory store, a ``default``
+    queue)."""
+    if explicit is not None:
+        return load_config(explicit)
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return load_config(env)
+    if Path(DEFAULT_CONFIG_FILE).is_file():
+        return load_config(DEFAULT_CONFIG_FILE)
+    return Config(queues={DEFAULT_QUEUE: QueueConfig(name=DEFAULT_QUEUE)})

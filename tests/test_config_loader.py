@@ -1,0 +1,259 @@
+"""Reading iii-config.yaml (SPEC §8): both spellings, defaults, and errors with file:line."""
+
+from __future__ import annotations
+
+import logging
+import textwrap
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from iii_embedded import ConfigError, QueueConfig
+from iii_embedded._config_loader import find_config, load_config, parse_config
+
+CURRENT = """\
+workers:
+  - name: iii-queue
+    config:
+      queue_configs:
+        default:
+          max_retries: 5
+          concurrency: 10
+          type: standard
+        payment:
+          max_retries: 10
+          concurrency: 2
+          type: fifo
+          message_group_field: transaction_id
+      adapter:
+        name: builtin
+        config:
+          store_method: file_based
+          file_path: ./data/queue_store
+  - name: iii-http
+    config:
+      port: 3111
+      host: 127.0.0.1
+"""
+
+OLDER = """\
+modules:
+  - class: modules::queue::QueueModule
+    config:
+      queue_configs:
+        email:
+          max_retries: 8
+          backoff_ms: 2000
+          concurrency: 5
+          type: standard
+      adapter:
+        class: modules::queue::BuiltinQueueAdapter
+        config:
+          store_method: in_memory
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "iii-config.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_current_spelling_loads_queues_store_and_http(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, CURRENT))
+    assert config.queues["payment"] == QueueConfig(
+        name="payment",
+        max_retries=10,
+        concurrency=2,
+        type="fifo",
+        message_group_field="transaction_id",
+    )
+    assert config.queues["default"].max_retries == 5
+    assert config.store.store_method == "file_based"
+    assert config.store.file_path == str(tmp_path / "data" / "queue_store")
+    assert config.http is not None and (config.http.host, config.http.port) == ("127.0.0.1", 3111)
+    assert config.source == str(tmp_path / "iii-config.yaml")
+
+
+def test_older_spelling_loads(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, OLDER))
+    assert config.queues["email"] == QueueConfig(
+        name="email", max_retries=8, backoff_ms=2000, concurrency=5
+    )
+    assert config.store.store_method == "in_memory"
+
+
+def test_excerpt_form_and_iii_defaults() -> None:
+    config = parse_config(
+        "queue_configs:\n  ledger:\n    type: fifo\n    message_group_field: account_id\n"
+    )
+    ledger = config.queues["ledger"]
+    assert (ledger.max_retries, ledger.concurrency, ledger.backoff_ms, ledger.poll_interval_ms) == (
+        3,
+        10,
+        1000,
+        100,
+    )
+    assert config.queues["default"] == QueueConfig(name="default")
+
+
+def test_relative_file_path_is_resolved_from_the_config_files_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    nested = tmp_path / "app"
+    nested.mkdir()
+    path = write(nested, CURRENT)
+    monkeypatch.chdir(tmp_path)
+    assert load_config(path).store.file_path == str(nested / "data" / "queue_store")
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "fragment"),
+    [
+        (
+            "queue_configs:\n  payment:\n    max_retry: 3\n",
+            3,
+            "queue 'payment': unknown key 'max_retry'",
+        ),
+        (
+            "queue_configs:\n  payment:\n    concurrency: ten\n",
+            3,
+            "queue 'payment': concurrency must be an integer >= 1, got 'ten'",
+        ),
+        (
+            "queue_configs:\n  q:\n    concurrency: 0\n",
+            3,
+            "concurrency must be an integer >= 1, got 0",
+        ),
+        (
+            "queue_configs:\n  q:\n    backoff_ms: -5\n",
+            3,
+            "backoff_ms must be an integer >= 0, got -5",
+        ),
+        (
+            "queue_configs:\n  q:\n    max_retries: true\n",
+            3,
+            "max_retries must be an integer >= 0, got True",
+        ),
+        (
+            "queue_configs:\n  q:\n    max_retries: yes\n",
+            3,
+            "max_retries must be an integer >= 0, got 'yes'",
+        ),
+        (
+            "queue_configs:\n  q:\n    type: lifo\n",
+            3,
+            "type must be 'standard' or 'fifo', got 'lifo'",
+        ),
+        ("queue_configs:\n  q:\n    type: fifo\n", 2, "type 'fifo' requires message_group_field"),
+        ("queue_configs:\n  q:\n    jitter: maybe\n", 3, "jitter must be true or false"),
+        ("queue_configs: [1, 2]\n", 1, "queue_configs must be a mapping, got a list"),
+        (
+            "adapter:\n  name: redis\n",
+            2,
+            "adapter 'redis' is not supported",
+        ),
+        (
+            "adapter:\n  name: builtin\n  config:\n    store_method: file_based\n",
+            3,
+            "store_method 'file_based' requires file_path",
+        ),
+        (
+            "adapter:\n  config:\n    store_method: on_disk\n",
+            3,
+            "store_method must be 'in_memory' or 'file_based', got 'on_disk'",
+        ),
+        (
+            "adapter:\n  config:\n    store_method: in_memory\n    cache: 5\n",
+            4,
+            "adapter config: unknown key 'cache'",
+        ),
+        (
+            "adapter:\n  config:\n    synchronous: extra\n",
+            3,
+            "synchronous must be 'normal' or 'full', got 'extra'",
+        ),
+        ("workers: {name: iii-queue}\n", 1, "'workers' must be a list, got a mapping"),
+        (
+            "workers:\n  - name: iii-queue\n    config:\n      queues: {}\n",
+            4,
+            "unknown key 'queues' in the queue worker's config",
+        ),
+        ("- just\n- a list\n", 1, "the top level of the file must be a mapping"),
+        ("queue_configs:\n  q: {concurrency: 2\n", 3, "invalid YAML"),
+    ],
+)
+def test_errors_name_the_file_the_line_and_the_problem(
+    tmp_path: Path, text: str, line: int, fragment: str
+) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}:{line}: "), message
+    assert fragment in message
+    assert caught.value.line == line
+
+
+def test_a_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found") as caught:
+        load_config(tmp_path / "nope.yaml")
+    assert str(tmp_path / "nope.yaml") in str(caught.value)
+
+
+def test_unsupported_workers_are_ignored_with_one_warning_each(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    text = CURRENT + "  - name: iii-cron\n    config: {}\n  - name: iii-stream\n"
+    caplog.set_level(logging.WARNING, logger="iii_embedded.config")
+    config = load_config(write(tmp_path, text))
+    assert "payment" in config.queues
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2
+    assert any("'iii-cron'" in w and ":23:" in w for w in warnings), warnings
+    assert any("'iii-stream'" in w for w in warnings)
+
+
+def test_find_config_prefers_env_then_cwd_then_defaults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("III_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert set(find_config().queues) == {"default"}
+    write(tmp_path, OLDER)
+    assert "email" in find_config().queues
+    other = write(tmp_path, CURRENT, name="other.yaml")
+    monkeypatch.setenv("III_CONFIG", str(other))
+    assert "payment" in find_config().queues
+    assert "email" in find_config(tmp_path / "iii-config.yaml").queues
+
+
+queue_fields = st.fixed_dictionaries(
+    {
+        "max_retries": st.integers(0, 50),
+        "concurrency": st.integers(1, 100),
+        "backoff_ms": st.integers(0, 100_000),
+        "poll_interval_ms": st.integers(1, 10_000),
+        "jitter": st.booleans(),
+    },
+    optional={
+        "timeout_ms": st.integers(0, 100_000),
+        "max_backoff_ms": st.integers(0, 100_000),
+        "fifo": st.sampled_from(["account_id", "orderId", "transaction_id"]),
+    },
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(name=st.from_regex(r"[a-z][a-z0-9_-]{0,15}", fullmatch=True), fields=queue_fields)
+def test_any_valid_queue_round_trips_through_yaml(name: str, fields: dict[str, object]) -> None:
+    values = dict(fields)
+    group = values.pop("fifo", None)
+    if group is not None:
+        values["type"] = "fifo"
+        values["message_group_field"] = group
+    lines = [f"    {k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in values.items()]
+    text = "queue_configs:\n  " + name + ":\n" + "\n".join(lines) + "\n"
+    assert parse_config(text).queues[name] == QueueConfig(name=name, **values)  # type: ignore[arg-type]
