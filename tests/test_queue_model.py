@@ -11,6 +11,8 @@ overlap; running jobs never exceed ``concurrency``; retry delays equal
 from __future__ import annotations
 
 import itertools
+import shutil
+import tempfile
 from collections import defaultdict
 from typing import Any
 
@@ -19,7 +21,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from iii_embedded import III, Config, QueueConfig, TriggerAction
+from iii_embedded import III, Config, QueueConfig, StoreConfig, TriggerAction
 from iii_embedded.testing import VirtualClock, drain
 
 MAX_RETRIES = 3
@@ -36,11 +38,21 @@ GROUPS = ["g0", "g1", "g2", "g3"]
 
 
 class QueueModel(RuleBasedStateMachine):
+    file_based = False
+
     def __init__(self) -> None:
         super().__init__()
         self.clock = VirtualClock()
+        self.directory = tempfile.mkdtemp(prefix="iii-model-") if self.file_based else None
+        store = (
+            StoreConfig(store_method="file_based", file_path=self.directory)
+            if self.directory
+            else StoreConfig()
+        )
         self.iii = III(
-            Config(queues={"fifo": FIFO, "std": STANDARD}), clock=self.clock, shutdown_grace_ms=0
+            Config(queues={"fifo": FIFO, "std": STANDARD}, store=store),
+            clock=self.clock,
+            shutdown_grace_ms=0,
         )
         self.starts: dict[int, list[float]] = defaultdict(list)
         self.completed: list[int] = []
@@ -145,7 +157,17 @@ class QueueModel(RuleBasedStateMachine):
                 assert succeeded == enqueued, (group, succeeded, enqueued)
         finally:
             self.iii.shutdown()
+            if self.directory:
+                shutil.rmtree(self.directory, ignore_errors=True)
 
 
-QueueModel.TestCase.settings = settings(max_examples=40, stateful_step_count=25, deadline=None)
+class FileQueueModel(QueueModel):
+    """The same model on the SQLite store."""
+
+    file_based = True
+
+
 TestQueueModel = QueueModel.TestCase
+TestQueueModel.settings = settings(max_examples=40, stateful_step_count=25, deadline=None)
+TestFileQueueModel = FileQueueModel.TestCase
+TestFileQueueModel.settings = settings(max_examples=15, stateful_step_count=20, deadline=None)

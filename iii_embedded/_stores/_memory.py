@@ -120,7 +120,8 @@ class MemoryStore:
         self._queues: dict[str, _QueueIndex] = {}
         self._seq = itertools.count(1)
         self._keys: dict[tuple[str, str], str] = {}
-        self._finished: deque[tuple[float, str]] = deque()
+        # (finished_at, id) of completed and cancelled jobs, for pruning (a heap).
+        self._finished: list[tuple[float, str]] = []
         self._closed = False
 
     async def open(self) -> None:
@@ -279,7 +280,7 @@ class MemoryStore:
             row.state = "completed"
             row.output = outcome.output
             row.finished_at = outcome.at
-            self._finished.append((outcome.at, row.id))
+            heapq.heappush(self._finished, (outcome.at, row.id))
             self._remove_live(row)
         elif kind == "retry":
             row.state = "queued"
@@ -313,7 +314,7 @@ class MemoryStore:
     def _cancel_row(self, row: _Row, at: float) -> None:
         row.state = "cancelled"
         row.finished_at = at
-        self._finished.append((at, row.id))
+        heapq.heappush(self._finished, (at, row.id))
         self._remove_live(row)
         self._release_key(row)
 
@@ -428,7 +429,7 @@ class MemoryStore:
         """Forget finished runs; see :meth:`Store.prune`."""
         count = 0
         while self._finished and self._finished[0][0] < finished_before:
-            _, job_id = self._finished.popleft()
+            _, job_id = heapq.heappop(self._finished)
             row = self._rows.get(job_id)
             if row is not None and row.state in ("completed", "cancelled"):
                 del self._rows[job_id]

@@ -1,0 +1,924 @@
+"""The file-based store: one SQLite database in WAL mode, shared safely by processes.
+
+How it works, and why:
+
+* **One writer thread per store.** Every call from the event loop becomes a request on a
+  ``queue.SimpleQueue``; the thread takes *all* pending requests, runs them in one
+  transaction (``BEGIN IMMEDIATE`` … ``COMMIT``: group commit) and resolves their futures
+  on the loop with one ``call_soon_threadsafe``. A commit costs 30-165 µs here, so many
+  concurrent enqueues, claims and acks share one. Each request runs inside its own
+  ``SAVEPOINT``: a request that fails (a full disk, a bad batch) is rolled back alone and
+  gets its own error while the others commit. Nothing blocking ever runs on the loop.
+* **A claim is one statement**: ``UPDATE … WHERE seq IN (SELECT … LIMIT n) RETURNING``, with
+  the rows read in full before commit. Standard queues claim through the index
+  ``(queue, state, available_at, seq)``: an index range scan whatever the backlog.
+* **FIFO heads live in a side table** ``fifo_groups(queue, grp, head_seq)``, kept in the
+  same transactions as the jobs: a FIFO claim scans the queue's groups (not its jobs) and
+  takes heads that are queued and available. A partial unique index on ``(queue, grp)``
+  for running jobs makes a second running job of one group impossible, across processes.
+* **Leases**: a claim writes ``lease_owner``/``lease_until``; the runtime renews them while
+  handlers run. ``recover`` returns expired leases, and at once the jobs of owners
+  (``host:pid:…``) whose process is gone from this host.
+* The schema is created and migrated with sqlite-utils; ``meta.schema_version`` records it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import queue
+import socket
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import sqlite_utils
+
+from .._errors import StoreError, StoreVersionError
+from ._base import ErrorInfo, Job, JobState, NewJob, Outcome, QueueCounts
+
+__all__ = ["SQLiteStore", "SCHEMA_VERSION", "DB_FILENAME"]
+
+SCHEMA_VERSION = 1
+DB_FILENAME = "iii-queue.db"
+_MAX_BATCH = 512
+_LIVE = "('queued', 'running', 'held')"
+_COLUMNS = (
+    "id, queue, function_id, payload, grp, seq, state, attempts, max_attempts, created_at, "
+    "available_at, started_at, finished_at, first_failed_at, last_failed_at, error_type, "
+    "error_message, error_traceback, output, lease_owner, lease_until, idempotency_key, "
+    "cancel_requested"
+)
+_HOST = socket.gethostname()
+
+T = TypeVar("T")
+Conn = sqlite3.Connection
+
+
+def _row_to_job(row: Sequence[Any]) -> Job:
+    error = None
+    if row[15] is not None:
+        error = ErrorInfo(type=row[15], message=row[16] or "", traceback=row[17] or "")
+    return Job(
+        id=row[0],
+        queue=row[1],
+        function_id=row[2],
+        payload=row[3],
+        group=row[4],
+        seq=row[5],
+        state=row[6],
+        attempts=row[7],
+        max_attempts=row[8],
+        created_at=row[9],
+        available_at=row[10],
+        started_at=row[11],
+        finished_at=row[12],
+        first_failed_at=row[13],
+        last_failed_at=row[14],
+        error=error,
+        output=row[18],
+        lease_owner=row[19],
+        lease_until=row[20],
+        idempotency_key=row[21],
+        cancel_requested=bool(row[22]),
+    )
+
+
+def _migrate_to_1(db: sqlite_utils.Database) -> None:
+    db["jobs"].create(  # type: ignore[union-attr]
+        {
+            "seq": int,
+            "id": str,
+            "queue": str,
+            "function_id": str,
+            "payload": str,
+            "grp": str,
+            "state": str,
+            "attempts": int,
+            "max_attempts": int,
+            "created_at": float,
+            "available_at": float,
+            "started_at": float,
+            "finished_at": float,
+            "first_failed_at": float,
+            "last_failed_at": float,
+            "error_type": str,
+            "error_message": str,
+            "error_traceback": str,
+            "output": str,
+            "lease_owner": str,
+            "lease_until": float,
+            "idempotency_key": str,
+            "cancel_requested": int,
+            "dead_seq": int,
+        },
+        pk="seq",
+        not_null={
+            "id",
+            "queue",
+            "function_id",
+            "payload",
+            "state",
+            "attempts",
+            "max_attempts",
+            "created_at",
+            "available_at",
+            "cancel_requested",
+        },
+        defaults={"attempts": 0, "cancel_requested": 0},
+    )
+    db["fifo_groups"].create(  # type: ignore[union-attr]
+        {"queue": str, "grp": str, "head_seq": int},
+        pk=("queue", "grp"),
+        not_null={"head_seq"},
+    )
+    db["owners"].create(  # type: ignore[union-attr]
+        {"owner": str, "host": str, "pid": int, "started_at": float}, pk="owner"
+    )
+    db["jobs"].create_index(["id"], unique=True, index_name="ix_jobs_id")  # type: ignore[union-attr]
+    db["jobs"].create_index(  # type: ignore[union-attr]
+        ["queue", "state", "available_at", "seq"], index_name="ix_jobs_ready"
+    )
+    # sqlite-utils has no partial indexes; these are plain SQL.
+    for sql in (
+        f"CREATE INDEX ix_jobs_group ON jobs(queue, grp, seq) WHERE state IN {_LIVE}",
+        "CREATE UNIQUE INDEX ix_jobs_one_running_per_group ON jobs(queue, grp) "
+        "WHERE state = 'running' AND grp IS NOT NULL",
+        "CREATE INDEX ix_jobs_leases ON jobs(lease_until) WHERE state = 'running'",
+        "CREATE INDEX ix_jobs_held ON jobs(function_id) WHERE state = 'held'",
+        "CREATE INDEX ix_jobs_finished ON jobs(finished_at) "
+        "WHERE state IN ('completed', 'cancelled')",
+        "CREATE INDEX ix_jobs_dead ON jobs(queue, dead_seq) WHERE state = 'dead'",
+        "CREATE INDEX ix_jobs_keys ON jobs(function_id, idempotency_key) "
+        "WHERE idempotency_key IS NOT NULL AND state NOT IN ('dead', 'cancelled')",
+    ):
+        db.execute(sql)
+
+
+_MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _migrate_to_1}
+
+
+class _Request:
+    __slots__ = ("fn", "future", "write")
+
+    def __init__(self, fn: Callable[[Conn], Any], future: asyncio.Future[Any], write: bool) -> None:
+        self.fn = fn
+        self.future = future
+        self.write = write
+
+
+def _deliver(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    for future, ok, value in results:
+        if future.done():
+            continue
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+
+class SQLiteStore:
+    """A :class:`~iii_embedded._stores.Store` in ``<directory>/iii-queue.db`` (SQLite, WAL)."""
+
+    shared = True
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        synchronous: Literal["normal", "full"] = "normal",
+        max_page_count: int | None = None,
+    ) -> None:
+        self.directory = Path(directory)
+        self.path = self.directory / DB_FILENAME
+        self.synchronous = synchronous
+        self._max_page_count = max_page_count  # for tests: simulates a full disk
+        self._requests: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._conn: Conn | None = None
+        self._owners: set[str] = set()
+        self._closed = False
+
+    @property
+    def location(self) -> str:
+        """The database file's path."""
+        return str(self.path)
+
+    # --- plumbing ----------------------------------------------------------------------
+
+    def _error(self, exc: BaseException, doing: str) -> StoreError:
+        text = str(exc)
+        low = text.lower()
+        if "disk is full" in low or (isinstance(exc, OSError) and exc.errno == errno.ENOSPC):
+            cause = "the disk is full"
+        elif "readonly" in low or "read-only" in low:
+            cause = "the store is read-only"
+        elif isinstance(exc, PermissionError) or "permission" in low:
+            cause = "permission denied"
+        elif "not a database" in low or "malformed" in low:
+            cause = "the file is not a valid SQLite database (corrupt?)"
+        elif "unable to open" in low:
+            cause = "the database cannot be opened (missing directory, or not writable?)"
+        else:
+            cause = text
+        return StoreError(f"{self.path}: {doing} failed: {cause} ({text})")
+
+    async def _submit(self, fn: Callable[[Conn], T], *, write: bool = True) -> T:
+        if self._closed or self._loop is None:
+            raise StoreError(f"{self.path}: the store is not open")
+        future: asyncio.Future[T] = self._loop.create_future()
+        self._requests.put(_Request(fn, future, write))
+        return await future
+
+    def _serve(self) -> None:
+        conn = self._conn
+        assert conn is not None and self._loop is not None
+        loop = self._loop
+        get = self._requests.get
+        get_nowait = self._requests.get_nowait
+        stop = False
+        while not stop:
+            first = get()
+            if first is None:
+                break
+            batch = [first]
+            while len(batch) < _MAX_BATCH:
+                try:
+                    item = get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            results = self._run_batch(conn, batch)
+            with contextlib.suppress(RuntimeError):  # loop closed: nobody waits
+                loop.call_soon_threadsafe(_deliver, results)
+
+    def _run_batch(
+        self, conn: Conn, batch: list[_Request]
+    ) -> list[tuple[asyncio.Future[Any], bool, Any]]:
+        results: list[tuple[asyncio.Future[Any], bool, Any]] = []
+        write = any(r.write for r in batch)
+        try:
+            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        except sqlite3.Error as exc:
+            err = self._error(exc, "starting a transaction")
+            return [(r.future, False, err) for r in batch]
+        for request in batch:
+            try:
+                conn.execute("SAVEPOINT req")
+                value = request.fn(conn)
+                conn.execute("RELEASE req")
+                results.append((request.future, True, value))
+            except Exception as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK TO req")
+                    conn.execute("RELEASE req")
+                err = exc if isinstance(exc, StoreError) else self._error(exc, "a store operation")
+                results.append((request.future, False, err))
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            err = self._error(exc, "committing")
+            return [(r.future, False, err) for r in batch]
+        return results
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Create or migrate the database and start the writer thread."""
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._closed = False
+        await asyncio.get_running_loop().run_in_executor(None, self._open_connection)
+        self._thread = threading.Thread(
+            target=self._serve, name=f"iii-sqlite[{self.path}]", daemon=True
+        )
+        self._thread.start()
+
+    def _open_connection(self) -> None:
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(
+                f"{self.directory}: cannot create the store directory: {exc.strerror}"
+            ) from None
+        if not os.access(self.directory, os.W_OK):
+            raise StoreError(f"{self.path}: the store directory is read-only (permission denied)")
+        if self.path.exists() and not os.access(self.path, os.W_OK):
+            raise StoreError(f"{self.path}: the database file is read-only (permission denied)")
+        conn: Conn | None = None
+        try:
+            conn = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=10.0
+            )
+            conn.execute("PRAGMA busy_timeout = 10000")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StoreError(f"{self.path}: cannot switch the database to WAL mode ({mode})")
+            conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
+            if self._max_page_count is not None:
+                conn.execute(f"PRAGMA max_page_count = {int(self._max_page_count)}")
+            self._migrate(conn)
+        except StoreError:
+            if conn is not None:
+                conn.close()
+            raise
+        except sqlite3.Error as exc:
+            if conn is not None:
+                conn.close()
+            raise self._error(exc, "opening the store") from None
+        self._conn = conn
+
+    def _migrate(self, conn: Conn) -> None:
+        db = sqlite_utils.Database(conn)
+        tables = set(db.table_names())
+        if tables and "meta" not in tables:
+            raise StoreError(
+                f"{self.path}: this database is not an iii-embedded store "
+                f"(it has tables {sorted(tables)} but no schema version); "
+                "point file_path at another directory"
+            )
+        version = 0
+        if "meta" in tables:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            version = int(row[0]) if row else 0
+        if version > SCHEMA_VERSION:
+            raise StoreVersionError(
+                f"{self.path}: the store has schema version {version}, but this "
+                f"iii-embedded understands up to {SCHEMA_VERSION}: upgrade iii-embedded"
+            )
+        if version == SCHEMA_VERSION:
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if "meta" not in tables:
+                db["meta"].create({"key": str, "value": str}, pk="key")  # type: ignore[union-attr]
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                _MIGRATIONS[target](db)
+            conn.execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)",
+                (str(SCHEMA_VERSION),),
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    async def aclose(self) -> None:
+        """Finish pending requests, stop the writer thread, close the database."""
+        if self._thread is None or self._closed:
+            self._closed = True
+            return
+        self._closed = True
+        self._requests.put(None)
+        thread = self._thread
+        await asyncio.get_running_loop().run_in_executor(None, thread.join)
+        self._thread = None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    # --- producing ---------------------------------------------------------------------
+
+    async def enqueue(self, jobs: Sequence[NewJob]) -> list[str]:
+        """Store jobs atomically; see :meth:`Store.enqueue`."""
+        jobs = list(jobs)
+        return await self._submit(lambda conn: self._enqueue(conn, jobs))
+
+    @staticmethod
+    def _enqueue(conn: Conn, jobs: list[NewJob]) -> list[str]:
+        ids: list[str] = []
+        rows = []
+        taken: dict[tuple[str, str], str] = {}
+        for job in jobs:
+            if job.idempotency_key is not None:
+                key = (job.function_id, job.idempotency_key)
+                existing = taken.get(key)
+                if existing is None:
+                    found = conn.execute(
+                        "SELECT id FROM jobs WHERE function_id = ? AND idempotency_key = ? "
+                        "AND idempotency_key IS NOT NULL AND state NOT IN ('dead', 'cancelled') "
+                        "LIMIT 1",
+                        key,
+                    ).fetchone()
+                    existing = found[0] if found else None
+                if existing is not None:
+                    ids.append(existing)
+                    continue
+                taken[key] = job.id
+            ids.append(job.id)
+            rows.append(
+                (
+                    job.id,
+                    job.queue,
+                    job.function_id,
+                    job.payload,
+                    job.group,
+                    job.created_at,
+                    job.available_at,
+                    job.max_attempts,
+                    job.idempotency_key,
+                )
+            )
+        conn.executemany(
+            "INSERT INTO jobs (id, queue, function_id, payload, grp, state, created_at, "
+            "available_at, max_attempts, idempotency_key) "
+            "VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+            rows,
+        )
+        groups = {(r[1], r[4]) for r in rows if r[4] is not None}
+        for q, grp in groups:
+            conn.execute(
+                "INSERT OR IGNORE INTO fifo_groups(queue, grp, head_seq) "
+                f"SELECT ?, ?, MIN(seq) FROM jobs WHERE queue = ? AND grp = ? AND state IN {_LIVE}",
+                (q, grp, q, grp),
+            )
+        return ids
+
+    # --- consuming ---------------------------------------------------------------------
+
+    async def claim(
+        self, queue: str, *, fifo: bool, limit: int, now: float, owner: str, lease_until: float
+    ) -> list[Job]:
+        """Claim available jobs; see :meth:`Store.claim`."""
+        if limit <= 0:
+            return []
+        register = owner not in self._owners
+        if register:
+            self._owners.add(owner)
+
+        def run(conn: Conn) -> list[Job]:
+            if register:
+                self._register_owner(conn, owner, now)
+            if fifo:
+                candidates = (
+                    "SELECT j.seq FROM fifo_groups g JOIN jobs j ON j.seq = g.head_seq "
+                    "WHERE g.queue = ? AND j.state = 'queued' AND j.available_at <= ? "
+                    "ORDER BY j.available_at, j.seq LIMIT ?"
+                )
+            else:
+                candidates = (
+                    "SELECT seq FROM jobs WHERE queue = ? AND state = 'queued' "
+                    "AND available_at <= ? ORDER BY available_at, seq LIMIT ?"
+                )
+            rows = conn.execute(
+                "UPDATE jobs SET state = 'running', attempts = attempts + 1, started_at = ?, "
+                f"lease_owner = ?, lease_until = ? WHERE seq IN ({candidates}) "
+                f"RETURNING {_COLUMNS}",
+                (now, owner, lease_until, queue, now, limit),
+            ).fetchall()
+            jobs = [_row_to_job(r) for r in rows]
+            jobs.sort(key=lambda j: (j.available_at, j.seq))
+            return jobs
+
+        return await self._submit(run)
+
+    @staticmethod
+    def _register_owner(conn: Conn, owner: str, now: float) -> None:
+        host, pid = _parse_owner(owner)
+        conn.execute(
+            "INSERT OR IGNORE INTO owners(owner, host, pid, started_at) VALUES (?, ?, ?, ?)",
+            (owner, host, pid, now),
+        )
+
+    async def finish(self, outcomes: Sequence[Outcome]) -> None:
+        """Apply outcomes; see :meth:`Store.finish`."""
+        outcomes = list(outcomes)
+        if outcomes:
+            await self._submit(lambda conn: self._finish(conn, outcomes))
+
+    def _finish(self, conn: Conn, outcomes: list[Outcome]) -> None:
+        completed, retries, dead, released, held, cancelled = [], [], [], [], [], []
+        for o in outcomes:
+            match = (o.job_id, o.owner, o.attempt)
+            if o.kind == "completed":
+                completed.append((o.output, o.at, *match))
+            elif o.kind == "retry":
+                e = o.error
+                retries.append(
+                    (
+                        e.type if e else None,
+                        e.message if e else None,
+                        e.traceback if e else None,
+                        o.at,
+                        o.at,
+                        o.available_at if o.available_at is not None else o.at,
+                        *match,
+                    )
+                )
+            elif o.kind == "dead":
+                dead.append((o, match))
+            elif o.kind == "released":
+                released.append(match)
+            elif o.kind == "held":
+                held.append(match)
+            else:
+                cancelled.append((o.at, *match))
+        lease = "state = 'running' AND id = ? AND lease_owner = ? AND attempts = ?"
+        touched: list[tuple[str, str]] = []
+        if completed:
+            touched += self._groups_of(conn, [c[2] for c in completed])
+            conn.executemany(
+                "UPDATE jobs SET state = 'completed', output = ?, finished_at = ?, "
+                f"lease_owner = NULL, lease_until = NULL WHERE {lease}",
+                completed,
+            )
+        if retries:
+            conn.executemany(
+                "UPDATE jobs SET state = 'queued', error_type = ?, error_message = ?, "
+                "error_traceback = ?, first_failed_at = COALESCE(first_failed_at, ?), "
+                "last_failed_at = ?, available_at = ?, lease_owner = NULL, lease_until = NULL "
+                f"WHERE {lease}",
+                retries,
+            )
+        if released:
+            conn.executemany(
+                "UPDATE jobs SET state = 'queued', attempts = MAX(0, attempts - 1), "
+                f"lease_owner = NULL, lease_until = NULL WHERE {lease}",
+                released,
+            )
+        if held:
+            conn.executemany(
+                "UPDATE jobs SET state = 'held', attempts = MAX(0, attempts - 1), "
+                f"lease_owner = NULL, lease_until = NULL WHERE {lease}",
+                held,
+            )
+        if cancelled:
+            touched += self._groups_of(conn, [c[1] for c in cancelled])
+            conn.executemany(
+                "UPDATE jobs SET state = 'cancelled', finished_at = ?, lease_owner = NULL, "
+                f"lease_until = NULL WHERE {lease}",
+                cancelled,
+            )
+        for o, match in dead:
+            touched += self._groups_of(conn, [o.job_id])
+            self._bury(conn, o.error, o.at, f"WHERE {lease}", match)
+        self._refresh_groups(conn, touched)
+
+    @staticmethod
+    def _groups_of(conn: Conn, ids: list[str]) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        for chunk in _chunks(ids, 500):
+            marks = ",".join("?" * len(chunk))
+            out += conn.execute(
+                f"SELECT queue, grp FROM jobs WHERE id IN ({marks}) AND grp IS NOT NULL", chunk
+            ).fetchall()
+        return out
+
+    @staticmethod
+    def _refresh_groups(conn: Conn, groups: Sequence[tuple[str, str]]) -> None:
+        for q, grp in set(groups):
+            row = conn.execute(
+                f"SELECT MIN(seq) FROM jobs WHERE queue = ? AND grp = ? AND state IN {_LIVE}",
+                (q, grp),
+            ).fetchone()
+            if row is None or row[0] is None:
+                conn.execute("DELETE FROM fifo_groups WHERE queue = ? AND grp = ?", (q, grp))
+            else:
+                conn.execute(
+                    "INSERT OR REPLACE INTO fifo_groups(queue, grp, head_seq) VALUES (?, ?, ?)",
+                    (q, grp, row[0]),
+                )
+
+    @staticmethod
+    def _bury(
+        conn: Conn, error: ErrorInfo | None, at: float, where: str, params: Sequence[Any]
+    ) -> None:
+        conn.execute(
+            "UPDATE jobs SET state = 'dead', error_type = ?, error_message = ?, "
+            "error_traceback = ?, first_failed_at = COALESCE(first_failed_at, ?), "
+            "last_failed_at = ?, finished_at = ?, lease_owner = NULL, lease_until = NULL, "
+            "dead_seq = (SELECT COALESCE(MAX(dead_seq), 0) + 1 FROM jobs WHERE state = 'dead') "
+            f"{where}",
+            (
+                error.type if error else None,
+                error.message if error else None,
+                error.traceback if error else None,
+                at,
+                at,
+                at,
+                *params,
+            ),
+        )
+
+    async def renew(self, owner: str, job_ids: Sequence[str], lease_until: float) -> set[str]:
+        """Extend leases; see :meth:`Store.renew`."""
+        ids = list(job_ids)
+
+        def run(conn: Conn) -> set[str]:
+            cancelled: set[str] = set()
+            for chunk in _chunks(ids, 500):
+                marks = ",".join("?" * len(chunk))
+                rows = conn.execute(
+                    f"UPDATE jobs SET lease_until = ? WHERE id IN ({marks}) "
+                    "AND state = 'running' AND lease_owner = ? RETURNING id, cancel_requested",
+                    (lease_until, *chunk, owner),
+                ).fetchall()
+                cancelled.update(r[0] for r in rows if r[1])
+            return cancelled
+
+        return await self._submit(run)
+
+    async def recover(self, now: float) -> list[Job]:
+        """Return expired leases and dead processes' jobs; see :meth:`Store.recover`."""
+        return await self._submit(lambda conn: self._recover(conn, now))
+
+    def _recover(self, conn: Conn, now: float) -> list[Job]:
+        gone = []
+        for owner, host, pid in conn.execute("SELECT owner, host, pid FROM owners").fetchall():
+            if (
+                host == _HOST
+                and pid is not None
+                and not _pid_alive(int(pid))
+                and owner not in self._owners
+            ):
+                gone.append(owner)
+        expired = conn.execute(
+            "SELECT seq FROM jobs WHERE state = 'running' AND lease_until <= ?", (now,)
+        ).fetchall()
+        seqs = {r[0] for r in expired}
+        for chunk in _chunks(gone, 500):
+            marks = ",".join("?" * len(chunk))
+            seqs.update(
+                r[0]
+                for r in conn.execute(
+                    f"SELECT seq FROM jobs WHERE state = 'running' AND lease_owner IN ({marks})",
+                    chunk,
+                ).fetchall()
+            )
+            conn.execute(f"DELETE FROM owners WHERE owner IN ({marks})", chunk)
+        moved: list[Job] = []
+        error = ErrorInfo(
+            type="LeaseExpired",
+            message="the process running this attempt stopped before finishing it",
+        )
+        touched: list[tuple[str, str]] = []
+        for seq in sorted(seqs):
+            row = conn.execute(
+                "SELECT attempts, max_attempts, queue, grp FROM jobs WHERE seq = ?", (seq,)
+            ).fetchone()
+            if row[3] is not None:
+                touched.append((row[2], row[3]))
+            if row[0] >= row[1]:
+                self._bury(conn, error, now, "WHERE seq = ?", (seq,))
+            else:
+                conn.execute(
+                    "UPDATE jobs SET state = 'queued', error_type = ?, error_message = ?, "
+                    "error_traceback = '', available_at = ?, lease_owner = NULL, "
+                    "lease_until = NULL WHERE seq = ?",
+                    (error.type, error.message, now, seq),
+                )
+            moved.append(
+                _row_to_job(
+                    conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE seq = ?", (seq,)).fetchone()
+                )
+            )
+        self._refresh_groups(conn, touched)
+        return moved
+
+    async def release_held(self, function_ids: Sequence[str]) -> int:
+        """Un-hold jobs of registered functions; see :meth:`Store.release_held`."""
+        ids = list(function_ids)
+
+        def run(conn: Conn) -> int:
+            count = 0
+            for chunk in _chunks(ids, 500):
+                marks = ",".join("?" * len(chunk))
+                count += conn.execute(
+                    f"UPDATE jobs SET state = 'queued' WHERE state = 'held' "
+                    f"AND function_id IN ({marks})",
+                    chunk,
+                ).rowcount
+            return count
+
+        return await self._submit(run)
+
+    async def next_available_at(self, queue: str, now: float) -> float | None:
+        """Earliest future availability; see :meth:`Store.next_available_at`."""
+
+        def run(conn: Conn) -> float | None:
+            row = conn.execute(
+                "SELECT MIN(available_at) FROM jobs WHERE queue = ? AND state = 'queued' "
+                "AND available_at > ?",
+                (queue, now),
+            ).fetchone()
+            return None if row is None or row[0] is None else float(row[0])
+
+        return await self._submit(run, write=False)
+
+    # --- runs --------------------------------------------------------------------------
+
+    async def get(self, job_id: str) -> Job | None:
+        """The job with this id; see :meth:`Store.get`."""
+
+        def run(conn: Conn) -> Job | None:
+            row = conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            return _row_to_job(row) if row else None
+
+        return await self._submit(run, write=False)
+
+    async def cancel(self, job_id: str, now: float) -> Job | None:
+        """Cancel a run; see :meth:`Store.cancel`."""
+
+        def run(conn: Conn) -> Job | None:
+            row = conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return None
+            before = _row_to_job(row)
+            if before.state in ("queued", "held"):
+                conn.execute(
+                    "UPDATE jobs SET state = 'cancelled', finished_at = ? WHERE id = ?",
+                    (now, job_id),
+                )
+                if before.group is not None:
+                    self._refresh_groups(conn, [(before.queue, before.group)])
+            elif before.state == "running":
+                conn.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+            return before
+
+        return await self._submit(run)
+
+    async def prune(self, finished_before: float) -> int:
+        """Forget finished runs; see :meth:`Store.prune`."""
+        return await self._submit(
+            lambda conn: (
+                conn.execute(
+                    "DELETE FROM jobs WHERE state IN ('completed', 'cancelled') "
+                    "AND finished_at < ?",
+                    (finished_before,),
+                ).rowcount
+            )
+        )
+
+    # --- dead-letter queue -------------------------------------------------------------
+
+    async def list_dead(self, queue: str, *, offset: int = 0, limit: int = 100) -> list[Job]:
+        """Dead jobs, oldest failure first; see :meth:`Store.list_dead`."""
+        return await self._submit(
+            lambda conn: [
+                _row_to_job(r)
+                for r in conn.execute(
+                    f"SELECT {_COLUMNS} FROM jobs WHERE queue = ? AND state = 'dead' "
+                    "ORDER BY dead_seq LIMIT ? OFFSET ?",
+                    (queue, limit, offset),
+                ).fetchall()
+            ],
+            write=False,
+        )
+
+    @staticmethod
+    def _dead_ids(conn: Conn, queue: str, job_ids: Sequence[str] | None) -> list[str]:
+        if job_ids is None:
+            return [
+                r[0]
+                for r in conn.execute(
+                    "SELECT id FROM jobs WHERE queue = ? AND state = 'dead' ORDER BY dead_seq",
+                    (queue,),
+                ).fetchall()
+            ]
+        found: list[str] = []
+        for chunk in _chunks(list(dict.fromkeys(job_ids)), 500):
+            marks = ",".join("?" * len(chunk))
+            found += [
+                r[0]
+                for r in conn.execute(
+                    f"SELECT id FROM jobs WHERE queue = ? AND state = 'dead' AND id IN ({marks}) "
+                    "ORDER BY dead_seq",
+                    (queue, *chunk),
+                ).fetchall()
+            ]
+        return found
+
+    async def redrive(self, queue: str, job_ids: Sequence[str] | None, now: float) -> list[str]:
+        """Send dead jobs back to the tail of their queue; see :meth:`Store.redrive`."""
+
+        def run(conn: Conn) -> list[str]:
+            ids = self._dead_ids(conn, queue, job_ids)
+            groups: list[tuple[str, str]] = []
+            for job_id in ids:
+                # A new rowid is a new, later seq: the job joins the tail of its group.
+                row = conn.execute(
+                    "SELECT grp, function_id, idempotency_key FROM jobs WHERE id = ?", (job_id,)
+                ).fetchone()
+                key = row[2]
+                if (
+                    key is not None
+                    and conn.execute(
+                        "SELECT 1 FROM jobs WHERE function_id = ? AND idempotency_key = ? "
+                        "AND state NOT IN ('dead', 'cancelled') LIMIT 1",
+                        (row[1], key),
+                    ).fetchone()
+                ):
+                    key = None  # a newer live run owns the key now
+                conn.execute(
+                    "INSERT INTO jobs (id, queue, function_id, payload, grp, state, attempts, "
+                    "max_attempts, created_at, available_at, first_failed_at, last_failed_at, "
+                    "error_type, error_message, error_traceback, idempotency_key, "
+                    "cancel_requested) "
+                    "SELECT '~' || id, queue, function_id, payload, grp, 'queued', 0, "
+                    "max_attempts, created_at, ?, first_failed_at, last_failed_at, error_type, "
+                    "error_message, error_traceback, ?, 0 FROM jobs WHERE id = ?",
+                    (now, key, job_id),
+                )
+                conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+                conn.execute("UPDATE jobs SET id = ? WHERE id = ?", (job_id, "~" + job_id))
+                if row[0] is not None:
+                    groups.append((queue, row[0]))
+            self._refresh_groups(conn, groups)
+            return ids
+
+        return await self._submit(run)
+
+    async def discard(self, queue: str, job_ids: Sequence[str] | None) -> list[str]:
+        """Delete dead jobs; see :meth:`Store.discard`."""
+
+        def run(conn: Conn) -> list[str]:
+            ids = self._dead_ids(conn, queue, job_ids)
+            for chunk in _chunks(ids, 500):
+                marks = ",".join("?" * len(chunk))
+                conn.execute(f"DELETE FROM jobs WHERE id IN ({marks})", chunk)
+            return ids
+
+        return await self._submit(run)
+
+    # --- inspection --------------------------------------------------------------------
+
+    async def counts(self, now: float) -> dict[str, QueueCounts]:
+        """Counts per queue; see :meth:`Store.counts`."""
+
+        def run(conn: Conn) -> dict[str, QueueCounts]:
+            rows = conn.execute(
+                "SELECT queue, "
+                "SUM(state = 'queued' AND available_at <= :now), "
+                "SUM(state = 'queued' AND available_at > :now), "
+                "SUM(state = 'running'), SUM(state = 'held'), SUM(state = 'dead'), "
+                "MIN(CASE WHEN state = 'queued' AND available_at <= :now THEN available_at END) "
+                "FROM jobs WHERE state IN ('queued', 'running', 'held', 'dead') GROUP BY queue",
+                {"now": now},
+            ).fetchall()
+            return {
+                r[0]: QueueCounts(
+                    ready=r[1] or 0,
+                    delayed=r[2] or 0,
+                    running=r[3] or 0,
+                    held=r[4] or 0,
+                    dead=r[5] or 0,
+                    oldest_ready_at=r[6],
+                )
+                for r in rows
+            }
+
+        return await self._submit(run, write=False)
+
+    async def list_jobs(
+        self, queue: str | None = None, state: JobState | None = None, *, limit: int = 1000
+    ) -> list[Job]:
+        """Jobs by queue and state in ``seq`` order; see :meth:`Store.list_jobs`."""
+        where, params = [], []
+        if queue is not None:
+            where.append("queue = ?")
+            params.append(queue)
+        if state is not None:
+            where.append("state = ?")
+            params.append(state)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        return await self._submit(
+            lambda conn: [
+                _row_to_job(r)
+                for r in conn.execute(
+                    f"SELECT {_COLUMNS} FROM jobs {clause} ORDER BY seq LIMIT ?", (*params, limit)
+                ).fetchall()
+            ],
+            write=False,
+        )
+
+
+def _chunks(items: list[T], size: int) -> list[list[T]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _parse_owner(owner: str) -> tuple[str | None, int | None]:
+    parts = owner.rsplit(":", 2)
+    if len(parts) == 3 and parts[1].isdigit():
+        return parts[0], int(parts[1])
+    return None, None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

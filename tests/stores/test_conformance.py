@@ -1,0 +1,417 @@
+"""One conformance suite for every store: the rules of ``_stores/_base.py``, checked against
+the in-memory store and the SQLite store alike, so they cannot drift apart."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from iii_embedded._stores import ErrorInfo, NewJob, Outcome, Store
+from iii_embedded._stores._memory import MemoryStore
+from iii_embedded._stores._sqlite import SQLiteStore
+
+pytestmark = pytest.mark.anyio
+
+T0 = 1_000.0
+OWNER = "test-host:1:abc"
+ERR = ErrorInfo(type="ValueError", message="boom", traceback="Traceback ...")
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    s: Store = MemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "store")
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.aclose()
+
+
+def job(
+    job_id: str,
+    *,
+    queue: str = "q",
+    group: str | None = None,
+    at: float = T0,
+    function_id: str = "fn",
+    key: str | None = None,
+    max_attempts: int = 3,
+    payload: Any = None,
+) -> NewJob:
+    return NewJob(
+        id=job_id,
+        queue=queue,
+        function_id=function_id,
+        payload=json.dumps(payload if payload is not None else {"id": job_id}),
+        group=json.dumps(group) if group is not None else None,
+        created_at=T0,
+        available_at=at,
+        max_attempts=max_attempts,
+        idempotency_key=key,
+    )
+
+
+async def claim(
+    store: Store,
+    queue: str = "q",
+    *,
+    fifo: bool = False,
+    limit: int = 10,
+    now: float = T0,
+    owner: str = OWNER,
+) -> list[str]:
+    jobs = await store.claim(
+        queue, fifo=fifo, limit=limit, now=now, owner=owner, lease_until=now + 30
+    )
+    return [j.id for j in jobs]
+
+
+def done(
+    job_id: str, attempt: int = 1, *, at: float = T0, owner: str = OWNER, output: str = '"ok"'
+) -> Outcome:
+    return Outcome(
+        job_id=job_id, kind="completed", owner=owner, attempt=attempt, at=at, output=output
+    )
+
+
+def retry(job_id: str, attempt: int, available_at: float, *, at: float = T0) -> Outcome:
+    return Outcome(
+        job_id=job_id,
+        kind="retry",
+        owner=OWNER,
+        attempt=attempt,
+        at=at,
+        error=ERR,
+        available_at=available_at,
+    )
+
+
+async def state_of(store: Store, job_id: str) -> tuple[str, int]:
+    j = await store.get(job_id)
+    assert j is not None
+    return j.state, j.attempts
+
+
+# --- enqueue -------------------------------------------------------------------------------
+
+
+async def test_enqueue_stores_jobs_and_returns_their_ids_in_order(store: Store) -> None:
+    assert await store.enqueue([job("a"), job("b"), job("c")]) == ["a", "b", "c"]
+    stored = await store.list_jobs("q")
+    assert [(j.id, j.state, j.attempts, json.loads(j.payload)) for j in stored] == [
+        ("a", "queued", 0, {"id": "a"}),
+        ("b", "queued", 0, {"id": "b"}),
+        ("c", "queued", 0, {"id": "c"}),
+    ]
+    assert stored[0].seq < stored[1].seq < stored[2].seq
+
+
+async def test_a_batch_is_atomic(store: Store) -> None:
+    await store.enqueue([job("a")])
+    with pytest.raises(Exception):  # noqa: B017 - each store names its own error
+        await store.enqueue([job("b"), job("a")])  # "a" exists: the whole batch fails
+    assert [j.id for j in await store.list_jobs()] == ["a"]
+
+
+async def test_idempotency_key_returns_the_live_job_and_stores_nothing(store: Store) -> None:
+    assert await store.enqueue([job("a", key="k")]) == ["a"]
+    assert await store.enqueue([job("b", key="k")]) == ["a"]
+    assert await store.enqueue([job("c", key="k", function_id="other")]) == ["c"]
+    assert await store.enqueue([job("d", key="k2"), job("e", key="k2")]) == ["d", "d"]
+    assert sorted(j.id for j in await store.list_jobs()) == ["a", "c", "d"]
+
+
+async def test_a_dead_or_cancelled_job_releases_its_key(store: Store) -> None:
+    await store.enqueue([job("a", key="k", max_attempts=1), job("b", key="k2")])
+    await claim(store)
+    await store.finish([Outcome(job_id="a", kind="dead", owner=OWNER, attempt=1, at=T0, error=ERR)])
+    assert await store.enqueue([job("a2", key="k")]) == ["a2"]
+    await store.cancel("b", T0)  # b is running: cancel only flags it
+    assert await store.enqueue([job("b2", key="k2")]) == ["b"]
+
+
+async def test_a_completed_job_keeps_its_key_until_pruned(store: Store) -> None:
+    await store.enqueue([job("a", key="k")])
+    await claim(store)
+    await store.finish([done("a", at=T0 + 1)])
+    assert await store.enqueue([job("b", key="k")]) == ["a"]
+    assert await store.prune(T0 + 2) == 1
+    assert await store.enqueue([job("c", key="k")]) == ["c"]
+
+
+# --- claiming standard queues ----------------------------------------------------------
+
+
+async def test_claims_oldest_available_first_and_increments_attempts(store: Store) -> None:
+    await store.enqueue([job("late", at=T0 + 5), job("a"), job("b"), job("early", at=T0 - 5)])
+    jobs = await store.claim("q", fifo=False, limit=2, now=T0, owner=OWNER, lease_until=T0 + 30)
+    assert [
+        (j.id, j.state, j.attempts, j.started_at, j.lease_owner, j.lease_until) for j in jobs
+    ] == [
+        ("early", "running", 1, T0, OWNER, T0 + 30),
+        ("a", "running", 1, T0, OWNER, T0 + 30),
+    ]
+    assert await claim(store) == ["b"]
+    assert await claim(store, now=T0 + 5) == ["late"]
+    assert await claim(store, now=T0 + 100) == []
+
+
+async def test_claims_only_the_named_queue(store: Store) -> None:
+    await store.enqueue([job("a", queue="q1"), job("b", queue="q2")])
+    assert await claim(store, "q2") == ["b"]
+    assert await claim(store, "nope") == []
+
+
+async def test_finish_is_ignored_for_a_wrong_owner_or_attempt(store: Store) -> None:
+    await store.enqueue([job("a")])
+    await claim(store)
+    await store.finish([done("a", owner="someone-else"), done("a", attempt=2)])
+    assert await state_of(store, "a") == ("running", 1)
+    await store.finish([done("a")])
+    completed = await store.get("a")
+    assert completed is not None
+    assert (completed.state, completed.output, completed.finished_at) == ("completed", '"ok"', T0)
+
+
+async def test_retry_sets_error_and_availability(store: Store) -> None:
+    await store.enqueue([job("a")])
+    await claim(store)
+    await store.finish([retry("a", 1, T0 + 10, at=T0 + 1)])
+    j = await store.get("a")
+    assert j is not None
+    assert (j.state, j.attempts, j.available_at, j.error, j.first_failed_at, j.last_failed_at) == (
+        "queued",
+        1,
+        T0 + 10,
+        ERR,
+        T0 + 1,
+        T0 + 1,
+    )
+    assert await claim(store, now=T0 + 9) == []
+    assert await store.next_available_at("q", T0 + 9) == T0 + 10
+    assert await claim(store, now=T0 + 10) == ["a"]
+    await store.finish([retry("a", 2, T0 + 20, at=T0 + 11)])
+    j = await store.get("a")
+    assert j is not None and (j.first_failed_at, j.last_failed_at, j.attempts) == (
+        T0 + 1,
+        T0 + 11,
+        2,
+    )
+
+
+async def test_dead_moves_to_the_dlq_with_the_error(store: Store) -> None:
+    await store.enqueue([job("a"), job("b")])
+    await claim(store)
+    for job_id in ("b", "a"):
+        await store.finish(
+            [Outcome(job_id=job_id, kind="dead", owner=OWNER, attempt=1, at=T0 + 2, error=ERR)]
+        )
+    dead = await store.list_dead("q")
+    assert [(d.id, d.state, d.error, d.last_failed_at) for d in dead] == [
+        ("b", "dead", ERR, T0 + 2),
+        ("a", "dead", ERR, T0 + 2),
+    ]
+    assert [d.id for d in await store.list_dead("q", offset=1, limit=5)] == ["a"]
+    assert [d.id for d in await store.list_dead("q", offset=0, limit=1)] == ["b"]
+    assert (await store.counts(T0))["q"].dead == 2
+
+
+async def test_released_and_held_give_the_attempt_back(store: Store) -> None:
+    await store.enqueue([job("a"), job("b", function_id="unknown")])
+    await claim(store)
+    await store.finish(
+        [
+            Outcome(job_id="a", kind="released", owner=OWNER, attempt=1, at=T0),
+            Outcome(job_id="b", kind="held", owner=OWNER, attempt=1, at=T0),
+        ]
+    )
+    assert await state_of(store, "a") == ("queued", 0)
+    assert await state_of(store, "b") == ("held", 0)
+    assert await claim(store) == ["a"]
+    assert await store.release_held(["unknown"]) == 1
+    assert await claim(store) == ["b"]
+
+
+async def test_recover_returns_expired_leases_or_buries_exhausted_jobs(store: Store) -> None:
+    await store.enqueue([job("a"), job("b", max_attempts=1)])
+    await claim(store)
+    assert await store.recover(T0 + 29) == []
+    moved = {j.id: j for j in await store.recover(T0 + 31)}
+    assert set(moved) == {"a", "b"}
+    assert (moved["a"].state, moved["a"].attempts, moved["a"].available_at) == (
+        "queued",
+        1,
+        T0 + 31,
+    )
+    assert moved["a"].error is not None and moved["a"].error.type == "LeaseExpired"
+    assert moved["b"].state == "dead"
+    assert await claim(store, now=T0 + 31) == ["a"]
+
+
+async def test_renew_extends_leases_and_reports_cancel_requests(store: Store) -> None:
+    await store.enqueue([job("a"), job("b")])
+    await claim(store)
+    await store.cancel("b", T0)
+    assert await store.renew(OWNER, ["a", "b"], T0 + 100) == {"b"}
+    assert await store.renew("other", ["a"], T0 + 500) == set()
+    assert await store.recover(T0 + 99) == []
+    j = await store.get("a")
+    assert j is not None and j.lease_until == T0 + 100
+
+
+async def test_cancel_queued_held_running_and_finished(store: Store) -> None:
+    await store.enqueue([job("q1"), job("run"), job("h", function_id="x")])
+    assert await claim(store, limit=1) == ["q1"]
+    await store.finish([done("q1")])
+    await store.enqueue([job("queued")])
+    before = await store.cancel("queued", T0 + 1)
+    assert before is not None and before.state == "queued"
+    assert await state_of(store, "queued") == ("cancelled", 0)
+    assert await store.cancel("missing", T0) is None
+    finished = await store.cancel("q1", T0)
+    assert finished is not None and finished.state == "completed"
+    assert await state_of(store, "q1") == ("completed", 1)
+    assert await claim(store) == ["run", "h"]
+    await store.cancel("run", T0)
+    j = await store.get("run")
+    assert j is not None and (j.state, j.cancel_requested) == ("running", True)
+    await store.finish([Outcome(job_id="h", kind="held", owner=OWNER, attempt=1, at=T0)])
+    await store.cancel("h", T0)
+    assert await state_of(store, "h") == ("cancelled", 0)
+
+
+async def test_prune_deletes_only_old_completed_and_cancelled_jobs(store: Store) -> None:
+    await store.enqueue([job("a"), job("b"), job("c", max_attempts=1), job("d")])
+    await claim(store, limit=3)
+    await store.finish([done("a", at=T0 + 1), done("b", at=T0 + 5)])
+    await store.finish([Outcome(job_id="c", kind="dead", owner=OWNER, attempt=1, at=T0, error=ERR)])
+    await store.cancel("d", T0)
+    assert await store.prune(T0 + 2) == 2  # a and d
+    assert sorted(j.id for j in await store.list_jobs()) == ["b", "c"]
+
+
+# --- FIFO ------------------------------------------------------------------------------
+
+
+async def test_fifo_hands_out_only_group_heads(store: Store) -> None:
+    await store.enqueue(
+        [job("a1", group="A"), job("a2", group="A"), job("b1", group="B"), job("b2", group="B")]
+    )
+    assert await claim(store, fifo=True) == ["a1", "b1"]
+    assert await claim(store, fifo=True) == []  # both groups busy
+    await store.finish([done("a1")])
+    assert await claim(store, fifo=True) == ["a2"]
+    await store.finish([done("a2"), done("b1")])
+    assert await claim(store, fifo=True) == ["b2"]
+
+
+async def test_a_retrying_fifo_head_blocks_its_group(store: Store) -> None:
+    await store.enqueue([job("a1", group="A"), job("a2", group="A"), job("b1", group="B")])
+    assert await claim(store, fifo=True, limit=1) == ["a1"]
+    await store.finish([retry("a1", 1, T0 + 10)])
+    assert await claim(store, fifo=True) == ["b1"]
+    assert await claim(store, fifo=True, now=T0 + 9) == []
+    assert await store.next_available_at("q", T0 + 9) == T0 + 10
+    assert await claim(store, fifo=True, now=T0 + 10) == ["a1"]
+    await store.finish(
+        [Outcome(job_id="a1", kind="dead", owner=OWNER, attempt=2, at=T0 + 10, error=ERR)]
+    )
+    assert await claim(store, fifo=True, now=T0 + 10) == ["a2"]
+
+
+async def test_a_held_fifo_head_blocks_its_group(store: Store) -> None:
+    await store.enqueue([job("a1", group="A", function_id="gone"), job("a2", group="A")])
+    assert await claim(store, fifo=True) == ["a1"]
+    await store.finish([Outcome(job_id="a1", kind="held", owner=OWNER, attempt=1, at=T0)])
+    assert await claim(store, fifo=True) == []
+    assert await store.release_held(["gone"]) == 1
+    assert await claim(store, fifo=True) == ["a1"]
+
+
+async def test_cancelling_a_fifo_head_lets_the_group_move_on(store: Store) -> None:
+    await store.enqueue([job("a1", group="A", at=T0 + 50), job("a2", group="A")])
+    assert await claim(store, fifo=True) == []  # the delayed head blocks a2
+    await store.cancel("a1", T0)
+    assert await claim(store, fifo=True) == ["a2"]
+
+
+async def test_recovered_fifo_job_keeps_its_place_at_the_head(store: Store) -> None:
+    await store.enqueue([job("a1", group="A"), job("a2", group="A")])
+    assert await claim(store, fifo=True) == ["a1"]
+    await store.recover(T0 + 31)
+    assert await claim(store, fifo=True, now=T0 + 31) == ["a1"]
+
+
+async def test_redrive_resets_attempts_and_joins_the_tail_of_the_group(store: Store) -> None:
+    await store.enqueue([job("a1", group="A", max_attempts=1), job("a2", group="A")])
+    assert await claim(store, fifo=True) == ["a1"]
+    await store.finish(
+        [Outcome(job_id="a1", kind="dead", owner=OWNER, attempt=1, at=T0, error=ERR)]
+    )
+    await store.enqueue([job("a3", group="A")])
+    assert await store.redrive("q", ["a1", "missing"], T0 + 1) == ["a1"]
+    j = await store.get("a1")
+    assert j is not None and (j.state, j.attempts, j.available_at) == ("queued", 0, T0 + 1)
+    order = []
+    for _ in range(3):
+        [next_id] = await claim(store, fifo=True, now=T0 + 1)
+        order.append(next_id)
+        await store.finish([done(next_id, attempt=1)])
+    assert order == ["a2", "a3", "a1"]
+    assert await store.list_dead("q") == []
+
+
+async def test_redrive_all_and_discard(store: Store) -> None:
+    await store.enqueue([job(n, max_attempts=1) for n in ("a", "b", "c")])
+    await claim(store)
+    await store.finish(
+        [
+            Outcome(job_id=n, kind="dead", owner=OWNER, attempt=1, at=T0, error=ERR)
+            for n in ("a", "b", "c")
+        ]
+    )
+    assert await store.discard("q", ["b"]) == ["b"]
+    assert await store.get("b") is None
+    assert await store.redrive("q", None, T0) == ["a", "c"]
+    assert await store.discard("q", None) == []
+    assert sorted(await claim(store)) == ["a", "c"]
+
+
+# --- inspection ------------------------------------------------------------------------
+
+
+async def test_counts_per_queue(store: Store) -> None:
+    await store.enqueue(
+        [
+            job("r1", at=T0 - 3),
+            job("r2"),
+            job("d1", at=T0 + 9),
+            job("x", queue="other"),
+            job("h", function_id="gone"),
+        ]
+    )
+    await claim(store, limit=1)  # r1 runs
+    [claimed] = [j for j in await store.list_jobs(state="running")]
+    assert claimed.id == "r1"
+    await claim(store, "other")
+    held = await store.claim("q", fifo=False, limit=5, now=T0, owner=OWNER, lease_until=T0 + 30)
+    for j in held:
+        kind = "held" if j.id == "h" else "released"
+        await store.finish([Outcome(job_id=j.id, kind=kind, owner=OWNER, attempt=1, at=T0)])
+    counts = await store.counts(T0)
+    q = counts["q"]
+    assert (q.ready, q.delayed, q.running, q.held, q.dead) == (1, 1, 1, 1, 0)
+    assert q.oldest_ready_at == T0
+    assert counts["other"].running == 1
+
+
+async def test_list_jobs_filters_by_queue_and_state_in_seq_order(store: Store) -> None:
+    await store.enqueue([job("a"), job("b", queue="z"), job("c")])
+    await claim(store, limit=1)
+    assert [j.id for j in await store.list_jobs("q", "queued")] == ["c"]
+    assert [j.id for j in await store.list_jobs(state="running")] == ["a"]
+    assert [j.id for j in await store.list_jobs()] == ["a", "b", "c"]
