@@ -8,6 +8,7 @@ inside an existing anyio/asyncio program, ``iii.run()`` as the main program, or
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -259,22 +260,33 @@ class III:
             hooks=self.hooks,
             shutdown_grace_s=self.shutdown_grace_ms / 1000,
         )
-        async with BlockingPortal() as portal, anyio.create_task_group() as tg:
-            await rt.start(tg, portal)
-            self._runtime = rt
-            try:
-                for hook in self.lifecycle_hooks:
-                    result = hook(self, tg)
-                    if result is not None:
-                        await result
-                yield self
-            finally:
-                with anyio.CancelScope(shield=True):
-                    try:
-                        await rt.shutdown()
-                    finally:
-                        self._runtime = None
-                        tg.cancel_scope.cancel()
+        # Opened before the task group, so that a store that cannot be opened raises its
+        # own StoreError rather than an exception group.
+        await store.open()
+        try:
+            async with (
+                _single_errors(),
+                BlockingPortal() as portal,
+                anyio.create_task_group() as tg,
+            ):
+                await rt.start(tg, portal)
+                self._runtime = rt
+                try:
+                    for hook in self.lifecycle_hooks:
+                        result = hook(self, tg)
+                        if result is not None:
+                            await result
+                    yield self
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        try:
+                            await rt.shutdown()
+                        finally:
+                            self._runtime = None
+                            tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await store.aclose()
 
     async def serve_forever(self) -> None:
         """Run until SIGINT or SIGTERM, then shut down gracefully."""
@@ -402,6 +414,25 @@ class III:
         """Blocking twin of :meth:`dlq_discard_async`."""
         result: list[str] = self._call_blocking(self.dlq_discard_async, queue, ids)
         return result
+
+
+@contextlib.asynccontextmanager
+async def _single_errors() -> AsyncIterator[None]:
+    """Re-raise a lone exception out of the task group's exception group.
+
+    The body of ``async with iii.running():`` runs inside the engine's task group, which
+    wraps whatever the user's code raises; a user who raised ``ValueError`` should catch
+    ``ValueError``. Groups of several real errors are left as they are.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        errors = group.exceptions
+        while len(errors) == 1 and isinstance(errors[0], BaseExceptionGroup):
+            errors = errors[0].exceptions
+        if len(errors) == 1:
+            raise errors[0] from errors[0].__cause__
+        raise
 
 
 def _parse_request(

@@ -97,11 +97,10 @@ class Runtime:
     # --- lifecycle -------------------------------------------------------------------
 
     async def start(self, tg: anyio.abc.TaskGroup, portal: BlockingPortal) -> None:
-        """Open the store, recover what was left running, start the queues."""
+        """Recover what was left running and start the queues (the store is open)."""
         self._tg = tg
         self.portal = portal
         self.loop_thread = threading.get_ident()
-        await self.store.open()
         now = self.clock.now()
         recovered = await self.store.recover(now)
         if recovered:

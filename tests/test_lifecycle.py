@@ -143,3 +143,24 @@ def test_run_stops_gracefully_on_sigterm(tmp_path: Path) -> None:
     assert proc.returncode == 0, err
     assert "stopped cleanly" in out
     assert "received SIGTERM, shutting down" in err
+
+
+async def test_an_error_raised_inside_running_comes_out_as_itself() -> None:
+    iii = III(clock=VirtualClock(), shutdown_grace_ms=0)
+    with pytest.raises(KeyError, match="user mistake"):
+        async with iii.running():
+            raise KeyError("user mistake")
+    assert not iii.is_running
+
+
+async def test_a_store_that_cannot_open_raises_store_error_at_start(tmp_path: Path) -> None:
+    from iii_embedded import StoreConfig, StoreError
+
+    (tmp_path / "store").write_text("a file where the store directory should be")
+    iii = III(
+        Config(store=StoreConfig(store_method="file_based", file_path=str(tmp_path / "store")))
+    )
+    with pytest.raises(StoreError) as caught:
+        async with iii.running():
+            pass
+    assert str(tmp_path / "store") in str(caught.value)

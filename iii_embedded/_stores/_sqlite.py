@@ -263,33 +263,66 @@ class SQLiteStore:
     def _run_batch(
         self, conn: Conn, batch: list[_Request]
     ) -> list[tuple[asyncio.Future[Any], bool, Any]]:
-        results: list[tuple[asyncio.Future[Any], bool, Any]] = []
-        write = any(r.write for r in batch)
+        failed: dict[int, BaseException] = {}
+        pending = batch
+        while True:
+            outcome = self._try_batch(conn, pending, failed)
+            if outcome is not None:
+                done = {id(r): v for r, v in outcome}
+                return [
+                    (r.future, False, failed[id(r)])
+                    if id(r) in failed
+                    else (r.future, True, done[id(r)])
+                    for r in batch
+                ]
+            # SQLite rolled the whole transaction back under one failing request (a full
+            # disk does that): that request has its error; run the others again.
+            pending = [r for r in pending if id(r) not in failed]
+
+    def _try_batch(
+        self, conn: Conn, pending: list[_Request], failed: dict[int, BaseException]
+    ) -> list[tuple[_Request, Any]] | None:
+        """Run ``pending`` in one transaction, each request in a savepoint. Returns the
+        successful (request, value) pairs once committed, or ``None`` if the transaction
+        was lost and must be retried without the requests now in ``failed``."""
+        if not pending:
+            return []
+        write = any(r.write for r in pending)
         try:
             conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         except sqlite3.Error as exc:
             err = self._error(exc, "starting a transaction")
-            return [(r.future, False, err) for r in batch]
-        for request in batch:
+            for r in pending:
+                failed[id(r)] = err
+            return []
+        succeeded: list[tuple[_Request, Any]] = []
+        for request in pending:
             try:
                 conn.execute("SAVEPOINT req")
                 value = request.fn(conn)
                 conn.execute("RELEASE req")
-                results.append((request.future, True, value))
+                succeeded.append((request, value))
             except Exception as exc:
+                failed[id(request)] = (
+                    exc if isinstance(exc, StoreError) else self._error(exc, "a store operation")
+                )
+                if not conn.in_transaction:
+                    return None
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK TO req")
                     conn.execute("RELEASE req")
-                err = exc if isinstance(exc, StoreError) else self._error(exc, "a store operation")
-                results.append((request.future, False, err))
+                if not conn.in_transaction:
+                    return None
         try:
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             err = self._error(exc, "committing")
-            return [(r.future, False, err) for r in batch]
-        return results
+            for request, _ in succeeded:
+                failed[id(request)] = err
+            return []
+        return succeeded
 
     # --- lifecycle ---------------------------------------------------------------------
 

@@ -1,0 +1,199 @@
+"""Faults of the file store (SPEC §5): each gives a clear error naming the path and the
+cause, and nothing already acknowledged is lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from iii_embedded import III, Config, InvocationError, StoreConfig, StoreError, StoreVersionError
+from iii_embedded import TriggerAction
+from iii_embedded._stores import NewJob
+from iii_embedded._stores._sqlite import DB_FILENAME, SQLiteStore
+
+pytestmark = pytest.mark.anyio
+
+T0 = 1_000.0
+
+
+def new_job(job_id: str, payload: str = "{}") -> NewJob:
+    return NewJob(
+        id=job_id,
+        queue="q",
+        function_id="fn",
+        payload=payload,
+        created_at=T0,
+        available_at=T0,
+        max_attempts=3,
+    )
+
+
+async def make_store(directory: Path) -> None:
+    store = SQLiteStore(directory)
+    await store.open()
+    await store.enqueue([new_job("kept")])
+    await store.aclose()
+
+
+def run_as_nobody(code: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a child that dropped root (as root, permissions are not enforced).
+    Modules are imported before dropping, since the interpreter may live under /root."""
+    preamble = (
+        "import os, asyncio, sqlite3, anyio, anyio._backends._asyncio, sqlite_utils\n"
+        "import iii_embedded, iii_embedded._stores._sqlite, concurrent.futures.thread\n"
+        "if os.getuid() == 0:\n    os.setgid(65534); os.setuid(65534)\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", preamble + textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
+    )
+
+
+async def test_a_read_only_directory_fails_at_start_naming_the_path() -> None:
+    # pytest's tmp_path lives under a 0700 directory the unprivileged child cannot reach.
+    base = Path(tempfile.mkdtemp(prefix="iii-readonly-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    directory = base / "store"
+    await make_store(directory)
+    os.chmod(directory, 0o555)
+    os.chmod(directory / DB_FILENAME, 0o444)
+    try:
+        proc = run_as_nobody(f"""
+            import anyio
+            from iii_embedded import III, Config, StoreConfig, StoreError
+            app = III(Config(store=StoreConfig(store_method="file_based", file_path={str(directory)!r})))
+            async def main():
+                try:
+                    async with app.running():
+                        print("STARTED")
+                except StoreError as exc:
+                    print("ERROR", exc)
+            anyio.run(main)
+        """)
+    finally:
+        os.chmod(directory, 0o755)
+        os.chmod(directory / DB_FILENAME, 0o644)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("ERROR "), proc.stdout + proc.stderr
+    assert str(directory) in proc.stdout
+    assert "read-only" in proc.stdout
+    # Nothing acknowledged was lost: the job is still there for a process that can write.
+    store = SQLiteStore(directory)
+    await store.open()
+    try:
+        assert [j.id for j in await store.list_jobs()] == ["kept"]
+    finally:
+        await store.aclose()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+async def test_a_corrupt_database_fails_naming_the_path_and_the_cause(tmp_path: Path) -> None:
+    directory = tmp_path / "store"
+    await make_store(directory)
+    for suffix in ("-wal", "-shm"):
+        (directory / (DB_FILENAME + suffix)).unlink(missing_ok=True)
+    with open(directory / DB_FILENAME, "r+b") as f:
+        f.write(b"this is not a database header at all" * 4)
+    store = SQLiteStore(directory)
+    with pytest.raises(StoreError) as caught:
+        await store.open()
+    message = str(caught.value)
+    assert str(directory / DB_FILENAME) in message
+    assert "not a valid SQLite database" in message
+
+
+async def test_a_database_that_is_not_ours_is_refused(tmp_path: Path) -> None:
+    directory = tmp_path / "store"
+    directory.mkdir()
+    with sqlite3.connect(directory / DB_FILENAME) as conn:
+        conn.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)")
+    store = SQLiteStore(directory)
+    with pytest.raises(StoreError, match="not an iii-embedded store") as caught:
+        await store.open()
+    assert str(directory / DB_FILENAME) in str(caught.value)
+    with sqlite3.connect(directory / DB_FILENAME) as conn:  # and it was left untouched
+        assert [r[0] for r in conn.execute("SELECT name FROM sqlite_master")] == ["users"]
+
+
+async def test_a_store_from_a_newer_version_is_refused(tmp_path: Path) -> None:
+    directory = tmp_path / "store"
+    await make_store(directory)
+    with sqlite3.connect(directory / DB_FILENAME) as conn:
+        conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    store = SQLiteStore(directory)
+    with pytest.raises(StoreVersionError, match="schema version 99") as caught:
+        await store.open()
+    assert str(directory / DB_FILENAME) in str(caught.value)
+
+
+async def test_reopening_keeps_the_jobs_and_the_schema(tmp_path: Path) -> None:
+    directory = tmp_path / "store"
+    await make_store(directory)
+    store = SQLiteStore(directory)
+    await store.open()
+    try:
+        assert [j.id for j in await store.list_jobs()] == ["kept"]
+    finally:
+        await store.aclose()
+
+
+async def test_a_full_disk_fails_the_enqueue_that_hit_it_and_nothing_else(tmp_path: Path) -> None:
+    directory = tmp_path / "store"
+    await make_store(directory)
+    with sqlite3.connect(directory / DB_FILENAME) as conn:
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    store = SQLiteStore(directory, max_page_count=pages + 8)
+    await store.open()
+    try:
+        big = json.dumps({"blob": "x" * 20_000})
+        accepted = []
+        with pytest.raises(StoreError) as caught:
+            for n in range(100):
+                await store.enqueue([new_job(f"big-{n}-a", big), new_job(f"big-{n}-b", big)])
+                accepted += [f"big-{n}-a", f"big-{n}-b"]
+        message = str(caught.value)
+        assert str(directory / DB_FILENAME) in message
+        assert "the disk is full" in message
+        stored = [j.id for j in await store.list_jobs(limit=10_000)]
+        assert stored == ["kept", *accepted]  # the failed batch stored nothing, in full
+        # The store keeps serving: claims and acks still work.
+        claimed = await store.claim(
+            "q", fifo=False, limit=100, now=T0, owner="h:1:x", lease_until=T0 + 30
+        )
+        assert [j.id for j in claimed] == stored
+    finally:
+        await store.aclose()
+
+
+async def test_a_full_disk_reaches_the_caller_as_an_enqueue_error(tmp_path: Path) -> None:
+    directory = tmp_path / "store"
+    await make_store(directory)
+    with sqlite3.connect(directory / DB_FILENAME) as conn:
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    app = III(
+        Config(store=StoreConfig(store_method="file_based", file_path=str(directory))),
+        store=SQLiteStore(directory, max_page_count=pages + 4),
+        shutdown_grace_ms=0,
+    )
+    app.register_function("fn", lambda data: None)
+    async with app.running():
+        with pytest.raises(InvocationError) as caught:
+            for _ in range(100):
+                await app.trigger_async(
+                    "fn", {"blob": "y" * 50_000}, action=TriggerAction.Enqueue(queue="default")
+                )
+    assert caught.value.code == "enqueue_error"
+    assert "the disk is full" in caught.value.message
+    assert isinstance(caught.value.__cause__, StoreError)
