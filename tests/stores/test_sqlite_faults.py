@@ -15,8 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from iii_embedded import III, Config, InvocationError, StoreConfig, StoreError, StoreVersionError
-from iii_embedded import TriggerAction
+from iii_embedded import (
+    III,
+    Config,
+    InvocationError,
+    StoreConfig,
+    StoreError,
+    StoreVersionError,
+    TriggerAction,
+)
 from iii_embedded._stores import NewJob
 from iii_embedded._stores._sqlite import DB_FILENAME, SQLiteStore
 
@@ -73,7 +80,8 @@ async def test_a_read_only_directory_fails_at_start_naming_the_path() -> None:
         proc = run_as_nobody(f"""
             import anyio
             from iii_embedded import III, Config, StoreConfig, StoreError
-            app = III(Config(store=StoreConfig(store_method="file_based", file_path={str(directory)!r})))
+            store = StoreConfig(store_method="file_based", file_path={str(directory)!r})
+            app = III(Config(store=store))
             async def main():
                 try:
                     async with app.running():
