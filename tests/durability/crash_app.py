@@ -1,0 +1,91 @@
+"""The app the kill -9 test runs in a child process (not collected by pytest).
+
+argv: STORE_DIR SIDE_FILE PLAN_FILE MODE, where MODE is ``crash`` (run until killed) or
+``final`` (exit once every planned job is enqueued and all queues are idle). Every event
+is appended to SIDE_FILE with one ``write`` on an O_APPEND descriptor, which survives the
+process being killed: ``ack K`` once the enqueue of job K returned (the job is durable),
+``start K PID ATTEMPT`` and ``end K PID`` (or ``fail K PID``) around each handler run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from iii_embedded import (
+    III,
+    Config,
+    NonRetryableError,
+    QueueConfig,
+    StoreConfig,
+    TriggerAction,
+    current_invocation,
+)
+
+store_dir, side_file, plan_file, mode = sys.argv[1:5]
+plan: list[dict[str, Any]] = json.loads(Path(plan_file).read_text())
+fd = os.open(side_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+
+def record(line: str) -> None:
+    os.write(fd, (line + "\n").encode())
+
+
+acked = {
+    line.split()[1] for line in Path(side_file).read_text().splitlines() if line.startswith("ack ")
+}
+
+config = Config(
+    queues={
+        "ledger": QueueConfig(
+            name="ledger",
+            type="fifo",
+            message_group_field="g",
+            concurrency=4,
+            max_retries=50,
+            backoff_ms=1,
+        ),
+        "std": QueueConfig(name="std", concurrency=4, max_retries=50, backoff_ms=1),
+    },
+    store=StoreConfig(store_method="file_based", file_path=store_dir),
+)
+app = III(config, shutdown_grace_ms=0)
+
+
+@app.function("work")
+async def work(job: dict[str, Any]) -> str:
+    invocation = current_invocation()
+    assert invocation is not None
+    record(f"start {job['k']} {os.getpid()} {invocation.attempt}")
+    await anyio.sleep(job["sleep"])
+    if job["fail"]:
+        record(f"fail {job['k']} {os.getpid()}")
+        raise NonRetryableError(f"job {job['k']} always fails")
+    record(f"end {job['k']} {os.getpid()}")
+    return job["k"]
+
+
+async def main() -> None:
+    async with app.running():
+        for job in plan:
+            if job["k"] in acked:
+                continue
+            await app.trigger_async(
+                "work", job, action=TriggerAction.Enqueue(queue=job["q"], idempotency_key=job["k"])
+            )
+            record(f"ack {job['k']}")
+        if mode != "final":
+            await anyio.sleep_forever()
+        while True:
+            stats = await app.stats_async()
+            if all(s.ready + s.delayed + s.running == 0 for s in stats.values()):
+                return
+            await anyio.sleep(0.02)
+
+
+anyio.run(main)
