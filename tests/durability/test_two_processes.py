@@ -3,6 +3,7 @@ never overlap in time across processes, and both processes do work."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import subprocess
@@ -109,5 +110,5 @@ def test_two_processes_share_one_store(tmp_path: Path) -> None:
             by_group[str(j["g"])].append(str(j["k"]))
     for group, keys_in_order in by_group.items():
         ordered = [spans[k] for k in keys_in_order]
-        for (s1, e1), (s2, e2) in zip(ordered, ordered[1:], strict=False):
-            assert e1 <= s2, f"group {group}: overlapping or out of order runs"
+        for (_, end_first), (start_next, _) in itertools.pairwise(ordered):
+            assert end_first <= start_next, f"group {group}: overlapping or out of order runs"
