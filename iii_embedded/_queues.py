@@ -71,7 +71,11 @@ class QueueRunner:
         self.config = config
         self.name = config.name
         self.active: dict[str, _Active] = {}
-        self.inflight = 0
+        self.running = 0
+        """Handlers executing now (at most ``concurrency``)."""
+        self.unsettled = 0
+        """Jobs claimed whose outcome is not yet written to the store."""
+        self._outcomes: list[tuple[Job, Outcome]] = []
         self.completed = 0
         self.failed = 0
         self.retried = 0
@@ -101,12 +105,17 @@ class QueueRunner:
         self._wake_event.set()
 
     def stop_claiming(self) -> None:
-        """Graceful shutdown, step one: claim nothing more."""
+        """Graceful shutdown, step one: claim nothing more (outcomes are still written)."""
         self._stopping = True
         self.wake()
         # Workers waiting for jobs exit once they see the runner stopping.
         for waiter in self._waiters:
             waiter.set()
+
+    @property
+    def inflight(self) -> int:
+        """Jobs claimed by this runner and not yet settled in the store."""
+        return self.unsettled
 
     def interrupt_all(self, reason: StopReason) -> None:
         """Cancel every running handler of this queue (shutdown after the grace period)."""
@@ -121,18 +130,29 @@ class QueueRunner:
     # --- dispatcher ------------------------------------------------------------------
 
     async def _dispatch(self) -> None:
+        """Claim jobs and write outcomes, both in batches.
+
+        Workers do not write their outcomes: they append them to ``_outcomes`` and take the
+        next job. The dispatcher then writes every pending outcome *and* claims the next
+        jobs in one store call (``exchange``: one transaction). While it waits on the store,
+        more outcomes pile up, so batches grow with the load and a commit is shared by as
+        many jobs as finished meanwhile.
+        """
         rt = self.rt
         store = rt.store
         clock = rt.clock
         fifo = self.config.is_fifo
         lease_s = rt.lease_s
-        while not self._stopping:
+        while True:
             self._wake_pending = False
-            free = self.config.concurrency - self.inflight
+            free = 0 if self._stopping else self.config.concurrency - self.running
+            settled, self._outcomes = self._outcomes, []
             now = clock.now()
-            if free > 0:
+            jobs: list[Job] = []
+            if settled or free > 0:
                 try:
-                    jobs = await store.claim(
+                    jobs = await store.exchange(
+                        [outcome for _, outcome in settled],
                         self.name,
                         fifo=fifo,
                         limit=free,
@@ -141,38 +161,54 @@ class QueueRunner:
                         lease_until=now + lease_s,
                     )
                 except StoreError as exc:
-                    log.error("queue %r: claiming jobs failed: %s", self.name, exc)
-                    jobs = []
-                if self._stopping:
-                    # Claimed during shutdown: give them back without spending an attempt.
-                    await rt.finish_quietly([self._outcome(j, "released", now) for j in jobs])
-                    return
+                    log.error(
+                        "queue %r: writing %d outcome(s) and claiming failed: %s; jobs whose "
+                        "outcome was not written run again when their lease expires",
+                        self.name,
+                        len(settled),
+                        exc,
+                    )
+                self.unsettled -= len(settled)
+                for job, outcome in settled:
+                    rt.job_finished(self, job, outcome)
                 for job in jobs:
-                    self.inflight += 1
+                    self.running += 1
+                    self.unsettled += 1
                     self._hand_over(job)
-                if jobs and len(jobs) == free:
+                if self._outcomes or (jobs and len(jobs) == free):
                     continue
+            if self._stopping:
+                if self.unsettled == 0:
+                    rt.notify_activity()
+                    return
+                await self._wait_for_wake(None, None)
+                continue
             deadline: float | None = None
             if free > 0:
                 try:
                     deadline = await store.next_available_at(self.name, now)
                 except StoreError:
                     deadline = None
-            if self._wake_pending or self._stopping:
+            if self._wake_pending:
                 continue
-            self._wake_event = anyio.Event()
-            self.idle = True
-            rt.notify_activity()
             poll_s = self.config.poll_interval_ms / 1000 if store.shared else None
-            with anyio.CancelScope(
-                deadline=anyio.current_time() + poll_s if poll_s is not None else float("inf")
-            ):
-                if deadline is None:
+            await self._wait_for_wake(deadline, poll_s)
+
+    async def _wait_for_wake(self, deadline: float | None, poll_s: float | None) -> None:
+        """Sleep until woken, until ``deadline`` on the runtime clock, or ``poll_s`` of real
+        time (other processes' jobs are found by polling, in real time even in tests)."""
+        self._wake_event = anyio.Event()
+        self.idle = True
+        self.rt.notify_activity()
+        with anyio.CancelScope(
+            deadline=anyio.current_time() + poll_s if poll_s is not None else float("inf")
+        ):
+            if deadline is None:
+                await self._wake_event.wait()
+            else:
+                with self.rt.clock.deadline_scope(deadline):
                     await self._wake_event.wait()
-                else:
-                    with clock.deadline_scope(deadline):
-                        await self._wake_event.wait()
-            self.idle = False
+        self.idle = False
 
     def _hand_over(self, job: Job) -> None:
         if self._waiters:
@@ -202,19 +238,17 @@ class QueueRunner:
         spec = rt.registry.get(job.function_id)
         entry = _Active(job)
         self.active[job.id] = entry
-        outcome: Outcome
         try:
             if spec is None:
                 rt.note_unknown_function(job)
                 outcome = self._outcome(job, "held", rt.clock.now())
             else:
                 outcome = await self._attempt(job, spec.handler, spec.is_async, entry)
-            await rt.finish_quietly([outcome])
+            self._outcomes.append((job, outcome))
         finally:
             del self.active[job.id]
-            self.inflight -= 1
+            self.running -= 1
             self.wake()
-        rt.job_finished(self, job, outcome)
 
     async def _attempt(self, job: Job, handler: Any, is_async: bool, entry: _Active) -> Outcome:
         rt = self.rt

@@ -187,7 +187,7 @@ class Runtime:
         """True when no queue has work it could start and nothing is running."""
         if self._void_inflight:
             return False
-        return all(r.idle and not r.inflight for r in self.runners.values())
+        return all(r.idle and not r.unsettled for r in self.runners.values())
 
     def wake_all(self) -> None:
         """Wake every queue's dispatcher."""
@@ -245,20 +245,6 @@ class Runtime:
                 "process; they wait until it is",
                 job.queue,
                 job.function_id,
-            )
-
-    async def finish_quietly(self, outcomes: list[Outcome]) -> None:
-        """Write outcomes; a store failure is logged (the lease brings the job back)."""
-        if not outcomes:
-            return
-        try:
-            await self.store.finish(outcomes)
-        except StoreError as exc:
-            log.error(
-                "recording the outcome of %d job(s) failed (%s); they will be delivered "
-                "again when their lease expires",
-                len(outcomes),
-                exc,
             )
 
     # --- the three trigger actions -------------------------------------------------------

@@ -186,6 +186,24 @@ class Store(Protocol):
     async def finish(self, outcomes: Sequence[Outcome]) -> None:
         """Apply outcomes (see :class:`Outcome`), all in one transaction."""
 
+    async def exchange(
+        self,
+        outcomes: Sequence[Outcome],
+        queue: str,
+        *,
+        fifo: bool,
+        limit: int,
+        now: float,
+        owner: str,
+        lease_until: float,
+    ) -> list[Job]:
+        """``finish(outcomes)`` then ``claim(queue, ...)``, in one transaction.
+
+        The queue runners' hot path: acknowledging a batch of jobs and taking the next
+        batch costs one commit, and a FIFO group's next job is claimable in the same call
+        that finished its predecessor. If it raises, nothing was applied or claimed.
+        """
+
     async def renew(self, owner: str, job_ids: Sequence[str], lease_until: float) -> set[str]:
         """Extend the leases of ``owner``'s running jobs; return the ids whose cancellation
         was requested."""

@@ -258,6 +258,23 @@ class MemoryStore:
         row.lease_until = lease_until
         return row.to_job()
 
+    async def exchange(
+        self,
+        outcomes: Sequence[Outcome],
+        queue: str,
+        *,
+        fifo: bool,
+        limit: int,
+        now: float,
+        owner: str,
+        lease_until: float,
+    ) -> list[Job]:
+        """Finish then claim; see :meth:`Store.exchange`."""
+        await self.finish(outcomes)
+        return await self.claim(
+            queue, fifo=fifo, limit=limit, now=now, owner=owner, lease_until=lease_until
+        )
+
     async def finish(self, outcomes: Sequence[Outcome]) -> None:
         """Apply outcomes; see :meth:`Store.finish`."""
         self._check_open()

@@ -163,12 +163,20 @@ _MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _migrate_t
 
 
 class _Request:
-    __slots__ = ("fn", "future", "write")
+    __slots__ = ("fn", "future", "jobs", "write")
 
-    def __init__(self, fn: Callable[[Conn], Any], future: asyncio.Future[Any], write: bool) -> None:
+    def __init__(
+        self,
+        fn: Callable[[Conn], Any],
+        future: asyncio.Future[Any],
+        write: bool,
+        jobs: list[NewJob] | None = None,
+    ) -> None:
         self.fn = fn
         self.future = future
         self.write = write
+        # For enqueue requests: their jobs, so concurrent enqueues can share one insert.
+        self.jobs = jobs
 
 
 def _deliver(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
@@ -228,11 +236,13 @@ class SQLiteStore:
             cause = text
         return StoreError(f"{self.path}: {doing} failed: {cause} ({text})")
 
-    async def _submit(self, fn: Callable[[Conn], T], *, write: bool = True) -> T:
+    async def _submit(
+        self, fn: Callable[[Conn], T], *, write: bool = True, jobs: list[NewJob] | None = None
+    ) -> T:
         if self._closed or self._loop is None:
             raise StoreError(f"{self.path}: the store is not open")
         future: asyncio.Future[T] = self._loop.create_future()
-        self._requests.put(_Request(fn, future, write))
+        self._requests.put(_Request(fn, future, write, jobs))
         return await future
 
     def _serve(self) -> None:
@@ -265,8 +275,9 @@ class SQLiteStore:
     ) -> list[tuple[asyncio.Future[Any], bool, Any]]:
         failed: dict[int, BaseException] = {}
         pending = batch
+        merge = True
         while True:
-            outcome = self._try_batch(conn, pending, failed)
+            outcome = self._try_batch(conn, pending, failed, merge)
             if outcome is not None:
                 done = {id(r): v for r, v in outcome}
                 return [
@@ -275,16 +286,25 @@ class SQLiteStore:
                     else (r.future, True, done[id(r)])
                     for r in batch
                 ]
-            # SQLite rolled the whole transaction back under one failing request (a full
-            # disk does that): that request has its error; run the others again.
+            # The transaction was lost (SQLite rolls it all back on some errors, a full disk
+            # among them): run again without the request that failed, and without merging.
             pending = [r for r in pending if id(r) not in failed]
+            merge = False
 
     def _try_batch(
-        self, conn: Conn, pending: list[_Request], failed: dict[int, BaseException]
+        self,
+        conn: Conn,
+        pending: list[_Request],
+        failed: dict[int, BaseException],
+        merge: bool,
     ) -> list[tuple[_Request, Any]] | None:
         """Run ``pending`` in one transaction, each request in a savepoint. Returns the
         successful (request, value) pairs once committed, or ``None`` if the transaction
-        was lost and must be retried without the requests now in ``failed``."""
+        was lost and must be retried without the requests now in ``failed``.
+
+        With ``merge``, concurrent enqueues are first tried as one insert (their ids are
+        handed back per request); if that fails they run one by one, so only the bad one
+        fails."""
         if not pending:
             return []
         write = any(r.write for r in pending)
@@ -296,7 +316,16 @@ class SQLiteStore:
                 failed[id(r)] = err
             return []
         succeeded: list[tuple[_Request, Any]] = []
-        for request in pending:
+        todo = pending
+        enqueues = [r for r in pending if r.jobs is not None]
+        if merge and len(enqueues) > 1:
+            merged = self._merged_enqueue(conn, enqueues)
+            if merged is None and not conn.in_transaction:
+                return None
+            if merged is not None:
+                succeeded += merged
+                todo = [r for r in pending if r.jobs is None]
+        for request in todo:
             try:
                 conn.execute("SAVEPOINT req")
                 value = request.fn(conn)
@@ -323,6 +352,28 @@ class SQLiteStore:
                 failed[id(request)] = err
             return []
         return succeeded
+
+    def _merged_enqueue(
+        self, conn: Conn, requests: list[_Request]
+    ) -> list[tuple[_Request, Any]] | None:
+        everything = [job for r in requests for job in (r.jobs or ())]
+        try:
+            conn.execute("SAVEPOINT merged")
+            ids = self._enqueue(conn, everything)
+            conn.execute("RELEASE merged")
+        except Exception:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK TO merged")
+                    conn.execute("RELEASE merged")
+            return None
+        out: list[tuple[_Request, Any]] = []
+        start = 0
+        for request in requests:
+            count = len(request.jobs or ())
+            out.append((request, ids[start : start + count]))
+            start += count
+        return out
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -426,7 +477,7 @@ class SQLiteStore:
     async def enqueue(self, jobs: Sequence[NewJob]) -> list[str]:
         """Store jobs atomically; see :meth:`Store.enqueue`."""
         jobs = list(jobs)
-        return await self._submit(lambda conn: self._enqueue(conn, jobs))
+        return await self._submit(lambda conn: self._enqueue(conn, jobs), jobs=jobs)
 
     @staticmethod
     def _enqueue(conn: Conn, jobs: list[NewJob]) -> list[str]:
@@ -484,7 +535,24 @@ class SQLiteStore:
         self, queue: str, *, fifo: bool, limit: int, now: float, owner: str, lease_until: float
     ) -> list[Job]:
         """Claim available jobs; see :meth:`Store.claim`."""
-        if limit <= 0:
+        return await self.exchange(
+            [], queue, fifo=fifo, limit=limit, now=now, owner=owner, lease_until=lease_until
+        )
+
+    async def exchange(
+        self,
+        outcomes: Sequence[Outcome],
+        queue: str,
+        *,
+        fifo: bool,
+        limit: int,
+        now: float,
+        owner: str,
+        lease_until: float,
+    ) -> list[Job]:
+        """Finish then claim in one transaction; see :meth:`Store.exchange`."""
+        outcomes = list(outcomes)
+        if limit <= 0 and not outcomes:
             return []
         register = owner not in self._owners
         if register:
@@ -493,28 +561,44 @@ class SQLiteStore:
         def run(conn: Conn) -> list[Job]:
             if register:
                 self._register_owner(conn, owner, now)
-            if fifo:
-                candidates = (
-                    "SELECT j.seq FROM fifo_groups g JOIN jobs j ON j.seq = g.head_seq "
-                    "WHERE g.queue = ? AND j.state = 'queued' AND j.available_at <= ? "
-                    "ORDER BY j.available_at, j.seq LIMIT ?"
-                )
-            else:
-                candidates = (
-                    "SELECT seq FROM jobs WHERE queue = ? AND state = 'queued' "
-                    "AND available_at <= ? ORDER BY available_at, seq LIMIT ?"
-                )
-            rows = conn.execute(
-                "UPDATE jobs SET state = 'running', attempts = attempts + 1, started_at = ?, "
-                f"lease_owner = ?, lease_until = ? WHERE seq IN ({candidates}) "
-                f"RETURNING {_COLUMNS}",
-                (now, owner, lease_until, queue, now, limit),
-            ).fetchall()
-            jobs = [_row_to_job(r) for r in rows]
-            jobs.sort(key=lambda j: (j.available_at, j.seq))
-            return jobs
+            if outcomes:
+                self._finish(conn, outcomes)
+            if limit <= 0:
+                return []
+            return self._claim(conn, queue, fifo, limit, now, owner, lease_until)
 
         return await self._submit(run)
+
+    @staticmethod
+    def _claim(
+        conn: Conn,
+        queue: str,
+        fifo: bool,
+        limit: int,
+        now: float,
+        owner: str,
+        lease_until: float,
+    ) -> list[Job]:
+        if fifo:
+            candidates = (
+                "SELECT j.seq FROM fifo_groups g JOIN jobs j ON j.seq = g.head_seq "
+                "WHERE g.queue = ? AND j.state = 'queued' AND j.available_at <= ? "
+                "ORDER BY j.available_at, j.seq LIMIT ?"
+            )
+        else:
+            candidates = (
+                "SELECT seq FROM jobs WHERE queue = ? AND state = 'queued' "
+                "AND available_at <= ? ORDER BY available_at, seq LIMIT ?"
+            )
+        rows = conn.execute(
+            "UPDATE jobs SET state = 'running', attempts = attempts + 1, started_at = ?, "
+            f"lease_owner = ?, lease_until = ? WHERE seq IN ({candidates}) "
+            f"RETURNING {_COLUMNS}",
+            (now, owner, lease_until, queue, now, limit),
+        ).fetchall()
+        jobs = [_row_to_job(r) for r in rows]
+        jobs.sort(key=lambda j: (j.available_at, j.seq))
+        return jobs
 
     @staticmethod
     def _register_owner(conn: Conn, owner: str, now: float) -> None:
