@@ -40,6 +40,11 @@ from ._errors import RunFailedError as RunFailedError
 from ._errors import StoreError as StoreError
 from ._errors import StoreVersionError as StoreVersionError
 from ._registry import FunctionRef as FunctionRef
+from ._runs import BatchResult as BatchResult
+from ._runs import CancelResult as CancelResult
+from ._runs import Run as Run
+from ._runs import RunResult as RunResult
+from ._runs import Runs as Runs
 from ._stats import DeadJob as DeadJob
 from ._stats import QueueStats as QueueStats
 from ._stores import ErrorInfo as ErrorInfo
@@ -73,6 +78,12 @@ __all__ = [
     "StoreError",
     "StoreVersionError",
     "RunFailedError",
+    # runs
+    "Run",
+    "RunResult",
+    "BatchResult",
+    "CancelResult",
+    "Runs",
     # inspection
     "QueueStats",
     "DeadJob",

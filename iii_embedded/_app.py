@@ -23,8 +23,13 @@ from anyio.from_thread import BlockingPortal
 from ._actions import EnqueueAction, VoidAction, parse_action
 from ._clock import Clock, SystemClock
 from ._config import Config
+from ._context import Invocation, current_invocation
 from ._errors import InvocationError
 from ._registry import FunctionRef, FunctionSpec, Registry, is_async_callable
+from ._runs import BatchResult, RunResult, Runs
+from ._runs import batch_trigger as _batch_trigger
+from ._runs import batch_trigger_and_wait as _batch_trigger_and_wait
+from ._runs import trigger_and_wait as _trigger_and_wait
 from ._runtime import Runtime
 from ._stats import DeadJob, QueueStats
 from ._stores import Store, open_store
@@ -82,6 +87,8 @@ class III:
         self._runtime: Runtime | None = None
         self._thread_cm: AbstractContextManager[Any] | None = None
         self._portal_cm: AbstractContextManager[BlockingPortal] | None = None
+        self.runs = Runs(self)
+        """Look runs up and cancel them: ``iii.runs.get(id)``, ``iii.runs.cancel(id)``."""
         from ._builtins import register_builtins
 
         register_builtins(self)
@@ -240,6 +247,182 @@ class III:
             )
         assert rt.portal is not None
         return rt.portal.call(fn, *args)
+
+    async def _on_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``await fn(*args)`` on the engine's loop, from this loop or another one."""
+        rt = self.runtime
+        if rt.loop_thread == threading.get_ident():
+            return await fn(*args)
+        assert rt.portal is not None
+        return await anyio.to_thread.run_sync(rt.portal.call, fn, *args)
+
+    # --- Trigger.dev-style triggering ------------------------------------------------
+
+    async def batch_trigger_async(
+        self,
+        function_id: str,
+        payloads: Sequence[Any],
+        *,
+        queue: str = "default",
+        delay_ms: int = 0,
+        idempotency_keys: Sequence[str | None] | None = None,
+        max_attempts: int | None = None,
+    ) -> list[str]:
+        """Enqueue one run per payload, all in one transaction or none; the run ids in input
+        order. A bad item (missing FIFO field, payload not JSON) rejects the whole batch with
+        an ``enqueue_error`` naming its index."""
+
+        async def go() -> list[str]:
+            return await _batch_trigger(
+                self.runtime,
+                function_id,
+                payloads,
+                queue=queue,
+                delay_ms=delay_ms,
+                idempotency_keys=idempotency_keys,
+                max_attempts=max_attempts,
+            )
+
+        result: list[str] = await self._on_loop(go)
+        return result
+
+    def batch_trigger(
+        self,
+        function_id: str,
+        payloads: Sequence[Any],
+        *,
+        queue: str = "default",
+        delay_ms: int = 0,
+        idempotency_keys: Sequence[str | None] | None = None,
+        max_attempts: int | None = None,
+    ) -> list[str]:
+        """Blocking twin of :meth:`batch_trigger_async`."""
+        result: list[str] = self._call_blocking(
+            lambda: self.batch_trigger_async(
+                function_id,
+                payloads,
+                queue=queue,
+                delay_ms=delay_ms,
+                idempotency_keys=idempotency_keys,
+                max_attempts=max_attempts,
+            )
+        )
+        return result
+
+    async def trigger_and_wait_async(
+        self,
+        function_id: str,
+        payload: Any,
+        *,
+        queue: str = "default",
+        timeout_ms: int | None = None,
+        delay_ms: int = 0,
+        idempotency_key: str | None = None,
+        max_attempts: int | None = None,
+        _invocation: Invocation | None = None,
+    ) -> RunResult:
+        """Enqueue a run and wait for its final outcome (after its retries).
+
+        Returns a :class:`RunResult` (``ok``, ``output`` or ``error``; ``unwrap()`` raises
+        ``RunFailedError``). ``timeout_ms`` bounds the wait (``InvocationError`` with code
+        ``TIMEOUT``; the run goes on). Works anywhere, in a handler or not; a waiting queued
+        handler lends its concurrency slot while it waits.
+        """
+        inv = _invocation if _invocation is not None else current_invocation()
+
+        async def go() -> RunResult:
+            return await _trigger_and_wait(
+                self.runtime,
+                function_id,
+                payload,
+                queue=queue,
+                timeout_ms=timeout_ms,
+                delay_ms=delay_ms,
+                idempotency_key=idempotency_key,
+                max_attempts=max_attempts,
+                inv=inv,
+            )
+
+        result: RunResult = await self._on_loop(go)
+        return result
+
+    def trigger_and_wait(
+        self,
+        function_id: str,
+        payload: Any,
+        *,
+        queue: str = "default",
+        timeout_ms: int | None = None,
+        delay_ms: int = 0,
+        idempotency_key: str | None = None,
+        max_attempts: int | None = None,
+    ) -> RunResult:
+        """Blocking twin of :meth:`trigger_and_wait_async` (for sync code and handlers)."""
+        inv = current_invocation()
+        result: RunResult = self._call_blocking(
+            lambda: self.trigger_and_wait_async(
+                function_id,
+                payload,
+                queue=queue,
+                timeout_ms=timeout_ms,
+                delay_ms=delay_ms,
+                idempotency_key=idempotency_key,
+                max_attempts=max_attempts,
+                _invocation=inv,
+            )
+        )
+        return result
+
+    async def batch_trigger_and_wait_async(
+        self,
+        function_id: str,
+        payloads: Sequence[Any],
+        *,
+        queue: str = "default",
+        timeout_ms: int | None = None,
+        idempotency_keys: Sequence[str | None] | None = None,
+        _invocation: Invocation | None = None,
+    ) -> BatchResult:
+        """Enqueue a batch atomically, then wait for every run; ``BatchResult.runs`` are in
+        input order and a failed run carries its own error (this never raises for one)."""
+        inv = _invocation if _invocation is not None else current_invocation()
+
+        async def go() -> BatchResult:
+            return await _batch_trigger_and_wait(
+                self.runtime,
+                function_id,
+                payloads,
+                queue=queue,
+                timeout_ms=timeout_ms,
+                idempotency_keys=idempotency_keys,
+                inv=inv,
+            )
+
+        result: BatchResult = await self._on_loop(go)
+        return result
+
+    def batch_trigger_and_wait(
+        self,
+        function_id: str,
+        payloads: Sequence[Any],
+        *,
+        queue: str = "default",
+        timeout_ms: int | None = None,
+        idempotency_keys: Sequence[str | None] | None = None,
+    ) -> BatchResult:
+        """Blocking twin of :meth:`batch_trigger_and_wait_async`."""
+        inv = current_invocation()
+        result: BatchResult = self._call_blocking(
+            lambda: self.batch_trigger_and_wait_async(
+                function_id,
+                payloads,
+                queue=queue,
+                timeout_ms=timeout_ms,
+                idempotency_keys=idempotency_keys,
+                _invocation=inv,
+            )
+        )
+        return result
 
     # --- lifecycles ------------------------------------------------------------------
 

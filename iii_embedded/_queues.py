@@ -24,6 +24,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
+import anyio.abc
 
 from ._config import QueueConfig
 from ._context import Invocation, _current
@@ -76,6 +77,10 @@ class QueueRunner:
         self.unsettled = 0
         """Jobs claimed whose outcome is not yet written to the store."""
         self._outcomes: list[tuple[Job, Outcome]] = []
+        self.lent = 0
+        """Slots lent by handlers that wait for other runs (see ``lend_slot``)."""
+        self._workers = 0
+        self._tg: anyio.abc.TaskGroup | None = None
         self.completed = 0
         self.failed = 0
         self.retried = 0
@@ -87,16 +92,22 @@ class QueueRunner:
         self._buffer: deque[Job] = deque()
         self._waiters: deque[anyio.Event] = deque()
         self._workers_done = 0
-        self.threads = ThreadPool(f"queue-{config.name}", max_threads=config.concurrency * 4)
+        self.threads = ThreadPool(f"queue-{config.name}", max_threads=config.concurrency * 4 + 32)
         self._timeout_s = config.timeout_ms / 1000 if config.timeout_ms else None
 
     # --- wiring ----------------------------------------------------------------------
 
     def start(self, tg: anyio.abc.TaskGroup) -> None:
         """Start the dispatcher and the workers."""
+        self._tg = tg
         tg.start_soon(self._dispatch, name=f"iii-dispatch[{self.name}]")
-        for i in range(self.config.concurrency):
-            tg.start_soon(self._worker, name=f"iii-worker[{self.name}#{i}]")
+        for _ in range(self.config.concurrency):
+            self._add_worker()
+
+    def _add_worker(self) -> None:
+        assert self._tg is not None
+        self._workers += 1
+        self._tg.start_soon(self._worker, name=f"iii-worker[{self.name}#{self._workers}]")
 
     def wake(self) -> None:
         """Something may be claimable now (a local enqueue, a finished job, a redrive)."""
@@ -111,6 +122,20 @@ class QueueRunner:
         # Workers waiting for jobs exit once they see the runner stopping.
         for waiter in self._waiters:
             waiter.set()
+
+    def lend_slot(self) -> None:
+        """A handler of this queue starts waiting for other runs: while it waits, its slot
+        may run another job (the waiting handler does no work), so waiting for a job of the
+        same queue cannot deadlock."""
+        self.lent += 1
+        # The waiting handler keeps its worker task busy: the lent slot needs one of its own.
+        if self._workers < self.config.concurrency + self.lent:
+            self._add_worker()
+        self.wake()
+
+    def reclaim_slot(self) -> None:
+        """The waiting handler resumes; its slot is its own again."""
+        self.lent -= 1
 
     @property
     def inflight(self) -> int:
@@ -145,7 +170,7 @@ class QueueRunner:
         lease_s = rt.lease_s
         while True:
             self._wake_pending = False
-            free = 0 if self._stopping else self.config.concurrency - self.running
+            free = 0 if self._stopping else self.config.concurrency + self.lent - self.running
             settled, self._outcomes = self._outcomes, []
             now = clock.now()
             jobs: list[Job] = []

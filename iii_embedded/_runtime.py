@@ -233,8 +233,30 @@ class Runtime:
         self.notify_activity()
 
     def on_final(self, job_id: str, callback: Callable[[Job | None, Outcome], None]) -> None:
-        """Call ``callback`` when this process finishes the job for good."""
+        """Call ``callback`` when this process settles the job for good."""
         self._final_waiters.setdefault(job_id, []).append(callback)
+
+    def forget_final(self, job_id: str, callback: Callable[[Job | None, Outcome], None]) -> None:
+        """Undo :meth:`on_final` (the waiter stopped waiting)."""
+        waiters = self._final_waiters.get(job_id)
+        if waiters and callback in waiters:
+            waiters.remove(callback)
+            if not waiters:
+                del self._final_waiters[job_id]
+
+    def run_settled_elsewhere(self, job_id: str) -> None:
+        """A run became final without a runner (cancelled while queued): wake its waiters."""
+        for waiter in self._final_waiters.pop(job_id, ()):
+            waiter(
+                None,
+                Outcome(
+                    job_id=job_id,
+                    kind="cancelled",
+                    owner=self.owner,
+                    attempt=0,
+                    at=self.clock.now(),
+                ),
+            )
 
     def note_unknown_function(self, job: Job) -> None:
         """A job for a function not registered here: it is held, once logged per function."""
