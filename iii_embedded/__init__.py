@@ -45,6 +45,7 @@ from ._runs import CancelResult as CancelResult
 from ._runs import Run as Run
 from ._runs import RunResult as RunResult
 from ._runs import Runs as Runs
+from ._sdk import register_worker as register_worker
 from ._stats import DeadJob as DeadJob
 from ._stats import QueueStats as QueueStats
 from ._stores import ErrorInfo as ErrorInfo
@@ -54,6 +55,7 @@ __version__ = "0.1.0"
 __all__ = [
     # the app
     "III",
+    "register_worker",
     "FunctionRef",
     "HOOK_EVENTS",
     # trigger actions

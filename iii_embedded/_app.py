@@ -18,11 +18,12 @@ from contextlib import AbstractContextManager, asynccontextmanager
 from typing import Any, TypeVar
 
 import anyio
+import attrs
 from anyio.from_thread import BlockingPortal
 
 from ._actions import EnqueueAction, VoidAction, parse_action
 from ._clock import Clock, SystemClock
-from ._config import Config
+from ._config import Config, QueueConfig
 from ._context import Invocation, current_invocation
 from ._errors import InvocationError
 from ._registry import FunctionRef, FunctionSpec, Registry, is_async_callable
@@ -87,11 +88,16 @@ class III:
         self._runtime: Runtime | None = None
         self._thread_cm: AbstractContextManager[Any] | None = None
         self._portal_cm: AbstractContextManager[BlockingPortal] | None = None
+        self._shutdown_callbacks: list[Callable[[], Any]] = []
         self.runs = Runs(self)
         """Look runs up and cancel them: ``iii.runs.get(id)``, ``iii.runs.cancel(id)``."""
+        self.topics: dict[str, list[str]] = {}
+        """Topic name → the internal queues of its subscribers (see ``_topics``)."""
         from ._builtins import register_builtins
+        from ._topics import install_topics
 
         register_builtins(self)
+        install_topics(self)
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str], **kwargs: Any) -> III:
@@ -165,6 +171,19 @@ class III:
             raise ValueError(f"unknown trigger type {kind!r} (supported: {known})")
         registrar(self, trigger)
         self.triggers.append(dict(trigger))
+
+    def add_queue(self, queue: QueueConfig) -> None:
+        """Add a named queue (before or while running). Raises ``ValueError`` if a queue
+        of that name exists with a different configuration."""
+        existing = self.config.queues.get(queue.name)
+        if existing is not None:
+            if existing != queue:
+                raise ValueError(f"queue {queue.name!r} already exists with another config")
+            return
+        self.config = attrs.evolve(self.config, queues={**self.config.queues, queue.name: queue})
+        rt = self._runtime
+        if rt is not None:
+            rt.add_queue(queue)
 
     def on(self, event: str, callback: Callable[..., Any]) -> None:
         """Subscribe ``callback(job, **info)`` to a job event (see ``HOOK_EVENTS``)."""
@@ -503,10 +522,18 @@ class III:
         """Stop an engine started with :meth:`start` (graceful; waits for it)."""
         thread_cm, portal_cm = self._thread_cm, self._portal_cm
         self._thread_cm = self._portal_cm = None
-        if thread_cm is not None:
-            thread_cm.__exit__(None, None, None)
-        if portal_cm is not None:
-            portal_cm.__exit__(None, None, None)
+        try:
+            if thread_cm is not None:
+                thread_cm.__exit__(None, None, None)
+            if portal_cm is not None:
+                portal_cm.__exit__(None, None, None)
+        finally:
+            for callback in self._shutdown_callbacks:
+                callback()
+
+    def on_shutdown(self, callback: Callable[[], Any]) -> None:
+        """Call ``callback()`` after :meth:`shutdown` stopped a started engine."""
+        self._shutdown_callbacks.append(callback)
 
     def __enter__(self) -> III:
         return self.start()

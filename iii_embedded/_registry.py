@@ -88,5 +88,10 @@ class Registry:
         """Call ``listener`` whenever a function is registered."""
         self._listeners.append(listener)
 
+    def remove_listener(self, listener: Callable[[FunctionSpec], None]) -> None:
+        """Undo :meth:`on_register`."""
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
     def __contains__(self, function_id: object) -> bool:
         return function_id in self._specs

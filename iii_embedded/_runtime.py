@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
+import attrs
 from anyio.from_thread import BlockingPortal
 
 from ._actions import EnqueueAction, VoidAction
@@ -117,6 +118,7 @@ class Runtime:
         """Graceful stop: claim nothing more, wait up to the grace period for running jobs,
         give the rest back to their queues without spending an attempt, close the store."""
         self.stopping = True
+        self.registry.remove_listener(self._on_register)
         for runner in self.runners.values():
             runner.stop_claiming()
         with anyio.move_on_after(self.shutdown_grace_s):
@@ -132,9 +134,20 @@ class Runtime:
         for runner in self.runners.values():
             runner.threads.close()
 
-    def _on_register(self, spec: FunctionSpec) -> None:
+    def add_queue(self, queue: QueueConfig) -> None:
+        """Start serving a queue added while running."""
+        self.config = attrs.evolve(self.config, queues={**self.config.queues, queue.name: queue})
+        runner = self.runners[queue.name] = QueueRunner(self, queue)
         if self._tg is not None and not self.stopping:
+            runner.start(self._tg)
+
+    def _on_register(self, spec: FunctionSpec) -> None:
+        if self._tg is None or self.stopping:
+            return
+        if threading.get_ident() == self.loop_thread:
             self._tg.start_soon(self._release_held, spec.id)
+        elif self.portal is not None:  # registered from another thread (register_worker)
+            self.portal.start_task_soon(self._release_held, spec.id)
 
     async def _release_held(self, function_id: str) -> None:
         try:

@@ -1,0 +1,85 @@
+"""The iii-sdk face: ``register_worker`` as in ``from iii import register_worker``.
+
+Code written for the iii engine connects a worker to an engine over a websocket; here the
+engine is in-process, so ``register_worker`` builds an :class:`~iii_embedded.III` from the
+project's config and starts it on a background thread, where the iii SDK keeps its
+connection. The address and options are accepted for compatibility and ignored.
+
+Like the real SDK, a program that registers functions and reaches the end of its script
+keeps serving: a non-daemon keeper thread holds the process until the engine is shut down
+— by ``iii.shutdown()``, SIGTERM, or SIGINT (Ctrl-C), both of which shut down gracefully.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Mapping
+from types import FrameType
+from typing import Any
+
+from ._app import III
+from ._config_loader import find_config
+
+__all__ = ["register_worker"]
+
+log = logging.getLogger("iii_embedded")
+
+
+_lock = threading.Lock()
+_shared: III | None = None
+
+
+def register_worker(address: str | None = None, options: Mapping[str, Any] | None = None) -> III:
+    """Start the process's embedded engine (or return it if already started) — iii SDK
+    compatible.
+
+    Every iii worker talks to one engine; here every ``register_worker`` call in a process
+    returns the same running engine, so code split over several modules (one registers
+    functions, another triggers them) works as it does against iii. The config comes from
+    ``$III_CONFIG``, else ``./iii-config.yaml`` if present, else the defaults (an in-memory
+    store and a ``default`` queue). ``address`` and ``options`` are accepted and ignored:
+    there is no remote engine to connect to.
+    """
+    del address, options
+    global _shared
+    with _lock:
+        if _shared is not None and _shared.is_running:
+            return _shared
+        app = III(find_config())
+        app.start()
+        _keep_serving(app)
+        _shared = app
+        return app
+
+
+def _keep_serving(app: III) -> None:
+    stopped = threading.Event()
+    app.on_shutdown(stopped.set)
+    keeper = threading.Thread(target=stopped.wait, name="iii-register-worker", daemon=False)
+    keeper.start()
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous: dict[int, Any] = {}
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        app.shutdown()
+        # Ctrl-C while the script still runs interrupts it as usual; once the script is
+        # done (the process only waits for the engine), stopping the engine is enough.
+        if signum == signal.SIGINT and threading.main_thread().is_alive():
+            raise KeyboardInterrupt
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.signal(sig, stop)
+
+    def restore() -> None:
+        if threading.current_thread() is threading.main_thread():
+            for sig, handler in previous.items():
+                if signal.getsignal(sig) is stop:
+                    signal.signal(sig, handler)
+
+    app.on_shutdown(restore)

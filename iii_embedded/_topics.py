@@ -1,0 +1,114 @@
+"""Topic queues: iii's older publish/subscribe API, still valid.
+
+Publishing: ``trigger({"function_id": "enqueue", "payload": {"topic": t, "data": d}})`` or
+``trigger({"function_id": "iii::durable::publish", "payload": {"topic": t, "data": d}})``.
+Subscribing: ``register_trigger({"type": "queue" | "durable:subscriber", "function_id": f,
+"config": {"topic": t, "queue_config": {...}}})``.
+
+Each (topic, function) subscription is served by its own internal named queue,
+``topic::<topic>::<function_id>``, configured from the subscription's ``queue_config`` (the
+same keys as ``queue_configs``): every subscribed function gets its own copy of each
+message with its own retries and dead-letter queue, and subscribing the same function twice
+makes the subscriptions compete on one queue. A publish stores one job per subscribed
+function, all in one transaction. A message published to a topic nobody subscribes to is
+dropped with a warning (see docs/design.md).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from ._actions import EnqueueAction
+from ._config import QueueConfig
+from ._errors import InvocationError
+from ._stores import NewJob
+
+if TYPE_CHECKING:
+    from ._app import III
+
+__all__ = ["install_topics", "topic_queue_name"]
+
+log = logging.getLogger("iii_embedded.topics")
+
+_QUEUE_KEYS = {
+    "max_retries",
+    "concurrency",
+    "type",
+    "message_group_field",
+    "backoff_ms",
+    "poll_interval_ms",
+    "timeout_ms",
+    "max_backoff_ms",
+    "jitter",
+}
+
+
+def topic_queue_name(topic: str, function_id: str) -> str:
+    """The internal queue that delivers ``topic`` to ``function_id``."""
+    return f"topic::{topic}::{function_id}"
+
+
+def _subscribe(app: III, trigger: Mapping[str, Any]) -> None:
+    function_id = trigger.get("function_id")
+    config = trigger.get("config") or {}
+    topic = config.get("topic") if isinstance(config, Mapping) else None
+    if not isinstance(function_id, str) or not function_id:
+        raise ValueError("a queue trigger needs a 'function_id'")
+    if not isinstance(topic, str) or not topic:
+        raise ValueError(f"the queue trigger of {function_id!r} needs config.topic")
+    options = config.get("queue_config") or {}
+    if not isinstance(options, Mapping):
+        raise ValueError(f"queue trigger of {function_id!r}: queue_config must be a mapping")
+    unknown = set(options) - _QUEUE_KEYS
+    if unknown:
+        raise ValueError(
+            f"queue trigger of {function_id!r}: unknown queue_config key(s) "
+            f"{sorted(unknown)} (allowed: {', '.join(sorted(_QUEUE_KEYS))})"
+        )
+    name = topic_queue_name(topic, function_id)
+    subscribers = app.topics.setdefault(topic, [])
+    if name in subscribers:
+        return  # the same function subscribed again: it competes on the same queue
+    app.add_queue(QueueConfig(name=name, **dict(options)))
+    subscribers.append(name)
+
+
+async def publish(app: III, data: Any) -> None:
+    """Store one copy of a message for each function subscribed to its topic."""
+    if not isinstance(data, Mapping):
+        raise InvocationError("topic_not_set", "publish needs a payload {topic, data}")
+    topic = data.get("topic", data.get("queue"))
+    if not isinstance(topic, str) or not topic:
+        raise InvocationError("topic_not_set", "Topic is not set")
+    queues = app.topics.get(topic, [])
+    if not queues:
+        log.warning(
+            "message published to topic %r dropped: no function subscribes to it "
+            "(register a 'queue' trigger first)",
+            topic,
+        )
+        return
+    rt = app.runtime
+    message = data.get("data")
+    jobs: list[NewJob] = []
+    for name in queues:
+        function_id = name.split("::", 2)[2]
+        jobs += rt.build_jobs(function_id, [message], EnqueueAction(queue=name), batch=False)
+    await rt.store.enqueue(jobs)
+    for name in queues:
+        rt.runners[name].wake()
+
+
+def install_topics(app: III) -> None:
+    """Register the publish functions and the ``queue``/``durable:subscriber`` triggers."""
+    from ._app import register_trigger_type
+
+    async def publish_fn(data: Any) -> None:
+        await publish(app, data)
+
+    app._register_internal("enqueue", publish_fn)
+    app._register_internal("iii::durable::publish", publish_fn)
+    register_trigger_type("queue", _subscribe)
+    register_trigger_type("durable:subscriber", _subscribe)

@@ -1,0 +1,179 @@
+"""The iii-sdk face (SPEC §2.2): register_worker, register_function, Logger,
+current_invocation, InvocationError, and iii's seed snippets with only the import changed."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from iii_embedded import (
+    III,
+    InvocationError,
+    Logger,
+    TriggerAction,
+    current_invocation,
+    register_worker,
+)
+from iii_embedded._app import HOOK_EVENTS
+
+CONFIG = """\
+workers:
+  - name: iii-queue
+    config:
+      queue_configs:
+        payment: {max_retries: 10, concurrency: 2, type: fifo, message_group_field: transaction_id}
+        email: {max_retries: 5, concurrency: 3}
+"""
+
+
+def wait_until(predicate: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.005)
+
+
+@pytest.fixture
+def worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    (tmp_path / "iii-config.yaml").write_text(CONFIG)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("III_CONFIG", raising=False)
+    app = register_worker(os.environ.get("III_URL", "ws://localhost:49134"))
+    yield app
+    app.shutdown()
+
+
+def test_register_worker_reads_the_config_in_the_working_directory(worker: III) -> None:
+    assert set(worker.config.queues) == {"default", "payment", "email"}
+    assert worker.is_running
+
+
+def test_register_worker_prefers_iii_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    other = tmp_path / "elsewhere.yaml"
+    other.write_text("queue_configs:\n  ledger: {type: fifo, message_group_field: account_id}\n")
+    monkeypatch.setenv("III_CONFIG", str(other))
+    app = register_worker()
+    try:
+        assert "ledger" in app.config.queues
+    finally:
+        app.shutdown()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_register_function_both_forms_and_sync_trigger_from_top_level(worker: III) -> None:
+    ref = worker.register_function("math::add", lambda d: d["a"] + d["b"])
+    ref2 = worker.register_function({"id": "math::neg", "description": "negate"}, lambda d: -d)
+    assert (ref.id, ref2.id) == ("math::add", "math::neg")
+    assert worker.trigger({"function_id": "math::add", "payload": {"a": 2, "b": 3}}) == 5
+    assert worker.trigger({"function_id": "math::neg", "payload": 4}) == -4
+    with pytest.raises(ValueError, match="already registered"):
+        worker.register_function({"id": "math::add"}, lambda d: d)
+
+
+def test_logger_records_carry_the_invocation(worker: III, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="iii_embedded.user")
+    done: list[Any] = []
+
+    def process(order: dict[str, Any]) -> dict[str, bool]:
+        Logger().info("Processing payment", {"orderId": order["transaction_id"]})
+        inv = current_invocation()
+        done.append(inv)
+        return {"processed": True}
+
+    worker.register_function({"id": "orders::process"}, process)
+    receipt = worker.trigger(
+        {
+            "function_id": "orders::process",
+            "payload": {"transaction_id": "t-1"},
+            "action": TriggerAction.Enqueue(queue="payment"),
+        }
+    )
+    wait_until(lambda: done)
+    inv = done[0]
+    assert inv is not None
+    assert (inv.function_id, inv.receipt_id, inv.queue, inv.attempt, inv.group) == (
+        "orders::process",
+        receipt["messageReceiptId"],
+        "payment",
+        1,
+        "t-1",
+    )
+    record = next(r for r in caplog.records if r.getMessage().startswith("Processing payment"))
+    assert record.function_id == "orders::process"  # type: ignore[attr-defined]
+    assert record.receipt_id == receipt["messageReceiptId"]  # type: ignore[attr-defined]
+    assert record.attempt == 1  # type: ignore[attr-defined]
+    assert record.iii["data"] == {"orderId": "t-1"}  # type: ignore[attr-defined]
+
+
+def test_invocation_error_str_and_cause(worker: III) -> None:
+    def fail(_: Any) -> None:
+        raise ZeroDivisionError("division by zero")
+
+    worker.register_function("fail", fail)
+    with pytest.raises(InvocationError) as caught:
+        worker.trigger({"function_id": "fail", "payload": None})
+    assert str(caught.value) == "invocation_failed: ZeroDivisionError: division by zero"
+    assert isinstance(caught.value.__cause__, ZeroDivisionError)
+
+
+def test_current_invocation_is_none_outside_handlers() -> None:
+    assert current_invocation() is None
+    assert "job_dead_lettered" in HOOK_EVENTS
+
+
+def test_a_worker_script_keeps_serving_until_sigterm(tmp_path: Path) -> None:
+    script = tmp_path / "worker.py"
+    ready = tmp_path / "ready"
+    script.write_text(
+        textwrap.dedent(f"""
+        import pathlib
+        from iii_embedded import register_worker
+
+        iii = register_worker("ws://localhost:49134")
+
+        def process_order(order):
+            return {{"processed": True}}
+
+        iii.register_function({{"id": "orders::process-order"}}, process_order)
+        assert iii.trigger({{"function_id": "orders::process-order", "payload": {{}}}}) == {{"processed": True}}
+        pathlib.Path({str(ready)!r}).write_text("ok")
+        # the script ends here; the worker keeps serving like the iii SDK's does
+    """)
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(lambda: ready.exists() or proc.poll() is not None, timeout=30)
+        assert ready.exists(), proc.communicate()
+        time.sleep(0.3)  # fault injection window: the script has ended, the worker must not
+        assert proc.poll() is None, "the process exited although the worker should serve"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+
+
+def test_register_worker_calls_in_one_process_share_one_engine(worker: III) -> None:
+    other = register_worker("ws://127.0.0.1:49134")
+    assert other is worker
+    other.register_function("shared::fn", lambda d: d * 2)
+    assert worker.trigger({"function_id": "shared::fn", "payload": 21}) == 42

@@ -1,0 +1,130 @@
+"""Topic queues (SPEC §7): publish with `enqueue` or `iii::durable::publish`, subscribe with
+`queue` / `durable:subscriber` triggers; a copy per subscribed function."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+
+from iii_embedded import III, TriggerAction
+from iii_embedded._topics import topic_queue_name
+from iii_embedded.testing import VirtualClock, dead_jobs, drain
+
+pytestmark = pytest.mark.anyio
+
+
+def make_app() -> III:
+    return III(clock=VirtualClock(), shutdown_grace_ms=0)
+
+
+async def test_every_subscribed_function_gets_its_own_copy() -> None:
+    iii = make_app()
+    got: dict[str, list[Any]] = {"payment": [], "email": []}
+    iii.register_function("orders::process-payment", got["payment"].append)
+    iii.register_function("orders::send-email", got["email"].append)
+    for fid in ("orders::process-payment", "orders::send-email"):
+        iii.register_trigger(
+            {"type": "queue", "function_id": fid, "config": {"topic": "order.created"}}
+        )
+    async with iii.running():
+        # The old API, exactly as the seed writes it.
+        await iii.trigger_async(
+            {"function_id": "enqueue", "payload": {"topic": "order.created", "data": {"id": 1}}}
+        )
+        await iii.trigger_async(
+            {
+                "function_id": "iii::durable::publish",
+                "payload": {"topic": "order.created", "data": {"id": 2}},
+                "action": TriggerAction.Void(),
+            }
+        )
+        await drain(iii)
+    assert got == {"payment": [{"id": 1}, {"id": 2}], "email": [{"id": 1}, {"id": 2}]}
+
+
+async def test_each_subscriber_has_its_own_retries_and_dlq() -> None:
+    iii = make_app()
+    calls: dict[str, int] = {"ok": 0, "bad": 0}
+
+    def ok(_: Any) -> None:
+        calls["ok"] += 1
+
+    def bad(_: Any) -> None:
+        calls["bad"] += 1
+        raise RuntimeError("subscriber broken")
+
+    iii.register_function("sub::ok", ok)
+    iii.register_function("sub::bad", bad)
+    iii.register_trigger(
+        {"type": "durable:subscriber", "function_id": "sub::ok", "config": {"topic": "t"}}
+    )
+    iii.register_trigger(
+        {
+            "type": "queue",
+            "function_id": "sub::bad",
+            "config": {"topic": "t", "queue_config": {"max_retries": 4, "backoff_ms": 10}},
+        }
+    )
+    async with iii.running():
+        await iii.trigger_async("iii::durable::publish", {"queue": "t", "data": "m"})
+        await drain(iii)
+        dead = await dead_jobs(iii, topic_queue_name("t", "sub::bad"))
+        ok_dead = await dead_jobs(iii, topic_queue_name("t", "sub::ok"))
+    assert calls == {"ok": 1, "bad": 4}
+    assert [d.payload for d in dead] == ["m"] and ok_dead == []
+
+
+async def test_subscribing_a_function_twice_makes_the_subscriptions_compete() -> None:
+    iii = make_app()
+    got: list[Any] = []
+    iii.register_function("worker", got.append)
+    for _ in range(2):
+        iii.register_trigger(
+            {"type": "queue", "function_id": "worker", "config": {"topic": "jobs"}}
+        )
+    async with iii.running():
+        for n in range(5):
+            await iii.trigger_async("enqueue", {"topic": "jobs", "data": n})
+        await drain(iii)
+    assert sorted(got) == [0, 1, 2, 3, 4]
+
+
+async def test_a_message_to_a_topic_without_subscribers_is_dropped_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    iii = make_app()
+    caplog.set_level(logging.WARNING, logger="iii_embedded.topics")
+    async with iii.running():
+        assert await iii.trigger_async("enqueue", {"topic": "nobody", "data": 1}) is None
+        stats = await iii.stats_async()
+    assert all(s.ready == 0 for s in stats.values())
+    assert any("topic 'nobody' dropped" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_subscription_registered_while_running_starts_serving() -> None:
+    iii = make_app()
+    got: list[Any] = []
+    iii.register_function("late", got.append)
+    async with iii.running():
+        iii.register_trigger({"type": "queue", "function_id": "late", "config": {"topic": "x"}})
+        await iii.trigger_async("enqueue", {"topic": "x", "data": "hello"})
+        await drain(iii)
+    assert got == ["hello"]
+
+
+def test_bad_subscriptions_are_refused_with_a_clear_error() -> None:
+    iii = make_app()
+    with pytest.raises(ValueError, match="needs config.topic"):
+        iii.register_trigger({"type": "queue", "function_id": "f", "config": {}})
+    with pytest.raises(ValueError, match="unknown queue_config key"):
+        iii.register_trigger(
+            {
+                "type": "queue",
+                "function_id": "f",
+                "config": {"topic": "t", "queue_config": {"retries": 3}},
+            }
+        )
+    with pytest.raises(ValueError, match="unknown trigger type 'websocket'"):
+        iii.register_trigger({"type": "websocket", "function_id": "f"})
