@@ -146,7 +146,8 @@ def test_a_worker_script_keeps_serving_until_sigterm(tmp_path: Path) -> None:
             return {{"processed": True}}
 
         iii.register_function({{"id": "orders::process-order"}}, process_order)
-        assert iii.trigger({{"function_id": "orders::process-order", "payload": {{}}}}) == {{"processed": True}}
+        result = iii.trigger({{"function_id": "orders::process-order", "payload": {{}}}})
+        assert result == {{"processed": True}}
         pathlib.Path({str(ready)!r}).write_text("ok")
         # the script ends here; the worker keeps serving like the iii SDK's does
     """)

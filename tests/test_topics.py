@@ -116,7 +116,7 @@ async def test_a_subscription_registered_while_running_starts_serving() -> None:
 
 def test_bad_subscriptions_are_refused_with_a_clear_error() -> None:
     iii = make_app()
-    with pytest.raises(ValueError, match="needs config.topic"):
+    with pytest.raises(ValueError, match=r"needs config\.topic"):
         iii.register_trigger({"type": "queue", "function_id": "f", "config": {}})
     with pytest.raises(ValueError, match="unknown queue_config key"):
         iii.register_trigger(
