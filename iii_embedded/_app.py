@@ -94,10 +94,14 @@ class III:
         self.topics: dict[str, list[str]] = {}
         """Topic name → the internal queues of its subscribers (see ``_topics``)."""
         from ._builtins import register_builtins
+        from ._http import HttpRouter, HttpServer, install_http
         from ._topics import install_topics
 
+        self.http_router = HttpRouter(self)
+        self.http_server: HttpServer | None = None
         register_builtins(self)
         install_topics(self)
+        install_http(self)
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str], **kwargs: Any) -> III:
@@ -171,6 +175,11 @@ class III:
             raise ValueError(f"unknown trigger type {kind!r} (supported: {known})")
         registrar(self, trigger)
         self.triggers.append(dict(trigger))
+
+    @property
+    def asgi_app(self) -> Any:
+        """The ASGI application serving this app's HTTP triggers (mount it anywhere)."""
+        return self.http_router
 
     def add_queue(self, queue: QueueConfig) -> None:
         """Add a named queue (before or while running). Raises ``ValueError`` if a queue
@@ -474,6 +483,13 @@ class III:
                 await rt.start(tg, portal)
                 self._runtime = rt
                 try:
+                    if self.config.http is not None:
+                        from ._http import HttpServer
+
+                        self.http_server = HttpServer(
+                            self, self.config.http.host, self.config.http.port
+                        )
+                        await self.http_server.start(tg)
                     for hook in self.lifecycle_hooks:
                         result = hook(self, tg)
                         if result is not None:
@@ -482,6 +498,9 @@ class III:
                 finally:
                     with anyio.CancelScope(shield=True):
                         try:
+                            if self.http_server is not None:
+                                await self.http_server.stop()
+                                self.http_server = None
                             await rt.shutdown()
                         finally:
                             self._runtime = None

@@ -1,0 +1,309 @@
+"""HTTP triggers: an ASGI app routing requests to functions, and an optional server.
+
+``register_trigger({"type": "http", "function_id": f, "config": {"api_path": "/orders/:id",
+"http_method": "POST"}})`` routes a method and path (``:name`` segments are path
+parameters) to a function. The handler gets ``{path, method, path_params, query_params,
+headers, body}`` (a JSON body parsed, other bodies as text) and returns
+``{status_code, body, headers?}``.
+
+``iii.asgi_app`` is a plain ASGI 3 application (no framework), so it mounts in any ASGI
+server or framework. When the config enables iii's http worker, the engine serves it
+itself with uvicorn, the optional ``http`` extra, imported only then.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl
+
+import anyio
+import anyio.abc
+
+from ._errors import InvocationError
+
+if TYPE_CHECKING:
+    from ._app import III
+
+__all__ = ["HttpRouter", "install_http", "HttpServer"]
+
+log = logging.getLogger("iii_embedded.http")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+_METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"}
+
+
+class _Route:
+    __slots__ = ("function_id", "method", "parts", "path")
+
+    def __init__(self, method: str, path: str, function_id: str) -> None:
+        self.method = method
+        self.path = path
+        self.parts = [p for p in path.strip("/").split("/") if p]
+        self.function_id = function_id
+
+    def match(self, parts: list[str]) -> dict[str, str] | None:
+        if len(parts) != len(self.parts):
+            return None
+        params: dict[str, str] = {}
+        for pattern, actual in zip(self.parts, parts, strict=True):
+            if pattern.startswith(":"):
+                params[pattern[1:]] = actual
+            elif pattern != actual:
+                return None
+        return params
+
+
+class HttpRouter:
+    """The ASGI application behind ``iii.asgi_app``."""
+
+    def __init__(self, app: III) -> None:
+        self._app = app
+        self._routes: list[_Route] = []
+
+    def add(self, method: str, api_path: str, function_id: str) -> None:
+        """Route ``method api_path`` to ``function_id``."""
+        method = method.upper()
+        if method not in _METHODS:
+            raise ValueError(f"http trigger of {function_id!r}: unknown http_method {method!r}")
+        if not api_path.startswith("/"):
+            raise ValueError(f"http trigger of {function_id!r}: api_path must start with '/'")
+        for route in self._routes:
+            if route.method == method and route.parts == _Route(method, api_path, "").parts:
+                raise ValueError(
+                    f"http route {method} {api_path} is already bound to {route.function_id!r}"
+                )
+        self._routes.append(_Route(method, api_path, function_id))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        parts = [p for p in str(scope.get("path", "/")).strip("/").split("/") if p]
+        method = str(scope.get("method", "GET")).upper()
+        matches = [(r, params) for r in self._routes if (params := r.match(parts)) is not None]
+        if not matches:
+            await _respond(send, 404, {"error": "not found", "path": scope.get("path")})
+            return
+        chosen = [(r, p) for r, p in matches if r.method == method]
+        if not chosen:
+            allowed = ", ".join(sorted({r.method for r, _ in matches}))
+            await _respond(
+                send,
+                405,
+                {"error": "method not allowed", "allowed": allowed},
+                headers={"allow": allowed},
+            )
+            return
+        route, path_params = chosen[0]
+        raw = await _read_body(receive)
+        headers = {
+            k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])
+        }
+        try:
+            body = _decode_body(raw, headers.get("content-type", ""))
+        except ValueError as exc:
+            await _respond(send, 400, {"error": "malformed JSON body", "detail": str(exc)})
+            return
+        request = {
+            "path": scope.get("path", "/"),
+            "method": method,
+            "path_params": path_params,
+            "query_params": _query(scope.get("query_string", b"")),
+            "headers": headers,
+            "body": body,
+        }
+        if not self._app.is_running:
+            await _respond(send, 503, {"error": "the engine is not running"})
+            return
+        try:
+            result = await self._app.trigger_async(route.function_id, request)
+        except InvocationError as exc:
+            if exc.code == "TIMEOUT":
+                await _respond(send, 504, {"error": "the function timed out"})
+                return
+            error_id = str(uuid.uuid4())
+            log.error(
+                "http %s %s -> %r failed (error id %s): %s",
+                method,
+                request["path"],
+                route.function_id,
+                error_id,
+                exc,
+                exc_info=exc.__cause__ or exc,
+            )
+            await _respond(send, 500, {"error": "internal server error", "error_id": error_id})
+            return
+        status, payload, extra = _response_of(result)
+        await _respond(send, status, payload, headers=extra)
+
+    @staticmethod
+    async def _lifespan(receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+async def _read_body(receive: Receive) -> bytes:
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+def _decode_body(raw: bytes, content_type: str) -> Any:
+    if not raw:
+        return None
+    text = raw.decode("utf-8", errors="replace")
+    if "json" in content_type.lower():
+        return json.loads(text)  # ValueError → 400
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _query(query_string: bytes) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True):
+        if key in out:
+            existing = out[key]
+            out[key] = [*existing, value] if isinstance(existing, list) else [existing, value]
+        else:
+            out[key] = value
+    return out
+
+
+def _response_of(result: Any) -> tuple[int, Any, dict[str, str]]:
+    if isinstance(result, Mapping) and "status_code" in result:
+        headers = result.get("headers") or {}
+        return (
+            int(result["status_code"]),
+            result.get("body"),
+            {str(k).lower(): str(v) for k, v in dict(headers).items()},
+        )
+    return 200, result, {}
+
+
+async def _respond(
+    send: Send, status: int, body: Any, headers: Mapping[str, str] | None = None
+) -> None:
+    extra = dict(headers or {})
+    if isinstance(body, bytes):
+        data, content_type = body, "application/octet-stream"
+    elif isinstance(body, str):
+        data, content_type = body.encode(), "text/plain; charset=utf-8"
+    elif body is None and status in (204, 304):
+        data, content_type = b"", ""
+    else:
+        data, content_type = json.dumps(body).encode(), "application/json"
+    if content_type and "content-type" not in extra:
+        extra["content-type"] = content_type
+    extra["content-length"] = str(len(data))
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()],
+        }
+    )
+    await send({"type": "http.response.body", "body": data})
+
+
+class HttpServer:
+    """The engine's own HTTP server (uvicorn), run inside the engine's task group."""
+
+    def __init__(self, app: III, host: str, port: int) -> None:
+        self.app = app
+        self.host = host
+        self.port = port
+        self._server: Any = None
+        self._done = anyio.Event()
+
+    async def start(self, tg: anyio.abc.TaskGroup) -> None:
+        """Start serving; returns once the socket listens (or raises a clear error)."""
+        try:
+            import uvicorn
+        except ImportError:  # pragma: no cover - depends on the environment
+            raise RuntimeError(
+                "the config enables the http worker, which needs uvicorn: "
+                'pip install "iii-embedded[http]"'
+            ) from None
+
+        class _Server(uvicorn.Server):
+            def capture_signals(self) -> Any:  # the engine owns SIGINT/SIGTERM
+                import contextlib
+
+                return contextlib.nullcontext()
+
+        config = uvicorn.Config(
+            self.app.asgi_app,
+            host=self.host,
+            port=self.port,
+            lifespan="off",
+            log_level="warning",
+            access_log=False,
+        )
+        self._server = server = _Server(config)
+
+        async def serve() -> None:
+            try:
+                await server.serve()
+            except SystemExit:
+                log.error("the http server could not start on %s:%s", self.host, self.port)
+            finally:
+                self._done.set()
+
+        tg.start_soon(serve, name="iii-http")
+        while not server.started:
+            if self._done.is_set():
+                raise OSError(f"the http server could not listen on {self.host}:{self.port}")
+            await anyio.sleep(0.005)
+        sockets = [s for srv in server.servers for s in srv.sockets]
+        if sockets:
+            self.port = int(sockets[0].getsockname()[1])
+        log.info("serving http triggers on http://%s:%s", self.host, self.port)
+
+    async def stop(self) -> None:
+        """Stop accepting connections and finish the ones in flight."""
+        if self._server is not None:
+            self._server.should_exit = True
+            with anyio.move_on_after(5):
+                await self._done.wait()
+
+
+def _register_http(app: III, trigger: Mapping[str, Any]) -> None:
+    function_id = trigger.get("function_id")
+    config = trigger.get("config") or {}
+    if not isinstance(function_id, str) or not function_id:
+        raise ValueError("an http trigger needs a 'function_id'")
+    api_path = config.get("api_path") if isinstance(config, Mapping) else None
+    if not isinstance(api_path, str) or not api_path:
+        raise ValueError(f"the http trigger of {function_id!r} needs config.api_path")
+    method = str(config.get("http_method", "GET"))
+    app.http_router.add(method, api_path, function_id)
+
+
+def install_http(app: III) -> None:
+    """Register the ``http`` trigger type and, if configured, the engine's own server."""
+    from ._app import register_trigger_type
+
+    register_trigger_type("http", _register_http)

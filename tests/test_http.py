@@ -1,0 +1,200 @@
+"""HTTP triggers (SPEC §7) over a real socket: routing, request shape, responses, errors."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+from typing import Any
+
+import anyio
+import pytest
+
+from iii_embedded import III, Config, HttpConfig, QueueConfig, TriggerAction
+from iii_embedded.testing import drain
+
+pytestmark = pytest.mark.anyio
+
+
+def request(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        conn.close()
+
+
+async def call(
+    port: int,
+    method: str,
+    path: str,
+    body: Any = None,
+    raw: bytes | None = None,
+    content_type: str = "application/json",
+) -> tuple[int, dict[str, str], Any]:
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    headers = {"content-type": content_type} if data is not None else {}
+    status, response_headers, payload = await anyio.to_thread.run_sync(
+        request, port, method, path, data, headers
+    )
+    if response_headers.get("content-type", "").startswith("application/json"):
+        return status, response_headers, json.loads(payload)
+    return status, response_headers, payload.decode()
+
+
+def make_app() -> III:
+    config = Config(
+        queues={"payment": QueueConfig(name="payment", type="fifo", message_group_field="orderId")},
+        http=HttpConfig(host="127.0.0.1", port=0),
+    )
+    return III(config, shutdown_grace_ms=0)
+
+
+async def test_routes_path_and_query_params_and_json_bodies() -> None:
+    iii = make_app()
+    seen: list[dict[str, Any]] = []
+
+    def show(req: dict[str, Any]) -> dict[str, Any]:
+        seen.append(req)
+        return {
+            "status_code": 200,
+            "body": {"id": req["path_params"]["id"]},
+            "headers": {"x-order": req["path_params"]["id"]},
+        }
+
+    iii.register_function("orders::show", show)
+    iii.register_trigger(
+        {
+            "type": "http",
+            "function_id": "orders::show",
+            "config": {"api_path": "/orders/:id", "http_method": "POST"},
+        }
+    )
+    async with iii.running():
+        assert iii.http_server is not None
+        port = iii.http_server.port
+        status, headers, body = await call(
+            port, "POST", "/orders/42?verbose=1&tag=a&tag=b", {"qty": 2}
+        )
+    assert (status, body, headers["x-order"]) == (200, {"id": "42"}, "42")
+    [req] = seen
+    assert req["path"] == "/orders/42"
+    assert req["method"] == "POST"
+    assert req["path_params"] == {"id": "42"}
+    assert req["query_params"] == {"verbose": "1", "tag": ["a", "b"]}
+    assert req["body"] == {"qty": 2}
+    assert req["headers"]["content-type"] == "application/json"
+
+
+async def test_the_seed_pipeline_answers_201_and_enqueues_the_payment() -> None:
+    iii = make_app()
+    paid: list[Any] = []
+
+    async def create_order(req: dict[str, Any]) -> dict[str, Any]:
+        order = {"orderId": "o-1", **req["body"]}
+        await iii.trigger_async(
+            {
+                "function_id": "orders::process-payment",
+                "payload": order,
+                "action": TriggerAction.Enqueue(queue="payment"),
+            }
+        )
+        return {"status_code": 201, "body": {"orderId": order["orderId"]}}
+
+    iii.register_function("orders::process-payment", paid.append)
+    fn = iii.register_function("orders::create", create_order)
+    iii.register_trigger(
+        {
+            "type": "http",
+            "function_id": fn.id,
+            "config": {"api_path": "/orders", "http_method": "POST"},
+        }
+    )
+    async with iii.running():
+        assert iii.http_server is not None
+        status, _, body = await call(iii.http_server.port, "POST", "/orders", {"total": 9.5})
+        await drain(iii)
+    assert (status, body) == (201, {"orderId": "o-1"})
+    assert paid == [{"orderId": "o-1", "total": 9.5}]
+
+
+async def test_errors_are_json_404_405_400_and_500_with_an_error_id(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    iii = make_app()
+
+    def boom(_: Any) -> None:
+        raise RuntimeError("handler exploded")
+
+    iii.register_function("boom", boom)
+    iii.register_trigger(
+        {
+            "type": "http",
+            "function_id": "boom",
+            "config": {"api_path": "/boom", "http_method": "POST"},
+        }
+    )
+    iii.register_function("text", lambda req: {"status_code": 200, "body": f"got {req['body']}"})
+    iii.register_trigger({"type": "http", "function_id": "text", "config": {"api_path": "/text"}})
+    caplog.set_level(logging.ERROR, logger="iii_embedded.http")
+    async with iii.running():
+        assert iii.http_server is not None
+        port = iii.http_server.port
+        not_found = await call(port, "GET", "/nope")
+        wrong_method = await call(port, "GET", "/boom")
+        malformed = await call(port, "POST", "/boom", raw=b"{not json")
+        failed = await call(port, "POST", "/boom", {"x": 1})
+        text = await call(port, "GET", "/text")
+    assert not_found[0] == 404 and not_found[2]["error"] == "not found"
+    assert wrong_method[0] == 405 and wrong_method[1]["allow"] == "POST"
+    assert malformed[0] == 400 and malformed[2]["error"] == "malformed JSON body"
+    assert failed[0] == 500 and failed[2]["error"] == "internal server error"
+    error_id = failed[2]["error_id"]
+    assert any(
+        error_id in r.getMessage() and "handler exploded" in (r.exc_text or "")
+        for r in caplog.records
+    )
+    assert text[:1] == (200,) and text[2] == "got None"
+
+
+async def test_the_asgi_app_answers_503_when_the_engine_is_not_running() -> None:
+    iii = III()
+    iii.register_function("f", lambda req: 1)
+    iii.register_trigger({"type": "http", "function_id": "f", "config": {"api_path": "/f"}})
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await iii.asgi_app(
+        {"type": "http", "method": "GET", "path": "/f", "headers": []}, receive, send
+    )
+    assert sent[0]["status"] == 503
+
+
+def test_bad_http_triggers_are_refused() -> None:
+    iii = III()
+    with pytest.raises(ValueError, match="api_path"):
+        iii.register_trigger({"type": "http", "function_id": "f", "config": {}})
+    with pytest.raises(ValueError, match="unknown http_method 'FETCH'"):
+        iii.register_trigger(
+            {
+                "type": "http",
+                "function_id": "f",
+                "config": {"api_path": "/x", "http_method": "FETCH"},
+            }
+        )
+    iii.register_trigger({"type": "http", "function_id": "f", "config": {"api_path": "/x"}})
+    with pytest.raises(ValueError, match="already bound"):
+        iii.register_trigger({"type": "http", "function_id": "g", "config": {"api_path": "/x"}})
