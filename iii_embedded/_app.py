@@ -94,6 +94,7 @@ class III:
         self.topics: dict[str, list[str]] = {}
         """Topic name → the internal queues of its subscribers (see ``_topics``)."""
         from ._builtins import register_builtins
+        from ._cron import CronJob, install_cron
         from ._http import HttpRouter, HttpServer, install_http
         from ._topics import install_topics
 
@@ -102,6 +103,8 @@ class III:
         register_builtins(self)
         install_topics(self)
         install_http(self)
+        install_cron(self)
+        self.cron_jobs: list[CronJob] = []
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str], **kwargs: Any) -> III:
@@ -118,13 +121,22 @@ class III:
         *,
         description: str | None = None,
         metadata: Mapping[str, Any] | None = None,
+        cron: str | None = None,
     ) -> Callable[[F], F]:
-        """Decorator: register the decorated sync or async function under ``function_id``."""
+        """Decorator: register the decorated sync or async function under ``function_id``.
+
+        ``cron`` also schedules it (iii's 6- or 7-field form with seconds first, or the
+        classic 5-field form); see :mod:`iii_embedded._cron`.
+        """
 
         def decorate(fn: F) -> F:
             self.register_function(
                 {"id": function_id, "description": description, "metadata": metadata}, fn
             )
+            if cron is not None:
+                self.register_trigger(
+                    {"type": "cron", "function_id": function_id, "config": {"expression": cron}}
+                )
             return fn
 
         return decorate
@@ -490,6 +502,9 @@ class III:
                             self, self.config.http.host, self.config.http.port
                         )
                         await self.http_server.start(tg)
+                    from ._cron import start_cron
+
+                    start_cron(self, tg)
                     for hook in self.lifecycle_hooks:
                         result = hook(self, tg)
                         if result is not None:

@@ -25,7 +25,7 @@ class Invocation:
     """
 
     function_id: str
-    action: Literal["sync", "void", "enqueue"]
+    action: Literal["sync", "void", "enqueue", "cron"]
     receipt_id: str | None = None
     queue: str | None = None
     attempt: int = 1

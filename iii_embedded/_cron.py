@@ -1,0 +1,159 @@
+"""Cron triggers: run a function on a schedule, read from the runtime's clock.
+
+``register_trigger({"type": "cron", "function_id": f, "config": {"expression": e}})`` or
+``@iii.function("id", cron=e)``. Expressions use iii's 6-field form (seconds first), its
+7-field form (seconds first, year last) or the classic 5-field form, parsed by croniter
+(the optional ``cron`` extra, imported only when a cron trigger is registered).
+
+The handler gets ``{"trigger": "cron", "job_id", "scheduled_time", "actual_time"}`` (ISO
+8601, UTC). A run still going when the next fire time comes is not started twice: that
+fire is skipped and logged. If the process was busy (or a test advanced a virtual clock
+far ahead) and several fire times passed, the job fires once, for the latest, rather than
+in a burst.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.abc
+import attrs
+
+from ._context import Invocation, _current
+from ._fastpath import run_handler
+
+if TYPE_CHECKING:
+    from ._app import III
+    from ._runtime import Runtime
+
+__all__ = ["CronJob", "install_cron", "start_cron", "parse_expression"]
+
+log = logging.getLogger("iii_embedded.cron")
+
+
+@attrs.define(frozen=True, kw_only=True)
+class CronJob:
+    """A scheduled function."""
+
+    job_id: str
+    function_id: str
+    expression: str
+
+
+def _croniter() -> Any:
+    try:
+        from croniter import croniter
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise RuntimeError(
+            'cron triggers need croniter: pip install "iii-embedded[cron]"'
+        ) from None
+    return croniter
+
+
+def parse_expression(expression: str, start: float) -> Any:
+    """A croniter iterator over ``expression`` (5, 6 or 7 fields) from ``start``."""
+    croniter = _croniter()
+    fields = expression.split()
+    if len(fields) not in (5, 6, 7):
+        raise ValueError(
+            f"cron expression {expression!r} has {len(fields)} fields; expected 5 "
+            "(min hour day month weekday), 6 (iii: seconds first) or 7 (… and year)"
+        )
+    base = dt.datetime.fromtimestamp(start, dt.UTC)
+    try:
+        return croniter(expression, base, second_at_beginning=len(fields) >= 6)
+    except (ValueError, KeyError) as exc:
+        raise ValueError(f"invalid cron expression {expression!r}: {exc}") from None
+
+
+def _iso(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+def _register_cron(app: III, trigger: Mapping[str, Any]) -> None:
+    function_id = trigger.get("function_id")
+    config = trigger.get("config") or {}
+    expression = config.get("expression") if isinstance(config, Mapping) else None
+    if not isinstance(function_id, str) or not function_id:
+        raise ValueError("a cron trigger needs a 'function_id'")
+    if not isinstance(expression, str) or not expression.strip():
+        raise ValueError(f"the cron trigger of {function_id!r} needs config.expression")
+    parse_expression(expression, 0.0)  # fail now, naming the expression
+    job_id = str(trigger.get("id") or config.get("job_id") or f"cron::{function_id}")
+    job = CronJob(job_id=job_id, function_id=function_id, expression=expression)
+    app.cron_jobs.append(job)
+    if app.is_running:
+        rt = app.runtime
+        if rt.portal is not None:
+            rt.portal.start_task_soon(run_schedule, rt, job, rt.clock.now())
+
+
+async def run_schedule(rt: Runtime, job: CronJob, start: float) -> None:
+    """Fire ``job`` at each time of its schedule after ``start`` until the runtime stops.
+
+    ``start`` is taken when the schedule is started, not when this task first runs, so
+    no fire time is lost in between."""
+    clock = rt.clock
+    schedule = parse_expression(job.expression, start)
+    busy = False
+
+    async def fire(scheduled: float) -> None:
+        nonlocal busy
+        spec = rt.registry.get(job.function_id)
+        token = _current.set(Invocation(function_id=job.function_id, action="cron"))
+        try:
+            if spec is None:
+                log.error("cron job %r: function %r is not registered", job.job_id, job.function_id)
+                return
+            payload = {
+                "trigger": "cron",
+                "job_id": job.job_id,
+                "scheduled_time": _iso(scheduled),
+                "actual_time": _iso(clock.now()),
+            }
+            coro = spec.handler(payload) if spec.is_async else rt.threads.run(spec.handler, payload)
+            await run_handler(coro, call_at=clock.call_at, deadline=None)
+        except Exception:
+            log.exception("cron job %r (%s) failed", job.job_id, job.function_id)
+        finally:
+            _current.reset(token)
+            busy = False
+
+    async with anyio.create_task_group() as tg:
+        while not rt.stopping:
+            scheduled = float(schedule.get_next(float))
+            await clock.sleep_until(scheduled)
+            if rt.stopping:
+                break
+            now = clock.now()
+            if float(schedule.get_current(float)) < now:
+                # Fire times were missed: fire once, then continue from now.
+                schedule = parse_expression(job.expression, now)
+            if busy:
+                log.info(
+                    "cron job %r skipped at %s: its previous run is still going",
+                    job.job_id,
+                    _iso(scheduled),
+                )
+                continue
+            busy = True
+            tg.start_soon(fire, scheduled)
+
+
+def start_cron(app: III, tg: anyio.abc.TaskGroup) -> None:
+    """Start every registered schedule in the engine's task group."""
+    rt = app.runtime
+    now = rt.clock.now()
+    for job in app.cron_jobs:
+        tg.start_soon(run_schedule, rt, job, now, name=f"iii-cron[{job.job_id}]")
+
+
+def install_cron(app: III) -> None:
+    """Register the ``cron`` trigger type."""
+    from ._app import register_trigger_type
+
+    register_trigger_type("cron", _register_cron)
