@@ -8,12 +8,15 @@ connection. The address and options are accepted for compatibility and ignored.
 Like the real SDK, a program that registers functions and reaches the end of its script
 keeps serving: a non-daemon keeper thread holds the process until the engine is shut down
 — by ``iii.shutdown()``, SIGTERM, or SIGINT (Ctrl-C), both of which shut down gracefully.
+A script that dies of an uncaught exception shuts the worker down too, after the
+traceback is printed, instead of leaving a process that serves with its script gone.
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 from collections.abc import Mapping
 from types import FrameType
@@ -59,6 +62,14 @@ def _keep_serving(app: III) -> None:
     app.on_shutdown(stopped.set)
     keeper = threading.Thread(target=stopped.wait, name="iii-register-worker", daemon=False)
     keeper.start()
+    # A script that dies of an uncaught error must not leave the worker serving silently.
+    previous_hook = sys.excepthook
+
+    def excepthook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        previous_hook(kind, value, tb)
+        app.shutdown()
+
+    sys.excepthook = excepthook
     if threading.current_thread() is not threading.main_thread():
         return
     previous: dict[int, Any] = {}

@@ -178,3 +178,19 @@ def test_register_worker_calls_in_one_process_share_one_engine(worker: III) -> N
     assert other is worker
     other.register_function("shared::fn", lambda d: d * 2)
     assert worker.trigger({"function_id": "shared::fn", "payload": 21}) == 42
+
+
+def test_a_worker_script_that_crashes_exits_instead_of_serving(tmp_path: Path) -> None:
+    script = tmp_path / "crash.py"
+    script.write_text(
+        textwrap.dedent("""
+        from iii_embedded import register_worker
+        iii = register_worker()
+        raise RuntimeError("the script has a bug")
+    """)
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode == 1
+    assert "RuntimeError: the script has a bug" in proc.stderr

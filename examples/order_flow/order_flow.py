@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import sys
 import threading
-import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 from iii_embedded import III, Logger, TriggerAction, current_invocation
+from iii_embedded.testing import drain_blocking
 
 HERE = Path(__file__).resolve().parent
 ORDERS = [
@@ -94,25 +94,12 @@ async def track(event: dict[str, Any]) -> None:
     say(f"  analytics: {event['event']} {event['orderId']}")
 
 
-def wait_until_idle(timeout: float = 30.0) -> None:
-    """Wait until no queue has ready, delayed or running jobs (a status poll, not a fixed
-    sleep: this is what an operator's dashboard would watch)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        stats = iii.stats()
-        busy = sum(s.ready + s.delayed + s.running for s in stats.values())
-        if busy == 0:
-            return
-        time.sleep(0.05)
-    raise SystemExit("the queues did not go idle in time")
-
-
 def main() -> int:
     print(f"store: {iii.config.store.file_path}\n")
     with iii:  # start the engine in a background thread; shut it down gracefully at the end
         for order in ORDERS:
             iii.trigger({"function_id": "orders::create", "payload": order})
-        wait_until_idle()
+        drain_blocking(iii)  # until every queue is idle and no Void call is in flight
         stats = iii.stats()
     print()
     for name in ("payment", "email"):

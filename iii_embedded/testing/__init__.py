@@ -30,7 +30,15 @@ from .._clock import VirtualClock
 from .._stats import DeadJob
 from .._stores import Job
 
-__all__ = ["VirtualClock", "drain", "queued_jobs", "running_jobs", "dead_jobs", "DrainTimeout"]
+__all__ = [
+    "VirtualClock",
+    "drain",
+    "drain_blocking",
+    "queued_jobs",
+    "running_jobs",
+    "dead_jobs",
+    "DrainTimeout",
+]
 
 
 class DrainTimeout(TimeoutError):
@@ -70,6 +78,14 @@ async def drain(app: III, *, timeout: float = 30.0, max_advance_s: float = math.
             raise
     if scope.cancelled_caught:  # pragma: no cover - fail_after raises
         raise DrainTimeout(f"queues still busy after {timeout} s")
+
+
+def drain_blocking(app: III, *, timeout: float = 30.0) -> None:
+    """:func:`drain` for synchronous code, with the engine started by ``app.start()`` (or
+    ``register_worker``): blocks until every queue is idle and no Void call is in flight."""
+    portal = app.runtime.portal
+    assert portal is not None
+    portal.call(lambda: drain(app, timeout=timeout))
 
 
 async def queued_jobs(app: III, queue: str | None = None) -> list[Job]:

@@ -1,0 +1,43 @@
+"""Migrating from topic queues to named queues (iii's "Use Queues" guide).
+
+Old: publish to a topic with the `enqueue` function and consume with a `queue` trigger.
+New: enqueue straight to the function on a named queue. Both run side by side here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from iii_embedded import III, Config, QueueConfig, TriggerAction
+
+
+def build() -> tuple[III, list[tuple[str, Any]]]:
+    iii = III(Config(queues={"payment": QueueConfig(name="payment")}), shutdown_grace_ms=0)
+    received: list[tuple[str, Any]] = []
+
+    def process_payment(order: dict[str, Any]) -> None:
+        received.append(("orders::process-payment", order))
+
+    iii.register_function("orders::process-payment", process_payment)
+    # Old: register a queue trigger to consume the topic.
+    iii.register_trigger(
+        {
+            "type": "queue",
+            "function_id": "orders::process-payment",
+            "config": {"topic": "order.created"},
+        }
+    )
+    return iii, received
+
+
+def publish_old_and_new(iii: III, order: dict[str, Any]) -> None:
+    # Old: enqueue via trigger with a topic.
+    iii.trigger({"function_id": "enqueue", "payload": {"topic": "order.created", "data": order}})
+    # New: enqueue directly to the target function via a named queue.
+    iii.trigger(
+        {
+            "function_id": "orders::process-payment",
+            "payload": order,
+            "action": TriggerAction.Enqueue(queue="payment"),
+        }
+    )

@@ -1,0 +1,151 @@
+"""Each example under examples/ runs and shows its documented outcome."""
+
+from __future__ import annotations
+
+import http.client
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import anyio
+import pytest
+
+from iii_embedded.testing import VirtualClock, drain, drain_blocking
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load(relative: str) -> ModuleType:
+    path = EXAMPLES / relative
+    spec = importlib.util.spec_from_file_location(path.stem + "_example", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.anyio
+async def test_ledger_applies_each_accounts_transactions_in_order() -> None:
+    ledger = load("ledger/ledger.py")
+    clock = VirtualClock()
+    iii, db = ledger.build(clock)
+    async with iii.running():
+        for account, kind, amount in [
+            ("acct_A", "deposit", 100.0),
+            ("acct_B", "deposit", 20.0),
+            ("acct_A", "withdraw", 70.0),
+            ("acct_B", "withdraw", 5.0),
+            ("acct_A", "withdraw", 30.0),
+        ]:
+            response = await iii.trigger_async(
+                "transactions::submit",
+                {"body": {"account_id": account, "type": kind, "amount": amount}},
+            )
+            assert response["status_code"] == 202
+        await drain(iii)
+        stats = await iii.queue_stats_async("ledger")
+    a = [(kind, amount) for acct, kind, amount in db.applied if acct == "acct_A"]
+    assert a == [("deposit", 100.0), ("withdraw", 70.0), ("withdraw", 30.0)]
+    assert db.query("SELECT balance FROM accounts WHERE id = %s", ("acct_A",)) == 0.0
+    assert db.query("SELECT balance FROM accounts WHERE id = %s", ("acct_B",)) == 15.0
+    assert stats.failed == 0  # the deposit is always applied before the withdrawal
+
+
+@pytest.mark.anyio
+async def test_ledger_retries_an_unfunded_withdrawal_in_place() -> None:
+    ledger = load("ledger/ledger.py")
+    clock = VirtualClock()
+    iii, db = ledger.build(clock)
+    async with iii.running():
+        for kind, amount in [("withdraw", 40.0), ("deposit", 1.0)]:
+            await iii.trigger_async(
+                "transactions::submit",
+                {"body": {"account_id": "acct_A", "type": kind, "amount": amount}},
+            )
+        await drain(iii, max_advance_s=1.4)  # attempts at 0, 0.5 s: insufficient funds
+        assert db.applied == []
+        db.execute("UPDATE accounts SET balance = %s WHERE id = %s", (40.0, "acct_A"))
+        await drain(iii)
+        stats = await iii.queue_stats_async("ledger")
+    assert db.applied == [("acct_A", "withdraw", 40.0), ("acct_A", "deposit", 1.0)]
+    assert (stats.failed, stats.dead) == (2, 0)  # 0 s and 0.5 s fail; the 1.5 s try succeeds
+
+
+@pytest.mark.anyio
+async def test_bulk_email_keeps_at_most_three_in_flight_and_retries() -> None:
+    bulk = load("bulk_email/bulk_email.py")
+    provider = bulk.SmtpProvider(flaky="user3@example.com")
+    clock = VirtualClock()
+    iii = bulk.build(provider, clock)
+    recipients = [{"email": f"user{n}@example.com"} for n in range(12)]
+    async with iii.running():
+        result = await iii.trigger_async(
+            "campaigns::launch",
+            {"recipients": recipients, "subject": "Spring sale", "body": "..."},
+        )
+        await drain(iii)
+        stats = await iii.queue_stats_async("bulk-email")
+    assert result == {"enqueued": 12}
+    assert sorted(provider.sent) == sorted(r["email"] for r in recipients)
+    assert provider.peak == 3
+    assert (stats.completed, stats.retried) == (12, 1)
+
+
+def post(port: int, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request(
+            "POST", path, body=json.dumps(body), headers={"content-type": "application/json"}
+        )
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+@pytest.mark.anyio
+async def test_http_pipeline_answers_201_and_the_payment_receives_the_order() -> None:
+    pipeline = load("http_pipeline/pipeline.py")
+    iii, seen = pipeline.build(port=0)
+    async with iii.running():
+        assert iii.http_server is not None
+        status, body = await anyio.to_thread.run_sync(
+            post, iii.http_server.port, "/orders", {"total": 42.5, "email": "ada@example.com"}
+        )
+        await drain(iii)
+    assert status == 201
+    order_id = body["orderId"]
+    assert seen["payments"] == [{"orderId": order_id, "amount": 42.5, "currency": "USD"}]
+    assert seen["emails"] == [{"email": "ada@example.com", "orderId": order_id}]
+    assert seen["analytics"] == [{"event": "order_created", "orderId": order_id}]
+
+
+def test_topic_migration_delivers_old_and_new_style() -> None:
+    migration = load("topic_migration/topic_migration.py")
+    iii, received = migration.build()
+    with iii:
+        migration.publish_old_and_new(iii, {"id": "o-9", "total": 3})
+        drain_blocking(iii)
+    assert received == [("orders::process-payment", {"id": "o-9", "total": 3})] * 2
+
+
+def test_use_queues_runs_the_guides_calls_end_to_end() -> None:
+    proc = subprocess.run(
+        [sys.executable, "use_queues.py"],
+        cwd=EXAMPLES / "use_queues",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("Order created ")
+    order_id = lines[0].split()[-1]
+    assert f"process-order {order_id}" in lines
+    assert f"notification payment-confirmed {order_id}" in lines
+    assert "payment txn-abc-123 49.99 USD" in lines
+    assert "email to user@example.com: Hello" in lines
