@@ -39,6 +39,7 @@ from ._errors import RetryAfter as RetryAfter
 from ._errors import RunFailedError as RunFailedError
 from ._errors import StoreError as StoreError
 from ._errors import StoreVersionError as StoreVersionError
+from ._logging import JsonFormatter as JsonFormatter
 from ._registry import FunctionRef as FunctionRef
 from ._runs import BatchResult as BatchResult
 from ._runs import CancelResult as CancelResult
@@ -87,6 +88,7 @@ __all__ = [
     "CancelResult",
     "Runs",
     # inspection
+    "JsonFormatter",
     "QueueStats",
     "DeadJob",
     "ErrorInfo",

@@ -9,6 +9,7 @@ inside an existing anyio/asyncio program, ``iii.run()`` as the main program, or
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import signal
@@ -85,6 +86,9 @@ class III:
         self.hooks: dict[str, list[Callable[..., Any]]] = {}
         self.triggers: list[dict[str, Any]] = []
         self.lifecycle_hooks: list[Callable[[III, anyio.abc.TaskGroup], Any]] = []
+        """Called as ``hook(app, task_group)`` once the engine runs (awaited if it returns
+        an awaitable): start your own tasks in the engine's task group, or signal
+        readiness."""
         self._runtime: Runtime | None = None
         self._thread_cm: AbstractContextManager[Any] | None = None
         self._portal_cm: AbstractContextManager[BlockingPortal] | None = None
@@ -507,7 +511,7 @@ class III:
                     start_cron(self, tg)
                     for hook in self.lifecycle_hooks:
                         result = hook(self, tg)
-                        if result is not None:
+                        if inspect.isawaitable(result):
                             await result
                     yield self
                 finally:

@@ -394,44 +394,67 @@ class Runtime:
             raise InvocationError("enqueue_error", f"Queue '{action.queue}' not found")
         if function_id not in self.registry:
             raise InvocationError("enqueue_error", f"Function '{function_id}' not found")
-        if action.delay_ms < 0:
-            raise InvocationError("enqueue_error", f"delay_ms must be >= 0, got {action.delay_ms}")
-        max_attempts = queue.max_attempts
-        if action.max_attempts is not None:
-            if action.max_attempts < 1:
-                raise InvocationError(
-                    "enqueue_error", f"max_attempts must be >= 1, got {action.max_attempts}"
-                )
-            max_attempts = action.max_attempts
-        now = self.clock.now()
-        available_at = now + action.delay_ms / 1000
-        jobs: list[NewJob] = []
-        for index, payload in enumerate(payloads):
-            where = f"item {index}: " if batch else ""
-            group = _group_of(queue, payload, where)
-            try:
-                text = encode_json(payload)
-            except (TypeError, ValueError) as exc:
-                raise InvocationError(
-                    "enqueue_error", f"{where}payload is not JSON-serialisable: {exc}"
-                ) from exc
-            key = action.idempotency_key
-            if idempotency_keys is not None:
-                key = idempotency_keys[index]
-            jobs.append(
-                NewJob(
-                    id=new_receipt_id(),
-                    queue=queue.name,
-                    function_id=function_id,
-                    payload=text,
-                    group=group,
-                    created_at=now,
-                    available_at=available_at,
-                    max_attempts=max_attempts,
-                    idempotency_key=key,
-                )
+        return new_jobs(
+            queue,
+            function_id,
+            payloads,
+            action,
+            self.clock.now(),
+            batch=batch,
+            idempotency_keys=idempotency_keys,
+        )
+
+
+def new_jobs(
+    queue: QueueConfig,
+    function_id: str,
+    payloads: Sequence[Any],
+    action: EnqueueAction,
+    now: float,
+    *,
+    batch: bool,
+    idempotency_keys: Sequence[str | None] | None = None,
+) -> list[NewJob]:
+    """Validate payloads for ``queue`` and build their jobs (also used by the CLI, which
+    enqueues into a store without an app). Raises ``InvocationError("enqueue_error")``
+    naming the bad item (by index for batches)."""
+    if action.delay_ms < 0:
+        raise InvocationError("enqueue_error", f"delay_ms must be >= 0, got {action.delay_ms}")
+    max_attempts = queue.max_attempts
+    if action.max_attempts is not None:
+        if action.max_attempts < 1:
+            raise InvocationError(
+                "enqueue_error", f"max_attempts must be >= 1, got {action.max_attempts}"
             )
-        return jobs
+        max_attempts = action.max_attempts
+    available_at = now + action.delay_ms / 1000
+    jobs: list[NewJob] = []
+    for index, payload in enumerate(payloads):
+        where = f"item {index}: " if batch else ""
+        group = _group_of(queue, payload, where)
+        try:
+            text = encode_json(payload)
+        except (TypeError, ValueError) as exc:
+            raise InvocationError(
+                "enqueue_error", f"{where}payload is not JSON-serialisable: {exc}"
+            ) from exc
+        key = action.idempotency_key
+        if idempotency_keys is not None:
+            key = idempotency_keys[index]
+        jobs.append(
+            NewJob(
+                id=new_receipt_id(),
+                queue=queue.name,
+                function_id=function_id,
+                payload=text,
+                group=group,
+                created_at=now,
+                available_at=available_at,
+                max_attempts=max_attempts,
+                idempotency_key=key,
+            )
+        )
+    return jobs
 
 
 def _group_of(queue: QueueConfig, payload: Any, where: str) -> str | None:

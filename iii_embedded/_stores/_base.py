@@ -134,6 +134,8 @@ class QueueCounts:
     running: int = 0
     held: int = 0
     dead: int = 0
+    completed: int = 0
+    """Completed runs still kept (within the result retention)."""
     oldest_ready_at: float | None = None
 
 

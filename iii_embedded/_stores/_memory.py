@@ -508,7 +508,15 @@ class MemoryStore:
         for row in self._rows.values():
             c = acc.setdefault(
                 row.queue,
-                {"ready": 0, "delayed": 0, "running": 0, "held": 0, "dead": 0, "oldest": None},
+                {
+                    "ready": 0,
+                    "delayed": 0,
+                    "running": 0,
+                    "held": 0,
+                    "dead": 0,
+                    "completed": 0,
+                    "oldest": None,
+                },
             )
             if row.state == "queued":
                 if row.available_at <= now:
@@ -518,7 +526,7 @@ class MemoryStore:
                         c["oldest"] = row.available_at
                 else:
                     c["delayed"] = int(c["delayed"] or 0) + 1
-            elif row.state in ("running", "held", "dead"):
+            elif row.state in ("running", "held", "dead", "completed"):
                 c[row.state] = int(c[row.state] or 0) + 1
         result: dict[str, QueueCounts] = {}
         for name, c in acc.items():
@@ -529,6 +537,7 @@ class MemoryStore:
                 running=int(c["running"] or 0),
                 held=int(c["held"] or 0),
                 dead=int(c["dead"] or 0),
+                completed=int(c["completed"] or 0),
                 oldest_ready_at=float(oldest) if oldest is not None else None,
             )
         return result

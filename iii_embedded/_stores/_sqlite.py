@@ -979,8 +979,10 @@ class SQLiteStore:
                 "SUM(state = 'queued' AND available_at <= :now), "
                 "SUM(state = 'queued' AND available_at > :now), "
                 "SUM(state = 'running'), SUM(state = 'held'), SUM(state = 'dead'), "
+                "SUM(state = 'completed'), "
                 "MIN(CASE WHEN state = 'queued' AND available_at <= :now THEN available_at END) "
-                "FROM jobs WHERE state IN ('queued', 'running', 'held', 'dead') GROUP BY queue",
+                "FROM jobs WHERE state IN ('queued', 'running', 'held', 'dead', 'completed') "
+                "GROUP BY queue",
                 {"now": now},
             ).fetchall()
             return {
@@ -990,7 +992,8 @@ class SQLiteStore:
                     running=r[3] or 0,
                     held=r[4] or 0,
                     dead=r[5] or 0,
-                    oldest_ready_at=r[6],
+                    completed=r[6] or 0,
+                    oldest_ready_at=r[7],
                 )
                 for r in rows
             }

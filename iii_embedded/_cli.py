@@ -1,0 +1,617 @@
+"""The ``iii-embedded`` command: run an app, check a config, look at queues, work the DLQ,
+trigger functions, inspect runs — on a file store, safely while apps use it.
+
+A user's mistake (no such queue, bad JSON, missing store, unknown id) is one line on stderr
+and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import anyio
+import attrs
+
+from ._actions import EnqueueAction
+from ._config import Config, StoreConfig
+from ._config_loader import find_config
+from ._errors import ConfigError, InvocationError, StoreError
+from ._runtime import new_jobs
+from ._stats import DeadJob, QueueStats
+from ._stores import QueueCounts, Store, open_store
+from ._stores._sqlite import DB_FILENAME
+
+__all__ = ["main"]
+
+T = TypeVar("T")
+CHUNK = 500
+
+
+class UsageError(Exception):
+    """A user mistake: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message} (see --help)")
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = []
+    for n, row in enumerate(cells):
+        lines.append(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            ).rstrip()
+        )
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _seconds(ms: float) -> str:
+    s = ms / 1000
+    if s >= 3600:
+        return f"{s / 3600:g}h"
+    if s >= 60:
+        return f"{s / 60:g}m"
+    return f"{s:g}s"
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return _seconds(round(seconds, 1) * 1000)
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, default=str))
+
+
+# --- configuration and stores ------------------------------------------------------------
+
+
+def _config(args: argparse.Namespace) -> Config:
+    try:
+        return find_config(args.config) if args.config else find_config()
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _store_dir(args: argparse.Namespace, *, create: bool = False) -> Path:
+    if getattr(args, "store", None):
+        directory = Path(args.store)
+    else:
+        config = _config(args)
+        if config.store.store_method != "file_based" or not config.store.file_path:
+            where = config.source or "the default config"
+            raise UsageError(
+                f"{where} uses an in-memory store; nothing to inspect from outside the app "
+                "(use --store DIR or a config with a file_based store)"
+            )
+        directory = Path(config.store.file_path)
+    if not create and not (directory / DB_FILENAME).is_file():
+        raise UsageError(f"no store at {directory} (no {DB_FILENAME} there)")
+    return directory
+
+
+def _with_store(
+    args: argparse.Namespace, fn: Callable[[Store], Awaitable[T]], *, create: bool = False
+) -> T:
+    """Open the store (an existing one, unless ``create``), run ``fn`` on it, close it."""
+    directory = _store_dir(args, create=create)
+
+    async def go() -> T:
+        store = open_store(StoreConfig(store_method="file_based", file_path=str(directory)))
+        await store.open()
+        try:
+            return await fn(store)
+        finally:
+            await store.aclose()
+
+    try:
+        return anyio.run(go)
+    except StoreError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _queue_names(args: argparse.Namespace, counts: dict[str, QueueCounts]) -> list[str]:
+    names = set(counts)
+    if not getattr(args, "store", None) or args.config:
+        names |= set(_config(args).queues)
+    return sorted(names)
+
+
+def _known_queue(args: argparse.Namespace, store: Store, queue: str) -> Awaitable[None]:
+    async def check() -> None:
+        counts = await store.counts(time.time())
+        if queue not in _queue_names(args, counts):
+            raise UsageError(f"Queue '{queue}' not found")
+
+    return check()
+
+
+# --- commands ---------------------------------------------------------------------------
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = _config(args)
+    rows = []
+    for q in sorted(config.queues.values(), key=lambda q: q.name):
+        delays = [_seconds(q.backoff_delay_ms(n)) for n in range(1, min(q.max_attempts, 6))]
+        if q.max_attempts > 6:
+            delays.append("...")
+        rows.append(
+            [
+                q.name,
+                q.type,
+                q.concurrency,
+                q.max_attempts,
+                " ".join(delays) or "-",
+                q.message_group_field or "-",
+            ]
+        )
+    store = config.store
+    where = store.file_path if store.store_method == "file_based" else "memory"
+    if args.json:
+        _print_json(
+            {
+                "source": config.source,
+                "store": attrs.asdict(store),
+                "queues": [attrs.asdict(q) for q in config.queues.values()],
+            }
+        )
+        return 0
+    print(f"config: {config.source or '(defaults)'}  store: {store.store_method} ({where})")
+    print(_table(["queue", "type", "concurrency", "attempts", "backoff", "group field"], rows))
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> list[QueueStats]:
+    async def read(store: Store) -> list[QueueStats]:
+        now = time.time()
+        counts = await store.counts(now)
+        config = _config(args) if (args.config or not args.store) else Config()
+        out = []
+        for name in _queue_names(args, counts):
+            q = config.queues.get(name)
+            out.append(
+                QueueStats.build(
+                    queue=name,
+                    type=q.type if q else "-",
+                    concurrency=q.concurrency if q else 0,
+                    counts=counts.get(name, QueueCounts()),
+                    now=now,
+                    completed=counts.get(name, QueueCounts()).completed,
+                )
+            )
+        return out
+
+    return _with_store(args, read)
+
+
+def cmd_queues(args: argparse.Namespace) -> int:
+    previous: dict[str, tuple[float, int]] = {}
+    iterations = args.iterations if args.iterations else (None if args.watch else 1)
+    n = 0
+    while iterations is None or n < iterations:
+        stats = _stats(args)
+        now = time.monotonic()
+        rows = []
+        for s in stats:
+            rate = None
+            if s.queue in previous:
+                t0, c0 = previous[s.queue]
+                rate = f"{max(0, s.completed - c0) / max(now - t0, 1e-9):.1f}/s"
+            previous[s.queue] = (now, s.completed)
+            rows.append(
+                [
+                    s.queue,
+                    s.ready,
+                    s.delayed,
+                    s.running,
+                    s.held,
+                    s.dead,
+                    _age(s.oldest_ready_age_s),
+                    rate if args.watch else None,
+                ]
+            )
+        if args.json:
+            _print_json([attrs.asdict(s) for s in stats])
+        else:
+            if args.watch and sys.stdout.isatty():
+                print("\033[2J\033[H", end="")
+            print(
+                _table(
+                    [
+                        "queue",
+                        "ready",
+                        "delayed",
+                        "running",
+                        "held",
+                        "dead",
+                        "oldest ready",
+                        "throughput",
+                    ],
+                    rows,
+                )
+            )
+        n += 1
+        if iterations is None or n < iterations:
+            time.sleep(args.interval)
+    return 0
+
+
+def cmd_dlq_list(args: argparse.Namespace) -> int:
+    async def read(store: Store) -> list[DeadJob]:
+        await _known_queue(args, store, args.queue)
+        return [DeadJob.from_job(j) for j in await store.list_dead(args.queue, limit=args.limit)]
+
+    dead = _with_store(args, read)
+    if args.json:
+        _print_json([d.to_iii() | {"error_type": d.error.type if d.error else None} for d in dead])
+        return 0
+    if not dead:
+        print(f"the dead-letter queue of '{args.queue}' is empty")
+        return 0
+    print(
+        _table(
+            ["id", "function", "attempts", "failed at", "error"],
+            [
+                [
+                    d.id,
+                    d.function_id,
+                    d.attempts,
+                    time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d.last_failed_at or 0)),
+                    (str(d.error) if d.error else "-")[:60],
+                ]
+                for d in dead
+            ],
+        )
+    )
+    return 0
+
+
+def cmd_dlq_show(args: argparse.Namespace) -> int:
+    async def read(store: Store) -> DeadJob:
+        await _known_queue(args, store, args.queue)
+        job = await store.get(args.id)
+        if job is None or job.queue != args.queue or job.state != "dead":
+            raise UsageError(f"no dead job {args.id} in queue '{args.queue}'")
+        return DeadJob.from_job(job)
+
+    dead = _with_store(args, read)
+    if args.json:
+        _print_json(attrs.asdict(dead))
+        return 0
+
+    def when(t: float | None) -> str:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+    print(f"id:            {dead.id}")
+    print(f"queue:         {dead.queue}")
+    print(f"function:      {dead.function_id}")
+    print(f"attempts:      {dead.attempts}")
+    print(f"first failure: {when(dead.first_failed_at)}")
+    print(f"last failure:  {when(dead.last_failed_at)}")
+    print(f"payload:       {json.dumps(dead.payload)}")
+    if dead.error is not None:
+        print(f"error:         {dead.error.type}: {dead.error.message}")
+        if dead.error.traceback:
+            print()
+            print(dead.error.traceback.rstrip())
+    return 0
+
+
+def _progress(label: str, done: int, total: int, enabled: bool) -> None:
+    if not enabled or total <= 0:
+        return
+    width = 30
+    filled = int(width * min(done, total) / total)
+    sys.stderr.write(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
+    if done >= total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+def _dlq_bulk(args: argparse.Namespace, verb: str) -> int:
+    if bool(args.ids) == bool(args.all):
+        raise UsageError(f"dlq {verb}: give job ids or --all (not both)")
+    show = args.progress or sys.stderr.isatty()
+
+    async def work(store: Store) -> int:
+        await _known_queue(args, store, args.queue)
+        now = time.time()
+        # Chunks of CHUNK ids, one transaction each: an interruption leaves every chunk
+        # fully done or not started, and running the command again continues with the rest.
+        if args.all:
+            total = (await store.counts(now)).get(args.queue, QueueCounts()).dead
+            done = 0
+            while True:
+                ids = [j.id for j in await store.list_dead(args.queue, limit=CHUNK)]
+                if not ids:
+                    break
+                done += len(await _apply(store, verb, args.queue, ids, now))
+                _progress(verb, done, max(total, done), show)
+            return done
+        total, done = len(args.ids), 0
+        for start in range(0, total, CHUNK):
+            done += len(await _apply(store, verb, args.queue, args.ids[start : start + CHUNK], now))
+            _progress(verb, start + CHUNK, total, show)
+        missing = total - done
+        if missing:
+            print(
+                f"{missing} id(s) were not in the dead-letter queue of '{args.queue}'",
+                file=sys.stderr,
+            )
+        return done
+
+    count = _with_store(args, work)
+    past = "redriven" if verb == "redrive" else "discarded"
+    if args.json:
+        _print_json({"queue": args.queue, past: count})
+    else:
+        print(f"{past} {count} job(s) of '{args.queue}'")
+    return 0
+
+
+async def _apply(store: Store, verb: str, queue: str, ids: Sequence[str], now: float) -> list[str]:
+    if verb == "redrive":
+        return await store.redrive(queue, ids, now)
+    return await store.discard(queue, ids)
+
+
+def cmd_dlq_redrive(args: argparse.Namespace) -> int:
+    return _dlq_bulk(args, "redrive")
+
+
+def cmd_dlq_discard(args: argparse.Namespace) -> int:
+    return _dlq_bulk(args, "discard")
+
+
+def _payload(args: argparse.Namespace) -> Any:
+    if args.payload is None:
+        return None
+    try:
+        return json.loads(args.payload)
+    except ValueError as exc:
+        raise UsageError(f"--payload is not valid JSON: {exc}") from None
+
+
+def _import_app(spec: str) -> Any:
+    from ._app import III
+
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise UsageError(f"expected MODULE:APP (like 'myapp:iii'), got {spec!r}")
+    sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UsageError(f"cannot import {module_name!r}: {exc}") from None
+    app = getattr(module, attr, None)
+    if not isinstance(app, III):
+        raise UsageError(f"{spec!r} is not an III app (found {type(app).__name__})")
+    return app
+
+
+def cmd_trigger(args: argparse.Namespace) -> int:
+    payload = _payload(args)
+    if args.app:
+        app = _import_app(args.app)
+        if args.config:
+            app.config = _config(args)
+        app.start()
+        try:
+            action = EnqueueAction(queue=args.queue) if args.queue else None
+            result = app.trigger(args.function_id, payload, action=action)
+        except InvocationError as exc:
+            raise UsageError(str(exc)) from None
+        finally:
+            app.shutdown()
+        _print_json(result)
+        return 0
+    queue_name = args.queue or "default"
+    config = _config(args)
+    queue = config.queues.get(queue_name)
+    if queue is None:
+        raise UsageError(f"Queue '{queue_name}' not found")
+    try:
+        jobs = new_jobs(
+            queue,
+            args.function_id,
+            [payload],
+            EnqueueAction(queue=queue_name),
+            time.time(),
+            batch=False,
+        )
+    except InvocationError as exc:
+        raise UsageError(str(exc)) from None
+    ids = _with_store(args, lambda store: store.enqueue(jobs), create=True)
+    _print_json({"messageReceiptId": ids[0]})
+    return 0
+
+
+def cmd_runs_show(args: argparse.Namespace) -> int:
+    from ._runs import Run
+
+    job = _with_store(args, lambda store: store.get(args.id))
+    if job is None:
+        raise UsageError(f"no run {args.id}")
+    run = Run.from_job(job, time.time())
+    if args.json:
+        _print_json(attrs.asdict(run))
+        return 0
+    for key, value in attrs.asdict(run).items():
+        if key == "error" and value:
+            value = f"{value['type']}: {value['message']}"
+        print(f"{key + ':':14} {json.dumps(value) if key == 'output' else value}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    app = _import_app(args.app)
+    if args.config:
+        app.config = _config(args)
+    app.run()
+    return 0
+
+
+# --- the parser ---------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="iii-embedded",
+        description="Operate iii-embedded apps and their file stores.",
+        epilog="Examples:\n  iii-embedded check --config iii-config.yaml\n"
+        "  iii-embedded queues --store ./data/queue_store --watch\n"
+        "  iii-embedded dlq redrive payment --all",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def command(
+        name: str,
+        help_text: str,
+        examples: str,
+        fn: Callable[[argparse.Namespace], int],
+        parent: Any = sub,
+    ) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = parent.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=f"Examples:\n{examples}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.add_argument(
+            "--config", help="iii-config.yaml (default: $III_CONFIG or ./iii-config.yaml)"
+        )
+        p.set_defaults(fn=fn)
+        return p
+
+    def with_store(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--store", help="the store directory (default: the config's file_path)")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = command(
+        "run",
+        "Import MODULE:APP and run it until SIGINT/SIGTERM.",
+        "  iii-embedded run myapp:iii\n  iii-embedded run myapp:iii --config prod.yaml",
+        cmd_run,
+    )
+    p.add_argument("app", metavar="MODULE:APP")
+
+    p = command(
+        "check",
+        "Validate a config and list its queues.",
+        "  iii-embedded check\n  iii-embedded check --config iii-config.yaml --json",
+        cmd_check,
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = command(
+        "queues",
+        "One line per queue: ready, delayed, running, held, dead jobs.",
+        "  iii-embedded queues\n  iii-embedded queues --store ./data/queue_store --watch",
+        cmd_queues,
+    )
+    with_store(p)
+    p.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    p.add_argument("--iterations", type=int, default=0, help=argparse.SUPPRESS)
+
+    dlq = sub.add_parser(
+        "dlq",
+        help="Inspect and work the dead-letter queues.",
+        description="Inspect and work the dead-letter queues.",
+    )
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True, parser_class=_Parser)
+    p = command(
+        "list",
+        "List the dead jobs of QUEUE.",
+        "  iii-embedded dlq list payment",
+        cmd_dlq_list,
+        dlq_sub,
+    )
+    with_store(p)
+    p.add_argument("queue")
+    p.add_argument("--limit", type=int, default=50)
+    p = command(
+        "show",
+        "Show one dead job: payload, attempts, error and traceback.",
+        "  iii-embedded dlq show payment 0b9d…",
+        cmd_dlq_show,
+        dlq_sub,
+    )
+    with_store(p)
+    p.add_argument("queue")
+    p.add_argument("id")
+    for verb, fn, what in (
+        ("redrive", cmd_dlq_redrive, "Send dead jobs back to their queue"),
+        ("discard", cmd_dlq_discard, "Delete dead jobs"),
+    ):
+        p = command(
+            verb,
+            f"{what} (the ids given, or --all). Resumable if interrupted.",
+            f"  iii-embedded dlq {verb} payment ID1 ID2\n  iii-embedded dlq {verb} payment --all",
+            fn,
+            dlq_sub,
+        )
+        with_store(p)
+        p.add_argument("queue")
+        p.add_argument("ids", nargs="*", metavar="ID")
+        p.add_argument("--all", action="store_true", help="every dead job of the queue")
+        p.add_argument("--progress", action="store_true", help="show progress on stderr")
+
+    p = command(
+        "trigger",
+        "Enqueue FUNCTION_ID into a store, or call it through --app.",
+        '  iii-embedded trigger emails::send --payload \'{"to": "a@b.c"}\' --queue email\n'
+        "  iii-embedded trigger math::add --payload '{\"a\": 1}' --app myapp:iii",
+        cmd_trigger,
+    )
+    with_store(p)
+    p.add_argument("function_id")
+    p.add_argument("--payload", help="JSON payload")
+    p.add_argument("--queue", help="enqueue on this queue (default: 'default' for a store)")
+    p.add_argument("--app", metavar="MODULE:APP", help="call through this app instead")
+
+    runs = sub.add_parser("runs", help="Inspect runs.", description="Inspect runs.")
+    runs_sub = runs.add_subparsers(dest="runs_command", required=True, parser_class=_Parser)
+    p = command(
+        "show",
+        "Show a run's status, attempts, output or error.",
+        "  iii-embedded runs show 0b9d…",
+        cmd_runs_show,
+        runs_sub,
+    )
+    with_store(p)
+    p.add_argument("id")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``iii-embedded`` and ``python -m iii_embedded``."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        result: int = args.fn(args)
+        return result
+    except UsageError as exc:
+        print(f"iii-embedded: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,233 @@
+"""The iii-embedded command (SPEC §10): real subprocesses against a file store while an
+app runs in another process, and every user-mistake path."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+CONFIG = """\
+workers:
+  - name: iii-queue
+    config:
+      queue_configs:
+        work: {max_retries: 2, backoff_ms: 10, concurrency: 4, poll_interval_ms: 20}
+        ledger: {type: fifo, message_group_field: account_id}
+      adapter:
+        name: builtin
+        config: {store_method: file_based, file_path: ./store}
+"""
+
+APP = """\
+from pathlib import Path
+from iii_embedded import III
+
+iii = III.from_config(Path(__file__).with_name("iii-config.yaml"), shutdown_grace_ms=1000)
+
+
+@iii.function("flaky")
+def flaky(data):
+    if not Path(__file__).with_name("fixed").exists():
+        raise ValueError(f"not fixed yet: {data['n']}")
+    return {"done": data["n"]}
+
+
+iii.register_function("add", lambda d: d["a"] + d["b"])
+CONFIG = "not an app"
+iii.lifecycle_hooks.append(lambda app, tg: Path(__file__).with_name("ready").write_text("1"))
+"""
+
+
+def cli(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "iii_embedded", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def wait_for(predicate: Any, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    (tmp_path / "iii-config.yaml").write_text(CONFIG)
+    (tmp_path / "myapp.py").write_text(APP)
+    return tmp_path
+
+
+def queue_row(project: Path, queue: str) -> dict[str, Any]:
+    out = cli(project, "queues", "--json")
+    assert out.returncode == 0, out.stderr
+    return next(q for q in json.loads(out.stdout) if q["queue"] == queue)
+
+
+@pytest.mark.slow
+def test_inspect_a_failing_queue_fix_and_redrive_while_the_app_runs(project: Path) -> None:
+    app = subprocess.Popen(
+        [sys.executable, "-m", "iii_embedded", "run", "myapp:iii"],
+        cwd=project,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(lambda: (project / "ready").exists() or app.poll() is not None)
+        assert app.poll() is None, app.communicate()
+        ids = []
+        for n in range(3):
+            out = cli(
+                project, "trigger", "flaky", "--payload", json.dumps({"n": n}), "--queue", "work"
+            )
+            assert out.returncode == 0, out.stderr
+            ids.append(json.loads(out.stdout)["messageReceiptId"])
+        wait_for(lambda: queue_row(project, "work")["dead"] == 3)
+
+        table = cli(project, "queues")
+        assert table.returncode == 0
+        header, _, *rows = table.stdout.splitlines()
+        assert header.split() == [
+            "queue",
+            "ready",
+            "delayed",
+            "running",
+            "held",
+            "dead",
+            "oldest",
+            "ready",
+            "throughput",
+        ]
+        assert next(r for r in rows if r.startswith("work")).split()[1:6] == [
+            "0",
+            "0",
+            "0",
+            "0",
+            "3",
+        ]
+
+        listed = cli(project, "dlq", "list", "work")
+        assert listed.returncode == 0
+        assert all(i in listed.stdout for i in ids)
+
+        shown = cli(project, "dlq", "show", "work", ids[1])
+        assert shown.returncode == 0
+        assert "attempts:      2" in shown.stdout
+        assert "error:         ValueError: not fixed yet: 1" in shown.stdout
+        assert "Traceback (most recent call last):" in shown.stdout
+        assert 'raise ValueError(f"not fixed yet' in shown.stdout
+        assert '"n": 1' in shown.stdout
+
+        (project / "fixed").write_text("the handler is fixed")
+        redriven = cli(project, "dlq", "redrive", "work", "--all", "--progress")
+        assert redriven.returncode == 0, redriven.stderr
+        assert redriven.stdout.strip() == "redriven 3 job(s) of 'work'"
+        assert "redrive [" in redriven.stderr and "3/3" in redriven.stderr
+        wait_for(lambda: queue_row(project, "work")["completed"] == 3)
+        assert queue_row(project, "work")["dead"] == 0
+        run = cli(project, "runs", "show", ids[0], "--json")
+        assert json.loads(run.stdout)["status"] == "completed"
+        assert json.loads(run.stdout)["output"] == {"done": 0}
+    finally:
+        app.send_signal(signal.SIGTERM)
+        _, err = app.communicate(timeout=30)
+    assert app.returncode == 0, err
+    assert "Traceback" not in err
+
+
+def test_discard_by_id_and_check_output(project: Path) -> None:
+    out = cli(project, "check")
+    assert out.returncode == 0
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("config: iii-config.yaml  store: file_based")
+    work = next(line for line in lines if line.startswith("work"))
+    assert work.split() == ["work", "standard", "4", "2", "0.01s", "-"]
+    ledger = next(line for line in lines if line.startswith("ledger"))
+    assert ledger.split()[-1] == "account_id"
+
+
+def test_trigger_through_the_app_calls_synchronously(project: Path) -> None:
+    out = cli(project, "trigger", "add", "--payload", '{"a": 2, "b": 40}', "--app", "myapp:iii")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == 42
+
+
+def test_check_reports_an_unknown_key_with_file_and_line(tmp_path: Path) -> None:
+    (tmp_path / "iii-config.yaml").write_text(
+        "queue_configs:\n  payment:\n    concurrency: 2\n    max_retry: 4\n"
+    )
+    out = cli(tmp_path, "check")
+    assert out.returncode == 2
+    assert out.stderr.strip().startswith(
+        "iii-embedded: error: iii-config.yaml:4: queue 'payment': unknown key 'max_retry'"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["dlq", "list", "nope"], "Queue 'nope' not found"),
+        (["dlq", "show", "work", "no-such-id"], "no dead job no-such-id in queue 'work'"),
+        (["dlq", "redrive", "work"], "give job ids or --all"),
+        (["trigger", "flaky", "--payload", "{nope"], "--payload is not valid JSON"),
+        (
+            ["trigger", "flaky", "--queue", "ledger", "--payload", "{}"],
+            "FIFO queue 'ledger' requires field 'account_id'",
+        ),
+        (["trigger", "flaky", "--queue", "missing"], "Queue 'missing' not found"),
+        (["queues", "--store", "/nonexistent/store"], "no store at /nonexistent/store"),
+        (["runs", "show", "no-such-run"], "no run no-such-run"),
+        (["run", "nomodule:app"], "cannot import 'nomodule'"),
+        (["run", "myapp"], "expected MODULE:APP"),
+        (["run", "myapp:CONFIG"], "is not an III app"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["queues", "--config", "missing.yaml"], "missing.yaml: config file not found"),
+    ],
+)
+def test_user_mistakes_are_one_line_and_exit_2(
+    project: Path, args: list[str], message: str
+) -> None:
+    # A store must exist for the store commands to get as far as the mistake.
+    assert cli(project, "trigger", "add", "--payload", '{"a": 1, "b": 2}').returncode == 0
+    out = cli(project, *args)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_an_in_memory_config_has_no_store_to_inspect(tmp_path: Path) -> None:
+    (tmp_path / "iii-config.yaml").write_text("queue_configs:\n  q: {}\n")
+    out = cli(tmp_path, "queues")
+    assert out.returncode == 2
+    assert "uses an in-memory store; nothing to inspect from outside the app" in out.stderr
+
+
+def test_every_command_has_help_with_examples(tmp_path: Path) -> None:
+    for args in (
+        ["--help"],
+        ["run", "-h"],
+        ["check", "-h"],
+        ["queues", "-h"],
+        ["dlq", "list", "-h"],
+        ["dlq", "show", "-h"],
+        ["dlq", "redrive", "-h"],
+        ["dlq", "discard", "-h"],
+        ["trigger", "-h"],
+        ["runs", "show", "-h"],
+    ):
+        out = cli(tmp_path, *args)
+        assert out.returncode == 0, args
+        assert "Examples:" in out.stdout, args

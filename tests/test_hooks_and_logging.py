@@ -1,0 +1,129 @@
+"""Event hooks for metrics, the runtime's log records, and JSON logs (SPEC §10)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from iii_embedded import III, Config, JsonFormatter, Logger, QueueConfig, TriggerAction
+from iii_embedded.testing import VirtualClock, drain
+
+pytestmark = pytest.mark.anyio
+
+
+def make_app() -> III:
+    return III(
+        Config(queues={"q": QueueConfig(name="q", max_retries=2, backoff_ms=10)}),
+        clock=VirtualClock(),
+        shutdown_grace_ms=0,
+    )
+
+
+async def test_hooks_fire_for_each_job_event() -> None:
+    iii = make_app()
+    events: Counter[str] = Counter()
+    seen: dict[str, list[str]] = {}
+
+    def hook(name: str) -> Any:
+        def record(job: Any, **info: Any) -> None:
+            events[name] += 1
+            seen.setdefault(name, []).append(job.function_id)
+
+        return record
+
+    for name in ("job_started", "job_succeeded", "job_failed", "job_retried", "job_dead_lettered"):
+        iii.on(name, hook(name))
+    iii.register_function("ok", lambda _: "fine")
+    iii.register_function("bad", lambda _: 1 / 0)
+    async with iii.running():
+        for fid in ("ok", "bad"):
+            await iii.trigger_async(fid, {}, action=TriggerAction.Enqueue(queue="q"))
+        await drain(iii)
+    assert events == Counter(
+        {
+            "job_started": 3,
+            "job_succeeded": 1,
+            "job_failed": 2,
+            "job_retried": 1,
+            "job_dead_lettered": 1,
+        }
+    )
+    assert seen["job_dead_lettered"] == ["bad"]
+
+
+async def test_a_failing_hook_is_logged_and_the_job_unaffected(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    iii = make_app()
+    iii.on("job_succeeded", lambda job, **info: 1 / 0)
+    iii.register_function("ok", lambda _: "fine")
+    async with iii.running():
+        await iii.trigger_async("ok", {}, action=TriggerAction.Enqueue(queue="q"))
+        await drain(iii)
+        assert (await iii.queue_stats_async("q")).completed == 1
+    assert any("event hook" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match="unknown event"):
+        iii.on("job_exploded", print)
+
+
+async def test_runtime_logs_carry_the_job_fields(caplog: pytest.LogCaptureFixture) -> None:
+    iii = make_app()
+    iii.register_function("bad", lambda _: 1 / 0)
+    caplog.set_level(logging.INFO, logger="iii_embedded")
+    async with iii.running():
+        receipt = await iii.trigger_async("bad", {}, action=TriggerAction.Enqueue(queue="q"))
+        await drain(iii)
+    failed = [r for r in caplog.records if "failed attempt" in r.getMessage()]
+    dead = [r for r in caplog.records if "dead-letter queue" in r.getMessage()]
+    assert len(failed) == 1 and len(dead) == 1
+    assert dead[0].levelno == logging.WARNING
+    for record, attempt in ((failed[0], 1), (dead[0], 2)):
+        assert record.function_id == "bad"  # type: ignore[attr-defined]
+        assert record.receipt_id == receipt["messageReceiptId"]  # type: ignore[attr-defined]
+        assert record.queue == "q"  # type: ignore[attr-defined]
+        assert record.attempt == attempt  # type: ignore[attr-defined]
+        assert record.duration_ms >= 0  # type: ignore[attr-defined]
+    assert "ZeroDivisionError: division by zero" in failed[0].getMessage()
+
+
+async def test_json_formatter_writes_one_object_per_record() -> None:
+    iii = make_app()
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(self.format(record))
+
+    handler = Collect()
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("iii_embedded.user")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+    def work(data: dict[str, Any]) -> None:
+        Logger().info("charging", {"amount": data["amount"]})
+
+    iii.register_function("pay", work)
+    try:
+        async with iii.running():
+            receipt = await iii.trigger_async(
+                "pay", {"amount": 5}, action=TriggerAction.Enqueue(queue="q")
+            )
+            await drain(iii)
+    finally:
+        logger.removeHandler(handler)
+    [line] = lines
+    record = json.loads(line)
+    assert record["message"] == "charging {'amount': 5}"
+    assert record["level"] == "info"
+    assert (record["function_id"], record["receipt_id"], record["queue"], record["attempt"]) == (
+        "pay",
+        receipt["messageReceiptId"],
+        "q",
+        1,
+    )
+    assert record["data"] == {"amount": 5}
