@@ -75,6 +75,10 @@ def _age(seconds: float | None) -> str:
     return _seconds(round(seconds, 1) * 1000)
 
 
+def _when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
 def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, default=str))
 
@@ -273,7 +277,7 @@ def cmd_dlq_list(args: argparse.Namespace) -> int:
                     d.id,
                     d.function_id,
                     d.attempts,
-                    time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d.last_failed_at or 0)),
+                    _when(d.last_failed_at),
                     (str(d.error) if d.error else "-")[:60],
                 ]
                 for d in dead
@@ -296,15 +300,12 @@ def cmd_dlq_show(args: argparse.Namespace) -> int:
         _print_json(attrs.asdict(dead))
         return 0
 
-    def when(t: float | None) -> str:
-        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
-
     print(f"id:            {dead.id}")
     print(f"queue:         {dead.queue}")
     print(f"function:      {dead.function_id}")
     print(f"attempts:      {dead.attempts}")
-    print(f"first failure: {when(dead.first_failed_at)}")
-    print(f"last failure:  {when(dead.last_failed_at)}")
+    print(f"first failure: {_when(dead.first_failed_at)}")
+    print(f"last failure:  {_when(dead.last_failed_at)}")
     print(f"payload:       {json.dumps(dead.payload)}")
     if dead.error is not None:
         print(f"error:         {dead.error.type}: {dead.error.message}")
@@ -456,7 +457,11 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
     for key, value in attrs.asdict(run).items():
         if key == "error" and value:
             value = f"{value['type']}: {value['message']}"
-        print(f"{key + ':':14} {json.dumps(value) if key == 'output' else value}")
+        elif key.endswith("_at"):
+            value = _when(value)
+        elif key == "output":
+            value = json.dumps(value)
+        print(f"{key + ':':14} {value}")
     return 0
 
 

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import time
 import traceback
 from collections import deque
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
@@ -45,12 +47,24 @@ StopReason = Literal["shutdown", "cancelled"]
 _encode = json.JSONEncoder().encode
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _user_frames(tb: TracebackType | None) -> TracebackType | None:
+    """Skip the runtime's own frames at the top of a handler's traceback: the operator
+    reading a dead job wants to start at their handler."""
+    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        tb = tb.tb_next
+    return tb
+
+
 def error_info(exc: BaseException) -> ErrorInfo:
     """Record an exception as the store keeps it: type name, message, traceback."""
+    tb = _user_frames(exc.__traceback__) or exc.__traceback__
     return ErrorInfo(
         type=type(exc).__qualname__,
         message=str(exc),
-        traceback="".join(traceback.format_exception(exc)),
+        traceback="".join(traceback.format_exception(type(exc), exc, tb)),
     )
 
 

@@ -204,6 +204,8 @@ async def test_fails_five_times_with_16s_backoff_then_dead_letters_on_virtual_ti
     assert entry.error is not None
     assert (entry.error.type, entry.error.message) == ("ConnectionError", "card processor down")
     assert "raise ConnectionError" in entry.error.traceback
+    # The traceback starts at the user's handler, not inside the runtime.
+    assert "iii_embedded" not in entry.error.traceback
     assert (entry.first_failed_at, entry.last_failed_at) == (t0, t0 + 240)
 
 
