@@ -140,12 +140,15 @@ def _migrate_to_1(db: sqlite_utils.Database) -> None:
         {"owner": str, "host": str, "pid": int, "started_at": float}, pk="owner"
     )
     db["jobs"].create_index(["id"], unique=True, index_name="ix_jobs_id")  # type: ignore[union-attr]
-    db["jobs"].create_index(  # type: ignore[union-attr]
-        ["queue", "state", "available_at", "seq"], index_name="ix_jobs_ready"
-    )
+
     # sqlite-utils has no partial indexes; these are plain SQL.
     for sql in (
-        f"CREATE INDEX ix_jobs_group ON jobs(queue, grp, seq) WHERE state IN {_LIVE}",
+        # Claims and due times read only queued jobs: running and finished jobs stay out
+        # of this index, so acknowledging a job does not touch it.
+        "CREATE INDEX ix_jobs_ready ON jobs(queue, available_at, seq) WHERE state = 'queued'",
+        # Only FIFO jobs: standard-queue rows (grp NULL) never pay for this index.
+        f"CREATE INDEX ix_jobs_group ON jobs(queue, grp, seq) "
+        f"WHERE state IN {_LIVE} AND grp IS NOT NULL",
         "CREATE UNIQUE INDEX ix_jobs_one_running_per_group ON jobs(queue, grp) "
         "WHERE state = 'running' AND grp IS NOT NULL",
         "CREATE INDEX ix_jobs_leases ON jobs(lease_until) WHERE state = 'running'",
@@ -273,6 +276,11 @@ class SQLiteStore:
     def _run_batch(
         self, conn: Conn, batch: list[_Request]
     ) -> list[tuple[asyncio.Future[Any], bool, Any]]:
+        # Fast path: the whole batch in one transaction with no savepoints (failures are
+        # rare). If any request fails, roll back and run the batch again carefully.
+        fast = self._fast_batch(conn, batch)
+        if fast is not None:
+            return fast
         failed: dict[int, BaseException] = {}
         pending = batch
         merge = True
@@ -290,6 +298,35 @@ class SQLiteStore:
             # among them): run again without the request that failed, and without merging.
             pending = [r for r in pending if id(r) not in failed]
             merge = False
+
+    def _fast_batch(
+        self, conn: Conn, batch: list[_Request]
+    ) -> list[tuple[asyncio.Future[Any], bool, Any]] | None:
+        """Run every request in one plain transaction, concurrent enqueues merged into one
+        insert. ``None`` (after a rollback) if anything failed."""
+        write = any(r.write for r in batch)
+        enqueues = [r for r in batch if r.jobs is not None]
+        try:
+            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            results: dict[int, Any] = {}
+            if len(enqueues) > 1:
+                everything = [job for r in enqueues for job in (r.jobs or ())]
+                ids = self._enqueue(conn, everything)
+                start = 0
+                for request in enqueues:
+                    count = len(request.jobs or ())
+                    results[id(request)] = ids[start : start + count]
+                    start += count
+            for request in batch:
+                if id(request) not in results:
+                    results[id(request)] = request.fn(conn)
+            conn.execute("COMMIT")
+        except Exception:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            return None
+        return [(r.future, True, results[id(r)]) for r in batch]
 
     def _try_batch(
         self,
@@ -562,7 +599,7 @@ class SQLiteStore:
             if register:
                 self._register_owner(conn, owner, now)
             if outcomes:
-                self._finish(conn, outcomes)
+                self._finish(conn, outcomes, fifo=fifo)
             if limit <= 0:
                 return []
             return self._claim(conn, queue, fifo, limit, now, owner, lease_until)
@@ -614,7 +651,9 @@ class SQLiteStore:
         if outcomes:
             await self._submit(lambda conn: self._finish(conn, outcomes))
 
-    def _finish(self, conn: Conn, outcomes: list[Outcome]) -> None:
+    def _finish(self, conn: Conn, outcomes: list[Outcome], *, fifo: bool = True) -> None:
+        """Apply outcomes. ``fifo=False`` (a standard queue's batch) skips the FIFO group
+        bookkeeping, which only jobs with a group need."""
         completed, retries, dead, released, held, cancelled = [], [], [], [], [], []
         for o in outcomes:
             match = (o.job_id, o.owner, o.attempt)
@@ -644,7 +683,8 @@ class SQLiteStore:
         lease = "state = 'running' AND id = ? AND lease_owner = ? AND attempts = ?"
         touched: list[tuple[str, str]] = []
         if completed:
-            touched += self._groups_of(conn, [c[2] for c in completed])
+            if fifo:
+                touched += self._groups_of(conn, [c[2] for c in completed])
             conn.executemany(
                 "UPDATE jobs SET state = 'completed', output = ?, finished_at = ?, "
                 f"lease_owner = NULL, lease_until = NULL WHERE {lease}",
@@ -671,14 +711,16 @@ class SQLiteStore:
                 held,
             )
         if cancelled:
-            touched += self._groups_of(conn, [c[1] for c in cancelled])
+            if fifo:
+                touched += self._groups_of(conn, [c[1] for c in cancelled])
             conn.executemany(
                 "UPDATE jobs SET state = 'cancelled', finished_at = ?, lease_owner = NULL, "
                 f"lease_until = NULL WHERE {lease}",
                 cancelled,
             )
         for o, match in dead:
-            touched += self._groups_of(conn, [o.job_id])
+            if fifo:
+                touched += self._groups_of(conn, [o.job_id])
             self._bury(conn, o.error, o.at, f"WHERE {lease}", match)
         self._refresh_groups(conn, touched)
 
