@@ -231,3 +231,14 @@ def test_every_command_has_help_with_examples(tmp_path: Path) -> None:
         out = cli(tmp_path, *args)
         assert out.returncode == 0, args
         assert "Examples:" in out.stdout, args
+
+
+def test_queues_watch_refreshes_and_shows_throughput(project: Path) -> None:
+    assert cli(project, "trigger", "add", "--payload", '{"a": 1, "b": 2}').returncode == 0
+    out = cli(project, "queues", "--watch", "--iterations", "2", "--interval", "0.05")
+    assert out.returncode == 0, out.stderr
+    tables = [line for line in out.stdout.splitlines() if line.startswith("default")]
+    assert len(tables) == 2  # two refreshes
+    first, second = tables[0].split(), tables[1].split()
+    assert first[1] == "1"  # one job ready
+    assert first[-1] == "-" and second[-1] == "0.0/s"  # a rate once there are two samples
