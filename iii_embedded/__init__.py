@@ -32,6 +32,7 @@ from ._context import Invocation as Invocation
 from ._context import Logger as Logger
 from ._context import current_invocation as current_invocation
 from ._errors import ConfigError as ConfigError
+from ._errors import DeadlockError as DeadlockError
 from ._errors import IIIError as IIIError
 from ._errors import InvocationError as InvocationError
 from ._errors import NonRetryableError as NonRetryableError
@@ -81,6 +82,7 @@ __all__ = [
     "StoreError",
     "StoreVersionError",
     "RunFailedError",
+    "DeadlockError",
     # runs
     "Run",
     "RunResult",

@@ -16,6 +16,7 @@ __all__ = [
     "StoreError",
     "StoreVersionError",
     "RunFailedError",
+    "DeadlockError",
 ]
 
 
@@ -113,3 +114,17 @@ class RunFailedError(IIIError, RuntimeError):
         self.function_id = function_id
         self.status = status
         self.error = error
+
+
+class DeadlockError(InvocationError, NonRetryableError):
+    """A wait that could never end was refused (code ``deadlock``); nothing was waited for.
+
+    Raised by ``trigger_and_wait`` and ``batch_trigger_and_wait`` in a handler of a FIFO
+    queue asked to wait for a job of its own group (directly, or through runs that wait
+    for it), or for its own run through an idempotency key. A retry cannot help, so a
+    queued handler that lets it escape goes straight to the dead-letter queue. Enqueue the
+    job without waiting, or put it in another group or queue.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__("deadlock", message)

@@ -93,6 +93,12 @@ class QueueRunner:
         self._outcomes: list[tuple[Job, Outcome]] = []
         self.lent = 0
         """Slots lent by handlers that wait for other runs (see ``lend_slot``)."""
+        self._lenders: dict[str, int] = {}
+        """Receipt id of a waiting handler → how many of its waits are open."""
+        self.claiming = 0
+        """Slots asked for by the claim in flight (not yet in ``running``)."""
+        self._room: anyio.Event | None = None
+        """Set when a slot frees up, for a handler taking its lent slot back."""
         self._workers = 0
         self._tg: anyio.abc.TaskGroup | None = None
         self.completed = 0
@@ -137,19 +143,47 @@ class QueueRunner:
         for waiter in self._waiters:
             waiter.set()
 
-    def lend_slot(self) -> None:
-        """A handler of this queue starts waiting for other runs: while it waits, its slot
-        may run another job (the waiting handler does no work), so waiting for a job of the
-        same queue cannot deadlock."""
+    # A handler that waits for other runs (``trigger_and_wait`` in ``_runs``) does no work
+    # while it waits, so it lends its slot to its queue: otherwise a handler of a queue with
+    # concurrency 1 waiting for a job of that queue would wait forever. Parallel waits of one
+    # handler lend its one slot once. When its last wait ends, the handler takes the slot
+    # back, first waiting for the jobs that ran in it to leave room: handlers *doing work*
+    # never exceed ``concurrency`` (docs/design.md, "Waiting inside a handler").
+
+    def lend_slot(self, lender: str) -> None:
+        """The running job ``lender`` starts waiting: its slot may run another job."""
+        count = self._lenders.get(lender, 0)
+        self._lenders[lender] = count + 1
+        if count:
+            return
         self.lent += 1
         # The waiting handler keeps its worker task busy: the lent slot needs one of its own.
         if self._workers < self.config.concurrency + self.lent:
             self._add_worker()
         self.wake()
 
-    def reclaim_slot(self) -> None:
-        """The waiting handler resumes; its slot is its own again."""
+    def reclaim_slot(self, lender: str) -> bool:
+        """One wait of ``lender`` ended; True if it was its last (the slot is its own again:
+        await :meth:`wait_for_room` before working)."""
+        count = self._lenders.pop(lender) - 1
+        if count:
+            self._lenders[lender] = count
+            return False
         self.lent -= 1
+        return True
+
+    async def wait_for_room(self) -> None:
+        """Wait until the handlers working in this queue, counting the caller (and the
+        claim in flight), are no more than ``concurrency``."""
+        while self.running + self.claiming - self.lent > self.config.concurrency:
+            if self._room is None:
+                self._room = anyio.Event()
+            await self._room.wait()
+
+    def _room_changed(self) -> None:
+        if self._room is not None:
+            self._room.set()
+            self._room = None
 
     @property
     def inflight(self) -> int:
@@ -189,6 +223,7 @@ class QueueRunner:
             now = clock.now()
             jobs: list[Job] = []
             if settled or free > 0:
+                self.claiming = max(free, 0)
                 try:
                     jobs = await store.exchange(
                         [outcome for _, outcome in settled],
@@ -208,12 +243,15 @@ class QueueRunner:
                         exc,
                     )
                 self.unsettled -= len(settled)
+                self.claiming = 0
                 for job, outcome in settled:
                     rt.job_finished(self, job, outcome)
                 for job in jobs:
                     self.running += 1
                     self.unsettled += 1
                     self._hand_over(job)
+                if self._room is not None and len(jobs) < free:
+                    self._room_changed()
                 if self._outcomes or (jobs and len(jobs) == free):
                     continue
             if self._stopping:
@@ -278,7 +316,11 @@ class QueueRunner:
         entry = _Active(job)
         self.active[job.id] = entry
         try:
-            if spec is None:
+            if job.cancel_requested:
+                # Cancelled while an earlier attempt ran, which then failed (retry) or was
+                # released before the stop reached it: the run ends here, unattempted.
+                outcome = self._outcome(job, "cancelled", rt.clock.now())
+            elif spec is None:
                 rt.note_unknown_function(job)
                 outcome = self._outcome(job, "held", rt.clock.now())
             else:
@@ -287,6 +329,8 @@ class QueueRunner:
         finally:
             del self.active[job.id]
             self.running -= 1
+            if self._room is not None:
+                self._room_changed()
             self.wake()
 
     async def _attempt(self, job: Job, handler: Any, is_async: bool, entry: _Active) -> Outcome:

@@ -7,18 +7,22 @@ outcome; ``iii.runs.get``/``cancel`` inspect and stop runs.
 Waiting registers a callback with the runtime (called when this process settles the run)
 and then reads the run from the store, so a run that finished in between is not missed; on
 a store shared with other processes it also re-reads the run every ``poll_interval_ms``.
+``timeout_ms`` counts on the runtime's clock, like every other timeout.
 
-A queued handler that waits lends its concurrency slot to its queue while it waits (see
-docs/design.md, "Waiting inside a handler"): a handler on a queue with concurrency 1 can
-wait for a job of the same queue. Waiting for a job of one's own FIFO group can never end
-(the group is blocked by the waiter), so it fails at once with ``InvocationError("deadlock")``.
+A queued handler that waits lends its concurrency slot to its queue while it waits, and
+takes it back when a slot is free (see ``QueueRunner.lend_slot`` and docs/design.md,
+"Waiting inside a handler"): a handler on a queue with concurrency 1 can wait for a job of
+the same queue. A wait that can never end fails at once with :class:`DeadlockError`: for a
+job of the waiter's own FIFO group (directly, or through a chain of waiting runs in this
+process), or for the waiter's own run through an idempotency key.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
@@ -26,7 +30,9 @@ import attrs
 
 from ._actions import EnqueueAction
 from ._context import Invocation
-from ._errors import InvocationError, RunFailedError
+from ._errors import DeadlockError, InvocationError, RunFailedError
+from ._ids import new_receipt_id
+from ._queues import QueueRunner
 from ._runtime import Runtime
 from ._stores import ErrorInfo, Job, Outcome
 
@@ -65,7 +71,14 @@ def _output(job: Job) -> Any:
 
 @attrs.define(frozen=True, kw_only=True)
 class Run:
-    """A run as it stands: what it runs, where it is, and how it ended."""
+    """A run as it stands: what it runs, where it is, and how it ended.
+
+    ``status`` is ``queued`` (also while held for a function not registered here),
+    ``delayed`` (``delay_ms`` or a retry's backoff), ``running``, ``completed``, ``failed``
+    (in the dead-letter queue) or ``cancelled``. ``output`` is the decoded return value of
+    a completed run. ``error`` is the last error recorded: why a failed run failed, or why
+    a run waiting for its next attempt failed its previous one. Times are epoch seconds.
+    """
 
     id: str
     function_id: str
@@ -94,7 +107,7 @@ class Run:
             started_at=job.started_at,
             finished_at=job.finished_at,
             output=_output(job) if status == "completed" else None,
-            error=job.error if status == "failed" else None,
+            error=job.error if status != "completed" else None,
         )
 
 
@@ -120,6 +133,8 @@ class RunResult:
 class BatchResult:
     """The outcomes of a batch, in input order; failed items carry their own error."""
 
+    id: str
+    """A fresh id naming this batch (for logs; the store keeps runs, not batches)."""
     runs: list[RunResult]
 
     @property
@@ -182,52 +197,156 @@ async def batch_trigger(
     )
 
 
-def _check_deadlock(
-    rt: Runtime, inv: Invocation | None, queue: str, payloads: Sequence[Any]
+def _group_key(value: Any) -> str:
+    """A FIFO group value as the store keys it (JSON text, as ``_runtime`` encodes it)."""
+    return json.dumps(value, sort_keys=True)
+
+
+def _waiting_chain(rt: Runtime, inv: Invocation | None) -> list[Invocation]:
+    """``inv`` (a queued job's handler) and every queued handler of this process that
+    waits for it, directly or through other runs."""
+    chain: list[Invocation] = []
+    seen: set[str] = set()
+    todo = [inv] if inv is not None and inv.action == "enqueue" else []
+    while todo:
+        waiter = todo.pop()
+        if waiter.receipt_id is None or waiter.receipt_id in seen:
+            continue
+        seen.add(waiter.receipt_id)
+        chain.append(waiter)
+        todo.extend(rt.run_waiters.get(waiter.receipt_id, ()))
+    return chain
+
+
+def _check_fifo_deadlock(
+    rt: Runtime, chain: Sequence[Invocation], queue: str, payloads: Sequence[Any]
 ) -> None:
-    if inv is None or inv.action != "enqueue" or inv.queue != queue:
-        return
+    """Refuse to wait for a job of a FIFO group whose running head is the waiter itself or
+    a run waiting for it: that job cannot start before the wait ends."""
     config = rt.config.queues.get(queue)
-    if config is None or not config.is_fifo:
+    if not chain or config is None or not config.is_fifo:
         return
     field = config.message_group_field
+    targets: set[str] = set()
     for payload in payloads:
-        if isinstance(payload, dict) and field in payload and payload[field] == inv.group:
-            raise InvocationError(
-                "deadlock",
-                f"a handler of FIFO queue '{queue}' (group {inv.group!r}) would wait for a "
-                "job of its own group, which cannot start until the handler returns: "
-                "enqueue it without waiting, or use another group or queue",
+        if isinstance(payload, Mapping) and payload.get(field) is not None:
+            # A value that is not JSON is refused by enqueue with its own message.
+            with contextlib.suppress(TypeError, ValueError):
+                targets.add(_group_key(payload[field]))
+    for waiter in chain:
+        if waiter.queue != queue or _group_key(waiter.group) not in targets:
+            continue
+        if waiter is chain[0]:
+            who = f"a handler of FIFO queue '{queue}' (group {waiter.group!r})"
+        else:
+            who = (
+                f"run {waiter.receipt_id} of FIFO queue '{queue}' (group {waiter.group!r}) "
+                "waits for this handler, and so"
             )
+        raise DeadlockError(
+            f"{who} would wait for a job of its own group, which cannot start until that "
+            "handler returns: enqueue it without waiting, or use another group or queue",
+        )
+
+
+def _check_self_wait(chain: Sequence[Invocation], ids: Sequence[str]) -> None:
+    """An idempotency key can name the waiter's own run (or one waiting for it)."""
+    waiting = {w.receipt_id for w in chain}
+    for run_id in ids:
+        if run_id in waiting:
+            raise DeadlockError(
+                f"the idempotency key names run {run_id}, which is this handler's own run "
+                "or waits for it: it cannot finish before this wait does",
+            )
+
+
+def _slot_runner(rt: Runtime, inv: Invocation | None) -> QueueRunner | None:
+    """The runner whose slot ``inv``'s handler holds (if it holds one in this runtime)."""
+    if inv is None or inv.action != "enqueue" or inv.queue is None or inv.receipt_id is None:
+        return None
+    runner = rt.runners.get(inv.queue)
+    if runner is None or inv.receipt_id not in runner.active:
+        return None  # a handler of another app in this process
+    return runner
 
 
 async def wait_for_runs(
-    rt: Runtime, ids: Sequence[str], *, timeout_ms: int | None, inv: Invocation | None
+    rt: Runtime,
+    ids: Sequence[str],
+    *,
+    timeout_ms: int | None,
+    inv: Invocation | None,
+    chain: Sequence[Invocation] = (),
 ) -> list[RunResult]:
-    """Wait until every run in ``ids`` is final; results in the same order."""
-    runner = rt.runners.get(inv.queue) if inv is not None and inv.queue else None
-    lend = runner is not None and inv is not None and inv.action == "enqueue"
-    if lend:
-        assert runner is not None
-        runner.lend_slot()
+    """Wait until every run in ``ids`` is final; results in the same order.
+
+    A queued handler lends its slot while it waits and takes it back afterwards (see
+    ``QueueRunner.lend_slot``). ``timeout_ms`` counts on the runtime's clock, like every
+    other timeout; on expiry ``InvocationError("TIMEOUT")`` is raised and the runs go on.
+    """
+    runner = _slot_runner(rt, inv)
+    lender = inv.receipt_id if runner is not None and inv is not None else None
+    if runner is not None and lender is not None:
+        runner.lend_slot(lender)
+    # Who waits for whom, so that a wait further down the chain can see a deadlock.
+    waiter = chain[0] if chain else None
+    if waiter is not None:
+        for run_id in ids:
+            rt.run_waiters.setdefault(run_id, []).append(waiter)
+    failure: BaseException | None = None
+    results: list[RunResult | None] = [None] * len(ids)
+    last = False
     try:
-        deadline = math.inf if timeout_ms is None else anyio.current_time() + timeout_ms / 1000
-        results: list[RunResult | None] = [None] * len(ids)
-        with anyio.move_on_after(max(0.0, deadline - anyio.current_time())) as scope:
-            async with anyio.create_task_group() as tg:
-                for index, run_id in enumerate(ids):
-                    tg.start_soon(_wait_one, rt, run_id, results, index)
-        if scope.cancelled_caught:
-            pending = sum(r is None for r in results)
-            raise InvocationError(
-                "TIMEOUT",
-                f"{pending} run(s) were not finished after {timeout_ms} ms (they go on)",
-            )
-        return [r for r in results if r is not None]
+        try:
+            if timeout_ms is None:
+                await _wait_all(rt, ids, results)
+            else:
+                with rt.clock.deadline_scope(rt.clock.now() + timeout_ms / 1000) as scope:
+                    await _wait_all(rt, ids, results)
+                if scope.cancelled_caught and any(r is None for r in results):
+                    pending = sum(r is None for r in results)
+                    raise InvocationError(
+                        "TIMEOUT",
+                        f"{pending} of {len(ids)} run(s) were not finished after "
+                        f"{timeout_ms} ms (they go on)",
+                    )
+        except Exception as exc:
+            failure = exc
     finally:
-        if lend:
-            assert runner is not None
-            runner.reclaim_slot()
+        if waiter is not None:
+            for run_id in ids:
+                waiters = rt.run_waiters.get(run_id)
+                if waiters is not None:
+                    waiters.remove(waiter)
+                    if not waiters:
+                        del rt.run_waiters[run_id]
+        if runner is not None and lender is not None:
+            last = runner.reclaim_slot(lender)
+    if runner is not None and last:
+        await runner.wait_for_room()
+    if failure is not None:
+        raise failure
+    return [r for r in results if r is not None]
+
+
+async def _wait_all(rt: Runtime, ids: Sequence[str], results: list[RunResult | None]) -> None:
+    if len(ids) == 1:
+        await _wait_one(rt, ids[0], results, 0)
+        return
+    errors: list[Exception] = []
+
+    async def wait_one(index: int, run_id: str) -> None:
+        try:
+            await _wait_one(rt, run_id, results, index)
+        except Exception as exc:  # raised as itself below, not in an exception group
+            errors.append(exc)
+            tg.cancel_scope.cancel()
+
+    async with anyio.create_task_group() as tg:
+        for index, run_id in enumerate(ids):
+            tg.start_soon(wait_one, index, run_id)
+    if errors:
+        raise errors[0]
 
 
 async def _wait_one(rt: Runtime, run_id: str, results: list[RunResult | None], index: int) -> None:
@@ -236,6 +355,8 @@ async def _wait_one(rt: Runtime, run_id: str, results: list[RunResult | None], i
     def settled(_job: Job | None, _outcome: Outcome) -> None:
         event.set()
 
+    # Registered before the store is read: a run settled in between is seen by the read,
+    # one settled after it sets the event (settling writes the store, then calls back).
     rt.on_final(run_id, settled)
     try:
         while True:
@@ -245,6 +366,7 @@ async def _wait_one(rt: Runtime, run_id: str, results: list[RunResult | None], i
             if job.state in _FINAL:
                 results[index] = _result(job, rt.clock.now())
                 return
+            # Another process may settle it on a shared store: look again every poll.
             poll = rt.config.queues[job.queue].poll_interval_ms / 1000 if rt.store.shared else None
             with anyio.move_on_after(poll if poll is not None else math.inf):
                 await event.wait()
@@ -265,12 +387,14 @@ async def trigger_and_wait(
     inv: Invocation | None = None,
 ) -> RunResult:
     """Enqueue one run and wait for its final outcome."""
-    _check_deadlock(rt, inv, queue, [payload])
+    chain = _waiting_chain(rt, inv)
+    _check_fifo_deadlock(rt, chain, queue, [payload])
     action = EnqueueAction(
         queue=queue, delay_ms=delay_ms, idempotency_key=idempotency_key, max_attempts=max_attempts
     )
     ids = await rt.enqueue(function_id, [payload], action, batch=False)
-    [result] = await wait_for_runs(rt, ids, timeout_ms=timeout_ms, inv=inv)
+    _check_self_wait(chain, ids)
+    [result] = await wait_for_runs(rt, ids, timeout_ms=timeout_ms, inv=inv, chain=chain)
     return result
 
 
@@ -285,11 +409,14 @@ async def batch_trigger_and_wait(
     inv: Invocation | None = None,
 ) -> BatchResult:
     """Store a batch atomically and wait for all of it; never raises for a failed item."""
-    _check_deadlock(rt, inv, queue, payloads)
+    chain = _waiting_chain(rt, inv)
+    _check_fifo_deadlock(rt, chain, queue, payloads)
     ids = await batch_trigger(
         rt, function_id, payloads, queue=queue, idempotency_keys=idempotency_keys
     )
-    return BatchResult(runs=await wait_for_runs(rt, ids, timeout_ms=timeout_ms, inv=inv))
+    _check_self_wait(chain, ids)
+    runs = await wait_for_runs(rt, ids, timeout_ms=timeout_ms, inv=inv, chain=chain)
+    return BatchResult(id=new_receipt_id(), runs=runs)
 
 
 # --- iii.runs --------------------------------------------------------------------------

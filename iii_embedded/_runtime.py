@@ -89,6 +89,9 @@ class Runtime:
         self._activity = anyio.Event()
         self._unknown_warned: set[str] = set()
         self._final_waiters: dict[str, list[Callable[[Job | None, Outcome], None]]] = {}
+        self.run_waiters: dict[str, list[Invocation]] = {}
+        """Run id → the queued handlers waiting for it (``_runs`` refuses waits that could
+        never end, such as one on the waiter's own FIFO group further down a chain)."""
         self.stopping = False
         self._sync_invocations: dict[str, Invocation] = {}
         self._activity_waiters = 0
