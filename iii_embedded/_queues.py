@@ -99,6 +99,8 @@ class QueueRunner:
         """Slots asked for by the claim in flight (not yet in ``running``)."""
         self._room: anyio.Event | None = None
         """Set when a slot frees up, for a handler taking its lent slot back."""
+        self._resuming = 0
+        """Handlers whose wait ended and that wait for a slot (``wait_for_room``)."""
         self._workers = 0
         self._tg: anyio.abc.TaskGroup | None = None
         self.completed = 0
@@ -160,6 +162,7 @@ class QueueRunner:
         # The waiting handler keeps its worker task busy: the lent slot needs one of its own.
         if self._workers < self.config.concurrency + self.lent:
             self._add_worker()
+        self._room_changed()
         self.wake()
 
     def reclaim_slot(self, lender: str) -> bool:
@@ -173,12 +176,23 @@ class QueueRunner:
         return True
 
     async def wait_for_room(self) -> None:
-        """Wait until the handlers working in this queue, counting the caller (and the
-        claim in flight), are no more than ``concurrency``."""
-        while self.running + self.claiming - self.lent > self.config.concurrency:
-            if self._room is None:
-                self._room = anyio.Event()
-            await self._room.wait()
+        """Wait until the caller can work without more than ``concurrency`` handlers (and
+        the claim in flight) working in this queue."""
+        # ``running - lent`` counts the caller and every handler waiting here too. They are
+        # let in one at a time, each when the handlers *working* leave it a slot: counting
+        # one another, two of them would wait for each other forever.
+        if self.running + self.claiming - self.lent <= self.config.concurrency:
+            return
+        self._resuming += 1
+        try:
+            while (
+                self.running + self.claiming - self.lent - self._resuming >= self.config.concurrency
+            ):
+                if self._room is None:
+                    self._room = anyio.Event()
+                await self._room.wait()
+        finally:
+            self._resuming -= 1
 
     def _room_changed(self) -> None:
         if self._room is not None:

@@ -423,26 +423,46 @@ async def batch_trigger_and_wait(
 
 
 class Runs:
-    """``iii.runs``: look runs up and cancel them."""
+    """``iii.runs``: look runs up and cancel them.
+
+    Finished runs (completed or cancelled, with their outputs) are kept for the store's
+    ``result_retention_ms`` (a day by default) and then pruned; failed runs stay in their
+    dead-letter queue until redriven or discarded.
+    """
 
     def __init__(self, app: III) -> None:
         self._app = app
 
     async def get_async(self, run_id: str) -> Run | None:
         """The run with this id, or ``None`` (unknown, or pruned after its retention)."""
+        result: Run | None = await self._app._on_loop(self._get, run_id)
+        return result
+
+    def get(self, run_id: str) -> Run | None:
+        """Blocking twin of :meth:`get_async`."""
+        result: Run | None = self._app._call_blocking(self._get, run_id)
+        return result
+
+    async def _get(self, run_id: str) -> Run | None:
         rt = self._app.runtime
         job = await rt.store.get(run_id)
         return Run.from_job(job, rt.clock.now()) if job is not None else None
 
-    def get(self, run_id: str) -> Run | None:
-        """Blocking twin of :meth:`get_async`."""
-        result: Run | None = self._app._call_blocking(self.get_async, run_id)
+    async def cancel_async(self, run_id: str) -> CancelResult:
+        """Cancel a run: a queued or delayed run at once (it never starts); a running one
+        is asked to stop (an async handler is cancelled at its next await; a sync handler
+        cannot be interrupted, so its thread is abandoned and its result dropped; a handler
+        that returns before the request reaches it keeps its outcome); a finished run is
+        left as it is (``cancelled`` is false)."""
+        result: CancelResult = await self._app._on_loop(self._cancel, run_id)
         return result
 
-    async def cancel_async(self, run_id: str) -> CancelResult:
-        """Cancel a run: a queued or delayed run at once; a running one is asked to stop
-        (an async handler is cancelled at its next await; a sync handler cannot be
-        interrupted, so its result is dropped); a finished run is left as it is."""
+    def cancel(self, run_id: str) -> CancelResult:
+        """Blocking twin of :meth:`cancel_async`."""
+        result: CancelResult = self._app._call_blocking(self._cancel, run_id)
+        return result
+
+    async def _cancel(self, run_id: str) -> CancelResult:
         rt = self._app.runtime
         now = rt.clock.now()
         before = await rt.store.cancel(run_id, now)
@@ -457,6 +477,8 @@ class Runs:
                 id=run_id, cancelled=True, status_before=status, message=f"cancelled while {status}"
             )
         if before.state == "running":
+            # Running here: stop it now. Elsewhere (a shared store): its process sees the
+            # request when it renews its lease; a later attempt is never started.
             runner = rt.runners.get(before.queue)
             entry = runner.active.get(run_id) if runner is not None else None
             if runner is not None and entry is not None:
@@ -470,8 +492,3 @@ class Runs:
             status_before=status,
             message=f"nothing to cancel: the run already {status}",
         )
-
-    def cancel(self, run_id: str) -> CancelResult:
-        """Blocking twin of :meth:`cancel_async`."""
-        result: CancelResult = self._app._call_blocking(self.cancel_async, run_id)
-        return result
