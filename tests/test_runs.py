@@ -1,14 +1,17 @@
-"""Trigger.dev-style triggering (SPEC §6): runs, batches, waiting, idempotency, delays,
-cancellation — on both stores."""
+"""Runs (SPEC §6): ``trigger_and_wait``, ``iii.runs.get``/``cancel`` and the Enqueue options
+(``delay_ms``, ``idempotency_key``, ``max_attempts``), on both stores. Batches are in
+``test_batch.py``; waiting inside handlers (slots, deadlocks, fan-in) in ``test_waiting.py``."""
 
 from __future__ import annotations
 
-import asyncio
 import threading
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
+import attrs
 import pytest
 
 from iii_embedded import (
@@ -17,6 +20,7 @@ from iii_embedded import (
     InvocationError,
     QueueConfig,
     RunFailedError,
+    RunResult,
     StoreConfig,
     TriggerAction,
 )
@@ -28,16 +32,13 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture(params=["in_memory", "file_based"])
 def store_config(request: pytest.FixtureRequest, tmp_path: Path) -> StoreConfig:
     if request.param == "in_memory":
-        return StoreConfig()
+        return StoreConfig(store_method="in_memory")
     return StoreConfig(store_method="file_based", file_path=str(tmp_path / "store"))
 
 
 def make_app(store: StoreConfig, clock: VirtualClock | None = None, **queues: QueueConfig) -> III:
     all_queues = {
         "work": QueueConfig(name="work", max_retries=3, backoff_ms=1000),
-        "fifo": QueueConfig(name="fifo", type="fifo", message_group_field="g", concurrency=1),
-        "one": QueueConfig(name="one", concurrency=1),
-        "five": QueueConfig(name="five", concurrency=5),
         **queues,
     }
     return III(
@@ -45,37 +46,27 @@ def make_app(store: StoreConfig, clock: VirtualClock | None = None, **queues: Qu
     )
 
 
-async def test_batch_trigger_stores_all_in_order_and_runs_them(store_config: StoreConfig) -> None:
-    iii = make_app(store_config)
-    seen: list[int] = []
-    iii.register_function("double", lambda n: seen.append(n) or n * 2)
-    async with iii.running():
-        ids = await iii.batch_trigger_async("double", [1, 2, 3], queue="work")
-        assert len(set(ids)) == 3
-        await drain(iii)
-        runs = [await iii.runs.get_async(i) for i in ids]
-    assert sorted(seen) == [1, 2, 3]
-    assert [(r.status, r.output, r.function_id, r.queue, r.attempts) for r in runs if r] == [
-        ("completed", 2, "double", "work", 1),
-        ("completed", 4, "double", "work", 1),
-        ("completed", 6, "double", "work", 1),
-    ]
+def in_background(
+    tg: anyio.abc.TaskGroup, wait: Callable[[], Awaitable[RunResult]]
+) -> list[RunResult]:
+    """Start ``wait()`` in ``tg``; its result lands in the returned list."""
+    results: list[RunResult] = []
+
+    async def run() -> None:
+        results.append(await wait())
+
+    tg.start_soon(run)
+    return results
 
 
-async def test_an_atomic_batch_with_one_bad_item_stores_nothing(store_config: StoreConfig) -> None:
-    iii = make_app(store_config)
-    iii.register_function("pay", lambda d: d)
-    async with iii.running():
-        with pytest.raises(InvocationError) as caught:
-            await iii.batch_trigger_async(
-                "pay", [{"g": "a"}, {"g": "b"}, {"amount": 3}, {"g": "c"}], queue="fifo"
-            )
-        assert caught.value.code == "enqueue_error"
-        assert caught.value.message.startswith("item 2: FIFO queue 'fifo' requires field 'g'")
-        with pytest.raises(InvocationError, match="item 1: payload is not JSON-serialisable"):
-            await iii.batch_trigger_async("pay", [{"g": 1}, {"g": 2, "x": {1, 2}}], queue="fifo")
-        stats = await iii.queue_stats_async("fifo")
-        assert (stats.ready, stats.completed) == (0, 0)
+async def until(condition: Callable[[], Awaitable[bool]]) -> None:
+    """Yield to the loop until ``condition()`` holds (bounded; no wall-clock sleeps)."""
+    with anyio.fail_after(10):
+        while not await condition():
+            await anyio.lowlevel.checkpoint()
+
+
+# --- trigger_and_wait --------------------------------------------------------------------
 
 
 async def test_trigger_and_wait_returns_the_output_after_two_failures(
@@ -93,17 +84,15 @@ async def test_trigger_and_wait_returns_the_output_after_two_failures(
         return {"answer": data["x"] * 2}
 
     async with iii.running(), anyio.create_task_group() as tg:
-        results = []
-
-        async def wait() -> None:
-            results.append(await iii.trigger_and_wait_async("flaky", {"x": 21}, queue="work"))
-
-        tg.start_soon(wait)
+        results = in_background(
+            tg, lambda: iii.trigger_and_wait_async("flaky", {"x": 21}, queue="work")
+        )
         await drain(iii)  # advances the virtual clock through both backoffs
     [result] = results
-    assert (result.ok, result.status, result.output, result.error) == (
+    assert (result.ok, result.status, result.function_id, result.output, result.error) == (
         True,
         "completed",
+        "flaky",
         {"answer": 42},
         None,
     )
@@ -115,92 +104,184 @@ async def test_trigger_and_wait_returns_an_error_result_after_exhaustion(
     store_config: StoreConfig,
 ) -> None:
     iii = make_app(store_config)
+    calls = 0
 
     @iii.function("broken")
     async def broken(_: Any) -> None:
+        nonlocal calls
+        calls += 1
         raise ValueError("bad input")
 
     async with iii.running(), anyio.create_task_group() as tg:
-        results = []
-
-        async def wait() -> None:
-            results.append(await iii.trigger_and_wait_async("broken", {}, queue="work"))
-
-        tg.start_soon(wait)
+        results = in_background(tg, lambda: iii.trigger_and_wait_async("broken", {}, queue="work"))
         await drain(iii)
     [result] = results
-    assert (result.ok, result.status) == (False, "failed")
-    assert result.error is not None and (result.error.type, result.error.message) == (
-        "ValueError",
-        "bad input",
-    )
+    assert (result.ok, result.status, calls) == (False, "failed", 3)
+    assert result.error is not None
+    assert (result.error.type, result.error.message) == ("ValueError", "bad input")
     with pytest.raises(RunFailedError) as caught:
         result.unwrap()
-    assert (caught.value.run_id, caught.value.function_id) == (result.id, "broken")
+    assert (caught.value.run_id, caught.value.function_id, caught.value.status) == (
+        result.id,
+        "broken",
+        "failed",
+    )
 
 
-async def test_batch_and_wait_keeps_input_order_with_mixed_outcomes(
+async def test_trigger_and_wait_times_out_on_the_runtime_clock_and_the_run_goes_on(
+    store_config: StoreConfig,
+) -> None:
+    clock = VirtualClock()
+    iii = make_app(store_config, clock)
+    started = anyio.Event()
+    release = anyio.Event()
+
+    @iii.function("slow")
+    async def slow(_: Any) -> str:
+        started.set()
+        await release.wait()
+        return "done"
+
+    async with iii.running():
+
+        async def advance() -> None:
+            await started.wait()
+            clock.advance(0.05)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(advance)
+            with pytest.raises(InvocationError) as caught:
+                await iii.trigger_and_wait_async("slow", {}, queue="work", timeout_ms=50)
+        assert caught.value.code == "TIMEOUT"
+        assert "(they go on)" in caught.value.message
+        release.set()
+        await drain(iii)
+        assert (await iii.queue_stats_async("work")).completed == 1
+
+
+async def test_a_run_already_final_under_its_idempotency_key_is_returned_at_once(
     store_config: StoreConfig,
 ) -> None:
     iii = make_app(store_config)
+    calls: list[int] = []
 
-    @iii.function("check")
-    async def check(n: int) -> int:
-        if n % 2:
-            raise ValueError(f"odd {n}")
-        await anyio.sleep(0.001 * (5 - n))  # later items finish first
-        return n * 10
+    @iii.function("once")
+    def once(n: int) -> int:
+        calls.append(n)
+        return n
 
-    async with iii.running(), anyio.create_task_group() as tg:
-        batches = []
-
-        async def wait() -> None:
-            batches.append(
-                await iii.batch_trigger_and_wait_async("check", [0, 1, 2, 3, 4], queue="five")
-            )
-
-        tg.start_soon(wait)
-        await drain(iii)
-    [batch] = batches
-    assert [r.output for r in batch.runs] == [0, None, 20, None, 40]
-    assert [r.ok for r in batch.runs] == [True, False, True, False, True]
-    assert [r.error.message if r.error else None for r in batch.runs] == [
-        None,
-        "odd 1",
-        None,
-        "odd 3",
-        None,
-    ]
-    assert not batch.ok
+    async with iii.running():
+        first = await iii.trigger_and_wait_async("once", 1, queue="work", idempotency_key="k")
+        second = await iii.trigger_and_wait_async("once", 2, queue="work", idempotency_key="k")
+    assert (second.id, second.output, calls) == (first.id, 1, [1])
 
 
-async def test_idempotency_key_returns_the_first_receipt_while_it_lives(
+def test_blocking_twins_work_from_a_sync_program(tmp_path: Path) -> None:
+    iii = III(
+        Config(store=StoreConfig(store_method="file_based", file_path=str(tmp_path))),
+        shutdown_grace_ms=0,
+    )
+    iii.register_function("square", lambda n: n * n)
+    with iii:
+        assert iii.trigger_and_wait("square", 7).unwrap() == 49
+        batch = iii.batch_trigger_and_wait("square", [1, 2, 3])
+        assert batch.outputs == [1, 4, 9]
+        [queued] = iii.batch_trigger("square", [4])
+        result = iii.trigger_and_wait("square", 5)
+        run = iii.runs.get(result.id)
+        assert run is not None and (run.status, run.output) == ("completed", 25)
+        assert iii.runs.cancel(result.id).cancelled is False
+        assert iii.runs.get(queued) is not None
+
+
+async def test_blocking_twins_refuse_the_event_loop_thread(store_config: StoreConfig) -> None:
+    iii = make_app(store_config)
+    iii.register_function("noop", lambda _: None)
+    async with iii.running():
+        for call in (
+            lambda: iii.trigger_and_wait("noop", 1),
+            lambda: iii.batch_trigger("noop", [1]),
+            lambda: iii.batch_trigger_and_wait("noop", [1]),
+            lambda: iii.runs.get("x"),
+            lambda: iii.runs.cancel("x"),
+        ):
+            with pytest.raises(RuntimeError, match="_async"):
+                call()
+
+
+async def test_async_twins_work_from_another_event_loop(tmp_path: Path) -> None:
+    """The engine on its own thread (``start()``), the caller in another anyio loop."""
+    iii = III(
+        Config(store=StoreConfig(store_method="file_based", file_path=str(tmp_path))),
+        shutdown_grace_ms=0,
+    )
+    iii.register_function("inc", lambda n: n + 1)
+    with iii:
+        result = await iii.trigger_and_wait_async("inc", 1)
+        run = await iii.runs.get_async(result.id)
+        cancel = await iii.runs.cancel_async(result.id)
+    assert (result.output, run is not None and run.output, cancel.cancelled) == (2, 2, False)
+
+
+# --- iii.runs.get ------------------------------------------------------------------------
+
+
+async def test_run_shows_its_last_error_while_it_waits_for_a_retry(
     store_config: StoreConfig,
 ) -> None:
-    iii = make_app(store_config, work=QueueConfig(name="work", max_retries=1))
+    clock = VirtualClock()
+    iii = make_app(store_config, clock)
     fail = True
 
-    @iii.function("charge")
-    async def charge(_: Any) -> str:
+    @iii.function("flaky")
+    async def flaky(_: Any) -> str:
         if fail:
-            raise RuntimeError("declined")
-        return "charged"
+            raise ConnectionError("upstream down")
+        return "ok"
 
-    action = TriggerAction.Enqueue(queue="work", idempotency_key="order-7", delay_ms=5000)
     async with iii.running():
-        first = await iii.trigger_async("charge", {"n": 1}, action=action)
-        second = await iii.trigger_async("charge", {"n": 2}, action=action)
-        assert second == first
-        assert (await iii.queue_stats_async("work")).delayed == 1
-        await drain(iii)
-        run = await iii.runs.get_async(first["messageReceiptId"])
-        assert run is not None and run.status == "failed"
+        receipt = await iii.trigger_async("flaky", {}, action=TriggerAction.Enqueue(queue="work"))
+        run_id = receipt["messageReceiptId"]
+        await drain(iii, max_advance_s=0)  # the first attempt only
+        run = await iii.runs.get_async(run_id)
+        assert run is not None
+        assert (run.status, run.attempts, run.max_attempts, run.output) == ("delayed", 1, 3, None)
+        assert run.error is not None and run.error.message == "upstream down"
+        assert run.created_at == clock.now() and run.finished_at is None
         fail = False
-        third = await iii.trigger_async("charge", {"n": 3}, action=action)
-        assert third != first  # the failed run released its key
         await drain(iii)
-        again = await iii.trigger_async("charge", {"n": 4}, action=action)
-        assert again == third  # a completed run keeps its key for its retention
+        run = await iii.runs.get_async(run_id)
+    assert run is not None
+    assert (run.status, run.attempts, run.output, run.error) == ("completed", 2, "ok", None)
+    assert run.started_at == run.finished_at == clock.now()
+
+
+async def test_an_unknown_run_is_none(store_config: StoreConfig) -> None:
+    iii = make_app(store_config)
+    async with iii.running():
+        assert await iii.runs.get_async("no-such-run") is None
+
+
+async def test_run_status_and_output_survive_a_restart(tmp_path: Path) -> None:
+    config = StoreConfig(store_method="file_based", file_path=str(tmp_path / "store"))
+    first = make_app(config)
+    first.register_function("answer", lambda _: {"value": 42})
+    async with first.running():
+        result = await first.trigger_and_wait_async("answer", {}, queue="work")
+    second = make_app(config)
+    async with second.running():
+        run = await second.runs.get_async(result.id)
+    assert run is not None
+    assert (run.status, run.output, run.function_id, run.queue, run.attempts) == (
+        "completed",
+        {"value": 42},
+        "answer",
+        "work",
+        1,
+    )
+
+
+# --- Enqueue options ----------------------------------------------------------------------
 
 
 async def test_a_delayed_run_does_not_start_before_its_time(store_config: StoreConfig) -> None:
@@ -214,9 +295,11 @@ async def test_a_delayed_run_does_not_start_before_its_time(store_config: StoreC
             "later", {}, action=TriggerAction.Enqueue(queue="work", delay_ms=60_000)
         )
         run = await iii.runs.get_async(receipt["messageReceiptId"])
-        assert run is not None and run.status == "delayed"
+        assert run is not None and (run.status, run.started_at) == ("delayed", None)
         await drain(iii, max_advance_s=59.9)
         assert started == []
+        run = await iii.runs.get_async(receipt["messageReceiptId"])
+        assert run is not None and run.status == "delayed"
         await drain(iii)
     assert started == [t0 + 60]
 
@@ -236,7 +319,79 @@ async def test_max_attempts_overrides_the_queue_for_one_run(store_config: StoreC
             "fail", {}, action=TriggerAction.Enqueue(queue="work", max_attempts=5)
         )
         await drain(iii)
-    assert calls == 5
+        result = await iii.trigger_and_wait_async("fail", {}, queue="work", max_attempts=1)
+    assert (calls, result.status) == (6, "failed")
+
+
+async def test_idempotency_key_returns_the_first_receipt_while_it_lives(
+    store_config: StoreConfig,
+) -> None:
+    iii = make_app(store_config, work=QueueConfig(name="work", max_retries=1))
+    fail = True
+    payloads: list[Any] = []
+
+    @iii.function("charge")
+    async def charge(data: Any) -> str:
+        payloads.append(data)
+        if fail:
+            raise RuntimeError("declined")
+        return "charged"
+
+    action = TriggerAction.Enqueue(queue="work", idempotency_key="order-7", delay_ms=5000)
+    async with iii.running():
+        first = await iii.trigger_async("charge", {"n": 1}, action=action)
+        second = await iii.trigger_async("charge", {"n": 2}, action=action)
+        assert second == first
+        assert (await iii.queue_stats_async("work")).delayed == 1  # nothing new was stored
+        await drain(iii)
+        run = await iii.runs.get_async(first["messageReceiptId"])
+        assert run is not None and run.status == "failed"
+        fail = False
+        third = await iii.trigger_async("charge", {"n": 3}, action=action)
+        assert third != first  # the failed run released its key
+        await drain(iii)
+        again = await iii.trigger_async("charge", {"n": 4}, action=action)
+        assert again == third  # a completed run keeps its key for its retention
+        other = await iii.trigger_async(
+            "charge", {"n": 5}, action=TriggerAction.Enqueue(queue="work", idempotency_key="o-8")
+        )
+        assert other != third
+        await drain(iii)
+    assert payloads == [{"n": 1}, {"n": 3}, {"n": 5}]
+
+
+async def test_a_cancelled_run_releases_its_idempotency_key(store_config: StoreConfig) -> None:
+    iii = make_app(store_config)
+    iii.register_function("job", lambda _: None)
+    action = TriggerAction.Enqueue(queue="work", idempotency_key="k", delay_ms=1000)
+    async with iii.running():
+        first = (await iii.trigger_async("job", 1, action=action))["messageReceiptId"]
+        assert (await iii.runs.cancel_async(first)).cancelled
+        second = (await iii.trigger_async("job", 2, action=action))["messageReceiptId"]
+    assert second != first
+
+
+async def test_idempotency_keys_expire_with_the_result_retention(
+    store_config: StoreConfig,
+) -> None:
+    store = attrs.evolve(store_config, result_retention_ms=1000)
+    clock = VirtualClock()
+    iii = make_app(store, clock)
+    iii.register_function("job", lambda n: n)
+    async with iii.running():
+        first = await iii.trigger_and_wait_async("job", 1, queue="work", idempotency_key="k")
+        # The maintenance task prunes every lease_ms / 3 of runtime time.
+        clock.advance(store.lease_ms / 1000)
+
+        async def pruned() -> bool:
+            return await iii.runs.get_async(first.id) is None
+
+        await until(pruned)
+        second = await iii.trigger_and_wait_async("job", 2, queue="work", idempotency_key="k")
+    assert (second.id != first.id, second.output) == (True, 2)
+
+
+# --- iii.runs.cancel ---------------------------------------------------------------------
 
 
 async def test_cancel_of_a_queued_run_prevents_its_execution(store_config: StoreConfig) -> None:
@@ -247,19 +402,61 @@ async def test_cancel_of_a_queued_run_prevents_its_execution(store_config: Store
         receipt = await iii.trigger_async(
             "job", "x", action=TriggerAction.Enqueue(queue="work", delay_ms=1000)
         )
-        result = await iii.runs.cancel_async(receipt["messageReceiptId"])
-        assert (result.cancelled, result.status_before) == (True, "delayed")
+        run_id = receipt["messageReceiptId"]
+        result = await iii.runs.cancel_async(run_id)
+        assert (result.id, result.cancelled, result.status_before, result.message) == (
+            run_id,
+            True,
+            "delayed",
+            "cancelled while delayed",
+        )
         await drain(iii)
-        run = await iii.runs.get_async(receipt["messageReceiptId"])
-        assert run is not None and run.status == "cancelled"
-        again = await iii.runs.cancel_async(receipt["messageReceiptId"])
-        assert (again.cancelled, again.message) == (
+        run = await iii.runs.get_async(run_id)
+        assert run is not None and (run.status, run.attempts) == ("cancelled", 0)
+        again = await iii.runs.cancel_async(run_id)
+        assert (again.cancelled, again.status_before, again.message) == (
             False,
+            "cancelled",
             "nothing to cancel: the run already cancelled",
         )
         missing = await iii.runs.cancel_async("no-such-run")
-        assert (missing.cancelled, missing.message) == (False, "no such run")
+        assert (missing.cancelled, missing.status_before, missing.message) == (
+            False,
+            None,
+            "no such run",
+        )
     assert ran == []
+
+
+async def test_a_waiter_of_a_cancelled_queued_run_gets_a_cancelled_result(
+    store_config: StoreConfig,
+) -> None:
+    iii = make_app(store_config)
+    iii.register_function("job", lambda _: "ran")
+    action = TriggerAction.Enqueue(queue="work", delay_ms=1000, idempotency_key="k")
+    async with iii.running(), anyio.create_task_group() as tg:
+        run_id = (await iii.trigger_async("job", 1, action=action))["messageReceiptId"]
+        waits = in_background(
+            tg,
+            lambda: iii.trigger_and_wait_async(
+                "job", 1, queue="work", delay_ms=1000, idempotency_key="k"
+            ),
+        )
+
+        async def waiting() -> bool:
+            return run_id in iii.runtime._final_waiters
+
+        await until(waiting)
+        await iii.runs.cancel_async(run_id)
+    [result] = waits
+    assert (result.id, result.ok, result.status, result.output) == (
+        run_id,
+        False,
+        "cancelled",
+        None,
+    )
+    with pytest.raises(RunFailedError, match="ended cancelled"):
+        result.unwrap()
 
 
 async def test_cancel_of_a_running_async_handler_ends_cancelled(store_config: StoreConfig) -> None:
@@ -276,18 +473,18 @@ async def test_cancel_of_a_running_async_handler_ends_cancelled(store_config: St
             stopped.set()
 
     async with iii.running(), anyio.create_task_group() as tg:
-        results = []
-
-        async def wait() -> None:
-            results.append(await iii.trigger_and_wait_async("long", {}, queue="work"))
-
-        tg.start_soon(wait)
+        results = in_background(tg, lambda: iii.trigger_and_wait_async("long", {}, queue="work"))
         await started.wait()
-        [running] = [j for j in (await iii.runtime.store.list_jobs(state="running"))]
+        [running] = await iii.runtime.store.list_jobs(state="running")
+        run = await iii.runs.get_async(running.id)
+        assert run is not None and run.status == "running"
         result = await iii.runs.cancel_async(running.id)
         assert (result.cancelled, result.status_before) == (True, "running")
         await stopped.wait()
+        await drain(iii)
+        run = await iii.runs.get_async(running.id)
     assert [(r.status, r.ok) for r in results] == [("cancelled", False)]
+    assert run is not None and (run.status, run.attempts, run.output) == ("cancelled", 1, None)
 
 
 async def test_cancel_of_a_running_sync_handler_drops_its_result(store_config: StoreConfig) -> None:
@@ -313,143 +510,29 @@ async def test_cancel_of_a_running_sync_handler_drops_its_result(store_config: S
     assert run is not None and (run.status, run.output) == ("cancelled", None)
 
 
-async def test_100_parallel_waits_inside_one_handler_on_a_queue_of_5(
+async def test_a_run_cancelled_elsewhere_is_not_attempted_again_after_it_fails(
     store_config: StoreConfig,
 ) -> None:
+    """Another process flags the run while it runs here (it only learns of it when it
+    renews its lease); the attempt fails before that: the run ends cancelled, not retried."""
     iii = make_app(store_config)
-    running = 0
-    peak = 0
+    calls = 0
+    started = anyio.Event()
+    fail_now = anyio.Event()
 
-    @iii.function("leaf")
-    async def leaf(n: int) -> int:
-        nonlocal running, peak
-        running += 1
-        peak = max(peak, running)
-        await anyio.lowlevel.checkpoint()
-        running -= 1
-        return n * n
-
-    @iii.function("fan_out")
-    async def fan_out(count: int) -> int:
-        results = await asyncio.gather(
-            *(iii.trigger_and_wait_async("leaf", n, queue="five") for n in range(count))
-        )
-        return sum(r.unwrap() for r in results)
-
-    async with iii.running():
-        result = await iii.trigger_async("fan_out", 100, timeout_ms=60_000)
-    assert result == sum(n * n for n in range(100))
-    assert peak <= 5
-
-
-async def test_a_handler_waits_for_a_job_of_its_own_concurrency_1_queue(
-    store_config: StoreConfig,
-) -> None:
-    iii = make_app(store_config)
-
-    @iii.function("child")
-    async def child(n: int) -> int:
-        return n + 1
-
-    @iii.function("parent")
-    async def parent(n: int) -> int:
-        result = await iii.trigger_and_wait_async("child", n, queue="one")
-        return int(result.unwrap()) * 10
-
-    @iii.function("sync_parent")
-    def sync_parent(n: int) -> int:
-        return int(iii.trigger_and_wait("child", n, queue="one").unwrap()) * 100
+    @iii.function("job")
+    async def job(_: Any) -> None:
+        nonlocal calls
+        calls += 1
+        started.set()
+        await fail_now.wait()
+        raise RuntimeError("failed anyway")
 
     async with iii.running(), anyio.create_task_group() as tg:
-        results = []
-
-        async def wait(fid: str) -> None:
-            results.append(await iii.trigger_and_wait_async(fid, 1, queue="one"))
-
-        tg.start_soon(wait, "parent")
-        tg.start_soon(wait, "sync_parent")
-        with anyio.fail_after(10):
-            await drain(iii)
-    assert sorted(r.unwrap() for r in results) == [20, 200]
-
-
-async def test_waiting_for_a_job_of_ones_own_fifo_group_fails_fast(
-    store_config: StoreConfig,
-) -> None:
-    iii = make_app(store_config)
-
-    @iii.function("step")
-    async def step(data: dict[str, Any]) -> Any:
-        if data["n"] == 0:
-            await iii.trigger_and_wait_async("step", {"g": data["g"], "n": 1}, queue="fifo")
-        return data["n"]
-
-    async with iii.running(), anyio.create_task_group() as tg:
-        results = []
-
-        async def wait() -> None:
-            results.append(
-                await iii.trigger_and_wait_async("step", {"g": "A", "n": 0}, queue="fifo")
-            )
-
-        tg.start_soon(wait)
-        with anyio.fail_after(10):
-            await drain(iii)
-    [result] = results
-    assert result.status == "failed"
-    assert result.error is not None and result.error.type == "InvocationError"
-    assert "deadlock" in result.error.message
-
-
-async def test_trigger_and_wait_times_out_and_the_run_goes_on(store_config: StoreConfig) -> None:
-    iii = make_app(store_config)
-    release = anyio.Event()
-
-    @iii.function("slow")
-    async def slow(_: Any) -> str:
-        await release.wait()
-        return "done"
-
-    async with iii.running():
-        with pytest.raises(InvocationError) as caught:
-            await iii.trigger_and_wait_async("slow", {}, queue="work", timeout_ms=50)
-        assert caught.value.code == "TIMEOUT"
-        release.set()
+        results = in_background(tg, lambda: iii.trigger_and_wait_async("job", {}, queue="work"))
+        await started.wait()
+        [running] = await iii.runtime.store.list_jobs(state="running")
+        await iii.runtime.store.cancel(running.id, iii.clock.now())  # as another process would
+        fail_now.set()
         await drain(iii)
-        assert (await iii.queue_stats_async("work")).completed == 1
-
-
-def test_blocking_twins_work_from_a_sync_program(tmp_path: Path) -> None:
-    iii = III(
-        Config(store=StoreConfig(store_method="file_based", file_path=str(tmp_path))),
-        shutdown_grace_ms=0,
-    )
-    iii.register_function("square", lambda n: n * n)
-    with iii:
-        assert iii.trigger_and_wait("square", 7).unwrap() == 49
-        batch = iii.batch_trigger_and_wait("square", [1, 2, 3])
-        assert batch.outputs == [1, 4, 9]
-        ids = iii.batch_trigger("square", [4])
-        result = iii.trigger_and_wait("square", 5)
-        run = iii.runs.get(result.id)
-        assert run is not None and run.output == 25
-        assert iii.runs.cancel(result.id).cancelled is False
-        assert len(ids) == 1
-
-
-async def test_run_status_and_output_survive_a_restart(tmp_path: Path) -> None:
-    config = StoreConfig(store_method="file_based", file_path=str(tmp_path / "store"))
-    first = make_app(config)
-    first.register_function("answer", lambda _: {"value": 42})
-    async with first.running():
-        result = await first.trigger_and_wait_async("answer", {}, queue="work")
-    second = make_app(config)
-    async with second.running():
-        run = await second.runs.get_async(result.id)
-    assert run is not None
-    assert (run.status, run.output, run.function_id, run.attempts) == (
-        "completed",
-        {"value": 42},
-        "answer",
-        1,
-    )
+    assert [(r.status, calls) for r in results] == [("cancelled", 1)]

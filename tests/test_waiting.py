@@ -1,0 +1,422 @@
+"""Waiting inside a handler (docs/design.md, "Waiting inside a handler"): a waiting queued
+handler lends its slot and takes it back when one is free; waits that could never end fail
+fast with ``DeadlockError``; parallel fan-in from one handler works. On both stores."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from iii_embedded import (
+    III,
+    Config,
+    DeadlockError,
+    InvocationError,
+    NonRetryableError,
+    QueueConfig,
+    RunResult,
+    StoreConfig,
+    TriggerAction,
+    current_invocation,
+)
+from iii_embedded.testing import VirtualClock, drain
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=["in_memory", "file_based"])
+def store_config(request: pytest.FixtureRequest, tmp_path: Path) -> StoreConfig:
+    if request.param == "in_memory":
+        return StoreConfig(store_method="in_memory")
+    return StoreConfig(store_method="file_based", file_path=str(tmp_path / "store"))
+
+
+def make_app(store: StoreConfig) -> III:
+    queues = {
+        "work": QueueConfig(name="work"),
+        "one": QueueConfig(name="one", concurrency=1),
+        "other": QueueConfig(name="other", concurrency=1),
+        "five": QueueConfig(name="five", concurrency=5),
+        "fifo": QueueConfig(name="fifo", type="fifo", message_group_field="g", concurrency=1),
+    }
+    return III(Config(queues=queues, store=store), clock=VirtualClock(), shutdown_grace_ms=0)
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Yield to the loop until ``condition()`` holds (bounded; no wall-clock sleeps)."""
+    with anyio.fail_after(10):
+        while not condition():
+            await anyio.lowlevel.checkpoint()
+
+
+async def wait_all(iii: III, *waits: Callable[[], Awaitable[RunResult]]) -> list[RunResult]:
+    """Run the waits in parallel while draining the app; their results in order."""
+    results: list[RunResult | None] = [None] * len(waits)
+
+    async def run(index: int) -> None:
+        results[index] = await waits[index]()
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            for index in range(len(waits)):
+                tg.start_soon(run, index)
+            await drain(iii)
+    return [r for r in results if r is not None]
+
+
+# --- lending the slot --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fan_in", ["gather", "task_group"])
+@pytest.mark.parametrize("parent_queue", ["five", None])
+async def test_100_parallel_waits_inside_one_handler_on_a_queue_of_5(
+    store_config: StoreConfig, fan_in: str, parent_queue: str | None
+) -> None:
+    """From a handler queued on that same queue (it lends its one slot, once) or called
+    synchronously: all 100 return, and never more than 5 leaves run at once."""
+    iii = make_app(store_config)
+    running = 0
+    peak = 0
+
+    @iii.function("leaf")
+    async def leaf(n: int) -> int:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await anyio.lowlevel.checkpoint()
+        running -= 1
+        return n * n
+
+    @iii.function("fan_out")
+    async def fan_out(count: int) -> int:
+        results: list[RunResult | None] = [None] * count
+        if fan_in == "gather":
+            results[:] = await asyncio.gather(
+                *(iii.trigger_and_wait_async("leaf", n, queue="five") for n in range(count))
+            )
+        else:
+
+            async def one(n: int) -> None:
+                results[n] = await iii.trigger_and_wait_async("leaf", n, queue="five")
+
+            async with anyio.create_task_group() as tg:
+                for n in range(count):
+                    tg.start_soon(one, n)
+        return sum(r.unwrap() for r in results if r is not None)
+
+    async with iii.running():
+        if parent_queue is None:
+            total = await iii.trigger_async("fan_out", 100, timeout_ms=60_000)
+        else:
+            [result] = await wait_all(
+                iii, lambda: iii.trigger_and_wait_async("fan_out", 100, queue=parent_queue)
+            )
+            total = result.unwrap()
+        assert iii.runtime.runners["five"].lent == 0
+    assert total == sum(n * n for n in range(100))
+    assert peak <= 5
+
+
+async def test_a_handler_waits_for_a_job_of_its_own_concurrency_1_queue(
+    store_config: StoreConfig,
+) -> None:
+    iii = make_app(store_config)
+    iii.register_function("child", lambda n: n + 1)
+
+    @iii.function("parent")
+    async def parent(n: int) -> int:
+        result = await iii.trigger_and_wait_async("child", n, queue="one")
+        batch = await iii.batch_trigger_and_wait_async("child", [n, n], queue="one")
+        return int(result.unwrap()) * 10 + int(sum(batch.outputs))
+
+    @iii.function("sync_parent")
+    def sync_parent(n: int) -> int:
+        return int(iii.trigger_and_wait("child", n, queue="one").unwrap()) * 100
+
+    async with iii.running():
+        results = await wait_all(
+            iii,
+            lambda: iii.trigger_and_wait_async("parent", 1, queue="one"),
+            lambda: iii.trigger_and_wait_async("sync_parent", 1, queue="one"),
+        )
+    assert [r.unwrap() for r in results] == [24, 200]
+
+
+async def test_a_resumed_waiter_takes_its_slot_back_only_when_one_is_free(
+    store_config: StoreConfig,
+) -> None:
+    """Concurrency 1: while the parent waits, another job of its queue runs in its slot;
+    when the parent's wait ends first, it resumes only after that job is done."""
+    iii = make_app(store_config)
+    log: list[str] = []
+    child_started, child_go = anyio.Event(), anyio.Event()
+    other_started, other_go = anyio.Event(), anyio.Event()
+
+    @iii.function("child")
+    async def child(_: Any) -> None:
+        child_started.set()
+        await child_go.wait()
+
+    @iii.function("parent")
+    async def parent(_: Any) -> None:
+        await iii.trigger_and_wait_async("child", {}, queue="other")
+        log.append("parent resumed")
+
+    @iii.function("other")
+    async def other(_: Any) -> None:
+        other_started.set()
+        await other_go.wait()
+        log.append("other done")
+
+    async with iii.running():
+        runner = iii.runtime.runners["one"]
+        await iii.trigger_async("parent", {}, action=TriggerAction.Enqueue(queue="one"))
+        await child_started.wait()
+        await iii.trigger_async("other", {}, action=TriggerAction.Enqueue(queue="one"))
+        await other_started.wait()  # ran in the parent's lent slot
+        child_go.set()
+        await until(lambda: runner._room is not None or bool(log))
+        assert log == []  # the parent's wait is over, but it waits for its slot
+        other_go.set()
+        await drain(iii)
+        assert (runner.lent, runner.running) == (0, 0)
+    assert log == ["other done", "parent resumed"]
+
+
+async def test_a_handler_waiting_for_its_slot_resumes_when_the_worker_lends_it(
+    store_config: StoreConfig,
+) -> None:
+    """Concurrency 1: A's wait ends while B works in A's lent slot; when B starts a wait of
+    its own (lending the slot), A resumes at once."""
+    iii = make_app(store_config)
+    log: list[str] = []
+    go = {name: anyio.Event() for name in ("a_child", "b", "b_child")}
+    b_working = anyio.Event()
+
+    @iii.function("child")
+    async def child(name: str) -> None:
+        await go[name].wait()
+
+    @iii.function("a")
+    async def a(_: Any) -> None:
+        await iii.trigger_and_wait_async("child", "a_child", queue="five")
+        log.append("a resumed")
+
+    @iii.function("b")
+    async def b(_: Any) -> None:
+        b_working.set()
+        await go["b"].wait()
+        await iii.trigger_and_wait_async("child", "b_child", queue="five")
+        log.append("b resumed")
+
+    async with iii.running():
+        runner = iii.runtime.runners["one"]
+        await iii.trigger_async("a", {}, action=TriggerAction.Enqueue(queue="one"))
+        await until(lambda: runner.lent == 1)
+        await iii.trigger_async("b", {}, action=TriggerAction.Enqueue(queue="one"))
+        await b_working.wait()
+        go["a_child"].set()
+        await until(lambda: runner._resuming == 1)  # A waits for its slot, B works
+        go["b"].set()
+        await until(lambda: bool(log))
+        assert log == ["a resumed"]
+        go["b_child"].set()
+        with anyio.fail_after(10):
+            await drain(iii)
+    assert log == ["a resumed", "b resumed"]
+
+
+async def test_two_handlers_waiting_for_their_slots_do_not_wait_for_each_other(
+    store_config: StoreConfig,
+) -> None:
+    """Concurrency 1: F and G wait; K works in the slots they lent. Both waits end while K
+    works, then K finishes: F and G resume one after the other."""
+    iii = make_app(store_config)
+    log: list[str] = []
+    go = {name: anyio.Event() for name in ("f_child", "g_child", "k")}
+    k_working = anyio.Event()
+
+    @iii.function("child")
+    async def child(name: str) -> None:
+        await go[name].wait()
+
+    @iii.function("waiter")
+    async def waiter(name: str) -> None:
+        await iii.trigger_and_wait_async("child", f"{name}_child", queue="five")
+        log.append(name)
+
+    @iii.function("k")
+    async def k(_: Any) -> None:
+        k_working.set()
+        await go["k"].wait()
+        log.append("k")
+
+    async with iii.running():
+        runner = iii.runtime.runners["one"]
+        for name in ("f", "g"):
+            await iii.trigger_async("waiter", name, action=TriggerAction.Enqueue(queue="one"))
+        await until(lambda: runner.lent == 2)
+        await iii.trigger_async("k", {}, action=TriggerAction.Enqueue(queue="one"))
+        await k_working.wait()
+        go["f_child"].set()
+        go["g_child"].set()
+        await until(lambda: runner._resuming == 2)
+        go["k"].set()
+        with anyio.fail_after(10):
+            await drain(iii)
+        assert (runner.lent, runner.running, runner._resuming) == (0, 0, 0)
+    assert log[0] == "k" and sorted(log[1:]) == ["f", "g"]
+
+
+async def test_a_waiting_handler_that_is_cancelled_gives_its_slot_back(
+    store_config: StoreConfig,
+) -> None:
+    iii = make_app(store_config)
+    child_started, child_go = anyio.Event(), anyio.Event()
+    parent_ids: list[str] = []
+
+    @iii.function("child")
+    async def child(_: Any) -> str:
+        child_started.set()
+        await child_go.wait()
+        return "child done"
+
+    @iii.function("parent")
+    async def parent(_: Any) -> None:
+        invocation = current_invocation()
+        assert invocation is not None and invocation.receipt_id is not None
+        parent_ids.append(invocation.receipt_id)
+        await iii.trigger_and_wait_async("child", {}, queue="other")
+
+    async with iii.running():
+        await iii.trigger_async("parent", {}, action=TriggerAction.Enqueue(queue="one"))
+        await child_started.wait()
+        runner = iii.runtime.runners["one"]
+        assert runner.lent == 1
+        await iii.runs.cancel_async(parent_ids[0])
+        await until(lambda: runner.running == 0)
+        assert (runner.lent, iii.runtime.run_waiters) == (0, {})
+        child_go.set()
+        await drain(iii)
+        parent_run = await iii.runs.get_async(parent_ids[0])
+        [child_job] = await iii.runtime.store.list_jobs("other")
+    assert parent_run is not None and parent_run.status == "cancelled"
+    assert (child_job.state, child_job.output) == ("completed", '"child done"')
+
+
+# --- waits that could never end ----------------------------------------------------------
+
+
+async def test_waiting_for_a_job_of_ones_own_fifo_group_fails_fast(
+    store_config: StoreConfig,
+) -> None:
+    iii = make_app(store_config)
+    caught: list[BaseException] = []
+
+    @iii.function("step")
+    async def step(data: dict[str, Any]) -> Any:
+        if data["n"] == 0:
+            try:
+                await iii.trigger_and_wait_async("step", {"g": data["g"], "n": 1}, queue="fifo")
+            except InvocationError as exc:
+                caught.append(exc)
+                raise
+        return data["n"]
+
+    async with iii.running():
+        [result] = await wait_all(
+            iii, lambda: iii.trigger_and_wait_async("step", {"g": "A", "n": 0}, queue="fifo")
+        )
+        jobs = await iii.runtime.store.list_jobs()
+    [error] = caught
+    assert isinstance(error, DeadlockError) and isinstance(error, NonRetryableError)
+    assert error.code == "deadlock"
+    assert error.message.startswith(
+        "a handler of FIFO queue 'fifo' (group 'A') would wait for a job of its own group"
+    )
+    # Not retried (a retry cannot help), and the child was never stored.
+    assert (result.status, [j.attempts for j in jobs]) == ("failed", [1])
+    assert result.error is not None and result.error.type == "DeadlockError"
+
+
+async def test_a_fifo_handler_may_wait_for_another_group_of_its_queue(
+    store_config: StoreConfig,
+) -> None:
+    """Concurrency 1: the waiter lends its slot to the other group. ``True`` and ``1`` are
+    different groups (the store keys groups by their JSON text)."""
+    iii = make_app(store_config)
+
+    @iii.function("step")
+    async def step(data: dict[str, Any]) -> Any:
+        if data["n"] == 0:
+            for group in ("B", 1):
+                result = await iii.trigger_and_wait_async(
+                    "step", {"g": group, "n": 1}, queue="fifo"
+                )
+                assert result.ok
+        return data["n"]
+
+    async with iii.running():
+        [result] = await wait_all(
+            iii, lambda: iii.trigger_and_wait_async("step", {"g": True, "n": 0}, queue="fifo")
+        )
+    assert (result.status, result.output) == ("completed", 0)
+
+
+async def test_a_deadlock_through_a_chain_of_waits_fails_fast(store_config: StoreConfig) -> None:
+    """FIFO group A waits for a relay (another queue), which waits for group A."""
+    iii = make_app(store_config)
+
+    @iii.function("relay")
+    async def relay(_: Any) -> Any:
+        try:
+            await iii.trigger_and_wait_async("step", {"g": "A", "n": 1}, queue="fifo")
+        except DeadlockError as exc:
+            return exc.message
+        return "no deadlock"
+
+    @iii.function("step")
+    async def step(data: dict[str, Any]) -> Any:
+        if data["n"] == 0:
+            return (await iii.trigger_and_wait_async("relay", {}, queue="work")).unwrap()
+        return data["n"]
+
+    async with iii.running():
+        [result] = await wait_all(
+            iii, lambda: iii.trigger_and_wait_async("step", {"g": "A", "n": 0}, queue="fifo")
+        )
+        parent = (await iii.runtime.store.list_jobs("fifo"))[0]
+    assert result.output == (
+        f"run {parent.id} of FIFO queue 'fifo' (group 'A') waits for this handler, and so "
+        "would wait for a job of its own group, which cannot start until that handler "
+        "returns: enqueue it without waiting, or use another group or queue"
+    )
+
+
+async def test_waiting_for_ones_own_run_through_its_idempotency_key_fails_fast(
+    store_config: StoreConfig,
+) -> None:
+    iii = make_app(store_config)
+
+    @iii.function("again")
+    async def again(_: Any) -> str:
+        try:
+            await iii.trigger_and_wait_async("again", {}, queue="work", idempotency_key="k")
+        except DeadlockError as exc:
+            return exc.message
+        return "no deadlock"
+
+    async with iii.running():
+        [result] = await wait_all(
+            iii,
+            lambda: iii.trigger_and_wait_async("again", {}, queue="work", idempotency_key="k"),
+        )
+    assert result.output == (
+        f"the idempotency key names run {result.id}, which is this handler's own run or "
+        "waits for it: it cannot finish before this wait does"
+    )
