@@ -581,7 +581,7 @@ class III:
 
     # --- inspection and the dead-letter queue ------------------------------------------
 
-    def _queue_names(self, queue: str) -> str:
+    def _known_queue(self, queue: str) -> str:
         if queue not in self.config.queues:
             raise ValueError(f"Queue '{queue}' not found")
         return queue
@@ -615,7 +615,7 @@ class III:
 
     async def queue_stats_async(self, queue: str) -> QueueStats:
         """Statistics of one queue."""
-        return (await self.stats_async())[self._queue_names(queue)]
+        return (await self.stats_async())[self._known_queue(queue)]
 
     def queue_stats(self, queue: str) -> QueueStats:
         """Blocking twin of :meth:`queue_stats_async`."""
@@ -627,7 +627,7 @@ class III:
     ) -> list[DeadJob]:
         """Dead jobs of ``queue``, oldest failure first."""
         jobs = await self.runtime.store.list_dead(
-            self._queue_names(queue), offset=offset, limit=limit
+            self._known_queue(queue), offset=offset, limit=limit
         )
         return [DeadJob.from_job(j) for j in jobs]
 
@@ -644,7 +644,7 @@ class III:
         A redriven job joins the tail of its FIFO group. Returns the ids moved.
         """
         rt = self.runtime
-        moved = await rt.store.redrive(self._queue_names(queue), ids, rt.clock.now())
+        moved = await rt.store.redrive(self._known_queue(queue), ids, rt.clock.now())
         if moved:
             rt.runners[queue].wake()
         return moved
@@ -656,7 +656,7 @@ class III:
 
     async def dlq_discard_async(self, queue: str, ids: Sequence[str] | None = None) -> list[str]:
         """Delete dead jobs (``ids``, or all) of ``queue``; returns the ids deleted."""
-        return await self.runtime.store.discard(self._queue_names(queue), ids)
+        return await self.runtime.store.discard(self._known_queue(queue), ids)
 
     def dlq_discard(self, queue: str, ids: Sequence[str] | None = None) -> list[str]:
         """Blocking twin of :meth:`dlq_discard_async`."""

@@ -95,7 +95,6 @@ class VirtualClock:
         self._now = start
         self._seq = itertools.count()
         self._timers: list[tuple[float, int, _Timer]] = []
-        self._listeners: list[Callable[[], None]] = []
 
     def now(self) -> float:
         """The current virtual time."""
@@ -127,17 +126,6 @@ class VirtualClock:
             if timer.active:
                 timer.active = False
                 timer.fire()
-        for listener in list(self._listeners):
-            listener()
-
-    def add_listener(self, listener: Callable[[], None]) -> None:
-        """Call ``listener`` after every advance."""
-        self._listeners.append(listener)
-
-    def remove_listener(self, listener: Callable[[], None]) -> None:
-        """Undo ``add_listener``."""
-        if listener in self._listeners:
-            self._listeners.remove(listener)
 
     async def sleep_until(self, deadline: float) -> None:
         """Sleep until the virtual time reaches ``deadline``."""

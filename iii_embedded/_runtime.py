@@ -15,7 +15,7 @@ import socket
 import threading
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -33,9 +33,6 @@ from ._queues import QueueRunner
 from ._registry import FunctionSpec, Registry
 from ._stores import Job, NewJob, Outcome, Store
 from ._threads import ThreadPool
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["Runtime", "DEFAULT_TIMEOUT_MS", "JobEvent"]
 
