@@ -29,7 +29,7 @@ import anyio
 import attrs
 
 from ._actions import EnqueueAction
-from ._context import Invocation
+from ._context import Invocation, current_invocation
 from ._errors import DeadlockError, InvocationError, RunFailedError
 from ._ids import new_receipt_id
 from ._queues import QueueRunner
@@ -49,6 +49,7 @@ __all__ = [
     "batch_trigger",
     "trigger_and_wait",
     "batch_trigger_and_wait",
+    "wait_for_run",
 ]
 
 RunStatus = Literal["queued", "delayed", "running", "completed", "failed", "cancelled"]
@@ -218,23 +219,31 @@ def _waiting_chain(rt: Runtime, inv: Invocation | None) -> list[Invocation]:
     return chain
 
 
-def _check_fifo_deadlock(
-    rt: Runtime, chain: Sequence[Invocation], queue: str, payloads: Sequence[Any]
-) -> None:
-    """Refuse to wait for a job of a FIFO group whose running head is the waiter itself or
-    a run waiting for it: that job cannot start before the wait ends."""
+def _payload_groups(rt: Runtime, queue: str, payloads: Sequence[Any]) -> set[str]:
+    """The FIFO group keys of payloads about to be enqueued on ``queue``."""
     config = rt.config.queues.get(queue)
-    if not chain or config is None or not config.is_fifo:
-        return
+    if config is None or not config.is_fifo:
+        return set()
     field = config.message_group_field
-    targets: set[str] = set()
+    groups: set[str] = set()
     for payload in payloads:
         if isinstance(payload, Mapping) and payload.get(field) is not None:
             # A value that is not JSON is refused by enqueue with its own message.
             with contextlib.suppress(TypeError, ValueError):
-                targets.add(_group_key(payload[field]))
+                groups.add(_group_key(payload[field]))
+    return groups
+
+
+def _check_fifo_deadlock(
+    rt: Runtime, chain: Sequence[Invocation], queue: str, groups: set[str]
+) -> None:
+    """Refuse to wait for a job of a FIFO group whose running head is the waiter itself or
+    a run waiting for it: that job cannot start before the wait ends."""
+    config = rt.config.queues.get(queue)
+    if not chain or not groups or config is None or not config.is_fifo:
+        return
     for waiter in chain:
-        if waiter.queue != queue or _group_key(waiter.group) not in targets:
+        if waiter.queue != queue or _group_key(waiter.group) not in groups:
             continue
         if waiter is chain[0]:
             who = f"a handler of FIFO queue '{queue}' (group {waiter.group!r})"
@@ -388,13 +397,28 @@ async def trigger_and_wait(
 ) -> RunResult:
     """Enqueue one run and wait for its final outcome."""
     chain = _waiting_chain(rt, inv)
-    _check_fifo_deadlock(rt, chain, queue, [payload])
+    _check_fifo_deadlock(rt, chain, queue, _payload_groups(rt, queue, [payload]))
     action = EnqueueAction(
         queue=queue, delay_ms=delay_ms, idempotency_key=idempotency_key, max_attempts=max_attempts
     )
     ids = await rt.enqueue(function_id, [payload], action, batch=False)
     _check_self_wait(chain, ids)
     [result] = await wait_for_runs(rt, ids, timeout_ms=timeout_ms, inv=inv, chain=chain)
+    return result
+
+
+async def wait_for_run(
+    rt: Runtime, run_id: str, *, timeout_ms: int | None, inv: Invocation | None
+) -> RunResult:
+    """Wait for a run started earlier (``iii.runs.wait``)."""
+    chain = _waiting_chain(rt, inv)
+    _check_self_wait(chain, [run_id])
+    job = await rt.store.get(run_id)
+    if job is None:
+        raise InvocationError("run_not_found", f"run {run_id} does not exist")
+    if job.group is not None and job.state not in _FINAL:
+        _check_fifo_deadlock(rt, chain, job.queue, {job.group})
+    [result] = await wait_for_runs(rt, [run_id], timeout_ms=timeout_ms, inv=inv, chain=chain)
     return result
 
 
@@ -410,7 +434,7 @@ async def batch_trigger_and_wait(
 ) -> BatchResult:
     """Store a batch atomically and wait for all of it; never raises for a failed item."""
     chain = _waiting_chain(rt, inv)
-    _check_fifo_deadlock(rt, chain, queue, payloads)
+    _check_fifo_deadlock(rt, chain, queue, _payload_groups(rt, queue, payloads))
     ids = await batch_trigger(
         rt, function_id, payloads, queue=queue, idempotency_keys=idempotency_keys
     )
@@ -423,7 +447,7 @@ async def batch_trigger_and_wait(
 
 
 class Runs:
-    """``iii.runs``: look runs up and cancel them.
+    """``iii.runs``: look runs up, wait for them and cancel them.
 
     Finished runs (completed or cancelled, with their outputs) are kept for the store's
     ``result_retention_ms`` (a day by default) and then pruned; failed runs stay in their
@@ -447,6 +471,26 @@ class Runs:
         rt = self._app.runtime
         job = await rt.store.get(run_id)
         return Run.from_job(job, rt.clock.now()) if job is not None else None
+
+    async def wait_async(self, run_id: str, *, timeout_ms: int | None = None) -> RunResult:
+        """Wait until the run is final (after its retries) and return its outcome, as
+        ``trigger_and_wait`` does for a run it starts. Raises ``InvocationError`` with code
+        ``run_not_found`` for an unknown (or pruned) run, ``TIMEOUT`` when ``timeout_ms``
+        passes (the run goes on) and :class:`DeadlockError` for a wait that could never
+        end."""
+        inv = current_invocation()
+        result: RunResult = await self._app._on_loop(
+            lambda: wait_for_run(self._app.runtime, run_id, timeout_ms=timeout_ms, inv=inv)
+        )
+        return result
+
+    def wait(self, run_id: str, *, timeout_ms: int | None = None) -> RunResult:
+        """Blocking twin of :meth:`wait_async`."""
+        inv = current_invocation()
+        result: RunResult = self._app._call_blocking(
+            lambda: wait_for_run(self._app.runtime, run_id, timeout_ms=timeout_ms, inv=inv)
+        )
+        return result
 
     async def cancel_async(self, run_id: str) -> CancelResult:
         """Cancel a run: a queued or delayed run at once (it never starts); a running one
