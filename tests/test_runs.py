@@ -223,6 +223,38 @@ async def test_async_twins_work_from_another_event_loop(tmp_path: Path) -> None:
     assert (result.output, run is not None and run.output, cancel.cancelled) == (2, 2, False)
 
 
+async def test_runs_wait_waits_for_a_run_started_earlier(store_config: StoreConfig) -> None:
+    iii = make_app(store_config)
+    attempts = 0
+
+    @iii.function("flaky")
+    async def flaky(n: int) -> int:
+        nonlocal attempts
+        attempts += 1
+        if attempts < 2:
+            raise ConnectionError("once")
+        return n + 1
+
+    async with iii.running(), anyio.create_task_group() as tg:
+        receipt = await iii.trigger_async("flaky", 1, action=TriggerAction.Enqueue(queue="work"))
+        run_id = receipt["messageReceiptId"]
+        results = in_background(tg, lambda: iii.runs.wait_async(run_id))
+        await drain(iii)
+    [result] = results
+    assert (result.id, result.status, result.output, attempts) == (run_id, "completed", 2, 2)
+
+
+async def test_runs_wait_of_an_unknown_run_raises(store_config: StoreConfig) -> None:
+    iii = make_app(store_config)
+    async with iii.running():
+        with pytest.raises(InvocationError) as caught:
+            await iii.runs.wait_async("no-such-run")
+    assert (caught.value.code, caught.value.message) == (
+        "run_not_found",
+        "run no-such-run does not exist",
+    )
+
+
 # --- iii.runs.get ------------------------------------------------------------------------
 
 

@@ -344,6 +344,32 @@ async def test_waiting_for_a_job_of_ones_own_fifo_group_fails_fast(
     assert result.error is not None and result.error.type == "DeadlockError"
 
 
+async def test_waiting_by_id_for_a_queued_job_of_ones_own_fifo_group_fails_fast(
+    store_config: StoreConfig,
+) -> None:
+    iii = make_app(store_config)
+
+    @iii.function("step")
+    async def step(data: dict[str, Any]) -> Any:
+        if data["n"] == 0:
+            receipt = await iii.trigger_async(
+                "step", {"g": data["g"], "n": 1}, action=TriggerAction.Enqueue(queue="fifo")
+            )
+            try:
+                await iii.runs.wait_async(receipt["messageReceiptId"])
+            except DeadlockError as exc:
+                return exc.code
+        return data["n"]
+
+    async with iii.running():
+        [result] = await wait_all(
+            iii, lambda: iii.trigger_and_wait_async("step", {"g": "A", "n": 0}, queue="fifo")
+        )
+        jobs = await iii.runtime.store.list_jobs("fifo")
+    assert result.output == "deadlock"
+    assert [(j.state, j.output) for j in jobs] == [("completed", '"deadlock"'), ("completed", "1")]
+
+
 async def test_a_fifo_handler_may_wait_for_another_group_of_its_queue(
     store_config: StoreConfig,
 ) -> None:
