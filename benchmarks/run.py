@@ -1,11 +1,19 @@
-"""Run every benchmark scenario and print one table (``make bench``).
+"""Run the benchmarks and print one table (``make bench``).
 
-    python -m benchmarks.run            # the full run (well under 10 minutes on 2 cores)
-    python -m benchmarks.run --quick    # a smoke run with small N
-    python -m benchmarks.run --only e2e # scenarios whose id contains "e2e"
+    python -m benchmarks.run                  # everything (under 10 minutes on 2 cores)
+    python -m benchmarks.run --quick          # a smoke run: small sizes, one run each
+    python -m benchmarks.run --only e2e       # a group (raw, enqueue, e2e, sync_call,
+    python -m benchmarks.run --only e2e.huey  #   latency, depth) or ids containing a text
 
-Absolute figures drift between runs on shared machines; the ratios, measured in the same
-run, are what to compare. Results also go to benchmarks/results/latest.json.
+Every run of every scenario is a fresh subprocess (``python -m benchmarks.worker``), so
+state and peak RSS do not leak between them; the table shows medians of 3 runs (of 1 where
+noted). Each iii-embedded figure is shown beside its ratio to the peers and to the raw
+SQLite limits measured in the same run, and against its target. Absolute figures drift
+between runs on shared machines; the ratios are what to compare.
+
+The table goes to stdout, progress to stderr. A full run also writes
+``benchmarks/results/latest.json`` and ``latest.md``; ``--quick`` and ``--only`` runs
+write ``results/partial.json`` instead (not committed).
 """
 
 from __future__ import annotations
@@ -14,296 +22,315 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sqlite3
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from importlib.metadata import version
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-N = 20_000
-SCENARIOS: list[tuple[str, str, str, dict[str, Any], int]] = [
-    # (id, module, function, params, repeats) — "n" is scaled down by --quick.
-    ("raw.insert_each.normal", "raw_sqlite", "insert", {"n": N, "per_commit": 1}, 3),
-    (
-        "raw.insert_each.full",
-        "raw_sqlite",
-        "insert",
-        {"n": 2000, "per_commit": 1, "synchronous": "FULL"},
-        3,
-    ),
-    ("raw.insert_100.normal", "raw_sqlite", "insert", {"n": N, "per_commit": 100}, 3),
-    (
-        "raw.executemany_1000.normal",
-        "raw_sqlite",
-        "insert",
-        {"n": N, "per_commit": 1000, "many": True},
-        3,
-    ),
-    ("raw.cycle_1.normal", "raw_sqlite", "cycle", {"n": N, "per_tx": 1}, 3),
-    ("raw.cycle_1.full", "raw_sqlite", "cycle", {"n": 2000, "per_tx": 1, "synchronous": "FULL"}, 3),
-    ("raw.cycle_100.normal", "raw_sqlite", "cycle", {"n": N, "per_tx": 100}, 3),
-    (
-        "raw.cycle_100.full",
-        "raw_sqlite",
-        "cycle",
-        {"n": N, "per_tx": 100, "synchronous": "FULL"},
-        3,
-    ),
-    (
-        "iii.enqueue.memory.p1",
-        "iii_bench",
-        "enqueue",
-        {"store": "memory", "n": N, "producers": 1},
-        3,
-    ),
-    (
-        "iii.enqueue.memory.p16",
-        "iii_bench",
-        "enqueue",
-        {"store": "memory", "n": N, "producers": 16},
-        3,
-    ),
-    (
-        "iii.enqueue.file-normal.p1",
-        "iii_bench",
-        "enqueue",
-        {"store": "file-normal", "n": 5000, "producers": 1},
-        3,
-    ),
-    (
-        "iii.enqueue.file-normal.p16",
-        "iii_bench",
-        "enqueue",
-        {"store": "file-normal", "n": N, "producers": 16},
-        3,
-    ),
-    (
-        "iii.enqueue.file-full.p16",
-        "iii_bench",
-        "enqueue",
-        {"store": "file-full", "n": N, "producers": 16},
-        3,
-    ),
-    ("iii.e2e.memory.async", "iii_bench", "end_to_end", {"store": "memory", "n": N}, 3),
-    (
-        "iii.e2e.memory.sync",
-        "iii_bench",
-        "end_to_end",
-        {"store": "memory", "n": N, "handler": "sync"},
-        3,
-    ),
-    ("iii.e2e.file-normal.async", "iii_bench", "end_to_end", {"store": "file-normal", "n": N}, 3),
-    (
-        "iii.e2e.file-normal.sync",
-        "iii_bench",
-        "end_to_end",
-        {"store": "file-normal", "n": N, "handler": "sync"},
-        3,
-    ),
-    ("iii.e2e.file-full.async", "iii_bench", "end_to_end", {"store": "file-full", "n": N}, 3),
-    (
-        "iii.e2e.file-full.sync",
-        "iii_bench",
-        "end_to_end",
-        {"store": "file-full", "n": N, "handler": "sync"},
-        3,
-    ),
-    (
-        "iii.e2e_fifo100.memory",
-        "iii_bench",
-        "end_to_end",
-        {"store": "memory", "n": N, "fifo_groups": 100},
-        3,
-    ),
-    (
-        "iii.e2e_fifo100.file-normal",
-        "iii_bench",
-        "end_to_end",
-        {"store": "file-normal", "n": N, "fifo_groups": 100},
-        3,
-    ),
-    ("iii.sync_call", "iii_bench", "sync_call", {"m": 100_000}, 3),
-    ("iii.latency.memory", "iii_bench", "latency", {"store": "memory", "samples": 500}, 1),
-    (
-        "iii.latency.file-normal",
-        "iii_bench",
-        "latency",
-        {"store": "file-normal", "samples": 500},
-        1,
-    ),
-    ("iii.depth.10k", "iii_bench", "depth", {"pending": 10_000, "drain_n": 10_000}, 1),
-    ("iii.depth.1m", "iii_bench", "depth", {"pending": 1_000_000, "drain_n": 10_000}, 1),
-    ("huey.enqueue", "peers", "huey_enqueue", {"n": 5000}, 3),
-    ("huey.e2e.w1", "peers", "huey_end_to_end", {"n": 5000, "workers": 1}, 3),
-    ("huey.e2e.w8", "peers", "huey_end_to_end", {"n": 5000, "workers": 8}, 3),
-    ("huey.immediate", "peers", "huey_immediate", {"m": 20_000}, 3),
-    ("persistq.enqueue", "peers", "persistqueue_enqueue", {"n": 5000}, 3),
-    ("persistq.e2e.w4", "peers", "persistqueue_end_to_end", {"n": 3000, "workers": 4}, 3),
-    ("litequeue.enqueue", "peers", "litequeue_enqueue", {"n": 5000}, 3),
-    ("litequeue.e2e", "peers", "litequeue_end_to_end", {"n": 3000}, 3),
-    ("dramatiq.e2e.t1", "peers", "dramatiq_end_to_end", {"n": N, "threads": 1}, 3),
-    ("dramatiq.e2e.t8", "peers", "dramatiq_end_to_end", {"n": N, "threads": 8}, 3),
-]
+from ._util import SCRATCH_ENV
+from .peers import PEERS
+from .scenarios import GROUPS, SCENARIOS, Ref, Scenario, quick_params
 
-# (iii figure, reference figure, target, label): ratios printed under the table.
-RATIOS: list[tuple[str, str, float | None, str]] = [
-    ("iii.e2e.file-full.async", "huey.e2e.best", 10.0, "file e2e (full, async) / Huey-SQLite"),
-    ("iii.e2e.file-full.sync", "huey.e2e.best", 10.0, "file e2e (full, sync) / Huey-SQLite"),
-    ("iii.e2e.file-normal.async", "huey.e2e.best", 10.0, "file e2e (normal, async) / Huey-SQLite"),
-    (
-        "iii.e2e.file-normal.async",
-        "raw.cycle_100.normal",
-        0.25,
-        "file e2e (normal) / raw cycle, 100 per tx",
-    ),
-    (
-        "iii.e2e.file-full.async",
-        "raw.cycle_100.full",
-        0.25,
-        "file e2e (full) / raw cycle, 100 per tx",
-    ),
-    (
-        "iii.e2e.file-normal.async",
-        "raw.cycle_1.normal",
-        2.0,
-        "file e2e (normal) / raw cycle, 1 per tx",
-    ),
-    ("iii.e2e.memory.async", "dramatiq.e2e.t8", 5.0, "memory e2e / Dramatiq StubBroker, 8 threads"),
-    (
-        "iii.enqueue.file-normal.p16",
-        "raw.insert_100.normal",
-        0.5,
-        "durable enqueue, 16 producers / raw 100 rows per commit",
-    ),
-    ("iii.e2e.file-normal.async", "persistq.e2e.w4", None, "file e2e / persist-queue"),
-    ("iii.e2e.file-normal.async", "litequeue.e2e", None, "file e2e / litequeue"),
-    ("iii.enqueue.file-full.p16", "huey.enqueue", None, "durable enqueue (full) / Huey enqueue"),
-    ("iii.depth.1m", "iii.depth.10k", 0.8, "1M pending / 10k pending (throughput)"),
-]
+RESULTS = Path(__file__).with_name("results")
+RUN_TIMEOUT_S = 300
 
 
-def _value(result: dict[str, Any]) -> float:
-    for key in ("rate", "overhead_us", "us", "p50_ms"):
-        if key in result:
-            return float(result[key])
-    raise KeyError(result)
+# --- running ---------------------------------------------------------------------------
 
 
-def run_one(module: str, function: str, params: dict[str, Any]) -> dict[str, Any]:
+def run_once(module: str, function: str, params: dict[str, Any]) -> dict[str, Any]:
+    """One scenario run in a fresh interpreter; its JSON result."""
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.worker", module, function, json.dumps(params)],
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=RUN_TIMEOUT_S,
+        cwd=Path(__file__).resolve().parent.parent,
     )
-    if proc.returncode != 0:
-        raise RuntimeError(f"{module}.{function} failed:\n{proc.stderr[-2000:]}")
-    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise RuntimeError(f"exit {proc.returncode}: " + " | ".join(tail))
+    return dict(json.loads(lines[-1]))
 
 
-def machine() -> dict[str, str]:
+def measure(s: Scenario, quick: bool) -> dict[str, Any]:
+    """Run ``s`` (its prepare step first), ``repeats`` times; the median and the runs."""
+    params, prep_params = quick_params(s) if quick else (dict(s.params), None)
+    if s.prepare is not None and prep_params is None:
+        prep_params = dict(s.prepare[2])
+    repeats = 1 if quick else s.repeats
+    prepared: dict[str, Any] = {}
+    runs: list[dict[str, Any]] = []
+    for i in range(repeats):
+        if s.prepare is not None and (i == 0 or s.prepare_each):
+            prepared = run_once(s.prepare[0], s.prepare[1], prep_params or {})
+        extra = {"directory": prepared["directory"]} if "directory" in prepared else {}
+        runs.append(run_once(s.module, s.function, {**params, **extra}))
+    values = [float(r[s.metric]) for r in runs]
+    median = statistics.median(values)
+    middle = runs[min(range(len(runs)), key=lambda i: abs(values[i] - median))]
+    detail = {k: v for k, v in middle.items() if k != s.metric}
+    detail["peak_rss_mb"] = max(float(r["peak_rss_mb"]) for r in runs)
+    for key in ("prefill_s", "prefill_method"):
+        if key in prepared:
+            detail[key] = prepared[key]
+    return {
+        "median": median,
+        "runs": values,
+        "detail": detail,
+        "params": params,
+        **({"prepare_params": prep_params} if prep_params else {}),
+    }
+
+
+# --- comparing -------------------------------------------------------------------------
+
+
+def _best(ref: Ref, results: dict[str, dict[str, Any]], higher: bool) -> tuple[str, float] | None:
+    found = [(rid, results[rid]["median"]) for rid in ref.ids if "median" in results.get(rid, {})]
+    if not found:
+        return None
+    return (max if higher else min)(found, key=lambda item: item[1])
+
+
+def compare(s: Scenario, results: dict[str, dict[str, Any]]) -> None:
+    """Add ``ratios`` (×: how many times better iii-embedded is) and ``targets`` to the
+    result of ``s``."""
+    mine = results[s.id]
+    ratios, targets = [], []
+    for ref in s.refs:
+        best = _best(ref, results, s.higher_is_better)
+        if best is None:
+            continue
+        rid, value = best
+        ratio = mine["median"] / value if s.higher_is_better else value / mine["median"]
+        ratios.append({"ref": rid, "name": ref.name, "ratio": ratio, "percent": ref.percent})
+        if ref.target is not None:
+            shown = _ratio_text(ratio, ref.percent)
+            goal = _ratio_text(ref.target, ref.percent)
+            aim = f" (aim {_ratio_text(ref.aim, ref.percent)})" if ref.aim else ""
+            targets.append(
+                {
+                    "text": f"≥ {goal}{aim} of {ref.name}" if ref.percent
+                    else f"≥ {goal} {ref.name}",
+                    "met": ratio >= ref.target,
+                    "measured": shown,
+                    "factor_missing": None if ratio >= ref.target else ref.target / ratio,
+                }
+            )
+    for limit in s.limits:
+        value = mine["median"] if limit.key == s.metric else mine["detail"].get(limit.key)
+        if value is None:
+            continue
+        targets.append(
+            {
+                "text": limit.text,
+                "met": float(value) < limit.below,
+                "measured": f"{float(value):,.3g}",
+                "factor_missing": None if value < limit.below else float(value) / limit.below,
+            }
+        )
+    mine["ratios"] = ratios
+    mine["targets"] = targets
+
+
+# --- the table -------------------------------------------------------------------------
+
+
+def _ratio_text(ratio: float, percent: bool) -> str:
+    if percent:
+        return f"{ratio * 100:.1f}%" if ratio < 0.1 else f"{ratio * 100:.0f}%"
+    return f"{ratio:.2f}×" if ratio < 10 else f"{ratio:.1f}×"
+
+
+def _value_text(value: float, metric: str) -> str:
+    if metric == "rate":
+        return f"{value:,.0f}"
+    return f"{value:,.3f}" if metric == "p50_ms" else f"{value:,.2f}"
+
+
+def _detail_text(s: Scenario, r: dict[str, Any]) -> str:
+    d = r["detail"]
+    parts = []
+    if "p99_ms" in d:
+        parts.append(f"p99 {d['p99_ms']:.3f} ms")
+    if "overhead_us" in d:
+        parts.append(f"bare await {d['bare_us']:.2f} µs, overhead {d['overhead_us']:.2f} µs")
+    if s.group == "depth":
+        parts.append(f"peak RSS {d['peak_rss_mb']:.0f} MB")
+        parts.append(f"start-up {d.get('startup_ms', 0):.0f} ms")
+        if "prefill_s" in d:
+            parts.append(f"prefill {d['prefill_s']:.1f} s")
+    elif s.system.startswith("iii") and s.group in ("e2e", "enqueue"):
+        parts.append(f"RSS {d['peak_rss_mb']:.0f} MB")
+    if len(r["runs"]) > 1:
+        lo, hi = min(r["runs"]), max(r["runs"])
+        parts.append(f"runs {_value_text(lo, s.metric)}–{_value_text(hi, s.metric)}")
+    else:
+        parts.append("1 run")
+    return "; ".join(parts)
+
+
+def table(results: dict[str, dict[str, Any]]) -> str:
+    """The Markdown table: one row per scenario that ran."""
+    head = (
+        "| scenario | system | median | unit | detail | × = how many times better iii-embedded "
+        "is than (same run) | target |\n|---|---|--:|---|---|---|---|"
+    )
+    rows = [head]
+    for s in SCENARIOS:
+        r = results.get(s.id)
+        if r is None:
+            continue
+        if "error" in r:
+            rows.append(f"| {s.id} | {s.system} | failed | | {r['error'][:120]} | | |")
+            continue
+        versus = "; ".join(
+            f"{_ratio_text(x['ratio'], x['percent'])} {'of ' if x['percent'] else ''}{x['name']}"
+            for x in r.get("ratios", [])
+        )
+        goals = "; ".join(
+            f"{t['text']}: **{'met' if t['met'] else 'MISSED'}** ({t['measured']})"
+            for t in r.get("targets", [])
+        )
+        title = s.title({**r.get("prepare_params", {}), **r["params"]})
+        label = f"**{title}**" if s.system.startswith("iii") else title
+        rows.append(
+            f"| {label} | {s.system} | {_value_text(r['median'], s.metric)} | {s.unit} | "
+            f"{_detail_text(s, r)} | {versus} | {goals} |"
+        )
+    return "\n".join(rows)
+
+
+# --- the machine -----------------------------------------------------------------------
+
+
+def _version(dist: str) -> str:
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def machine() -> dict[str, Any]:
     cpu = "?"
     with open("/proc/cpuinfo") as f:
         for line in f:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    versions = {}
-    for package in ("iii-embedded", "anyio", "huey", "persist-queue", "litequeue", "dramatiq"):
-        try:
-            versions[package] = version(package)
-        except Exception:
-            versions[package] = "?"
     return {
-        "cpus": str(os.cpu_count()),
+        "nproc": len(os.sched_getaffinity(0)),
         "cpu": cpu,
         "python": platform.python_version(),
         "sqlite": sqlite3.sqlite_version,
-        **versions,
+        "anyio": _version("anyio"),
+        "iii-embedded": _version("iii-embedded"),
+        "kernel": platform.release(),
     }
 
 
-def main() -> int:
+def peers() -> dict[str, dict[str, str]]:
+    return {name: {"version": _version(dist), "how": how} for name, (dist, how) in PEERS.items()}
+
+
+# --- main ------------------------------------------------------------------------------
+
+
+def _selected(only: str | None) -> list[Scenario]:
+    if not only:
+        return list(SCENARIOS)
+    wanted = [w.strip() for w in only.split(",") if w.strip()]
+    return [s for s in SCENARIOS if any(s.group == w or w in s.id for w in wanted)]
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m benchmarks.run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--quick", action="store_true", help="small N, one repeat")
-    parser.add_argument("--only", help="run the scenarios whose id contains this")
-    parser.add_argument("--out", default=str(Path(__file__).with_name("results") / "latest.json"))
-    args = parser.parse_args()
-    info = machine()
-    print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), flush=True)
+    parser.add_argument("--quick", action="store_true", help="small sizes, one run each")
+    parser.add_argument(
+        "--only", metavar="SCENARIO", help=f"a group ({', '.join(GROUPS)}) or id text"
+    )
+    parser.add_argument("--list", action="store_true", help="list the scenario ids and exit")
+    parser.add_argument("--out", type=Path, help="where to write the JSON results")
+    args = parser.parse_args(argv)
+    selected = _selected(args.only)
+    if args.list or not selected:
+        for s in SCENARIOS:
+            print(f"{s.id:28} {s.system:16} {s.label}")
+        return 0 if args.list else 2
+    full = not args.quick and not args.only
+    out = args.out or RESULTS / ("latest.json" if full else "partial.json")
+
+    info, peer_info = machine(), peers()
+    print(
+        "machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), file=sys.stderr, flush=True
+    )
     results: dict[str, dict[str, Any]] = {}
     started = time.monotonic()
-    for sid, module, function, params, repeats in SCENARIOS:
-        if args.only and args.only not in sid:
-            continue
-        params = dict(params)
-        if args.quick:
-            repeats = 1
-            for key in ("n", "m", "samples", "pending", "drain_n"):
-                if key in params:
-                    params[key] = max(200, params[key] // 10)
-        runs = [run_one(module, function, params) for _ in range(repeats)]
-        values = [_value(r) for r in runs]
-        median = statistics.median(values)
-        best = runs[values.index(min(values, key=lambda v: abs(v - median)))]
-        results[sid] = {**best, "median": median, "runs": values, "params": params}
-        print(f"  {sid:32} {median:>12,.2f}  ({_unit(best)})", flush=True)
-    if "huey.e2e.w1" in results and "huey.e2e.w8" in results:
-        results["huey.e2e.best"] = {
-            "median": max(results["huey.e2e.w1"]["median"], results["huey.e2e.w8"]["median"])
-        }
-    print(f"\n{'ratio':58} {'value':>8} {'target':>8}  met")
-    for left, right, target, label in RATIOS:
-        if left in results and right in results:
-            ratio = results[left]["median"] / results[right]["median"]
-            met = "-" if target is None else ("yes" if ratio >= target else "NO")
-            shown = "-" if target is None else f"{target:g}x"
-            print(f"{label:58} {ratio:>7.2f}x {shown:>8}  {met}")
-            results[left].setdefault("ratios", {})[right] = ratio
-    if "iii.sync_call" in results and "huey.immediate" in results:
-        call = results["iii.sync_call"]
-        ratio = results["huey.immediate"]["median"] / call["us"]
-        print(
-            f"{'sync call overhead over a bare await (us, target < 5)':58} "
-            f"{call['overhead_us']:>8.2f} {'5us':>8}  {'yes' if call['overhead_us'] < 5 else 'NO'}"
-        )
-        print(
-            f"{'Huey immediate call / iii sync call (target >= 2.5x)':58} {ratio:>7.2f}x "
-            f"{'2.5x':>8}  {'yes' if ratio >= 2.5 else 'NO'}"
-        )
-    for sid in ("iii.latency.memory", "iii.latency.file-normal"):
-        if sid in results:
-            r = results[sid]
+    scratch = tempfile.mkdtemp(prefix="iii-bench-")
+    os.environ[SCRATCH_ENV] = scratch
+    try:
+        for s in selected:
+            t0 = time.monotonic()
+            try:
+                results[s.id] = measure(s, args.quick)
+                shown = f"{_value_text(results[s.id]['median'], s.metric)} {s.unit}"
+            except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                results[s.id] = {"error": str(exc)}
+                shown = f"FAILED: {exc}"
             print(
-                f"{'idle latency p50/p99 ms, ' + sid.split('.')[-1] + ' (target p50 < 1)':58} "
-                f"{r['p50_ms']:>5.3f}/{r['p99_ms']:.3f}  {'yes' if r['p50_ms'] < 1 else 'NO'}"
+                f"  {s.id:28} {shown:>22}   ({time.monotonic() - t0:.1f} s)",
+                file=sys.stderr,
+                flush=True,
             )
-    if "iii.depth.1m" in results:
-        rss = results["iii.depth.1m"]["peak_rss_mb"]
-        print(
-            f"{'peak RSS with 1M pending, MB (target < 100)':58} {rss:>8.1f} {'100':>8}  "
-            f"{'yes' if rss < 100 else 'NO'}"
-        )
-    print(f"\ntotal {time.monotonic() - started:.0f} s")
-    out = Path(args.out)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    for s in selected:
+        if "median" in results.get(s.id, {}):
+            compare(s, results)
+    total = time.monotonic() - started
+    text = table(results)
+    print(text)
+    print(f"total {total:.0f} s", file=sys.stderr)
+
+    command = "python -m benchmarks.run" + (" --quick" if args.quick else "") + (
+        f" --only {args.only}" if args.only else ""
+    )
+    document = {
+        "command": command,
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "total_s": round(total, 1),
+        "machine": info,
+        "peers": peer_info,
+        "scenarios": {
+            s.id: {"group": s.group, "system": s.system,
+                   "label": s.title({**results[s.id].get("prepare_params", {}),
+                                     **results[s.id].get("params", {})}),
+                   "metric": s.metric, "unit": s.unit, **results[s.id]}
+            for s in selected
+        },
+        "table": text,
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": info, "results": results}, indent=2))
-    return 0
-
-
-def _unit(result: dict[str, Any]) -> str:
-    if "rate" in result:
-        return "jobs/s"
-    if "overhead_us" in result:
-        return "us over a bare await"
-    if "us" in result:
-        return "us per call"
-    return "ms p50"
+    out.write_text(json.dumps(document, indent=1, ensure_ascii=False) + "\n")
+    if full:
+        out.with_suffix(".md").write_text(
+            f"<!-- {command}, {document['finished_at']}, {total:.0f} s -->\n{text}\n"
+        )
+    failed = [sid for sid, r in results.items() if "error" in r]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
