@@ -17,6 +17,11 @@ Design rules every store follows (the conformance suite checks each):
 
 Times are float seconds since the epoch. Payloads and outputs are JSON text: serialised once
 at enqueue, so both stores see exactly the same bytes.
+
+``NewJob``, ``Job`` and ``Outcome`` are slotted attrs classes but not frozen: the runtime
+makes one of each per job, and a frozen attrs instance costs three times as much to build
+(~2 µs against ~0.65 µs for a job record). Treat them as read-only all the same: changing
+one never changes the store.
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ class ErrorInfo:
         return f"{self.type}: {self.message}"
 
 
-@attrs.define(frozen=True, kw_only=True)
+@attrs.define(kw_only=True)
 class NewJob:
     """A job to store. ``id`` is its receipt id (a UUID string chosen by the runtime)."""
 
@@ -73,7 +78,7 @@ class NewJob:
     """If set, a live job of the same function with the same key is returned instead."""
 
 
-@attrs.define(frozen=True, kw_only=True)
+@attrs.define(kw_only=True)
 class Job:
     """A stored job as the store sees it (also a run record)."""
 
@@ -103,7 +108,7 @@ class Job:
     cancel_requested: bool = False
 
 
-@attrs.define(frozen=True, kw_only=True)
+@attrs.define(kw_only=True)
 class Outcome:
     """What happened to a claimed job's attempt, to be applied by ``Store.finish``.
 
