@@ -117,7 +117,8 @@ class Outcome:
     * ``dead``: the attempt failed with ``error`` and the job goes to the DLQ.
     * ``released``: the attempt did not happen (graceful shutdown); the attempt is given back.
     * ``held``: the function is not registered here; the job waits (attempt given back).
-    * ``cancelled``: the run was cancelled while running.
+    * ``cancelled``: the run was cancelled while running, or before its handler started
+      (``started=False``: a prefetched job; the attempt is given back).
     """
 
     job_id: str
@@ -128,6 +129,8 @@ class Outcome:
     output: str | None = None
     error: ErrorInfo | None = None
     available_at: float | None = None
+    started: bool = True
+    """False if the handler never started (only for ``cancelled``)."""
 
 
 @attrs.define(frozen=True, kw_only=True)

@@ -316,6 +316,8 @@ class MemoryStore:
             if kind == "released":
                 self._push_ready(row)
         else:  # cancelled
+            if not outcome.started:
+                row.attempts = max(0, row.attempts - 1)
             self._cancel_row(row, outcome.at)
 
     def _bury(self, row: _Row, error: ErrorInfo | None, at: float) -> None:

@@ -682,7 +682,7 @@ class SQLiteStore:
             elif o.kind == "held":
                 held.append(match)
             else:
-                cancelled.append((o.at, *match))
+                cancelled.append((o.at, 0 if o.started else 1, *match))
         lease = "state = 'running' AND id = ? AND lease_owner = ? AND attempts = ?"
         touched: list[tuple[str, str]] = []
         if completed:
@@ -715,10 +715,11 @@ class SQLiteStore:
             )
         if cancelled:
             if fifo:
-                touched += self._groups_of(conn, [c[1] for c in cancelled])
+                touched += self._groups_of(conn, [c[2] for c in cancelled])
             conn.executemany(
-                "UPDATE jobs SET state = 'cancelled', finished_at = ?, lease_owner = NULL, "
-                f"lease_until = NULL WHERE {lease}",
+                "UPDATE jobs SET state = 'cancelled', finished_at = ?, "
+                "attempts = MAX(0, attempts - ?), lease_owner = NULL, lease_until = NULL "
+                f"WHERE {lease}",
                 cancelled,
             )
         for o, match in dead:

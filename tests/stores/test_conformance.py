@@ -284,6 +284,22 @@ async def test_cancel_queued_held_running_and_finished(store: Store) -> None:
     assert await state_of(store, "h") == ("cancelled", 0)
 
 
+async def test_a_cancelled_outcome_gives_the_attempt_back_only_if_unstarted(
+    store: Store,
+) -> None:
+    await store.enqueue([job("ran", group="a"), job("prefetched", group="b")])
+    assert await claim(store, fifo=True) == ["ran", "prefetched"]
+    cancelled = [
+        Outcome(job_id="ran", kind="cancelled", owner=OWNER, attempt=1, at=T0 + 1),
+        Outcome(
+            job_id="prefetched", kind="cancelled", owner=OWNER, attempt=1, at=T0, started=False
+        ),
+    ]
+    await store.finish(cancelled)
+    assert await state_of(store, "ran") == ("cancelled", 1)
+    assert await state_of(store, "prefetched") == ("cancelled", 0)
+
+
 async def test_prune_deletes_only_old_completed_and_cancelled_jobs(store: Store) -> None:
     await store.enqueue([job("a"), job("b"), job("c", max_attempts=1), job("d")])
     await claim(store, limit=3)
