@@ -42,6 +42,7 @@ _INT_KEYS = {
     "poll_interval_ms",
     "timeout_ms",
     "max_backoff_ms",
+    "prefetch",
 }
 _QUEUE_KEYS = _INT_KEYS | {"type", "message_group_field", "jitter"}
 _POSITIVE = {"concurrency", "poll_interval_ms"}

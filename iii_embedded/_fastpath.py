@@ -98,10 +98,12 @@ async def run_handler(
     call_at: Callable[[float, Callable[[], None]], Callable[[], None]],
     deadline: float | None,
     interrupter: Interrupter | None = None,
+    on_suspend: Callable[[], None] | None = None,
 ) -> Any:
     """Await ``coro``; raise :class:`Interrupted` with reason ``"timeout"`` at ``deadline``
     (on the runtime clock, through ``call_at``), or with the reason given to
-    ``interrupter.interrupt``."""
+    ``interrupter.interrupt``. ``on_suspend`` is called once if the handler does not finish
+    on its first step (the queue then hands its other jobs to another worker)."""
     if interrupter is None or interrupter.reason is None:
         result, yielded = first_step(coro)
         if result is not PENDING:
@@ -109,6 +111,8 @@ async def run_handler(
     else:
         coro.close()
         raise Interrupted(interrupter.reason)
+    if on_suspend is not None:
+        on_suspend()
     stopper = interrupter if interrupter is not None else Interrupter()
     task = asyncio.current_task()
     assert task is not None

@@ -15,6 +15,7 @@ function is unknown here, or cancelled.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -95,8 +96,6 @@ class QueueRunner:
         """Slots lent by handlers that wait for other runs (see ``lend_slot``)."""
         self._lenders: dict[str, int] = {}
         """Receipt id of a waiting handler → how many of its waits are open."""
-        self.claiming = 0
-        """Slots asked for by the claim in flight (not yet in ``running``)."""
         self._room: anyio.Event | None = None
         """Set when a slot frees up, for a handler taking its lent slot back."""
         self._resuming = 0
@@ -112,8 +111,16 @@ class QueueRunner:
         self._wake_pending = True
         self._wake_event = anyio.Event()
         self._buffer: deque[Job] = deque()
-        self._waiters: deque[anyio.Event] = deque()
-        self._workers_done = 0
+        """Jobs claimed and not yet started (at most ``concurrency + prefetch`` in all)."""
+        self._idle: deque[asyncio.Future[None]] = deque()
+        """Workers waiting for a job, each on its own future."""
+        self.prefetch = (
+            config.prefetch
+            if config.prefetch is not None
+            else (config.concurrency if runtime.store.shared else 0)
+        )
+        """Jobs claimed beyond the free slots, so the workers have the next jobs at hand
+        while the store writes outcomes and claims more (``QueueConfig.prefetch``)."""
         self.threads = ThreadPool(f"queue-{config.name}", max_threads=config.concurrency * 4 + 32)
         self._timeout_s = config.timeout_ms / 1000 if config.timeout_ms else None
 
@@ -140,10 +147,15 @@ class QueueRunner:
     def stop_claiming(self) -> None:
         """Graceful shutdown, step one: claim nothing more (outcomes are still written)."""
         self._stopping = True
+        # Prefetched jobs were never started: hand them back at once (unattempted).
+        now = self.rt.clock.now()
+        while self._buffer:
+            job = self._buffer.popleft()
+            self._outcomes.append((job, self._outcome(job, "released", now)))
         self.wake()
         # Workers waiting for jobs exit once they see the runner stopping.
-        for waiter in self._waiters:
-            waiter.set()
+        while self._idle:
+            self._wake_worker()
 
     # A handler that waits for other runs (``trigger_and_wait`` in ``_runs``) does no work
     # while it waits, so it lends its slot to its queue: otherwise a handler of a queue with
@@ -163,6 +175,7 @@ class QueueRunner:
         if self._workers < self.config.concurrency + self.lent:
             self._add_worker()
         self._room_changed()
+        self._spread()
         self.wake()
 
     def reclaim_slot(self, lender: str) -> bool:
@@ -180,19 +193,19 @@ class QueueRunner:
         the claim in flight) working in this queue."""
         # ``running - lent`` counts the caller and every handler waiting here too. They are
         # let in one at a time, each when the handlers *working* leave it a slot: counting
-        # one another, two of them would wait for each other forever.
-        if self.running + self.claiming - self.lent <= self.config.concurrency:
+        # one another, two of them would wait for each other forever. Workers start no
+        # prefetched job while one of them waits (``_may_start``).
+        if self.running - self.lent <= self.config.concurrency:
             return
         self._resuming += 1
         try:
-            while (
-                self.running + self.claiming - self.lent - self._resuming >= self.config.concurrency
-            ):
+            while self.running - self.lent - self._resuming >= self.config.concurrency:
                 if self._room is None:
                     self._room = anyio.Event()
                 await self._room.wait()
         finally:
             self._resuming -= 1
+            self._spread()
 
     def _room_changed(self) -> None:
         if self._room is not None:
@@ -203,6 +216,33 @@ class QueueRunner:
     def inflight(self) -> int:
         """Jobs claimed by this runner and not yet settled in the store."""
         return self.unsettled
+
+    def leased_ids(self) -> list[str]:
+        """Ids of the jobs this runner holds a lease on: running and prefetched."""
+        ids = list(self.active)
+        ids += [job.id for job in self._buffer]
+        return ids
+
+    def stop_job(self, job_id: str, reason: StopReason) -> bool:
+        """Stop one claimed job of this runner: interrupt its handler if it runs, or
+        settle it unstarted (``cancelled`` or ``released``) if it is prefetched. False if
+        this runner does not hold it."""
+        entry = self.active.get(job_id)
+        if entry is not None:
+            self.interrupt(entry, reason)
+            return True
+        for job in self._buffer:
+            if job.id == job_id:
+                self._buffer.remove(job)
+                kind: Literal["released", "cancelled"] = (
+                    "released" if reason == "shutdown" else "cancelled"
+                )
+                outcome = self._outcome(job, kind, self.rt.clock.now())
+                outcome.started = False
+                self._outcomes.append((job, outcome))
+                self.wake()
+                return True
+        return False
 
     def interrupt_all(self, reason: StopReason) -> None:
         """Cancel every running handler of this queue (shutdown after the grace period)."""
@@ -230,14 +270,22 @@ class QueueRunner:
         clock = rt.clock
         fifo = self.config.is_fifo
         lease_s = rt.lease_s
+        buffer = self._buffer
         while True:
             self._wake_pending = False
-            free = 0 if self._stopping else self.config.concurrency + self.lent - self.running
+            free = (
+                0
+                if self._stopping
+                else self.config.concurrency
+                + self.lent
+                + self.prefetch
+                - self.running
+                - len(buffer)
+            )
             settled, self._outcomes = self._outcomes, []
             now = clock.now()
             jobs: list[Job] = []
             if settled or free > 0:
-                self.claiming = max(free, 0)
                 try:
                     jobs = await store.exchange(
                         [outcome for _, outcome in settled],
@@ -257,15 +305,16 @@ class QueueRunner:
                         exc,
                     )
                 self.unsettled -= len(settled)
-                self.claiming = 0
                 for job, outcome in settled:
                     rt.job_finished(self, job, outcome)
-                for job in jobs:
-                    self.running += 1
-                    self.unsettled += 1
-                    self._hand_over(job)
-                if self._room is not None and len(jobs) < free:
-                    self._room_changed()
+                if jobs:
+                    self.unsettled += len(jobs)
+                    if self._stopping:  # stopped while claiming: hand them back unstarted
+                        now = clock.now()
+                        self._outcomes += [(j, self._outcome(j, "released", now)) for j in jobs]
+                    else:
+                        buffer.extend(jobs)
+                        self._spread()
                 if self._outcomes or (jobs and len(jobs) == free):
                     continue
             if self._stopping:
@@ -301,39 +350,62 @@ class QueueRunner:
                     await self._wake_event.wait()
         self.idle = False
 
-    def _hand_over(self, job: Job) -> None:
-        if self._waiters:
-            self._buffer.append(job)
-            self._waiters.popleft().set()
-        else:
-            self._buffer.append(job)
-
     # --- workers ---------------------------------------------------------------------
+    #
+    # Claimed jobs wait in ``_buffer``. A worker that finishes a job takes the next one
+    # itself, so a queue of handlers that never suspend runs a whole claim in one worker,
+    # with no task switch per job. Another worker is woken only when there is a job and
+    # a slot for it but no worker free to take it: when jobs arrive, and when a handler
+    # suspends (``_spread``).
+
+    def _may_start(self) -> bool:
+        return (
+            self.running - self.lent < self.config.concurrency
+            and not self._resuming
+            and not self._stopping
+        )
+
+    def _spread(self) -> None:
+        """Wake an idle worker if a claimed job could start now."""
+        if self._buffer and self._idle and self._may_start():
+            self._wake_worker()
+
+    def _wake_worker(self) -> None:
+        while self._idle:
+            waiter = self._idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     async def _worker(self) -> None:
         buffer = self._buffer
+        loop = asyncio.get_running_loop()
         while True:
-            if buffer:
-                job = buffer.popleft()
+            if buffer and self._may_start():
+                await self._run(buffer.popleft())
             elif self._stopping:
                 return
             else:
-                event = anyio.Event()
-                self._waiters.append(event)
-                await event.wait()
-                continue
-            await self._run(job)
+                waiter = loop.create_future()
+                self._idle.append(waiter)
+                try:
+                    await waiter
+                finally:
+                    if not waiter.done():
+                        waiter.cancel()
 
     async def _run(self, job: Job) -> None:
         rt = self.rt
         spec = rt.registry.get(job.function_id)
         entry = _Active(job)
         self.active[job.id] = entry
+        self.running += 1
         try:
             if job.cancel_requested:
                 # Cancelled while an earlier attempt ran, which then failed (retry) or was
                 # released before the stop reached it: the run ends here, unattempted.
                 outcome = self._outcome(job, "cancelled", rt.clock.now())
+                outcome.started = False
             elif spec is None:
                 rt.note_unknown_function(job)
                 outcome = self._outcome(job, "held", rt.clock.now())
@@ -374,6 +446,7 @@ class QueueRunner:
                 call_at=clock.call_at,
                 deadline=clock.now() + self._timeout_s if self._timeout_s is not None else None,
                 interrupter=entry,
+                on_suspend=self._spread,
             )
         except Interrupted as exc:
             stopped = exc.reason

@@ -524,9 +524,8 @@ class Runs:
             # Running here: stop it now. Elsewhere (a shared store): its process sees the
             # request when it renews its lease; a later attempt is never started.
             runner = rt.runners.get(before.queue)
-            entry = runner.active.get(run_id) if runner is not None else None
-            if runner is not None and entry is not None:
-                runner.interrupt(entry, "cancelled")
+            if runner is not None:
+                runner.stop_job(run_id, "cancelled")
             return CancelResult(
                 id=run_id, cancelled=True, status_before=status, message="running; asked to stop"
             )

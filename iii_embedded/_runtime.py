@@ -161,19 +161,22 @@ class Runtime:
         store = self.store
         interval = max(self.lease_s / 3, 0.05)
         retention_s = self.config.store.result_retention_ms / 1000
+        # A fixed cadence: a pass that ends late (a slow store, a clock advanced meanwhile)
+        # does not push every later renewal back.
+        next_at = self.clock.now() + interval
         while True:
-            await self.clock.sleep_until(self.clock.now() + interval)
+            await self.clock.sleep_until(next_at)
             now = self.clock.now()
+            next_at += interval
+            if next_at <= now:
+                next_at = now + interval
             try:
                 for runner in self.runners.values():
-                    if runner.active:
-                        cancelled = await store.renew(
-                            self.owner, list(runner.active), now + self.lease_s
-                        )
+                    leased = runner.leased_ids()
+                    if leased:
+                        cancelled = await store.renew(self.owner, leased, now + self.lease_s)
                         for job_id in cancelled:
-                            entry = runner.active.get(job_id)
-                            if entry is not None:
-                                runner.interrupt(entry, "cancelled")
+                            runner.stop_job(job_id, "cancelled")
                 if store.shared and await store.recover(now):
                     self.wake_all()
                 await store.prune(now - retention_s)

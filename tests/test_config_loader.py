@@ -133,6 +133,11 @@ def test_relative_file_path_is_resolved_from_the_config_files_directory(
             "backoff_ms must be an integer >= 0, got -5",
         ),
         (
+            "queue_configs:\n  q:\n    concurrency: 2\n    prefetch: -1\n",
+            4,
+            "prefetch must be an integer >= 0, got -1",
+        ),
+        (
             "queue_configs:\n  q:\n    max_retries: true\n",
             3,
             "max_retries must be an integer >= 0, got True",
@@ -241,6 +246,7 @@ queue_fields = st.fixed_dictionaries(
     optional={
         "timeout_ms": st.integers(0, 100_000),
         "max_backoff_ms": st.integers(0, 100_000),
+        "prefetch": st.integers(0, 1_000),
         "fifo": st.sampled_from(["account_id", "orderId", "transaction_id"]),
     },
 )

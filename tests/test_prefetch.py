@@ -1,0 +1,213 @@
+"""Prefetch (``QueueConfig.prefetch``): a file-store queue claims jobs beyond its free
+slots. Those jobs are leased like running ones, but only ``concurrency`` handlers run at
+once; a prefetched job that is cancelled or handed back at shutdown never spends an
+attempt."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from iii_embedded import III, Config, QueueConfig, StoreConfig, TriggerAction
+from iii_embedded._stores._sqlite import SQLiteStore
+from iii_embedded.testing import VirtualClock, drain
+
+pytestmark = pytest.mark.anyio
+
+
+def file_app(tmp_path: Path, queue: QueueConfig, clock: VirtualClock | None = None) -> III:
+    store = StoreConfig(store_method="file_based", file_path=str(tmp_path / "store"))
+    return III(
+        Config(queues={queue.name: queue}, store=store),
+        clock=clock or VirtualClock(),
+        shutdown_grace_ms=0,
+    )
+
+
+async def until(condition: Callable[[], Awaitable[bool]]) -> None:
+    """Yield to the loop until ``condition()`` holds (bounded; no wall-clock sleeps)."""
+    with anyio.fail_after(10):
+        while not await condition():
+            await anyio.lowlevel.checkpoint()
+
+
+async def enqueue(iii: III, payload: Any, queue: str = "work") -> str:
+    receipt = await iii.trigger_async("job", payload, action=TriggerAction.Enqueue(queue=queue))
+    return str(receipt["messageReceiptId"])
+
+
+async def leased(iii: III) -> list[str]:
+    return [j.id for j in await iii.runtime.store.list_jobs(state="running")]
+
+
+class Gate:
+    """A handler that records its payloads and blocks until released."""
+
+    def __init__(self) -> None:
+        self.release = anyio.Event()
+        self.seen: list[Any] = []
+        self.running = 0
+        self.peak = 0
+
+    async def __call__(self, payload: Any) -> None:
+        self.seen.append(payload)
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        try:
+            await self.release.wait()
+        finally:
+            self.running -= 1
+
+
+async def test_the_default_prefetch_is_concurrency_on_a_file_store_and_zero_in_memory(
+    tmp_path: Path,
+) -> None:
+    queue = QueueConfig(name="work", concurrency=4)
+    apps = [
+        III(Config(queues={"work": queue})),
+        file_app(tmp_path / "a", queue),
+        file_app(tmp_path / "b", QueueConfig(name="work", concurrency=4, prefetch=1)),
+    ]
+    prefetch = []
+    for app in apps:
+        async with app.running():
+            prefetch.append(app.runtime.runners["work"].prefetch)
+    assert prefetch == [0, 4, 1]
+
+
+async def test_prefetched_jobs_are_leased_but_only_concurrency_handlers_run(
+    tmp_path: Path,
+) -> None:
+    iii = file_app(tmp_path, QueueConfig(name="work", concurrency=2, prefetch=3))
+    gate = Gate()
+    iii.register_function("job", gate)
+    async with iii.running():
+        for i in range(10):
+            await enqueue(iii, i)
+
+        async def five_leased() -> bool:
+            return len(await leased(iii)) == 5
+
+        await until(five_leased)
+        assert (gate.running, len(await leased(iii))) == (2, 5)
+        gate.release.set()
+        await drain(iii)
+        jobs = await iii.runtime.store.list_jobs(state="completed")
+    assert gate.peak == 2
+    assert sorted(gate.seen) == list(range(10))
+    assert sorted(j.attempts for j in jobs) == [1] * 10
+
+
+async def test_prefetched_jobs_keep_their_leases_while_they_wait(tmp_path: Path) -> None:
+    clock = VirtualClock()
+    iii = file_app(tmp_path, QueueConfig(name="work", concurrency=1, prefetch=2), clock)
+    gate = Gate()
+    iii.register_function("job", gate)
+    lease_s = StoreConfig().lease_ms / 1000
+    async with iii.running():
+        for i in range(3):
+            await enqueue(iii, i)
+
+        async def three_leased() -> bool:
+            return len(await leased(iii)) == 3
+
+        await until(three_leased)
+        # Three lease lengths pass while two of the jobs wait behind the first: every
+        # lease_s / 3 the maintenance task renews the prefetched ones too, so none expires
+        # and is recovered (which would run it twice).
+        for _ in range(9):
+            clock.advance(lease_s / 3)
+
+            async def renewed() -> bool:
+                jobs = await iii.runtime.store.list_jobs(state="running")
+                return [j.lease_until for j in jobs] == [clock.now() + lease_s] * 3
+
+            await until(renewed)
+        gate.release.set()
+        await drain(iii)
+        jobs = await iii.runtime.store.list_jobs(state="completed")
+    assert sorted(gate.seen) == [0, 1, 2]
+    assert [j.attempts for j in jobs] == [1, 1, 1]
+
+
+async def test_shutdown_hands_prefetched_jobs_back_without_spending_an_attempt(
+    tmp_path: Path,
+) -> None:
+    iii = file_app(tmp_path, QueueConfig(name="work", concurrency=1, prefetch=2))
+    gate = Gate()
+    iii.register_function("job", gate)
+    async with iii.running():
+        for i in range(5):
+            await enqueue(iii, i)
+
+        async def three_leased() -> bool:
+            return len(await leased(iii)) == 3
+
+        await until(three_leased)
+    # The grace period is 0: the running handler is stopped too; nothing ran to its end.
+    assert gate.seen == [0]
+    store = SQLiteStore(tmp_path / "store")
+    await store.open()
+    try:
+        jobs = await store.list_jobs()
+    finally:
+        await store.aclose()
+    assert sorted((j.state, j.attempts, j.lease_owner) for j in jobs) == [("queued", 0, None)] * 5
+
+
+async def test_cancelling_a_prefetched_run_settles_it_unstarted(tmp_path: Path) -> None:
+    iii = file_app(tmp_path, QueueConfig(name="work", concurrency=1, prefetch=2))
+    gate = Gate()
+    iii.register_function("job", gate)
+    async with iii.running():
+        ids = [await enqueue(iii, i) for i in range(3)]
+
+        async def three_leased() -> bool:
+            return len(await leased(iii)) == 3
+
+        await until(three_leased)
+        result = await iii.runs.cancel_async(ids[2])
+        assert (result.cancelled, result.status_before) == (True, "running")
+        gate.release.set()
+        await drain(iii)
+        runs = [await iii.runs.get_async(i) for i in ids]
+    assert sorted(gate.seen) == [0, 1]
+    assert [(r.status, r.attempts) for r in runs if r is not None] == [
+        ("completed", 1),
+        ("completed", 1),
+        ("cancelled", 0),
+    ]
+
+
+@pytest.mark.parametrize("on_file", [False, True], ids=["in_memory", "file_based"])
+async def test_a_waiting_handler_does_not_hold_back_the_jobs_claimed_after_it(
+    tmp_path: Path, on_file: bool
+) -> None:
+    queue = QueueConfig(name="work", concurrency=2, prefetch=4)
+    iii = file_app(tmp_path, queue) if on_file else III(Config(queues={"work": queue}))
+    gate = Gate()
+    quick_done: list[int] = []
+    all_quick = anyio.Event()
+
+    @iii.function("job")
+    async def job(n: int) -> None:
+        if n == 0:
+            await gate(n)
+            return
+        quick_done.append(n)
+        if len(quick_done) == 6:
+            all_quick.set()
+
+    async with iii.running():
+        for i in range(7):
+            await enqueue(iii, i)
+        with anyio.fail_after(10):
+            await all_quick.wait()
+        assert gate.running == 1  # job 0 still waits; the other six ran past it
+        gate.release.set()
+        await drain(iii)
+    assert sorted(quick_done) == [1, 2, 3, 4, 5, 6]
