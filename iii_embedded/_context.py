@@ -8,8 +8,9 @@ the loop; sync handlers run in a thread with a copy of the context), so
 from __future__ import annotations
 
 import contextvars
+import json
 import logging
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import attrs
 
@@ -33,14 +34,45 @@ class Invocation:
     group: Any = None
 
 
-_current: contextvars.ContextVar[Invocation | None] = contextvars.ContextVar(
+class _QueuedJob(Protocol):
+    """What a queue worker puts in the context instead of an :class:`Invocation` (a claimed
+    job record): the invocation is built from it only if the handler asks."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def queue(self) -> str: ...
+    @property
+    def function_id(self) -> str: ...
+    @property
+    def attempts(self) -> int: ...
+    @property
+    def max_attempts(self) -> int: ...
+    @property
+    def group(self) -> str | None: ...
+
+
+_current: contextvars.ContextVar[Invocation | _QueuedJob | None] = contextvars.ContextVar(
     "iii_embedded_invocation", default=None
 )
 
 
 def current_invocation() -> Invocation | None:
     """The :class:`Invocation` of the handler calling this, or ``None`` outside handlers."""
-    return _current.get()
+    value = _current.get()
+    if value is None or isinstance(value, Invocation):
+        return value
+    # Queue workers store the job itself: most handlers never ask, and building the
+    # Invocation for every job would cost more than the no-op handler it wraps.
+    return Invocation(
+        function_id=value.function_id,
+        action="enqueue",
+        receipt_id=value.id,
+        queue=value.queue,
+        attempt=value.attempts,
+        max_attempts=value.max_attempts,
+        group=json.loads(value.group) if value.group is not None else None,
+    )
 
 
 def _context_fields(inv: Invocation | None) -> dict[str, Any]:
@@ -69,7 +101,7 @@ class Logger:
     def _log(self, level: int, message: str, data: Any) -> None:
         if not self._logger.isEnabledFor(level):
             return
-        fields = _context_fields(_current.get())
+        fields = _context_fields(current_invocation())
         if data is not None:
             fields["data"] = data
         suffix = f" {data}" if data is not None else ""

@@ -30,7 +30,7 @@ import anyio
 import anyio.abc
 
 from ._config import QueueConfig
-from ._context import Invocation, _current
+from ._context import _current
 from ._errors import NonRetryableError, RetryAfter, StoreError
 from ._fastpath import Interrupted, Interrupter, run_handler
 from ._stores import ErrorInfo, Job, Outcome
@@ -422,17 +422,7 @@ class QueueRunner:
     async def _attempt(self, job: Job, handler: Any, is_async: bool, entry: _Active) -> Outcome:
         rt = self.rt
         clock = rt.clock
-        token = _current.set(
-            Invocation(
-                function_id=job.function_id,
-                action="enqueue",
-                receipt_id=job.id,
-                queue=self.name,
-                attempt=job.attempts,
-                max_attempts=job.max_attempts,
-                group=json.loads(job.group) if job.group is not None else None,
-            )
-        )
+        token = _current.set(job)  # current_invocation() builds the Invocation if asked
         rt.emit("job_started", job)
         started = time.perf_counter()
         error: BaseException | None = None
