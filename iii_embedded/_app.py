@@ -530,8 +530,11 @@ class III:
 
     async def serve_forever(self) -> None:
         """Run until SIGINT or SIGTERM, then shut down gracefully."""
-        async with self.running():
-            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        # Listen before starting: a signal that arrives while the engine starts (its
+        # lifecycle hooks may already run jobs) is then handled once it is up, instead of
+        # killing the process with the default action.
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with self.running():
                 async for signum in signals:
                     log.info("received %s, shutting down", signal.Signals(signum).name)
                     return

@@ -164,3 +164,27 @@ async def test_a_store_that_cannot_open_raises_store_error_at_start(tmp_path: Pa
         async with iii.running():
             pass
     assert str(tmp_path / "store") in str(caught.value)
+
+
+def test_a_signal_during_start_up_still_shuts_down_gracefully(tmp_path: Path) -> None:
+    script = tmp_path / "app.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import logging, os, signal
+            from iii_embedded import III
+            logging.basicConfig(level=logging.INFO)
+            iii = III(shutdown_grace_ms=1000)
+            # The signal arrives while the engine is still starting (in a lifecycle hook).
+            iii.lifecycle_hooks.append(lambda app, tg: os.kill(os.getpid(), signal.SIGTERM))
+            iii.run()
+            print("stopped cleanly")
+            """
+        )
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "stopped cleanly" in proc.stdout
+    assert "received SIGTERM, shutting down" in proc.stderr
