@@ -166,7 +166,7 @@ _MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _migrate_t
 
 
 class _Request:
-    __slots__ = ("fn", "future", "jobs", "write")
+    __slots__ = ("durable", "fn", "future", "jobs", "write")
 
     def __init__(
         self,
@@ -174,10 +174,14 @@ class _Request:
         future: asyncio.Future[Any],
         write: bool,
         jobs: list[NewJob] | None = None,
+        durable: bool = True,
     ) -> None:
         self.fn = fn
         self.future = future
         self.write = write
+        # False for writes that may be lost with the machine (a claim, a lease renewal):
+        # with synchronous=full their transaction commits without an fsync.
+        self.durable = durable
         # For enqueue requests: their jobs, so concurrent enqueues can share one insert.
         self.jobs = jobs
 
@@ -214,6 +218,7 @@ class SQLiteStore:
         self._conn: Conn | None = None
         self._owners: set[str] = set()
         self._closed = False
+        self._sync_mode = synchronous.upper()
 
     @property
     def location(self) -> str:
@@ -240,13 +245,35 @@ class SQLiteStore:
         return StoreError(f"{self.path}: {doing} failed: {cause} ({text})")
 
     async def _submit(
-        self, fn: Callable[[Conn], T], *, write: bool = True, jobs: list[NewJob] | None = None
+        self,
+        fn: Callable[[Conn], T],
+        *,
+        write: bool = True,
+        jobs: list[NewJob] | None = None,
+        durable: bool = True,
     ) -> T:
         if self._closed or self._loop is None:
             raise StoreError(f"{self.path}: the store is not open")
         future: asyncio.Future[T] = self._loop.create_future()
-        self._requests.put(_Request(fn, future, write, jobs))
+        self._requests.put(_Request(fn, future, write, jobs, durable))
         return await future
+
+    def _begin(self, conn: Conn, batch: list[_Request]) -> None:
+        """Start the batch's transaction. With ``synchronous: full``, a batch of only
+        non-durable writes commits at ``NORMAL`` (no fsync): a claim lost with the machine
+        leaves its job queued, to run again, which at-least-once delivery allows. The next
+        durable commit syncs the whole log, those frames included."""
+        write = False
+        durable = False
+        for r in batch:
+            write = write or r.write
+            durable = durable or (r.write and r.durable)
+        if write and self.synchronous == "full":
+            mode = "FULL" if durable else "NORMAL"
+            if mode != self._sync_mode:
+                conn.execute(f"PRAGMA synchronous = {mode}")
+                self._sync_mode = mode
+        conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
 
     def _serve(self) -> None:
         conn = self._conn
@@ -304,10 +331,9 @@ class SQLiteStore:
     ) -> list[tuple[asyncio.Future[Any], bool, Any]] | None:
         """Run every request in one plain transaction, concurrent enqueues merged into one
         insert. ``None`` (after a rollback) if anything failed."""
-        write = any(r.write for r in batch)
         enqueues = [r for r in batch if r.jobs is not None]
         try:
-            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            self._begin(conn, batch)
             results: dict[int, Any] = {}
             if len(enqueues) > 1:
                 everything = [job for r in enqueues for job in (r.jobs or ())]
@@ -344,9 +370,8 @@ class SQLiteStore:
         fails."""
         if not pending:
             return []
-        write = any(r.write for r in pending)
         try:
-            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            self._begin(conn, pending)
         except sqlite3.Error as exc:
             err = self._error(exc, "starting a transaction")
             for r in pending:
@@ -607,7 +632,8 @@ class SQLiteStore:
                 return []
             return self._claim(conn, queue, fifo, limit, now, owner, lease_until)
 
-        return await self._submit(run)
+        # A claim alone need not survive a power loss (see ``_begin``); outcomes must.
+        return await self._submit(run, durable=bool(outcomes) or register)
 
     @staticmethod
     def _claim(
@@ -790,7 +816,7 @@ class SQLiteStore:
                 cancelled.update(r[0] for r in rows if r[1])
             return cancelled
 
-        return await self._submit(run)
+        return await self._submit(run, durable=False)  # a lease lost with the machine is moot
 
     async def recover(self, now: float) -> list[Job]:
         """Return expired leases and dead processes' jobs; see :meth:`Store.recover`."""
