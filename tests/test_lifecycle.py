@@ -182,9 +182,7 @@ def test_a_signal_during_start_up_still_shuts_down_gracefully(tmp_path: Path) ->
             """
         )
     )
-    proc = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=60
-    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "stopped cleanly" in proc.stdout
     assert "received SIGTERM, shutting down" in proc.stderr
