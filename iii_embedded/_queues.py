@@ -117,7 +117,7 @@ class QueueRunner:
         self.prefetch = (
             config.prefetch
             if config.prefetch is not None
-            else (config.concurrency if runtime.store.shared else 0)
+            else (4 * config.concurrency if runtime.store.shared else 0)
         )
         """Jobs claimed beyond the free slots, so the workers have the next jobs at hand
         while the store writes outcomes and claims more (``QueueConfig.prefetch``)."""

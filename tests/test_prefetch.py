@@ -63,7 +63,7 @@ class Gate:
             self.running -= 1
 
 
-async def test_the_default_prefetch_is_concurrency_on_a_file_store_and_zero_in_memory(
+async def test_the_default_prefetch_is_four_times_concurrency_on_a_file_store_and_zero_in_memory(
     tmp_path: Path,
 ) -> None:
     queue = QueueConfig(name="work", concurrency=4)
@@ -76,7 +76,7 @@ async def test_the_default_prefetch_is_concurrency_on_a_file_store_and_zero_in_m
     for app in apps:
         async with app.running():
             prefetch.append(app.runtime.runners["work"].prefetch)
-    assert prefetch == [0, 4, 1]
+    assert prefetch == [0, 16, 1]
 
 
 async def test_prefetched_jobs_are_leased_but_only_concurrency_handlers_run(
