@@ -3,8 +3,9 @@
 ``anyio.to_thread.run_sync`` costs 70-140 µs per call on these machines (a thread hop plus
 its bookkeeping), more than everything else a job costs. Sync handlers instead go to a
 pool of threads that live as long as the runtime: a call puts ``(future, context, fn, arg)``
-on a ``queue.SimpleQueue`` and awaits an asyncio future that the thread resolves with
-``loop.call_soon_threadsafe``. The handler runs in a copy of the caller's context, so
+on a ``queue.SimpleQueue`` and awaits an asyncio future that the thread resolves through
+``loop.call_soon_threadsafe`` (one call for all the results that finish while the loop
+is busy). The handler runs in a copy of the caller's context, so
 :func:`~iii_embedded.current_invocation` works in it.
 
 A pool grows while no thread is idle, up to ``max_threads``: a queue's pool never needs
@@ -48,6 +49,9 @@ class ThreadPool:
         self._idle = 0
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._results: list[tuple[asyncio.Future[Any], bool, Any]] = []
+        """Finished calls not yet delivered to the loop (guarded by ``_lock``)."""
+        self._flush_scheduled = False
 
     async def run(self, fn: Callable[[Any], Any], arg: Any) -> Any:
         """Run ``fn(arg)`` on a pool thread and return its result (or raise its error)."""
@@ -83,11 +87,23 @@ class ThreadPool:
                 ok = True
             except BaseException as exc:
                 value, ok = exc, False
-            loop = future.get_loop()
-            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
-                loop.call_soon_threadsafe(_deliver, future, ok, value)
+            # Results finished while the loop is busy share one wake-up of the loop (a
+            # write to its self-pipe each): the first schedules a flush, the rest join it.
             with self._lock:
+                self._results.append((future, ok, value))
                 self._idle += 1
+                schedule = not self._flush_scheduled
+                self._flush_scheduled = True
+            if schedule:
+                with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits
+                    future.get_loop().call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        with self._lock:
+            results, self._results = self._results, []
+            self._flush_scheduled = False
+        for future, ok, value in results:
+            _deliver(future, ok, value)
 
     def close(self) -> None:
         """Ask every thread to exit once it is idle (running handlers are not waited for)."""
