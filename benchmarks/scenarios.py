@@ -137,6 +137,20 @@ def _enqueue() -> list[Scenario]:
                     refs=(*peers, raw),
                 )
             )
+        if p == 16:
+            for sync in ("full", "normal"):
+                s = sync.upper()
+                out.append(
+                    Scenario(
+                        f"enqueue.file-{sync}.batch100", "enqueue", f"iii file {sync}",
+                        "durable batch enqueue, 100 per batch_trigger call", "iii_bench",
+                        "enqueue_batch", {"store": f"file-{sync}", "n": N, "per_call": 100},
+                        refs=(
+                            Ref((f"raw.insert100.{sync}",), f"raw 100 rows per commit {s}",
+                                percent=True),
+                        ),
+                    )
+                )
         for key, name in _PEER_ENQUEUE:
             out.append(
                 Scenario(
