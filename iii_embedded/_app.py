@@ -608,6 +608,7 @@ class III:
                 failed=runner.failed,
                 retried=runner.retried,
                 dead_lettered=runner.dead_lettered,
+                prefetched=runner.prefetched_count,
             )
         return out
 

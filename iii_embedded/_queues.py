@@ -217,6 +217,11 @@ class QueueRunner:
         """Jobs claimed by this runner and not yet settled in the store."""
         return self.unsettled
 
+    @property
+    def prefetched_count(self) -> int:
+        """Jobs claimed and not yet started."""
+        return len(self._buffer)
+
     def leased_ids(self) -> list[str]:
         """Ids of the jobs this runner holds a lease on: running and prefetched."""
         ids = list(self.active)

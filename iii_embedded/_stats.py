@@ -33,6 +33,10 @@ class QueueStats:
     failed: int
     retried: int
     dead_lettered: int
+    prefetched: int = 0
+    """Jobs this process has claimed but not started yet (``QueueConfig.prefetch``); they
+    are counted in ``running`` too, so ``running - prefetched`` is what runs here now
+    (plus other processes' jobs on a shared store)."""
 
     @classmethod
     def build(
@@ -47,6 +51,7 @@ class QueueStats:
         failed: int = 0,
         retried: int = 0,
         dead_lettered: int = 0,
+        prefetched: int = 0,
     ) -> QueueStats:
         """Combine store counts with runner counters."""
         age = None if counts.oldest_ready_at is None else max(0.0, now - counts.oldest_ready_at)
@@ -64,6 +69,7 @@ class QueueStats:
             failed=failed,
             retried=retried,
             dead_lettered=dead_lettered,
+            prefetched=prefetched,
         )
 
 

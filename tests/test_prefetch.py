@@ -93,7 +93,8 @@ async def test_prefetched_jobs_are_leased_but_only_concurrency_handlers_run(
             return len(await leased(iii)) == 5
 
         await until(five_leased)
-        assert (gate.running, len(await leased(iii))) == (2, 5)
+        stats = await iii.queue_stats_async("work")
+        assert (gate.running, stats.running, stats.prefetched, stats.ready) == (2, 5, 3, 5)
         gate.release.set()
         await drain(iii)
         jobs = await iii.runtime.store.list_jobs(state="completed")
