@@ -40,6 +40,12 @@ acked = {
     line.split()[1] for line in Path(side_file).read_text().splitlines() if line.startswith("ack ")
 }
 
+# Every kill counts an attempt for each job this process had claimed, running or
+# prefetched (docs/design.md, "What an attempt costs"); with 50 kills, a job at the head of
+# its queue could be claimed at every one of them. The test is about acknowledged jobs not
+# being lost, so attempts are never the limit here (failing jobs raise NonRetryableError).
+MAX_ATTEMPTS = 1000
+
 config = Config(
     queues={
         "ledger": QueueConfig(
@@ -47,10 +53,10 @@ config = Config(
             type="fifo",
             message_group_field="g",
             concurrency=4,
-            max_retries=50,
+            max_retries=MAX_ATTEMPTS,
             backoff_ms=1,
         ),
-        "std": QueueConfig(name="std", concurrency=4, max_retries=50, backoff_ms=1),
+        "std": QueueConfig(name="std", concurrency=4, max_retries=MAX_ATTEMPTS, backoff_ms=1),
     },
     store=StoreConfig(store_method="file_based", file_path=store_dir),
 )
