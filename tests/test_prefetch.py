@@ -44,6 +44,15 @@ async def leased(iii: III) -> list[str]:
     return [j.id for j in await iii.runtime.store.list_jobs(state="running")]
 
 
+async def until_leased(iii: III, count: int) -> None:
+    """Wait until the store shows ``count`` jobs leased (running or prefetched)."""
+
+    async def reached() -> bool:
+        return len(await leased(iii)) == count
+
+    await until(reached)
+
+
 class Gate:
     """A handler that records its payloads and blocks until released."""
 
@@ -89,10 +98,7 @@ async def test_prefetched_jobs_are_leased_but_only_concurrency_handlers_run(
         for i in range(10):
             await enqueue(iii, i)
 
-        async def five_leased() -> bool:
-            return len(await leased(iii)) == 5
-
-        await until(five_leased)
+        await until_leased(iii, 5)
         stats = await iii.queue_stats_async("work")
         assert (gate.running, stats.running, stats.prefetched, stats.ready) == (2, 5, 3, 5)
         gate.release.set()
@@ -113,10 +119,7 @@ async def test_prefetched_jobs_keep_their_leases_while_they_wait(tmp_path: Path)
         for i in range(3):
             await enqueue(iii, i)
 
-        async def three_leased() -> bool:
-            return len(await leased(iii)) == 3
-
-        await until(three_leased)
+        await until_leased(iii, 3)
         # Three lease lengths pass while two of the jobs wait behind the first: every
         # lease_s / 3 the maintenance task renews the prefetched ones too, so none expires
         # and is recovered (which would run it twice).
@@ -145,10 +148,7 @@ async def test_shutdown_hands_prefetched_jobs_back_without_spending_an_attempt(
         for i in range(5):
             await enqueue(iii, i)
 
-        async def three_leased() -> bool:
-            return len(await leased(iii)) == 3
-
-        await until(three_leased)
+        await until_leased(iii, 3)
     # The grace period is 0: the running handler is stopped too; nothing ran to its end.
     assert gate.seen == [0]
     store = SQLiteStore(tmp_path / "store")
@@ -167,10 +167,7 @@ async def test_cancelling_a_prefetched_run_settles_it_unstarted(tmp_path: Path) 
     async with iii.running():
         ids = [await enqueue(iii, i) for i in range(3)]
 
-        async def three_leased() -> bool:
-            return len(await leased(iii)) == 3
-
-        await until(three_leased)
+        await until_leased(iii, 3)
         result = await iii.runs.cancel_async(ids[2])
         assert (result.cancelled, result.status_before) == (True, "running")
         gate.release.set()
