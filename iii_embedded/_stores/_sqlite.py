@@ -43,7 +43,7 @@ from ._base import ErrorInfo, Job, JobState, NewJob, Outcome, QueueCounts
 
 __all__ = ["SQLiteStore", "SCHEMA_VERSION", "DB_FILENAME"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DB_FILENAME = "iii-queue.db"
 _MAX_BATCH = 512
 _LIVE = "('queued', 'running', 'held')"
@@ -167,7 +167,24 @@ def _migrate_to_1(db: sqlite_utils.Database) -> None:
         db.execute(sql)
 
 
-_MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _migrate_to_1}
+def _migrate_to_2(db: sqlite_utils.Database) -> None:
+    # The FIFO index's condition tested ``state IN (...)`` first. SQLite evaluates a partial
+    # index's condition on the old and the new row of every UPDATE that changes ``state``,
+    # standard-queue rows included, and an IN list is the costly part: a claim and an
+    # acknowledgement each cost ~4 µs more per job than with no FIFO index at all. Testing
+    # ``grp IS NOT NULL`` first settles it for standard rows at once. Same rows, same
+    # queries (they all name ``grp = ?``, which implies it).
+    db.execute("DROP INDEX IF EXISTS ix_jobs_group")
+    db.execute(
+        "CREATE INDEX ix_jobs_group ON jobs(queue, grp, seq) "
+        f"WHERE grp IS NOT NULL AND state IN {_LIVE}"
+    )
+
+
+_MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
+    1: _migrate_to_1,
+    2: _migrate_to_2,
+}
 
 
 class _Request:
@@ -500,38 +517,47 @@ class SQLiteStore:
 
     def _migrate(self, conn: Conn) -> None:
         db = sqlite_utils.Database(conn)
+        if self._schema_version(conn, db) == SCHEMA_VERSION:
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # Read again under the write lock: another process may have migrated meanwhile.
+            version = self._schema_version(conn, db)
+            if version < SCHEMA_VERSION:
+                db["meta"].create(  # type: ignore[union-attr]
+                    {"key": str, "value": str}, pk="key", if_not_exists=True
+                )
+                for target in range(version + 1, SCHEMA_VERSION + 1):
+                    _MIGRATIONS[target](db)
+                conn.execute(
+                    "INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)",
+                    (str(SCHEMA_VERSION),),
+                )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def _schema_version(self, conn: Conn, db: sqlite_utils.Database) -> int:
+        """The store's schema version (0: an empty database). Raises for a database that
+        is not a store, or one from a newer iii-embedded."""
         tables = set(db.table_names())
-        if tables and "meta" not in tables:
+        if not tables:
+            return 0
+        if "meta" not in tables:
             raise StoreError(
                 f"{self.path}: this database is not an iii-embedded store "
                 f"(it has tables {sorted(tables)} but no schema version); "
                 "point file_path at another directory"
             )
-        version = 0
-        if "meta" in tables:
-            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-            version = int(row[0]) if row else 0
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        version = int(row[0]) if row else 0
         if version > SCHEMA_VERSION:
             raise StoreVersionError(
                 f"{self.path}: the store has schema version {version}, but this "
                 f"iii-embedded understands up to {SCHEMA_VERSION}: upgrade iii-embedded"
             )
-        if version == SCHEMA_VERSION:
-            return
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            if "meta" not in tables:
-                db["meta"].create({"key": str, "value": str}, pk="key")  # type: ignore[union-attr]
-            for target in range(version + 1, SCHEMA_VERSION + 1):
-                _MIGRATIONS[target](db)
-            conn.execute(
-                "INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)",
-                (str(SCHEMA_VERSION),),
-            )
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+        return version
 
     async def aclose(self) -> None:
         """Finish pending requests, stop the writer thread, close the database."""
