@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import anyio
 import anyio.abc
 
+from ._codec import dumps_lenient, loads
 from ._config import QueueConfig
 from ._context import _current
 from ._errors import NonRetryableError, RetryAfter, StoreError
@@ -44,8 +45,6 @@ __all__ = ["QueueRunner", "error_info"]
 log = logging.getLogger("iii_embedded.queue")
 
 StopReason = Literal["shutdown", "cancelled"]
-
-_encode = json.JSONEncoder().encode
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -434,7 +433,7 @@ class QueueRunner:
         result: Any = None
         stopped: str | None = None
         try:
-            payload = json.loads(job.payload)
+            payload = loads(job.payload)
             coro = handler(payload) if is_async else self.threads.run(handler, payload)
             result = await run_handler(
                 coro,
@@ -533,7 +532,7 @@ class QueueRunner:
         if result is None:
             return "null"
         try:
-            return _encode(result)
+            return dumps_lenient(result)
         except (TypeError, ValueError):
             log.warning(
                 "job %s of %r returned a value that is not JSON-serialisable; "

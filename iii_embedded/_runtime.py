@@ -24,6 +24,7 @@ from anyio.from_thread import BlockingPortal
 
 from ._actions import EnqueueAction, VoidAction
 from ._clock import Clock
+from ._codec import dumps_strict
 from ._config import Config, QueueConfig
 from ._context import Invocation, _current
 from ._errors import InvocationError, StoreError
@@ -46,8 +47,8 @@ JobEvent = str
 
 _FINAL_KINDS = frozenset({"completed", "dead", "cancelled"})
 
-encode_json = json.JSONEncoder(allow_nan=False).encode
-"""Payload serialisation: strict JSON (no NaN/Infinity), one encoder built once."""
+encode_json = dumps_strict
+"""Payload serialisation: strict JSON (no NaN/Infinity)."""
 
 
 def make_owner_id() -> str:
