@@ -76,11 +76,12 @@ class TriggerAction:
 
 
 _VOID = VoidAction()
+_ACTION_TYPES = (EnqueueAction, VoidAction)
 
 
 def parse_action(action: object) -> Action | None:
     """Accept an action object, iii's dict form, or ``None`` (a synchronous call)."""
-    if action is None or isinstance(action, EnqueueAction | VoidAction):
+    if action is None or isinstance(action, _ACTION_TYPES):
         return action
     if isinstance(action, Mapping):
         kind = str(action.get("type", "")).lower()

@@ -693,6 +693,8 @@ def _parse_request(
     action: EnqueueAction | VoidAction | Mapping[str, Any] | None,
     timeout_ms: int | None,
 ) -> tuple[str, Any, EnqueueAction | VoidAction | None, int | None]:
+    if type(request) is str and request:  # the common spelling, decided without an ABC check
+        return request, payload, parse_action(action), timeout_ms
     if isinstance(request, Mapping):
         fid = request.get("function_id")
         if not isinstance(fid, str) or not fid:

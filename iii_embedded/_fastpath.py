@@ -23,7 +23,15 @@ import types
 from collections.abc import Callable, Coroutine, Generator
 from typing import Any
 
-__all__ = ["Interrupted", "Interrupter", "run_handler", "resume", "first_step", "PENDING"]
+__all__ = [
+    "Interrupted",
+    "Interrupter",
+    "run_handler",
+    "resume_suspended",
+    "resume",
+    "first_step",
+    "PENDING",
+]
 
 
 class _Pending:
@@ -104,15 +112,29 @@ async def run_handler(
     (on the runtime clock, through ``call_at``), or with the reason given to
     ``interrupter.interrupt``. ``on_suspend`` is called once if the handler does not finish
     on its first step (the queue then hands its other jobs to another worker)."""
-    if interrupter is None or interrupter.reason is None:
-        result, yielded = first_step(coro)
-        if result is not PENDING:
-            return result
-    else:
+    if interrupter is not None and interrupter.reason is not None:
         coro.close()
         raise Interrupted(interrupter.reason)
+    result, yielded = first_step(coro)
+    if result is not PENDING:
+        return result
     if on_suspend is not None:
         on_suspend()
+    return await resume_suspended(
+        coro, yielded, call_at=call_at, deadline=deadline, interrupter=interrupter
+    )
+
+
+async def resume_suspended(
+    coro: Coroutine[Any, Any, Any],
+    yielded: Any,
+    *,
+    call_at: Callable[[float, Callable[[], None]], Callable[[], None]],
+    deadline: float | None,
+    interrupter: Interrupter | None = None,
+) -> Any:
+    """The rest of :func:`run_handler`, for a coroutine :func:`first_step` left suspended on
+    ``yielded`` (callers on the hot path take the first step themselves)."""
     stopper = interrupter if interrupter is not None else Interrupter()
     task = asyncio.current_task()
     assert task is not None
