@@ -43,3 +43,12 @@ def test_forked_child_draws_different_ids() -> None:
     parent = new_receipt_id()
     assert uuid.UUID(child).version == 7
     assert child[14:] != parent[14:]  # the random parts differ
+
+
+def test_every_random_digit_varies_and_the_variant_digit_is_rfc_9562() -> None:
+    ids = [new_receipt_id() for _ in range(2_000)]
+    assert {rid[19] for rid in ids} == set("89ab")  # variant 10, then two random bits
+    assert {rid[14] for rid in ids} == {"7"}
+    for position in [15, 16, 17, 20, 21, 22, *range(24, 36)]:
+        seen = {rid[position] for rid in ids}
+        assert len(seen) == 16, (position, seen)
