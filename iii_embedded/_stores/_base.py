@@ -108,6 +108,64 @@ class Job:
     cancel_requested: bool = False
 
 
+_new = object.__new__
+
+
+def make_job(
+    id_: str,
+    queue: str,
+    function_id: str,
+    payload: str,
+    group: str | None,
+    seq: int,
+    state: JobState,
+    attempts: int,
+    max_attempts: int,
+    created_at: float,
+    available_at: float,
+    started_at: float | None,
+    finished_at: float | None,
+    first_failed_at: float | None,
+    last_failed_at: float | None,
+    error: ErrorInfo | None,
+    output: str | None,
+    lease_owner: str | None,
+    lease_until: float | None,
+    idempotency_key: str | None,
+    cancel_requested: bool,
+    /,
+) -> Job:
+    """A :class:`Job` from all its fields, positionally in declaration order.
+
+    The stores build one per claimed job. ``Job(**fields)`` spends most of its ~3 µs matching
+    21 keyword arguments; setting the slots directly takes ~0.7 µs. A test checks that this
+    sets every field.
+    """
+    job: Job = _new(Job)
+    job.id = id_
+    job.queue = queue
+    job.function_id = function_id
+    job.payload = payload
+    job.group = group
+    job.seq = seq
+    job.state = state
+    job.attempts = attempts
+    job.max_attempts = max_attempts
+    job.created_at = created_at
+    job.available_at = available_at
+    job.started_at = started_at
+    job.finished_at = finished_at
+    job.first_failed_at = first_failed_at
+    job.last_failed_at = last_failed_at
+    job.error = error
+    job.output = output
+    job.lease_owner = lease_owner
+    job.lease_until = lease_until
+    job.idempotency_key = idempotency_key
+    job.cancel_requested = cancel_requested
+    return job
+
+
 @attrs.define(kw_only=True)
 class Outcome:
     """What happened to a claimed job's attempt, to be applied by ``Store.finish``.

@@ -14,7 +14,7 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 
 from .._errors import StoreError
-from ._base import ErrorInfo, Job, JobState, NewJob, Outcome, QueueCounts
+from ._base import ErrorInfo, Job, JobState, NewJob, Outcome, QueueCounts, make_job
 
 __all__ = ["MemoryStore"]
 
@@ -68,28 +68,28 @@ class _Row:
         self.cancel_requested = False
 
     def to_job(self) -> Job:
-        return Job(
-            id=self.id,
-            queue=self.queue,
-            function_id=self.function_id,
-            payload=self.payload,
-            group=self.group,
-            seq=self.seq,
-            state=self.state,
-            attempts=self.attempts,
-            max_attempts=self.max_attempts,
-            created_at=self.created_at,
-            available_at=self.available_at,
-            started_at=self.started_at,
-            finished_at=self.finished_at,
-            first_failed_at=self.first_failed_at,
-            last_failed_at=self.last_failed_at,
-            error=self.error,
-            output=self.output,
-            lease_owner=self.lease_owner,
-            lease_until=self.lease_until,
-            idempotency_key=self.idempotency_key,
-            cancel_requested=self.cancel_requested,
+        return make_job(
+            self.id,
+            self.queue,
+            self.function_id,
+            self.payload,
+            self.group,
+            self.seq,
+            self.state,
+            self.attempts,
+            self.max_attempts,
+            self.created_at,
+            self.available_at,
+            self.started_at,
+            self.finished_at,
+            self.first_failed_at,
+            self.last_failed_at,
+            self.error,
+            self.output,
+            self.lease_owner,
+            self.lease_until,
+            self.idempotency_key,
+            self.cancel_requested,
         )
 
 

@@ -39,7 +39,7 @@ from typing import Any, Literal, TypeVar
 import sqlite_utils
 
 from .._errors import StoreError, StoreVersionError
-from ._base import ErrorInfo, Job, JobState, NewJob, Outcome, QueueCounts
+from ._base import ErrorInfo, Job, JobState, NewJob, Outcome, QueueCounts, make_job
 
 __all__ = ["SQLiteStore", "SCHEMA_VERSION", "DB_FILENAME"]
 
@@ -68,28 +68,28 @@ def _row_to_job(row: Sequence[Any]) -> Job:
     error = None
     if row[15] is not None:
         error = ErrorInfo(type=row[15], message=row[16] or "", traceback=row[17] or "")
-    return Job(
-        id=row[0],
-        queue=row[1],
-        function_id=row[2],
-        payload=row[3],
-        group=row[4],
-        seq=row[5],
-        state=row[6],
-        attempts=row[7],
-        max_attempts=row[8],
-        created_at=row[9],
-        available_at=row[10],
-        started_at=row[11],
-        finished_at=row[12],
-        first_failed_at=row[13],
-        last_failed_at=row[14],
-        error=error,
-        output=row[18],
-        lease_owner=row[19],
-        lease_until=row[20],
-        idempotency_key=row[21],
-        cancel_requested=bool(row[22]),
+    return make_job(
+        row[0],
+        row[1],
+        row[2],
+        row[3],
+        row[4],
+        row[5],
+        row[6],
+        row[7],
+        row[8],
+        row[9],
+        row[10],
+        row[11],
+        row[12],
+        row[13],
+        row[14],
+        error,
+        row[18],
+        row[19],
+        row[20],
+        row[21],
+        bool(row[22]),
     )
 
 
