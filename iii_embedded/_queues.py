@@ -34,7 +34,7 @@ from ._config import QueueConfig
 from ._context import _current
 from ._errors import NonRetryableError, RetryAfter, StoreError
 from ._fastpath import PENDING, Interrupted, Interrupter, first_step, resume_suspended
-from ._stores import ErrorInfo, Job, Outcome
+from ._stores import ErrorInfo, Job, Outcome, completed_outcome
 from ._threads import ThreadPool
 
 if TYPE_CHECKING:
@@ -474,13 +474,12 @@ class QueueRunner:
                     duration_ms,
                     extra=self._extra(job, duration_ms),
                 )
-            return Outcome(
-                job_id=job.id,
-                kind="completed",
-                owner=rt.owner,
-                attempt=job.attempts,
-                at=now,
-                output="null" if result is None else self._dump_output(job, result),
+            return completed_outcome(
+                job.id,
+                rt.owner,
+                job.attempts,
+                now,
+                "null" if result is None else self._dump_output(job, result),
             )
         return self._failure(job, error, now, (time.perf_counter() - started) * 1000)
 

@@ -32,7 +32,7 @@ from ._fastpath import Interrupted, run_handler
 from ._ids import new_receipt_id
 from ._queues import QueueRunner
 from ._registry import FunctionSpec, Registry
-from ._stores import Job, NewJob, Outcome, Store
+from ._stores import Job, NewJob, Outcome, Store, make_new_job
 from ._threads import ThreadPool
 
 __all__ = ["Runtime", "DEFAULT_TIMEOUT_MS", "JobEvent"]
@@ -446,16 +446,16 @@ def new_jobs(
         if idempotency_keys is not None:
             key = idempotency_keys[index]
         jobs.append(
-            NewJob(
-                id=new_receipt_id(),
-                queue=queue.name,
-                function_id=function_id,
-                payload=text,
-                group=group,
-                created_at=now,
-                available_at=available_at,
-                max_attempts=max_attempts,
-                idempotency_key=key,
+            make_new_job(
+                new_receipt_id(),
+                queue.name,
+                function_id,
+                text,
+                group,
+                now,
+                available_at,
+                max_attempts,
+                key,
             )
         )
     return jobs

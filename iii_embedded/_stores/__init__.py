@@ -16,6 +16,9 @@ from ._base import (
     OutcomeKind,
     QueueCounts,
     Store,
+    completed_outcome,
+    make_job,
+    make_new_job,
 )
 
 __all__ = [
@@ -27,6 +30,9 @@ __all__ = [
     "OutcomeKind",
     "QueueCounts",
     "Store",
+    "completed_outcome",
+    "make_job",
+    "make_new_job",
     "open_store",
 ]
 

@@ -1,4 +1,4 @@
-"""The store records: ``make_job`` builds exactly what ``Job(...)`` builds."""
+"""The store records: the ``make_`` functions build exactly what the classes build."""
 
 from __future__ import annotations
 
@@ -6,7 +6,15 @@ from typing import Any
 
 import attrs
 
-from iii_embedded._stores._base import ErrorInfo, Job, make_job
+from iii_embedded._stores._base import (
+    ErrorInfo,
+    Job,
+    NewJob,
+    Outcome,
+    completed_outcome,
+    make_job,
+    make_new_job,
+)
 
 
 def test_make_job_sets_every_field_in_declaration_order() -> None:
@@ -19,3 +27,19 @@ def test_make_job_sets_every_field_in_declaration_order() -> None:
     built = make_job(*values.values())
     assert built == Job(**values)
     assert attrs.asdict(built, recurse=False) == values
+
+
+def test_make_new_job_sets_every_field_in_declaration_order() -> None:
+    values = {field.name: f"value-{i}" for i, field in enumerate(attrs.fields(NewJob))}
+    built = make_new_job(*values.values())
+    assert built == NewJob(**values)
+    assert attrs.asdict(built, recurse=False) == values
+
+
+def test_completed_outcome_is_the_completed_outcome_with_every_other_field_at_its_default() -> None:
+    built = completed_outcome("job-1", "owner-1", 3, 12.5, '{"ok": true}')
+    expected = Outcome(
+        job_id="job-1", kind="completed", owner="owner-1", attempt=3, at=12.5, output='{"ok": true}'
+    )
+    assert built == expected
+    assert attrs.asdict(built, recurse=False) == attrs.asdict(expected, recurse=False)
