@@ -74,7 +74,9 @@ class _Active(Interrupter):
     __slots__ = ("job",)
 
     def __init__(self, job: Job) -> None:
-        super().__init__()
+        # Interrupter's fields set here: one of these is made per job.
+        self.task = None
+        self.reason = None
         self.job = job
 
 
@@ -139,6 +141,10 @@ class QueueRunner:
 
     def wake(self) -> None:
         """Something may be claimable now (a local enqueue, a finished job, a redrive)."""
+        if self._wake_pending:
+            # Already woken: the dispatcher has not run since, and its event is set (a new
+            # event resets the flag; see ``_wait_for_wake``).
+            return
         self._wake_pending = True
         self.idle = False
         self._wake_event.set()
@@ -422,8 +428,7 @@ class QueueRunner:
             self.running -= 1
             if self._room is not None:
                 self._room_changed()
-            if not self._wake_pending:
-                self.wake()
+            self.wake()
 
     async def _attempt(self, job: Job, handler: Any, is_async: bool, entry: _Active) -> Outcome:
         rt = self.rt

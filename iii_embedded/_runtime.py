@@ -233,6 +233,14 @@ class Runtime:
 
     def job_finished(self, runner: QueueRunner, job: Job, outcome: Outcome) -> None:
         """Bookkeeping after an attempt's outcome was written."""
+        if self.hooks:
+            self._emit_outcome(job, outcome)
+        if outcome.kind in _FINAL_KINDS and self._final_waiters:
+            for waiter in self._final_waiters.pop(job.id, ()):
+                waiter(job, outcome)
+        self.notify_activity()
+
+    def _emit_outcome(self, job: Job, outcome: Outcome) -> None:
         kind = outcome.kind
         if kind == "completed":
             self.emit("job_succeeded", job, output=outcome.output)
@@ -244,10 +252,6 @@ class Runtime:
             self.emit("job_dead_lettered", job, error=outcome.error)
         elif kind == "cancelled":
             self.emit("job_cancelled", job)
-        if kind in _FINAL_KINDS:
-            for waiter in self._final_waiters.pop(job.id, ()):
-                waiter(job, outcome)
-        self.notify_activity()
 
     def on_final(self, job_id: str, callback: Callable[[Job | None, Outcome], None]) -> None:
         """Call ``callback`` when this process settles the job for good."""

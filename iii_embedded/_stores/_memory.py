@@ -147,11 +147,13 @@ class MemoryStore:
     async def enqueue(self, jobs: Sequence[NewJob]) -> list[str]:
         """Store jobs atomically; see :meth:`Store.enqueue`."""
         self._check_open()
+        rows = self._rows
+        for job in jobs:
+            if job.id in rows:
+                raise StoreError(f"job id {job.id} already exists")
         ids: list[str] = []
         batch_keys: dict[tuple[str, str], str] = {}
-        for job in jobs:
-            if job.id in self._rows:
-                raise StoreError(f"job id {job.id} already exists")
+        seq = self._seq
         for job in jobs:
             if job.idempotency_key is not None:
                 key = (job.function_id, job.idempotency_key)
@@ -160,11 +162,12 @@ class MemoryStore:
                     ids.append(existing)
                     continue
                 batch_keys[key] = job.id
-            row = _Row(job, next(self._seq))
-            self._rows[row.id] = row
+            row = _Row(job, next(seq))
+            rows[row.id] = row
             self._push_live(row)
             ids.append(row.id)
-        self._keys.update(batch_keys)
+        if batch_keys:
+            self._keys.update(batch_keys)
         return ids
 
     def _push_live(self, row: _Row) -> None:
