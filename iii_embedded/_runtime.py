@@ -378,14 +378,16 @@ class Runtime:
         jobs = self.build_jobs(
             function_id, payloads, action, batch=batch, idempotency_keys=idempotency_keys
         )
-        try:
-            ids = await self.store.enqueue(jobs)
-        except StoreError as exc:
-            raise InvocationError("enqueue_error", f"could not store the job: {exc}") from exc
+        # Wake the queue's dispatcher before the commit, not after: it runs only once this
+        # task suspends, when the enqueue is already in the writer's queue, so its claim
+        # usually shares the enqueue's transaction (one commit from enqueue to start).
         runner = self.runners.get(action.queue)
         if runner is not None:
             runner.wake()
-        return ids
+        try:
+            return await self.store.enqueue(jobs)
+        except StoreError as exc:
+            raise InvocationError("enqueue_error", f"could not store the job: {exc}") from exc
 
     def build_jobs(
         self,
