@@ -6,6 +6,8 @@ import itertools
 import json
 import logging
 from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -19,8 +21,9 @@ from iii_embedded import (
     RetryAfter,
     TriggerAction,
 )
-from iii_embedded._stores import NewJob
+from iii_embedded._stores import Job, NewJob
 from iii_embedded._stores._memory import MemoryStore
+from iii_embedded._stores._sqlite import SQLiteStore
 from iii_embedded.testing import VirtualClock, dead_jobs, drain
 
 pytestmark = pytest.mark.anyio
@@ -80,6 +83,41 @@ async def test_a_local_enqueue_wakes_an_idle_worker_without_any_clock_advance() 
         with anyio.fail_after(5):
             await ran.wait()
         assert clock.now() == start
+
+
+async def test_an_idle_queue_claims_before_the_enqueue_has_committed(tmp_path: Path) -> None:
+    """The dispatcher is woken before the enqueue's commit, not after it: on a file store
+    its claim is already queued behind the enqueue (often in the same transaction) when
+    the enqueue returns, so an idle queue starts a job one commit after it was sent."""
+    store = SQLiteStore(tmp_path / "store")
+    calls: list[str] = []
+    real_enqueue, real_exchange = store.enqueue, store.exchange
+
+    async def enqueue_traced(jobs: Sequence[NewJob]) -> list[str]:
+        calls.append("enqueue starts")
+        ids = await real_enqueue(jobs)
+        calls.append("enqueue returns")
+        return ids
+
+    async def exchange_traced(*args: Any, **kwargs: Any) -> list[Job]:
+        calls.append("claim")
+        return await real_exchange(*args, **kwargs)
+
+    store.enqueue = enqueue_traced  # type: ignore[method-assign]
+    store.exchange = exchange_traced  # type: ignore[method-assign]
+    iii = app_with(QueueConfig(name="work", poll_interval_ms=60_000), store=store)
+    ran = anyio.Event()
+    iii.register_function("job", lambda _: ran.set())
+    async with iii.running():
+        runner = iii.runtime.runners["work"]
+        with anyio.fail_after(5):
+            while not runner.idle:  # the start-up claim has found nothing
+                await anyio.lowlevel.checkpoint()
+        calls.clear()
+        await enqueue(iii, "job", {}, "work")
+        assert calls[:3] == ["enqueue starts", "claim", "enqueue returns"]
+        with anyio.fail_after(5):
+            await ran.wait()
 
 
 async def test_fifo_runs_one_job_per_group_in_enqueue_order_and_groups_in_parallel() -> None:

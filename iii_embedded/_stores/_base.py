@@ -275,6 +275,10 @@ class Store(Protocol):
         For a job whose ``idempotency_key`` matches a live job of the same function (one that
         is not ``dead`` or ``cancelled`` and not yet pruned), nothing is stored and the live
         job's id is returned in its place. Returns only once the jobs are durable.
+
+        Calls take effect in the order they are made: a call made after ``enqueue`` was
+        called (before it returned) sees the jobs if the enqueue succeeds. The runtime
+        relies on this when it wakes a queue's dispatcher before the enqueue commits.
         """
 
     # --- consuming -------------------------------------------------------------------

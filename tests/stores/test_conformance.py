@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from iii_embedded._stores import ErrorInfo, NewJob, Outcome, Store
@@ -108,6 +109,22 @@ async def test_enqueue_stores_jobs_and_returns_their_ids_in_order(store: Store) 
         ("c", "queued", 0, {"id": "c"}),
     ]
     assert stored[0].seq < stored[1].seq < stored[2].seq
+
+
+async def test_a_call_made_while_an_enqueue_is_in_flight_sees_its_jobs(store: Store) -> None:
+    """Store calls take effect in the order they were made, even before the enqueue has
+    returned: the runtime wakes a queue's dispatcher before the enqueue commits, and its
+    claim must find the job."""
+    async with anyio.create_task_group() as tg:
+        receipts: list[list[str]] = []
+
+        async def produce() -> None:
+            receipts.append(await store.enqueue([job("a"), job("b")]))
+
+        tg.start_soon(produce)
+        await anyio.wait_all_tasks_blocked()  # the enqueue has started (or finished)
+        assert await claim(store) == ["a", "b"]
+    assert receipts == [["a", "b"]]
 
 
 async def test_a_batch_is_atomic(store: Store) -> None:
