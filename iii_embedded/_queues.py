@@ -485,6 +485,7 @@ class QueueRunner:
                 job.attempts,
                 now,
                 "null" if result is None else self._dump_output(job, result),
+                job.seq,
             )
         return self._failure(job, error, now, (time.perf_counter() - started) * 1000)
 

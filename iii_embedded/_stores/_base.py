@@ -217,9 +217,14 @@ class Outcome:
     available_at: float | None = None
     started: bool = True
     """False if the handler never started (only for ``cancelled``)."""
+    seq: int | None = None
+    """The claimed job's ``seq``, if known: a store may find the job by it instead of by
+    ``job_id`` (the file store's rowid, one B-tree lookup fewer per outcome)."""
 
 
-def completed_outcome(job_id: str, owner: str, attempt: int, at: float, output: str) -> Outcome:
+def completed_outcome(
+    job_id: str, owner: str, attempt: int, at: float, output: str, seq: int | None = None
+) -> Outcome:
     """The outcome of a handler that returned ``output``, built as :func:`make_job` builds
     jobs (one per job on the hot path)."""
     outcome: Outcome = _new(Outcome)
@@ -232,6 +237,7 @@ def completed_outcome(job_id: str, owner: str, attempt: int, at: float, output: 
     outcome.error = None
     outcome.available_at = None
     outcome.started = True
+    outcome.seq = seq
     return outcome
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import anyio
 import pytest
 
-from iii_embedded._stores import ErrorInfo, NewJob, Outcome, Store
+from iii_embedded._stores import ErrorInfo, NewJob, Outcome, Store, completed_outcome
 from iii_embedded._stores._memory import MemoryStore
 from iii_embedded._stores._sqlite import SQLiteStore
 
@@ -125,6 +125,23 @@ async def test_a_call_made_while_an_enqueue_is_in_flight_sees_its_jobs(store: St
         await anyio.wait_all_tasks_blocked()  # the enqueue has started (or finished)
         assert await claim(store) == ["a", "b"]
     assert receipts == [["a", "b"]]
+
+
+async def test_completions_that_carry_the_jobs_seq_complete_those_jobs(store: Store) -> None:
+    """The runtime sends each completion with its job's ``seq`` (the file store finds the
+    row by it); the result is the same as a completion by id alone."""
+    await store.enqueue([job("a"), job("b"), job("c")])
+    claimed = await store.claim("q", fifo=False, limit=2, now=T0, owner=OWNER, lease_until=T0 + 30)
+    assert [j.id for j in claimed] == ["a", "b"]
+    await store.finish(
+        [completed_outcome(j.id, OWNER, j.attempts, T0 + 1, f'"{j.id}!"', j.seq) for j in claimed]
+    )
+    jobs = {j.id: j for j in await store.list_jobs("q")}
+    assert [(i, jobs[i].state, jobs[i].output, jobs[i].finished_at) for i in "abc"] == [
+        ("a", "completed", '"a!"', T0 + 1),
+        ("b", "completed", '"b!"', T0 + 1),
+        ("c", "queued", None, None),
+    ]
 
 
 async def test_a_batch_is_atomic(store: Store) -> None:

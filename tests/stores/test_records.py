@@ -37,9 +37,15 @@ def test_make_new_job_sets_every_field_in_declaration_order() -> None:
 
 
 def test_completed_outcome_is_the_completed_outcome_with_every_other_field_at_its_default() -> None:
-    built = completed_outcome("job-1", "owner-1", 3, 12.5, '{"ok": true}')
+    built = completed_outcome("job-1", "owner-1", 3, 12.5, '{"ok": true}', 41)
     expected = Outcome(
-        job_id="job-1", kind="completed", owner="owner-1", attempt=3, at=12.5, output='{"ok": true}'
+        job_id="job-1",
+        kind="completed",
+        owner="owner-1",
+        attempt=3,
+        at=12.5,
+        output='{"ok": true}',
+        seq=41,
     )
     assert built == expected
     assert attrs.asdict(built, recurse=False) == attrs.asdict(expected, recurse=False)

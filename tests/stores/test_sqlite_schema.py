@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import sqlite_utils
 
-from iii_embedded._stores import NewJob
+from iii_embedded._stores import NewJob, completed_outcome
 from iii_embedded._stores._sqlite import (
     _INSERT_JOBS,
     _JOB_VALUES,
@@ -135,3 +135,64 @@ async def test_a_store_migrated_by_another_process_meanwhile_is_not_migrated_twi
     finally:
         await raced.aclose()
         await first.aclose()
+
+
+async def test_a_completion_finds_its_job_by_rowid_and_still_checks_its_id(
+    tmp_path: Path,
+) -> None:
+    """Completions carrying the job's seq look the row up by rowid (the id index is not
+    read). A seq can be reused once its job is pruned, so the id is checked too: a stale
+    completion never completes the new job that took its seq."""
+    store = SQLiteStore(tmp_path / "store")
+    await store.open()
+    statements: list[str] = []
+    try:
+        owner = "host:1:x"
+
+        def new(job_id: str) -> NewJob:
+            return NewJob(
+                id=job_id,
+                queue="q",
+                function_id="fn",
+                payload="{}",
+                group=None,
+                created_at=T0,
+                available_at=T0,
+                max_attempts=3,
+                idempotency_key=None,
+            )
+
+        async def claim_one() -> tuple[str, int]:
+            [claimed] = await store.claim(
+                "q", fifo=False, limit=1, now=T0, owner=owner, lease_until=T0 + 30
+            )
+            return claimed.id, claimed.seq
+
+        await store.enqueue([new("old")])
+        old_id, old_seq = await claim_one()
+        await store.finish([completed_outcome(old_id, owner, 1, T0, "1", old_seq)])
+        assert await store.prune(T0 + 1) == 1
+        await store.enqueue([new("new")])
+        new_id, new_seq = await claim_one()
+        assert (new_id, new_seq) == ("new", old_seq)  # SQLite reused the rowid
+
+        await store.finish([completed_outcome(old_id, owner, 1, T0, "2", old_seq)])  # stale
+        job = await store.get("new")
+        assert job is not None and (job.state, job.output) == ("running", None)
+
+        assert store._conn is not None
+        store._conn.set_trace_callback(statements.append)
+        await store.finish([completed_outcome(new_id, owner, 1, T0, "3", new_seq)])
+        store._conn.set_trace_callback(None)
+        job = await store.get("new")
+        assert job is not None and (job.state, job.output) == ("completed", "3")
+    finally:
+        await store.aclose()
+
+    [update] = [s for s in statements if s.startswith("UPDATE jobs SET state = 'completed'")]
+    conn = sqlite3.connect(tmp_path / "store" / DB_FILENAME)
+    plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + update)]
+    conn.close()
+    assert [step for step in plan if "jobs" in step] == [
+        "SEARCH jobs USING INTEGER PRIMARY KEY (rowid=?)"
+    ]
