@@ -85,10 +85,10 @@ async def test_a_local_enqueue_wakes_an_idle_worker_without_any_clock_advance() 
         assert clock.now() == start
 
 
-async def test_an_idle_queue_claims_before_the_enqueue_has_committed(tmp_path: Path) -> None:
-    """The dispatcher is woken before the enqueue's commit, not after it: on a file store
-    its claim is already queued behind the enqueue (often in the same transaction) when
-    the enqueue returns, so an idle queue starts a job one commit after it was sent."""
+async def test_an_idle_queue_claims_in_the_enqueues_own_transaction(tmp_path: Path) -> None:
+    """The dispatcher is woken before the enqueue's commit, not after it, and the file
+    store hands the writer every request of one loop turn together: the claim joins the
+    enqueue's transaction, so an idle queue starts a job one commit after it was sent."""
     store = SQLiteStore(tmp_path / "store")
     calls: list[str] = []
     real_enqueue, real_exchange = store.enqueue, store.exchange
@@ -108,16 +108,34 @@ async def test_an_idle_queue_claims_before_the_enqueue_has_committed(tmp_path: P
     iii = app_with(QueueConfig(name="work", poll_interval_ms=60_000), store=store)
     ran = anyio.Event()
     iii.register_function("job", lambda _: ran.set())
+    statements: list[str] = []
     async with iii.running():
         runner = iii.runtime.runners["work"]
         with anyio.fail_after(5):
             while not runner.idle:  # the start-up claim has found nothing
                 await anyio.lowlevel.checkpoint()
         calls.clear()
+        assert store._conn is not None
+        store._conn.set_trace_callback(statements.append)  # runs on the writer thread
         await enqueue(iii, "job", {}, "work")
         assert calls[:3] == ["enqueue starts", "claim", "enqueue returns"]
         with anyio.fail_after(5):
             await ran.wait()
+        store._conn.set_trace_callback(None)
+    kinds = [
+        "begin"
+        if s.startswith("BEGIN")
+        else "commit"
+        if s.startswith("COMMIT")
+        else "insert"
+        if s.startswith("INSERT INTO jobs")
+        else "claim"
+        if s.startswith("UPDATE jobs SET state = 'running'")
+        else None
+        for s in statements
+    ]
+    kinds = [k for k in kinds if k is not None]
+    assert kinds[:4] == ["begin", "insert", "claim", "commit"]
 
 
 async def test_fifo_runs_one_job_per_group_in_enqueue_order_and_groups_in_parallel() -> None:

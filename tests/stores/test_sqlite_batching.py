@@ -1,0 +1,102 @@
+"""How the file store groups requests into transactions: every request made during one
+turn of the event loop, and those of the tasks that turn woke, reach the writer thread
+together, so an enqueue and the claim it wakes commit once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+from iii_embedded._stores import Job, NewJob
+from iii_embedded._stores._sqlite import SQLiteStore
+
+pytestmark = pytest.mark.anyio
+
+T0 = 1_000.0
+OWNER = "host:1:abc"
+
+
+def new_job(job_id: str) -> NewJob:
+    return NewJob(
+        id=job_id,
+        queue="q",
+        function_id="fn",
+        payload=json.dumps({"id": job_id}),
+        group=None,
+        created_at=T0,
+        available_at=T0,
+        max_attempts=3,
+    )
+
+
+def transactions(statements: list[str]) -> list[list[str]]:
+    """The traced statements as transactions of ``insert`` / ``claim`` steps."""
+    out: list[list[str]] = []
+    for sql in statements:
+        if sql.startswith("BEGIN"):
+            out.append([])
+        elif sql.startswith("INSERT INTO jobs"):
+            out[-1].append("insert")
+        elif sql.startswith("UPDATE jobs SET state = 'running'"):
+            out[-1].append("claim")
+    return out
+
+
+async def test_an_enqueue_and_the_claim_of_the_task_it_woke_share_a_transaction(
+    tmp_path: Path,
+) -> None:
+    store = SQLiteStore(tmp_path)
+    await store.open()
+    statements: list[str] = []
+    claimed: list[Job] = []
+    woken = anyio.Event()
+
+    async def dispatcher() -> None:
+        await woken.wait()
+        # Blocking work lets go of the GIL, as any blocking call does: the writer thread
+        # could run now. It must find nothing to do yet.
+        time.sleep(0.002)
+        claimed.extend(
+            await store.claim("q", fifo=False, limit=5, now=T0, owner=OWNER, lease_until=T0 + 30)
+        )
+
+    try:
+        assert (
+            await store.claim("q", fifo=False, limit=1, now=T0, owner=OWNER, lease_until=T0) == []
+        )
+        assert store._conn is not None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(dispatcher)
+            await anyio.wait_all_tasks_blocked()
+            store._conn.set_trace_callback(statements.append)  # runs on the writer thread
+            woken.set()  # as the runtime wakes a queue's dispatcher before it enqueues
+            assert await store.enqueue([new_job("a")]) == ["a"]
+        store._conn.set_trace_callback(None)
+    finally:
+        await store.aclose()
+    assert [j.id for j in claimed] == ["a"]
+    assert transactions(statements) == [["insert", "claim"]]
+
+
+async def test_requests_still_pending_at_close_are_carried_out(tmp_path: Path) -> None:
+    """A request made in the same turn as ``aclose`` is handed to the writer before it
+    stops: the enqueue commits and its caller gets its receipt."""
+    store = SQLiteStore(tmp_path)
+    await store.open()
+    with anyio.fail_after(10):
+        pending = asyncio.ensure_future(store.enqueue([new_job("a")]))
+        await anyio.lowlevel.checkpoint()  # its first step ran: the request is made
+        assert not pending.done()
+        await store.aclose()
+        assert await pending == ["a"]
+    reopened = SQLiteStore(tmp_path)
+    await reopened.open()
+    try:
+        assert [j.id for j in await reopened.list_jobs()] == ["a"]
+    finally:
+        await reopened.aclose()
