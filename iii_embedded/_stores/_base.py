@@ -282,8 +282,9 @@ class Store(Protocol):
         is not ``dead`` or ``cancelled`` and not yet pruned), nothing is stored and the live
         job's id is returned in its place. Returns only once the jobs are durable.
 
-        Calls take effect in the order they are made: a call made after ``enqueue`` was
-        called (before it returned) sees the jobs if the enqueue succeeds. The runtime
+        Calls take effect in the order they are made (``counts`` excepted): a call made
+        after ``enqueue`` was called (before it returned) sees the jobs if the enqueue
+        succeeds. The runtime
         relies on this when it wakes a queue's dispatcher before the enqueue commits.
         """
 
@@ -369,7 +370,11 @@ class Store(Protocol):
     # --- inspection ------------------------------------------------------------------
 
     async def counts(self, now: float) -> dict[str, QueueCounts]:
-        """Counts per queue name for every queue that has jobs in the store."""
+        """Counts per queue name for every queue that has jobs in the store.
+
+        The counts are those of the last commit: a store may take them from a snapshot
+        that does not include requests still in flight (the file store counts on a
+        connection of its own, so that a long scan does not hold up its writer)."""
 
     async def list_jobs(
         self, queue: str | None = None, state: JobState | None = None, *, limit: int = 1000

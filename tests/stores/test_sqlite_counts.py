@@ -1,0 +1,75 @@
+"""``counts()`` on the file store scans the jobs table: about a second for a million jobs.
+It runs on a connection of its own, so a slow count never holds up the writer thread
+(enqueues, claims, acknowledgements)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import anyio
+import pytest
+
+from iii_embedded._stores import NewJob, QueueCounts
+from iii_embedded._stores._sqlite import Conn, SQLiteStore
+
+pytestmark = pytest.mark.anyio
+
+T0 = 1_000.0
+
+
+def new_job(job_id: str) -> NewJob:
+    return NewJob(
+        id=job_id,
+        queue="q",
+        function_id="fn",
+        payload=json.dumps({"id": job_id}),
+        group=None,
+        created_at=T0,
+        available_at=T0,
+        max_attempts=3,
+    )
+
+
+async def test_a_slow_count_does_not_hold_up_enqueues(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counting = threading.Event()
+    release = threading.Event()
+    real_count = SQLiteStore._count
+
+    def slow_count(conn: Conn, now: float) -> dict[str, QueueCounts]:
+        counting.set()
+        release.wait(10)  # a long scan, until the test has enqueued meanwhile
+        return real_count(conn, now)
+
+    monkeypatch.setattr(SQLiteStore, "_count", staticmethod(slow_count))
+    store = SQLiteStore(tmp_path)
+    await store.open()
+    counted: list[dict[str, QueueCounts]] = []
+    try:
+        async with anyio.create_task_group() as tg:
+
+            async def count() -> None:
+                counted.append(await store.counts(T0))
+
+            tg.start_soon(count)
+            assert await anyio.to_thread.run_sync(counting.wait, 10)
+            try:
+                with anyio.fail_after(5):
+                    assert await store.enqueue([new_job("a"), new_job("b")]) == ["a", "b"]
+            finally:
+                release.set()
+    finally:
+        await store.aclose()
+    # The count read the store once the scan began, after the enqueue had committed.
+    assert counted == [{"q": QueueCounts(ready=2, oldest_ready_at=T0)}]
+
+
+async def test_counts_of_a_closed_store_is_a_clear_error(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path)
+    await store.open()
+    await store.aclose()
+    with pytest.raises(Exception, match="the store is not open"):
+        await store.counts(T0)
