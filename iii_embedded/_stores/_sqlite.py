@@ -743,15 +743,14 @@ class SQLiteStore:
     def _finish(self, conn: Conn, outcomes: list[Outcome], *, fifo: bool = True) -> None:
         """Apply outcomes. ``fifo=False`` (a standard queue's batch) skips the FIFO group
         bookkeeping, which only jobs with a group need."""
-        completed, retries, dead, released, held, cancelled = [], [], [], [], [], []
-        by_seq: list[tuple[Any, ...]] = []
+        retries, dead, released, held, cancelled = [], [], [], [], []
+        by_seq: list[tuple[Any, ...]] = []  # completions that know their job's rowid
+        by_id: list[tuple[Any, ...]] = []
         for o in outcomes:
             match = (o.job_id, o.owner, o.attempt)
             if o.kind == "completed":
-                if o.seq is None:
-                    completed.append((o.output, o.at, *match))
-                else:
-                    by_seq.append((o.output, o.at, o.seq, o.owner, o.attempt, o.job_id))
+                row = (o.output, o.at, o.seq, o.owner, o.attempt, o.job_id)
+                (by_id if o.seq is None else by_seq).append(row)
             elif o.kind == "retry":
                 e = o.error
                 retries.append(
@@ -775,33 +774,28 @@ class SQLiteStore:
                 cancelled.append((o.at, 0 if o.started else 1, *match))
         lease = "state = 'running' AND id = ? AND lease_owner = ? AND attempts = ?"
         touched: list[tuple[str, str]] = []
-        if completed or by_seq:
+        if by_seq or by_id:
             if fifo:
-                touched += self._groups_of(conn, [c[2] for c in completed])
-                touched += self._groups_of(conn, [c[5] for c in by_seq])
+                touched += self._groups_of(conn, [row[5] for row in by_seq + by_id])
             # One UPDATE ... FROM (VALUES ...) per 100 outcomes (see ``_enqueue``). A job
             # whose seq is known is found by its rowid; the id index is not read. That
             # matters once the id index outgrows the cache: ids of older stores (random
-            # version-4 UUIDs) put every lookup on a different page.
-            for chunk in _chunks(by_seq, 100):
-                conn.execute(
-                    "UPDATE jobs SET state = 'completed', output = v.column1, "
-                    "finished_at = v.column2, lease_owner = NULL, lease_until = NULL "
-                    "FROM (VALUES " + ",".join(["(?, ?, ?, ?, ?, ?)"] * len(chunk)) + ") AS v "
-                    "WHERE jobs.seq = v.column3 AND jobs.state = 'running' "
-                    "AND jobs.lease_owner = v.column4 AND jobs.attempts = v.column5 "
-                    "AND +jobs.id = v.column6",  # "+": checked on the row, not via ix_jobs_id
-                    [value for row in chunk for value in row],
-                )
-            for chunk in _chunks(completed, 100):
-                conn.execute(
-                    "UPDATE jobs SET state = 'completed', output = v.column1, "
-                    "finished_at = v.column2, lease_owner = NULL, lease_until = NULL "
-                    "FROM (VALUES " + ",".join(["(?, ?, ?, ?, ?)"] * len(chunk)) + ") AS v "
-                    "WHERE jobs.id = v.column3 AND jobs.state = 'running' "
-                    "AND jobs.lease_owner = v.column4 AND jobs.attempts = v.column5",
-                    [value for row in chunk for value in row],
-                )
+            # version-4 UUIDs) put every lookup on a different page. The id is still
+            # checked on the row ("+": not through ix_jobs_id), as SQLite reuses the rowids
+            # of pruned jobs.
+            for rows, key in (
+                (by_seq, "jobs.seq = v.column3 AND +jobs.id = v.column6"),
+                (by_id, "jobs.id = v.column6"),
+            ):
+                for chunk in _chunks(rows, 100):
+                    conn.execute(
+                        "UPDATE jobs SET state = 'completed', output = v.column1, "
+                        "finished_at = v.column2, lease_owner = NULL, lease_until = NULL "
+                        "FROM (VALUES " + ",".join(["(?, ?, ?, ?, ?, ?)"] * len(chunk)) + ") "
+                        f"AS v WHERE {key} AND jobs.state = 'running' "
+                        "AND jobs.lease_owner = v.column4 AND jobs.attempts = v.column5",
+                        [value for row in chunk for value in row],
+                    )
         if retries:
             conn.executemany(
                 "UPDATE jobs SET state = 'queued', error_type = ?, error_message = ?, "

@@ -5,33 +5,20 @@ together, so an enqueue and the claim it wakes commit once."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from pathlib import Path
 
 import anyio
 import pytest
 
-from iii_embedded._stores import Job, NewJob
+from iii_embedded._stores import Job
 from iii_embedded._stores._sqlite import SQLiteStore
+
+from .helpers import T0, new_job
 
 pytestmark = pytest.mark.anyio
 
-T0 = 1_000.0
 OWNER = "host:1:abc"
-
-
-def new_job(job_id: str) -> NewJob:
-    return NewJob(
-        id=job_id,
-        queue="q",
-        function_id="fn",
-        payload=json.dumps({"id": job_id}),
-        group=None,
-        created_at=T0,
-        available_at=T0,
-        max_attempts=3,
-    )
 
 
 def transactions(statements: list[str]) -> list[list[str]]:

@@ -4,32 +4,18 @@ It runs on a connection of its own, so a slow count never holds up the writer th
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 
 import anyio
 import pytest
 
-from iii_embedded._stores import NewJob, QueueCounts
+from iii_embedded._stores import QueueCounts
 from iii_embedded._stores._sqlite import Conn, SQLiteStore
 
+from .helpers import T0, new_job
+
 pytestmark = pytest.mark.anyio
-
-T0 = 1_000.0
-
-
-def new_job(job_id: str) -> NewJob:
-    return NewJob(
-        id=job_id,
-        queue="q",
-        function_id="fn",
-        payload=json.dumps({"id": job_id}),
-        group=None,
-        created_at=T0,
-        available_at=T0,
-        max_attempts=3,
-    )
 
 
 async def test_a_slow_count_does_not_hold_up_enqueues(

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import sqlite_utils
 
-from iii_embedded._stores import NewJob, completed_outcome
+from iii_embedded._stores import completed_outcome
 from iii_embedded._stores._sqlite import (
     _INSERT_JOBS,
     _JOB_VALUES,
@@ -19,6 +19,8 @@ from iii_embedded._stores._sqlite import (
     SQLiteStore,
     _migrate_to_1,
 )
+
+from .helpers import new_job
 
 pytestmark = pytest.mark.anyio
 
@@ -113,20 +115,7 @@ async def test_a_store_migrated_by_another_process_meanwhile_is_not_migrated_twi
     directory = tmp_path / "store"
     first = SQLiteStore(directory)
     await first.open()
-    await first.enqueue(
-        [
-            NewJob(
-                id="kept",
-                queue="q",
-                function_id="fn",
-                payload="{}",
-                group=None,
-                created_at=T0,
-                available_at=T0,
-                max_attempts=3,
-            )
-        ]
-    )
+    await first.enqueue([new_job("kept")])
     raced = _RacedStore(directory)
     await raced.open()  # would fail with "table jobs already exists" if it migrated again
     try:
@@ -149,30 +138,17 @@ async def test_a_completion_finds_its_job_by_rowid_and_still_checks_its_id(
     try:
         owner = "host:1:x"
 
-        def new(job_id: str) -> NewJob:
-            return NewJob(
-                id=job_id,
-                queue="q",
-                function_id="fn",
-                payload="{}",
-                group=None,
-                created_at=T0,
-                available_at=T0,
-                max_attempts=3,
-                idempotency_key=None,
-            )
-
         async def claim_one() -> tuple[str, int]:
             [claimed] = await store.claim(
                 "q", fifo=False, limit=1, now=T0, owner=owner, lease_until=T0 + 30
             )
             return claimed.id, claimed.seq
 
-        await store.enqueue([new("old")])
+        await store.enqueue([new_job("old")])
         old_id, old_seq = await claim_one()
         await store.finish([completed_outcome(old_id, owner, 1, T0, "1", old_seq)])
         assert await store.prune(T0 + 1) == 1
-        await store.enqueue([new("new")])
+        await store.enqueue([new_job("new")])
         new_id, new_seq = await claim_one()
         assert (new_id, new_seq) == ("new", old_seq)  # SQLite reused the rowid
 

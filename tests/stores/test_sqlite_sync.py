@@ -5,31 +5,18 @@ again."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
-from iii_embedded._stores import NewJob, Outcome
+from iii_embedded._stores import Outcome
 from iii_embedded._stores._sqlite import SQLiteStore
+
+from .helpers import T0, new_job
 
 pytestmark = pytest.mark.anyio
 
-T0 = 1_000.0
 OWNER = "host:1:abc"
-
-
-def new_job(job_id: str) -> NewJob:
-    return NewJob(
-        id=job_id,
-        queue="q",
-        function_id="fn",
-        payload=json.dumps({"id": job_id}),
-        group=None,
-        created_at=T0,
-        available_at=T0,
-        max_attempts=3,
-    )
 
 
 class CommitModes:
