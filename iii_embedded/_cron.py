@@ -10,6 +10,12 @@ The handler gets ``{"trigger": "cron", "job_id", "scheduled_time", "actual_time"
 fire is skipped and logged. If the process was busy (or a test advanced a virtual clock
 far ahead) and several fire times passed, the job fires once, for the latest, rather than
 in a burst.
+
+Processes that share a file store share their schedules too: each fire runs in one of
+them, whichever takes it first in the store (``Store.claim_fire``), and a fire still
+running in one process stops the next one from starting in any other. The fire is leased
+like a job: the runtime's maintenance renews it, and a fire whose process died (or whose
+lease ran out) no longer holds the schedule back.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import anyio.abc
 import attrs
 
 from ._context import Invocation, _current
+from ._errors import StoreError
 from ._fastpath import run_handler
 
 if TYPE_CHECKING:
@@ -98,6 +105,7 @@ async def run_schedule(rt: Runtime, job: CronJob, start: float) -> None:
     ``start`` is taken when the schedule is started, not when this task first runs, so
     no fire time is lost in between."""
     clock = rt.clock
+    store = rt.store
     schedule = parse_expression(job.expression, start)
     busy = False
 
@@ -121,6 +129,13 @@ async def run_schedule(rt: Runtime, job: CronJob, start: float) -> None:
             log.exception("cron job %r (%s) failed", job.job_id, job.function_id)
         finally:
             _current.reset(token)
+            if store.shared:
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await store.end_fires(rt.owner, [job.job_id])
+                    except StoreError as exc:  # closed: the shutdown ended it already
+                        log.debug("cron job %r: could not end its fire: %s", job.job_id, exc)
+                rt.cron_fires.discard(job.job_id)
             busy = False
 
     async with anyio.create_task_group() as tg:
@@ -130,8 +145,11 @@ async def run_schedule(rt: Runtime, job: CronJob, start: float) -> None:
             if rt.stopping:
                 break
             now = clock.now()
-            if float(schedule.get_current(float)) < now:
-                # Fire times were missed: fire once, then continue from now.
+            if scheduled < now:
+                # Fire times may have been missed: fire once, for the latest that has
+                # passed (the one every process that shares the store agrees on), then
+                # continue from now.
+                scheduled = _latest(job.expression, scheduled, now)
                 schedule = parse_expression(job.expression, now)
             if busy:
                 log.info(
@@ -140,8 +158,35 @@ async def run_schedule(rt: Runtime, job: CronJob, start: float) -> None:
                     _iso(scheduled),
                 )
                 continue
+            if store.shared and not await _take(rt, job, scheduled):
+                continue
             busy = True
             tg.start_soon(fire, scheduled)
+
+
+def _latest(expression: str, scheduled: float, now: float) -> float:
+    """The latest fire time of ``expression`` at or before ``now`` (``scheduled`` is one)."""
+    before = float(parse_expression(expression, now).get_prev(float))  # strictly before
+    at_now = float(parse_expression(expression, before).get_next(float))
+    return max(scheduled, at_now if at_now <= now else before)
+
+
+async def _take(rt: Runtime, job: CronJob, scheduled: float) -> bool:
+    """Take the fire at ``scheduled`` in a shared store; False if another process has it
+    (or still runs the previous one)."""
+    now = rt.clock.now()
+    try:
+        taken = await rt.store.claim_fire(
+            job.job_id, scheduled, owner=rt.owner, now=now, lease_until=now + rt.lease_s
+        )
+    except StoreError as exc:
+        log.error("cron job %r skipped at %s: %s", job.job_id, _iso(scheduled), exc)
+        return False
+    if taken:
+        rt.cron_fires.add(job.job_id)
+    else:
+        log.debug("cron job %r at %s runs in another process", job.job_id, _iso(scheduled))
+    return taken
 
 
 def start_cron(app: III, tg: anyio.abc.TaskGroup) -> None:

@@ -91,6 +91,8 @@ class Runtime:
         """Run id → the queued handlers waiting for it (``_runs`` refuses waits that could
         never end, such as one on the waiter's own FIFO group further down a chain)."""
         self.stopping = False
+        self.cron_fires: set[str] = set()
+        """Cron jobs whose fire this runtime took in a shared store and is running."""
         self._sync_invocations: dict[str, Invocation] = {}
         self._activity_waiters = 0
         # Threads for sync handlers of synchronous and Void calls (queues have their own).
@@ -130,6 +132,14 @@ class Runtime:
         with anyio.move_on_after(5):
             while any(r.inflight for r in self.runners.values()):
                 await self.wait_activity()
+        if self.cron_fires:
+            # Cron runs still going are abandoned (cancelled, or left in their thread):
+            # the next fire need not wait for their leases to run out.
+            try:
+                await self.store.end_fires(self.owner, list(self.cron_fires))
+            except StoreError as exc:
+                log.error("ending the running cron fires failed: %s", exc)
+            self.cron_fires.clear()
         await self.store.aclose()
         self.threads.close()
         for runner in self.runners.values():
@@ -178,6 +188,8 @@ class Runtime:
                         cancelled = await store.renew(self.owner, leased, now + self.lease_s)
                         for job_id in cancelled:
                             runner.stop_job(job_id, "cancelled")
+                if self.cron_fires:
+                    await store.renew_fires(self.owner, list(self.cron_fires), now + self.lease_s)
                 if store.shared and await store.recover(now):
                     self.wake_all()
                 await store.prune(now - retention_s)

@@ -1,16 +1,20 @@
 """Cron triggers (SPEC §7) on the virtual clock: schedules in iii's 6- and 7-field forms and
-the classic 5-field form, the payload, no overlapping runs, errors, the decorator."""
+the classic 5-field form, the payload, no overlapping runs, errors, the decorator, and
+runtimes sharing a file store running each fire once."""
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import sqlite3
+from contextlib import closing
 from typing import Any
 
 import anyio
 import pytest
 
-from iii_embedded import III
+from iii_embedded import III, Config, StoreConfig
+from iii_embedded._stores._sqlite import DB_FILENAME
 from iii_embedded.testing import VirtualClock
 
 pytestmark = pytest.mark.anyio
@@ -154,10 +158,18 @@ async def test_missed_fire_times_collapse_into_one_run() -> None:
     )
     async with iii.running():
         await advance(clock, 3600)  # an hour of one-second ticks passes at once
-        await record.next()
+        late = await record.next()
         await advance(clock, 1)
         await record.next()
-    assert len(record.payloads) == 2
+        await advance(clock, 9.5)  # ten ticks pass, and half a second more
+        latest = await record.next()
+    assert len(record.payloads) == 3
+    # Each run is for the latest fire time that had passed, not for the first one missed.
+    assert (late["scheduled_time"], late["actual_time"]) == (iso(T0 + 3600), iso(T0 + 3600))
+    assert (latest["scheduled_time"], latest["actual_time"]) == (
+        iso(T0 + 3610),
+        iso(T0 + 3610.5),
+    )
 
 
 def test_invalid_expressions_are_refused_naming_the_expression() -> None:
@@ -172,3 +184,135 @@ def test_invalid_expressions_are_refused_naming_the_expression() -> None:
         )
     with pytest.raises(ValueError, match=r"needs config\.expression"):
         iii.register_trigger({"type": "cron", "function_id": "f", "config": {}})
+
+
+# --- runtimes sharing a file store (SPEC §5: several processes MAY share one store) -----
+
+
+async def until(condition: Any, what: str) -> None:
+    """Wait (on the real clock, up to 5 s) for a condition that other tasks or the store's
+    thread make true."""
+    with anyio.fail_after(5):
+        while not condition():
+            await anyio.sleep(0.001)
+    assert condition(), what
+
+
+def sharing(store_dir: str, clock: VirtualClock, name: str) -> III:
+    config = Config(store=StoreConfig(store_method="file_based", file_path=store_dir))
+    return III(config, clock=clock, shutdown_grace_ms=0)
+
+
+def lease_until(tmp_path: Any) -> float:
+    """The lease of the last cron fire taken in the test's store, as committed."""
+    with closing(sqlite3.connect(tmp_path / "store" / DB_FILENAME)) as conn:
+        (until,) = conn.execute("SELECT lease_until FROM cron_fires").fetchone()
+    return float(until)
+
+
+class Log:
+    """Cron log lines of this test, by what they say."""
+
+    def __init__(self, caplog: pytest.LogCaptureFixture) -> None:
+        caplog.set_level(logging.DEBUG, logger="iii_embedded.cron")
+        self.caplog = caplog
+
+    def count(self, text: str, at: float) -> int:
+        return sum(
+            text in r.getMessage() and iso(at) in r.getMessage() for r in self.caplog.records
+        )
+
+
+async def test_runtimes_sharing_a_file_store_run_each_fire_once(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = VirtualClock(start=T0)
+    log = Log(caplog)
+    runs: list[tuple[str, str]] = []
+    apps = [sharing(str(tmp_path / "store"), clock, name) for name in ("a", "b")]
+    for name, app in zip("ab", apps, strict=True):
+
+        async def tick(payload: dict[str, Any], name: str = name) -> None:
+            runs.append((payload["scheduled_time"], name))
+
+        app.register_function("tick", tick)
+        app.register_trigger(
+            {"type": "cron", "function_id": "tick", "config": {"expression": "*/10 * * * * *"}}
+        )
+    async with apps[0].running(), apps[1].running():
+        for fire in (10, 20, 30):
+            await advance(clock, 10)
+            # One runtime runs the fire; the other is told it runs elsewhere.
+            await until(lambda f=fire: log.count("runs in another process", T0 + f) == 1, "skip")
+            await until(lambda f=fire: [t for t, _ in runs].count(iso(T0 + f)) == 1, "run")
+            await until(lambda: not any(app.runtime.cron_fires for app in apps), "it ends")
+    assert sorted(t for t, _ in runs) == [iso(T0 + 10), iso(T0 + 20), iso(T0 + 30)]
+
+
+async def test_a_fire_still_running_in_one_runtime_holds_back_the_next_in_all(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = VirtualClock(start=T0)
+    log = Log(caplog)
+    started: list[str] = []
+    release = anyio.Event()
+    apps = [sharing(str(tmp_path / "store"), clock, name) for name in ("a", "b")]
+    for app in apps:
+
+        @app.function("slow", cron="*/10 * * * * *")
+        async def slow(payload: dict[str, Any]) -> None:
+            started.append(payload["scheduled_time"])
+            if len(started) == 1:
+                await release.wait()
+
+    async with apps[0].running(), apps[1].running():
+        await advance(clock, 10)
+        await until(lambda: started == [iso(T0 + 10)], "the first fire runs")
+        await advance(clock, 10)
+        # The runtime running it skips the 20 s fire itself; the other finds it taken.
+        await until(lambda: log.count("previous run is still going", T0 + 20) == 1, "own skip")
+        await until(lambda: log.count("runs in another process", T0 + 20) == 1, "other skip")
+        assert started == [iso(T0 + 10)]
+        # Its 30 s lease is renewed while it runs: a minute later the schedule is still
+        # held. (Each renewal is waited for: the virtual clock would otherwise outrun the
+        # store's thread, as a real one never does by 20 s.)
+        for fire in range(30, 90, 10):
+            await until(lambda f=fire: lease_until(tmp_path) == T0 + f - 10 + 30, "renewed")
+            await advance(clock, 10)
+            await until(lambda f=fire: log.count("runs in another process", T0 + f) == 1, "held")
+        assert started == [iso(T0 + 10)]
+        release.set()
+        await until(lambda: not any(app.runtime.cron_fires for app in apps), "the fire ends")
+        await advance(clock, 10)
+        await until(lambda: started == [iso(T0 + 10), iso(T0 + 90)], "the next fire runs")
+
+
+async def test_a_runtime_that_stops_mid_fire_does_not_hold_back_the_next(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = VirtualClock(start=T0)
+    started: list[str] = []
+    store_dir = str(tmp_path / "store")
+    first, second = sharing(store_dir, clock, "a"), sharing(store_dir, clock, "b")
+    entered = anyio.Event()
+
+    @first.function("slow", cron="*/10 * * * * *")
+    async def forever(payload: dict[str, Any]) -> None:
+        started.append(payload["scheduled_time"])
+        entered.set()
+        await anyio.sleep_forever()
+
+    @second.function("slow", cron="*/10 * * * * *")
+    async def quick(payload: dict[str, Any]) -> None:
+        started.append(payload["scheduled_time"])
+
+    async with first.running():
+        await advance(clock, 10)
+        with anyio.fail_after(5):
+            await entered.wait()
+    # `first` stopped with its fire running (its lease had 30 s left); `second` starts and
+    # takes the next fire at once.
+    async with second.running():
+        await advance(clock, 10)
+        await until(lambda: len(started) == 2, "the next fire runs")
+    assert started == [iso(T0 + 10), iso(T0 + 20)]

@@ -342,6 +342,26 @@ class Store(Protocol):
     async def next_available_at(self, queue: str, now: float) -> float | None:
         """The earliest ``available_at`` after ``now`` among ``queued`` jobs of ``queue``."""
 
+    # --- cron fires ------------------------------------------------------------------
+
+    async def claim_fire(
+        self, job_id: str, scheduled: float, *, owner: str, now: float, lease_until: float
+    ) -> bool:
+        """Take the fire of cron job ``job_id`` at time ``scheduled`` for ``owner``.
+
+        Among all the processes sharing the store, one caller gets ``True`` for a given
+        job and time; the others get ``False``. ``False`` also while the job's previous
+        fire is still running: its owner holds it until :meth:`end_fires`, as long as its
+        lease (renewed by :meth:`renew_fires`) has not expired and its process is not
+        known to be gone. A later ``scheduled`` than one already taken is needed: a fire
+        time never runs twice, and one earlier than the last taken never runs."""
+
+    async def renew_fires(self, owner: str, job_ids: Sequence[str], lease_until: float) -> None:
+        """Extend ``owner``'s leases on the running fires of these cron jobs."""
+
+    async def end_fires(self, owner: str, job_ids: Sequence[str]) -> None:
+        """Mark ``owner``'s fires of these cron jobs finished (the next fire may start)."""
+
     # --- runs ------------------------------------------------------------------------
 
     async def get(self, job_id: str) -> Job | None:

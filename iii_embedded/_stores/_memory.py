@@ -109,6 +109,18 @@ class _QueueIndex:
         self.dead: OrderedDict[str, None] = OrderedDict()
 
 
+class _Fire:
+    """The last fire of a cron job that some owner took."""
+
+    __slots__ = ("lease_until", "owner", "running", "scheduled")
+
+    def __init__(self, scheduled: float, owner: str, lease_until: float) -> None:
+        self.scheduled = scheduled
+        self.owner = owner
+        self.running = True
+        self.lease_until = lease_until
+
+
 class MemoryStore:
     """A :class:`~iii_embedded._stores.Store` held in this process's memory."""
 
@@ -122,6 +134,7 @@ class MemoryStore:
         self._keys: dict[tuple[str, str], str] = {}
         # (finished_at, id) of completed and cancelled jobs, for pruning (a heap).
         self._finished: list[tuple[float, str]] = []
+        self._fires: dict[str, _Fire] = {}  # cron job id → its last fire taken
         self._closed = False
 
     async def open(self) -> None:
@@ -357,6 +370,35 @@ class MemoryStore:
                 if row.cancel_requested:
                     cancelled.add(job_id)
         return cancelled
+
+    async def claim_fire(
+        self, job_id: str, scheduled: float, *, owner: str, now: float, lease_until: float
+    ) -> bool:
+        """Take a cron fire; see :meth:`Store.claim_fire`."""
+        self._check_open()
+        last = self._fires.get(job_id)
+        if last is not None and (
+            last.scheduled >= scheduled or (last.running and last.lease_until > now)
+        ):
+            return False
+        self._fires[job_id] = _Fire(scheduled, owner, lease_until)
+        return True
+
+    async def renew_fires(self, owner: str, job_ids: Sequence[str], lease_until: float) -> None:
+        """Extend cron fire leases; see :meth:`Store.renew_fires`."""
+        self._check_open()
+        for job_id in job_ids:
+            last = self._fires.get(job_id)
+            if last is not None and last.owner == owner and last.running:
+                last.lease_until = lease_until
+
+    async def end_fires(self, owner: str, job_ids: Sequence[str]) -> None:
+        """Mark cron fires finished; see :meth:`Store.end_fires`."""
+        self._check_open()
+        for job_id in job_ids:
+            last = self._fires.get(job_id)
+            if last is not None and last.owner == owner:
+                last.running = False
 
     async def recover(self, now: float) -> list[Job]:
         """Return expired leases to their queue; see :meth:`Store.recover`."""

@@ -46,7 +46,7 @@ from ._base import ErrorInfo, Job, JobState, NewJob, Outcome, QueueCounts, make_
 
 __all__ = ["SQLiteStore", "SCHEMA_VERSION", "DB_FILENAME"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DB_FILENAME = "iii-queue.db"
 _MAX_BATCH = 512
 _LIVE = "('queued', 'running', 'held')"
@@ -184,9 +184,26 @@ def _migrate_to_2(db: sqlite_utils.Database) -> None:
     )
 
 
+def _migrate_to_3(db: sqlite_utils.Database) -> None:
+    # One row per cron job: its last fire time taken and who took it, so that processes
+    # sharing the store run each fire once (see ``claim_fire``).
+    db["cron_fires"].create(  # type: ignore[union-attr]
+        {
+            "job_id": str,
+            "scheduled": float,
+            "owner": str,
+            "running": int,
+            "lease_until": float,
+        },
+        pk="job_id",
+        not_null={"scheduled", "owner", "running", "lease_until"},
+    )
+
+
 _MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     1: _migrate_to_1,
     2: _migrate_to_2,
+    3: _migrate_to_3,
 }
 
 
@@ -895,6 +912,63 @@ class SQLiteStore:
 
         return await self._submit(run, durable=False)  # a lease lost with the machine is moot
 
+    async def claim_fire(
+        self, job_id: str, scheduled: float, *, owner: str, now: float, lease_until: float
+    ) -> bool:
+        """Take a cron fire; see :meth:`Store.claim_fire`. A fire still marked running
+        does not block the next one if its owner's process is gone (on this host)."""
+
+        def run(conn: Conn) -> bool:
+            last = conn.execute(
+                "SELECT scheduled, owner, running, lease_until FROM cron_fires WHERE job_id = ?",
+                (job_id,),
+            ).fetchone()
+            if last is not None:
+                last_scheduled, last_owner, running, last_until = last
+                if last_scheduled >= scheduled:
+                    return False
+                if running and last_until > now and _owner_alive(last_owner, self._owners):
+                    return False
+            conn.execute(
+                "INSERT INTO cron_fires(job_id, scheduled, owner, running, lease_until) "
+                "VALUES (?, ?, ?, 1, ?) ON CONFLICT(job_id) DO UPDATE SET "
+                "scheduled = excluded.scheduled, owner = excluded.owner, running = 1, "
+                "lease_until = excluded.lease_until",
+                (job_id, scheduled, owner, lease_until),
+            )
+            return True
+
+        # Lost with the machine, a fire taken is simply taken again by nobody: its time
+        # has passed when the machine is back.
+        return await self._submit(run, durable=False)
+
+    async def renew_fires(self, owner: str, job_ids: Sequence[str], lease_until: float) -> None:
+        """Extend cron fire leases; see :meth:`Store.renew_fires`."""
+        ids = list(job_ids)
+
+        def run(conn: Conn) -> None:
+            conn.executemany(
+                "UPDATE cron_fires SET lease_until = ? "
+                "WHERE job_id = ? AND owner = ? AND running = 1",
+                [(lease_until, job_id, owner) for job_id in ids],
+            )
+
+        if ids:
+            await self._submit(run, durable=False)
+
+    async def end_fires(self, owner: str, job_ids: Sequence[str]) -> None:
+        """Mark cron fires finished; see :meth:`Store.end_fires`."""
+        ids = list(job_ids)
+
+        def run(conn: Conn) -> None:
+            conn.executemany(
+                "UPDATE cron_fires SET running = 0 WHERE job_id = ? AND owner = ?",
+                [(job_id, owner) for job_id in ids],
+            )
+
+        if ids:
+            await self._submit(run, durable=False)
+
     async def recover(self, now: float) -> list[Job]:
         """Return expired leases and dead processes' jobs; see :meth:`Store.recover`."""
         return await self._submit(lambda conn: self._recover(conn, now))
@@ -1199,6 +1273,15 @@ def _parse_owner(owner: str) -> tuple[str | None, int | None]:
     if len(parts) == 3 and parts[1].isdigit():
         return parts[0], int(parts[1])
     return None, None
+
+
+def _owner_alive(owner: str, ours: set[str]) -> bool:
+    """False only if ``owner`` is known to be gone: a process of this host that no longer
+    exists. Owners on other hosts, or with ids of another form, are taken to be alive."""
+    if owner in ours:
+        return True
+    host, pid = _parse_owner(owner)
+    return not (host == _HOST and pid is not None and not _pid_alive(pid))
 
 
 def _pid_alive(pid: int) -> bool:

@@ -465,3 +465,41 @@ async def test_list_jobs_filters_by_queue_and_state_in_seq_order(store: Store) -
     assert [j.id for j in await store.list_jobs("q", "queued")] == ["c"]
     assert [j.id for j in await store.list_jobs(state="running")] == ["a"]
     assert [j.id for j in await store.list_jobs()] == ["a", "b", "c"]
+
+
+# --- cron fires ---------------------------------------------------------------------------
+
+OTHER = "test-host:2:def"
+
+
+async def fire(store: Store, scheduled: float, owner: str = OWNER) -> bool:
+    """Try to take the fire of "tick" at ``scheduled``, at that time, for a 30 s lease."""
+    return await store.claim_fire(
+        "tick", scheduled, owner=owner, now=scheduled, lease_until=scheduled + 30
+    )
+
+
+async def test_one_owner_takes_each_fire_time(store: Store) -> None:
+    assert await fire(store, T0 + 10) is True
+    assert await fire(store, T0 + 10, OTHER) is False  # the same time, another owner
+    await store.end_fires(OWNER, ["tick"])
+    assert await fire(store, T0 + 10, OTHER) is False  # ended, but that time was taken
+    assert await fire(store, T0 + 5, OTHER) is False  # an earlier time never runs
+    assert await fire(store, T0 + 20, OTHER) is True
+    # Other jobs have schedules of their own.
+    assert await store.claim_fire("tock", T0 + 10, owner=OWNER, now=T0, lease_until=T0 + 30)
+
+
+async def test_a_running_fire_holds_back_the_next_until_it_ends_or_its_lease_runs_out(
+    store: Store,
+) -> None:
+    assert await fire(store, T0 + 10)
+    assert await fire(store, T0 + 20, OTHER) is False  # the 10 s fire still runs
+    await store.renew_fires(OWNER, ["tick"], T0 + 70)
+    assert await fire(store, T0 + 60, OTHER) is False  # renewed: held until T0 + 70
+    await store.renew_fires(OTHER, ["tick"], T0 + 999)  # not OTHER's fire: no effect
+    assert await fire(store, T0 + 71, OTHER) is True  # the lease ran out
+    await store.end_fires(OWNER, ["tick"])  # the old owner's end does not free OTHER's fire
+    assert await fire(store, T0 + 80) is False
+    await store.end_fires(OTHER, ["tick"])
+    assert await fire(store, T0 + 90) is True

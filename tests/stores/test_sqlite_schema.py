@@ -18,6 +18,7 @@ from iii_embedded._stores._sqlite import (
     SCHEMA_VERSION,
     SQLiteStore,
     _migrate_to_1,
+    _migrate_to_2,
 )
 
 from .helpers import new_job
@@ -76,8 +77,29 @@ async def test_a_version_1_store_is_migrated_and_keeps_its_jobs(tmp_path: Path) 
 
     with sqlite3.connect(directory / DB_FILENAME) as conn:
         (version,) = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    assert int(version) == SCHEMA_VERSION == 2
+    assert int(version) == SCHEMA_VERSION == 3
     assert "WHERE grp IS NOT NULL AND state IN" in _index_sql(directory, "ix_jobs_group")
+
+
+async def test_a_version_2_store_gains_the_cron_fires_table(tmp_path: Path) -> None:
+    directory = tmp_path / "store"
+    _version_1_store(directory)
+    with sqlite3.connect(directory / DB_FILENAME, isolation_level=None) as conn:
+        _migrate_to_2(sqlite_utils.Database(conn))
+        conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+    assert "cron_fires" not in tables
+
+    store = SQLiteStore(directory)
+    await store.open()
+    try:
+        taken = await store.claim_fire("tick", 60.0, owner="me", now=60.0, lease_until=90.0)
+        again = await store.claim_fire("tick", 60.0, owner="other", now=60.0, lease_until=90.0)
+        assert (taken, again) == (True, False)
+        std = await store.claim("std", fifo=False, limit=10, now=T0, owner="me", lease_until=T0)
+        assert [j.id for j in std] == ["s1"]  # the jobs were kept
+    finally:
+        await store.aclose()
 
 
 async def test_the_fifo_queries_use_the_group_index(tmp_path: Path) -> None:
