@@ -11,7 +11,14 @@ from typing import Any
 import anyio
 import pytest
 
-from iii_embedded._stores import ErrorInfo, NewJob, Outcome, Store, completed_outcome
+from iii_embedded._stores import (
+    ErrorInfo,
+    NewJob,
+    Outcome,
+    QueueCounts,
+    Store,
+    completed_outcome,
+)
 from iii_embedded._stores._memory import MemoryStore
 from iii_embedded._stores._sqlite import SQLiteStore
 
@@ -457,6 +464,42 @@ async def test_counts_per_queue(store: Store) -> None:
     assert (q.ready, q.delayed, q.running, q.held, q.dead) == (1, 1, 1, 1, 0)
     assert q.oldest_ready_at == T0
     assert counts["other"].running == 1
+
+
+async def test_counts_of_every_state(store: Store) -> None:
+    await store.enqueue(
+        [
+            job("done1"),
+            job("done2"),
+            job("gone"),  # cancelled: not counted as completed
+            job("dead"),
+            job("due"),
+            job("early", at=T0 - 5),
+            job("late", at=T0 + 5),
+            job("later", queue="wait", at=T0 + 9),  # a queue with nothing due yet
+        ]
+    )
+    assert await claim(store, limit=5) == ["early", "done1", "done2", "gone", "dead"]
+    await store.finish(
+        [
+            completed_outcome("done1", OWNER, 1, T0, "null"),
+            completed_outcome("done2", OWNER, 1, T0, "null"),
+            Outcome(job_id="dead", kind="dead", owner=OWNER, attempt=1, at=T0, error=ERR),
+            Outcome(job_id="early", kind="released", owner=OWNER, attempt=1, at=T0),
+        ]
+    )
+    await store.cancel("gone", T0)  # running: flagged only
+    await store.finish([Outcome(job_id="gone", kind="cancelled", owner=OWNER, attempt=1, at=T0)])
+    assert await claim(store, limit=1) == ["early"]  # released: back at its old place
+    counts = await store.counts(T0)
+    assert counts == {
+        "q": QueueCounts(ready=1, delayed=1, running=1, dead=1, completed=2, oldest_ready_at=T0),
+        "wait": QueueCounts(delayed=1, oldest_ready_at=None),
+    }
+    # Time moves on: the delayed jobs become ready, the oldest first.
+    later = await store.counts(T0 + 10)
+    assert (later["q"].ready, later["q"].delayed, later["q"].oldest_ready_at) == (2, 0, T0)
+    assert (later["wait"].ready, later["wait"].oldest_ready_at) == (1, T0 + 9)
 
 
 async def test_list_jobs_filters_by_queue_and_state_in_seq_order(store: Store) -> None:

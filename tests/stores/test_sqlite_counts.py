@@ -1,17 +1,27 @@
-"""``counts()`` on the file store scans the jobs table: about a second for a million jobs.
-It runs on a connection of its own, so a slow count never holds up the writer thread
-(enqueues, claims, acknowledgements)."""
+"""``counts()`` on the file store reads each state's partial index, never the whole table
+(a table scan took ~650 ms for a million jobs, the ready index ~60 ms). It runs on a
+connection of its own, so a slow count never holds up the writer thread (enqueues, claims,
+acknowledgements)."""
 
 from __future__ import annotations
 
+import sqlite3
 import threading
+from contextlib import closing
 from pathlib import Path
 
 import anyio
 import pytest
 
 from iii_embedded._stores import QueueCounts
-from iii_embedded._stores._sqlite import Conn, SQLiteStore
+from iii_embedded._stores._sqlite import (
+    _COUNT_BY_STATE,
+    _COUNT_DELAYED,
+    _OLDEST_QUEUED,
+    DB_FILENAME,
+    Conn,
+    SQLiteStore,
+)
 
 from .helpers import T0, new_job
 
@@ -59,3 +69,17 @@ async def test_counts_of_a_closed_store_is_a_clear_error(tmp_path: Path) -> None
     await store.aclose()
     with pytest.raises(Exception, match="the store is not open"):
         await store.counts(T0)
+
+
+@pytest.mark.parametrize(
+    "sql", [*_COUNT_BY_STATE.values(), _COUNT_DELAYED, _OLDEST_QUEUED], ids=lambda s: s[:60]
+)
+async def test_every_count_reads_an_index_not_the_table(tmp_path: Path, sql: str) -> None:
+    store = SQLiteStore(tmp_path)
+    await store.open()
+    await store.aclose()
+    params = ("q", 1.0)[: sql.count("?")]
+    with closing(sqlite3.connect(tmp_path / DB_FILENAME)) as conn:
+        plan = [row[-1] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", params)]
+    reads = [step for step in plan if "jobs" in step]
+    assert reads and all("USING" in step and "INDEX" in step for step in reads), plan
