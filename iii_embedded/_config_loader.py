@@ -33,6 +33,11 @@ _QUEUE_WORKERS = {"iii-queue", "queue"}
 _HTTP_WORKERS = {"iii-http", "http"}
 _QUEUE_MODULES = {"modules::queue::QueueModule"}
 _HTTP_MODULES = {"modules::rest_api::RestApiModule", "modules::http::HttpModule"}
+# Top-level list → (the field naming each item, queue block ids, http block ids).
+_BLOCKS = {
+    "workers": ("name", _QUEUE_WORKERS, _HTTP_WORKERS),
+    "modules": ("class", _QUEUE_MODULES, _HTTP_MODULES),
+}
 _BUILTIN_ADAPTERS = {"builtin", "modules::queue::BuiltinQueueAdapter"}
 
 _INT_KEYS = {
@@ -90,37 +95,25 @@ class _Reader:
         for key in top:
             line = self.line_of(top, key)
             value = top[key]
-            if key == "workers":
-                for item, item_line in self.items(value, "workers", line):
-                    name = item.get("name")
+            if key in _BLOCKS:
+                # iii's current spelling (workers, by name) and its older one (modules,
+                # by class) list the same blocks.
+                field, queue_ids, http_ids = _BLOCKS[key]
+                for item, item_line in self.items(value, key, line):
+                    kind = item.get(field)
                     config = item.get("config")
                     cfg_line = self.line_of(item, "config") or item_line
-                    if name in _QUEUE_WORKERS:
+                    if kind in queue_ids:
                         queues, store = self.queue_block(config, cfg_line, queues, store)
-                    elif name in _HTTP_WORKERS:
+                    elif kind in http_ids:
                         http = self.http_block(config, cfg_line)
                     else:
                         log.warning(
-                            "%s:%s: worker %r is not supported by iii-embedded and is ignored",
+                            "%s:%s: %s %r is not supported by iii-embedded and is ignored",
                             self.source,
                             item_line,
-                            name,
-                        )
-            elif key == "modules":
-                for item, item_line in self.items(value, "modules", line):
-                    cls = item.get("class")
-                    config = item.get("config")
-                    cfg_line = self.line_of(item, "config") or item_line
-                    if cls in _QUEUE_MODULES:
-                        queues, store = self.queue_block(config, cfg_line, queues, store)
-                    elif cls in _HTTP_MODULES:
-                        http = self.http_block(config, cfg_line)
-                    else:
-                        log.warning(
-                            "%s:%s: module %r is not supported by iii-embedded and is ignored",
-                            self.source,
-                            item_line,
-                            cls,
+                            key[:-1],
+                            kind,
                         )
             elif key == "queue_configs":
                 queues = {**queues, **self.queue_configs(value, line)}

@@ -221,6 +221,17 @@ def test_unsupported_workers_are_ignored_with_one_warning_each(
     assert any("'iii-stream'" in w for w in warnings)
 
 
+def test_unsupported_modules_of_the_older_spelling_are_ignored_too(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    text = OLDER + "  - class: modules::stream::StreamModule\n    config: {}\n"
+    caplog.set_level(logging.WARNING, logger="iii_embedded.config")
+    config = load_config(write(tmp_path, text))
+    assert "email" in config.queues
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert ":14: module 'modules::stream::StreamModule' is not supported" in warning
+
+
 def test_find_config_prefers_env_then_cwd_then_defaults(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
