@@ -13,7 +13,7 @@ from typing import Any
 import anyio
 import pytest
 
-from iii_embedded import III, Config, StoreConfig
+from iii_embedded import III, Config, StoreConfig, StoreError
 from iii_embedded._stores._sqlite import DB_FILENAME
 from iii_embedded.testing import VirtualClock
 
@@ -316,3 +316,35 @@ async def test_a_runtime_that_stops_mid_fire_does_not_hold_back_the_next(
         await advance(clock, 10)
         await until(lambda: len(started) == 2, "the next fire runs")
     assert started == [iso(T0 + 10), iso(T0 + 20)]
+
+
+async def test_a_store_error_while_taking_a_fire_skips_it_and_the_schedule_goes_on(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = VirtualClock(start=T0)
+    iii = sharing(str(tmp_path / "store"), clock, "a")
+    record = Recorder()
+    iii.register_function("tick", record)
+    iii.register_trigger(
+        {"type": "cron", "function_id": "tick", "config": {"expression": "*/10 * * * * *"}}
+    )
+    caplog.set_level(logging.ERROR, logger="iii_embedded.cron")
+    async with iii.running():
+        store = iii.runtime.store
+        real = store.claim_fire
+        failures = iter([StoreError(f"{store.location}: committing failed: the disk is full")])
+
+        async def flaky(*args: Any, **kwargs: Any) -> bool:
+            for exc in failures:
+                raise exc
+            return await real(*args, **kwargs)
+
+        monkeypatch.setattr(store, "claim_fire", flaky)
+        await advance(clock, 10)
+        await until(lambda: len(caplog.records) == 1, "the error is logged")
+        await advance(clock, 10)
+        payload = await record.next()
+    [error] = [r.getMessage() for r in caplog.records]
+    assert f"skipped at {iso(T0 + 10)}" in error and "the disk is full" in error
+    assert [p["scheduled_time"] for p in record.payloads] == [iso(T0 + 20)]
+    assert payload["scheduled_time"] == iso(T0 + 20)
