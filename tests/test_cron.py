@@ -198,7 +198,8 @@ async def until(condition: Any, what: str) -> None:
     assert condition(), what
 
 
-def sharing(store_dir: str, clock: VirtualClock, name: str) -> III:
+def sharing(store_dir: str, clock: VirtualClock) -> III:
+    """An app on the file store in ``store_dir``, as one of several processes would be."""
     config = Config(store=StoreConfig(store_method="file_based", file_path=store_dir))
     return III(config, clock=clock, shutdown_grace_ms=0)
 
@@ -229,7 +230,7 @@ async def test_runtimes_sharing_a_file_store_run_each_fire_once(
     clock = VirtualClock(start=T0)
     log = Log(caplog)
     runs: list[tuple[str, str]] = []
-    apps = [sharing(str(tmp_path / "store"), clock, name) for name in ("a", "b")]
+    apps = [sharing(str(tmp_path / "store"), clock) for _ in range(2)]
     for name, app in zip("ab", apps, strict=True):
 
         async def tick(payload: dict[str, Any], name: str = name) -> None:
@@ -256,7 +257,7 @@ async def test_a_fire_still_running_in_one_runtime_holds_back_the_next_in_all(
     log = Log(caplog)
     started: list[str] = []
     release = anyio.Event()
-    apps = [sharing(str(tmp_path / "store"), clock, name) for name in ("a", "b")]
+    apps = [sharing(str(tmp_path / "store"), clock) for _ in range(2)]
     for app in apps:
 
         @app.function("slow", cron="*/10 * * * * *")
@@ -293,7 +294,7 @@ async def test_a_runtime_that_stops_mid_fire_does_not_hold_back_the_next(
     clock = VirtualClock(start=T0)
     started: list[str] = []
     store_dir = str(tmp_path / "store")
-    first, second = sharing(store_dir, clock, "a"), sharing(store_dir, clock, "b")
+    first, second = sharing(store_dir, clock), sharing(store_dir, clock)
     entered = anyio.Event()
 
     @first.function("slow", cron="*/10 * * * * *")
@@ -322,7 +323,7 @@ async def test_a_store_error_while_taking_a_fire_skips_it_and_the_schedule_goes_
     tmp_path: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clock = VirtualClock(start=T0)
-    iii = sharing(str(tmp_path / "store"), clock, "a")
+    iii = sharing(str(tmp_path / "store"), clock)
     record = Recorder()
     iii.register_function("tick", record)
     iii.register_trigger(
