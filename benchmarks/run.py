@@ -162,6 +162,8 @@ def _detail_text(s: Scenario, r: dict[str, Any]) -> str:
     parts = []
     if "p99_ms" in d:
         parts.append(f"p99 {d['p99_ms']:.3f} ms")
+    if "p999_ms" in d:
+        parts.append(f"p99.9 {d['p999_ms']:.2f} ms, max {d['max_ms']:.1f} ms")
     if "overhead_us" in d:
         parts.append(f"bare await {d['bare_us']:.2f} µs, overhead {d['overhead_us']:.2f} µs")
     if s.group == "depth":

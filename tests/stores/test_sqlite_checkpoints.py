@@ -1,0 +1,120 @@
+"""At ``synchronous: normal`` the file store checkpoints its WAL in a thread of its own, so
+no commit of the writer stalls while the WAL is copied into the database and synced. At
+``full`` the writer checkpoints as SQLite does by default (docs/durability.md says why)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sqlite3
+import threading
+from collections.abc import Callable
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from iii_embedded._stores import _sqlite
+from iii_embedded._stores._sqlite import DB_FILENAME, SQLiteStore
+
+from .helpers import new_job
+
+pytestmark = pytest.mark.anyio
+
+
+def checkpointers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("iii-sqlite-checkpoint")]
+
+
+def jobs_in_database_file(store_dir: Path, scratch: Path) -> int:
+    """Jobs in the database file alone, without its WAL: the checkpointed ones."""
+    scratch.mkdir()
+    shutil.copy(store_dir / DB_FILENAME, scratch / DB_FILENAME)
+    with closing(sqlite3.connect(scratch / DB_FILENAME)) as conn:
+        if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'jobs'").fetchall():
+            return 0  # even the schema is only in the WAL yet
+        (count,) = conn.execute("SELECT COUNT(*) FROM jobs").fetchone()
+    return int(count)
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    """Wait (up to 5 s) for the checkpointer thread to make ``condition`` true."""
+    with anyio.fail_after(5):
+        while not condition():
+            await anyio.sleep(0.001)
+    assert condition(), what
+
+
+async def test_at_normal_a_thread_of_its_own_checkpoints_the_wal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_sqlite, "_CHECKPOINT_EVERY", 5)
+    store = SQLiteStore(tmp_path / "store")
+    await store.open()
+    copies = iter(range(1_000_000))
+    try:
+        assert store._conn is not None
+        (backstop,) = store._conn.execute("PRAGMA wal_autocheckpoint").fetchone()
+        assert backstop == _sqlite._BACKSTOP_PAGES  # the writer's own comes far later
+        for i in range(10):  # ten commits: a pass is asked for after the 5th and the 10th
+            await store.enqueue([new_job(f"j{i}")])
+        # The ten jobs reach the database file itself, not only its WAL.
+        await until(
+            lambda: jobs_in_database_file(store.directory, tmp_path / str(next(copies))) == 10,
+            "the jobs checkpointed",
+        )
+        assert 1 <= store.checkpoints <= 2  # two requests, perhaps served by one pass
+        assert len(checkpointers()) == 1
+    finally:
+        await store.aclose()
+
+
+async def test_closing_stops_the_checkpointer_and_removes_the_wal(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "store")
+    await store.open()
+    await store.enqueue([new_job("a")])
+    assert len(checkpointers()) == 1
+    await store.aclose()
+    assert checkpointers() == []
+    # The writer's connection closed last, so it checkpointed everything and removed the
+    # WAL: the database file alone holds the job.
+    assert not (tmp_path / "store" / f"{DB_FILENAME}-wal").exists()
+    assert jobs_in_database_file(tmp_path / "store", tmp_path / "copy") == 1
+
+
+async def test_at_full_the_writer_checkpoints_as_sqlite_does(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "store", synchronous="full")
+    await store.open()
+    try:
+        assert checkpointers() == []
+        assert store._conn is not None
+        (pages,) = store._conn.execute("PRAGMA wal_autocheckpoint").fetchone()
+        assert pages == 1000  # SQLite's default
+    finally:
+        await store.aclose()
+
+
+async def test_a_checkpointer_that_cannot_connect_is_logged_and_the_store_works(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    real_connect = sqlite3.connect
+
+    def connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        if threading.current_thread().name.startswith("iii-sqlite-checkpoint"):
+            raise sqlite3.OperationalError("unable to open database file")
+        return real_connect(*args, **kwargs)
+
+    monkeypatch.setattr(_sqlite.sqlite3, "connect", connect)
+    caplog.set_level(logging.WARNING, logger="iii_embedded.store")
+    store = SQLiteStore(tmp_path / "store")
+    await store.open()
+    try:
+        await until(lambda: bool(caplog.records), "the warning")
+        assert await store.enqueue([new_job("a")]) == ["a"]
+    finally:
+        await store.aclose()
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert "no background checkpoints (unable to open database file)" in warning
+    assert str(store.path) in warning
