@@ -208,28 +208,35 @@ def test_a_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     assert str(tmp_path / "nope.yaml") in str(caught.value)
 
 
-def test_unsupported_workers_are_ignored_with_one_warning_each(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    ("text", "queue", "expected"),
+    [
+        (
+            CURRENT + "  - name: iii-cron\n    config: {}\n  - name: iii-stream\n",
+            "payment",
+            [
+                ":23: worker 'iii-cron' is not supported",
+                ":25: worker 'iii-stream' is not supported",
+            ],
+        ),
+        (  # the older spelling: modules, named by class
+            OLDER + "  - class: modules::stream::StreamModule\n    config: {}\n",
+            "email",
+            [":14: module 'modules::stream::StreamModule' is not supported"],
+        ),
+    ],
+    ids=["workers", "modules"],
+)
+def test_unsupported_blocks_are_ignored_with_one_warning_each(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, text: str, queue: str, expected: list[str]
 ) -> None:
-    text = CURRENT + "  - name: iii-cron\n    config: {}\n  - name: iii-stream\n"
     caplog.set_level(logging.WARNING, logger="iii_embedded.config")
     config = load_config(write(tmp_path, text))
-    assert "payment" in config.queues
+    assert queue in config.queues
     warnings = [r.getMessage() for r in caplog.records]
-    assert len(warnings) == 2
-    assert any("'iii-cron'" in w and ":23:" in w for w in warnings), warnings
-    assert any("'iii-stream'" in w for w in warnings)
-
-
-def test_unsupported_modules_of_the_older_spelling_are_ignored_too(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    text = OLDER + "  - class: modules::stream::StreamModule\n    config: {}\n"
-    caplog.set_level(logging.WARNING, logger="iii_embedded.config")
-    config = load_config(write(tmp_path, text))
-    assert "email" in config.queues
-    [warning] = [r.getMessage() for r in caplog.records]
-    assert ":14: module 'modules::stream::StreamModule' is not supported" in warning
+    assert len(warnings) == len(expected), warnings
+    for wanted, warning in zip(expected, warnings, strict=True):
+        assert wanted in warning and "and is ignored" in warning
 
 
 def test_find_config_prefers_env_then_cwd_then_defaults(
