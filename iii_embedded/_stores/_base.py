@@ -284,8 +284,8 @@ class Store(Protocol):
 
         Calls take effect in the order they are made (``counts`` excepted): a call made
         after ``enqueue`` was called (before it returned) sees the jobs if the enqueue
-        succeeds. The runtime
-        relies on this when it wakes a queue's dispatcher before the enqueue commits.
+        succeeds. The runtime relies on this when it wakes a queue's dispatcher before the
+        enqueue commits.
         """
 
     # --- consuming -------------------------------------------------------------------

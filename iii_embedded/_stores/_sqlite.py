@@ -1059,15 +1059,11 @@ class SQLiteStore:
         return await self._submit(lambda conn: self._recover(conn, now))
 
     def _recover(self, conn: Conn, now: float) -> list[Job]:
-        gone = []
-        for owner, host, pid in conn.execute("SELECT owner, host, pid FROM owners").fetchall():
-            if (
-                host == _HOST
-                and pid is not None
-                and not _pid_alive(int(pid))
-                and owner not in self._owners
-            ):
-                gone.append(owner)
+        gone = [
+            owner
+            for (owner,) in conn.execute("SELECT owner FROM owners").fetchall()
+            if not _owner_alive(owner, self._owners)
+        ]
         expired = conn.execute(
             "SELECT seq FROM jobs WHERE state = 'running' AND lease_until <= ?", (now,)
         ).fetchall()
