@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import threading
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -106,9 +107,16 @@ async def test_an_idle_queue_claims_in_the_enqueues_own_transaction(tmp_path: Pa
     store.enqueue = enqueue_traced  # type: ignore[method-assign]
     store.exchange = exchange_traced  # type: ignore[method-assign]
     iii = app_with(QueueConfig(name="work", poll_interval_ms=60_000), store=store)
-    ran = anyio.Event()
+    ran = threading.Event()  # set by the sync handler, in its thread
     iii.register_function("job", lambda _: ran.set())
     statements: list[str] = []
+
+    def trace(conn: Any, callback: Any) -> None:
+        # On the writer thread: from the loop, this could deadlock with a statement in
+        # progress (the loop would hold the GIL and wait for the connection's mutex while
+        # the writer, holding the mutex, waits for the GIL to call the callback).
+        conn.set_trace_callback(callback)
+
     async with iii.running():
         runner = iii.runtime.runners["work"]
         with anyio.fail_after(5):
@@ -116,12 +124,12 @@ async def test_an_idle_queue_claims_in_the_enqueues_own_transaction(tmp_path: Pa
                 await anyio.lowlevel.checkpoint()
         calls.clear()
         assert store._conn is not None
-        store._conn.set_trace_callback(statements.append)  # runs on the writer thread
+        await store._submit(lambda conn: trace(conn, statements.append), write=False)
+        statements.clear()  # the COMMIT of the request that set the callback
         await enqueue(iii, "job", {}, "work")
         assert calls[:3] == ["enqueue starts", "claim", "enqueue returns"]
-        with anyio.fail_after(5):
-            await ran.wait()
-        store._conn.set_trace_callback(None)
+        assert await anyio.to_thread.run_sync(ran.wait, 5)
+        await store._submit(lambda conn: trace(conn, None), write=False)
     kinds = [
         "begin"
         if s.startswith("BEGIN")
