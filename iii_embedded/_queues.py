@@ -23,6 +23,7 @@ import random
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -38,6 +39,7 @@ from ._stores import ErrorInfo, Job, Outcome, completed_outcome
 from ._threads import ThreadPool
 
 if TYPE_CHECKING:
+    from ._registry import FunctionSpec
     from ._runtime import Runtime
 
 __all__ = ["QueueRunner", "error_info"]
@@ -78,6 +80,29 @@ class _Active(Interrupter):
         self.task = None
         self.reason = None
         self.job = job
+
+
+class _SyncActive(_Active):
+    """A job whose sync handler runs in one of the queue's threads (``_start_sync``).
+
+    A thread cannot be stopped: stopping the job settles it at once and leaves the
+    thread to finish alone, its result dropped (``settled``)."""
+
+    __slots__ = ("cancel_timer", "handler", "runner", "settled", "started")
+
+    def __init__(self, job: Job, handler: Any, runner: QueueRunner) -> None:
+        super().__init__(job)
+        self.handler = handler
+        self.runner = runner
+        self.settled = False
+        self.started = time.perf_counter()
+        self.cancel_timer: Callable[[], None] | None = None
+
+    def interrupt(self, reason: str) -> None:
+        """Settle the job now (timeout, cancellation, shutdown); its thread runs on."""
+        if self.reason is None:
+            self.reason = reason
+        self.runner._stop_sync(self, reason)
 
 
 class QueueRunner:
@@ -122,7 +147,11 @@ class QueueRunner:
         )
         """Jobs claimed beyond the free slots, so the workers have the next jobs at hand
         while the store writes outcomes and claims more (``QueueConfig.prefetch``)."""
-        self.threads = ThreadPool(f"queue-{config.name}", max_threads=config.concurrency * 4 + 32)
+        self.threads = ThreadPool(
+            f"queue-{config.name}",
+            max_threads=config.concurrency * 4 + 32,
+            settle=self._settle_sync,
+        )
         self._timeout_s = config.timeout_ms / 1000 if config.timeout_ms else None
 
     # --- wiring ----------------------------------------------------------------------
@@ -393,7 +422,12 @@ class QueueRunner:
         loop = asyncio.get_running_loop()
         while True:
             if buffer and self._may_start():
-                await self._run(buffer.popleft())
+                job = buffer.popleft()
+                spec = self.rt.registry.get(job.function_id)
+                if spec is not None and not spec.is_async and not job.cancel_requested:
+                    self._start_sync(job, spec.handler)  # returns at once: take the next
+                    continue
+                await self._run(job, spec)
             elif self._stopping:
                 return
             else:
@@ -405,13 +439,14 @@ class QueueRunner:
                     if not waiter.done():
                         waiter.cancel()
 
-    async def _run(self, job: Job) -> None:
+    async def _run(self, job: Job, spec: FunctionSpec | None) -> None:
+        """Run one job of an async handler, or settle one that cannot start (cancelled
+        before it started, or its function unknown here)."""
         rt = self.rt
         entry = _Active(job)
         self.active[job.id] = entry
         self.running += 1
         try:
-            spec = rt.registry.get(job.function_id)
             if job.cancel_requested:
                 # Cancelled while an earlier attempt ran, which then failed (retry) or was
                 # released before the stop reached it: the run ends here, unattempted.
@@ -421,7 +456,7 @@ class QueueRunner:
                 rt.note_unknown_function(job)
                 outcome = self._outcome(job, "held", rt.clock.now())
             else:
-                outcome = await self._attempt(job, spec.handler, spec.is_async, entry)
+                outcome = await self._attempt(job, spec.handler, entry)
             self._outcomes.append((job, outcome))
         finally:
             del self.active[job.id]
@@ -430,7 +465,84 @@ class QueueRunner:
                 self._room_changed()
             self.wake()
 
-    async def _attempt(self, job: Job, handler: Any, is_async: bool, entry: _Active) -> Outcome:
+    # Sync handlers run in the queue's threads with no task waiting for each (a task's
+    # suspension and wake-up, per job, cost the loop more than the rest of the job). The
+    # worker that takes a job starts it and goes on; the results come back in batches to
+    # ``_settle_sync``. A timeout, a cancellation or a shutdown settles a job at once
+    # (``_stop_sync``), as they stop a waiting task in ``_attempt``.
+
+    def _start_sync(self, job: Job, handler: Any) -> None:
+        rt = self.rt
+        entry = _SyncActive(job, handler, self)
+        self.active[job.id] = entry
+        self.running += 1
+        if rt.hooks:
+            rt.emit("job_started", job)
+        if self._timeout_s is not None:
+            entry.cancel_timer = rt.clock.call_at(
+                rt.clock.now() + self._timeout_s, lambda: entry.interrupt("timeout")
+            )
+        self.threads.submit(entry, self._call_sync, entry)
+
+    def _call_sync(self, entry: _SyncActive) -> str:
+        """In a pool thread, in a copy of the worker's context: run the handler, encode its
+        output (the encoding's cost stays off the loop too)."""
+        job = entry.job
+        _current.set(job)  # current_invocation() builds the Invocation if asked
+        result = entry.handler(loads(job.payload))
+        return "null" if result is None else self._dump_output(job, result)
+
+    def _settle_sync(self, results: list[tuple[Any, bool, Any]]) -> None:
+        """On the loop: the results of a batch of sync handlers."""
+        now = self.rt.clock.now()
+        owner = self.rt.owner
+        outcomes = self._outcomes
+        for entry, ok, value in results:
+            if entry.settled:  # stopped meanwhile: the job was settled without this result
+                continue
+            job = entry.job
+            if entry.cancel_timer is not None:
+                entry.cancel_timer()
+            duration_ms = (time.perf_counter() - entry.started) * 1000
+            if ok:
+                outcome = completed_outcome(job.id, owner, job.attempts, now, value, job.seq)
+                self._log_completed(job, duration_ms)
+            elif isinstance(value, Exception):
+                outcome = self._failure(job, value, now, duration_ms)
+            else:  # SystemExit and the like: fatal to a thread, not to the runtime
+                outcome = self._failure(job, RuntimeError(repr(value)), now, duration_ms)
+            outcomes.append((job, outcome))
+            self._end_sync(entry)
+        self._after_sync()
+
+    def _stop_sync(self, entry: _SyncActive, reason: str) -> None:
+        if entry.settled:
+            return
+        job = entry.job
+        now = self.rt.clock.now()
+        if entry.cancel_timer is not None:
+            entry.cancel_timer()
+        if reason == "timeout":
+            duration_ms = (time.perf_counter() - entry.started) * 1000
+            outcome = self._failure(job, self._timed_out(job), now, duration_ms)
+        else:
+            outcome = self._outcome(job, "released" if reason == "shutdown" else "cancelled", now)
+        self._outcomes.append((job, outcome))
+        self._end_sync(entry)
+        self._after_sync()
+
+    def _end_sync(self, entry: _SyncActive) -> None:
+        entry.settled = True
+        del self.active[entry.job.id]
+        self.running -= 1
+
+    def _after_sync(self) -> None:
+        if self._room is not None:
+            self._room_changed()
+        self.wake()
+        self._spread()
+
+    async def _attempt(self, job: Job, handler: Any, entry: _Active) -> Outcome:
         rt = self.rt
         clock = rt.clock
         token = _current.set(job)  # current_invocation() builds the Invocation if asked
@@ -442,7 +554,7 @@ class QueueRunner:
         stopped: str | None = None
         try:
             payload = loads(job.payload)
-            coro = handler(payload) if is_async else self.threads.run(handler, payload)
+            coro = handler(payload)
             # The first step here, not in ``run_handler``: most handlers finish on it, and
             # a coroutine less per job is ~5% of a no-op job (see _fastpath).
             result, yielded = first_step(coro)
@@ -465,20 +577,9 @@ class QueueRunner:
         if stopped in ("shutdown", "cancelled"):
             return self._outcome(job, "released" if stopped == "shutdown" else "cancelled", now)
         if stopped == "timeout":
-            error = TimeoutError(
-                f"handler of {job.function_id!r} timed out after {self.config.timeout_ms} ms"
-            )
+            error = self._timed_out(job)
         if error is None:
-            self.completed += 1
-            if log.isEnabledFor(logging.DEBUG):
-                duration_ms = (time.perf_counter() - started) * 1000
-                log.debug(
-                    "job %s of %r completed in %.1f ms",
-                    job.id,
-                    job.function_id,
-                    duration_ms,
-                    extra=self._extra(job, duration_ms),
-                )
+            self._log_completed(job, (time.perf_counter() - started) * 1000)
             return completed_outcome(
                 job.id,
                 rt.owner,
@@ -488,6 +589,22 @@ class QueueRunner:
                 job.seq,
             )
         return self._failure(job, error, now, (time.perf_counter() - started) * 1000)
+
+    def _timed_out(self, job: Job) -> TimeoutError:
+        return TimeoutError(
+            f"handler of {job.function_id!r} timed out after {self.config.timeout_ms} ms"
+        )
+
+    def _log_completed(self, job: Job, duration_ms: float) -> None:
+        self.completed += 1
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "job %s of %r completed in %.1f ms",
+                job.id,
+                job.function_id,
+                duration_ms,
+                extra=self._extra(job, duration_ms),
+            )
 
     def _failure(self, job: Job, error: BaseException, now: float, duration_ms: float) -> Outcome:
         self.failed += 1

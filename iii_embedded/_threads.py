@@ -2,11 +2,17 @@
 
 ``anyio.to_thread.run_sync`` costs 70-140 µs per call on these machines (a thread hop plus
 its bookkeeping), more than everything else a job costs. Sync handlers instead go to a
-pool of threads that live as long as the runtime: a call puts ``(future, context, fn, arg)``
-on a ``queue.SimpleQueue`` and awaits an asyncio future that the thread resolves through
-``loop.call_soon_threadsafe`` (one call for all the results that finish while the loop
-is busy). The handler runs in a copy of the caller's context, so
-:func:`~iii_embedded.current_invocation` works in it.
+pool of threads that live as long as the runtime. A call puts ``(target, context, fn,
+arg)`` on a ``queue.SimpleQueue``; the thread runs ``fn(arg)`` in ``context`` (a copy of
+the caller's, so :func:`~iii_embedded.current_invocation` works in it) and hands the
+result back through ``loop.call_soon_threadsafe``, one call for all the results that
+finish while the loop is busy. Two ways in:
+
+* :meth:`ThreadPool.run` awaits an asyncio future that the result resolves (sync calls,
+  cron fires);
+* :meth:`ThreadPool.submit` returns at once, and the pool passes every batch of results
+  to its ``settle`` callback on the loop. A queue's jobs take this way: no task waits per
+  job, so the loop's cost of a sync job is a put and its share of one callback.
 
 A pool grows while no thread is idle, up to ``max_threads``: a queue's pool never needs
 more than its ``concurrency`` threads, except when handlers that timed out or were
@@ -24,7 +30,12 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["ThreadPool"]
+__all__ = ["ThreadPool", "Settle"]
+
+Settle = Callable[[list[tuple[Any, bool, Any]]], None]
+"""Receives a batch of ``(token, ok, value)`` results of :meth:`ThreadPool.submit` on the
+loop: ``value`` is ``fn``'s return value, or the exception it raised when ``ok`` is
+false."""
 
 _STOP = None
 
@@ -41,8 +52,9 @@ def _deliver(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
 class ThreadPool:
     """Worker threads for sync handlers, owned by one runtime (asyncio backend)."""
 
-    def __init__(self, name: str, max_threads: int) -> None:
+    def __init__(self, name: str, max_threads: int, settle: Settle | None = None) -> None:
         self.name = name
+        self._settle = settle
         self.max_threads = max_threads
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
@@ -59,14 +71,26 @@ class ThreadPool:
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
+        self._put(future, fn, arg)
+        return await future
+
+    def submit(self, token: Any, fn: Callable[[Any], Any], arg: Any) -> None:
+        """Start ``fn(arg)`` on a pool thread; its result reaches ``settle`` as
+        ``(token, ok, value)``, on the loop, in a batch with the others that finish
+        meanwhile. Call on the loop; the pool must have been made with ``settle``."""
+        assert self._settle is not None
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        self._put(token, fn, arg)
+
+    def _put(self, target: Any, fn: Callable[[Any], Any], arg: Any) -> None:
         with self._lock:
             spawn = self._idle == 0 and len(self._threads) < self.max_threads
             if not spawn:
                 self._idle -= 1 if self._idle else 0
         if spawn:
             self._spawn()
-        self._queue.put((future, contextvars.copy_context(), fn, arg))
-        return await future
+        self._queue.put((target, contextvars.copy_context(), fn, arg))
 
     def _spawn(self) -> None:
         thread = threading.Thread(
@@ -81,7 +105,7 @@ class ThreadPool:
             item = get()
             if item is _STOP:
                 return
-            future, context, fn, arg = item
+            target, context, fn, arg = item
             try:
                 value = context.run(fn, arg)
                 ok = True
@@ -90,20 +114,29 @@ class ThreadPool:
             # Results finished while the loop is busy share one wake-up of the loop (a
             # write to its self-pipe each): the first schedules a flush, the rest join it.
             with self._lock:
-                self._results.append((future, ok, value))
+                self._results.append((target, ok, value))
                 self._idle += 1
                 schedule = not self._flush_scheduled
                 self._flush_scheduled = True
             if schedule:
+                loop = self._loop
+                assert loop is not None
                 with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits
-                    future.get_loop().call_soon_threadsafe(self._flush)
+                    loop.call_soon_threadsafe(self._flush)
 
     def _flush(self) -> None:
         with self._lock:
             results, self._results = self._results, []
             self._flush_scheduled = False
-        for future, ok, value in results:
-            _deliver(future, ok, value)
+        settled: list[tuple[Any, bool, Any]] = []
+        for result in results:
+            if isinstance(result[0], asyncio.Future):
+                _deliver(*result)
+            else:
+                settled.append(result)
+        if settled:
+            assert self._settle is not None
+            self._settle(settled)
 
     def close(self) -> None:
         """Ask every thread to exit once it is idle (running handlers are not waited for)."""

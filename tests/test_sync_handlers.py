@@ -1,0 +1,242 @@
+"""Queued jobs of sync handlers (SPEC §3: they run in worker threads, at most the queue's
+``concurrency`` at once). No task waits for each of them: the queue hands the job to a
+thread and settles the results in batches, and a timeout, a cancellation or a shutdown
+settles the job at once while its thread runs on. Both stores."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from iii_embedded import (
+    III,
+    Config,
+    QueueConfig,
+    StoreConfig,
+    TriggerAction,
+    current_invocation,
+)
+from iii_embedded._stores._memory import MemoryStore
+from iii_embedded.testing import VirtualClock, dead_jobs, drain
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=["in_memory", "file_based"])
+def store_config(request: pytest.FixtureRequest, tmp_path: Path) -> StoreConfig:
+    if request.param == "in_memory":
+        return StoreConfig(store_method="in_memory")
+    return StoreConfig(store_method="file_based", file_path=str(tmp_path / "store"))
+
+
+def app_with(
+    store: StoreConfig, queue: QueueConfig, clock: VirtualClock | None = None, grace_ms: int = 0
+) -> III:
+    return III(
+        Config(queues={queue.name: queue}, store=store),
+        clock=clock or VirtualClock(),
+        # An in-memory store object of our own outlives the app's runs (see the shutdown test).
+        store=MemoryStore() if store.store_method == "in_memory" else None,
+        shutdown_grace_ms=grace_ms,
+    )
+
+
+async def enqueue(iii: III, fid: str, payload: Any, queue: str = "q") -> str:
+    receipt = await iii.trigger_async(fid, payload, action=TriggerAction.Enqueue(queue=queue))
+    return str(receipt["messageReceiptId"])
+
+
+async def wait_for(event: threading.Event) -> None:
+    assert await anyio.to_thread.run_sync(event.wait, 10), "the handler never got there"
+
+
+async def test_sync_handlers_run_in_threads_at_most_concurrency_at_once(
+    store_config: StoreConfig,
+) -> None:
+    iii = app_with(store_config, QueueConfig(name="q", concurrency=3))
+    barrier = threading.Barrier(3, timeout=10)  # breaks unless 3 run at once
+    lock = threading.Lock()
+    running = peak = 0
+    threads: set[int] = set()
+    outputs: dict[int, int] = {}
+
+    @iii.function("square")
+    def square(n: int) -> int:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+            threads.add(threading.get_ident())
+        barrier.wait()
+        with lock:
+            running -= 1
+        return n * n
+
+    async with iii.running():
+        ids = {await enqueue(iii, "square", n): n for n in range(9)}
+        await drain(iii)
+        for receipt, n in ids.items():
+            run = await iii.runs.get_async(receipt)
+            assert run is not None and run.status == "completed"
+            outputs[n] = run.output
+    assert outputs == {n: n * n for n in range(9)}
+    assert peak == 3
+    assert threading.get_ident() not in threads
+
+
+async def test_current_invocation_and_hooks_in_a_sync_handler(store_config: StoreConfig) -> None:
+    iii = app_with(store_config, QueueConfig(name="q", max_retries=2, backoff_ms=10))
+    seen: list[tuple[Any, ...]] = []
+    started: list[str] = []
+    iii.on("job_started", lambda job: started.append(job.id))
+
+    @iii.function("flaky")
+    def flaky(_: Any) -> str:
+        inv = current_invocation()
+        assert inv is not None
+        seen.append((inv.function_id, inv.action, inv.receipt_id, inv.queue, inv.attempt))
+        if inv.attempt == 1:
+            raise RuntimeError("first attempt fails")
+        return "second"
+
+    async with iii.running():
+        receipt = await enqueue(iii, "flaky", {})
+        await drain(iii)
+        run = await iii.runs.get_async(receipt)
+    assert seen == [
+        ("flaky", "enqueue", receipt, "q", 1),
+        ("flaky", "enqueue", receipt, "q", 2),
+    ]
+    assert started == [receipt, receipt]
+    assert run is not None and (run.status, run.attempts, run.output) == ("completed", 2, "second")
+
+
+async def test_a_sync_handler_that_times_out_fails_the_attempt_and_frees_its_slot(
+    store_config: StoreConfig,
+) -> None:
+    clock = VirtualClock()
+    iii = app_with(
+        store_config,
+        QueueConfig(name="q", concurrency=1, max_retries=2, backoff_ms=100, timeout_ms=1000),
+        clock=clock,
+    )
+    release = threading.Event()
+    entered = [threading.Event(), threading.Event()]
+    finished = threading.Event()
+    attempts = 0
+
+    @iii.function("hang")
+    def hang(_: Any) -> str:
+        nonlocal attempts
+        attempts += 1
+        entered[attempts - 1].set()
+        release.wait(10)
+        if attempts == 2:
+            finished.set()
+        return "late"
+
+    @iii.function("quick")
+    def quick(n: int) -> int:
+        return n + 1
+
+    async with iii.running():
+        hung = await enqueue(iii, "hang", {})
+        await wait_for(entered[0])
+        other = await enqueue(iii, "quick", 41)  # waits for the only slot
+        clock.advance(0.999)
+        await anyio.lowlevel.checkpoint()
+        assert iii.runtime.runners["q"].running == 1
+        clock.advance(0.001)  # the attempt's 1 s timeout frees the slot
+        await drain(iii, max_advance_s=0)
+        done = await iii.runs.get_async(other)
+        assert done is not None and (done.status, done.output) == ("completed", 42)
+        clock.advance(0.1)  # the retry's backoff: a second thread takes it (the first hangs)
+        await wait_for(entered[1])
+        clock.advance(1.0)
+        await drain(iii)
+        [dead] = await dead_jobs(iii, "q")
+        release.set()  # both abandoned threads now return "late": dropped
+        await wait_for(finished)
+        await drain(iii)
+        run = await iii.runs.get_async(hung)
+    assert dead.error is not None
+    assert (dead.id, dead.attempts, dead.error.type) == (hung, 2, "TimeoutError")
+    assert dead.error.message == "handler of 'hang' timed out after 1000 ms"
+    assert run is not None and (run.status, run.output) == ("failed", None)
+
+
+async def test_shutdown_after_the_grace_period_gives_a_running_sync_job_back_unspent(
+    store_config: StoreConfig,
+) -> None:
+    iii = app_with(store_config, QueueConfig(name="q"), grace_ms=0)
+    entered = threading.Event()
+    release = threading.Event()
+    returned = threading.Event()
+
+    @iii.function("stuck")
+    def stuck(_: Any) -> str:
+        entered.set()
+        release.wait(10)
+        returned.set()
+        return "too late"
+
+    async with iii.running():
+        receipt = await enqueue(iii, "stuck", {})
+        await wait_for(entered)
+    release.set()
+    await wait_for(returned)
+    async with iii.running():
+        job = await iii.runtime.store.get(receipt)
+        assert job is not None and (job.state, job.attempts, job.output) == ("queued", 0, None)
+        release.clear()
+        entered.clear()
+        # Started again by the next run of the app, as a first attempt.
+        await wait_for(entered)
+        assert current_attempts(iii, receipt) == 1
+        release.set()
+        await drain(iii)
+        run = await iii.runs.get_async(receipt)
+    assert run is not None and (run.status, run.attempts, run.output) == (
+        "completed",
+        1,
+        "too late",
+    )
+
+
+def current_attempts(iii: III, receipt: str) -> int:
+    entry = iii.runtime.runners["q"].active[receipt]
+    return entry.job.attempts
+
+
+async def test_what_a_sync_handler_raises_or_returns_is_recorded(
+    store_config: StoreConfig,
+) -> None:
+    iii = app_with(store_config, QueueConfig(name="q", max_retries=1))
+
+    @iii.function("exits")
+    def exits(_: Any) -> None:
+        raise SystemExit(3)
+
+    @iii.function("opaque")
+    def opaque(_: Any) -> object:
+        return {1, 2}  # a set: not JSON
+
+    async with iii.running():
+        exited = await enqueue(iii, "exits", {})
+        odd = await enqueue(iii, "opaque", {})
+        await drain(iii)
+        [dead] = await dead_jobs(iii, "q")
+        run = await iii.runs.get_async(odd)
+        # The runtime lives on after the SystemExit.
+        assert await iii.trigger_async("opaque", {}) == {1, 2}
+    assert dead.error is not None
+    assert (dead.id, dead.error.type, dead.error.message) == (
+        exited,
+        "RuntimeError",
+        "SystemExit(3)",
+    )
+    assert run is not None and (run.status, run.output) == ("completed", "{1, 2}")
