@@ -44,14 +44,15 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message} (see --help)")
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, left: int = 1) -> str:
+    """Columns of text: the first ``left`` aligned left (names), the rest right (counts)."""
     cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in r] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = []
     for n, row in enumerate(cells):
         lines.append(
             "  ".join(
-                c.ljust(w) if i == 0 else c.rjust(w)
+                c.ljust(w) if i < left else c.rjust(w)
                 for i, (c, w) in enumerate(zip(row, widths, strict=True))
             ).rstrip()
         )
@@ -254,6 +255,27 @@ def cmd_queues(args: argparse.Namespace) -> int:
         n += 1
         if iterations is None or n < iterations:
             time.sleep(args.interval)
+    return 0
+
+
+def cmd_cron(args: argparse.Namespace) -> int:
+    fires = _with_store(args, lambda store: store.list_fires(time.time()))
+    if args.json:
+        _print_json([attrs.asdict(f) for f in fires])
+        return 0
+    if not fires:
+        print("no cron job has fired in this store yet")
+        return 0
+    rows = []
+    for f in fires:
+        if f.holds:
+            state = f"running (lease until {_when(f.lease_until)})"
+        elif f.running:
+            state = "stopped unfinished (process gone or lease expired)"
+        else:
+            state = "ended"
+        rows.append([f.job_id, _when(f.scheduled), f.owner, state])
+    print(_table(["cron job", "last fire", "taken by", "state"], rows, left=4))
     return 0
 
 
@@ -537,6 +559,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
     p.add_argument("--iterations", type=int, default=0, help=argparse.SUPPRESS)
+
+    p = command(
+        "cron",
+        "The last fire of each cron job: when, which process took it, whether it runs.",
+        "  iii-embedded cron\n  iii-embedded cron --store ./data/queue_store --json",
+        cmd_cron,
+    )
+    with_store(p)
 
     dlq = sub.add_parser(
         "dlq",

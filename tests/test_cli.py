@@ -4,14 +4,19 @@ app runs in another process, and every user-mistake path."""
 from __future__ import annotations
 
 import json
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
+
+from iii_embedded._stores._sqlite import SQLiteStore
 
 CONFIG = """\
 workers:
@@ -227,6 +232,7 @@ def test_every_command_has_help_with_examples(tmp_path: Path) -> None:
         ["dlq", "discard", "-h"],
         ["trigger", "-h"],
         ["runs", "show", "-h"],
+        ["cron", "-h"],
     ):
         out = cli(tmp_path, *args)
         assert out.returncode == 0, args
@@ -242,3 +248,47 @@ def test_queues_watch_refreshes_and_shows_throughput(project: Path) -> None:
     first, second = tables[0].split(), tables[1].split()
     assert first[1] == "1"  # one job ready
     assert first[-1] == "-" and second[-1] == "0.0/s"  # a rate once there are two samples
+
+
+def test_cron_shows_each_jobs_last_fire_and_whether_it_still_runs(project: Path) -> None:
+    assert cli(project, "trigger", "add", "--payload", '{"a": 1, "b": 2}').returncode == 0
+    out = cli(project, "cron")
+    assert (out.returncode, out.stdout.strip()) == (0, "no cron job has fired in this store yet")
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a process of this host that no longer exists
+    host = socket.gethostname()
+    alive, dead = f"{host}:{os.getpid()}:a", f"{host}:{gone.pid}:b"
+    now = time.time()
+
+    async def take_fires() -> None:
+        store = SQLiteStore(project / "store")
+        await store.open()
+        try:
+            for job_id, owner in (("billing", alive), ("cleanup", dead), ("report", alive)):
+                taken = await store.claim_fire(
+                    job_id, now - 60, owner=owner, now=now, lease_until=now + 3600
+                )
+                assert taken
+            await store.end_fires(alive, ["report"])
+        finally:
+            await store.aclose()
+
+    anyio.run(take_fires)
+    out = cli(project, "cron", "--json")
+    assert out.returncode == 0, out.stderr
+    fires = json.loads(out.stdout)
+    assert [(f["job_id"], f["owner"], f["running"], f["holds"]) for f in fires] == [
+        ("billing", alive, True, True),
+        ("cleanup", dead, True, False),
+        ("report", alive, False, False),
+    ]
+    assert {f["scheduled"] for f in fires} == {now - 60}
+
+    out = cli(project, "cron")
+    assert out.returncode == 0, out.stderr
+    lines = {line.split()[0]: line for line in out.stdout.splitlines()[1:] if line.strip()}
+    assert "running (lease until" in lines["billing"]
+    assert "stopped unfinished (process gone or lease expired)" in lines["cleanup"]
+    assert lines["report"].rstrip().endswith("ended")
+    assert dead in lines["cleanup"]

@@ -8,6 +8,7 @@ SQLite stores implement it and are held to it by one conformance suite
 from __future__ import annotations
 
 from ._base import (
+    CronFire,
     ErrorInfo,
     Job,
     JobState,
@@ -22,6 +23,7 @@ from ._base import (
 )
 
 __all__ = [
+    "CronFire",
     "ErrorInfo",
     "Job",
     "JobState",

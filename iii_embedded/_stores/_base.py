@@ -32,6 +32,7 @@ from typing import Literal, Protocol
 import attrs
 
 __all__ = [
+    "CronFire",
     "ErrorInfo",
     "Job",
     "JobState",
@@ -255,6 +256,25 @@ class QueueCounts:
     oldest_ready_at: float | None = None
 
 
+@attrs.define(frozen=True, kw_only=True)
+class CronFire:
+    """The last fire of one cron job taken in a store (see :meth:`Store.claim_fire`)."""
+
+    job_id: str
+    """The cron job's id: its function id and schedule."""
+    scheduled: float
+    """The fire time taken (epoch seconds)."""
+    owner: str
+    """The runtime that took it (``host:pid:…``)."""
+    running: bool
+    """Not yet ended by its owner."""
+    lease_until: float
+    holds: bool
+    """Whether it still holds back the job's next fire: running, with its lease live, and
+    its owner's process not known to be gone. ``running`` without ``holds`` is a fire
+    whose process stopped before ending it."""
+
+
 class Store(Protocol):
     """What the queue logic needs from persistence. All methods are safe to call from the
     event loop thread: a store that blocks (SQLite) does its work on its own thread."""
@@ -361,6 +381,10 @@ class Store(Protocol):
 
     async def end_fires(self, owner: str, job_ids: Sequence[str]) -> None:
         """Mark ``owner``'s fires of these cron jobs finished (the next fire may start)."""
+
+    async def list_fires(self, now: float) -> list[CronFire]:
+        """The last fire taken of every cron job that has fired, by job id; ``holds`` as
+        :meth:`claim_fire` would judge it at ``now``."""
 
     # --- runs ------------------------------------------------------------------------
 

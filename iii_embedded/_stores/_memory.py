@@ -14,7 +14,7 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 
 from .._errors import StoreError
-from ._base import ErrorInfo, Job, JobState, NewJob, Outcome, QueueCounts, make_job
+from ._base import CronFire, ErrorInfo, Job, JobState, NewJob, Outcome, QueueCounts, make_job
 
 __all__ = ["MemoryStore"]
 
@@ -399,6 +399,21 @@ class MemoryStore:
             last = self._fires.get(job_id)
             if last is not None and last.owner == owner:
                 last.running = False
+
+    async def list_fires(self, now: float) -> list[CronFire]:
+        """The last fire of each cron job; see :meth:`Store.list_fires`."""
+        self._check_open()
+        return [
+            CronFire(
+                job_id=job_id,
+                scheduled=f.scheduled,
+                owner=f.owner,
+                running=f.running,
+                lease_until=f.lease_until,
+                holds=f.running and f.lease_until > now,
+            )
+            for job_id, f in sorted(self._fires.items())
+        ]
 
     async def recover(self, now: float) -> list[Job]:
         """Return expired leases to their queue; see :meth:`Store.recover`."""

@@ -53,7 +53,7 @@ from typing import Any, Literal, TypeVar
 import sqlite_utils
 
 from .._errors import StoreError, StoreVersionError
-from ._base import ErrorInfo, Job, JobState, NewJob, Outcome, QueueCounts, make_job
+from ._base import CronFire, ErrorInfo, Job, JobState, NewJob, Outcome, QueueCounts, make_job
 
 __all__ = ["SQLiteStore", "SCHEMA_VERSION", "DB_FILENAME"]
 
@@ -1053,6 +1053,28 @@ class SQLiteStore:
 
         if ids:
             await self._submit(run, durable=False)
+
+    async def list_fires(self, now: float) -> list[CronFire]:
+        """The last fire of each cron job; see :meth:`Store.list_fires`."""
+
+        def run(conn: Conn) -> list[CronFire]:
+            rows = conn.execute(
+                "SELECT job_id, scheduled, owner, running, lease_until FROM cron_fires "
+                "ORDER BY job_id"
+            ).fetchall()
+            return [
+                CronFire(
+                    job_id=job_id,
+                    scheduled=scheduled,
+                    owner=owner,
+                    running=bool(running),
+                    lease_until=until,
+                    holds=bool(running) and until > now and _owner_alive(owner, self._owners),
+                )
+                for job_id, scheduled, owner, running, until in rows
+            ]
+
+        return await self._submit(run, write=False)
 
     async def recover(self, now: float) -> list[Job]:
         """Return expired leases and dead processes' jobs; see :meth:`Store.recover`."""

@@ -12,6 +12,7 @@ import anyio
 import pytest
 
 from iii_embedded._stores import (
+    CronFire,
     ErrorInfo,
     NewJob,
     Outcome,
@@ -531,6 +532,36 @@ async def test_one_owner_takes_each_fire_time(store: Store) -> None:
     assert await fire(store, T0 + 20, OTHER) is True
     # Other jobs have schedules of their own.
     assert await store.claim_fire("tock", T0 + 10, owner=OWNER, now=T0, lease_until=T0 + 30)
+
+
+async def test_list_fires_shows_each_jobs_last_fire_and_whether_it_holds(store: Store) -> None:
+    assert await store.list_fires(T0) == []
+    assert await fire(store, T0 + 10)
+    assert await store.claim_fire("tock", T0 + 20, owner=OTHER, now=T0 + 20, lease_until=T0 + 50)
+    await store.end_fires(OTHER, ["tock"])
+    assert await store.list_fires(T0 + 30) == [
+        CronFire(
+            job_id="tick",
+            scheduled=T0 + 10,
+            owner=OWNER,
+            running=True,
+            lease_until=T0 + 40,
+            holds=True,
+        ),
+        CronFire(
+            job_id="tock",
+            scheduled=T0 + 20,
+            owner=OTHER,
+            running=False,
+            lease_until=T0 + 50,
+            holds=False,
+        ),
+    ]
+    # At the end of its lease, a fire still marked running no longer holds the next one
+    # back, as claim_fire judges it.
+    [tick, _] = await store.list_fires(T0 + 40)
+    assert (tick.running, tick.holds) == (True, False)
+    assert await fire(store, T0 + 40, OTHER)
 
 
 async def test_a_running_fire_holds_back_the_next_until_it_ends_or_its_lease_runs_out(
