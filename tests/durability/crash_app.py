@@ -1,7 +1,8 @@
 """The app the kill -9 test runs in a child process (not collected by pytest).
 
-argv: STORE_DIR SIDE_FILE PLAN_FILE MODE, where MODE is ``crash`` (run until killed) or
-``final`` (exit once every planned job is enqueued and all queues are idle). Every event
+argv: STORE_DIR SIDE_FILE PLAN_FILE MODE HANDLER, where MODE is ``crash`` (run until
+killed) or ``final`` (exit once every planned job is enqueued and all queues are idle),
+and HANDLER is ``async`` or ``sync`` (the handler runs in the queue's threads). Every event
 is appended to SIDE_FILE with one ``write`` on an O_APPEND descriptor, which survives the
 process being killed: ``ack K`` once the enqueue of job K returned (the job is durable),
 ``start K PID ATTEMPT`` and ``end K PID`` (or ``fail K PID``) around each handler run.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ from iii_embedded import (
     current_invocation,
 )
 
-store_dir, side_file, plan_file, mode = sys.argv[1:5]
+store_dir, side_file, plan_file, mode, handler = sys.argv[1:6]
 plan: list[dict[str, Any]] = json.loads(Path(plan_file).read_text())
 fd = os.open(side_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
@@ -63,17 +65,33 @@ config = Config(
 app = III(config, shutdown_grace_ms=0)
 
 
-@app.function("work")
-async def work(job: dict[str, Any]) -> str:
+def begin(job: dict[str, Any]) -> None:
     invocation = current_invocation()
     assert invocation is not None
     record(f"start {job['k']} {os.getpid()} {invocation.attempt}")
-    await anyio.sleep(job["sleep"])
+
+
+def finish(job: dict[str, Any]) -> str:
     if job["fail"]:
         record(f"fail {job['k']} {os.getpid()}")
         raise NonRetryableError(f"job {job['k']} always fails")
     record(f"end {job['k']} {os.getpid()}")
-    return job["k"]
+    return str(job["k"])
+
+
+async def work_async(job: dict[str, Any]) -> str:
+    begin(job)
+    await anyio.sleep(job["sleep"])
+    return finish(job)
+
+
+def work_sync(job: dict[str, Any]) -> str:
+    begin(job)
+    time.sleep(job["sleep"])  # the handler's work: this app is killed, not a test waiting
+    return finish(job)
+
+
+app.register_function("work", work_async if handler == "async" else work_sync)
 
 
 async def main() -> None:
