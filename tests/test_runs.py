@@ -29,13 +29,6 @@ from iii_embedded.testing import VirtualClock, drain
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(params=["in_memory", "file_based"])
-def store_config(request: pytest.FixtureRequest, tmp_path: Path) -> StoreConfig:
-    if request.param == "in_memory":
-        return StoreConfig(store_method="in_memory")
-    return StoreConfig(store_method="file_based", file_path=str(tmp_path / "store"))
-
-
 def make_app(store: StoreConfig, clock: VirtualClock | None = None, **queues: QueueConfig) -> III:
     all_queues = {
         "work": QueueConfig(name="work", max_retries=3, backoff_ms=1000),

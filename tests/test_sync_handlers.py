@@ -6,7 +6,6 @@ settles the job at once while its thread runs on. Both stores."""
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -24,13 +23,6 @@ from iii_embedded._stores._memory import MemoryStore
 from iii_embedded.testing import VirtualClock, dead_jobs, drain
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(params=["in_memory", "file_based"])
-def store_config(request: pytest.FixtureRequest, tmp_path: Path) -> StoreConfig:
-    if request.param == "in_memory":
-        return StoreConfig(store_method="in_memory")
-    return StoreConfig(store_method="file_based", file_path=str(tmp_path / "store"))
 
 
 def app_with(

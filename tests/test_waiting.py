@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -27,13 +26,6 @@ from iii_embedded import (
 from iii_embedded.testing import VirtualClock, drain
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(params=["in_memory", "file_based"])
-def store_config(request: pytest.FixtureRequest, tmp_path: Path) -> StoreConfig:
-    if request.param == "in_memory":
-        return StoreConfig(store_method="in_memory")
-    return StoreConfig(store_method="file_based", file_path=str(tmp_path / "store"))
 
 
 def make_app(store: StoreConfig) -> III:
