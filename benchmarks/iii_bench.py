@@ -112,8 +112,10 @@ def enqueue_batch(store: StoreKind, n: int, per_call: int = 100) -> dict[str, An
     app = _app(store)
     app.register_function("noop", lambda _: None)
     result: dict[str, Any] = {}
-    batches = [[{"n": i} for i in range(first, min(first + per_call, n))]
-               for first in range(0, n, per_call)]
+    batches = [
+        [{"n": i} for i in range(first, min(first + per_call, n))]
+        for first in range(0, n, per_call)
+    ]
 
     async def main() -> None:
         async with app.running():

@@ -39,9 +39,11 @@ CATEGORIES: list[tuple[str, Callable[[str, str], bool]]] = [
     ("JSON encode/decode", lambda f, p: "/json/" in p or f in ("encode_json", "decode_json")),
     (
         "thread hand-offs (call_soon_threadsafe, queue put, wake-up fd)",
-        lambda f, p: f in ("SimpleQueue.put", "socket.send")
-        or "call_soon_threadsafe" in f
-        or "_write_to_self" in f,
+        lambda f, p: (
+            f in ("SimpleQueue.put", "socket.send")
+            or "call_soon_threadsafe" in f
+            or "_write_to_self" in f
+        ),
     ),
     ("store Python (iii_embedded/_stores)", lambda f, p: "iii_embedded/_stores" in p),
     ("runtime Python (iii_embedded)", lambda f, p: "iii_embedded/" in p),
@@ -125,13 +127,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--handler", default="async", choices=["async", "sync"])
     parser.add_argument("-n", type=int, default=20_000)
     parser.add_argument(
-        "--counters-only", action="store_true",
+        "--counters-only",
+        action="store_true",
         help="no profilers (they slow Python down 2-3x): only the batch and loop counters",
     )
     args = parser.parse_args(argv)
 
-    stats: dict[str, Any] = {"batches": 0, "requests": 0, "sql_s": 0.0, "exchanges": 0,
-                             "claimed": 0, "settled": 0, "enqueue_calls": 0, "loop_turns": 0}
+    stats: dict[str, Any] = {
+        "batches": 0,
+        "requests": 0,
+        "sql_s": 0.0,
+        "exchanges": 0,
+        "claimed": 0,
+        "settled": 0,
+        "enqueue_calls": 0,
+        "loop_turns": 0,
+    }
     writer_profiles: list[Profiler] = []
     batch_sizes: Counter[int] = Counter()
     claim_sizes: Counter[int] = Counter()
@@ -229,12 +240,14 @@ def main(argv: list[str] | None = None) -> int:
         f"and settling {stats['settled'] / max(1, stats['exchanges']):.1f} each",
         "  claim sizes (jobs: exchanges): "
         + ", ".join(f"{k}: {v}" for k, v in sorted(claim_sizes.items())),
-        f"  event loop: {stats['loop_turns']:,} iterations "
-        f"({stats['loop_turns'] / n:.1f} per job)",
+        f"  event loop: {stats['loop_turns']:,} iterations ({stats['loop_turns'] / n:.1f} per job)",
         "",
     ]
-    lines += _summary("event-loop thread", loop_profiler.last_session.root_frame()
-                      if loop_profiler.last_session else None, wall)
+    lines += _summary(
+        "event-loop thread",
+        loop_profiler.last_session.root_frame() if loop_profiler.last_session else None,
+        wall,
+    )
     lines.append("")
     for profiler in writer_profiles:
         session = profiler.last_session

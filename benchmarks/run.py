@@ -119,7 +119,8 @@ def compare(s: Scenario, results: dict[str, dict[str, Any]]) -> None:
             aim = f" (aim {_ratio_text(ref.aim, ref.percent)})" if ref.aim else ""
             targets.append(
                 {
-                    "text": f"≥ {goal}{aim} of {ref.name}" if ref.percent
+                    "text": f"≥ {goal}{aim} of {ref.name}"
+                    if ref.percent
                     else f"≥ {goal} {ref.name}",
                     "met": ratio >= ref.target,
                     "measured": shown,
@@ -276,9 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or RESULTS / ("latest.json" if full else "partial.json")
 
     info, peer_info = machine(), peers()
-    print(
-        "machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), file=sys.stderr, flush=True
-    )
+    print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), file=sys.stderr, flush=True)
     results: dict[str, dict[str, Any]] = {}
     started = time.monotonic()
     scratch = tempfile.mkdtemp(prefix="iii-bench-")
@@ -307,8 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     print(f"total {total:.0f} s", file=sys.stderr)
 
-    command = "python -m benchmarks.run" + (" --quick" if args.quick else "") + (
-        f" --only {args.only}" if args.only else ""
+    command = (
+        "python -m benchmarks.run"
+        + (" --quick" if args.quick else "")
+        + (f" --only {args.only}" if args.only else "")
     )
     document = {
         "command": command,
@@ -317,10 +318,16 @@ def main(argv: list[str] | None = None) -> int:
         "machine": info,
         "peers": peer_info,
         "scenarios": {
-            s.id: {"group": s.group, "system": s.system,
-                   "label": s.title({**results[s.id].get("prepare_params", {}),
-                                     **results[s.id].get("params", {})}),
-                   "metric": s.metric, "unit": s.unit, **results[s.id]}
+            s.id: {
+                "group": s.group,
+                "system": s.system,
+                "label": s.title(
+                    {**results[s.id].get("prepare_params", {}), **results[s.id].get("params", {})}
+                ),
+                "metric": s.metric,
+                "unit": s.unit,
+                **results[s.id],
+            }
             for s in selected
         },
         "table": text,

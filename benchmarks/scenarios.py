@@ -77,26 +77,48 @@ def _raw() -> list[Scenario]:
         s = sync.upper()
         out += [
             Scenario(
-                f"raw.insert1.{sync}", "raw", "raw SQLite", f"INSERT + COMMIT per row, {s}",
-                "raw_sqlite", "insert", {"n": per_row_n, "per_commit": 1, "synchronous": sync},
+                f"raw.insert1.{sync}",
+                "raw",
+                "raw SQLite",
+                f"INSERT + COMMIT per row, {s}",
+                "raw_sqlite",
+                "insert",
+                {"n": per_row_n, "per_commit": 1, "synchronous": sync},
             ),
             Scenario(
-                f"raw.insert100.{sync}", "raw", "raw SQLite", f"100 INSERTs per COMMIT, {s}",
-                "raw_sqlite", "insert", {"n": N, "per_commit": 100, "synchronous": sync},
+                f"raw.insert100.{sync}",
+                "raw",
+                "raw SQLite",
+                f"100 INSERTs per COMMIT, {s}",
+                "raw_sqlite",
+                "insert",
+                {"n": N, "per_commit": 100, "synchronous": sync},
             ),
             Scenario(
-                f"raw.many1000.{sync}", "raw", "raw SQLite",
-                f"executemany 1,000 rows per COMMIT, {s}", "raw_sqlite", "insert",
+                f"raw.many1000.{sync}",
+                "raw",
+                "raw SQLite",
+                f"executemany 1,000 rows per COMMIT, {s}",
+                "raw_sqlite",
+                "insert",
                 {"n": N, "per_commit": 1000, "synchronous": sync, "many": True},
             ),
             Scenario(
-                f"raw.cycle1.{sync}", "raw", "raw SQLite",
-                f"enqueue→claim→ack, 1 job per transaction, {s}", "raw_sqlite", "cycle",
+                f"raw.cycle1.{sync}",
+                "raw",
+                "raw SQLite",
+                f"enqueue→claim→ack, 1 job per transaction, {s}",
+                "raw_sqlite",
+                "cycle",
                 {"n": cycle_n, "per_tx": 1, "synchronous": sync},
             ),
             Scenario(
-                f"raw.cycle100.{sync}", "raw", "raw SQLite",
-                f"enqueue→claim→ack, 100 jobs per transaction, {s}", "raw_sqlite", "cycle",
+                f"raw.cycle100.{sync}",
+                "raw",
+                "raw SQLite",
+                f"enqueue→claim→ack, 100 jobs per transaction, {s}",
+                "raw_sqlite",
+                "cycle",
                 {"n": N, "per_tx": 100, "synchronous": sync},
             ),
         ]
@@ -112,8 +134,13 @@ def _enqueue() -> list[Scenario]:
         who = "1 producer" if p == 1 else "16 producers"
         out.append(
             Scenario(
-                f"enqueue.memory.p{p}", "enqueue", "iii memory", f"enqueue, {who}",
-                "iii_bench", "enqueue", {"store": "memory", "n": N, "producers": p},
+                f"enqueue.memory.p{p}",
+                "enqueue",
+                "iii memory",
+                f"enqueue, {who}",
+                "iii_bench",
+                "enqueue",
+                {"store": "memory", "n": N, "producers": p},
                 refs=(Ref((f"enqueue.dramatiq.p{p}",), f"Dramatiq stub, {who}"),),
             )
         )
@@ -124,16 +151,21 @@ def _enqueue() -> list[Scenario]:
                 Ref((f"raw.insert1.{sync}",), f"raw INSERT+COMMIT per row {s}", percent=True)
                 if p == 1
                 else Ref(
-                    (f"raw.insert100.{sync}",), f"raw 100 rows per commit {s}",
-                    target=0.5, percent=True,
+                    (f"raw.insert100.{sync}",),
+                    f"raw 100 rows per commit {s}",
+                    target=0.5,
+                    percent=True,
                 )
             )
             out.append(
                 Scenario(
-                    f"enqueue.file-{sync}.p{p}", "enqueue", f"iii file {sync}",
-                    f"durable enqueue, {who}", "iii_bench", "enqueue",
-                    {"store": f"file-{sync}", "n": N,
-                     "producers": p},
+                    f"enqueue.file-{sync}.p{p}",
+                    "enqueue",
+                    f"iii file {sync}",
+                    f"durable enqueue, {who}",
+                    "iii_bench",
+                    "enqueue",
+                    {"store": f"file-{sync}", "n": N, "producers": p},
                     refs=(*peers, raw),
                 )
             )
@@ -142,26 +174,43 @@ def _enqueue() -> list[Scenario]:
                 s = sync.upper()
                 out.append(
                     Scenario(
-                        f"enqueue.file-{sync}.batch100", "enqueue", f"iii file {sync}",
-                        "durable batch enqueue, 100 per batch_trigger call", "iii_bench",
-                        "enqueue_batch", {"store": f"file-{sync}", "n": N, "per_call": 100},
+                        f"enqueue.file-{sync}.batch100",
+                        "enqueue",
+                        f"iii file {sync}",
+                        "durable batch enqueue, 100 per batch_trigger call",
+                        "iii_bench",
+                        "enqueue_batch",
+                        {"store": f"file-{sync}", "n": N, "per_call": 100},
                         refs=(
-                            Ref((f"raw.insert100.{sync}",), f"raw 100 rows per commit {s}",
-                                percent=True),
+                            Ref(
+                                (f"raw.insert100.{sync}",),
+                                f"raw 100 rows per commit {s}",
+                                percent=True,
+                            ),
                         ),
                     )
                 )
         for key, name in _PEER_ENQUEUE:
             out.append(
                 Scenario(
-                    f"enqueue.{key}.p{p}", "enqueue", name, f"durable enqueue, {who}",
-                    f"peers.{_MODULE[key]}", "enqueue", {"n": N, "producers": p},
+                    f"enqueue.{key}.p{p}",
+                    "enqueue",
+                    name,
+                    f"durable enqueue, {who}",
+                    f"peers.{_MODULE[key]}",
+                    "enqueue",
+                    {"n": N, "producers": p},
                 )
             )
         out.append(
             Scenario(
-                f"enqueue.dramatiq.p{p}", "enqueue", "Dramatiq", f"enqueue (in memory), {who}",
-                "peers.dramatiq_bench", "enqueue", {"n": N, "producers": p},
+                f"enqueue.dramatiq.p{p}",
+                "enqueue",
+                "Dramatiq",
+                f"enqueue (in memory), {who}",
+                "peers.dramatiq_bench",
+                "enqueue",
+                {"n": N, "producers": p},
             )
         )
     return out
@@ -180,12 +229,19 @@ def _e2e() -> list[Scenario]:
     for handler in ("async", "sync"):
         out.append(
             Scenario(
-                f"e2e.memory.{handler}", "e2e", "iii memory",
-                f"end to end, {handler} handlers", "iii_bench", "end_to_end",
+                f"e2e.memory.{handler}",
+                "e2e",
+                "iii memory",
+                f"end to end, {handler} handlers",
+                "iii_bench",
+                "end_to_end",
                 {"store": "memory", "n": N, "handler": handler},
                 refs=(
-                    Ref(("e2e.dramatiq.t8",), "Dramatiq stub, 8 threads",
-                        target=5.0 if handler == "async" else None),
+                    Ref(
+                        ("e2e.dramatiq.t8",),
+                        "Dramatiq stub, 8 threads",
+                        target=5.0 if handler == "async" else None,
+                    ),
                     Ref(("e2e.dramatiq.t1",), "Dramatiq stub, 1 thread"),
                 ),
             )
@@ -194,16 +250,28 @@ def _e2e() -> list[Scenario]:
             s = sync.upper()
             out.append(
                 Scenario(
-                    f"e2e.file-{sync}.{handler}", "e2e", f"iii file {sync}",
-                    f"end to end, {handler} handlers", "iii_bench", "end_to_end",
+                    f"e2e.file-{sync}.{handler}",
+                    "e2e",
+                    f"iii file {sync}",
+                    f"end to end, {handler} handlers",
+                    "iii_bench",
+                    "end_to_end",
                     {"store": f"file-{sync}", "n": N, "handler": handler},
                     refs=(
-                        Ref(("e2e.huey.w1", "e2e.huey.w8"), "Huey-SQLite (best of 1/8 workers)",
-                            target=10.0 if sync == "full" else None),
+                        Ref(
+                            ("e2e.huey.w1", "e2e.huey.w8"),
+                            "Huey-SQLite (best of 1/8 workers)",
+                            target=10.0 if sync == "full" else None,
+                        ),
                         Ref(("e2e.persistq.w1", "e2e.persistq.w8"), "persist-queue (best)"),
                         Ref(("e2e.litequeue.w1", "e2e.litequeue.w8"), "litequeue (best)"),
-                        Ref((f"raw.cycle100.{sync}",), f"raw cycle 100/tx {s}",
-                            target=0.25, aim=0.5, percent=True),
+                        Ref(
+                            (f"raw.cycle100.{sync}",),
+                            f"raw cycle 100/tx {s}",
+                            target=0.25,
+                            aim=0.5,
+                            percent=True,
+                        ),
                         Ref((f"raw.cycle1.{sync}",), f"raw cycle 1/tx {s}", target=2.0),
                     ),
                 )
@@ -211,8 +279,12 @@ def _e2e() -> list[Scenario]:
     for store in ("memory", "file-full", "file-normal"):
         out.append(
             Scenario(
-                f"e2e.fifo.{store}", "e2e", f"iii {store.replace('-', ' ')}",
-                "end to end, FIFO, 100 groups, async", "iii_bench", "end_to_end",
+                f"e2e.fifo.{store}",
+                "e2e",
+                f"iii {store.replace('-', ' ')}",
+                "end to end, FIFO, 100 groups, async",
+                "iii_bench",
+                "end_to_end",
                 {"store": store, "n": N, "fifo_groups": 100},
                 refs=(Ref((f"e2e.{store}.async",), "its standard queue", percent=True),),
             )
@@ -220,23 +292,30 @@ def _e2e() -> list[Scenario]:
     # The SQLite peers drain at 1-2k jobs/s (~15 s a run): one run each keeps the whole
     # benchmark under 10 minutes, except Huey with one worker, the reference of the
     # file-store targets (its 8-worker figure has always been the lower of the two).
-    for key, name in (("huey", "Huey"), ("persistq", "persist-queue"),
-                      ("litequeue", "litequeue")):
+    for key, name in (("huey", "Huey"), ("persistq", "persist-queue"), ("litequeue", "litequeue")):
         for w in (1, 8):
             out.append(
                 Scenario(
-                    f"e2e.{key}.w{w}", "e2e", name,
+                    f"e2e.{key}.w{w}",
+                    "e2e",
+                    name,
                     f"end to end, {w} worker thread{'s' if w > 1 else ''}",
-                    f"peers.{_MODULE[key]}", "end_to_end", {"n": N, "workers": w},
+                    f"peers.{_MODULE[key]}",
+                    "end_to_end",
+                    {"n": N, "workers": w},
                     repeats=3 if (key, w) == ("huey", 1) else 1,
                 )
             )
     for t in (1, 8):
         out.append(
             Scenario(
-                f"e2e.dramatiq.t{t}", "e2e", "Dramatiq",
+                f"e2e.dramatiq.t{t}",
+                "e2e",
+                "Dramatiq",
                 f"end to end (in memory), {t} worker thread{'s' if t > 1 else ''}",
-                "peers.dramatiq_bench", "end_to_end", {"n": N, "threads": t},
+                "peers.dramatiq_bench",
+                "end_to_end",
+                {"n": N, "threads": t},
             )
         )
     return out
@@ -245,15 +324,26 @@ def _e2e() -> list[Scenario]:
 def _sync_call() -> list[Scenario]:
     return [
         Scenario(
-            "sync_call.iii", "sync_call", "iii memory",
-            "sync call: await trigger_async(noop, x)", "iii_bench", "sync_call",
-            {"m": 100_000}, metric="us",
+            "sync_call.iii",
+            "sync_call",
+            "iii memory",
+            "sync call: await trigger_async(noop, x)",
+            "iii_bench",
+            "sync_call",
+            {"m": 100_000},
+            metric="us",
             refs=(Ref(("sync_call.huey",), "Huey immediate", target=2.5),),
             limits=(Limit("overhead_us", 5.0, "< 5 µs over a bare await"),),
         ),
         Scenario(
-            "sync_call.huey", "sync_call", "Huey", "immediate-mode call, value fetched",
-            "peers.huey_bench", "immediate", {"m": 20_000}, metric="us",
+            "sync_call.huey",
+            "sync_call",
+            "Huey",
+            "immediate-mode call, value fetched",
+            "peers.huey_bench",
+            "immediate",
+            {"m": 20_000},
+            metric="us",
         ),
     ]
 
@@ -266,25 +356,50 @@ def _latency() -> list[Scenario]:
     )
     out = [
         Scenario(
-            f"latency.{store}", "latency", f"iii {store.replace('-', ' ')}",
-            "idle latency enqueue→handler start", "iii_bench", "latency",
-            {"store": store, "samples": 500}, metric="p50_ms", refs=peers,
+            f"latency.{store}",
+            "latency",
+            f"iii {store.replace('-', ' ')}",
+            "idle latency enqueue→handler start",
+            "iii_bench",
+            "latency",
+            {"store": store, "samples": 500},
+            metric="p50_ms",
+            refs=peers,
             limits=(Limit("p50_ms", 1.0, "p50 < 1 ms"),),
         )
         for store in ("memory", "file-full", "file-normal")
     ]
     out += [
         Scenario(
-            "latency.dramatiq", "latency", "Dramatiq", "idle latency send→actor start",
-            "peers.dramatiq_bench", "latency", {"samples": 500}, metric="p50_ms",
+            "latency.dramatiq",
+            "latency",
+            "Dramatiq",
+            "idle latency send→actor start",
+            "peers.dramatiq_bench",
+            "latency",
+            {"samples": 500},
+            metric="p50_ms",
         ),
         Scenario(
-            "latency.persistq", "latency", "persist-queue", "idle latency put→get",
-            "peers.persistqueue_bench", "latency", {"samples": 500}, metric="p50_ms",
+            "latency.persistq",
+            "latency",
+            "persist-queue",
+            "idle latency put→get",
+            "peers.persistqueue_bench",
+            "latency",
+            {"samples": 500},
+            metric="p50_ms",
         ),
         Scenario(
-            "latency.huey", "latency", "Huey", "idle latency enqueue→task start",
-            "peers.huey_bench", "latency", {"samples": 40}, metric="p50_ms", repeats=1,
+            "latency.huey",
+            "latency",
+            "Huey",
+            "idle latency enqueue→task start",
+            "peers.huey_bench",
+            "latency",
+            {"samples": 40},
+            metric="p50_ms",
+            repeats=1,
             quick={"samples": 10},
         ),
     ]
@@ -294,17 +409,26 @@ def _latency() -> list[Scenario]:
 def _depth() -> list[Scenario]:
     return [
         Scenario(
-            "depth.10k", "depth", "iii file normal",
-            "drain {drain_n:,} of {pending:,} pending (end to end, peak RSS)", "iii_bench",
-            "depth_drain", {"drain_n": 10_000},
-            prepare=("iii_bench", "depth_prefill", {"pending": 10_000}), prepare_each=True,
+            "depth.10k",
+            "depth",
+            "iii file normal",
+            "drain {drain_n:,} of {pending:,} pending (end to end, peak RSS)",
+            "iii_bench",
+            "depth_drain",
+            {"drain_n": 10_000},
+            prepare=("iii_bench", "depth_prefill", {"pending": 10_000}),
+            prepare_each=True,
             quick={"drain_n": 2_000, "prepare": {"pending": 2_000}},
             limits=(Limit("peak_rss_mb", 100.0, "RSS < 100 MB"),),
         ),
         Scenario(
-            "depth.1m", "depth", "iii file normal",
-            "drain {drain_n:,} of {pending:,} pending (end to end, peak RSS)", "iii_bench",
-            "depth_drain", {"drain_n": 10_000},
+            "depth.1m",
+            "depth",
+            "iii file normal",
+            "drain {drain_n:,} of {pending:,} pending (end to end, peak RSS)",
+            "iii_bench",
+            "depth_drain",
+            {"drain_n": 10_000},
             prepare=("iii_bench", "depth_prefill", {"pending": 1_000_000}),
             quick={"drain_n": 2_000, "prepare": {"pending": 100_000}},
             refs=(Ref(("depth.10k",), "10k pending", target=0.8, percent=True),),
