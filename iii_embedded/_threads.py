@@ -61,8 +61,9 @@ class ThreadPool:
         self._idle = 0
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._results: list[tuple[asyncio.Future[Any], bool, Any]] = []
-        """Finished calls not yet delivered to the loop (guarded by ``_lock``)."""
+        self._results: list[tuple[Any, bool, Any]] = []
+        """Finished calls not yet delivered to the loop, each with its future (``run``) or
+        its token (``submit``) (guarded by ``_lock``)."""
         self._flush_scheduled = False
 
     async def run(self, fn: Callable[[Any], Any], arg: Any) -> Any:
