@@ -2,6 +2,7 @@
 
     python -m benchmarks.profile_e2e                      # file store, synchronous=full, async
     python -m benchmarks.profile_e2e --store file-normal --handler sync
+    python -m benchmarks.profile_e2e --timeline           # one cycle, step by step
 
 Runs ``iii_bench.end_to_end`` once with two statistical profilers: one on the event-loop
 thread (producers, dispatcher, workers, handlers) and one inside the SQLite store's writer
@@ -9,12 +10,18 @@ thread (the store is not changed: its thread body is wrapped from here). It also
 the writer's batches (requests and jobs per transaction), the claims, and the loop's
 iterations. It prints a summary by category and writes the full call trees to
 ``benchmarks/results/profile-<store>-<handler>.txt``.
+
+``--timeline`` (no profilers) also timestamps each hand-over of requests to the writer,
+each transaction's start and end, and each delivery of results on the loop, and prints
+the median time of each step of one cycle: the loop producing, the writer waking, the
+transaction, the loop waking.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import statistics
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -24,6 +31,7 @@ from typing import Any
 from pyinstrument import Profiler
 from pyinstrument.frame import Frame
 
+from iii_embedded._stores import _sqlite
 from iii_embedded._stores._sqlite import SQLiteStore
 
 from . import iii_bench
@@ -121,6 +129,31 @@ def _summary(title: str, root: Frame | None, wall: float) -> list[str]:
     return lines
 
 
+def _timeline(events: list[tuple[float, str]]) -> str:
+    """Median duration of each step of the cycles that went hand-over → transaction start
+    → transaction end → delivery → next hand-over, in that order."""
+    steps: dict[str, list[float]] = {"produce": [], "wake writer": [], "tx": [], "wake loop": []}
+    kinds = [kind for _, kind in events]
+    cycles = 0
+    for i in range(len(events) - 4):
+        if kinds[i : i + 5] != ["H", "W+", "W-", "D", "H"]:
+            continue
+        t = [at for at, _ in events[i : i + 5]]
+        steps["wake writer"].append(t[1] - t[0])
+        steps["tx"].append(t[2] - t[1])
+        steps["wake loop"].append(t[3] - t[2])
+        steps["produce"].append(t[4] - t[3])
+        cycles += 1
+    if not cycles:
+        return "timeline: no complete cycle recorded"
+    med = {name: statistics.median(values) * 1e6 for name, values in steps.items()}
+    return (
+        f"cycle (median of {cycles:,}): loop produces {med['produce']:.0f} µs, writer wakes "
+        f"{med['wake writer']:.0f} µs, transaction (fsync included) {med['tx']:.0f} µs, "
+        f"loop wakes {med['wake loop']:.0f} µs; sum {sum(med.values()):.0f} µs"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_e2e")
     parser.add_argument("--store", default="file-full", choices=["file-full", "file-normal"])
@@ -131,7 +164,14 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="no profilers (they slow Python down 2-3x): only the batch and loop counters",
     )
+    parser.add_argument(
+        "--timeline",
+        action="store_true",
+        help="with the counters, the median time of each step of a writer cycle",
+    )
     args = parser.parse_args(argv)
+    args.counters_only = args.counters_only or args.timeline
+    events: list[tuple[float, str]] = []  # (perf_counter, "H" | "W+" | "W-" | "D")
 
     stats: dict[str, Any] = {
         "batches": 0,
@@ -169,10 +209,15 @@ def main(argv: list[str] | None = None) -> int:
 
     def counted_batch(self: SQLiteStore, conn: Any, batch: list[Any]) -> Any:
         start = time.perf_counter()
+        if args.timeline:
+            events.append((start, "W+"))
         try:
             return run_batch(self, conn, batch)
         finally:
-            stats["sql_s"] += time.perf_counter() - start
+            end = time.perf_counter()
+            if args.timeline:
+                events.append((end, "W-"))
+            stats["sql_s"] += end - start
             stats["batches"] += 1
             stats["requests"] += len(batch)
             batch_sizes[len(batch)] += 1
@@ -193,6 +238,21 @@ def main(argv: list[str] | None = None) -> int:
         stats["loop_turns"] += 1
         run_once(self)
 
+    hand_over = SQLiteStore._hand_over
+    deliver = _sqlite._deliver
+
+    def timed_hand_over(self: SQLiteStore) -> None:
+        if self._outbox:
+            events.append((time.perf_counter(), "H"))
+        hand_over(self)
+
+    def timed_deliver(results: Any) -> None:
+        events.append((time.perf_counter(), "D"))
+        deliver(results)
+
+    if args.timeline:
+        SQLiteStore._hand_over = timed_hand_over  # type: ignore[method-assign]
+        _sqlite._deliver = timed_deliver
     SQLiteStore._serve = profiled_serve  # type: ignore[method-assign]
     SQLiteStore._run_batch = counted_batch  # type: ignore[method-assign]
     SQLiteStore.exchange = counted_exchange  # type: ignore[method-assign]
@@ -223,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{stats['claimed'] / max(1, stats['exchanges']):.1f}; "
             f"{stats['loop_turns']:,} loop iterations"
         )
+        if args.timeline:
+            print(_timeline(events))
         return 0
     loop_profiler.stop()
 
