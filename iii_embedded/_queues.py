@@ -459,11 +459,15 @@ class QueueRunner:
                 outcome = await self._attempt(job, spec.handler, entry)
             self._outcomes.append((job, outcome))
         finally:
-            del self.active[job.id]
-            self.running -= 1
-            if self._room is not None:
-                self._room_changed()
-            self.wake()
+            self._leave(job.id)
+
+    def _leave(self, job_id: str) -> None:
+        """A job's handler no longer occupies its slot (its outcome is in ``_outcomes``)."""
+        del self.active[job_id]
+        self.running -= 1
+        if self._room is not None:
+            self._room_changed()
+        self.wake()
 
     # Sync handlers run in the queue's threads with no task waiting for each (a task's
     # suspension and wake-up, per job, cost the loop more than the rest of the job). The
@@ -496,13 +500,10 @@ class QueueRunner:
         """On the loop: the results of a batch of sync handlers."""
         now = self.rt.clock.now()
         owner = self.rt.owner
-        outcomes = self._outcomes
         for entry, ok, value in results:
             if entry.settled:  # stopped meanwhile: the job was settled without this result
                 continue
             job = entry.job
-            if entry.cancel_timer is not None:
-                entry.cancel_timer()
             duration_ms = (time.perf_counter() - entry.started) * 1000
             if ok:
                 outcome = completed_outcome(job.id, owner, job.attempts, now, value, job.seq)
@@ -511,36 +512,28 @@ class QueueRunner:
                 outcome = self._failure(job, value, now, duration_ms)
             else:  # SystemExit and the like: fatal to a thread, not to the runtime
                 outcome = self._failure(job, RuntimeError(repr(value)), now, duration_ms)
-            outcomes.append((job, outcome))
-            self._end_sync(entry)
-        self._after_sync()
+            self._end_sync(entry, outcome)
+        self._spread()
 
     def _stop_sync(self, entry: _SyncActive, reason: str) -> None:
         if entry.settled:
             return
         job = entry.job
         now = self.rt.clock.now()
-        if entry.cancel_timer is not None:
-            entry.cancel_timer()
         if reason == "timeout":
             duration_ms = (time.perf_counter() - entry.started) * 1000
             outcome = self._failure(job, self._timed_out(job), now, duration_ms)
         else:
             outcome = self._outcome(job, "released" if reason == "shutdown" else "cancelled", now)
-        self._outcomes.append((job, outcome))
-        self._end_sync(entry)
-        self._after_sync()
-
-    def _end_sync(self, entry: _SyncActive) -> None:
-        entry.settled = True
-        del self.active[entry.job.id]
-        self.running -= 1
-
-    def _after_sync(self) -> None:
-        if self._room is not None:
-            self._room_changed()
-        self.wake()
+        self._end_sync(entry, outcome)
         self._spread()
+
+    def _end_sync(self, entry: _SyncActive, outcome: Outcome) -> None:
+        entry.settled = True
+        if entry.cancel_timer is not None:
+            entry.cancel_timer()
+        self._outcomes.append((entry.job, outcome))
+        self._leave(entry.job.id)
 
     async def _attempt(self, job: Job, handler: Any, entry: _Active) -> Outcome:
         rt = self.rt

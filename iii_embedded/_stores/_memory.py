@@ -120,6 +120,10 @@ class _Fire:
         self.running = True
         self.lease_until = lease_until
 
+    def holds(self, now: float) -> bool:
+        """Whether it still holds back the job's next fire (see ``Store.claim_fire``)."""
+        return self.running and self.lease_until > now
+
 
 class MemoryStore:
     """A :class:`~iii_embedded._stores.Store` held in this process's memory."""
@@ -377,9 +381,7 @@ class MemoryStore:
         """Take a cron fire; see :meth:`Store.claim_fire`."""
         self._check_open()
         last = self._fires.get(job_id)
-        if last is not None and (
-            last.scheduled >= scheduled or (last.running and last.lease_until > now)
-        ):
+        if last is not None and (last.scheduled >= scheduled or last.holds(now)):
             return False
         self._fires[job_id] = _Fire(scheduled, owner, lease_until)
         return True
@@ -410,7 +412,7 @@ class MemoryStore:
                 owner=f.owner,
                 running=f.running,
                 lease_until=f.lease_until,
-                holds=f.running and f.lease_until > now,
+                holds=f.holds(now),
             )
             for job_id, f in sorted(self._fires.items())
         ]

@@ -1012,7 +1012,7 @@ class SQLiteStore:
                 last_scheduled, last_owner, running, last_until = last
                 if last_scheduled >= scheduled:
                     return False
-                if running and last_until > now and _owner_alive(last_owner, self._owners):
+                if self._fire_holds(running, last_until, last_owner, now):
                     return False
             conn.execute(
                 "INSERT INTO cron_fires(job_id, scheduled, owner, running, lease_until) "
@@ -1026,6 +1026,11 @@ class SQLiteStore:
         # Lost with the machine, a fire taken is simply taken again by nobody: its time
         # has passed when the machine is back.
         return await self._submit(run, durable=False)
+
+    def _fire_holds(self, running: int, lease_until: float, owner: str, now: float) -> bool:
+        """Whether a cron job's last fire still holds back its next one: running, its lease
+        live, and its owner's process not known to be gone."""
+        return bool(running) and lease_until > now and _owner_alive(owner, self._owners)
 
     async def renew_fires(self, owner: str, job_ids: Sequence[str], lease_until: float) -> None:
         """Extend cron fire leases; see :meth:`Store.renew_fires`."""
@@ -1069,7 +1074,7 @@ class SQLiteStore:
                     owner=owner,
                     running=bool(running),
                     lease_until=until,
-                    holds=bool(running) and until > now and _owner_alive(owner, self._owners),
+                    holds=self._fire_holds(running, until, owner, now),
                 )
                 for job_id, scheduled, owner, running, until in rows
             ]
