@@ -193,6 +193,7 @@ def test_check_reports_an_unknown_key_with_file_and_line(tmp_path: Path) -> None
         ),
         (["trigger", "flaky", "--queue", "missing"], "Queue 'missing' not found"),
         (["queues", "--store", "/nonexistent/store"], "no store at /nonexistent/store"),
+        (["cron", "--store", "/nonexistent/store"], "no store at /nonexistent/store"),
         (["runs", "show", "no-such-run"], "no run no-such-run"),
         (["run", "nomodule:app"], "cannot import 'nomodule'"),
         (["run", "myapp"], "expected MODULE:APP"),
