@@ -130,7 +130,7 @@ def _summary(title: str, root: Frame | None, wall: float) -> list[str]:
 
 
 def _timeline(events: list[tuple[float, str]]) -> str:
-    """Median duration of each step of the cycles that went hand-over → transaction start
+    """Median and mean duration of each step of the cycles that went hand-over → transaction start
     → transaction end → delivery → next hand-over, in that order."""
     steps: dict[str, list[float]] = {"produce": [], "wake writer": [], "tx": [], "wake loop": []}
     kinds = [kind for _, kind in events]
@@ -146,12 +146,15 @@ def _timeline(events: list[tuple[float, str]]) -> str:
         cycles += 1
     if not cycles:
         return "timeline: no complete cycle recorded"
-    med = {name: statistics.median(values) * 1e6 for name, values in steps.items()}
-    return (
-        f"cycle (median of {cycles:,}): loop produces {med['produce']:.0f} µs, writer wakes "
-        f"{med['wake writer']:.0f} µs, transaction (fsync included) {med['tx']:.0f} µs, "
-        f"loop wakes {med['wake loop']:.0f} µs; sum {sum(med.values()):.0f} µs"
-    )
+    lines = []
+    for label, average in (("median", statistics.median), ("mean", statistics.fmean)):
+        at = {name: average(values) * 1e6 for name, values in steps.items()}
+        lines.append(
+            f"cycle ({label} of {cycles:,}): loop produces {at['produce']:.0f} µs, writer "
+            f"wakes {at['wake writer']:.0f} µs, transaction (fsync included) {at['tx']:.0f} "
+            f"µs, loop wakes {at['wake loop']:.0f} µs; sum {sum(at.values()):.0f} µs"
+        )
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
