@@ -23,7 +23,7 @@ import random
 import time
 import traceback
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -35,7 +35,7 @@ from ._config import QueueConfig
 from ._context import _current
 from ._errors import NonRetryableError, RetryAfter, StoreError
 from ._fastpath import PENDING, Interrupted, Interrupter, first_step, resume_suspended
-from ._stores import ErrorInfo, Job, NewJob, Outcome, completed_outcome
+from ._stores import ErrorInfo, Job, Outcome, completed_outcome
 from ._threads import ThreadPool
 
 if TYPE_CHECKING:
@@ -43,9 +43,6 @@ if TYPE_CHECKING:
     from ._runtime import Runtime
 
 __all__ = ["QueueRunner", "error_info"]
-
-_REQUEUED = ("retry", "released")
-"""Outcomes that leave their job queued again: claimable, now or at its due time."""
 
 log = logging.getLogger("iii_embedded.queue")
 
@@ -141,19 +138,8 @@ class QueueRunner:
         self._wake_event = anyio.Event()
         self._buffer: deque[Job] = deque()
         """Jobs claimed and not yet started (at most ``concurrency + prefetch`` in all)."""
-        self._reserved = 0
-        """Slots held for claims in flight: the dispatcher's, and local enqueues' (which
-        claim their jobs as they store them)."""
-        self._unseen = True
-        """Jobs of unknown number may be claimable (at start; after a wake, a due time, a
-        poll, a retry). False once a claim comes back short."""
-        self._left = 0
-        """Jobs this runner's enqueues left queued, available, for the dispatcher to claim
-        (a count that may run high: it only sizes the next claim)."""
         self._idle: deque[asyncio.Future[None]] = deque()
         """Workers waiting for a job, each on its own future."""
-        self._woken = 0
-        """Workers woken for a job that have not resumed yet."""
         self.prefetch = (
             config.prefetch
             if config.prefetch is not None
@@ -167,9 +153,6 @@ class QueueRunner:
             settle=self._settle_sync,
         )
         self._timeout_s = config.timeout_ms / 1000 if config.timeout_ms else None
-        self.claims_on_enqueue = runtime.store.claims_on_enqueue and not config.is_fifo
-        """Local enqueues go through :meth:`enqueue`, which claims their jobs as it stores
-        them (a standard queue on a store that ``claims_on_enqueue``)."""
 
     # --- wiring ----------------------------------------------------------------------
 
@@ -186,12 +169,7 @@ class QueueRunner:
         self._tg.start_soon(self._worker, name=f"iii-worker[{self.name}#{self._workers}]")
 
     def wake(self) -> None:
-        """Something may be claimable now (a redrive, recovered or released jobs)."""
-        self._unseen = True
-        self._flush()
-
-    def _flush(self) -> None:
-        """Wake the dispatcher to write outcomes (and to end, once stopping)."""
+        """Something may be claimable now (a local enqueue, a finished job, a redrive)."""
         if self._wake_pending:
             # Already woken: the dispatcher has not run since, and its event is set (a new
             # event resets the flag; see ``_wait_for_wake``).
@@ -208,7 +186,7 @@ class QueueRunner:
         while self._buffer:
             job = self._buffer.popleft()
             self._outcomes.append((job, self._outcome(job, "released", now)))
-        self._flush()
+        self.wake()
         # Workers waiting for jobs exit once they see the runner stopping.
         while self._idle:
             self._wake_worker()
@@ -232,7 +210,7 @@ class QueueRunner:
             self._add_worker()
         self._room_changed()
         self._spread()
-        self._flush()
+        self.wake()
 
     def reclaim_slot(self, lender: str) -> bool:
         """One wait of ``lender`` ended; True if it was its last (the slot is its own again:
@@ -301,7 +279,7 @@ class QueueRunner:
                 outcome = self._outcome(job, kind, self.rt.clock.now())
                 outcome.started = False
                 self._outcomes.append((job, outcome))
-                self._flush()
+                self.wake()
                 return True
         return False
 
@@ -331,39 +309,33 @@ class QueueRunner:
         clock = rt.clock
         fifo = self.config.is_fifo
         lease_s = rt.lease_s
+        buffer = self._buffer
         while True:
             self._wake_pending = False
-            free = self._free()
-            # Claim only what may be claimable. A standard queue's jobs mostly arrive
-            # claimed by their enqueue (``enqueue``): then the exchanges that write their
-            # outcomes claim nothing. The dispatcher claims as many as this runner's
-            # enqueues left queued, or all it has room for when jobs of unknown number may
-            # be waiting (see ``_unseen``). A finished FIFO job can free its group's next
-            # one, so a FIFO queue always claims.
-            unseen, left = self._unseen or fifo, self._left
-            limit = max(0, free if unseen else min(free, left))
+            free = (
+                0
+                if self._stopping
+                else self.config.concurrency
+                + self.lent
+                + self.prefetch
+                - self.running
+                - len(buffer)
+            )
             settled, self._outcomes = self._outcomes, []
             now = clock.now()
             jobs: list[Job] = []
-            if settled or limit > 0:
-                # The claim's room is held while it runs, from local enqueues' claims too:
-                # together they never hold more than ``concurrency + prefetch`` jobs.
-                if limit:
-                    self._unseen, self._left = False, 0  # what comes meanwhile is kept
-                    self._reserved += limit
+            if settled or free > 0:
                 try:
                     jobs = await store.exchange(
                         [outcome for _, outcome in settled],
                         self.name,
                         fifo=fifo,
-                        limit=limit,
+                        limit=free,
                         now=now,
                         owner=rt.owner,
                         lease_until=now + lease_s,
                     )
                 except StoreError as exc:
-                    self._unseen = self._unseen or unseen
-                    self._left += left
                     log.error(
                         "queue %r: writing %d outcome(s) and claiming failed: %s; jobs whose "
                         "outcome was not written run again when their lease expires",
@@ -371,22 +343,21 @@ class QueueRunner:
                         len(settled),
                         exc,
                     )
-                finally:
-                    self._reserved -= limit
-                if len(jobs) == limit > 0:  # a full claim: there may be more
-                    self._unseen = self._unseen or unseen
-                    self._left += max(0, left - len(jobs))
                 self.unsettled -= len(settled)
                 for job, outcome in settled:
-                    if outcome.kind in _REQUEUED:
-                        self._unseen = True
                     rt.job_finished(self, job, outcome)
                 if jobs:
-                    self._take(jobs)
-                if self._outcomes or (jobs and len(jobs) == limit):
+                    self.unsettled += len(jobs)
+                    if self._stopping:  # stopped while claiming: hand them back unstarted
+                        now = clock.now()
+                        self._outcomes += [(j, self._outcome(j, "released", now)) for j in jobs]
+                    else:
+                        buffer.extend(jobs)
+                        self._spread()
+                if self._outcomes or (jobs and len(jobs) == free):
                     continue
             if self._stopping:
-                if self.unsettled == 0 and self._reserved == 0:
+                if self.unsettled == 0:
                     rt.notify_activity()
                     return
                 await self._wait_for_wake(None, None)
@@ -401,83 +372,6 @@ class QueueRunner:
                 continue
             poll_s = self.config.poll_interval_ms / 1000 if store.shared else None
             await self._wait_for_wake(deadline, poll_s)
-
-    def _free(self) -> int:
-        """How many more jobs this runner may hold (running, prefetched or being claimed)."""
-        if self._stopping:
-            return 0
-        return (
-            self.config.concurrency
-            + self.lent
-            + self.prefetch
-            - self.running
-            - len(self._buffer)
-            - self._reserved
-        )
-
-    def _take(self, jobs: list[Job]) -> None:
-        """Jobs this runner just claimed: to the workers, or back unstarted if it stops."""
-        self.unsettled += len(jobs)
-        if self._stopping:
-            now = self.rt.clock.now()
-            self._outcomes += [(j, self._outcome(j, "released", now)) for j in jobs]
-            self._flush()
-        else:
-            self._buffer.extend(jobs)
-            self._spread()
-
-    def enqueue(self, jobs: list[NewJob]) -> Awaitable[list[str]]:
-        """Store a local enqueue into this queue (await the result); only where
-        :attr:`claims_on_enqueue`.
-
-        With free slots, the jobs are claimed in their enqueue's transaction
-        (``Store.enqueue_claim``) and go to the workers when it commits, with no claim of
-        their own. Otherwise the dispatcher is woken to claim them."""
-        store = self.rt.store
-        # Jobs of one enqueue share their times; no delay means due when made (now).
-        due = bool(jobs) and jobs[0].available_at <= jobs[0].created_at
-        if due:
-            room = min(len(jobs), self._free())
-            if room > 0:
-                # The room is held until the store answers (``_claimed``), so that the
-                # dispatcher and other enqueues do not claim it too.
-                self._reserved += room
-                now = jobs[0].created_at
-                try:
-                    return store.enqueue_claim(
-                        jobs,
-                        limit=room,
-                        now=now,
-                        owner=self.rt.owner,
-                        lease_until=now + self.rt.lease_s,
-                        on_claimed=lambda claimed, left: self._claimed(
-                            claimed, left, len(jobs), room
-                        ),
-                    )
-                except BaseException:
-                    self._reserved -= room
-                    raise
-        # Woken before the commit, not after: the dispatcher runs only once this task
-        # suspends, when the enqueue is already in the store's queue, so its claim usually
-        # shares the enqueue's transaction (one commit from enqueue to start). A delayed
-        # job wakes it too, to wait for the new due time.
-        if due:
-            self._left += len(jobs)
-        self._flush()
-        return store.enqueue(jobs)
-
-    def _claimed(self, jobs: list[Job], left: bool, count: int, room: int) -> None:
-        """What an enqueue of ``count`` jobs claimed as it stored them (also if its caller
-        is gone)."""
-        self._reserved -= room
-        self._take(jobs)
-        if left:
-            # Jobs were left queued: some of these (no room for them all), or older ones
-            # that the store claimed first (or the enqueue failed). The dispatcher claims
-            # them as slots free up.
-            self._left += count
-        if left or self._stopping:
-            self._flush()  # (stopping: the dispatcher ends once no claim is in flight)
 
     async def _wait_for_wake(self, deadline: float | None, poll_s: float | None) -> None:
         """Sleep until woken, until ``deadline`` on the runtime clock, or ``poll_s`` of real
@@ -495,8 +389,6 @@ class QueueRunner:
                 with self.rt.clock.deadline_scope(deadline):
                     await self._wake_event.wait()
         self.idle = False
-        if not self._wake_event.is_set():
-            self._unseen = True  # a due time or a poll: look again
 
     # --- workers ---------------------------------------------------------------------
     #
@@ -514,10 +406,8 @@ class QueueRunner:
         )
 
     def _spread(self) -> None:
-        """Wake an idle worker if a claimed job could start now and no worker woken
-        before has yet resumed to take it. That one takes the jobs one after another; if
-        its handler suspends, it wakes the next (``_attempt``)."""
-        if self._buffer and self._idle and not self._woken and self._may_start():
+        """Wake an idle worker if a claimed job could start now."""
+        if self._buffer and self._idle and self._may_start():
             self._wake_worker()
 
     def _wake_worker(self) -> None:
@@ -525,7 +415,6 @@ class QueueRunner:
             waiter = self._idle.popleft()
             if not waiter.done():
                 waiter.set_result(None)
-                self._woken += 1
                 return
 
     async def _worker(self) -> None:
@@ -549,8 +438,6 @@ class QueueRunner:
                 finally:
                     if not waiter.done():
                         waiter.cancel()
-                    elif not waiter.cancelled():
-                        self._woken -= 1
 
     async def _run(self, job: Job, spec: FunctionSpec | None) -> None:
         """Run one job of an async handler, or settle one that cannot start (cancelled
@@ -580,7 +467,7 @@ class QueueRunner:
         self.running -= 1
         if self._room is not None:
             self._room_changed()
-        self._flush()
+        self.wake()
 
     # Sync handlers run in the queue's threads with no task waiting for each (a task's
     # suspension and wake-up, per job, cost the loop more than the rest of the job). The

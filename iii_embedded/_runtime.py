@@ -390,15 +390,13 @@ class Runtime:
         jobs = self.build_jobs(
             function_id, payloads, action, batch=batch, idempotency_keys=idempotency_keys
         )
+        # Wake the queue's dispatcher before the commit, not after: it runs only once this
+        # task suspends, when the enqueue is already in the writer's queue, so its claim
+        # usually shares the enqueue's transaction (one commit from enqueue to start).
         runner = self.runners.get(action.queue)
+        if runner is not None:
+            runner.wake()
         try:
-            if runner is not None:
-                if runner.claims_on_enqueue:
-                    return await runner.enqueue(jobs)
-                # Woken before the commit, not after: the dispatcher runs only once this
-                # task suspends, when the enqueue is already in the store's queue, so its
-                # claim usually shares the enqueue's transaction.
-                runner.wake()
             return await self.store.enqueue(jobs)
         except StoreError as exc:
             raise InvocationError("enqueue_error", f"could not store the job: {exc}") from exc

@@ -53,16 +53,6 @@ async def until_leased(iii: III, count: int) -> None:
     await until(reached)
 
 
-async def idle(iii: III, queue: str = "work") -> None:
-    """Wait until the start-up claim has come back empty. While a claim of the
-    dispatcher's is in flight it holds the free slots, and enqueues leave their jobs
-    queued for the next one instead of claiming them."""
-    runner = iii.runtime.runners[queue]
-    with anyio.fail_after(10):
-        while not runner.idle:
-            await anyio.lowlevel.checkpoint()
-
-
 class Gate:
     """A handler that records its payloads and blocks until released."""
 
@@ -117,76 +107,6 @@ async def test_prefetched_jobs_are_leased_but_only_concurrency_handlers_run(
     assert gate.peak == 2
     assert sorted(gate.seen) == list(range(10))
     assert sorted(j.attempts for j in jobs) == [1] * 10
-
-
-async def test_concurrent_enqueues_claim_no_more_than_the_free_slots(tmp_path: Path) -> None:
-    """Local enqueues into a queue with free slots claim their jobs as they store them.
-    Made at once, they share the room: each holds its slots until its commit, so
-    together they lease ``concurrency + prefetch`` jobs, not one slot-full each."""
-    iii = file_app(tmp_path, QueueConfig(name="work", concurrency=2, prefetch=3))
-    gate = Gate()
-    iii.register_function("job", gate)
-    async with iii.running():
-        await idle(iii)
-        async with anyio.create_task_group() as tg:
-            for i in range(10):
-                tg.start_soon(enqueue, iii, i)
-        await until_leased(iii, 5)
-        stats = await iii.queue_stats_async("work")
-        assert (gate.running, stats.running, stats.prefetched, stats.ready) == (2, 5, 3, 5)
-        gate.release.set()
-        await drain(iii)
-        jobs = await iii.runtime.store.list_jobs(state="completed")
-    assert gate.peak == 2
-    assert sorted(gate.seen) == list(range(10))
-    assert [j.attempts for j in jobs] == [1] * 10
-
-
-async def test_jobs_claimed_by_an_enqueue_in_flight_at_shutdown_go_back_unstarted(
-    tmp_path: Path,
-) -> None:
-    """Shutdown stops claiming while an enqueue that claims its jobs is still being
-    written: once it commits, its jobs are handed back unstarted, without an attempt,
-    and the queue waits for that before it stops."""
-    iii = file_app(tmp_path, QueueConfig(name="work", concurrency=2))
-    gate = Gate()
-    iii.register_function("job", gate)
-    reached, release = anyio.Event(), anyio.Event()
-    receipts: list[str] = []
-
-    async def produce() -> None:
-        receipts.append(await enqueue(iii, "late"))
-
-    async with iii.running():
-        store = iii.runtime.store
-        real = store.enqueue_claim
-
-        async def held(*args: Any, **kwargs: Any) -> list[str]:
-            reached.set()
-            await release.wait()
-            return await real(*args, **kwargs)
-
-        store.enqueue_claim = held  # type: ignore[method-assign]
-        runner = iii.runtime.runners["work"]
-        await idle(iii)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(produce)
-            await reached.wait()
-            runner.stop_claiming()  # shutdown's first step
-            release.set()
-    assert gate.seen == []
-    reopened = SQLiteStore(tmp_path / "store")
-    await reopened.open()
-    try:
-        [job] = await reopened.list_jobs()
-    finally:
-        await reopened.aclose()
-    assert (job.id, job.state, job.attempts, job.lease_owner) == (
-        receipts[0],
-        "queued",
-        0,
-        None,
-    )
 
 
 async def test_prefetched_jobs_keep_their_leases_while_they_wait(tmp_path: Path) -> None:

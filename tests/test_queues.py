@@ -86,161 +86,64 @@ async def test_a_local_enqueue_wakes_an_idle_worker_without_any_clock_advance() 
         assert clock.now() == start
 
 
-class _Traced:
-    """A file store whose enqueue and exchange calls, and SQL statements, are recorded."""
+async def test_an_idle_queue_claims_in_the_enqueues_own_transaction(tmp_path: Path) -> None:
+    """The dispatcher is woken before the enqueue's commit, not after it, and the file
+    store hands the writer every request of one loop turn together: the claim joins the
+    enqueue's transaction, so an idle queue starts a job one commit after it was sent."""
+    store = SQLiteStore(tmp_path / "store")
+    calls: list[str] = []
+    real_enqueue, real_exchange = store.enqueue, store.exchange
 
-    def __init__(self, directory: Path) -> None:
-        self.store = SQLiteStore(directory)
-        self.calls: list[str] = []
-        self.statements: list[str] = []
-        store = self.store
-        real_enqueue, real_claiming, real_exchange = (
-            store.enqueue,
-            store.enqueue_claim,
-            store.exchange,
-        )
+    async def enqueue_traced(jobs: Sequence[NewJob]) -> list[str]:
+        calls.append("enqueue starts")
+        ids = await real_enqueue(jobs)
+        calls.append("enqueue returns")
+        return ids
 
-        async def enqueue_traced(jobs: Sequence[NewJob]) -> list[str]:
-            self.calls.append("enqueue starts")
-            ids = await real_enqueue(jobs)
-            self.calls.append("enqueue returns")
-            return ids
+    async def exchange_traced(*args: Any, **kwargs: Any) -> list[Job]:
+        calls.append("claim")
+        return await real_exchange(*args, **kwargs)
 
-        async def enqueue_claim_traced(jobs: Sequence[NewJob], **kwargs: Any) -> list[str]:
-            self.calls.append("enqueue_claim starts")
-            ids = await real_claiming(jobs, **kwargs)
-            self.calls.append("enqueue_claim returns")
-            return ids
-
-        async def exchange_traced(*args: Any, **kwargs: Any) -> list[Job]:
-            self.calls.append("claim")
-            return await real_exchange(*args, **kwargs)
-
-        store.enqueue = enqueue_traced  # type: ignore[method-assign]
-        store.enqueue_claim = enqueue_claim_traced  # type: ignore[method-assign]
-        store.exchange = exchange_traced  # type: ignore[method-assign]
-
-    async def trace(self, on: bool) -> None:
-        """Start or stop recording statements. Set on the writer thread: from the loop,
-        this could deadlock with a statement in progress (the loop would hold the GIL and
-        wait for the connection's mutex while the writer, holding the mutex, waits for the
-        GIL to call the callback)."""
-        callback = self.statements.append if on else None
-        await self.store._submit(lambda conn: conn.set_trace_callback(callback), write=False)
-        if on:
-            self.statements.clear()  # the COMMIT of the request that set the callback
-        self.calls.clear()
-
-    def kinds(self) -> list[str]:
-        out = []
-        for s in self.statements:
-            if s.startswith("BEGIN"):
-                out.append("begin")
-            elif s.startswith("COMMIT"):
-                out.append("commit")
-            elif s.startswith("INSERT INTO jobs"):
-                out.append("insert running" if "'running'" in s else "insert queued")
-            elif s.startswith("UPDATE jobs SET state = 'running'"):
-                out.append("claim")
-        return out
-
-
-async def _wait_idle(iii: III, queue: str) -> None:
-    runner = iii.runtime.runners[queue]
-    with anyio.fail_after(5):
-        while not runner.idle:  # the start-up claim has found nothing
-            await anyio.lowlevel.checkpoint()
-
-
-async def test_a_job_enqueued_into_a_queue_with_free_slots_is_stored_claimed(
-    tmp_path: Path,
-) -> None:
-    """On the file store, a local enqueue into a standard queue with free slots stores its
-    job as claimed (``running``, attempt 1, leased to this process) in its own
-    transaction: the job starts one commit after it was sent, with no claim statement and
-    no call of the dispatcher's."""
-    traced = _Traced(tmp_path / "store")
-    iii = app_with(QueueConfig(name="work", poll_interval_ms=60_000), store=traced.store)
+    store.enqueue = enqueue_traced  # type: ignore[method-assign]
+    store.exchange = exchange_traced  # type: ignore[method-assign]
+    iii = app_with(QueueConfig(name="work", poll_interval_ms=60_000), store=store)
     ran = threading.Event()  # set by the sync handler, in its thread
     iii.register_function("job", lambda _: ran.set())
+    statements: list[str] = []
+
+    def trace(conn: Any, callback: Any) -> None:
+        # On the writer thread: from the loop, this could deadlock with a statement in
+        # progress (the loop would hold the GIL and wait for the connection's mutex while
+        # the writer, holding the mutex, waits for the GIL to call the callback).
+        conn.set_trace_callback(callback)
+
     async with iii.running():
-        await _wait_idle(iii, "work")
-        await traced.trace(True)
-        receipt = await enqueue(iii, "job", {}, "work")
-        assert traced.calls == ["enqueue_claim starts", "enqueue_claim returns"]
+        runner = iii.runtime.runners["work"]
+        with anyio.fail_after(5):
+            while not runner.idle:  # the start-up claim has found nothing
+                await anyio.lowlevel.checkpoint()
+        calls.clear()
+        assert store._conn is not None
+        await store._submit(lambda conn: trace(conn, statements.append), write=False)
+        statements.clear()  # the COMMIT of the request that set the callback
+        await enqueue(iii, "job", {}, "work")
+        assert calls[:3] == ["enqueue starts", "claim", "enqueue returns"]
         assert await anyio.to_thread.run_sync(ran.wait, 5)
-        await drain(iii)
-        await traced.trace(False)
-        stored = await traced.store.get(receipt)
-    # The first transaction stores the job claimed. The next writes its outcome and does
-    # not look for more jobs: the queue had none before this one came.
-    assert traced.kinds()[:3] == ["begin", "insert running", "commit"]
-    assert "claim" not in traced.kinds()
-    assert stored is not None
-    assert (stored.state, stored.attempts, stored.lease_owner) == ("completed", 1, None)
-
-
-async def test_under_steady_load_enqueues_keep_claiming_their_own_jobs(tmp_path: Path) -> None:
-    """16 producers enqueue as fast as their commits allow, from start-up on: the first
-    enqueues find the start-up claim holding every slot and leave their jobs queued. The
-    dispatcher then claims that backlog, and the enqueues after it store their jobs
-    claimed. (A runner that let its own backlog block every later enqueue's claim, or
-    held every slot for claims that find nothing, would leave almost all queued.)"""
-    store = SQLiteStore(tmp_path / "store")
-    stored = {"claimed": 0, "queued": 0}
-    insert_claimed, insert_queued = store._insert_claimed, store._enqueue
-
-    def count_claimed(conn: Any, rows: list[Any]) -> list[int]:
-        stored["claimed"] += len(rows)
-        return insert_claimed(conn, rows)
-
-    def count_queued(conn: Any, jobs: list[NewJob]) -> list[str]:
-        stored["queued"] += len(jobs)
-        return insert_queued(conn, jobs)
-
-    store._insert_claimed = count_claimed  # type: ignore[method-assign]
-    store._enqueue = count_queued  # type: ignore[method-assign]
-    iii = app_with(QueueConfig(name="work", concurrency=10), store=store)
-    ran = 0
-
-    @iii.function("job")
-    async def job(_: Any) -> None:
-        nonlocal ran
-        ran += 1
-
-    async def produce() -> None:
-        for _ in range(100):
-            await enqueue(iii, "job", {}, "work")
-
-    async with iii.running():
-        async with anyio.create_task_group() as tg:
-            for _ in range(16):
-                tg.start_soon(produce)
-        await drain(iii)
-    assert (ran, stored["claimed"] + stored["queued"]) == (1600, 1600)
-    assert stored["claimed"] > 1200, stored
-
-
-async def test_an_idle_fifo_queue_claims_in_the_enqueues_own_transaction(tmp_path: Path) -> None:
-    """A FIFO queue's jobs are claimed by the dispatcher (a group's order is the store's to
-    keep). It is woken before the enqueue's commit, not after it, and the file store
-    hands the writer every request of one loop turn together: the claim joins the
-    enqueue's transaction, so an idle queue starts a job one commit after it was sent."""
-    traced = _Traced(tmp_path / "store")
-    iii = app_with(
-        QueueConfig(name="work", type="fifo", message_group_field="g", poll_interval_ms=60_000),
-        store=traced.store,
-    )
-    ran = threading.Event()
-    iii.register_function("job", lambda _: ran.set())
-    async with iii.running():
-        await _wait_idle(iii, "work")
-        await traced.trace(True)
-        await enqueue(iii, "job", {"g": 1}, "work")
-        assert traced.calls[:3] == ["enqueue starts", "claim", "enqueue returns"]
-        assert await anyio.to_thread.run_sync(ran.wait, 5)
-        await traced.trace(False)
-    assert traced.kinds()[:4] == ["begin", "insert queued", "claim", "commit"]
+        await store._submit(lambda conn: trace(conn, None), write=False)
+    kinds = [
+        "begin"
+        if s.startswith("BEGIN")
+        else "commit"
+        if s.startswith("COMMIT")
+        else "insert"
+        if s.startswith("INSERT INTO jobs")
+        else "claim"
+        if s.startswith("UPDATE jobs SET state = 'running'")
+        else None
+        for s in statements
+    ]
+    kinds = [k for k in kinds if k is not None]
+    assert kinds[:4] == ["begin", "insert", "claim", "commit"]
 
 
 async def test_fifo_runs_one_job_per_group_in_enqueue_order_and_groups_in_parallel() -> None:

@@ -8,8 +8,7 @@ Design rules every store follows (the conformance suite checks each):
 * A claim moves jobs from ``queued`` to ``running`` and increments ``attempts`` in the same
   step, so an attempt that is lost with its process still counts.
 * Standard queues hand out available jobs oldest-available first (``available_at``, then
-  enqueue order). ``enqueue_claim`` too: it claims new jobs at once only when nothing
-  older is available. FIFO queues hand out only the *head* of each group (the lowest ``seq`` among
+  enqueue order). FIFO queues hand out only the *head* of each group (the lowest ``seq`` among
   its ``queued``, ``running`` and ``held`` jobs), only when the head is available and nothing
   of its group is running; a delayed head (backoff) blocks its group.
 * ``finish`` applies outcomes only to jobs still leased by the caller for that attempt; an
@@ -27,7 +26,7 @@ one never changes the store.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Literal, Protocol
 
 import attrs
@@ -285,12 +284,6 @@ class Store(Protocol):
         """True if other processes may write to this store (the runtime then polls)."""
 
     @property
-    def claims_on_enqueue(self) -> bool:
-        """True if :meth:`enqueue_claim` costs less than ``enqueue`` and a later ``claim``
-        (the file store: no claim statement, no row read back). Queue runners then use
-        it for local enqueues into a queue with free slots."""
-
-    @property
     def location(self) -> str:
         """Where the store lives, for messages (a path, or ``":memory:"``)."""
 
@@ -302,11 +295,8 @@ class Store(Protocol):
 
     # --- producing -------------------------------------------------------------------
 
-    def enqueue(self, jobs: Sequence[NewJob]) -> Awaitable[list[str]]:
+    async def enqueue(self, jobs: Sequence[NewJob]) -> list[str]:
         """Store ``jobs`` atomically (all or none) and return their ids in order.
-
-        (This and ``enqueue_claim`` are typed as returning an awaitable, not as coroutines,
-        so that a store may hand back its request's future itself.)
 
         For a job whose ``idempotency_key`` matches a live job of the same function (one that
         is not ``dead`` or ``cancelled`` and not yet pruned), nothing is stored and the live
@@ -317,34 +307,6 @@ class Store(Protocol):
         succeeds. The runtime relies on this when it wakes a queue's dispatcher before the
         enqueue commits.
         """
-
-    def enqueue_claim(
-        self,
-        jobs: Sequence[NewJob],
-        *,
-        limit: int,
-        now: float,
-        owner: str,
-        lease_until: float,
-        on_claimed: Callable[[list[Job], bool], None],
-    ) -> Awaitable[list[str]]:
-        """``enqueue(jobs)`` then ``claim`` of up to ``limit`` jobs of their queue, in one
-        transaction. Returns the receipt ids, as ``enqueue`` does.
-
-        ``on_claimed(claimed, left)`` is called once, on the event loop, when the call is
-        answered: before it returns (after the caller is woken, so that the caller runs
-        before whatever ``on_claimed`` wakes), and even if the caller was cancelled
-        meanwhile, so that a claim is never lost with its caller. It gets the claimed
-        jobs (as ``claim`` returns them: oldest available first, so an older available
-        job is claimed before a new one) and ``left``: False only if the claimed jobs
-        are exactly ``jobs``, so that this call left nothing of the queue available
-        (True may be said when unsure). If the call fails, it gets ``([], True)``.
-
-        ``jobs`` all belong to one standard (not FIFO) queue. The runners' path for a local
-        enqueue into a queue with free slots: the new jobs go to a worker with no separate
-        claim. A store may store such jobs as claimed at once when that gives the same
-        result (the file store does when no older job of the queue is available and the
-        jobs have no idempotency key)."""
 
     # --- consuming -------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from .._errors import StoreError
 from ._base import CronFire, ErrorInfo, Job, JobState, NewJob, Outcome, QueueCounts, make_job
@@ -129,7 +129,6 @@ class MemoryStore:
     """A :class:`~iii_embedded._stores.Store` held in this process's memory."""
 
     shared = False
-    claims_on_enqueue = False  # a claim costs little here, and batches well
     location = ":memory:"
 
     def __init__(self) -> None:
@@ -186,37 +185,6 @@ class MemoryStore:
             ids.append(row.id)
         if batch_keys:
             self._keys.update(batch_keys)
-        return ids
-
-    async def enqueue_claim(
-        self,
-        jobs: Sequence[NewJob],
-        *,
-        limit: int,
-        now: float,
-        owner: str,
-        lease_until: float,
-        on_claimed: Callable[[list[Job], bool], None],
-    ) -> list[str]:
-        """Enqueue then claim; see :meth:`Store.enqueue_claim`."""
-        try:
-            ids = await self.enqueue(jobs)
-        except BaseException:
-            on_claimed([], True)
-            raise
-        if jobs:
-            claimed = await self.claim(
-                jobs[0].queue,
-                fifo=False,
-                limit=limit,
-                now=now,
-                owner=owner,
-                lease_until=lease_until,
-            )
-            left = len(claimed) != len(jobs) or any(
-                job.id != new.id for job, new in zip(claimed, jobs, strict=False)
-            )
-            on_claimed(claimed, left)
         return ids
 
     def _push_live(self, row: _Row) -> None:

@@ -5,19 +5,16 @@ How it works, and why:
 * **One writer thread per store.** Every call from the event loop becomes a request on a
   ``queue.SimpleQueue``; the thread takes *all* pending requests, runs them in one
   transaction (``BEGIN IMMEDIATE`` … ``COMMIT``: group commit) and resolves their futures
-  on the loop with one ``call_soon_threadsafe``. The requests of one burst of the loop are
-  handed over together, two turns after the first, once the tasks it woke have made
-  theirs: an enqueue and the claim of the dispatcher it woke share a transaction. They
-  run in the order they were made. A commit costs 30-165 µs here, so many concurrent
-  enqueues, claims and acks share one.
+  on the loop with one ``call_soon_threadsafe``. The requests of one turn of the loop are
+  handed over together at the start of the next, after the tasks that turn woke have made
+  theirs: an enqueue and the claim of the dispatcher it woke share a transaction. A
+  commit costs 30-165 µs here, so many concurrent enqueues, claims and acks share one.
   Each request runs inside its own
   ``SAVEPOINT``: a request that fails (a full disk, a bad batch) is rolled back alone and
   gets its own error while the others commit. Nothing blocking ever runs on the loop.
 * **A claim is one statement**: ``UPDATE … WHERE seq IN (SELECT … LIMIT n) RETURNING``, with
   the rows read in full before commit. Standard queues claim through the index
-  ``(queue, state, available_at, seq)``: an index range scan whatever the backlog. A
-  local enqueue into a queue with free slots needs none (``enqueue_claim``): when a probe
-  of that index finds no older job available, its insert stores the jobs claimed.
+  ``(queue, state, available_at, seq)``: an index range scan whatever the backlog.
 * **FIFO heads live in a side table** ``fifo_groups(queue, grp, head_seq)``, kept in the
   same transactions as the jobs: a FIFO claim scans the queue's groups (not its jobs) and
   takes heads that are queued and available. A partial unique index on ``(queue, grp)``
@@ -49,7 +46,7 @@ import queue
 import socket
 import sqlite3
 import threading
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -85,15 +82,6 @@ _INSERT_JOBS = (
     "available_at, max_attempts, idempotency_key) VALUES "
 )
 _JOB_VALUES = "(?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)"  # 9 parameters: 900 per 100 rows
-# Jobs of ``enqueue_claim`` stored as claimed at once (standard queues, no idempotency key).
-_INSERT_CLAIMED = (
-    "INSERT INTO jobs (id, queue, function_id, payload, state, attempts, created_at, "
-    "available_at, started_at, max_attempts, lease_owner, lease_until) VALUES "
-)
-_CLAIMED_VALUES = "(?, ?, ?, ?, 'running', 1, ?, ?, ?, ?, ?, ?)"
-_ANY_AVAILABLE = (
-    "SELECT 1 FROM jobs WHERE queue = ? AND state = 'queued' AND available_at <= ? LIMIT 1"
-)
 
 # counts(): one statement per state, each answered by that state's partial index.
 _COUNT_BY_STATE = {
@@ -254,42 +242,8 @@ _MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
 }
 
 
-class _Lease:
-    """The claim half of an ``enqueue_claim`` request."""
-
-    __slots__ = ("lease_until", "limit", "now", "on_claimed", "owner", "register")
-
-    def __init__(
-        self,
-        limit: int,
-        now: float,
-        owner: str,
-        lease_until: float,
-        register: bool,
-        on_claimed: Callable[[list[Job], bool], None],
-    ) -> None:
-        self.limit = limit
-        self.now = now
-        self.owner = owner
-        self.lease_until = lease_until
-        self.register = register  # the owner's first write: add it to ``owners``
-        self.on_claimed = on_claimed
-
-
-class _Claimed:
-    """An ``enqueue_claim`` request's result: ``_deliver`` hands the jobs to the lease's
-    ``on_claimed`` (even if the caller is gone) and the ids to the caller."""
-
-    __slots__ = ("ids", "jobs", "left")
-
-    def __init__(self, ids: list[str], jobs: list[Job], left: bool) -> None:
-        self.ids = ids
-        self.jobs = jobs
-        self.left = left  # jobs of the queue may have been left available
-
-
 class _Request:
-    __slots__ = ("durable", "fn", "future", "jobs", "lease", "write")
+    __slots__ = ("durable", "fn", "future", "jobs", "write")
 
     def __init__(
         self,
@@ -298,7 +252,6 @@ class _Request:
         write: bool,
         jobs: list[NewJob] | None = None,
         durable: bool = True,
-        lease: _Lease | None = None,
     ) -> None:
         self.fn = fn
         self.future = future
@@ -308,41 +261,22 @@ class _Request:
         self.durable = durable
         # For enqueue requests: their jobs, so concurrent enqueues can share one insert.
         self.jobs = jobs
-        # For enqueue_claim requests: who claims, and how many.
-        self.lease = lease
 
 
-_Result = tuple[_Request, bool, Any]
-"""A request, whether it succeeded, and its value or its exception."""
-
-
-def _deliver(results: list[_Result]) -> None:
-    for request, ok, value in results:
-        future = request.future
-        lease = request.lease
-        claimed = value if lease is not None and ok else None
-        if not future.done():
-            if not ok:
-                future.set_exception(value)
-            elif claimed is not None:
-                future.set_result(claimed.ids)
-            else:
-                future.set_result(value)
-        if lease is not None:
-            # After the caller's wake-up, so that it runs before the workers woken here: a
-            # handler that waits for the run it enqueued has registered its wait by the time
-            # that run starts (the deadlock checks in ``_runs`` rely on it).
-            if claimed is not None:
-                lease.on_claimed(claimed.jobs, claimed.left)
-            else:
-                lease.on_claimed([], True)
+def _deliver(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    for future, ok, value in results:
+        if future.done():
+            continue
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
 
 
 class SQLiteStore:
     """A :class:`~iii_embedded._stores.Store` in ``<directory>/iii-queue.db`` (SQLite, WAL)."""
 
     shared = True
-    claims_on_enqueue = True
 
     def __init__(
         self,
@@ -403,35 +337,20 @@ class SQLiteStore:
         jobs: list[NewJob] | None = None,
         durable: bool = True,
     ) -> T:
-        return await self._request(fn, write, jobs, durable, None)
-
-    def _request(
-        self,
-        fn: Callable[[Conn], T],
-        write: bool,
-        jobs: list[NewJob] | None,
-        durable: bool,
-        lease: _Lease | None,
-    ) -> asyncio.Future[T]:
-        """Queue a request for the writer; the future resolves on the loop with its result.
-        (The hot paths return this future rather than awaiting it in a coroutine of their
-        own: each coroutine between a producer and its future costs it a frame to suspend
-        and one to resume.)"""
         loop = self._loop
         if self._closed or loop is None:
             raise StoreError(f"{self.path}: the store is not open")
         future: asyncio.Future[T] = loop.create_future()
         # Not put on the writer's queue at once: the writer would take it alone as soon as
-        # the loop next lets go of the GIL. The requests of one burst of the loop go to the
-        # writer together, in order, two turns after the first: by then the tasks this turn
-        # woke have run (producers resumed by a commit enqueue again, workers run the jobs
-        # it handed out), and so has the dispatcher their outcomes woke. The enqueues, the
-        # outcomes and the claims of one burst share a transaction.
+        # the loop next lets go of the GIL. Requests made in one turn of the loop go to the
+        # writer together, in order, at the start of the next turn, after the tasks this
+        # turn woke have run. So an enqueue and the claim of the dispatcher it woke share a
+        # transaction.
         outbox = self._outbox
         if not outbox:
-            loop.call_soon(loop.call_soon, self._hand_over)
-        outbox.append(_Request(fn, future, write, jobs, durable, lease))
-        return future
+            loop.call_soon(self._hand_over)
+        outbox.append(_Request(fn, future, write, jobs, durable))
+        return await future
 
     def _hand_over(self) -> None:
         outbox, self._outbox = self._outbox, []
@@ -487,7 +406,9 @@ class SQLiteStore:
                     self._commits = 0
                     self._checkpoint_wanted.set()
 
-    def _run_batch(self, conn: Conn, batch: list[_Request]) -> list[_Result]:
+    def _run_batch(
+        self, conn: Conn, batch: list[_Request]
+    ) -> list[tuple[asyncio.Future[Any], bool, Any]]:
         # Fast path: the whole batch in one transaction with no savepoints (failures are
         # rare). If any request fails, roll back and run the batch again carefully.
         fast = self._fast_batch(conn, batch)
@@ -501,7 +422,9 @@ class SQLiteStore:
             if outcome is not None:
                 done = {id(r): v for r, v in outcome}
                 return [
-                    (r, False, failed[id(r)]) if id(r) in failed else (r, True, done[id(r)])
+                    (r.future, False, failed[id(r)])
+                    if id(r) in failed
+                    else (r.future, True, done[id(r)])
                     for r in batch
                 ]
             # The transaction was lost (SQLite rolls it all back on some errors, a full disk
@@ -509,22 +432,25 @@ class SQLiteStore:
             pending = [r for r in pending if id(r) not in failed]
             merge = False
 
-    def _fast_batch(self, conn: Conn, batch: list[_Request]) -> list[_Result] | None:
-        """Run every request in one plain transaction, in order, concurrent enqueues merged
-        into one insert where the first of them stands. ``None`` (after a rollback) if
-        anything failed."""
+    def _fast_batch(
+        self, conn: Conn, batch: list[_Request]
+    ) -> list[tuple[asyncio.Future[Any], bool, Any]] | None:
+        """Run every request in one plain transaction, concurrent enqueues merged into one
+        insert. ``None`` (after a rollback) if anything failed."""
         enqueues = [r for r in batch if r.jobs is not None]
         try:
             self._begin(conn, batch)
             results: dict[int, Any] = {}
+            if len(enqueues) > 1:
+                everything = [job for r in enqueues for job in (r.jobs or ())]
+                ids = self._enqueue(conn, everything)
+                start = 0
+                for request in enqueues:
+                    count = len(request.jobs or ())
+                    results[id(request)] = ids[start : start + count]
+                    start += count
             for request in batch:
-                if id(request) in results:
-                    continue  # an enqueue merged into an earlier one's insert
-                if request.jobs is not None and len(enqueues) > 1:
-                    values = self._store_new(conn, [(r.jobs or [], r.lease) for r in enqueues])
-                    for enqueue, value in zip(enqueues, values, strict=True):
-                        results[id(enqueue)] = value
-                else:
+                if id(request) not in results:
                     results[id(request)] = request.fn(conn)
             conn.execute("COMMIT")
         except Exception:
@@ -532,7 +458,7 @@ class SQLiteStore:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
             return None
-        return [(r, True, results[id(r)]) for r in batch]
+        return [(r.future, True, results[id(r)]) for r in batch]
 
     def _try_batch(
         self,
@@ -545,9 +471,9 @@ class SQLiteStore:
         successful (request, value) pairs once committed, or ``None`` if the transaction
         was lost and must be retried without the requests now in ``failed``.
 
-        Requests run in order. With ``merge``, concurrent enqueues are first tried as one
-        insert where the first of them stands (their ids are handed back per request); if
-        that fails they run one by one, so only the bad one fails."""
+        With ``merge``, concurrent enqueues are first tried as one insert (their ids are
+        handed back per request); if that fails they run one by one, so only the bad one
+        fails."""
         if not pending:
             return []
         try:
@@ -558,20 +484,16 @@ class SQLiteStore:
                 failed[id(r)] = err
             return []
         succeeded: list[tuple[_Request, Any]] = []
+        todo = pending
         enqueues = [r for r in pending if r.jobs is not None]
-        merged: set[int] = set()  # enqueues done in the merged insert
-        for request in pending:
-            if id(request) in merged:
-                continue
-            if merge and not merged and request.jobs is not None and len(enqueues) > 1:
-                done = self._merged_enqueue(conn, enqueues)
-                if done is None and not conn.in_transaction:
-                    return None
-                if done is not None:
-                    succeeded += done
-                    merged = {id(r) for r in enqueues}
-                    continue
-                merge = False  # the merged insert failed: one by one, from this one on
+        if merge and len(enqueues) > 1:
+            merged = self._merged_enqueue(conn, enqueues)
+            if merged is None and not conn.in_transaction:
+                return None
+            if merged is not None:
+                succeeded += merged
+                todo = [r for r in pending if r.jobs is None]
+        for request in todo:
             try:
                 conn.execute("SAVEPOINT req")
                 value = request.fn(conn)
@@ -602,9 +524,10 @@ class SQLiteStore:
     def _merged_enqueue(
         self, conn: Conn, requests: list[_Request]
     ) -> list[tuple[_Request, Any]] | None:
+        everything = [job for r in requests for job in (r.jobs or ())]
         try:
             conn.execute("SAVEPOINT merged")
-            values = self._store_new(conn, [(r.jobs or [], r.lease) for r in requests])
+            ids = self._enqueue(conn, everything)
             conn.execute("RELEASE merged")
         except Exception:
             if conn.in_transaction:
@@ -612,7 +535,13 @@ class SQLiteStore:
                     conn.execute("ROLLBACK TO merged")
                     conn.execute("RELEASE merged")
             return None
-        return list(zip(requests, values, strict=True))
+        out: list[tuple[_Request, Any]] = []
+        start = 0
+        for request in requests:
+            count = len(request.jobs or ())
+            out.append((request, ids[start : start + count]))
+            start += count
+        return out
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -770,173 +699,10 @@ class SQLiteStore:
 
     # --- producing ---------------------------------------------------------------------
 
-    def enqueue(self, jobs: Sequence[NewJob]) -> Awaitable[list[str]]:
+    async def enqueue(self, jobs: Sequence[NewJob]) -> list[str]:
         """Store jobs atomically; see :meth:`Store.enqueue`."""
         jobs = list(jobs)
-        return self._request(lambda conn: self._enqueue(conn, jobs), True, jobs, True, None)
-
-    def enqueue_claim(
-        self,
-        jobs: Sequence[NewJob],
-        *,
-        limit: int,
-        now: float,
-        owner: str,
-        lease_until: float,
-        on_claimed: Callable[[list[Job], bool], None],
-    ) -> Awaitable[list[str]]:
-        """Enqueue then claim in one transaction; see :meth:`Store.enqueue_claim`."""
-        jobs = list(jobs)
-        register = owner not in self._owners
-        if register:
-            self._owners.add(owner)
-        lease = _Lease(limit, now, owner, lease_until, register, on_claimed)
-        # The request's result is a ``_Claimed``; ``_deliver`` gives its caller the ids.
-        return self._request(
-            lambda conn: self._store_new(conn, [(jobs, lease)])[0], True, jobs, True, lease
-        )
-
-    def _store_new(self, conn: Conn, parts: list[tuple[list[NewJob], _Lease | None]]) -> list[Any]:
-        """Store the jobs of one or more enqueue requests, in order, in as few statements as
-        possible. A part with a lease is an ``enqueue_claim``; its result is a ``_Claimed``
-        (its ids and the jobs it claimed), and a plain part's is its ids.
-
-        A part's jobs are stored as claimed at once (``running``, attempt 1) when that is
-        what enqueue-then-claim would give: a standard queue with no job available before
-        them (none in the table, none in an earlier part of this batch) and no idempotency
-        key to look up. Otherwise they are stored queued and the part claims after every
-        part's insert, oldest available first.
-        """
-        plain: list[NewJob] = []
-        claimed_rows: list[tuple[Any, ...]] = []
-        claimed_jobs: list[NewJob] = []
-        spans: list[tuple[int, int, int, _Lease | None]] = []  # per part: where its jobs went
-        blocked: set[str] = set()  # queues with a job available before the next part's
-        probed: set[str] = set()
-        for jobs, lease in parts:
-            direct = 0
-            if lease is not None and jobs:
-                if lease.register:  # INSERT OR IGNORE: also right when a batch runs again
-                    self._register_owner(conn, lease.owner, lease.now)
-                queue = jobs[0].queue
-                if queue not in probed:
-                    probed.add(queue)
-                    if conn.execute(_ANY_AVAILABLE, (queue, lease.now)).fetchone():
-                        blocked.add(queue)
-                if queue not in blocked and all(
-                    j.idempotency_key is None and j.group is None and j.available_at <= lease.now
-                    for j in jobs
-                ):
-                    direct = min(lease.limit, len(jobs))
-                now, owner, until = lease.now, lease.owner, lease.lease_until
-                for job in jobs[:direct]:
-                    claimed_jobs.append(job)
-                    claimed_rows.append(
-                        (
-                            job.id,
-                            job.queue,
-                            job.function_id,
-                            job.payload,
-                            job.created_at,
-                            job.available_at,
-                            now,
-                            job.max_attempts,
-                            owner,
-                            until,
-                        )
-                    )
-            spans.append((len(claimed_jobs) - direct, len(plain), direct, lease))
-            rest = jobs[direct:]
-            plain += rest
-            blocked.update(job.queue for job in rest)
-        seqs = self._insert_claimed(conn, claimed_rows) if claimed_rows else []
-        ids = self._enqueue(conn, plain) if plain else []
-        results: list[Any] = []
-        for (jobs, _), (first, start, direct, lease) in zip(parts, spans, strict=True):
-            part_ids = ids[start : start + len(jobs) - direct]
-            if lease is None:
-                results.append(part_ids)
-                continue
-            if direct:
-                taken = [
-                    make_job(
-                        job.id,
-                        job.queue,
-                        job.function_id,
-                        job.payload,
-                        None,
-                        seq,
-                        "running",
-                        1,
-                        job.max_attempts,
-                        job.created_at,
-                        job.available_at,
-                        lease.now,
-                        None,
-                        None,
-                        None,
-                        None,
-                        None,
-                        lease.owner,
-                        lease.lease_until,
-                        None,
-                        False,
-                    )
-                    for job, seq in zip(
-                        claimed_jobs[first : first + direct],
-                        seqs[first : first + direct],
-                        strict=True,
-                    )
-                ]
-                results.append(
-                    _Claimed(
-                        [job.id for job in taken] + part_ids,
-                        taken,
-                        direct < len(jobs),
-                    )
-                )
-            else:
-                taken = []
-                if jobs and lease.limit > 0:
-                    taken = self._claim(
-                        conn,
-                        jobs[0].queue,
-                        False,
-                        lease.limit,
-                        lease.now,
-                        lease.owner,
-                        lease.lease_until,
-                    )
-                results.append(_Claimed(part_ids, taken, True))
-        return results
-
-    @staticmethod
-    def _insert_claimed(conn: Conn, rows: list[tuple[Any, ...]]) -> list[int]:
-        """Insert jobs as claimed; return their ``seq`` values, in order."""
-        seqs: list[int] = []
-        for chunk in _chunks(rows, 100):
-            last = conn.execute(
-                _INSERT_CLAIMED + ",".join([_CLAIMED_VALUES] * len(chunk)),
-                [value for row in chunk for value in row],
-            ).lastrowid
-            # A rowid table gives each new row the largest rowid plus one, so one
-            # statement's rows are numbered in a run ending at ``lastrowid``. Checked on
-            # the first row all the same (SQLite picks at random past the largest
-            # 64-bit rowid); if it does not hold, the rows are read back.
-            first = (last or 0) - len(chunk) + 1
-            found = conn.execute("SELECT id FROM jobs WHERE seq = ?", (first,)).fetchone()
-            if found is not None and found[0] == chunk[0][0]:
-                seqs += range(first, first + len(chunk))
-            else:
-                marks = ",".join("?" * len(chunk))
-                by_id = dict(
-                    conn.execute(
-                        f"SELECT id, seq FROM jobs WHERE id IN ({marks})",
-                        [row[0] for row in chunk],
-                    ).fetchall()
-                )
-                seqs += [by_id[row[0]] for row in chunk]
-        return seqs
+        return await self._submit(lambda conn: self._enqueue(conn, jobs), jobs=jobs)
 
     @staticmethod
     def _enqueue(conn: Conn, jobs: list[NewJob]) -> list[str]:

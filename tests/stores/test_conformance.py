@@ -14,7 +14,6 @@ import pytest
 from iii_embedded._stores import (
     CronFire,
     ErrorInfo,
-    Job,
     NewJob,
     Outcome,
     QueueCounts,
@@ -207,115 +206,6 @@ async def test_claims_only_the_named_queue(store: Store) -> None:
     await store.enqueue([job("a", queue="q1"), job("b", queue="q2")])
     assert await claim(store, "q2") == ["b"]
     assert await claim(store, "nope") == []
-
-
-# --- enqueue_claim: enqueue then claim, in one call ----------------------------------------
-
-
-async def enqueue_claim(
-    store: Store, jobs: list[NewJob], *, limit: int = 10, now: float = T0
-) -> tuple[list[str], list[Job], bool]:
-    """``enqueue_claim``'s ids, the jobs it claimed, and whether it says it left any."""
-    got: list[tuple[list[Job], bool]] = []
-    ids = await store.enqueue_claim(
-        jobs,
-        limit=limit,
-        now=now,
-        owner=OWNER,
-        lease_until=now + 30,
-        on_claimed=lambda claimed, left: got.append((claimed, left)),
-    )
-    assert len(got) == 1, "on_claimed is called once, before enqueue_claim returns"
-    return ids, *got[0]
-
-
-async def test_enqueue_claim_claims_new_jobs_when_nothing_older_is_available(
-    store: Store,
-) -> None:
-    ids, claimed, left = await enqueue_claim(store, [job("a"), job("b")], now=T0 + 1)
-    assert (ids, left) == (["a", "b"], False)
-    assert [
-        (j.id, j.state, j.attempts, j.started_at, j.lease_owner, j.lease_until) for j in claimed
-    ] == [
-        ("a", "running", 1, T0 + 1, OWNER, T0 + 31),
-        ("b", "running", 1, T0 + 1, OWNER, T0 + 31),
-    ]
-    # The records handed out are the stored ones, ``seq`` included.
-    stored = {j.id: j for j in await store.list_jobs("q")}
-    assert claimed == [stored["a"], stored["b"]]
-    assert stored["a"].seq < stored["b"].seq
-    # They finish as claimed jobs do, found by their seq.
-    await store.finish([completed_outcome(j.id, OWNER, 1, T0 + 2, '"ok"', j.seq) for j in claimed])
-    assert [await state_of(store, i) for i in ids] == [("completed", 1), ("completed", 1)]
-    assert await claim(store) == []
-
-
-async def test_enqueue_claim_claims_an_older_available_job_first(store: Store) -> None:
-    await store.enqueue([job("old")])
-    ids, claimed, left = await enqueue_claim(store, [job("new")], limit=1)
-    assert (ids, [j.id for j in claimed], left) == (["new"], ["old"], True)
-    assert await state_of(store, "new") == ("queued", 0)
-    assert await claim(store) == ["new"]
-
-
-async def test_enqueue_claim_claims_at_most_limit_and_leaves_the_rest_queued(
-    store: Store,
-) -> None:
-    ids, claimed, left = await enqueue_claim(store, [job("a"), job("b"), job("c")], limit=2)
-    assert (ids, [j.id for j in claimed], left) == (["a", "b", "c"], ["a", "b"], True)
-    assert await state_of(store, "c") == ("queued", 0)
-    _, none, left = await enqueue_claim(store, [job("d")], limit=0)
-    assert (none, left) == ([], True)
-    assert await claim(store) == ["c", "d"]
-
-
-async def test_enqueue_claim_is_not_held_back_by_delayed_jobs_or_other_queues(
-    store: Store,
-) -> None:
-    await store.enqueue([job("later", at=T0 + 50), job("elsewhere", queue="q2")])
-    _, claimed, left = await enqueue_claim(store, [job("new")])
-    assert ([j.id for j in claimed], left) == (["new"], False)
-    assert await state_of(store, "later") == ("queued", 0)
-    assert await claim(store, "q2") == ["elsewhere"]
-
-
-async def test_enqueue_claim_with_a_known_idempotency_key_claims_the_live_job(
-    store: Store,
-) -> None:
-    await store.enqueue([job("first", key="k")])
-    ids, claimed, left = await enqueue_claim(store, [job("second", key="k")])
-    assert (ids, [(j.id, j.attempts) for j in claimed], left) == (["first"], [("first", 1)], True)
-    assert await store.get("second") is None
-
-
-async def test_a_job_claimed_by_enqueue_claim_is_recovered_when_its_lease_expires(
-    store: Store,
-) -> None:
-    await enqueue_claim(store, [job("a")])
-    assert await store.recover(T0 + 29) == []
-    assert [(j.id, j.state, j.attempts) for j in await store.recover(T0 + 31)] == [
-        ("a", "queued", 1)
-    ]
-    again = await store.claim(
-        "q", fifo=False, limit=1, now=T0 + 31, owner=OWNER, lease_until=T0 + 60
-    )
-    assert [j.attempts for j in again] == [2]
-
-
-async def test_a_failed_enqueue_claim_stores_and_claims_nothing(store: Store) -> None:
-    await store.enqueue([job("a")])
-    got: list[tuple[list[Job], bool]] = []
-    with pytest.raises(Exception):  # noqa: B017 - each store names its own error
-        await store.enqueue_claim(
-            [job("b"), job("a")],  # "a" exists: the whole batch fails
-            limit=5,
-            now=T0,
-            owner=OWNER,
-            lease_until=T0 + 30,
-            on_claimed=lambda claimed, left: got.append((claimed, left)),
-        )
-    assert got == [([], True)], "on_claimed hears of the failure too"
-    assert [(j.id, j.state) for j in await store.list_jobs()] == [("a", "queued")]
 
 
 async def test_finish_is_ignored_for_a_wrong_owner_or_attempt(store: Store) -> None:
