@@ -7,7 +7,8 @@
 
 Every run of every scenario is a fresh subprocess (``python -m benchmarks.worker``), so
 state and peak RSS do not leak between them; the table shows medians of 3 runs (of 1 where
-noted). Each iii-embedded figure is shown beside its ratio to the peers and to the raw
+noted), taken in rounds: the first run of every scenario, then the second, then the
+third. Each iii-embedded figure is shown beside its ratio to the peers and to the raw
 SQLite limits measured in the same run, and against its target. Absolute figures drift
 between runs on shared machines; the ratios are what to compare.
 
@@ -61,34 +62,77 @@ def run_once(module: str, function: str, params: dict[str, Any]) -> dict[str, An
     return dict(json.loads(lines[-1]))
 
 
-def measure(s: Scenario, quick: bool) -> dict[str, Any]:
-    """Run ``s`` (its prepare step first), ``repeats`` times; the median and the runs."""
-    params, prep_params = quick_params(s) if quick else (dict(s.params), None)
-    if s.prepare is not None and prep_params is None:
-        prep_params = dict(s.prepare[2])
-    repeats = 1 if quick else s.repeats
-    prepared: dict[str, Any] = {}
-    runs: list[dict[str, Any]] = []
-    for i in range(repeats):
+class _Runs:
+    """One scenario's runs so far, and what its prepare step made."""
+
+    def __init__(self, s: Scenario, quick: bool) -> None:
+        self.s = s
+        self.params, prep = quick_params(s) if quick else (dict(s.params), None)
+        if s.prepare is not None and prep is None:
+            prep = dict(s.prepare[2])
+        self.prep_params = prep
+        self.repeats = 1 if quick else s.repeats
+        self.prepared: dict[str, Any] = {}
+        self.runs: list[dict[str, Any]] = []
+        self.error: str | None = None
+
+    def run(self, i: int) -> dict[str, Any]:
+        """Run number ``i`` (its prepare step first where due); its result."""
+        s = self.s
         if s.prepare is not None and (i == 0 or s.prepare_each):
-            prepared = run_once(s.prepare[0], s.prepare[1], prep_params or {})
-        extra = {"directory": prepared["directory"]} if "directory" in prepared else {}
-        runs.append(run_once(s.module, s.function, {**params, **extra}))
-    values = [float(r[s.metric]) for r in runs]
-    median = statistics.median(values)
-    middle = runs[min(range(len(runs)), key=lambda i: abs(values[i] - median))]
-    detail = {k: v for k, v in middle.items() if k != s.metric}
-    detail["peak_rss_mb"] = max(float(r["peak_rss_mb"]) for r in runs)
-    for key in ("prefill_s", "prefill_method"):
-        if key in prepared:
-            detail[key] = prepared[key]
-    return {
-        "median": median,
-        "runs": values,
-        "detail": detail,
-        "params": params,
-        **({"prepare_params": prep_params} if prep_params else {}),
-    }
+            self.prepared = run_once(s.prepare[0], s.prepare[1], self.prep_params or {})
+        extra = {"directory": self.prepared["directory"]} if "directory" in self.prepared else {}
+        result = run_once(s.module, s.function, {**self.params, **extra})
+        self.runs.append(result)
+        return result
+
+    def result(self) -> dict[str, Any]:
+        """The median and the runs (or the error)."""
+        if self.error is not None:
+            return {"error": self.error}
+        s, runs = self.s, self.runs
+        values = [float(r[s.metric]) for r in runs]
+        median = statistics.median(values)
+        middle = runs[min(range(len(runs)), key=lambda i: abs(values[i] - median))]
+        detail = {k: v for k, v in middle.items() if k != s.metric}
+        detail["peak_rss_mb"] = max(float(r["peak_rss_mb"]) for r in runs)
+        for key in ("prefill_s", "prefill_method"):
+            if key in self.prepared:
+                detail[key] = self.prepared[key]
+        return {
+            "median": median,
+            "runs": values,
+            "detail": detail,
+            "params": self.params,
+            **({"prepare_params": self.prep_params} if self.prep_params else {}),
+        }
+
+
+def measure(selected: list[Scenario], quick: bool) -> dict[str, dict[str, Any]]:
+    """Run every scenario ``repeats`` times, in rounds: the first run of each, then the
+    second of each, and so on. A scenario's runs are spread over the whole session, as
+    are those of the peers and limits it is compared with, so a machine that speeds up
+    or slows down during the session (these shared VMs do, by 20% within minutes) moves
+    both sides of a ratio alike. Scenarios run once take the first round."""
+    states = [_Runs(s, quick) for s in selected]
+    for i in range(max((st.repeats for st in states), default=0)):
+        for st in states:
+            if i >= st.repeats or st.error is not None:
+                continue
+            t0 = time.monotonic()
+            try:
+                value = float(st.run(i)[st.s.metric])
+                shown = f"{_value_text(value, st.s.metric)} {st.s.unit}"
+            except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                st.error = str(exc)
+                shown = f"FAILED: {exc}"
+            print(
+                f"  {st.s.id:28} {i + 1}/{st.repeats} {shown:>22}   "
+                f"({time.monotonic() - t0:.1f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
+    return {st.s.id: st.result() for st in states}
 
 
 # --- comparing -------------------------------------------------------------------------
@@ -278,24 +322,11 @@ def main(argv: list[str] | None = None) -> int:
 
     info, peer_info = machine(), peers()
     print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), file=sys.stderr, flush=True)
-    results: dict[str, dict[str, Any]] = {}
     started = time.monotonic()
     scratch = tempfile.mkdtemp(prefix="iii-bench-")
     os.environ[SCRATCH_ENV] = scratch
     try:
-        for s in selected:
-            t0 = time.monotonic()
-            try:
-                results[s.id] = measure(s, args.quick)
-                shown = f"{_value_text(results[s.id]['median'], s.metric)} {s.unit}"
-            except (RuntimeError, subprocess.TimeoutExpired) as exc:
-                results[s.id] = {"error": str(exc)}
-                shown = f"FAILED: {exc}"
-            print(
-                f"  {s.id:28} {shown:>22}   ({time.monotonic() - t0:.1f} s)",
-                file=sys.stderr,
-                flush=True,
-            )
+        results = measure(selected, args.quick)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     for s in selected:
