@@ -112,7 +112,7 @@ def measure(selected: list[Scenario], quick: bool) -> dict[str, dict[str, Any]]:
     """Run every scenario ``repeats`` times, in rounds: the first run of each, then the
     second of each, and so on. A scenario's runs are spread over the whole session, as
     are those of the peers and limits it is compared with, so a machine that speeds up
-    or slows down during the session (these shared VMs do, by 20% within minutes) moves
+    or slows down during the session (these shared VMs do, by up to 15% within minutes) moves
     both sides of a ratio alike. Scenarios run once take the first round."""
     states = [_Runs(s, quick) for s in selected]
     for i in range(max((st.repeats for st in states), default=0)):
