@@ -26,13 +26,13 @@ from ._actions import EnqueueAction, VoidAction, parse_action
 from ._clock import Clock, SystemClock
 from ._config import Config, QueueConfig
 from ._context import Invocation, current_invocation
-from ._errors import InvocationError
+from ._errors import InvocationError, StoreError
 from ._registry import FunctionRef, FunctionSpec, Registry, is_async_callable
 from ._runs import BatchResult, RunResult, Runs
 from ._runs import batch_trigger as _batch_trigger
 from ._runs import batch_trigger_and_wait as _batch_trigger_and_wait
 from ._runs import trigger_and_wait as _trigger_and_wait
-from ._runtime import Runtime
+from ._runtime import Runtime, enqueue_failed
 from ._stats import DeadJob, QueueStats
 from ._stores import Store, open_store
 
@@ -252,6 +252,12 @@ class III:
         fid, data, act, timeout = _parse_request(request, payload, action, timeout_ms)
         rt = self.runtime
         if rt.loop_thread == threading.get_ident():
+            if isinstance(act, EnqueueAction):  # the hot path, with no coroutine between
+                try:  # this one and the store's future
+                    ids = await rt.submit_enqueue(fid, (data,), act, batch=False)
+                except StoreError as exc:
+                    raise enqueue_failed(exc) from exc
+                return {"messageReceiptId": ids[0]}
             return await rt.trigger(fid, data, act, timeout)
         # Called from another event loop (the engine runs in a background thread).
         portal = rt.portal

@@ -14,7 +14,7 @@ import os
 import socket
 import threading
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -387,6 +387,26 @@ class Runtime:
         Raises ``InvocationError("enqueue_error", ...)`` naming the bad item (by index for
         batches) and stores nothing if any item is invalid.
         """
+        try:
+            return await self.submit_enqueue(
+                function_id, payloads, action, batch=batch, idempotency_keys=idempotency_keys
+            )
+        except StoreError as exc:
+            raise enqueue_failed(exc) from exc
+
+    def submit_enqueue(
+        self,
+        function_id: str,
+        payloads: Sequence[Any],
+        action: EnqueueAction,
+        *,
+        batch: bool,
+        idempotency_keys: Sequence[str | None] | None = None,
+    ) -> Awaitable[list[str]]:
+        """``enqueue`` without its coroutine: validate (raising ``InvocationError`` at
+        once), hand the jobs to the store, and return the store's awaitable of their ids,
+        which raises ``StoreError`` (see :func:`enqueue_failed`). For the hot path, where a
+        coroutine frame less is ~2% of a no-op job on the file store."""
         jobs = self.build_jobs(
             function_id, payloads, action, batch=batch, idempotency_keys=idempotency_keys
         )
@@ -396,10 +416,7 @@ class Runtime:
         runner = self.runners.get(action.queue)
         if runner is not None:
             runner.wake()
-        try:
-            return await self.store.enqueue(jobs)
-        except StoreError as exc:
-            raise InvocationError("enqueue_error", f"could not store the job: {exc}") from exc
+        return self.store.enqueue(jobs)
 
     def build_jobs(
         self,
@@ -425,6 +442,11 @@ class Runtime:
             batch=batch,
             idempotency_keys=idempotency_keys,
         )
+
+
+def enqueue_failed(exc: StoreError) -> InvocationError:
+    """The error an enqueue raises when the store could not take its jobs."""
+    return InvocationError("enqueue_error", f"could not store the job: {exc}")
 
 
 def new_jobs(

@@ -26,7 +26,7 @@ one never changes the store.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Literal, Protocol
 
 import attrs
@@ -295,12 +295,15 @@ class Store(Protocol):
 
     # --- producing -------------------------------------------------------------------
 
-    async def enqueue(self, jobs: Sequence[NewJob]) -> list[str]:
+    def enqueue(self, jobs: Sequence[NewJob]) -> Awaitable[list[str]]:
         """Store ``jobs`` atomically (all or none) and return their ids in order.
 
         For a job whose ``idempotency_key`` matches a live job of the same function (one that
         is not ``dead`` or ``cancelled`` and not yet pruned), nothing is stored and the live
-        job's id is returned in its place. Returns only once the jobs are durable.
+        job's id is returned in its place. The awaitable resolves only once the jobs are
+        durable. A store may do its part at the call (the file store hands the jobs to its
+        writer there and returns a future) or when awaited (an ``async def``); either may
+        raise ``StoreError``.
 
         Calls take effect in the order they are made (``counts`` excepted): a call made
         after ``enqueue`` was called (before it returned) sees the jobs if the enqueue

@@ -329,14 +329,14 @@ class SQLiteStore:
             cause = text
         return StoreError(f"{self.path}: {doing} failed: {cause} ({text})")
 
-    async def _submit(
+    def _submit(
         self,
         fn: Callable[[Conn], T],
         *,
         write: bool = True,
         jobs: list[NewJob] | None = None,
         durable: bool = True,
-    ) -> T:
+    ) -> asyncio.Future[T]:
         loop = self._loop
         if self._closed or loop is None:
             raise StoreError(f"{self.path}: the store is not open")
@@ -350,7 +350,7 @@ class SQLiteStore:
         if not outbox:
             loop.call_soon(self._hand_over)
         outbox.append(_Request(fn, future, write, jobs, durable))
-        return await future
+        return future
 
     def _hand_over(self) -> None:
         outbox, self._outbox = self._outbox, []
@@ -699,10 +699,10 @@ class SQLiteStore:
 
     # --- producing ---------------------------------------------------------------------
 
-    async def enqueue(self, jobs: Sequence[NewJob]) -> list[str]:
+    def enqueue(self, jobs: Sequence[NewJob]) -> asyncio.Future[list[str]]:
         """Store jobs atomically; see :meth:`Store.enqueue`."""
         jobs = list(jobs)
-        return await self._submit(lambda conn: self._enqueue(conn, jobs), jobs=jobs)
+        return self._submit(lambda conn: self._enqueue(conn, jobs), jobs=jobs)
 
     @staticmethod
     def _enqueue(conn: Conn, jobs: list[NewJob]) -> list[str]:
