@@ -23,6 +23,7 @@ import attrs
 from anyio.from_thread import BlockingPortal
 
 from ._actions import EnqueueAction, VoidAction, parse_action
+from ._affinity import pinned
 from ._clock import Clock, SystemClock
 from ._config import Config, QueueConfig
 from ._context import Invocation, current_invocation
@@ -497,39 +498,43 @@ class III:
         # own StoreError rather than an exception group.
         await store.open()
         try:
-            async with (
-                _single_errors(),
-                BlockingPortal() as portal,
-                anyio.create_task_group() as tg,
-            ):
-                await rt.start(tg, portal)
-                self._runtime = rt
-                try:
-                    if self.config.http is not None:
-                        from ._http import HttpServer
+            # Pinned once the store is open (its threads share the loop's CPU), and
+            # unpinned before it closes: threads started meanwhile on the loop's thread
+            # inherit the pin (see _affinity).
+            with pinned(self.config.store.pin_cpu, store.own_thread_ids()):
+                async with (
+                    _single_errors(),
+                    BlockingPortal() as portal,
+                    anyio.create_task_group() as tg,
+                ):
+                    await rt.start(tg, portal)
+                    self._runtime = rt
+                    try:
+                        if self.config.http is not None:
+                            from ._http import HttpServer
 
-                        self.http_server = HttpServer(
-                            self, self.config.http.host, self.config.http.port
-                        )
-                        await self.http_server.start(tg)
-                    from ._cron import start_cron
+                            self.http_server = HttpServer(
+                                self, self.config.http.host, self.config.http.port
+                            )
+                            await self.http_server.start(tg)
+                        from ._cron import start_cron
 
-                    start_cron(self, tg)
-                    for hook in self.lifecycle_hooks:
-                        result = hook(self, tg)
-                        if inspect.isawaitable(result):
-                            await result
-                    yield self
-                finally:
-                    with anyio.CancelScope(shield=True):
-                        try:
-                            if self.http_server is not None:
-                                await self.http_server.stop()
-                                self.http_server = None
-                            await rt.shutdown()
-                        finally:
-                            self._runtime = None
-                            tg.cancel_scope.cancel()
+                        start_cron(self, tg)
+                        for hook in self.lifecycle_hooks:
+                            result = hook(self, tg)
+                            if inspect.isawaitable(result):
+                                await result
+                        yield self
+                    finally:
+                        with anyio.CancelScope(shield=True):
+                            try:
+                                if self.http_server is not None:
+                                    await self.http_server.stop()
+                                    self.http_server = None
+                                await rt.shutdown()
+                            finally:
+                                self._runtime = None
+                                tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
                 await store.aclose()

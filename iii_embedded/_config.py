@@ -93,8 +93,19 @@ class StoreConfig:
     synchronous: Literal["normal", "full"] = "normal"
     lease_ms: int = attrs.field(default=30_000, validator=_positive)
     result_retention_ms: int = attrs.field(default=86_400_000, validator=_positive)
+    pin_cpu: int | Literal["auto"] | None = None
+    """*Extension* (Linux): run the engine's event loop and the file store's writer on
+    one CPU, a number or ``"auto"`` (the one the engine starts on). Off by default; see
+    docs/configuration.md."""
 
     def __attrs_post_init__(self) -> None:
+        pin = self.pin_cpu
+        if (
+            pin is not None
+            and pin != "auto"
+            and (isinstance(pin, bool) or not isinstance(pin, int) or pin < 0)
+        ):
+            raise ValueError(f"pin_cpu must be a CPU number >= 0 or 'auto', got {pin!r}")
         if self.store_method not in ("in_memory", "file_based"):
             raise ValueError(
                 f"store_method must be 'in_memory' or 'file_based', got {self.store_method!r}"

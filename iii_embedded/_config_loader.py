@@ -51,7 +51,14 @@ _INT_KEYS = {
 }
 _QUEUE_KEYS = _INT_KEYS | {"type", "message_group_field", "jitter"}
 _POSITIVE = {"concurrency", "poll_interval_ms"}
-_ADAPTER_KEYS = {"store_method", "file_path", "synchronous", "lease_ms", "result_retention_ms"}
+_ADAPTER_KEYS = {
+    "store_method",
+    "file_path",
+    "synchronous",
+    "lease_ms",
+    "result_retention_ms",
+    "pin_cpu",
+}
 
 
 class _Reader:
@@ -290,6 +297,18 @@ class _Reader:
                 isinstance(value, bool) or not isinstance(value, int) or value < 1
             ):
                 raise self.fail(f"{key} must be an integer >= 1, got {value!r}", key_line)
+            if key == "pin_cpu":
+                if value is True:
+                    value = "auto"
+                elif value is False:
+                    value = None
+                elif value != "auto" and (
+                    isinstance(value, bool) or not isinstance(value, int) or value < 0
+                ):
+                    raise self.fail(
+                        f"pin_cpu must be a CPU number >= 0, 'auto' or false, got {value!r}",
+                        key_line,
+                    )
             if key == "file_path":
                 if not isinstance(value, str) or not value:
                     raise self.fail(f"file_path must be a directory path, got {value!r}", key_line)

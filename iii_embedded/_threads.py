@@ -30,6 +30,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from ._affinity import unpin_current_thread
+
 __all__ = ["ThreadPool", "Settle"]
 
 Settle = Callable[[list[tuple[Any, bool, Any]]], None]
@@ -101,6 +103,7 @@ class ThreadPool:
         thread.start()
 
     def _work(self) -> None:
+        unpin_current_thread()  # handlers may release the GIL: let them use every CPU
         get = self._queue.get
         while True:
             item = get()

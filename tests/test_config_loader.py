@@ -180,6 +180,16 @@ def test_relative_file_path_is_resolved_from_the_config_files_directory(
             3,
             "synchronous must be 'normal' or 'full', got 'extra'",
         ),
+        (
+            "adapter:\n  config:\n    pin_cpu: -1\n",
+            3,
+            "pin_cpu must be a CPU number >= 0, 'auto' or false, got -1",
+        ),
+        (
+            "adapter:\n  config:\n    pin_cpu: fast\n",
+            3,
+            "pin_cpu must be a CPU number >= 0, 'auto' or false, got 'fast'",
+        ),
         ("workers: {name: iii-queue}\n", 1, "'workers' must be a list, got a mapping"),
         (
             "workers:\n  - name: iii-queue\n    config:\n      queues: {}\n",
@@ -200,6 +210,14 @@ def test_errors_name_the_file_the_line_and_the_problem(
     assert message.startswith(f"{path}:{line}: "), message
     assert fragment in message
     assert caught.value.line == line
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [("auto", "auto"), ("true", "auto"), ("false", None), ("3", 3)]
+)
+def test_pin_cpu_reads_a_cpu_number_auto_or_false(value: str, expected: object) -> None:
+    config = parse_config(f"adapter:\n  config:\n    pin_cpu: {value}\n")
+    assert config.store.pin_cpu == expected
 
 
 def test_a_missing_file_is_a_clear_error(tmp_path: Path) -> None:

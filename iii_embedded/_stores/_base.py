@@ -290,6 +290,10 @@ class Store(Protocol):
     async def open(self) -> None:
         """Open (create or migrate) the store. Raises ``StoreError`` with path and cause."""
 
+    def own_thread_ids(self) -> Sequence[int]:
+        """Native ids of the open store's threads that serve the event loop's requests
+        (pinned with the loop by ``pin_cpu``); empty for a store without threads."""
+
     async def aclose(self) -> None:
         """Flush and close. Idempotent."""
 

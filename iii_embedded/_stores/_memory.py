@@ -159,6 +159,10 @@ class MemoryStore:
             index = self._queues[queue] = _QueueIndex()
         return index
 
+    def own_thread_ids(self) -> Sequence[int]:
+        """None: this store runs on the event loop's thread."""
+        return ()
+
     # --- producing -------------------------------------------------------------------
 
     async def enqueue(self, jobs: Sequence[NewJob]) -> list[str]:

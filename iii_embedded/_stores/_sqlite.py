@@ -563,6 +563,11 @@ class SQLiteStore:
         )
         self._thread.start()
 
+    def own_thread_ids(self) -> Sequence[int]:
+        """The writer thread's native id (the checkpointer runs beside it, unpinned)."""
+        thread = self._thread
+        return () if thread is None or thread.native_id is None else (thread.native_id,)
+
     def _checkpoint(self) -> None:
         """The checkpointer thread: a ``PASSIVE`` checkpoint each time the writer asks."""
         try:
