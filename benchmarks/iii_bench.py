@@ -2,8 +2,9 @@
 latency, and throughput with a deep backlog.
 
 Stores: ``memory`` (in-memory), ``file-normal`` and ``file-full`` (the SQLite file store
-with ``synchronous: normal`` or ``full``). Queues are standard with concurrency 10 unless
-said otherwise; handlers are no-ops that only count.
+with ``synchronous: normal`` or ``full``), and ``file-normal-pinned`` and
+``file-full-pinned`` (the same with ``pin_cpu: auto``). Queues are standard with
+concurrency 10 unless said otherwise; handlers are no-ops that only count.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from iii_embedded import III, Config, QueueConfig, StoreConfig, TriggerAction
 
 from ._util import latency_summary, scratch, shares
 
-StoreKind = Literal["memory", "file-normal", "file-full"]
+StoreKind = Literal["memory", "file-normal", "file-full", "file-normal-pinned", "file-full-pinned"]
 QUEUE = "q"
 ENQUEUE = TriggerAction.Enqueue(queue=QUEUE)
 
@@ -34,7 +35,8 @@ def _store_config(store: StoreKind, directory: Path | None = None) -> StoreConfi
     return StoreConfig(
         store_method="file_based",
         file_path=str(directory or scratch("iii")),
-        synchronous="full" if store == "file-full" else "normal",
+        synchronous="full" if store.startswith("file-full") else "normal",
+        pin_cpu="auto" if store.endswith("-pinned") else None,
     )
 
 

@@ -159,7 +159,11 @@ def _timeline(events: list[tuple[float, str]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_e2e")
-    parser.add_argument("--store", default="file-full", choices=["file-full", "file-normal"])
+    parser.add_argument(
+        "--store",
+        default="file-full",
+        choices=["file-full", "file-normal", "file-full-pinned", "file-normal-pinned"],
+    )
     parser.add_argument("--handler", default="async", choices=["async", "sync"])
     parser.add_argument("-n", type=int, default=20_000)
     parser.add_argument(

@@ -69,6 +69,22 @@ class Scenario:
         return {"rate": "/s", "us": "µs", "p50_ms": "ms p50"}[self.metric]
 
 
+def _pinned(store: str) -> bool:
+    return store.endswith("-pinned")
+
+
+def _system(store: str) -> str:
+    """``file-normal-pinned`` → ``iii file normal, pin_cpu``."""
+    name = "iii " + store.removesuffix("-pinned").replace("-", " ")
+    return name + ", pin_cpu" if _pinned(store) else name
+
+
+def _untargeted(ref: Ref) -> Ref:
+    """The same comparison without a target: targets are judged on the default
+    configuration, and ``pin_cpu`` is an opt-in (its rows are shown beside it)."""
+    return Ref(ref.ids, ref.name, percent=ref.percent)
+
+
 def _raw() -> list[Scenario]:
     out = []
     for sync in ("normal", "full"):
@@ -157,18 +173,19 @@ def _enqueue() -> list[Scenario]:
                     percent=True,
                 )
             )
-            out.append(
-                Scenario(
-                    f"enqueue.file-{sync}.p{p}",
-                    "enqueue",
-                    f"iii file {sync}",
-                    f"durable enqueue, {who}",
-                    "iii_bench",
-                    "enqueue",
-                    {"store": f"file-{sync}", "n": N, "producers": p},
-                    refs=(*peers, raw),
+            for store in (f"file-{sync}", f"file-{sync}-pinned"):
+                out.append(
+                    Scenario(
+                        f"enqueue.{store}.p{p}",
+                        "enqueue",
+                        _system(store),
+                        f"durable enqueue, {who}",
+                        "iii_bench",
+                        "enqueue",
+                        {"store": store, "n": N, "producers": p},
+                        refs=(*peers, raw if not _pinned(store) else _untargeted(raw)),
+                    )
                 )
-            )
         if p == 16:
             for sync in ("full", "normal"):
                 s = sync.upper()
@@ -246,34 +263,36 @@ def _e2e() -> list[Scenario]:
                 ),
             )
         )
-        for sync in ("full", "normal"):
+        for store in ("file-full", "file-normal", "file-full-pinned", "file-normal-pinned"):
+            sync = "full" if store.startswith("file-full") else "normal"
             s = sync.upper()
+            refs = (
+                Ref(
+                    ("e2e.huey.w1", "e2e.huey.w8"),
+                    "Huey-SQLite (best of 1/8 workers)",
+                    target=10.0 if sync == "full" else None,
+                ),
+                Ref(("e2e.persistq.w1", "e2e.persistq.w8"), "persist-queue (best)"),
+                Ref(("e2e.litequeue.w1", "e2e.litequeue.w8"), "litequeue (best)"),
+                Ref(
+                    (f"raw.cycle100.{sync}",),
+                    f"raw cycle 100/tx {s}",
+                    target=0.25,
+                    aim=0.5,
+                    percent=True,
+                ),
+                Ref((f"raw.cycle1.{sync}",), f"raw cycle 1/tx {s}", target=2.0),
+            )
             out.append(
                 Scenario(
-                    f"e2e.file-{sync}.{handler}",
+                    f"e2e.{store}.{handler}",
                     "e2e",
-                    f"iii file {sync}",
+                    _system(store),
                     f"end to end, {handler} handlers",
                     "iii_bench",
                     "end_to_end",
-                    {"store": f"file-{sync}", "n": N, "handler": handler},
-                    refs=(
-                        Ref(
-                            ("e2e.huey.w1", "e2e.huey.w8"),
-                            "Huey-SQLite (best of 1/8 workers)",
-                            target=10.0 if sync == "full" else None,
-                        ),
-                        Ref(("e2e.persistq.w1", "e2e.persistq.w8"), "persist-queue (best)"),
-                        Ref(("e2e.litequeue.w1", "e2e.litequeue.w8"), "litequeue (best)"),
-                        Ref(
-                            (f"raw.cycle100.{sync}",),
-                            f"raw cycle 100/tx {s}",
-                            target=0.25,
-                            aim=0.5,
-                            percent=True,
-                        ),
-                        Ref((f"raw.cycle1.{sync}",), f"raw cycle 1/tx {s}", target=2.0),
-                    ),
+                    {"store": store, "n": N, "handler": handler},
+                    refs=refs if not _pinned(store) else tuple(map(_untargeted, refs)),
                 )
             )
     for store in ("memory", "file-full", "file-normal"):
@@ -368,6 +387,20 @@ def _latency() -> list[Scenario]:
             limits=(Limit("p50_ms", 1.0, "p50 < 1 ms"),),
         )
         for store in ("memory", "file-full", "file-normal")
+    ]
+    out += [
+        Scenario(
+            f"latency.{store}",
+            "latency",
+            _system(store),
+            "idle latency enqueue→handler start",
+            "iii_bench",
+            "latency",
+            {"store": store, "samples": 500},
+            metric="p50_ms",
+            refs=peers,
+        )
+        for store in ("file-full-pinned", "file-normal-pinned")
     ]
     out += [
         Scenario(

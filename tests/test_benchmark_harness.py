@@ -75,7 +75,7 @@ def test_repeats_are_taken_in_rounds_and_a_prepared_store_is_kept(
 
 def test_a_quick_run_of_in_process_scenarios_writes_its_table_and_json(tmp_path: Path) -> None:
     out = tmp_path / "partial.json"
-    only = "e2e.memory.async,sync_call.iii,latency.file-normal"
+    only = "e2e.memory.async,sync_call.iii,latency.memory"
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--quick", "--only", only, "--out", str(out)],
         cwd=ROOT,
