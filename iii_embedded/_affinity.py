@@ -18,6 +18,7 @@ in parallel. The loop's thread gets its CPUs back when the engine stops.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -72,9 +73,14 @@ def pinned(pin: PinCpu, others: Sequence[int] = ()) -> Iterator[int | None]:
         raise ConfigError("pin_cpu needs Linux (os.sched_setaffinity); remove it here")
     before = os.sched_getaffinity(0)
     cpu = _resolve(pin, before)
-    os.sched_setaffinity(0, {cpu})
-    for tid in others:
-        os.sched_setaffinity(tid, {cpu})
+    try:
+        os.sched_setaffinity(0, {cpu})
+        for tid in others:
+            os.sched_setaffinity(tid, {cpu})
+    except OSError as exc:  # a sandbox that forbids it, say
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, before)
+        raise ConfigError(f"pin_cpu: cannot pin to CPU {cpu}: {exc.strerror or exc}") from None
     with _lock:
         if _pins == 0:
             _original = before
@@ -86,7 +92,8 @@ def pinned(pin: PinCpu, others: Sequence[int] = ()) -> Iterator[int | None]:
             _pins -= 1
             if _pins == 0:
                 _original = None
-        os.sched_setaffinity(0, before)
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, before)
 
 
 def unpin_current_thread() -> None:
@@ -94,4 +101,5 @@ def unpin_current_thread() -> None:
     before it was pinned (no-op when nothing is pinned)."""
     original = _original
     if original is not None:
-        os.sched_setaffinity(0, original)
+        with contextlib.suppress(OSError):  # best effort: the thread still works pinned
+            os.sched_setaffinity(0, original)

@@ -123,6 +123,30 @@ async def test_a_cpu_the_process_cannot_use_is_refused_and_the_store_closed(
     assert ran == [7]
 
 
+async def test_a_refused_pin_is_a_config_error_and_pins_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = os.sched_getaffinity(0)
+    real = os.sched_setaffinity
+    calls: list[tuple[int, set[int]]] = []
+
+    def refuse_other_threads(tid: int, cpus: Any) -> None:
+        calls.append((tid, set(cpus)))
+        if tid != 0:  # the writer's pin fails after the loop's succeeded
+            raise PermissionError(1, "Operation not permitted")
+        real(tid, cpus)
+
+    monkeypatch.setattr(os, "sched_setaffinity", refuse_other_threads)
+    iii = app_with(tmp_path, max(original))
+    with pytest.raises(
+        ConfigError, match=r"pin_cpu: cannot pin to CPU \d+: Operation not permitted"
+    ):
+        async with iii.running():
+            pytest.fail("the engine started")
+    assert os.sched_getaffinity(0) == original  # the loop's pin was undone
+    assert calls[-1] == (0, original)
+
+
 async def test_pin_cpu_needs_linux(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delattr(os, "sched_setaffinity")
     iii = app_with(tmp_path, "auto")
