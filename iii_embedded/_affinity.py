@@ -6,7 +6,7 @@ sleeps. Under the GIL the two seldom run at once, but the scheduler still puts t
 different CPUs, and on a virtual machine waking a thread on another, idle CPU is a trip
 through the hypervisor (~60 µs here, twice per transaction). On one CPU the same wake-up
 is a context switch. Measured on the 2-CPU VMs here (docs/performance.md), at
-``synchronous: normal``: single enqueues 2.2× as fast, end to end ~1.3×.
+``synchronous: normal``: single enqueues 2.2–2.7× as fast, end to end 1.3–1.4×.
 
 Pinning is opt-in because it is rigid: a pinned thread never moves to an idle CPU, and
 threads started from a pinned one inherit its CPU. So two threads are pinned, once the
