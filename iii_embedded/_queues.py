@@ -138,6 +138,9 @@ class QueueRunner:
         self._wake_event = anyio.Event()
         self._buffer: deque[Job] = deque()
         """Jobs claimed and not yet started (at most ``concurrency + prefetch`` in all)."""
+        self._unmarked: list[Job] = []
+        """Prefetched jobs whose handlers started since the last exchange: the next one
+        records their start (``started`` outcomes) if they are still running."""
         self._idle: deque[asyncio.Future[None]] = deque()
         """Workers waiting for a job, each on its own future."""
         self.prefetch = (
@@ -323,17 +326,29 @@ class QueueRunner:
             )
             settled, self._outcomes = self._outcomes, []
             now = clock.now()
+            writes = [outcome for _, outcome in settled]
+            if self._unmarked:
+                writes += self._start_marks()
             jobs: list[Job] = []
-            if settled or free > 0:
+            if writes or free > 0:
+                # The jobs this claim gives that can start at once; the rest are prefetched
+                # and start as slots free up (their start is written later: a crash before
+                # that gives their attempt back, see ``Store.recover``).
+                starting = (
+                    0
+                    if self._resuming
+                    else self.config.concurrency + self.lent - self.running - len(buffer)
+                )
                 try:
                     jobs = await store.exchange(
-                        [outcome for _, outcome in settled],
+                        writes,
                         self.name,
                         fifo=fifo,
                         limit=free,
                         now=now,
                         owner=rt.owner,
                         lease_until=now + lease_s,
+                        start=max(0, starting),
                     )
                 except StoreError as exc:
                     log.error(
@@ -372,6 +387,26 @@ class QueueRunner:
                 continue
             poll_s = self.config.poll_interval_ms / 1000 if store.shared else None
             await self._wait_for_wake(deadline, poll_s)
+
+    def _start_marks(self) -> list[Outcome]:
+        """``started`` outcomes for the prefetched jobs started since the last exchange
+        that are still running (a finished job's outcome carries its start)."""
+        active = self.active
+        owner = self.rt.owner
+        marks = [
+            Outcome(
+                job_id=job.id,
+                kind="started",
+                owner=owner,
+                attempt=job.attempts,
+                at=job.started_at if job.started_at is not None else self.rt.clock.now(),
+                seq=job.seq,
+            )
+            for job in self._unmarked
+            if job.id in active
+        ]
+        self._unmarked = []
+        return marks
 
     async def _wait_for_wake(self, deadline: float | None, poll_s: float | None) -> None:
         """Sleep until woken, until ``deadline`` on the runtime clock, or ``poll_s`` of real
@@ -424,6 +459,12 @@ class QueueRunner:
             if buffer and self._may_start():
                 job = buffer.popleft()
                 spec = self.rt.registry.get(job.function_id)
+                if spec is not None and not job.cancel_requested and job.started_at is None:
+                    # A prefetched job starts: its start is written with the next exchange.
+                    job.started_at = self.rt.clock.now()
+                    self._unmarked.append(job)
+                    if not spec.is_async:
+                        self.wake()  # an async one wakes the dispatcher if it suspends
                 if spec is not None and not spec.is_async and not job.cancel_requested:
                     self._start_sync(job, spec.handler)  # returns at once: take the next
                     continue
@@ -506,7 +547,9 @@ class QueueRunner:
             job = entry.job
             duration_ms = (time.perf_counter() - entry.started) * 1000
             if ok:
-                outcome = completed_outcome(job.id, owner, job.attempts, now, value, job.seq)
+                outcome = completed_outcome(
+                    job.id, owner, job.attempts, now, value, job.seq, job.started_at
+                )
                 self._log_completed(job, duration_ms)
             elif isinstance(value, Exception):
                 outcome = self._failure(job, value, now, duration_ms)
@@ -553,6 +596,8 @@ class QueueRunner:
             result, yielded = first_step(coro)
             if result is PENDING:
                 self._spread()  # this one waits: another worker takes the next job
+                if self._unmarked:
+                    self.wake()  # write its start soon: it may run a while
                 result = await resume_suspended(
                     coro,
                     yielded,
@@ -580,6 +625,7 @@ class QueueRunner:
                 now,
                 "null" if result is None else self._dump_output(job, result),
                 job.seq,
+                job.started_at,
             )
         return self._failure(job, error, now, (time.perf_counter() - started) * 1000)
 
@@ -622,6 +668,7 @@ class QueueRunner:
                 attempt=job.attempts,
                 at=now,
                 error=info,
+                started_at=job.started_at,
             )
         if isinstance(error, RetryAfter):
             delay_ms = float(error.delay_ms)
@@ -648,6 +695,7 @@ class QueueRunner:
             at=now,
             error=info,
             available_at=now + delay_ms / 1000,
+            started_at=job.started_at,
         )
 
     def _dump_output(self, job: Job, result: Any) -> str:

@@ -209,3 +209,47 @@ async def test_a_waiting_handler_does_not_hold_back_the_jobs_claimed_after_it(
         gate.release.set()
         await drain(iii)
     assert sorted(quick_done) == [1, 2, 3, 4, 5, 6]
+
+
+async def test_a_prefetched_run_starts_when_its_handler_does_and_says_so_while_it_runs(
+    tmp_path: Path,
+) -> None:
+    clock = VirtualClock()
+    iii = file_app(tmp_path, QueueConfig(name="work", concurrency=1, prefetch=2), clock)
+    gates = {0: anyio.Event(), 1: anyio.Event()}
+    began: dict[int, float] = {}
+
+    @iii.function("job")
+    async def job(n: int) -> None:
+        began[n] = clock.now()
+        if n in gates:
+            await gates[n].wait()
+
+    async with iii.running():
+        t0 = clock.now()
+        ids = [await enqueue(iii, i) for i in range(3)]
+        await until_leased(iii, 3)
+        waiting = await iii.runs.get_async(ids[1])
+        assert waiting is not None and (waiting.status, waiting.started_at) == ("running", None)
+
+        clock.advance(5)  # jobs 1 and 2 wait in the buffer meanwhile
+        gates[0].set()
+
+        async def start_written() -> bool:
+            run = await iii.runs.get_async(ids[1])
+            return run is not None and run.started_at is not None
+
+        # Job 1 (prefetched) now runs and blocks: its start reaches the store while it runs.
+        await until(start_written)
+        running = await iii.runs.get_async(ids[1])
+        assert running is not None and (running.status, running.started_at) == ("running", t0 + 5)
+        clock.advance(2)
+        gates[1].set()
+        await drain(iii)
+        runs = [await iii.runs.get_async(i) for i in ids]
+    assert began == {0: t0, 1: t0 + 5, 2: t0 + 7}
+    assert [(r.status, r.attempts, r.started_at) for r in runs if r is not None] == [
+        ("completed", 1, t0),
+        ("completed", 1, t0 + 5),
+        ("completed", 1, t0 + 7),  # its start was written with its completion
+    ]

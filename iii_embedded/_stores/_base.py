@@ -6,7 +6,9 @@ Design rules every store follows (the conformance suite checks each):
   passes its clock's time, so a virtual clock drives stores too.
 * ``enqueue`` is atomic over its whole batch: every job is stored, or none is.
 * A claim moves jobs from ``queued`` to ``running`` and increments ``attempts`` in the same
-  step, so an attempt that is lost with its process still counts.
+  step, so an attempt that is lost with its process still counts. Jobs claimed beyond the
+  free slots (*prefetched*) have no ``started_at`` until an outcome records their start;
+  ``recover`` gives such a job its attempt back, once in a row (see :meth:`Store.recover`).
 * Standard queues hand out available jobs oldest-available first (``available_at``, then
   enqueue order). FIFO queues hand out only the *head* of each group (the lowest ``seq`` among
   its ``queued``, ``running`` and ``held`` jobs), only when the head is available and nothing
@@ -36,14 +38,17 @@ __all__ = [
     "ErrorInfo",
     "Job",
     "JobState",
+    "LOST_ATTEMPT",
     "NewJob",
     "Outcome",
     "OutcomeKind",
     "QueueCounts",
     "Store",
+    "UNSTARTED_ATTEMPT",
     "completed_outcome",
     "make_job",
     "make_new_job",
+    "never_started",
 ]
 
 _new = object.__new__
@@ -51,7 +56,7 @@ _new = object.__new__
 JobState = Literal["queued", "running", "held", "dead", "completed", "cancelled"]
 """Where a job is. ``queued`` covers ready and delayed (``available_at`` in the future)."""
 
-OutcomeKind = Literal["completed", "retry", "dead", "released", "held", "cancelled"]
+OutcomeKind = Literal["completed", "retry", "dead", "released", "held", "cancelled", "started"]
 
 
 @attrs.define(frozen=True, kw_only=True)
@@ -64,6 +69,25 @@ class ErrorInfo:
 
     def __str__(self) -> str:
         return f"{self.type}: {self.message}"
+
+
+LOST_ATTEMPT = ErrorInfo(
+    type="LeaseExpired", message="the process running this attempt stopped before finishing it"
+)
+"""The error ``recover`` records on a job whose attempt was lost with its process."""
+UNSTARTED_ATTEMPT = ErrorInfo(
+    type="LeaseExpired",
+    message="the process that had claimed this job stopped before its handler started "
+    "(the attempt was given back)",
+)
+"""The error ``recover`` records on a prefetched job it gives its attempt back to."""
+
+
+def never_started(started_at: float | None, error_type: str | None) -> bool:
+    """Whether ``recover`` gives a lost job its attempt back: no start was recorded, and
+    the last thing that happened to it was not already a recovery (a job that kills its
+    process before its start is written gets the benefit of the doubt once in a row)."""
+    return started_at is None and error_type != LOST_ATTEMPT.type
 
 
 @attrs.define(kw_only=True)
@@ -206,6 +230,11 @@ class Outcome:
     * ``held``: the function is not registered here; the job waits (attempt given back).
     * ``cancelled``: the run was cancelled while running, or before its handler started
       (``started=False``: a prefetched job; the attempt is given back).
+    * ``started``: the handler of a prefetched job started at ``at``; the job stays
+      ``running`` and only its ``started_at`` is recorded (if it has none yet).
+
+    ``started_at`` on the other kinds is when the attempt's handler started; the store
+    records it on a job that has none (a prefetched job whose start was not yet written).
     """
 
     job_id: str
@@ -221,10 +250,18 @@ class Outcome:
     seq: int | None = None
     """The claimed job's ``seq``, if known: a store may find the job by it instead of by
     ``job_id`` (the file store's rowid, one B-tree lookup fewer per outcome)."""
+    started_at: float | None = None
+    """When the attempt's handler started (``None`` if it did not)."""
 
 
 def completed_outcome(
-    job_id: str, owner: str, attempt: int, at: float, output: str, seq: int | None = None
+    job_id: str,
+    owner: str,
+    attempt: int,
+    at: float,
+    output: str,
+    seq: int | None = None,
+    started_at: float | None = None,
 ) -> Outcome:
     """The outcome of a handler that returned ``output``, built as :func:`make_job` builds
     jobs (one per job on the hot path)."""
@@ -239,6 +276,7 @@ def completed_outcome(
     outcome.available_at = None
     outcome.started = True
     outcome.seq = seq
+    outcome.started_at = started_at
     return outcome
 
 
@@ -326,11 +364,16 @@ class Store(Protocol):
         now: float,
         owner: str,
         lease_until: float,
+        start: int | None = None,
     ) -> list[Job]:
         """Move up to ``limit`` available jobs of ``queue`` to ``running`` and return them.
 
-        Each returned job has ``attempts`` already incremented, ``started_at = now`` and the
-        lease set to ``owner`` until ``lease_until``. See the module docstring for order.
+        Each returned job has ``attempts`` already incremented and the lease set to
+        ``owner`` until ``lease_until``. The first ``start`` of them (all when ``None``)
+        start at once and get ``started_at = now``; the others are *prefetched*: they wait
+        in the caller's buffer with ``started_at`` unset, until an outcome (``started``, or
+        the attempt's end) records when their handler started. See the module docstring
+        for order.
         """
 
     async def finish(self, outcomes: Sequence[Outcome]) -> None:
@@ -346,6 +389,7 @@ class Store(Protocol):
         now: float,
         owner: str,
         lease_until: float,
+        start: int | None = None,
     ) -> list[Job]:
         """``finish(outcomes)`` then ``claim(queue, ...)``, in one transaction.
 
@@ -361,7 +405,14 @@ class Store(Protocol):
     async def recover(self, now: float) -> list[Job]:
         """Return running jobs whose lease expired (or whose owner process is known to be
         gone) to ``queued`` (available at ``now``), or to ``dead`` when they have used every
-        attempt. Returns the jobs it moved, in their new state."""
+        attempt. Returns the jobs it moved, in their new state.
+
+        The lost attempt counts, with one exception: a job with no ``started_at`` (claimed
+        as prefetched, and no start recorded) gets its attempt back, unless the last thing
+        that happened to it was such a recovery (its error is ``LeaseExpired``). A start is
+        recorded a little after the handler starts, so a job that kills its process at once
+        may be given its attempt back once, but not twice in a row: it still reaches the
+        dead-letter queue."""
 
     async def release_held(self, function_ids: Sequence[str]) -> int:
         """Make ``held`` jobs of these functions ``queued`` again; return how many."""

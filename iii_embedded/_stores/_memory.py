@@ -14,7 +14,19 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 
 from .._errors import StoreError
-from ._base import CronFire, ErrorInfo, Job, JobState, NewJob, Outcome, QueueCounts, make_job
+from ._base import (
+    LOST_ATTEMPT,
+    UNSTARTED_ATTEMPT,
+    CronFire,
+    ErrorInfo,
+    Job,
+    JobState,
+    NewJob,
+    Outcome,
+    QueueCounts,
+    make_job,
+    never_started,
+)
 
 __all__ = ["MemoryStore"]
 
@@ -244,6 +256,7 @@ class MemoryStore:
         now: float,
         owner: str,
         lease_until: float,
+        start: int | None = None,
     ) -> list[Job]:
         """Claim available jobs; see :meth:`Store.claim`."""
         self._check_open()
@@ -252,6 +265,7 @@ class MemoryStore:
             return []
         claimed: list[Job] = []
         rows = self._rows
+        starting = limit if start is None else start
         if not fifo:
             heap = index.ready
             while heap and len(claimed) < limit and heap[0][0] <= now:
@@ -259,7 +273,8 @@ class MemoryStore:
                 row = rows.get(job_id)
                 if row is None or row.state != "queued" or row.available_at != available_at:
                     continue
-                claimed.append(self._start(row, now, owner, lease_until))
+                started_at = now if len(claimed) < starting else None
+                claimed.append(self._start(row, started_at, owner, lease_until))
             return claimed
         heads = index.group_heads
         while heads and len(claimed) < limit and heads[0][0] <= now:
@@ -270,14 +285,15 @@ class MemoryStore:
             row = rows[members[0]]
             if row.seq != seq or row.state != "queued" or row.available_at != available_at:
                 continue
-            claimed.append(self._start(row, now, owner, lease_until))
+            started_at = now if len(claimed) < starting else None
+            claimed.append(self._start(row, started_at, owner, lease_until))
         return claimed
 
     @staticmethod
-    def _start(row: _Row, now: float, owner: str, lease_until: float) -> Job:
+    def _start(row: _Row, started_at: float | None, owner: str, lease_until: float) -> Job:
         row.state = "running"
         row.attempts += 1
-        row.started_at = now
+        row.started_at = started_at
         row.lease_owner = owner
         row.lease_until = lease_until
         return row.to_job()
@@ -292,11 +308,18 @@ class MemoryStore:
         now: float,
         owner: str,
         lease_until: float,
+        start: int | None = None,
     ) -> list[Job]:
         """Finish then claim; see :meth:`Store.exchange`."""
         await self.finish(outcomes)
         return await self.claim(
-            queue, fifo=fifo, limit=limit, now=now, owner=owner, lease_until=lease_until
+            queue,
+            fifo=fifo,
+            limit=limit,
+            now=now,
+            owner=owner,
+            lease_until=lease_until,
+            start=start,
         )
 
     async def finish(self, outcomes: Sequence[Outcome]) -> None:
@@ -315,6 +338,12 @@ class MemoryStore:
 
     def _apply(self, row: _Row, outcome: Outcome) -> None:
         kind = outcome.kind
+        if kind == "started":  # a prefetched job's handler started: it stays running
+            if row.started_at is None:
+                row.started_at = outcome.at
+            return
+        if row.started_at is None and kind in ("completed", "retry", "dead"):
+            row.started_at = outcome.started_at
         row.lease_owner = None
         row.lease_until = None
         if kind == "completed":
@@ -430,13 +459,13 @@ class MemoryStore:
                 continue
             row.lease_owner = None
             row.lease_until = None
-            error = ErrorInfo(
-                type="LeaseExpired",
-                message="the process running this attempt stopped before finishing it",
-            )
-            if row.attempts >= row.max_attempts:
+            refund = never_started(row.started_at, row.error.type if row.error else None)
+            error = UNSTARTED_ATTEMPT if refund else LOST_ATTEMPT
+            if row.attempts >= row.max_attempts and not refund:
                 self._bury(row, error, now)
             else:
+                if refund:
+                    row.attempts -= 1
                 row.state = "queued"
                 row.error = error
                 row.available_at = now

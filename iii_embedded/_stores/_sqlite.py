@@ -53,7 +53,19 @@ from typing import Any, Literal, TypeVar
 import sqlite_utils
 
 from .._errors import StoreError, StoreVersionError
-from ._base import CronFire, ErrorInfo, Job, JobState, NewJob, Outcome, QueueCounts, make_job
+from ._base import (
+    LOST_ATTEMPT,
+    UNSTARTED_ATTEMPT,
+    CronFire,
+    ErrorInfo,
+    Job,
+    JobState,
+    NewJob,
+    Outcome,
+    QueueCounts,
+    make_job,
+    never_started,
+)
 
 __all__ = ["SQLiteStore", "SCHEMA_VERSION", "DB_FILENAME"]
 
@@ -764,11 +776,26 @@ class SQLiteStore:
     # --- consuming ---------------------------------------------------------------------
 
     async def claim(
-        self, queue: str, *, fifo: bool, limit: int, now: float, owner: str, lease_until: float
+        self,
+        queue: str,
+        *,
+        fifo: bool,
+        limit: int,
+        now: float,
+        owner: str,
+        lease_until: float,
+        start: int | None = None,
     ) -> list[Job]:
         """Claim available jobs; see :meth:`Store.claim`."""
         return await self.exchange(
-            [], queue, fifo=fifo, limit=limit, now=now, owner=owner, lease_until=lease_until
+            [],
+            queue,
+            fifo=fifo,
+            limit=limit,
+            now=now,
+            owner=owner,
+            lease_until=lease_until,
+            start=start,
         )
 
     async def exchange(
@@ -781,6 +808,7 @@ class SQLiteStore:
         now: float,
         owner: str,
         lease_until: float,
+        start: int | None = None,
     ) -> list[Job]:
         """Finish then claim in one transaction; see :meth:`Store.exchange`."""
         outcomes = list(outcomes)
@@ -797,7 +825,18 @@ class SQLiteStore:
                 self._finish(conn, outcomes, fifo=fifo)
             if limit <= 0:
                 return []
-            return self._claim(conn, queue, fifo, limit, now, owner, lease_until)
+            if start is None or start >= limit:
+                return self._claim(conn, queue, fifo, limit, now, owner, lease_until, now)
+            # The jobs that start at once, then the prefetched ones (no ``started_at``):
+            # the second statement takes the next oldest, as one claim of both would.
+            jobs = (
+                self._claim(conn, queue, fifo, start, now, owner, lease_until, now)
+                if start > 0
+                else []
+            )
+            if len(jobs) == start:
+                jobs += self._claim(conn, queue, fifo, limit - start, now, owner, lease_until, None)
+            return jobs
 
         # A claim alone need not survive a power loss (see ``_begin``); outcomes must.
         return await self._submit(run, durable=bool(outcomes) or register)
@@ -811,6 +850,7 @@ class SQLiteStore:
         now: float,
         owner: str,
         lease_until: float,
+        started_at: float | None,
     ) -> list[Job]:
         if fifo:
             candidates = (
@@ -827,7 +867,7 @@ class SQLiteStore:
             "UPDATE jobs SET state = 'running', attempts = attempts + 1, started_at = ?, "
             f"lease_owner = ?, lease_until = ? WHERE seq IN ({candidates}) "
             f"RETURNING {_COLUMNS}",
-            (now, owner, lease_until, queue, now, limit),
+            (started_at, owner, lease_until, queue, now, limit),
         ).fetchall()
         jobs = [_row_to_job(r) for r in rows]
         jobs.sort(key=lambda j: (j.available_at, j.seq))
@@ -850,14 +890,16 @@ class SQLiteStore:
     def _finish(self, conn: Conn, outcomes: list[Outcome], *, fifo: bool = True) -> None:
         """Apply outcomes. ``fifo=False`` (a standard queue's batch) skips the FIFO group
         bookkeeping, which only jobs with a group need."""
-        retries, dead, released, held, cancelled = [], [], [], [], []
+        retries, dead, released, held, cancelled, starts = [], [], [], [], [], []
         by_seq: list[tuple[Any, ...]] = []  # completions that know their job's rowid
         by_id: list[tuple[Any, ...]] = []
         for o in outcomes:
             match = (o.job_id, o.owner, o.attempt)
             if o.kind == "completed":
-                row = (o.output, o.at, o.seq, o.owner, o.attempt, o.job_id)
+                row = (o.output, o.at, o.seq, o.owner, o.attempt, o.job_id, o.started_at)
                 (by_id if o.seq is None else by_seq).append(row)
+            elif o.kind == "started":
+                starts.append((o.at, *match))
             elif o.kind == "retry":
                 e = o.error
                 retries.append(
@@ -868,6 +910,7 @@ class SQLiteStore:
                         o.at,
                         o.at,
                         o.available_at if o.available_at is not None else o.at,
+                        o.started_at,
                         *match,
                     )
                 )
@@ -881,6 +924,10 @@ class SQLiteStore:
                 cancelled.append((o.at, 0 if o.started else 1, *match))
         lease = "state = 'running' AND id = ? AND lease_owner = ? AND attempts = ?"
         touched: list[tuple[str, str]] = []
+        if starts:  # prefetched jobs whose handlers started (they stay running)
+            conn.executemany(
+                f"UPDATE jobs SET started_at = ? WHERE {lease} AND started_at IS NULL", starts
+            )
         if by_seq or by_id:
             if fifo:
                 touched += self._groups_of(conn, [row[5] for row in by_seq + by_id])
@@ -897,8 +944,9 @@ class SQLiteStore:
                 for chunk in _chunks(rows, 100):
                     conn.execute(
                         "UPDATE jobs SET state = 'completed', output = v.column1, "
-                        "finished_at = v.column2, lease_owner = NULL, lease_until = NULL "
-                        "FROM (VALUES " + ",".join(["(?, ?, ?, ?, ?, ?)"] * len(chunk)) + ") "
+                        "finished_at = v.column2, lease_owner = NULL, lease_until = NULL, "
+                        "started_at = COALESCE(jobs.started_at, v.column7) "
+                        "FROM (VALUES " + ",".join(["(?, ?, ?, ?, ?, ?, ?)"] * len(chunk)) + ") "
                         f"AS v WHERE {key} AND jobs.state = 'running' "
                         "AND jobs.lease_owner = v.column4 AND jobs.attempts = v.column5",
                         [value for row in chunk for value in row],
@@ -907,8 +955,8 @@ class SQLiteStore:
             conn.executemany(
                 "UPDATE jobs SET state = 'queued', error_type = ?, error_message = ?, "
                 "error_traceback = ?, first_failed_at = COALESCE(first_failed_at, ?), "
-                "last_failed_at = ?, available_at = ?, lease_owner = NULL, lease_until = NULL "
-                f"WHERE {lease}",
+                "last_failed_at = ?, available_at = ?, lease_owner = NULL, lease_until = NULL, "
+                f"started_at = COALESCE(started_at, ?) WHERE {lease}",
                 retries,
             )
         if released:
@@ -935,7 +983,7 @@ class SQLiteStore:
         for o, match in dead:
             if fifo:
                 touched += self._groups_of(conn, [o.job_id])
-            self._bury(conn, o.error, o.at, f"WHERE {lease}", match)
+            self._bury(conn, o.error, o.at, f"WHERE {lease}", match, o.started_at)
         self._refresh_groups(conn, touched)
 
     @staticmethod
@@ -965,12 +1013,18 @@ class SQLiteStore:
 
     @staticmethod
     def _bury(
-        conn: Conn, error: ErrorInfo | None, at: float, where: str, params: Sequence[Any]
+        conn: Conn,
+        error: ErrorInfo | None,
+        at: float,
+        where: str,
+        params: Sequence[Any],
+        started_at: float | None = None,
     ) -> None:
         conn.execute(
             "UPDATE jobs SET state = 'dead', error_type = ?, error_message = ?, "
             "error_traceback = ?, first_failed_at = COALESCE(first_failed_at, ?), "
             "last_failed_at = ?, finished_at = ?, lease_owner = NULL, lease_until = NULL, "
+            "started_at = COALESCE(started_at, ?), "
             "dead_seq = (SELECT COALESCE(MAX(dead_seq), 0) + 1 FROM jobs WHERE state = 'dead') "
             f"{where}",
             (
@@ -980,6 +1034,7 @@ class SQLiteStore:
                 at,
                 at,
                 at,
+                started_at,
                 *params,
             ),
         )
@@ -1111,25 +1166,25 @@ class SQLiteStore:
             )
             conn.execute(f"DELETE FROM owners WHERE owner IN ({marks})", chunk)
         moved: list[Job] = []
-        error = ErrorInfo(
-            type="LeaseExpired",
-            message="the process running this attempt stopped before finishing it",
-        )
         touched: list[tuple[str, str]] = []
         for seq in sorted(seqs):
-            row = conn.execute(
-                "SELECT attempts, max_attempts, queue, grp FROM jobs WHERE seq = ?", (seq,)
+            attempts, max_attempts, queue, grp, started_at, error_type = conn.execute(
+                "SELECT attempts, max_attempts, queue, grp, started_at, error_type "
+                "FROM jobs WHERE seq = ?",
+                (seq,),
             ).fetchone()
-            if row[3] is not None:
-                touched.append((row[2], row[3]))
-            if row[0] >= row[1]:
+            if grp is not None:
+                touched.append((queue, grp))
+            refund = never_started(started_at, error_type)
+            error = UNSTARTED_ATTEMPT if refund else LOST_ATTEMPT
+            if attempts >= max_attempts and not refund:
                 self._bury(conn, error, now, "WHERE seq = ?", (seq,))
             else:
                 conn.execute(
-                    "UPDATE jobs SET state = 'queued', error_type = ?, error_message = ?, "
-                    "error_traceback = '', available_at = ?, lease_owner = NULL, "
-                    "lease_until = NULL WHERE seq = ?",
-                    (error.type, error.message, now, seq),
+                    "UPDATE jobs SET state = 'queued', attempts = attempts - ?, "
+                    "error_type = ?, error_message = ?, error_traceback = '', "
+                    "available_at = ?, lease_owner = NULL, lease_until = NULL WHERE seq = ?",
+                    (1 if refund else 0, error.type, error.message, now, seq),
                 )
             moved.append(
                 _row_to_job(

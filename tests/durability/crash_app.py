@@ -42,10 +42,11 @@ acked = {
     line.split()[1] for line in Path(side_file).read_text().splitlines() if line.startswith("ack ")
 }
 
-# Every kill counts an attempt for each job this process had claimed, running or
-# prefetched (docs/design.md, "What an attempt costs"); with 50 kills, a job at the head of
-# its queue could be claimed at every one of them. The test is about acknowledged jobs not
-# being lost, so attempts are never the limit here (failing jobs raise NonRetryableError).
+# Every kill counts an attempt for each job this process had started (and, once in a row,
+# for prefetched jobs whose start it could not tell: docs/design.md, "What an attempt
+# costs"); with 50 kills, a job at the head of its queue could be claimed at every one.
+# The test is about acknowledged jobs not being lost, so attempts are never the limit here
+# (failing jobs raise NonRetryableError).
 MAX_ATTEMPTS = 1000
 
 config = Config(

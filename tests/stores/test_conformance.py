@@ -294,6 +294,78 @@ async def test_recover_returns_expired_leases_or_buries_exhausted_jobs(store: St
     assert await claim(store, now=T0 + 31) == ["a"]
 
 
+async def test_a_claim_stamps_only_the_jobs_that_start_at_once(store: Store) -> None:
+    await store.enqueue([job(c) for c in "abcde"])
+    claimed = await store.claim(
+        "q", fifo=False, limit=4, now=T0 + 1, owner=OWNER, lease_until=T0 + 31, start=2
+    )
+    assert [(j.id, j.attempts, j.started_at) for j in claimed] == [
+        ("a", 1, T0 + 1),
+        ("b", 1, T0 + 1),
+        ("c", 1, None),
+        ("d", 1, None),
+    ]
+    stored = [await store.get(c) for c in "abcde"]
+    assert [(j.state, j.started_at) for j in stored if j is not None] == [
+        ("running", T0 + 1),
+        ("running", T0 + 1),
+        ("running", None),
+        ("running", None),
+        ("queued", None),
+    ]
+    # start=0: everything claimed is prefetched.
+    [e] = await store.claim(
+        "q", fifo=False, limit=4, now=T0 + 1, owner=OWNER, lease_until=T0 + 31, start=0
+    )
+    assert (e.id, e.started_at) == ("e", None)
+
+
+async def test_outcomes_record_when_a_prefetched_job_started(store: Store) -> None:
+    await store.enqueue([job(c) for c in "abc"])
+    await store.claim("q", fifo=False, limit=3, now=T0, owner=OWNER, lease_until=T0 + 30, start=1)
+    started = Outcome(job_id="b", kind="started", owner=OWNER, attempt=1, at=T0 + 2)
+    late = Outcome(job_id="b", kind="started", owner=OWNER, attempt=1, at=T0 + 9)
+    await store.finish([started, late, completed_outcome("c", OWNER, 1, T0 + 5, "1", None, T0 + 4)])
+    await store.finish([completed_outcome("a", OWNER, 1, T0 + 6, "1", None, T0 + 3)])
+    jobs = {c: await store.get(c) for c in "abc"}
+    assert {c: (j.state, j.started_at) for c, j in jobs.items() if j is not None} == {
+        "a": ("completed", T0),  # stamped by its claim: the outcome does not move it
+        "b": ("running", T0 + 2),  # still leased, still running; the first start counts
+        "c": ("completed", T0 + 4),
+    }
+    assert await store.renew(OWNER, ["b"], T0 + 60) == set()
+    j = await store.get("b")
+    assert j is not None and j.lease_until == T0 + 60
+
+
+async def test_recover_gives_a_never_started_job_its_attempt_back_once_in_a_row(
+    store: Store,
+) -> None:
+    await store.enqueue([job("run", max_attempts=1), job("pre", max_attempts=1), job("marked")])
+    await store.claim("q", fifo=False, limit=3, now=T0, owner=OWNER, lease_until=T0 + 30, start=1)
+    await store.finish([Outcome(job_id="marked", kind="started", owner=OWNER, attempt=1, at=T0)])
+    moved = {j.id: j for j in await store.recover(T0 + 31)}
+    # "run" started: its lost attempt counts (and was its last). "pre" never started: its
+    # attempt is given back. "marked" started as a prefetched job: it counts.
+    assert {i: (j.state, j.attempts) for i, j in moved.items()} == {
+        "run": ("dead", 1),
+        "pre": ("queued", 0),
+        "marked": ("queued", 1),
+    }
+    pre = moved["pre"].error
+    assert pre is not None and pre.type == "LeaseExpired" and "given back" in pre.message
+    lost = moved["marked"].error
+    assert lost is not None and lost.type == "LeaseExpired" and "given back" not in lost.message
+    # Claimed as prefetched again and lost again before any start was written: this time
+    # it counts, so a job that kills its process as it starts still reaches the DLQ.
+    [again] = await store.claim(
+        "q", fifo=False, limit=1, now=T0 + 40, owner=OWNER, lease_until=T0 + 70, start=0
+    )
+    assert (again.id, again.attempts) == ("pre", 1)
+    moved = {j.id: j for j in await store.recover(T0 + 71)}
+    assert (moved["pre"].state, moved["pre"].attempts) == ("dead", 1)
+
+
 async def test_renew_extends_leases_and_reports_cancel_requests(store: Store) -> None:
     await store.enqueue([job("a"), job("b")])
     await claim(store)
