@@ -5,6 +5,7 @@ attempt."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -253,3 +254,30 @@ async def test_a_prefetched_run_starts_when_its_handler_does_and_says_so_while_i
         ("completed", 1, t0 + 5),
         ("completed", 1, t0 + 7),  # its start was written with its completion
     ]
+
+
+async def test_a_prefetched_sync_run_has_its_start_written_while_it_runs(tmp_path: Path) -> None:
+    clock = VirtualClock()
+    iii = file_app(tmp_path, QueueConfig(name="work", concurrency=1, prefetch=1), clock)
+    gates = [threading.Event(), threading.Event()]
+
+    @iii.function("job")
+    def job(n: int) -> None:  # runs in the queue's threads
+        gates[n].wait(timeout=30)
+
+    async with iii.running():
+        t0 = clock.now()
+        ids = [await enqueue(iii, i) for i in range(2)]
+        await until_leased(iii, 2)
+        clock.advance(3)
+        gates[0].set()
+
+        async def start_written() -> bool:
+            run = await iii.runs.get_async(ids[1])
+            return run is not None and run.started_at is not None
+
+        await until(start_written)
+        running = await iii.runs.get_async(ids[1])
+        gates[1].set()
+        await drain(iii)
+    assert running is not None and (running.status, running.started_at) == ("running", t0 + 3)
