@@ -8,6 +8,7 @@ inside an existing anyio/asyncio program, ``iii.run()`` as the main program, or
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import inspect
 import logging
@@ -15,6 +16,7 @@ import os
 import signal
 import threading
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from concurrent.futures import Future
 from contextlib import AbstractContextManager, asynccontextmanager
 from typing import Any, TypeVar
 
@@ -42,6 +44,7 @@ __all__ = ["III", "HOOK_EVENTS"]
 log = logging.getLogger("iii_embedded")
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 HOOK_EVENTS = frozenset(
     {
@@ -261,9 +264,16 @@ class III:
                 return {"messageReceiptId": ids[0]}
             return await rt.trigger(fid, data, act, timeout)
         # Called from another event loop (the engine runs in a background thread).
-        portal = rt.portal
-        assert portal is not None
-        return await anyio.to_thread.run_sync(portal.call, rt.trigger, fid, data, act, timeout)
+        if isinstance(act, EnqueueAction):
+            try:
+                ids = await _wait_elsewhere(self._enqueue_elsewhere(fid, data, act))
+            except StoreError as exc:
+                raise enqueue_failed(exc) from exc
+            return {"messageReceiptId": ids[0]}
+        if isinstance(act, VoidAction):
+            rt.fire_from_thread(fid, data)
+            return None
+        return await _wait_elsewhere(rt.from_thread(rt.trigger, fid, data, act, timeout))
 
     def trigger(
         self,
@@ -285,9 +295,24 @@ class III:
                 "iii.trigger() blocks, and this is the engine's event-loop thread: "
                 "use `await iii.trigger_async(...)` in async code"
             )
-        portal = rt.portal
-        assert portal is not None
-        return portal.call(rt.trigger, fid, data, act, timeout)
+        if isinstance(act, EnqueueAction):
+            try:
+                ids = self._enqueue_elsewhere(fid, data, act).result()
+            except StoreError as exc:
+                raise enqueue_failed(exc) from exc
+            return {"messageReceiptId": ids[0]}
+        if isinstance(act, VoidAction):
+            rt.fire_from_thread(fid, data)
+            return None
+        return rt.from_thread(rt.trigger, fid, data, act, timeout).result()
+
+    def _enqueue_elsewhere(self, fid: str, data: Any, act: EnqueueAction) -> Future[list[str]]:
+        """An enqueue from a thread other than the engine loop's: the jobs are built here
+        and go straight to the store's writer when the store takes them from threads
+        (the file store), else to the engine's loop."""
+        rt = self.runtime
+        jobs, future = rt.enqueue_elsewhere(fid, data, act)
+        return rt.from_thread(rt.store_jobs, jobs, act.queue) if future is None else future
 
     def _call_blocking(self, fn: Callable[..., Any], *args: Any) -> Any:
         rt = self.runtime
@@ -677,6 +702,17 @@ class III:
         """Blocking twin of :meth:`dlq_discard_async`."""
         result: list[str] = self._call_blocking(self.dlq_discard_async, queue, ids)
         return result
+
+
+async def _wait_elsewhere(future: Future[T]) -> T:
+    """Await a concurrent future (the engine's or the store writer's) on the caller's own
+    event loop: on asyncio with one wake-up, whose cancellation cancels the future; on
+    another library (trio, through anyio) in a worker thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return await anyio.to_thread.run_sync(future.result)
+    return await asyncio.wrap_future(future)
 
 
 @contextlib.asynccontextmanager

@@ -7,6 +7,9 @@ group ends, everything it started has ended.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import contextvars
 import json
 import logging
 import math
@@ -14,8 +17,9 @@ import os
 import socket
 import threading
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from concurrent.futures import Future
+from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
@@ -37,6 +41,7 @@ from ._threads import ThreadPool
 
 __all__ = ["Runtime", "DEFAULT_TIMEOUT_MS", "JobEvent"]
 
+T = TypeVar("T")
 log = logging.getLogger("iii_embedded")
 
 DEFAULT_TIMEOUT_MS = 30_000
@@ -81,7 +86,10 @@ class Runtime:
             name: QueueRunner(self, q) for name, q in config.queues.items()
         }
         self.loop_thread: int | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.portal: BlockingPortal | None = None
+        self._waking: set[str] = set()
+        """Queues whose dispatcher a wake from another thread is on its way to."""
         self._tg: anyio.abc.TaskGroup | None = None
         self._void_inflight = 0
         self._activity = anyio.Event()
@@ -105,6 +113,8 @@ class Runtime:
         self._tg = tg
         self.portal = portal
         self.loop_thread = threading.get_ident()
+        self.loop = asyncio.get_running_loop()
+        self._waking = set()
         now = self.clock.now()
         recovered = await self.store.recover(now)
         if recovered:
@@ -417,6 +427,87 @@ class Runtime:
         if runner is not None:
             runner.wake()
         return self.store.enqueue(jobs)
+
+    def from_thread(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> Future[T]:
+        """From a thread other than the loop's: run ``await fn(*args)`` on the engine's
+        loop and return a future of its result. One wake-up of the loop, and one of the
+        caller when the result is set (``BlockingPortal.call`` also waits for the task to
+        be spawned: ~40 µs more per call here). Cancelling the future cancels the call."""
+        loop = self.loop
+        if loop is None or loop.is_closed():
+            raise RuntimeError("the engine is not running: start it first")
+        coro = fn(*args)
+        try:
+            # In a context of its own, as a task the portal starts: the caller's context
+            # variables (another event loop's among them) stay with the caller.
+            return contextvars.Context().run(asyncio.run_coroutine_threadsafe, coro, loop)
+        except RuntimeError:  # the loop closed meanwhile
+            coro.close()
+            raise RuntimeError("the engine is not running: start it first") from None
+
+    def fire_from_thread(self, function_id: str, payload: Any) -> None:
+        """From a thread other than the loop's: a Void invocation, handed to the loop with
+        nothing to wait for (its errors are only logged)."""
+        loop = self.loop
+        try:
+            if loop is None:
+                raise RuntimeError
+            loop.call_soon_threadsafe(
+                self.fire, function_id, payload, context=contextvars.Context()
+            )
+        except RuntimeError:  # not started, or the loop has closed
+            raise RuntimeError("the engine is not running: start it first") from None
+
+    # An enqueue from another thread (the blocking ``trigger`` of a program whose engine
+    # runs on a background thread, or ``trigger_async`` on another event loop) validates
+    # and builds its jobs in the caller's thread and hands them to a file store's writer
+    # directly: two thread wake-ups (caller to writer, writer to caller) where the portal
+    # takes four (caller to loop, loop to writer and back, loop to caller). The queue's
+    # dispatcher is woken from the writer once the jobs are committed.
+
+    def enqueue_elsewhere(
+        self, function_id: str, payload: Any, action: EnqueueAction
+    ) -> tuple[list[NewJob], Future[list[str]] | None]:
+        """From a thread other than the loop's: validate and build the jobs (raising
+        ``InvocationError``) and hand them to the store if it takes them from other threads.
+        Returns the jobs and the store's future, ``None`` if the store takes jobs only on
+        its loop (then pass the jobs to :meth:`store_jobs` there)."""
+        jobs = self.build_jobs(function_id, [payload], action, batch=False)
+        try:
+            future = self.store.enqueue_from_thread(jobs)
+        except StoreError as exc:
+            raise enqueue_failed(exc) from exc
+        if future is not None:
+            queue = action.queue
+            future.add_done_callback(lambda _: self._wake_from_thread(queue))
+        return jobs, future
+
+    async def store_jobs(self, jobs: list[NewJob], queue: str) -> list[str]:
+        """On the loop: store jobs built by :meth:`enqueue_elsewhere`."""
+        runner = self.runners.get(queue)
+        if runner is not None:
+            runner.wake()
+        try:
+            return await self.store.enqueue(jobs)
+        except StoreError as exc:
+            raise enqueue_failed(exc) from exc
+
+    def _wake_from_thread(self, queue: str) -> None:
+        # One wake on its way per queue: a burst of commits from other threads costs the
+        # loop one wake-up, not one each. A wake asked for while one is on its way still
+        # lands after the commit that asked for it.
+        loop = self.loop
+        if loop is None or queue in self._waking:
+            return
+        self._waking.add(queue)
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nothing to wake
+            loop.call_soon_threadsafe(self._woken, queue)
+
+    def _woken(self, queue: str) -> None:
+        self._waking.discard(queue)
+        runner = self.runners.get(queue)
+        if runner is not None:
+            runner.wake()
 
     def build_jobs(
         self,

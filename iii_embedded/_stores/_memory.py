@@ -12,6 +12,7 @@ import heapq
 import itertools
 from collections import OrderedDict, deque
 from collections.abc import Sequence
+from concurrent.futures import Future
 
 from .._errors import StoreError
 from ._base import (
@@ -244,6 +245,10 @@ class MemoryStore:
             head = self._rows[members[0]]
             if head.state == "queued":
                 heapq.heappush(index.group_heads, (head.available_at, head.seq, head.group or ""))
+
+    def enqueue_from_thread(self, jobs: Sequence[NewJob]) -> Future[list[str]] | None:
+        """``None``: this store is not thread-safe; see :meth:`Store.enqueue_from_thread`."""
+        return None
 
     # --- consuming -------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ How it works, and why:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import logging
@@ -260,7 +261,8 @@ class _Request:
     def __init__(
         self,
         fn: Callable[[Conn], Any],
-        future: asyncio.Future[Any],
+        # A concurrent future for a request made on another thread (``enqueue_from_thread``).
+        future: asyncio.Future[Any] | concurrent.futures.Future[Any],
         write: bool,
         jobs: list[NewJob] | None = None,
         durable: bool = True,
@@ -275,7 +277,26 @@ class _Request:
         self.jobs = jobs
 
 
-def _deliver(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+_Results = list[tuple[asyncio.Future[Any] | concurrent.futures.Future[Any], bool, Any]]
+
+
+def _settle_elsewhere(results: _Results) -> _Results:
+    """In the writer thread: settle the requests made on other threads (concurrent
+    futures) and return the rest, for the event loop to settle."""
+    rest: _Results = []
+    for item in results:
+        future, ok, value = item
+        if isinstance(future, asyncio.Future):
+            rest.append(item)
+        elif future.set_running_or_notify_cancel():  # False: the caller gave up waiting
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+    return rest
+
+
+def _deliver(results: _Results) -> None:
     for future, ok, value in results:
         if future.done():
             continue
@@ -311,6 +332,11 @@ class SQLiteStore:
         # Requests made during one turn of the event loop, handed to the writer together
         # at the start of the next (see ``_submit``).
         self._outbox: list[_Request] = []
+        # Requests from other threads go straight to the writer (``enqueue_from_thread``).
+        # The gate orders them before the writer's stop; the count tells the writer to look
+        # for their futures in a batch.
+        self._gate = threading.Lock()
+        self._elsewhere = 0
         self._checkpointer: threading.Thread | None = None
         self._checkpoint_wanted = threading.Event()
         self._commits = 0  # write commits since the last checkpoint pass was asked for
@@ -410,17 +436,21 @@ class SQLiteStore:
                     break
                 batch.append(item)
             results = self._run_batch(conn, batch)
-            with contextlib.suppress(RuntimeError):  # loop closed: nobody waits
-                loop.call_soon_threadsafe(_deliver, results)
+            if self._elsewhere:
+                before = len(results)
+                results = _settle_elsewhere(results)
+                with self._gate:
+                    self._elsewhere -= before - len(results)
+            if results:
+                with contextlib.suppress(RuntimeError):  # loop closed: nobody waits
+                    loop.call_soon_threadsafe(_deliver, results)
             if checkpoints and any(r.write for r in batch):
                 self._commits += 1
                 if self._commits >= _CHECKPOINT_EVERY:
                     self._commits = 0
                     self._checkpoint_wanted.set()
 
-    def _run_batch(
-        self, conn: Conn, batch: list[_Request]
-    ) -> list[tuple[asyncio.Future[Any], bool, Any]]:
+    def _run_batch(self, conn: Conn, batch: list[_Request]) -> _Results:
         # Fast path: the whole batch in one transaction with no savepoints (failures are
         # rare). If any request fails, roll back and run the batch again carefully.
         fast = self._fast_batch(conn, batch)
@@ -444,9 +474,7 @@ class SQLiteStore:
             pending = [r for r in pending if id(r) not in failed]
             merge = False
 
-    def _fast_batch(
-        self, conn: Conn, batch: list[_Request]
-    ) -> list[tuple[asyncio.Future[Any], bool, Any]] | None:
+    def _fast_batch(self, conn: Conn, batch: list[_Request]) -> _Results | None:
         """Run every request in one plain transaction, concurrent enqueues merged into one
         insert. ``None`` (after a rollback) if anything failed."""
         enqueues = [r for r in batch if r.jobs is not None]
@@ -698,7 +726,8 @@ class SQLiteStore:
         if self._thread is None or self._closed:
             self._closed = True
             return
-        self._closed = True
+        with self._gate:  # requests from other threads now fail instead of waiting forever
+            self._closed = True
         self._hand_over()
         self._requests.put(None)
         thread = self._thread
@@ -720,6 +749,20 @@ class SQLiteStore:
         """Store jobs atomically; see :meth:`Store.enqueue`."""
         jobs = list(jobs)
         return self._submit(lambda conn: self._enqueue(conn, jobs), jobs=jobs)
+
+    def enqueue_from_thread(self, jobs: Sequence[NewJob]) -> concurrent.futures.Future[list[str]]:
+        """Store jobs atomically from a thread other than the event loop's; see
+        :meth:`Store.enqueue_from_thread`. The writer takes them with no hop through the
+        loop and resolves the future once they are committed."""
+        jobs = list(jobs)
+        future: concurrent.futures.Future[list[str]] = concurrent.futures.Future()
+        request = _Request(lambda conn: self._enqueue(conn, jobs), future, True, jobs)
+        with self._gate:
+            if self._closed or self._thread is None:
+                raise StoreError(f"{self.path}: the store is not open")
+            self._elsewhere += 1
+            self._requests.put(request)
+        return future
 
     @staticmethod
     def _enqueue(conn: Conn, jobs: list[NewJob]) -> list[str]:

@@ -1,0 +1,352 @@
+"""Enqueues from outside the engine's event loop: the blocking ``trigger`` of a program
+whose engine runs on a background thread, and ``trigger_async`` on another event loop.
+On a file store the caller's thread hands its jobs to the store's writer directly (no hop
+through the engine's loop); the queue's dispatcher is woken once they are committed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from iii_embedded import III, Config, InvocationError, QueueConfig, StoreConfig, TriggerAction
+from iii_embedded._errors import StoreError
+from iii_embedded._stores._sqlite import DB_FILENAME, SQLiteStore
+
+# Polling would find the jobs only after this long: a job that runs within the test's
+# timeout was found through the wake-up that follows its commit.
+NO_POLLING_MS = 600_000
+ENQUEUE = TriggerAction.Enqueue(queue="work")
+
+
+class Seen:
+    """Records the payloads a handler saw; ``wait_for(n)`` blocks until it saw ``n``."""
+
+    def __init__(self) -> None:
+        self.payloads: list[Any] = []
+        self._changed = threading.Condition()
+
+    def add(self, payload: Any) -> None:
+        with self._changed:
+            self.payloads.append(payload)
+            self._changed.notify_all()
+
+    def wait_for(self, count: int) -> list[Any]:
+        with self._changed:
+            assert self._changed.wait_for(lambda: len(self.payloads) >= count, timeout=20)
+            return sorted(self.payloads)
+
+
+def app_on(config: StoreConfig, **kw: Any) -> III:
+    queue = QueueConfig(name="work", concurrency=4, poll_interval_ms=NO_POLLING_MS)
+    return III(Config(queues={"work": queue}, store=config), shutdown_grace_ms=0, **kw)
+
+
+@pytest.fixture(params=["file_based", "in_memory"])
+def store_config(request: pytest.FixtureRequest, tmp_path: Path) -> StoreConfig:
+    if request.param == "in_memory":
+        return StoreConfig()
+    return StoreConfig(store_method="file_based", file_path=str(tmp_path / "store"))
+
+
+@pytest.fixture
+def started(store_config: StoreConfig) -> Iterator[tuple[III, Seen]]:
+    seen = Seen()
+    iii = app_on(store_config)
+
+    @iii.function("job")
+    async def job(payload: Any) -> None:
+        seen.add(payload)
+
+    with iii:
+        yield iii, seen
+
+
+def test_blocking_enqueues_from_many_threads_are_stored_and_run(
+    started: tuple[III, Seen],
+) -> None:
+    iii, seen = started
+    receipts: list[str] = []
+
+    def produce(first: int) -> None:
+        for n in range(first, first + 25):
+            receipts.append(iii.trigger("job", n, action=ENQUEUE)["messageReceiptId"])
+
+    threads = [threading.Thread(target=produce, args=(k * 25,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen.wait_for(200) == list(range(200))
+    runs = [iii.runs.get(r) for r in receipts]
+    assert sorted((r.status, r.attempts) for r in runs if r is not None) == [("completed", 1)] * 200
+
+
+def test_trigger_async_on_another_event_loop_enqueues_and_the_job_runs(
+    started: tuple[III, Seen],
+) -> None:
+    iii, seen = started
+
+    async def elsewhere() -> list[str]:
+        receipts = await asyncio.gather(
+            *(iii.trigger_async("job", n, action=ENQUEUE) for n in range(50))
+        )
+        return [r["messageReceiptId"] for r in receipts]
+
+    receipts = asyncio.run(elsewhere())
+    assert seen.wait_for(50) == list(range(50))
+    assert len(set(receipts)) == 50
+    assert all((r := iii.runs.get(i)) is not None and r.status == "completed" for i in receipts)
+
+
+def test_bad_enqueues_from_a_thread_fail_in_the_caller_and_store_nothing(
+    started: tuple[III, Seen],
+) -> None:
+    iii, _ = started
+    with pytest.raises(InvocationError) as unknown_queue:
+        iii.trigger("job", 1, action=TriggerAction.Enqueue(queue="nope"))
+    with pytest.raises(InvocationError) as unknown_function:
+        iii.trigger("nobody", 1, action=ENQUEUE)
+    with pytest.raises(InvocationError) as not_json:
+        asyncio.run(iii.trigger_async("job", {1, 2}, action=ENQUEUE))
+    assert [e.value.code for e in (unknown_queue, unknown_function, not_json)] == [
+        "enqueue_error"
+    ] * 3
+    assert str(unknown_queue.value) == "enqueue_error: Queue 'nope' not found"
+    stats = iii.queue_stats("work")
+    assert (stats.ready, stats.running, stats.completed) == (0, 0, 0)
+
+
+def test_a_full_disk_reaches_a_blocking_caller_as_an_enqueue_error(tmp_path: Path) -> None:
+    directory = tmp_path / "store"
+    config = StoreConfig(store_method="file_based", file_path=str(directory))
+    first = app_on(config)
+    first.register_function("job", lambda payload: None)
+    with first:  # create the database, to size it
+        pass
+    with sqlite3.connect(directory / DB_FILENAME) as conn:
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    iii = app_on(config, store=SQLiteStore(directory, max_page_count=pages + 40))
+    iii.register_function("job", lambda payload: None)
+    stored: list[str] = []
+    with iii, pytest.raises(InvocationError) as caught:
+        for _ in range(100):
+            receipt = iii.trigger("job", {"blob": "y" * 10_000}, action=ENQUEUE)
+            stored.append(receipt["messageReceiptId"])
+    assert caught.value.code == "enqueue_error"
+    assert "the disk is full" in caught.value.message
+    assert isinstance(caught.value.__cause__, StoreError)
+    assert 0 < len(stored) < 100  # the ones acknowledged before the disk filled are kept
+
+    async def kept() -> list[str]:
+        store = SQLiteStore(directory)
+        await store.open()
+        try:
+            return [j.id for j in await store.list_jobs(limit=1000)]
+        finally:
+            await store.aclose()
+
+    assert set(stored) <= set(anyio.run(kept))
+
+
+@pytest.mark.anyio
+async def test_the_store_refuses_jobs_from_threads_once_closed(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "store")
+    with pytest.raises(StoreError, match="not open"):
+        store.enqueue_from_thread([])
+    await store.open()
+    await store.aclose()
+    with pytest.raises(StoreError, match=f"{tmp_path / 'store'}.*not open"):
+        store.enqueue_from_thread([])
+
+
+def test_a_blocking_enqueue_into_a_file_store_does_not_wait_for_the_engine_loop(
+    tmp_path: Path,
+) -> None:
+    iii = app_on(StoreConfig(store_method="file_based", file_path=str(tmp_path / "store")))
+    seen = Seen()
+    frozen, thaw = threading.Event(), threading.Event()
+
+    @iii.function("freeze")
+    async def freeze(_: Any) -> None:
+        frozen.set()
+        thaw.wait(timeout=20)  # blocks the engine's event loop, on purpose
+
+    @iii.function("job")
+    async def job(payload: Any) -> None:
+        seen.add(payload)
+
+    receipts: list[str] = []
+    with iii:
+        # Fired from a thread of its own: the call returns only once the loop is free.
+        firing = threading.Thread(
+            target=lambda: iii.trigger("freeze", None, action=TriggerAction.Void())
+        )
+        firing.start()
+        assert frozen.wait(timeout=10)
+        producer = threading.Thread(
+            target=lambda: receipts.append(
+                iii.trigger("job", "while frozen", action=ENQUEUE)["messageReceiptId"]
+            )
+        )
+        producer.start()
+        producer.join(timeout=10)
+        # The receipt came back (the job is committed) while the loop was still blocked.
+        done_while_frozen = not producer.is_alive()
+        thaw.set()
+        producer.join()
+        firing.join()
+        assert seen.wait_for(1) == ["while frozen"]
+    assert done_while_frozen
+    assert len(receipts) == 1
+
+
+def test_an_enqueue_from_a_thread_wakes_an_idle_queue(started: tuple[III, Seen]) -> None:
+    iii, seen = started
+    runner = iii.runtime.runners["work"]
+    for n in range(3):
+        # The queue's dispatcher sleeps with nothing to claim (and polls only every
+        # NO_POLLING_MS): only the wake-up after the commit can bring it to the job.
+        _until(lambda: runner.idle)
+        iii.trigger("job", n, action=ENQUEUE)
+        assert seen.wait_for(n + 1) == list(range(n + 1))
+
+
+def _until(condition: Callable[[], bool]) -> None:
+    """Wait (bounded) until ``condition()`` holds, checking every millisecond."""
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in 10 s"
+        time.sleep(0.001)
+
+
+# --- synchronous calls from other threads and loops ----------------------------------
+
+
+def test_calls_from_another_event_loop_return_values_and_errors(
+    started: tuple[III, Seen],
+) -> None:
+    iii, _ = started
+
+    @iii.function("double")
+    async def double(n: int) -> int:
+        return 2 * n
+
+    @iii.function("broken")
+    def broken(_: Any) -> None:  # a sync handler: it runs in the engine's threads
+        raise ValueError("no")
+
+    async def elsewhere() -> tuple[list[int], InvocationError]:
+        values = await asyncio.gather(*(iii.trigger_async("double", n) for n in range(20)))
+        try:
+            await iii.trigger_async("broken", None)
+        except InvocationError as exc:
+            return values, exc
+        raise AssertionError("no error")
+
+    values, error = asyncio.run(elsewhere())
+    assert values == [2 * n for n in range(20)]
+    assert (error.code, error.message) == ("invocation_failed", "ValueError: no")
+    assert [iii.trigger("double", n) for n in range(3)] == [0, 2, 4]
+
+
+def test_cancelling_a_call_from_another_event_loop_cancels_the_handler(
+    started: tuple[III, Seen],
+) -> None:
+    iii, _ = started
+    began, ended = threading.Event(), threading.Event()
+    outcome: list[str] = []
+
+    @iii.function("forever")
+    async def forever(_: Any) -> None:
+        began.set()
+        try:
+            await anyio.sleep_forever()
+        except BaseException as exc:
+            outcome.append(type(exc).__name__)
+            raise
+        finally:
+            ended.set()
+
+    async def elsewhere() -> bool:
+        call = asyncio.ensure_future(iii.trigger_async("forever", None))
+        loop = asyncio.get_running_loop()
+        assert await loop.run_in_executor(None, began.wait, 10)
+        call.cancel()
+        try:
+            await call
+        except asyncio.CancelledError:
+            return True
+        return False
+
+    assert asyncio.run(elsewhere())
+    assert ended.wait(timeout=10)
+    assert outcome == ["CancelledError"]
+
+
+def test_calls_after_the_engine_stopped_say_so(store_config: StoreConfig) -> None:
+    iii = app_on(store_config)
+    iii.register_function("job", lambda payload: None)
+    with iii:
+        assert iii.trigger("job", 1) is None
+    with pytest.raises(RuntimeError, match="not running"):
+        iii.trigger("job", 1)
+    with pytest.raises(RuntimeError, match="not running"):
+        iii.trigger("job", 1, action=ENQUEUE)
+
+
+def test_a_void_call_from_another_thread_returns_before_its_handler_runs(
+    started: tuple[III, Seen], caplog: pytest.LogCaptureFixture
+) -> None:
+    iii, seen = started
+    go = threading.Event()
+
+    @iii.function("later")
+    def later(payload: Any) -> None:  # in the engine's threads
+        go.wait(timeout=20)
+        seen.add(payload)
+
+    assert iii.trigger("later", "a", action=TriggerAction.Void()) is None
+    assert asyncio.run(iii.trigger_async("later", "b", action=TriggerAction.Void())) is None
+    assert seen.payloads == []  # both returned while their handlers wait
+    go.set()
+    assert seen.wait_for(2) == ["a", "b"]
+    iii.register_function("echo", lambda payload: payload)
+    with caplog.at_level("ERROR", logger="iii_embedded"):
+        assert iii.trigger("nobody", 1, action=TriggerAction.Void()) is None
+        # A call made after it runs after it on the loop: by then the drop is logged.
+        assert iii.trigger("echo", "after") == "after"
+    assert "void trigger of 'nobody' dropped: function not found" in caplog.text
+
+
+_CALLER_VAR: contextvars.ContextVar[str] = contextvars.ContextVar("caller", default="unset")
+
+
+def test_a_call_from_another_thread_runs_in_a_context_of_its_own(
+    started: tuple[III, Seen],
+) -> None:
+    iii, _ = started
+
+    @iii.function("peek")
+    async def peek(_: Any) -> str:
+        return _CALLER_VAR.get()
+
+    async def elsewhere() -> str:
+        return str(await iii.trigger_async("peek", None))
+
+    token = _CALLER_VAR.set("the caller's")
+    try:
+        # As before (through anyio's portal): the handler does not see the caller's
+        # context variables, which may belong to another event loop.
+        assert iii.trigger("peek", None) == "unset"
+        assert asyncio.run(elsewhere()) == "unset"
+    finally:
+        _CALLER_VAR.reset(token)
