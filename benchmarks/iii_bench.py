@@ -22,7 +22,7 @@ import anyio
 
 from iii_embedded import III, Config, QueueConfig, StoreConfig, TriggerAction
 
-from ._util import latency_summary, scratch, shares
+from ._util import in_threads, latency_summary, scratch, shares
 
 StoreKind = Literal["memory", "file-normal", "file-full", "file-normal-pinned", "file-full-pinned"]
 QUEUE = "q"
@@ -105,6 +105,27 @@ def enqueue(store: StoreKind, n: int, producers: int) -> dict[str, Any]:
         result["p999_ms"] = took[int(len(took) * 0.999)] * 1000
         result["max_ms"] = took[-1] * 1000
     return result
+
+
+def enqueue_threads(store: StoreKind, n: int, producers: int) -> dict[str, Any]:
+    """``n`` tiny jobs enqueued with the blocking ``trigger`` by ``producers`` threads while
+    the engine runs on a background thread (``start()``): how a synchronous program, or
+    one written against iii's SDK (``register_worker``), enqueues. Huey's producers are
+    threads too."""
+    app = _app(store)
+    app.register_function("noop", lambda _: None)
+
+    def produce(first: int, count: int) -> None:
+        trigger = app.trigger
+        for i in range(first, first + count):
+            trigger("noop", {"n": i}, action=ENQUEUE)
+
+    with app:
+        portal = app.runtime.portal
+        assert portal is not None
+        portal.call(_stop_consuming, app)
+        wall = in_threads(produce, n, producers)
+    return {"rate": n / wall}
 
 
 def enqueue_batch(store: StoreKind, n: int, per_call: int = 100) -> dict[str, Any]:

@@ -186,6 +186,20 @@ def _enqueue() -> list[Scenario]:
                         refs=(*peers, raw if not _pinned(store) else _untargeted(raw)),
                     )
                 )
+            # The same from threads, with the blocking trigger (Huey's producers are
+            # threads too); no target, the rows above are the scenario.
+            out.append(
+                Scenario(
+                    f"enqueue.file-{sync}.threads.p{p}",
+                    "enqueue",
+                    f"iii file {sync}",
+                    f"durable enqueue from {p} thread{'s' if p > 1 else ''}, blocking trigger",
+                    "iii_bench",
+                    "enqueue_threads",
+                    {"store": f"file-{sync}", "n": N, "producers": p},
+                    refs=tuple(_untargeted(r) for r in peers),
+                )
+            )
         if p == 16:
             for sync in ("full", "normal"):
                 s = sync.upper()
