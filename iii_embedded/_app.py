@@ -266,7 +266,8 @@ class III:
         # Called from another event loop (the engine runs in a background thread).
         if isinstance(act, EnqueueAction):
             try:
-                ids = await _wait_elsewhere(self._enqueue_elsewhere(fid, data, act))
+                # Never committed in this thread: it runs the caller's event loop.
+                ids = await _wait_elsewhere(self._enqueue_elsewhere(fid, data, act, False))
             except StoreError as exc:
                 raise enqueue_failed(exc) from exc
             return {"messageReceiptId": ids[0]}
@@ -297,7 +298,7 @@ class III:
             )
         if isinstance(act, EnqueueAction):
             try:
-                ids = self._enqueue_elsewhere(fid, data, act).result()
+                ids = self._enqueue_elsewhere(fid, data, act, True).result()
             except StoreError as exc:
                 raise enqueue_failed(exc) from exc
             return {"messageReceiptId": ids[0]}
@@ -306,12 +307,14 @@ class III:
             return None
         return rt.from_thread(rt.trigger, fid, data, act, timeout).result()
 
-    def _enqueue_elsewhere(self, fid: str, data: Any, act: EnqueueAction) -> Future[list[str]]:
+    def _enqueue_elsewhere(
+        self, fid: str, data: Any, act: EnqueueAction, inline: bool
+    ) -> Future[list[str]]:
         """An enqueue from a thread other than the engine loop's: the jobs are built here
         and go straight to the store's writer when the store takes them from threads
         (the file store), else to the engine's loop."""
         rt = self.runtime
-        jobs, future = rt.enqueue_elsewhere(fid, data, act)
+        jobs, future = rt.enqueue_elsewhere(fid, data, act, inline=inline)
         return rt.from_thread(rt.store_jobs, jobs, act.queue) if future is None else future
 
     def _call_blocking(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -321,16 +324,14 @@ class III:
                 "this call blocks, and this is the engine's event-loop thread: "
                 "use its `_async` twin in async code"
             )
-        assert rt.portal is not None
-        return rt.portal.call(fn, *args)
+        return rt.from_thread(fn, *args).result()
 
     async def _on_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``await fn(*args)`` on the engine's loop, from this loop or another one."""
         rt = self.runtime
         if rt.loop_thread == threading.get_ident():
             return await fn(*args)
-        assert rt.portal is not None
-        return await anyio.to_thread.run_sync(rt.portal.call, fn, *args)
+        return await _wait_elsewhere(rt.from_thread(fn, *args))
 
     # --- Trigger.dev-style triggering ------------------------------------------------
 

@@ -181,6 +181,13 @@ class QueueRunner:
         self.idle = False
         self._wake_event.set()
 
+    @property
+    def needs_wake(self) -> bool:
+        """Whether a wake would change anything (read from other threads, racily but
+        safely): not if one is pending, since the dispatcher's next round starts after
+        the caller's commit anyway, nor once it has stopped claiming."""
+        return not (self._wake_pending or self._stopping)
+
     def stop_claiming(self) -> None:
         """Graceful shutdown, step one: claim nothing more (outcomes are still written)."""
         self._stopping = True

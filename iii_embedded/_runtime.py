@@ -466,7 +466,7 @@ class Runtime:
     # dispatcher is woken from the writer once the jobs are committed.
 
     def enqueue_elsewhere(
-        self, function_id: str, payload: Any, action: EnqueueAction
+        self, function_id: str, payload: Any, action: EnqueueAction, *, inline: bool
     ) -> tuple[list[NewJob], Future[list[str]] | None]:
         """From a thread other than the loop's: validate and build the jobs (raising
         ``InvocationError``) and hand them to the store if it takes them from other threads.
@@ -474,7 +474,7 @@ class Runtime:
         its loop (then pass the jobs to :meth:`store_jobs` there)."""
         jobs = self.build_jobs(function_id, [payload], action, batch=False)
         try:
-            future = self.store.enqueue_from_thread(jobs)
+            future = self.store.enqueue_from_thread(jobs, inline=inline)
         except StoreError as exc:
             raise enqueue_failed(exc) from exc
         if future is not None:
@@ -497,7 +497,8 @@ class Runtime:
         # loop one wake-up, not one each. A wake asked for while one is on its way still
         # lands after the commit that asked for it.
         loop = self.loop
-        if loop is None or queue in self._waking:
+        runner = self.runners.get(queue)
+        if loop is None or runner is None or not runner.needs_wake or queue in self._waking:
             return
         self._waking.add(queue)
         with contextlib.suppress(RuntimeError):  # the loop has closed: nothing to wake

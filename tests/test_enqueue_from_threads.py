@@ -19,6 +19,7 @@ import pytest
 
 from iii_embedded import III, Config, InvocationError, QueueConfig, StoreConfig, TriggerAction
 from iii_embedded._errors import StoreError
+from iii_embedded._stores import NewJob
 from iii_embedded._stores._sqlite import DB_FILENAME, SQLiteStore
 
 # Polling would find the jobs only after this long: a job that runs within the test's
@@ -155,6 +156,52 @@ def test_a_full_disk_reaches_a_blocking_caller_as_an_enqueue_error(tmp_path: Pat
             await store.aclose()
 
     assert set(stored) <= set(anyio.run(kept))
+
+
+def new_job(key: str) -> NewJob:
+    return NewJob(
+        id=key,
+        queue="work",
+        function_id="job",
+        payload="1",
+        created_at=1.0,
+        available_at=1.0,
+        max_attempts=1,
+    )
+
+
+@pytest.mark.anyio
+async def test_who_commits_a_job_handed_over_from_a_thread(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "store")
+    await store.open()
+    inserts: list[int] = []  # the native id of the thread that ran each INSERT
+    conn = store._conn
+    assert conn is not None
+    conn.set_trace_callback(
+        lambda sql: inserts.append(threading.get_native_id()) if sql.startswith("INSERT") else None
+    )
+    try:
+        [writer] = store.own_thread_ids()
+
+        def hand_over(key: str, inline: bool) -> tuple[bool, int]:
+            future = store.enqueue_from_thread([new_job(key)], inline=inline)
+            done_at_once = future.done()
+            assert future.result(timeout=10) == [key]
+            return done_at_once, threading.get_native_id()
+
+        # With nothing queued for the writer, a caller that would only wait (inline)
+        # commits in its own thread: the future is settled when the call returns.
+        done_at_once, caller = await anyio.to_thread.run_sync(hand_over, "a", True)
+        assert done_at_once
+        assert inserts == [caller]
+        # A caller that must not block (another event loop's thread) leaves it to the
+        # writer.
+        _, caller = await anyio.to_thread.run_sync(hand_over, "b", False)
+        assert inserts == [inserts[0], writer] and caller != writer
+        assert [j.id for j in await store.list_jobs()] == ["a", "b"]
+    finally:
+        conn.set_trace_callback(None)
+        await store.aclose()
 
 
 @pytest.mark.anyio
@@ -350,3 +397,31 @@ def test_a_call_from_another_thread_runs_in_a_context_of_its_own(
         assert asyncio.run(elsewhere()) == "unset"
     finally:
         _CALLER_VAR.reset(token)
+
+
+def test_an_enqueue_from_another_event_loop_never_commits_on_that_loop(tmp_path: Path) -> None:
+    iii = app_on(StoreConfig(store_method="file_based", file_path=str(tmp_path / "store")))
+    iii.register_function("job", lambda payload: None)
+    inserts: list[int] = []
+    with iii:
+        store = iii.runtime.store
+        assert isinstance(store, SQLiteStore) and store._conn is not None
+        store._conn.set_trace_callback(
+            lambda sql: (
+                inserts.append(threading.get_native_id())
+                if sql.startswith("INSERT INTO jobs")
+                else None
+            )
+        )
+
+        async def elsewhere() -> int:
+            for n in range(5):
+                await iii.trigger_async("job", n, action=ENQUEUE)
+            return threading.get_native_id()
+
+        caller = asyncio.run(elsewhere())
+        # A blocking trigger from this thread, by contrast, may commit here.
+        iii.trigger("job", 5, action=ENQUEUE)
+        store._conn.set_trace_callback(None)
+    assert len(inserts) == 6
+    assert caller not in inserts[:5]

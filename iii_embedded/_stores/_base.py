@@ -354,15 +354,19 @@ class Store(Protocol):
         enqueue commits.
         """
 
-    def enqueue_from_thread(self, jobs: Sequence[NewJob]) -> Future[list[str]] | None:
+    def enqueue_from_thread(
+        self, jobs: Sequence[NewJob], *, inline: bool = False
+    ) -> Future[list[str]] | None:
         """``enqueue`` called from a thread other than the event loop's: a future of the
         ids that resolves once the jobs are durable, or ``None`` if this store takes
         requests only on its event loop (the caller then goes through the loop).
 
-        The file store hands the jobs to its writer thread directly, so a blocking
-        ``trigger`` from another thread waits for two thread wake-ups instead of four.
-        The future may raise ``StoreError``; the call itself raises it if the store is not
-        open."""
+        The file store hands the jobs to its writer thread directly, so a caller waits
+        for two thread wake-ups instead of four. With ``inline`` (the caller's thread
+        would only wait: a blocking ``trigger``, never an event loop's thread) it may
+        commit them in the caller's thread when its writer has nothing to do, and then
+        returns a future already resolved. The future may raise ``StoreError``; the call
+        itself raises it if the store is not open."""
 
     # --- consuming -------------------------------------------------------------------
 

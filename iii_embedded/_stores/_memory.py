@@ -246,7 +246,9 @@ class MemoryStore:
             if head.state == "queued":
                 heapq.heappush(index.group_heads, (head.available_at, head.seq, head.group or ""))
 
-    def enqueue_from_thread(self, jobs: Sequence[NewJob]) -> Future[list[str]] | None:
+    def enqueue_from_thread(
+        self, jobs: Sequence[NewJob], *, inline: bool = False
+    ) -> Future[list[str]] | None:
         """``None``: this store is not thread-safe; see :meth:`Store.enqueue_from_thread`."""
         return None
 

@@ -337,6 +337,9 @@ class SQLiteStore:
         # for their futures in a batch.
         self._gate = threading.Lock()
         self._elsewhere = 0
+        # Held by whichever thread runs a transaction on the connection: the writer, or a
+        # caller of ``enqueue_from_thread`` that found the writer with nothing to do.
+        self._conn_lock = threading.Lock()
         self._checkpointer: threading.Thread | None = None
         self._checkpoint_wanted = threading.Event()
         self._commits = 0  # write commits since the last checkpoint pass was asked for
@@ -435,7 +438,10 @@ class SQLiteStore:
                     stop = True
                     break
                 batch.append(item)
-            results = self._run_batch(conn, batch)
+            with self._conn_lock:
+                results = self._run_batch(conn, batch)
+                if checkpoints and any(r.write for r in batch):
+                    self._count_commit()
             if self._elsewhere:
                 before = len(results)
                 results = _settle_elsewhere(results)
@@ -444,11 +450,14 @@ class SQLiteStore:
             if results:
                 with contextlib.suppress(RuntimeError):  # loop closed: nobody waits
                     loop.call_soon_threadsafe(_deliver, results)
-            if checkpoints and any(r.write for r in batch):
-                self._commits += 1
-                if self._commits >= _CHECKPOINT_EVERY:
-                    self._commits = 0
-                    self._checkpoint_wanted.set()
+
+    def _count_commit(self) -> None:
+        """A write committed (with the connection held): every ``_CHECKPOINT_EVERY``
+        of them, ask the checkpointer for a pass."""
+        self._commits += 1
+        if self._commits >= _CHECKPOINT_EVERY:
+            self._commits = 0
+            self._checkpoint_wanted.set()
 
     def _run_batch(self, conn: Conn, batch: list[_Request]) -> _Results:
         # Fast path: the whole batch in one transaction with no savepoints (failures are
@@ -740,8 +749,9 @@ class SQLiteStore:
             self._checkpoint_wanted.set()
             await asyncio.get_running_loop().run_in_executor(None, checkpointer.join)
         if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+            with self._conn_lock:  # a caller committing in its own thread finishes first
+                self._conn.close()
+                self._conn = None
 
     # --- producing ---------------------------------------------------------------------
 
@@ -750,7 +760,9 @@ class SQLiteStore:
         jobs = list(jobs)
         return self._submit(lambda conn: self._enqueue(conn, jobs), jobs=jobs)
 
-    def enqueue_from_thread(self, jobs: Sequence[NewJob]) -> concurrent.futures.Future[list[str]]:
+    def enqueue_from_thread(
+        self, jobs: Sequence[NewJob], *, inline: bool = False
+    ) -> concurrent.futures.Future[list[str]]:
         """Store jobs atomically from a thread other than the event loop's; see
         :meth:`Store.enqueue_from_thread`. The writer takes them with no hop through the
         loop and resolves the future once they are committed."""
@@ -758,10 +770,27 @@ class SQLiteStore:
         future: concurrent.futures.Future[list[str]] = concurrent.futures.Future()
         request = _Request(lambda conn: self._enqueue(conn, jobs), future, True, jobs)
         with self._gate:
-            if self._closed or self._thread is None:
+            if self._closed or self._thread is None or self._conn is None:
                 raise StoreError(f"{self.path}: the store is not open")
-            self._elsewhere += 1
-            self._requests.put(request)
+            # The writer has nothing to do: commit here, in the caller's thread, and save
+            # both wake-ups (as a library that runs SQLite in its caller would). Otherwise
+            # the request joins the writer's next batch.
+            inline = inline and self._requests.empty() and self._conn_lock.acquire(blocking=False)
+            if not inline:
+                self._elsewhere += 1
+                self._requests.put(request)
+                return future
+        try:
+            [(_, ok, value)] = self._run_batch(self._conn, [request])
+            if self._checkpointer is not None:
+                self._count_commit()
+        finally:
+            self._conn_lock.release()
+        future.set_running_or_notify_cancel()
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
         return future
 
     @staticmethod
