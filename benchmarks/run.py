@@ -4,6 +4,7 @@
     python -m benchmarks.run --quick          # a smoke run: small sizes, one run each
     python -m benchmarks.run --only e2e       # a group (raw, enqueue, e2e, sync_call,
     python -m benchmarks.run --only e2e.huey  #   latency, depth) or ids containing a text
+    python -m benchmarks.run --render benchmarks/results/latest.json  # re-compare only
 
 Every run of every scenario is a fresh subprocess (``python -m benchmarks.worker``), so
 state and peak RSS do not leak between them; the table shows medians of 3 runs (of 1 where
@@ -311,7 +312,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--list", action="store_true", help="list the scenario ids and exit")
     parser.add_argument("--out", type=Path, help="where to write the JSON results")
+    parser.add_argument(
+        "--render",
+        type=Path,
+        metavar="JSON",
+        help="measure nothing: recompute the ratios and targets of a results file with the "
+        "scenarios' current references, and rewrite it (and its .md) with the new table",
+    )
     args = parser.parse_args(argv)
+    if args.render:
+        return render(args.render)
     selected = _selected(args.only)
     if args.list or not selected:
         for s in SCENARIOS:
@@ -371,6 +381,25 @@ def main(argv: list[str] | None = None) -> int:
         )
     failed = [sid for sid, r in results.items() if "error" in r]
     return 1 if failed else 0
+
+
+def render(path: Path) -> int:
+    """``--render``: the same measurements, compared again (after a reference was added
+    to a scenario, say); the timings and the run's header stay as they were."""
+    document = json.loads(path.read_text())
+    results: dict[str, dict[str, Any]] = document["scenarios"]
+    for s in SCENARIOS:
+        if "median" in results.get(s.id, {}):
+            compare(s, results)
+    text = table(results)
+    document["table"] = text
+    path.write_text(json.dumps(document, indent=1, ensure_ascii=False) + "\n")
+    md = path.with_suffix(".md")
+    if md.exists():
+        header = md.read_text().splitlines()[0]
+        md.write_text(f"{header}\n{text}\n")
+    print(text)
+    return 0
 
 
 if __name__ == "__main__":

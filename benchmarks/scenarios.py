@@ -197,7 +197,7 @@ def _enqueue() -> list[Scenario]:
                     "iii_bench",
                     "enqueue_threads",
                     {"store": f"file-{sync}", "n": N, "producers": p},
-                    refs=tuple(_untargeted(r) for r in peers),
+                    refs=(*peers, _untargeted(raw)),
                 )
             )
         if p == 16:

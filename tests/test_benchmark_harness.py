@@ -94,3 +94,39 @@ def test_a_quick_run_of_in_process_scenarios_writes_its_table_and_json(tmp_path:
     assert "| **sync call: await trigger_async(noop, x)** | iii memory |" in proc.stdout
     # The targets that need no peer are judged even in a partial run.
     assert "p50 < 1 ms: **" in proc.stdout
+
+
+def test_render_compares_saved_results_again_without_measuring(tmp_path: Path) -> None:
+    saved = {
+        "command": "python -m benchmarks.run",
+        "scenarios": {
+            sid: {
+                "median": median,
+                "runs": [median],
+                "detail": {"peak_rss_mb": 40.0},
+                "params": {"n": 10},
+            }
+            for sid, median in (
+                ("enqueue.file-full.threads.p1", 4_000.0),
+                ("enqueue.huey.p1", 5_000.0),
+                ("raw.insert1.full", 8_000.0),
+            )
+        },
+        "table": "old",
+    }
+    path = tmp_path / "latest.json"
+    path.write_text(json.dumps(saved))
+    (tmp_path / "latest.md").write_text("<!-- the run's header -->\nold\n")
+
+    assert bench_run.render(path) == 0
+
+    rendered = json.loads(path.read_text())
+    ratios = {
+        r["name"]: r["ratio"]
+        for r in rendered["scenarios"]["enqueue.file-full.threads.p1"]["ratios"]
+    }
+    assert ratios == {"Huey": 0.8, "raw INSERT+COMMIT per row FULL": 0.5}
+    assert rendered["scenarios"]["enqueue.huey.p1"]["runs"] == [5_000.0]  # untouched
+    md = (tmp_path / "latest.md").read_text().splitlines()
+    assert md[0] == "<!-- the run's header -->"
+    assert any("0.80× Huey; 50% of raw INSERT+COMMIT per row FULL" in line for line in md)
