@@ -425,3 +425,50 @@ def test_an_enqueue_from_another_event_loop_never_commits_on_that_loop(tmp_path:
         store._conn.set_trace_callback(None)
     assert len(inserts) == 6
     assert caller not in inserts[:5]
+
+
+def test_blocking_enqueues_racing_a_shutdown_end_and_lose_nothing_acknowledged(
+    tmp_path: Path,
+) -> None:
+    directory = tmp_path / "store"
+    iii = app_on(StoreConfig(store_method="file_based", file_path=str(directory)))
+    iii.register_function("job", lambda payload: None)
+    receipts: list[str] = []
+    refusals: list[BaseException] = []
+    enough = threading.Semaphore(0)
+
+    def produce(k: int) -> None:
+        for n in range(10_000):
+            try:
+                receipt = iii.trigger("job", [k, n], action=ENQUEUE)
+            except (InvocationError, RuntimeError) as exc:  # the engine stopped meanwhile
+                refusals.append(exc)
+                return
+            receipts.append(receipt["messageReceiptId"])
+            enough.release()
+
+    producers = [threading.Thread(target=produce, args=(k,)) for k in range(8)]
+    iii.start()
+    for t in producers:
+        t.start()
+    for _ in range(200):  # let them get going, then stop the engine under them
+        assert enough.acquire(timeout=20)
+    iii.shutdown()
+    for t in producers:
+        t.join(timeout=20)
+    assert not any(t.is_alive() for t in producers)  # none waits forever
+    assert len(refusals) == 8, refusals
+    for exc in refusals:
+        assert isinstance(exc, RuntimeError) or (
+            isinstance(exc, InvocationError) and exc.code == "enqueue_error"
+        ), repr(exc)
+
+    async def stored() -> set[str]:
+        store = SQLiteStore(directory)
+        await store.open()
+        try:
+            return {j.id for j in await store.list_jobs(limit=1_000_000)}
+        finally:
+            await store.aclose()
+
+    assert set(receipts) <= anyio.run(stored)  # every receipt handed out is on disk
