@@ -460,10 +460,10 @@ class Runtime:
 
     # An enqueue from another thread (the blocking ``trigger`` of a program whose engine
     # runs on a background thread, or ``trigger_async`` on another event loop) validates
-    # and builds its jobs in the caller's thread and hands them to a file store's writer
-    # directly: two thread wake-ups (caller to writer, writer to caller) where the portal
-    # takes four (caller to loop, loop to writer and back, loop to caller). The queue's
-    # dispatcher is woken from the writer once the jobs are committed.
+    # and builds its jobs in the caller's thread and hands them to a file store directly:
+    # committed in the caller's thread when it may block and the writer is idle (no
+    # wake-up), else by the writer (two: caller to writer and back), where going through
+    # the loop takes four. The queue's dispatcher is woken once the jobs are committed.
 
     def enqueue_elsewhere(
         self, function_id: str, payload: Any, action: EnqueueAction, *, inline: bool
