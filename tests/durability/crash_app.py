@@ -1,8 +1,10 @@
 """The app the kill -9 test runs in a child process (not collected by pytest).
 
-argv: STORE_DIR SIDE_FILE PLAN_FILE MODE HANDLER, where MODE is ``crash`` (run until
+argv: STORE_DIR SIDE_FILE PLAN_FILE MODE HANDLER PRODUCER, where MODE is ``crash`` (run until
 killed) or ``final`` (exit once every planned job is enqueued and all queues are idle),
-and HANDLER is ``async`` or ``sync`` (the handler runs in the queue's threads). Every event
+HANDLER is ``async`` or ``sync`` (the handler runs in the queue's threads), and PRODUCER
+is ``loop`` (``trigger_async`` on the engine's loop) or ``thread`` (the blocking ``trigger``
+from a worker thread, which commits in that thread when the writer is idle). Every event
 is appended to SIDE_FILE with one ``write`` on an O_APPEND descriptor, which survives the
 process being killed: ``ack K`` once the enqueue of job K returned (the job is durable),
 ``start K PID ATTEMPT`` and ``end K PID`` (or ``fail K PID``) around each handler run.
@@ -14,6 +16,7 @@ import json
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +32,7 @@ from iii_embedded import (
     current_invocation,
 )
 
-store_dir, side_file, plan_file, mode, handler = sys.argv[1:6]
+store_dir, side_file, plan_file, mode, handler, producer = sys.argv[1:7]
 plan: list[dict[str, Any]] = json.loads(Path(plan_file).read_text())
 fd = os.open(side_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
@@ -100,9 +103,11 @@ async def main() -> None:
         for job in plan:
             if job["k"] in acked:
                 continue
-            await app.trigger_async(
-                "work", job, action=TriggerAction.Enqueue(queue=job["q"], idempotency_key=job["k"])
-            )
+            action = TriggerAction.Enqueue(queue=job["q"], idempotency_key=job["k"])
+            if producer == "thread":  # the blocking trigger, which may commit in its thread
+                await anyio.to_thread.run_sync(partial(app.trigger, "work", job, action=action))
+            else:
+                await app.trigger_async("work", job, action=action)
             record(f"ack {job['k']}")
         if mode != "final":
             await anyio.sleep_forever()

@@ -46,18 +46,31 @@ def make_plan(rng: random.Random) -> list[dict[str, object]]:
 
 
 def start(
-    store: Path, side: Path, plan_file: Path, mode: str, handler: str
+    store: Path, side: Path, plan_file: Path, mode: str, handler: str, producer: str
 ) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, str(APP), str(store), str(side), str(plan_file), mode, handler],
+        [
+            sys.executable,
+            str(APP),
+            str(store),
+            str(side),
+            str(plan_file),
+            mode,
+            handler,
+            producer,
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("handler", ["async", "sync"])
-def test_nothing_acknowledged_is_lost_across_kill_9(tmp_path: Path, handler: str) -> None:
+@pytest.mark.parametrize(
+    ("handler", "producer"), [("async", "loop"), ("sync", "loop"), ("async", "thread")]
+)
+def test_nothing_acknowledged_is_lost_across_kill_9(
+    tmp_path: Path, handler: str, producer: str
+) -> None:
     seed = int(os.environ.get("III_KILL_SEED", random.randrange(1 << 30)))
     rng = random.Random(seed)
     plan = make_plan(rng)
@@ -67,7 +80,7 @@ def test_nothing_acknowledged_is_lost_across_kill_9(tmp_path: Path, handler: str
     side.touch()
 
     for _ in range(KILLS):
-        proc = start(store, side, plan_file, "crash", handler)
+        proc = start(store, side, plan_file, "crash", handler, producer)
         # Random kill moments: early ones land in start-up, recovery and enqueue; later
         # ones while jobs are claimed, run and acknowledged.
         deadline = time.monotonic() + rng.uniform(0.15, 0.6)
@@ -76,7 +89,7 @@ def test_nothing_acknowledged_is_lost_across_kill_9(tmp_path: Path, handler: str
         assert proc.poll() is None, f"seed {seed}: app exited early: {proc.stderr.read()!r}"  # type: ignore[union-attr]
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    final = start(store, side, plan_file, "final", handler)
+    final = start(store, side, plan_file, "final", handler, producer)
     _, err = final.communicate(timeout=120)
     assert final.returncode == 0, f"seed {seed}: {err.decode()[-2000:]}"
 
