@@ -305,7 +305,7 @@ class III:
         if isinstance(act, VoidAction):
             rt.fire_from_thread(fid, data)
             return None
-        return rt.from_thread(rt.trigger, fid, data, act, timeout).result()
+        return rt.call_from_thread(fid, data, timeout)
 
     def _enqueue_elsewhere(
         self, fid: str, data: Any, act: EnqueueAction, inline: bool

@@ -12,7 +12,10 @@ finish while the loop is busy. Two ways in:
   cron fires);
 * :meth:`ThreadPool.submit` returns at once, and the pool passes every batch of results
   to its ``settle`` callback on the loop. A queue's jobs take this way: no task waits per
-  job, so the loop's cost of a sync job is a put and its share of one callback.
+  job, so the loop's cost of a sync job is a put and its share of one callback;
+* :meth:`ThreadPool.run_from_thread`, from a thread other than the loop's, returns a
+  concurrent future that the pool thread resolves itself, with no hop through the loop
+  (a blocking sync call from another thread).
 
 A pool grows while no thread is idle, up to ``max_threads``: a queue's pool never needs
 more than its ``concurrency`` threads, except when handlers that timed out or were
@@ -23,6 +26,7 @@ dropped). Threads are daemons, so an abandoned handler never keeps the process a
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import contextvars
 import queue
@@ -67,6 +71,7 @@ class ThreadPool:
         """Finished calls not yet delivered to the loop, each with its future (``run``) or
         its token (``submit``) (guarded by ``_lock``)."""
         self._flush_scheduled = False
+        self._closed = False
 
     async def run(self, fn: Callable[[Any], Any], arg: Any) -> Any:
         """Run ``fn(arg)`` on a pool thread and return its result (or raise its error)."""
@@ -86,14 +91,31 @@ class ThreadPool:
             self._loop = asyncio.get_running_loop()
         self._put(token, fn, arg)
 
-    def _put(self, target: Any, fn: Callable[[Any], Any], arg: Any) -> None:
+    def run_from_thread(
+        self, fn: Callable[[Any], Any], arg: Any, context: contextvars.Context
+    ) -> concurrent.futures.Future[Any]:
+        """From a thread other than the loop's: start ``fn(arg)`` in ``context`` on a pool
+        thread, which resolves the returned future itself. ``RuntimeError`` once closed."""
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._put(future, fn, arg, context)
+        return future
+
+    def _put(
+        self,
+        target: Any,
+        fn: Callable[[Any], Any],
+        arg: Any,
+        context: contextvars.Context | None = None,
+    ) -> None:
         with self._lock:
+            if self._closed:
+                raise RuntimeError("the engine is not running: start it first")
             spawn = self._idle == 0 and len(self._threads) < self.max_threads
             if not spawn:
                 self._idle -= 1 if self._idle else 0
-        if spawn:
-            self._spawn()
-        self._queue.put((target, contextvars.copy_context(), fn, arg))
+            if spawn:
+                self._spawn()
+            self._queue.put((target, context or contextvars.copy_context(), fn, arg))
 
     def _spawn(self) -> None:
         thread = threading.Thread(
@@ -115,6 +137,15 @@ class ThreadPool:
                 ok = True
             except BaseException as exc:
                 value, ok = exc, False
+            if isinstance(target, concurrent.futures.Future):  # its caller is a thread
+                with self._lock:
+                    self._idle += 1
+                if target.set_running_or_notify_cancel():
+                    if ok:
+                        target.set_result(value)
+                    else:
+                        target.set_exception(value)
+                continue
             # Results finished while the loop is busy share one wake-up of the loop (a
             # write to its self-pipe each): the first schedules a flush, the rest join it.
             with self._lock:
@@ -143,7 +174,10 @@ class ThreadPool:
             self._settle(settled)
 
     def close(self) -> None:
-        """Ask every thread to exit once it is idle (running handlers are not waited for)."""
-        for _ in self._threads:
-            self._queue.put(_STOP)
-        self._threads.clear()
+        """Ask every thread to exit once it is idle (running handlers are not waited for);
+        calls made from now on raise ``RuntimeError``."""
+        with self._lock:
+            self._closed = True
+            for _ in self._threads:
+                self._queue.put(_STOP)
+            self._threads.clear()

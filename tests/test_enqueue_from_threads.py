@@ -17,10 +17,19 @@ from typing import Any
 import anyio
 import pytest
 
-from iii_embedded import III, Config, InvocationError, QueueConfig, StoreConfig, TriggerAction
+from iii_embedded import (
+    III,
+    Config,
+    InvocationError,
+    QueueConfig,
+    StoreConfig,
+    TriggerAction,
+    current_invocation,
+)
 from iii_embedded._errors import StoreError
 from iii_embedded._stores import NewJob
 from iii_embedded._stores._sqlite import DB_FILENAME, SQLiteStore
+from iii_embedded.testing import VirtualClock
 
 # Polling would find the jobs only after this long: a job that runs within the test's
 # timeout was found through the wake-up that follows its commit.
@@ -472,3 +481,88 @@ def test_blocking_enqueues_racing_a_shutdown_end_and_lose_nothing_acknowledged(
             await store.aclose()
 
     assert set(receipts) <= anyio.run(stored)  # every receipt handed out is on disk
+
+
+def test_a_blocking_call_of_a_sync_handler_runs_it_without_the_engine_loop() -> None:
+    iii = app_on(StoreConfig())  # the system clock: the direct way is taken
+    frozen, thaw = threading.Event(), threading.Event()
+    release = threading.Event()
+
+    @iii.function("freeze")
+    async def freeze(_: Any) -> None:
+        frozen.set()
+        thaw.wait(timeout=20)  # blocks the engine's event loop, on purpose
+
+    @iii.function("who")
+    def who(n: int) -> tuple[int, str, str]:
+        invocation = current_invocation()
+        assert invocation is not None
+        return n, invocation.function_id, invocation.action
+
+    @iii.function("broken")
+    def broken(_: Any) -> None:
+        raise TimeoutError("the handler's own")
+
+    @iii.function("stuck")
+    def stuck(_: Any) -> None:
+        release.wait(timeout=20)
+
+    with iii:
+        firing = threading.Thread(
+            target=lambda: iii.trigger("freeze", None, action=TriggerAction.Void())
+        )
+        firing.start()
+        assert frozen.wait(timeout=10)
+        answers: list[Any] = []
+        caller = threading.Thread(target=lambda: answers.append(iii.trigger("who", 7)))
+        caller.start()
+        caller.join(timeout=10)
+        answered_while_frozen = not caller.is_alive()
+        thaw.set()
+        firing.join()
+        caller.join()
+
+        with pytest.raises(InvocationError) as own_timeout:
+            iii.trigger("broken", None)
+        with pytest.raises(InvocationError) as timed_out:
+            iii.trigger("stuck", None, timeout_ms=50)
+        release.set()
+    assert answered_while_frozen
+    assert answers == [(7, "who", "sync")]
+    assert (own_timeout.value.code, own_timeout.value.message) == (
+        "invocation_failed",
+        "TimeoutError: the handler's own",
+    )
+    assert (timed_out.value.code, timed_out.value.message) == (
+        "TIMEOUT",
+        "Function 'stuck' did not return within 50 ms",
+    )
+
+
+@pytest.mark.anyio
+async def test_a_blocking_call_still_times_out_on_a_virtual_clock() -> None:
+    clock = VirtualClock()
+    iii = III(Config(), clock=clock, shutdown_grace_ms=0)
+    started, release = threading.Event(), threading.Event()
+
+    @iii.function("stuck")
+    def stuck(_: Any) -> None:
+        started.set()
+        release.wait(timeout=20)
+
+    codes: list[str] = []
+
+    def call() -> None:
+        try:
+            iii.trigger("stuck", None, timeout_ms=60_000)
+        except InvocationError as exc:
+            codes.append(exc.code)
+
+    async with iii.running():
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(anyio.to_thread.run_sync, call)
+            assert await anyio.to_thread.run_sync(started.wait, 10)
+            # A minute of virtual time, no real time: the timeout is the runtime clock's.
+            clock.advance(61)
+        release.set()
+    assert codes == ["TIMEOUT"]
