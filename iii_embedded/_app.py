@@ -274,7 +274,15 @@ class III:
         if isinstance(act, VoidAction):
             rt.fire_from_thread(fid, data)
             return None
-        return await _wait_elsewhere(rt.from_thread(rt.trigger, fid, data, act, timeout))
+        future = rt.call_in_threads(fid, data)
+        if future is None:
+            return await _wait_elsewhere(rt.from_thread(rt.trigger, fid, data, act, timeout))
+        try:
+            with anyio.fail_after(rt.call_timeout_s(timeout)):
+                return await _wait_elsewhere(future)
+        except Exception as exc:
+            error = rt.call_failed(fid, future, timeout, exc)
+            raise error from error.__cause__
 
     def trigger(
         self,
@@ -305,7 +313,14 @@ class III:
         if isinstance(act, VoidAction):
             rt.fire_from_thread(fid, data)
             return None
-        return rt.call_from_thread(fid, data, timeout)
+        future = rt.call_in_threads(fid, data)
+        if future is None:
+            return rt.from_thread(rt.trigger, fid, data, act, timeout).result()
+        try:
+            return future.result(timeout=rt.call_timeout_s(timeout))
+        except Exception as exc:
+            error = rt.call_failed(fid, future, timeout, exc)
+            raise error from error.__cause__
 
     def _enqueue_elsewhere(
         self, fid: str, data: Any, act: EnqueueAction, inline: bool
@@ -712,7 +727,7 @@ async def _wait_elsewhere(future: Future[T]) -> T:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return await anyio.to_thread.run_sync(future.result)
+        return await anyio.to_thread.run_sync(future.result, abandon_on_cancel=True)
     return await asyncio.wrap_future(future)
 
 

@@ -445,34 +445,48 @@ class Runtime:
             coro.close()
             raise RuntimeError("the engine is not running: start it first") from None
 
-    def call_from_thread(self, function_id: str, payload: Any, timeout_ms: int | None) -> Any:
-        """From a thread other than the loop's: a synchronous invocation, waited for.
+    def call_in_threads(self, function_id: str, payload: Any) -> Future[Any] | None:
+        """From a thread other than the loop's: start a synchronous invocation of a sync
+        handler on the runtime's threads, with no hop through the loop, and return the
+        pool thread's future; the caller waits on it (two thread wake-ups, where the
+        loop's way takes four) and maps its end with :meth:`call_failed`.
 
-        A sync handler is handed to the runtime's threads directly and the caller waits
-        for its result there: two thread wake-ups, where going through the loop takes
-        four. Its timeout then runs on the caller's wait, in real time, so this way is
-        taken only with the system clock; an async handler, or a virtual clock, goes
-        through the loop (:meth:`from_thread`)."""
+        ``None`` when the call must go through the loop (:meth:`from_thread` of
+        :meth:`trigger`): an async handler, an unknown function, or a clock other than
+        the system's, since the caller's wait is the timeout and it runs in real time."""
         spec = self.registry.get(function_id)
         if spec is None or spec.is_async or not isinstance(self.clock, SystemClock):
-            return self.from_thread(self.trigger, function_id, payload, None, timeout_ms).result()
-        timeout = DEFAULT_TIMEOUT_MS if timeout_ms is None else timeout_ms
+            return None
         invocation = self._sync_invocations.get(function_id)
         if invocation is None:
             invocation = Invocation(function_id=function_id, action="sync")
             self._sync_invocations[function_id] = invocation
-        context = contextvars.Context()  # a context of its own, as the loop's path gives
+        context = contextvars.Context()  # a context of its own, as the loop's way gives
         context.run(_current.set, invocation)
-        future = self.threads.run_from_thread(spec.handler, payload, context)
-        try:
-            return future.result(timeout=timeout / 1000)
-        except Exception as exc:
-            if not future.done():  # the wait timed out (not a TimeoutError of the handler)
-                # The thread cannot be stopped: it is abandoned, its result dropped.
-                raise InvocationError(
-                    "TIMEOUT", f"Function '{function_id}' did not return within {timeout} ms"
-                ) from None
-            raise InvocationError("invocation_failed", f"{type(exc).__name__}: {exc}") from exc
+        return self.threads.run_from_thread(spec.handler, payload, context)
+
+    @staticmethod
+    def call_timeout_s(timeout_ms: int | None) -> float:
+        """A synchronous invocation's timeout, in seconds."""
+        return (DEFAULT_TIMEOUT_MS if timeout_ms is None else timeout_ms) / 1000
+
+    @staticmethod
+    def call_failed(
+        function_id: str, future: Future[Any], timeout_ms: int | None, exc: Exception
+    ) -> InvocationError:
+        """The error for a wait on :meth:`call_in_threads`'s future that raised ``exc``:
+        ``TIMEOUT`` if the wait ran out (the future is cancelled: the thread cannot be
+        stopped, so it is abandoned and its result dropped), else ``invocation_failed``
+        with the handler's exception as its ``__cause__`` (a ``TimeoutError`` the handler
+        raised is its own). Raise it ``from`` its ``__cause__``."""
+        if future.cancel() or future.cancelled():
+            timeout = DEFAULT_TIMEOUT_MS if timeout_ms is None else timeout_ms
+            return InvocationError(
+                "TIMEOUT", f"Function '{function_id}' did not return within {timeout} ms"
+            )
+        error = InvocationError("invocation_failed", f"{type(exc).__name__}: {exc}")
+        error.__cause__ = exc  # raised ``from`` it
+        return error
 
     def fire_from_thread(self, function_id: str, payload: Any) -> None:
         """From a thread other than the loop's: a Void invocation, handed to the loop with

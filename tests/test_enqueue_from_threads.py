@@ -375,7 +375,11 @@ def test_a_void_call_from_another_thread_returns_before_its_handler_runs(
     assert seen.payloads == []  # both returned while their handlers wait
     go.set()
     assert seen.wait_for(2) == ["a", "b"]
-    iii.register_function("echo", lambda payload: payload)
+
+    @iii.function("echo")
+    async def echo(payload: Any) -> Any:  # an async handler: its call goes through the loop
+        return payload
+
     with caplog.at_level("ERROR", logger="iii_embedded"):
         assert iii.trigger("nobody", 1, action=TriggerAction.Void()) is None
         # A call made after it runs after it on the loop: by then the drop is logged.
@@ -533,6 +537,8 @@ def test_a_blocking_call_of_a_sync_handler_runs_it_without_the_engine_loop() -> 
         "invocation_failed",
         "TimeoutError: the handler's own",
     )
+    assert isinstance(own_timeout.value.__cause__, TimeoutError)
+    assert timed_out.value.__cause__ is None
     assert (timed_out.value.code, timed_out.value.message) == (
         "TIMEOUT",
         "Function 'stuck' did not return within 50 ms",
@@ -566,3 +572,54 @@ async def test_a_blocking_call_still_times_out_on_a_virtual_clock() -> None:
             clock.advance(61)
         release.set()
     assert codes == ["TIMEOUT"]
+
+
+def test_a_sync_handler_called_from_another_event_loop_skips_the_engine_loop() -> None:
+    iii = app_on(StoreConfig())
+    frozen, thaw, release = threading.Event(), threading.Event(), threading.Event()
+    unfrozen = threading.Event()
+
+    @iii.function("freeze")
+    async def freeze(_: Any) -> None:
+        frozen.set()
+        thaw.wait(timeout=20)  # blocks the engine's event loop, on purpose
+        unfrozen.set()
+
+    @iii.function("double")
+    def double(n: int) -> int:
+        return 2 * n
+
+    @iii.function("broken")
+    def broken(_: Any) -> None:
+        raise ValueError("no")
+
+    @iii.function("stuck")
+    def stuck(_: Any) -> None:
+        release.wait(timeout=20)
+
+    async def elsewhere() -> tuple[list[int], InvocationError, InvocationError]:
+        values = list(await asyncio.gather(*(iii.trigger_async("double", n) for n in range(5))))
+        errors = []
+        for fid, timeout_ms in (("broken", None), ("stuck", 50)):
+            try:
+                await iii.trigger_async(fid, None, timeout_ms=timeout_ms)
+            except InvocationError as exc:
+                errors.append(exc)
+        return values, errors[0], errors[1]
+
+    with iii:
+        iii.trigger("freeze", None, action=TriggerAction.Void())
+        assert frozen.wait(timeout=10)
+        # The engine's loop is blocked: these calls never need it.
+        values, failed, timed_out = asyncio.run(elsewhere())
+        done_while_frozen = not unfrozen.is_set()
+        thaw.set()
+        release.set()
+    assert done_while_frozen
+    assert values == [0, 2, 4, 6, 8]
+    assert (failed.code, failed.message) == ("invocation_failed", "ValueError: no")
+    assert isinstance(failed.__cause__, ValueError)
+    assert (timed_out.code, timed_out.message) == (
+        "TIMEOUT",
+        "Function 'stuck' did not return within 50 ms",
+    )
