@@ -1,7 +1,11 @@
-"""Enqueues from outside the engine's event loop: the blocking ``trigger`` of a program
-whose engine runs on a background thread, and ``trigger_async`` on another event loop.
-On a file store the caller's thread hands its jobs to the store's writer directly (no hop
-through the engine's loop); the queue's dispatcher is woken once they are committed."""
+"""Calls from outside the engine's event loop: the blocking ``trigger`` of a program whose
+engine runs on a background thread, and ``trigger_async`` on another event loop.
+
+On a file store an enqueue goes to the store directly (committed in the caller's thread
+when it may block and the writer is idle, else by the writer), with no hop through the
+engine's loop; the queue's dispatcher is woken once the jobs are committed. A call of a
+sync handler goes to the runtime's threads directly; other calls, and Voids, are handed
+to the loop (docs/design.md, "Calls from other threads and other event loops")."""
 
 from __future__ import annotations
 
