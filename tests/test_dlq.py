@@ -23,7 +23,9 @@ def make_app(clock: VirtualClock) -> tuple[III, dict[str, bool]]:
                     max_retries=2,
                     backoff_ms=100,
                 ),
-                "email": QueueConfig(name="email", max_retries=1),
+                # One at a time: its sync handler runs in threads, and the tests list
+                # its dead jobs in failure order, which must then be enqueue order.
+                "email": QueueConfig(name="email", max_retries=1, concurrency=1),
             }
         ),
         clock=clock,

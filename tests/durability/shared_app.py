@@ -40,10 +40,13 @@ async def work(job: dict[str, Any]) -> None:
 
 
 async def main() -> None:
+    # Ready once imported, and started only on "go": both processes then start claiming
+    # together (a process that started first could otherwise drain the store alone while
+    # the other is still importing, on a loaded machine).
+    Path(side_file + f".{name}.ready").write_text("ready")
+    while not Path(side_file + ".go").exists():
+        await anyio.sleep(0.005)
     async with app.running():
-        Path(side_file + f".{name}.ready").write_text("ready")
-        while not Path(side_file + ".go").exists():
-            await anyio.sleep(0.01)
         while True:
             stats = await app.stats_async()
             if all(s.ready + s.delayed + s.running == 0 for s in stats.values()):
