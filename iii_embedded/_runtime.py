@@ -420,10 +420,13 @@ class Runtime:
         jobs = self.build_jobs(
             function_id, payloads, action, batch=batch, idempotency_keys=idempotency_keys
         )
+        return self._hand_to_store(jobs, action.queue)
+
+    def _hand_to_store(self, jobs: list[NewJob], queue: str) -> Awaitable[list[str]]:
         # Wake the queue's dispatcher before the commit, not after: it runs only once this
         # task suspends, when the enqueue is already in the writer's queue, so its claim
         # usually shares the enqueue's transaction (one commit from enqueue to start).
-        runner = self.runners.get(action.queue)
+        runner = self.runners.get(queue)
         if runner is not None:
             runner.wake()
         return self.store.enqueue(jobs)
@@ -527,11 +530,8 @@ class Runtime:
 
     async def store_jobs(self, jobs: list[NewJob], queue: str) -> list[str]:
         """On the loop: store jobs built by :meth:`enqueue_elsewhere`."""
-        runner = self.runners.get(queue)
-        if runner is not None:
-            runner.wake()
         try:
-            return await self.store.enqueue(jobs)
+            return await self._hand_to_store(jobs, queue)
         except StoreError as exc:
             raise enqueue_failed(exc) from exc
 
