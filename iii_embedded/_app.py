@@ -722,12 +722,16 @@ class III:
 
 async def _wait_elsewhere(future: Future[T]) -> T:
     """Await a concurrent future (the engine's or the store writer's) on the caller's own
-    event loop: on asyncio with one wake-up, whose cancellation cancels the future; on
-    another library (trio, through anyio) in a worker thread."""
+    event loop: on asyncio with one wake-up; on another library (trio, through anyio) in a
+    worker thread. Either way, cancelling the caller cancels the future."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return await anyio.to_thread.run_sync(future.result, abandon_on_cancel=True)
+        try:
+            return await anyio.to_thread.run_sync(future.result, abandon_on_cancel=True)
+        except anyio.get_cancelled_exc_class():
+            future.cancel()
+            raise
     return await asyncio.wrap_future(future)
 
 

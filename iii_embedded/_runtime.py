@@ -495,14 +495,20 @@ class Runtime:
         """From a thread other than the loop's: a Void invocation, handed to the loop with
         nothing to wait for (its errors are only logged)."""
         loop = self.loop
+        coro = self._fire_soon(function_id, payload)
         try:
             if loop is None:
                 raise RuntimeError
-            loop.call_soon_threadsafe(
-                self.fire, function_id, payload, context=contextvars.Context()
-            )
+            # In a task, not a plain callback: starting the handler's task asks anyio which
+            # event loop this is, and with sniffio installed it can tell only inside a task.
+            # A context of its own, as for ``from_thread``.
+            contextvars.Context().run(asyncio.run_coroutine_threadsafe, coro, loop)
         except RuntimeError:  # not started, or the loop has closed
+            coro.close()
             raise RuntimeError("the engine is not running: start it first") from None
+
+    async def _fire_soon(self, function_id: str, payload: Any) -> None:
+        self.fire(function_id, payload)
 
     # An enqueue from another thread (the blocking ``trigger`` of a program whose engine
     # runs on a background thread, or ``trigger_async`` on another event loop) validates

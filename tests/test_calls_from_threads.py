@@ -627,3 +627,72 @@ def test_a_sync_handler_called_from_another_event_loop_skips_the_engine_loop() -
         "TIMEOUT",
         "Function 'stuck' did not return within 50 ms",
     )
+
+
+def test_calls_from_a_trio_program_return_values_errors_and_cancel(tmp_path: Path) -> None:
+    """A trio program (not asyncio) calls an engine that runs on a background thread: its
+    waits go to a worker thread of trio's own, and cancelling one cancels the call."""
+    trio = pytest.importorskip("trio")
+    seen = Seen()
+    iii = app_on(StoreConfig(store_method="file_based", file_path=str(tmp_path / "store")))
+    began, ended = threading.Event(), threading.Event()
+    stopped: list[str] = []
+
+    @iii.function("job")
+    async def job(payload: Any) -> None:
+        seen.add(payload)
+
+    @iii.function("double")
+    async def double(n: int) -> int:
+        return 2 * n
+
+    @iii.function("triple")
+    def triple(n: int) -> int:  # a sync handler: called on the engine's threads directly
+        return 3 * n
+
+    @iii.function("broken")
+    async def broken(_: Any) -> None:
+        raise ValueError("no")
+
+    @iii.function("forever")
+    async def forever(_: Any) -> None:
+        began.set()
+        try:
+            await anyio.sleep_forever()
+        except BaseException as exc:
+            stopped.append(type(exc).__name__)
+            raise
+        finally:
+            ended.set()
+
+    results: dict[str, Any] = {}
+
+    async def in_trio() -> None:
+        receipt = await iii.trigger_async("job", 1, action=ENQUEUE)
+        results["receipt"] = receipt["messageReceiptId"]
+        results["void"] = await iii.trigger_async("job", 2, action=TriggerAction.Void())
+        results["values"] = [
+            await iii.trigger_async("double", 4),
+            await iii.trigger_async("triple", 4),
+        ]
+        try:
+            await iii.trigger_async("broken", None)
+        except InvocationError as exc:
+            results["error"] = exc
+        with trio.move_on_after(0.05) as scope:
+            await iii.trigger_async("forever", None)
+        results["cancelled"] = scope.cancelled_caught
+
+    with iii:
+        trio.run(in_trio)
+        assert seen.wait_for(2) == [1, 2]
+        assert began.wait(timeout=10)
+        assert ended.wait(timeout=10)  # the cancellation reached the handler
+        run = iii.runs.wait(results["receipt"], timeout_ms=10_000)
+    assert results["void"] is None
+    assert results["values"] == [8, 12]
+    error = results["error"]
+    assert (error.code, error.message) == ("invocation_failed", "ValueError: no")
+    assert results["cancelled"] is True
+    assert stopped == ["CancelledError"]
+    assert run.ok
