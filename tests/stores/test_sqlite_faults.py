@@ -57,6 +57,10 @@ def run_as_nobody(code: str) -> subprocess.CompletedProcess[str]:
     preamble = (
         "import os, asyncio, sqlite3, anyio, anyio._backends._asyncio, sqlite_utils\n"
         "import iii_embedded, iii_embedded._stores._sqlite, concurrent.futures.thread\n"
+        # The modules an app imports when it is made (urllib among them, which Python
+        # 3.13 no longer imports at start-up).
+        "import iii_embedded._http, iii_embedded._cron, iii_embedded._topics\n"
+        "import iii_embedded._builtins, iii_embedded._config_loader\n"
         "if os.getuid() == 0:\n    os.setgid(65534); os.setuid(65534)\n"
     )
     return subprocess.run(
