@@ -706,7 +706,8 @@ class SQLiteStore:
                 )
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:  # SQLite may have rolled it back already
+                conn.execute("ROLLBACK")
             raise
 
     def _schema_version(self, conn: Conn, db: sqlite_utils.Database) -> int:
