@@ -37,6 +37,7 @@ def test_a_fire_whose_process_was_killed_does_not_hold_back_the_next(tmp_path: P
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait()
+        child.stderr.close()  # type: ignore[union-attr]
     with sqlite3.connect(store_dir / DB_FILENAME) as conn:
         scheduled, owner, running, lease_until = conn.execute(
             "SELECT scheduled, owner, running, lease_until FROM cron_fires "

@@ -89,6 +89,7 @@ def test_nothing_acknowledged_is_lost_across_kill_9(
         assert proc.poll() is None, f"seed {seed}: app exited early: {proc.stderr.read()!r}"  # type: ignore[union-attr]
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        proc.stderr.close()  # type: ignore[union-attr]
     final = start(store, side, plan_file, "final", handler, producer)
     _, err = final.communicate(timeout=120)
     assert final.returncode == 0, f"seed {seed}: {err.decode()[-2000:]}"

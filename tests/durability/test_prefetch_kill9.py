@@ -68,6 +68,7 @@ def test_a_crash_charges_the_jobs_that_ran_and_gives_prefetched_ones_their_attem
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait()
+        child.stderr.close()  # type: ignore[union-attr]
     assert [line.split()[1] for line in side.read_text().splitlines() if "start" in line] == [
         "j0",
         "j1",
