@@ -93,10 +93,9 @@ def _register_cron(app: III, trigger: Mapping[str, Any]) -> None:
     job_id = str(trigger.get("id") or config.get("job_id") or f"cron::{function_id}")
     job = CronJob(job_id=job_id, function_id=function_id, expression=expression)
     app.cron_jobs.append(job)
-    if app.is_running:
+    if app.is_running:  # registered while running: from the loop's thread or another
         rt = app.runtime
-        if rt.portal is not None:
-            rt.portal.start_task_soon(run_schedule, rt, job, rt.clock.now())
+        rt.start_soon(run_schedule, rt, job, rt.clock.now())
 
 
 async def run_schedule(rt: Runtime, job: CronJob, start: float) -> None:

@@ -156,19 +156,37 @@ class Runtime:
             runner.threads.close()
 
     def add_queue(self, queue: QueueConfig) -> None:
-        """Start serving a queue added while running."""
+        """Start serving a queue added while running, from any thread."""
+        portal = self.portal
+        if portal is not None and threading.get_ident() != self.loop_thread and not self.stopping:
+            # From another thread (a topic subscription made after ``register_worker``):
+            # its runner's tasks must be started on the loop.
+            with contextlib.suppress(RuntimeError):  # the portal has stopped: see below
+                portal.call(self._add_queue, queue)
+                return
+        self._add_queue(queue)
+
+    def _add_queue(self, queue: QueueConfig) -> None:
         self.config = attrs.evolve(self.config, queues={**self.config.queues, queue.name: queue})
         runner = self.runners[queue.name] = QueueRunner(self, queue)
         if self._tg is not None and not self.stopping:
             runner.start(self._tg)
 
     def _on_register(self, spec: FunctionSpec) -> None:
+        self.start_soon(self._release_held, spec.id)
+
+    def start_soon(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
+        """Start ``fn(*args)`` as a task in the running engine's task group, from any
+        thread (from another, such as ``register_worker``'s caller, it is started on the
+        loop through the portal), so that it is cancelled when the engine stops. Does
+        nothing once the engine is stopping."""
         if self._tg is None or self.stopping:
             return
         if threading.get_ident() == self.loop_thread:
-            self._tg.start_soon(self._release_held, spec.id)
-        elif self.portal is not None:  # registered from another thread (register_worker)
-            self.portal.start_task_soon(self._release_held, spec.id)
+            self._tg.start_soon(fn, *args)
+        elif self.portal is not None:
+            with contextlib.suppress(RuntimeError):  # the portal has stopped: so has the engine
+                self.portal.call(self.start_soon, fn, *args)
 
     async def _release_held(self, function_id: str) -> None:
         try:

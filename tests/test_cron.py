@@ -84,6 +84,26 @@ async def test_fires_at_the_scheduled_times_with_the_iii_payload(
     assert len(record.payloads) == (2 if second else 1)
 
 
+async def test_a_schedule_registered_while_running_fires_from_the_loop_or_another_thread() -> None:
+    clock = VirtualClock(start=T0)
+    iii = III(clock=clock, shutdown_grace_ms=0)
+    on_loop, elsewhere = Recorder(), Recorder()
+    iii.register_function("on-loop", on_loop)
+    iii.register_function("elsewhere", elsewhere)
+
+    def schedule(function_id: str) -> None:
+        iii.register_trigger(
+            {"type": "cron", "function_id": function_id, "config": {"expression": "*/10 * * * * *"}}
+        )
+
+    async with iii.running():
+        schedule("on-loop")  # from async code on the engine's loop
+        await anyio.to_thread.run_sync(schedule, "elsewhere")  # from another thread
+        await advance(clock, 10)
+        first = await on_loop.next(), await elsewhere.next()
+    assert [p["scheduled_time"] for p in first] == [iso(T0 + 10)] * 2
+
+
 async def test_a_run_still_going_is_not_started_twice(caplog: pytest.LogCaptureFixture) -> None:
     clock = VirtualClock(start=T0)
     iii = III(clock=clock, shutdown_grace_ms=0)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 import pytest
@@ -111,6 +112,25 @@ async def test_a_subscription_registered_while_running_starts_serving() -> None:
         iii.register_trigger({"type": "queue", "function_id": "late", "config": {"topic": "x"}})
         await iii.trigger_async("enqueue", {"topic": "x", "data": "hello"})
         await drain(iii)
+    assert got == ["hello"]
+
+
+def test_a_subscription_made_from_another_thread_starts_serving_on_the_engines_loop() -> None:
+    # The iii-SDK way: the engine runs on a background thread (register_worker, start) and
+    # the program subscribes from its own thread, after the engine started.
+    iii = III(shutdown_grace_ms=0)
+    got: list[Any] = []
+    arrived = threading.Event()
+
+    def late(data: Any) -> None:
+        got.append(data)
+        arrived.set()
+
+    iii.register_function("late", late)
+    with iii:
+        iii.register_trigger({"type": "queue", "function_id": "late", "config": {"topic": "x"}})
+        iii.trigger("enqueue", {"topic": "x", "data": "hello"})
+        assert arrived.wait(timeout=10)
     assert got == ["hello"]
 
 
