@@ -88,7 +88,8 @@ class HttpRouter:
             return
         if scope["type"] != "http":
             return
-        parts = [p for p in str(scope.get("path", "/")).strip("/").split("/") if p]
+        path = _route_path(scope)
+        parts = [p for p in path.strip("/").split("/") if p]
         method = str(scope.get("method", "GET")).upper()
         matches = [(r, params) for r in self._routes if (params := r.match(parts)) is not None]
         if not matches:
@@ -115,7 +116,7 @@ class HttpRouter:
             await _respond(send, 400, {"error": "malformed JSON body", "detail": str(exc)})
             return
         request = {
-            "path": scope.get("path", "/"),
+            "path": path,
             "method": method,
             "path_params": path_params,
             "query_params": _query(scope.get("query_string", b"")),
@@ -201,6 +202,17 @@ def _response_of(result: Any) -> tuple[int, Any, dict[str, str]]:
             {str(k).lower(): str(v) for k, v in dict(headers).items()},
         )
     return 200, result, {}
+
+
+def _route_path(scope: Scope) -> str:
+    """The request's path below where the app is mounted. A server or framework that
+    mounts the app under a prefix sets ``root_path`` to it; Starlette (and so FastAPI)
+    leaves the prefix in ``path`` too, older versions took it out."""
+    path = str(scope.get("path") or "/")
+    root = str(scope.get("root_path") or "").rstrip("/")
+    if root and (path == root or path.startswith(root + "/")):
+        return path[len(root) :] or "/"
+    return path
 
 
 async def _respond(

@@ -94,6 +94,57 @@ async def test_routes_path_and_query_params_and_json_bodies() -> None:
     assert req["headers"]["content-type"] == "application/json"
 
 
+async def asgi_post(app: Any, path: str, root_path: str, body: Any) -> tuple[int, Any]:
+    """One POST straight to an ASGI app, as a server or a framework's mount would make it."""
+    sent: list[dict[str, Any]] = []
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": path,
+        "root_path": root_path,
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json")],
+    }
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    payload = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return sent[0]["status"], json.loads(payload)
+
+
+async def test_mounted_under_a_prefix_it_routes_on_the_path_below_the_mount() -> None:
+    iii = III(shutdown_grace_ms=0)
+    seen: list[str] = []
+
+    def show(req: dict[str, Any]) -> dict[str, Any]:
+        seen.append(req["path"])
+        return {"status_code": 200, "body": req["path_params"]}
+
+    iii.register_function("orders::show", show)
+    iii.register_trigger(
+        {
+            "type": "http",
+            "function_id": "orders::show",
+            "config": {"api_path": "/orders/:id", "http_method": "POST"},
+        }
+    )
+    async with iii.running():
+        # Starlette and FastAPI keep the prefix in `path` and set `root_path` to it.
+        kept = await asgi_post(iii.asgi_app, "/iii/orders/7", "/iii", {})
+        # Older frameworks took the prefix out of `path`.
+        stripped = await asgi_post(iii.asgi_app, "/orders/8", "/iii/", {})
+        outside = await asgi_post(iii.asgi_app, "/iiix/orders/9", "/iii", {})
+    assert kept == (200, {"id": "7"})
+    assert stripped == (200, {"id": "8"})
+    assert outside[0] == 404
+    assert seen == ["/orders/7", "/orders/8"]
+
+
 async def test_the_seed_pipeline_answers_201_and_enqueues_the_payment() -> None:
     iii = make_app()
     paid: list[Any] = []
