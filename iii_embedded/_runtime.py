@@ -526,7 +526,10 @@ class Runtime:
             raise RuntimeError("the engine is not running: start it first") from None
 
     async def _fire_soon(self, function_id: str, payload: Any) -> None:
-        self.fire(function_id, payload)
+        try:
+            self.fire(function_id, payload)
+        except Exception:  # the engine stopped meanwhile: nobody reads this task's result
+            log.exception("void trigger of %r dropped", function_id)
 
     # An enqueue from another thread (the blocking ``trigger`` of a program whose engine
     # runs on a background thread, or ``trigger_async`` on another event loop) validates
