@@ -5,6 +5,11 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -249,3 +254,65 @@ def test_bad_http_triggers_are_refused() -> None:
     iii.register_trigger({"type": "http", "function_id": "f", "config": {"api_path": "/x"}})
     with pytest.raises(ValueError, match="already bound"):
         iii.register_trigger({"type": "http", "function_id": "g", "config": {"api_path": "/x"}})
+
+
+def test_the_engine_serves_http_in_every_lifecycle(tmp_path: Path) -> None:
+    """start() (and `with iii:`) in this process; register_worker and run() in scripts
+    configured by an iii-config.yaml that enables iii's http worker."""
+    iii = make_app()
+    iii.register_function("ping", lambda req: {"status_code": 200, "body": {"pong": 1}})
+    iii.register_trigger({"type": "http", "function_id": "ping", "config": {"api_path": "/ping"}})
+    with iii:
+        assert iii.http_server is not None
+        status, _, body = request(iii.http_server.port, "GET", "/ping")
+    assert (status, json.loads(body)) == (200, {"pong": 1})
+
+    (tmp_path / "iii-config.yaml").write_text(
+        "workers:\n  - name: iii-http\n    config: {port: 0, host: 127.0.0.1}\n"
+    )
+    common = """
+        import sys
+        def ping(req):
+            return {"status_code": 200, "body": {"pong": sys.argv[1]}}
+        def announce(app, tg):  # once serving: tell the test the port
+            print(app.http_server.port, flush=True)
+    """
+    scripts = {
+        "register_worker": """
+            from iii_embedded import register_worker
+            iii = register_worker()
+            iii.register_function("ping", ping)
+            iii.register_trigger({"type": "http", "function_id": "ping",
+                                  "config": {"api_path": "/ping"}})
+            announce(iii, None)
+        """,
+        "run": """
+            from iii_embedded import III
+            iii = III.from_config("iii-config.yaml")
+            iii.register_function("ping", ping)
+            iii.register_trigger({"type": "http", "function_id": "ping",
+                                  "config": {"api_path": "/ping"}})
+            iii.lifecycle_hooks.append(announce)
+            iii.run()
+        """,
+    }
+    for name, script in scripts.items():
+        path = tmp_path / f"{name}.py"
+        path.write_text(textwrap.dedent(common) + textwrap.dedent(script))
+        proc = subprocess.Popen(
+            [sys.executable, str(path), name],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert proc.stdout is not None
+            port = int(proc.stdout.readline() or 0)
+            assert port, proc.stderr.read() if proc.stderr else ""
+            status, _, body = request(port, "GET", "/ping")
+            assert (status, json.loads(body)) == (200, {"pong": name}), name
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, (name, err)
