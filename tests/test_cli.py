@@ -16,7 +16,9 @@ from typing import Any
 import anyio
 import pytest
 
+from iii_embedded import III, TriggerAction
 from iii_embedded._stores._sqlite import SQLiteStore
+from iii_embedded.testing import VirtualClock, drain
 
 CONFIG = """\
 workers:
@@ -152,7 +154,7 @@ def test_inspect_a_failing_queue_fix_and_redrive_while_the_app_runs(project: Pat
     assert "Traceback" not in err
 
 
-def test_discard_by_id_and_check_output(project: Path) -> None:
+def test_check_lists_each_queues_settings(project: Path) -> None:
     out = cli(project, "check")
     assert out.returncode == 0
     lines = out.stdout.splitlines()
@@ -161,6 +163,60 @@ def test_discard_by_id_and_check_output(project: Path) -> None:
     assert work.split() == ["work", "standard", "4", "2", "0.01s", "-"]
     ledger = next(line for line in lines if line.startswith("ledger"))
     assert ledger.split()[-1] == "account_id"
+
+
+def dead_jobs_in(project: Path, count: int) -> list[str]:
+    """``count`` jobs of the project's ``work`` queue, dead in its file store (run by an
+    app in this process, on a virtual clock)."""
+    iii = III.from_config(project / "iii-config.yaml", clock=VirtualClock(), shutdown_grace_ms=0)
+
+    def broken(_: Any) -> None:
+        raise ValueError("broken")
+
+    iii.register_function("broken", broken)
+
+    async def main() -> list[str]:
+        async with iii.running():
+            ids = [
+                (await iii.trigger_async("broken", n, action=TriggerAction.Enqueue(queue="work")))[
+                    "messageReceiptId"
+                ]
+                for n in range(count)
+            ]
+            await drain(iii)
+        return ids
+
+    return anyio.run(main)
+
+
+def test_dlq_discard_one_then_all_and_its_mistakes(project: Path) -> None:
+    one, two, three = dead_jobs_in(project, 3)
+
+    out = cli(project, "dlq", "discard", "work", one)
+    assert (out.returncode, out.stdout.strip()) == (0, "discarded 1 job(s) of 'work'")
+    listed = cli(project, "dlq", "list", "work").stdout
+    assert one not in listed and two in listed and three in listed
+
+    out = cli(project, "dlq", "discard", "work", "--all", "--progress")
+    assert (out.returncode, out.stdout.strip()) == (0, "discarded 2 job(s) of 'work'")
+    assert "2/2" in out.stderr
+    assert queue_row(project, "work")["dead"] == 0
+
+    nothing = cli(project, "dlq", "discard", "work")
+    unknown = cli(project, "dlq", "discard", "nope", "--all")
+    assert nothing.returncode == 2 and len(nothing.stderr.strip().splitlines()) == 1
+    assert unknown.returncode == 2
+    assert "Queue 'nope' not found" in unknown.stderr
+    assert "Traceback" not in nothing.stderr + unknown.stderr
+
+
+def test_the_console_script_is_the_same_command(project: Path) -> None:
+    script = Path(sys.executable).with_name("iii-embedded")
+    done = subprocess.run(
+        [str(script), "check"], cwd=project, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == cli(project, "check").stdout
 
 
 def test_trigger_through_the_app_calls_synchronously(project: Path) -> None:
