@@ -1,0 +1,98 @@
+"""A process that starts recovers the jobs of a process that is gone at once, without
+waiting for their leases to expire (SPEC §5), and the lost attempt counts."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from iii_embedded import III, Config, QueueConfig, StoreConfig, current_invocation
+from iii_embedded._stores._sqlite import DB_FILENAME
+from iii_embedded.testing import VirtualClock
+
+CHILD = """
+import sys, anyio
+from pathlib import Path
+from iii_embedded import III, Config, QueueConfig, StoreConfig, TriggerAction
+store, marker = sys.argv[1], Path(sys.argv[2])
+config = Config(queues={"work": QueueConfig(name="work")},
+                store=StoreConfig(store_method="file_based", file_path=store))
+iii = III(config)
+
+@iii.function("job")
+async def job(_):
+    marker.write_text("started")
+    await anyio.sleep_forever()
+
+async def main():
+    async with iii.running():
+        await iii.trigger_async("job", 1, action=TriggerAction.Enqueue(queue="work"))
+        await anyio.sleep_forever()
+
+anyio.run(main)
+"""
+
+
+@pytest.mark.slow
+def test_a_dead_processs_job_runs_again_at_start_before_its_lease_expires(
+    tmp_path: Path,
+) -> None:
+    store, marker = tmp_path / "store", tmp_path / "started"
+    script = tmp_path / "child.py"
+    script.write_text(textwrap.dedent(CHILD))
+    child = subprocess.Popen(
+        [sys.executable, str(script), str(store), str(marker)], stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not marker.exists():  # the child's handler has started
+            assert child.poll() is None, child.stderr.read() if child.stderr else b""
+            assert time.monotonic() < deadline, "the child's job never started"
+            time.sleep(0.01)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        if child.stderr is not None:
+            child.stderr.close()
+    with sqlite3.connect(store / DB_FILENAME) as conn:
+        [(job_id, lease_until)] = conn.execute(
+            "SELECT id, lease_until FROM jobs WHERE state = 'running'"
+        ).fetchall()
+    conn.close()
+
+    # Time stands still from now on: the lease (30 s) cannot expire.
+    clock = VirtualClock(start=time.time())
+    config = Config(
+        queues={"work": QueueConfig(name="work")},
+        store=StoreConfig(store_method="file_based", file_path=str(store)),
+    )
+    iii = III(config, clock=clock, shutdown_grace_ms=0)
+    ran = anyio.Event()
+    attempts: list[int] = []
+
+    @iii.function("job")
+    async def job(_: Any) -> None:
+        invocation = current_invocation()
+        assert invocation is not None
+        attempts.append(invocation.attempt)
+        ran.set()
+
+    async def main() -> Any:
+        async with iii.running():
+            with anyio.fail_after(10):  # real seconds, as a bound only
+                await ran.wait()
+                return await iii.runs.wait_async(job_id)
+
+    run = anyio.run(main)
+    assert clock.now() < lease_until
+    assert attempts == [2]  # the attempt lost with the process counts
+    assert (run.ok, run.status) == (True, "completed")
