@@ -581,7 +581,8 @@ class III:
                 await store.aclose()
 
     async def serve_forever(self) -> None:
-        """Run until SIGINT or SIGTERM, then shut down gracefully."""
+        """Run until SIGINT or SIGTERM, then shut down gracefully (main thread only)."""
+        _require_main_thread("serve_forever()")
         # Listen before starting: a signal that arrives while the engine starts (its
         # lifecycle hooks may already run jobs) is then handled once it is up, instead of
         # killing the process with the default action.
@@ -592,7 +593,9 @@ class III:
                     return
 
     def run(self) -> None:
-        """Run the engine as the main program (blocking) until SIGINT/SIGTERM."""
+        """Run the engine as the main program (blocking) until SIGINT/SIGTERM. Only in
+        the main thread, where Python delivers signals; elsewhere use :meth:`start`."""
+        _require_main_thread("run()")
         anyio.run(self.serve_forever)
 
     def start(self) -> III:
@@ -718,6 +721,15 @@ class III:
         """Blocking twin of :meth:`dlq_discard_async`."""
         result: list[str] = self._call_blocking(self.dlq_discard_async, queue, ids)
         return result
+
+
+def _require_main_thread(what: str) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError(
+            f"iii.{what} stops on SIGINT/SIGTERM, which Python delivers only to the main "
+            "thread, and this is another thread: use iii.start() (and iii.shutdown()) to "
+            "run the engine from here, or `async with iii.running():` in async code"
+        )
 
 
 async def _wait_elsewhere(future: Future[T]) -> T:

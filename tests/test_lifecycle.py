@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -186,3 +187,22 @@ def test_a_signal_during_start_up_still_shuts_down_gracefully(tmp_path: Path) ->
     assert proc.returncode == 0, proc.stderr
     assert "stopped cleanly" in proc.stdout
     assert "received SIGTERM, shutting down" in proc.stderr
+
+
+def test_run_outside_the_main_thread_says_to_use_start() -> None:
+    iii = III(shutdown_grace_ms=0)
+    errors: list[BaseException] = []
+
+    def in_thread() -> None:
+        try:
+            iii.run()
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=in_thread)
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    [error] = errors
+    assert "main thread" in str(error) and "iii.start()" in str(error)
+    assert not iii.is_running
