@@ -11,7 +11,9 @@ import argparse
 import importlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -489,10 +491,32 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     app = _import_app(args.app)
+    if app.is_running:  # its module started it on import (register_worker, or start())
+        if args.config:
+            app.shutdown()  # else its module's keeper thread would hold the process
+            raise UsageError(
+                f"--config cannot apply to {args.app}: its module already started it "
+                "with its own config (register_worker or start())"
+            )
+        _serve_until_stopped(app)
+        return 0
     if args.config:
         app.config = _config(args)
     app.run()
     return 0
+
+
+def _serve_until_stopped(app: Any) -> None:
+    """Keep an app its module started serving until it stops: on SIGINT/SIGTERM through
+    the handlers register_worker installed, else through ours."""
+    stopped = threading.Event()
+    app.on_shutdown(stopped.set)
+    signals = (signal.SIGINT, signal.SIGTERM)
+    if all(signal.getsignal(s) in (signal.SIG_DFL, signal.default_int_handler) for s in signals):
+        for s in signals:
+            signal.signal(s, lambda signum, frame: app.shutdown())
+    while app.is_running and not stopped.wait(timeout=1.0):
+        pass
 
 
 # --- the parser ---------------------------------------------------------------------------

@@ -219,6 +219,40 @@ def test_the_console_script_is_the_same_command(project: Path) -> None:
     assert done.stdout == cli(project, "check").stdout
 
 
+@pytest.mark.slow
+def test_run_serves_an_app_its_module_started_with_register_worker(project: Path) -> None:
+    (project / "worker.py").write_text(
+        "from pathlib import Path\n"
+        "from iii_embedded import register_worker\n"
+        "iii = register_worker()\n"
+        "iii.register_function('touch', lambda d: Path(d['path']).write_text('ran'))\n"
+        "Path('ready').write_text('1')\n"
+    )
+    app = subprocess.Popen(
+        [sys.executable, "-m", "iii_embedded", "run", "worker:iii"],
+        cwd=project,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(lambda: (project / "ready").exists() or app.poll() is not None)
+        assert app.poll() is None, app.communicate()
+        ran = project / "ran"
+        out = cli(project, "trigger", "touch", "--payload", json.dumps({"path": str(ran)}))
+        assert out.returncode == 0, out.stderr
+        wait_for(lambda: ran.exists() or app.poll() is not None)  # the app took the job
+        assert ran.read_text() == "ran"
+        with_config = cli(project, "run", "worker:iii", "--config", "iii-config.yaml")
+        assert with_config.returncode == 2
+        assert "already started it" in with_config.stderr
+    finally:
+        app.send_signal(signal.SIGTERM)
+        _, err = app.communicate(timeout=30)
+    assert app.returncode == 0, err
+    assert "Traceback" not in err
+
+
 def test_trigger_through_the_app_calls_synchronously(project: Path) -> None:
     out = cli(project, "trigger", "add", "--payload", '{"a": 2, "b": 40}', "--app", "myapp:iii")
     assert out.returncode == 0, out.stderr
