@@ -435,9 +435,11 @@ def cmd_trigger(args: argparse.Namespace) -> int:
     payload = _payload(args)
     if args.app:
         app = _import_app(args.app)
-        if args.config:
-            app.config = _config(args)
-        app.start()
+        _no_config_for_a_started_app(app, args)
+        if not app.is_running:
+            if args.config:
+                app.config = _config(args)
+            app.start()
         try:
             action = EnqueueAction(queue=args.queue) if args.queue else None
             result = app.trigger(args.function_id, payload, action=action)
@@ -491,19 +493,26 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     app = _import_app(args.app)
+    _no_config_for_a_started_app(app, args)
     if app.is_running:  # its module started it on import (register_worker, or start())
-        if args.config:
-            app.shutdown()  # else its module's keeper thread would hold the process
-            raise UsageError(
-                f"--config cannot apply to {args.app}: its module already started it "
-                "with its own config (register_worker or start())"
-            )
         _serve_until_stopped(app)
         return 0
     if args.config:
         app.config = _config(args)
     app.run()
     return 0
+
+
+def _no_config_for_a_started_app(app: Any, args: argparse.Namespace) -> None:
+    """``--config`` cannot apply to an app its module started when it was imported (with
+    register_worker or start()): stop that engine (its keeper thread would otherwise hold
+    the process) and say so."""
+    if app.is_running and args.config:
+        app.shutdown()
+        raise UsageError(
+            f"--config cannot apply to {args.app}: its module already started it "
+            "with its own config (register_worker or start())"
+        )
 
 
 def _serve_until_stopped(app: Any) -> None:

@@ -246,6 +246,18 @@ def test_run_serves_an_app_its_module_started_with_register_worker(project: Path
         with_config = cli(project, "run", "worker:iii", "--config", "iii-config.yaml")
         assert with_config.returncode == 2
         assert "already started it" in with_config.stderr
+        # trigger --app calls through the engine the module started, then stops it.
+        called = cli(
+            project,
+            "trigger",
+            "touch",
+            "--payload",
+            json.dumps({"path": "x"}),
+            "--app",
+            "worker:iii",
+        )
+        assert called.returncode == 0, called.stderr
+        assert (project / "x").read_text() == "ran"
     finally:
         app.send_signal(signal.SIGTERM)
         _, err = app.communicate(timeout=30)
