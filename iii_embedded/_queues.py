@@ -117,6 +117,8 @@ class QueueRunner:
         """Handlers executing now (at most ``concurrency``)."""
         self.unsettled = 0
         """Jobs claimed whose outcome is not yet written to the store."""
+        self._exchanging = False
+        """An exchange is in flight: its claim may bring jobs that must be handed back."""
         self._outcomes: list[tuple[Job, Outcome]] = []
         self.lent = 0
         """Slots lent by handlers that wait for other runs (see ``lend_slot``)."""
@@ -258,8 +260,10 @@ class QueueRunner:
 
     @property
     def inflight(self) -> int:
-        """Jobs claimed by this runner and not yet settled in the store."""
-        return self.unsettled
+        """Jobs claimed by this runner and not yet settled in the store, plus one while an
+        exchange is in flight (a shutdown must not close the store under it: the jobs its
+        claim brings are then handed back, which needs the store)."""
+        return self.unsettled + self._exchanging
 
     @property
     def prefetched_count(self) -> int:
@@ -346,6 +350,7 @@ class QueueRunner:
                     if self._resuming
                     else self.config.concurrency + self.lent - self.running - len(buffer)
                 )
+                self._exchanging = True
                 try:
                     jobs = await store.exchange(
                         writes,
@@ -365,6 +370,8 @@ class QueueRunner:
                         len(settled),
                         exc,
                     )
+                finally:
+                    self._exchanging = False
                 self.unsettled -= len(settled)
                 for job, outcome in settled:
                     rt.job_finished(self, job, outcome)

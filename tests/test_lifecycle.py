@@ -17,6 +17,7 @@ import pytest
 
 from iii_embedded import III, Config, QueueConfig, TriggerAction
 from iii_embedded._stores._memory import MemoryStore
+from iii_embedded._stores._sqlite import SQLiteStore
 from iii_embedded.testing import VirtualClock, drain
 
 pytestmark = pytest.mark.anyio
@@ -206,3 +207,51 @@ def test_run_outside_the_main_thread_says_to_use_start() -> None:
     [error] = errors
     assert "main thread" in str(error) and "iii.start()" in str(error)
     assert not iii.is_running
+
+
+class _HeldClaims(SQLiteStore):
+    """A file store whose exchanges, once ``hold`` is set, return only when ``gate`` is
+    set: a claim already made in the store, still on its way to the runner."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.hold = False
+        self.gate = anyio.Event()
+        self.claimed = anyio.Event()
+
+    async def exchange(self, outcomes: Any, queue: str, **kw: Any) -> Any:
+        jobs = await super().exchange(outcomes, queue, **kw)
+        if self.hold and jobs:
+            self.claimed.set()
+            await self.gate.wait()
+        return jobs
+
+
+async def test_a_claim_in_flight_at_shutdown_hands_its_jobs_back_unspent(tmp_path: Path) -> None:
+    store = _HeldClaims(tmp_path / "store")
+    iii = III(Config(queues={"work": QueueConfig(name="work")}), store=store, shutdown_grace_ms=0)
+    iii.register_function("job", lambda _: None)
+
+    async def open_gate_once_stopping() -> None:
+        rt = iii.runtime
+        with anyio.fail_after(10):
+            while not rt.stopping:
+                await anyio.sleep(0)
+        store.gate.set()
+
+    async with anyio.create_task_group() as tg, iii.running():
+        store.hold = True
+        receipt = await iii.trigger_async("job", 1, action=TriggerAction.Enqueue(queue="work"))
+        with anyio.fail_after(10):
+            await store.claimed.wait()  # claimed in the store, not yet given to a worker
+        tg.start_soon(open_gate_once_stopping)
+        # running() has ended: its shutdown waited for the claim, and handed the job back.
+
+    reopened = SQLiteStore(tmp_path / "store")
+    await reopened.open()
+    try:
+        job = await reopened.get(receipt["messageReceiptId"])
+    finally:
+        await reopened.aclose()
+    assert job is not None
+    assert (job.state, job.attempts, job.lease_owner) == ("queued", 0, None)
