@@ -20,7 +20,10 @@ finish while the loop is busy. Two ways in:
 A pool grows while no thread is idle, up to ``max_threads``: a queue's pool never needs
 more than its ``concurrency`` threads, except when handlers that timed out or were
 cancelled are still running (a thread cannot be killed; it is abandoned and its result
-dropped). Threads are daemons, so an abandoned handler never keeps the process alive.
+dropped). A call made from one of the pool's own threads may grow it further: a sync
+handler that calls another synchronously waits for it, holding its thread, and with every
+thread held by such waiters the pool would otherwise wait for itself forever. Threads are
+daemons, so an abandoned handler never keeps the process alive.
 """
 
 from __future__ import annotations
@@ -110,12 +113,21 @@ class ThreadPool:
         with self._lock:
             if self._closed:
                 raise RuntimeError("the engine is not running: start it first")
-            spawn = self._idle == 0 and len(self._threads) < self.max_threads
+            # A call made from one of this pool's own threads (a sync handler calling
+            # another synchronously) may grow it past ``max_threads``: its caller is
+            # blocked until it ends, so it adds no work, and waiting for a thread that
+            # only such blocked callers hold would never end.
+            spawn = self._idle == 0 and (
+                len(self._threads) < self.max_threads or self._is_own_thread()
+            )
             if not spawn:
                 self._idle -= 1 if self._idle else 0
             if spawn:
                 self._spawn()
             self._queue.put((target, context or contextvars.copy_context(), fn, arg))
+
+    def _is_own_thread(self) -> bool:
+        return threading.current_thread() in self._threads
 
     def _spawn(self) -> None:
         thread = threading.Thread(

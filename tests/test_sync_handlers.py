@@ -5,6 +5,7 @@ settles the job at once while its thread runs on. Both stores."""
 
 from __future__ import annotations
 
+import contextvars
 import threading
 from typing import Any
 
@@ -20,6 +21,7 @@ from iii_embedded import (
     current_invocation,
 )
 from iii_embedded._stores._memory import MemoryStore
+from iii_embedded._threads import ThreadPool
 from iii_embedded.testing import VirtualClock, dead_jobs, drain
 
 pytestmark = pytest.mark.anyio
@@ -232,3 +234,70 @@ async def test_what_a_sync_handler_raises_or_returns_is_recorded(
         "SystemExit(3)",
     )
     assert run is not None and (run.status, run.output) == ("completed", "{1, 2}")
+
+
+def test_a_pool_thread_waiting_on_the_pool_grows_it_past_its_bound() -> None:
+    pool = ThreadPool("test", max_threads=2)
+    both_busy = threading.Barrier(2, timeout=10)
+    inner_started = threading.Barrier(2, timeout=10)
+
+    def inner(n: int) -> int:
+        inner_started.wait()  # both inner calls run at once: four threads in all
+        return n * 10
+
+    def outer(n: int) -> int:
+        both_busy.wait()  # the pool's two threads are both here, waiting below
+        return int(pool.run_from_thread(inner, n, contextvars.copy_context()).result(10))
+
+    try:
+        futures = [pool.run_from_thread(outer, n, contextvars.copy_context()) for n in (1, 2)]
+        assert sorted(f.result(timeout=20) for f in futures) == [10, 20]
+        assert len(pool._threads) == 4
+        # A call from outside the pool still waits for a free thread: no growth.
+        assert pool.run_from_thread(inner_alone, 3, contextvars.copy_context()).result(10) == 3
+        assert len(pool._threads) == 4
+    finally:
+        pool.close()
+
+
+def inner_alone(n: int) -> int:
+    return n
+
+
+def test_nested_synchronous_calls_of_sync_handlers_do_not_exhaust_the_threads() -> None:
+    # 64 callers at once, the size of the pool for synchronous calls: once every one of
+    # its threads holds an outer handler, each calls an inner handler and waits for it.
+    # The inner calls must get threads of their own, or they would wait for threads that
+    # only their own callers hold.
+    callers = 64
+    iii = III(shutdown_grace_ms=0)
+    outers_in, inners_in = (
+        threading.Barrier(callers, timeout=20),
+        threading.Barrier(callers, timeout=20),
+    )
+
+    @iii.function("inner")
+    def inner(n: int) -> int:
+        inners_in.wait()
+        return n + 1
+
+    @iii.function("outer")
+    def outer(n: int) -> int:
+        outers_in.wait()  # the pool is full of outer handlers
+        return int(iii.trigger("inner", n, timeout_ms=30_000))
+
+    results: list[int] = []
+    lock = threading.Lock()
+
+    def call(n: int) -> None:
+        value = iii.trigger("outer", n, timeout_ms=30_000)
+        with lock:
+            results.append(value)
+
+    with iii:
+        threads = [threading.Thread(target=call, args=(n,)) for n in range(callers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    assert sorted(results) == [n + 1 for n in range(callers)]
