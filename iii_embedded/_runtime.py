@@ -222,6 +222,9 @@ class Runtime:
                     self.wake_all()
                 await store.prune(now - retention_s)
             except StoreError as exc:
+                if self.stopping:  # the store closed under a last pass: nothing was lost
+                    log.debug("store maintenance stopped with the store: %s", exc)
+                    return
                 log.error("store maintenance failed: %s", exc)
 
     # --- activity (drain and shutdown wait on it) -------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ from typing import Any
 import anyio
 import pytest
 
-from iii_embedded import III, Config, QueueConfig, TriggerAction
+from iii_embedded import III, Config, QueueConfig, StoreError, TriggerAction
 from iii_embedded._stores._memory import MemoryStore
 from iii_embedded._stores._sqlite import SQLiteStore
 from iii_embedded.testing import VirtualClock, drain
@@ -255,3 +256,48 @@ async def test_a_claim_in_flight_at_shutdown_hands_its_jobs_back_unspent(tmp_pat
         await reopened.aclose()
     assert job is not None
     assert (job.state, job.attempts, job.lease_owner) == ("queued", 0, None)
+
+
+class _PruneAcrossTheStop(MemoryStore):
+    """A store whose first prune, once armed, is still running when the shutdown closes
+    the store, and then fails as a closed store's calls do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+        self.pruning = anyio.Event()
+        self.closing = anyio.Event()
+        self.failed = anyio.Event()
+
+    async def prune(self, finished_before: float) -> int:
+        if not self.armed:
+            return await super().prune(finished_before)
+        self.armed = False
+        self.pruning.set()
+        await self.closing.wait()
+        self.failed.set()
+        raise StoreError("the store is not open")
+
+    async def aclose(self) -> None:
+        self.closing.set()
+        with anyio.fail_after(10):
+            await self.failed.wait()  # the pass has failed, while the engine stops
+        await anyio.wait_all_tasks_blocked()  # and has handled its error
+        await super().aclose()
+
+
+async def test_a_maintenance_pass_cut_short_by_shutdown_logs_no_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="iii_embedded")
+    clock = VirtualClock()
+    store = _PruneAcrossTheStop()
+    iii = III(clock=clock, store=store, shutdown_grace_ms=0)
+    async with iii.running():
+        store.armed = True
+        await anyio.wait_all_tasks_blocked()  # the maintenance task sleeps to its pass
+        clock.advance(iii.runtime.lease_s)  # the next maintenance pass is due
+        with anyio.fail_after(10):
+            await store.pruning.wait()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert "store maintenance stopped with the store" in caplog.text
