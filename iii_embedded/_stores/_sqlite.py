@@ -643,6 +643,11 @@ class SQLiteStore:
             conn.close()
 
     def _open_connection(self) -> None:
+        if self.directory.exists() and not self.directory.is_dir():
+            raise StoreError(
+                f"{self.directory}: the store's file_path must be a directory, and this is a "
+                "file (the store keeps its database inside it)"
+            )
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

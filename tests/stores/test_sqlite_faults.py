@@ -111,6 +111,20 @@ async def test_a_read_only_directory_fails_at_start_naming_the_path() -> None:
         shutil.rmtree(base, ignore_errors=True)
 
 
+async def test_a_file_where_the_store_directory_should_be_is_named_as_such(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "queue_store"
+    path.write_text("not a directory")
+    with pytest.raises(StoreError) as caught:
+        await SQLiteStore(path).open()
+    assert str(caught.value) == (
+        f"{path}: the store's file_path must be a directory, and this is a file "
+        "(the store keeps its database inside it)"
+    )
+    assert path.read_text() == "not a directory"
+
+
 async def test_a_corrupt_database_fails_naming_the_path_and_the_cause(tmp_path: Path) -> None:
     directory = tmp_path / "store"
     await make_store(directory)
