@@ -69,6 +69,25 @@ def wait_for(predicate: Any, timeout: float = 30) -> None:
         time.sleep(0.05)
 
 
+def run_app(project: Path, spec: str) -> subprocess.Popen[str]:
+    """``iii-embedded run SPEC`` in ``project``, once its app wrote the file ``ready``."""
+    app = subprocess.Popen(
+        [sys.executable, "-m", "iii_embedded", "run", spec],
+        cwd=project,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(lambda: (project / "ready").exists() or app.poll() is not None)
+        assert app.poll() is None, app.communicate()
+    except BaseException:
+        app.kill()
+        app.communicate()
+        raise
+    return app
+
+
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     (tmp_path / "iii-config.yaml").write_text(CONFIG)
@@ -84,16 +103,8 @@ def queue_row(project: Path, queue: str) -> dict[str, Any]:
 
 @pytest.mark.slow
 def test_inspect_a_failing_queue_fix_and_redrive_while_the_app_runs(project: Path) -> None:
-    app = subprocess.Popen(
-        [sys.executable, "-m", "iii_embedded", "run", "myapp:iii"],
-        cwd=project,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    app = run_app(project, "myapp:iii")
     try:
-        wait_for(lambda: (project / "ready").exists() or app.poll() is not None)
-        assert app.poll() is None, app.communicate()
         ids = []
         for n in range(3):
             out = cli(
@@ -228,16 +239,8 @@ def test_run_serves_an_app_its_module_started_with_register_worker(project: Path
         "iii.register_function('touch', lambda d: Path(d['path']).write_text('ran'))\n"
         "Path('ready').write_text('1')\n"
     )
-    app = subprocess.Popen(
-        [sys.executable, "-m", "iii_embedded", "run", "worker:iii"],
-        cwd=project,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    app = run_app(project, "worker:iii")
     try:
-        wait_for(lambda: (project / "ready").exists() or app.poll() is not None)
-        assert app.poll() is None, app.communicate()
         ran = project / "ran"
         out = cli(project, "trigger", "touch", "--payload", json.dumps({"path": str(ran)}))
         assert out.returncode == 0, out.stderr
