@@ -51,6 +51,17 @@ def is_async_callable(fn: object) -> bool:
     return call is not None and inspect.iscoroutinefunction(call)
 
 
+def _generator_kind(fn: object) -> str | None:
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    for candidate in (fn, getattr(fn, "__call__", None)):  # noqa: B004 - callable objects
+        if inspect.isasyncgenfunction(candidate):
+            return "an async generator"
+        if inspect.isgeneratorfunction(candidate):
+            return "a generator"
+    return None
+
+
 class Registry:
     """Holds function specs by id; duplicate ids are refused."""
 
@@ -64,6 +75,12 @@ class Registry:
             raise ValueError(f"a function id must be a non-empty string, got {spec.id!r}")
         if spec.id in self._specs:
             raise ValueError(f"function {spec.id!r} is already registered")
+        kind = _generator_kind(spec.handler)
+        if kind is not None:
+            raise ValueError(
+                f"the handler of {spec.id!r} is {kind} function: a handler returns its "
+                "result (use return, not yield)"
+            )
         self._specs[spec.id] = spec
         for listener in list(self._listeners):
             listener(spec)

@@ -194,3 +194,19 @@ def test_a_worker_script_that_crashes_exits_instead_of_serving(tmp_path: Path) -
     )
     assert proc.returncode == 1
     assert "RuntimeError: the script has a bug" in proc.stderr
+
+
+def test_a_generator_handler_is_refused_when_registered() -> None:
+    iii = III()
+
+    async def events(_: object) -> Any:
+        yield 1
+
+    def numbers(_: object) -> Any:
+        yield 1
+
+    with pytest.raises(ValueError, match=r"'events' is an async generator function.*return"):
+        iii.register_function("events", events)
+    with pytest.raises(ValueError, match=r"'numbers' is a generator function"):
+        iii.function("numbers")(numbers)
+    assert "events" not in iii.registry and "numbers" not in iii.registry
