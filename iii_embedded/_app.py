@@ -38,6 +38,7 @@ from ._runs import trigger_and_wait as _trigger_and_wait
 from ._runtime import Runtime, enqueue_failed
 from ._stats import DeadJob, QueueStats
 from ._stores import Store, open_store
+from ._stores._base import RUNNING_OWNERS
 
 __all__ = ["III", "HOOK_EVENTS"]
 
@@ -538,6 +539,7 @@ class III:
         # Opened before the task group, so that a store that cannot be opened raises its
         # own StoreError rather than an exception group.
         await store.open()
+        RUNNING_OWNERS.add(rt.owner)  # its leases are alive while this block runs
         try:
             # Pinned once the store is open (its threads share the loop's CPU), and
             # unpinned before it closes: threads started meanwhile on the loop's thread
@@ -577,6 +579,7 @@ class III:
                                 self._runtime = None
                                 tg.cancel_scope.cancel()
         finally:
+            RUNNING_OWNERS.discard(rt.owner)
             with anyio.CancelScope(shield=True):
                 await store.aclose()
 

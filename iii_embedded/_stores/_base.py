@@ -28,6 +28,7 @@ one never changes the store.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Sequence
 from concurrent.futures import Future
 from typing import Literal, Protocol
@@ -35,6 +36,7 @@ from typing import Literal, Protocol
 import attrs
 
 __all__ = [
+    "RUNNING_OWNERS",
     "CronFire",
     "ErrorInfo",
     "Job",
@@ -71,6 +73,12 @@ class ErrorInfo:
     def __str__(self) -> str:
         return f"{self.type}: {self.message}"
 
+
+RUNNING_OWNERS: set[str] = set()
+"""The lease owners of the runtimes running in this process (a runtime adds its own when
+it starts and removes it when it stops). A lease held under this process's pid by an
+owner not in it belongs to a process that is gone."""
+os.register_at_fork(after_in_child=RUNNING_OWNERS.clear)  # a child runs none of them
 
 LOST_ATTEMPT = ErrorInfo(
     type="LeaseExpired", message="the process running this attempt stopped before finishing it"

@@ -56,6 +56,7 @@ import sqlite_utils
 from .._errors import StoreError, StoreVersionError
 from ._base import (
     LOST_ATTEMPT,
+    RUNNING_OWNERS,
     UNSTARTED_ATTEMPT,
     CronFire,
     ErrorInfo,
@@ -1534,11 +1535,15 @@ def _parse_owner(owner: str) -> tuple[str | None, int | None]:
 
 def _owner_alive(owner: str, ours: set[str]) -> bool:
     """False only if ``owner`` is known to be gone: a process of this host that no longer
-    exists. Owners on other hosts, or with ids of another form, are taken to be alive."""
-    if owner in ours:
+    exists, or one with this process's pid that no runtime of this process runs under (an
+    earlier process that had the same pid, as a container's PID 1 has after a restart).
+    Owners on other hosts, or with ids of another form, are taken to be alive."""
+    if owner in ours or owner in RUNNING_OWNERS:
         return True
     host, pid = _parse_owner(owner)
-    return not (host == _HOST and pid is not None and not _pid_alive(pid))
+    if host != _HOST or pid is None:
+        return True
+    return pid != os.getpid() and _pid_alive(pid)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -3,7 +3,9 @@ waiting for their leases to expire (SPEC §5), and the lost attempt counts."""
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -16,7 +18,8 @@ import anyio
 import pytest
 
 from iii_embedded import III, Config, QueueConfig, StoreConfig, current_invocation
-from iii_embedded._stores._sqlite import DB_FILENAME
+from iii_embedded._stores import NewJob
+from iii_embedded._stores._sqlite import DB_FILENAME, SQLiteStore
 from iii_embedded.testing import VirtualClock
 
 CHILD = """
@@ -96,3 +99,57 @@ def test_a_dead_processs_job_runs_again_at_start_before_its_lease_expires(
     assert clock.now() < lease_until
     assert attempts == [2]  # the attempt lost with the process counts
     assert (run.ok, run.status) == (True, "completed")
+
+
+@pytest.mark.anyio
+async def test_a_lease_under_this_processs_pid_but_no_runtime_of_it_is_recovered_at_start(
+    tmp_path: Path,
+) -> None:
+    # A container's app runs as PID 1, and so does it again after a restart: the jobs the
+    # previous process left leased carry this process's pid, yet are gone with it.
+    store_dir = tmp_path / "store"
+    now = time.time()
+    previous = f"{socket.gethostname()}:{os.getpid()}:previous"
+    store = SQLiteStore(store_dir)
+    await store.open()
+    try:
+        await store.enqueue(
+            [
+                NewJob(
+                    id="left",
+                    queue="work",
+                    function_id="job",
+                    payload="1",
+                    group=None,
+                    created_at=now,
+                    available_at=now,
+                    max_attempts=3,
+                    idempotency_key=None,
+                )
+            ]
+        )
+        [claimed] = await store.claim(
+            "work", fifo=False, limit=1, now=now, owner=previous, lease_until=now + 3600
+        )
+    finally:
+        await store.aclose()
+    assert claimed.id == "left"
+
+    clock = VirtualClock(start=now)  # stands still: the hour-long lease cannot expire
+    config = Config(
+        queues={"work": QueueConfig(name="work")},
+        store=StoreConfig(store_method="file_based", file_path=str(store_dir)),
+    )
+    iii = III(config, clock=clock, shutdown_grace_ms=0)
+    attempts: list[int] = []
+
+    @iii.function("job")
+    async def job(_: Any) -> None:
+        invocation = current_invocation()
+        assert invocation is not None
+        attempts.append(invocation.attempt)
+
+    async with iii.running():
+        with anyio.fail_after(10):  # real seconds, as a bound only
+            run = await iii.runs.wait_async("left")
+    assert (run.ok, attempts) == (True, [2])
