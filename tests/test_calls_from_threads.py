@@ -318,12 +318,11 @@ def test_calls_from_another_event_loop_return_values_and_errors(
     assert [iii.trigger("double", n) for n in range(3)] == [0, 2, 4]
 
 
-def test_cancelling_a_call_from_another_event_loop_cancels_the_handler(
-    started: tuple[III, Seen],
-) -> None:
-    iii, _ = started
+def register_forever(iii: III) -> tuple[threading.Event, threading.Event, list[str]]:
+    """Register ``forever``, an async handler that waits until it is stopped; returns the
+    events set when it begins and ends, and the names of what stopped it."""
     began, ended = threading.Event(), threading.Event()
-    outcome: list[str] = []
+    stopped: list[str] = []
 
     @iii.function("forever")
     async def forever(_: Any) -> None:
@@ -331,10 +330,19 @@ def test_cancelling_a_call_from_another_event_loop_cancels_the_handler(
         try:
             await anyio.sleep_forever()
         except BaseException as exc:
-            outcome.append(type(exc).__name__)
+            stopped.append(type(exc).__name__)
             raise
         finally:
             ended.set()
+
+    return began, ended, stopped
+
+
+def test_cancelling_a_call_from_another_event_loop_cancels_the_handler(
+    started: tuple[III, Seen],
+) -> None:
+    iii, _ = started
+    began, ended, outcome = register_forever(iii)
 
     async def elsewhere() -> bool:
         call = asyncio.ensure_future(iii.trigger_async("forever", None))
@@ -635,8 +643,7 @@ def test_calls_from_a_trio_program_return_values_errors_and_cancel(tmp_path: Pat
     trio = pytest.importorskip("trio")
     seen = Seen()
     iii = app_on(StoreConfig(store_method="file_based", file_path=str(tmp_path / "store")))
-    began, ended = threading.Event(), threading.Event()
-    stopped: list[str] = []
+    began, ended, stopped = register_forever(iii)
 
     @iii.function("job")
     async def job(payload: Any) -> None:
@@ -654,17 +661,6 @@ def test_calls_from_a_trio_program_return_values_errors_and_cancel(tmp_path: Pat
     async def broken(_: Any) -> None:
         raise ValueError("no")
 
-    @iii.function("forever")
-    async def forever(_: Any) -> None:
-        began.set()
-        try:
-            await anyio.sleep_forever()
-        except BaseException as exc:
-            stopped.append(type(exc).__name__)
-            raise
-        finally:
-            ended.set()
-
     results: dict[str, Any] = {}
 
     async def in_trio() -> None:
@@ -679,8 +675,16 @@ def test_calls_from_a_trio_program_return_values_errors_and_cancel(tmp_path: Pat
             await iii.trigger_async("broken", None)
         except InvocationError as exc:
             results["error"] = exc
-        with trio.move_on_after(0.05) as scope:
-            await iii.trigger_async("forever", None)
+        scope = trio.CancelScope()
+
+        async def call_forever() -> None:
+            with scope:
+                await iii.trigger_async("forever", None)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(call_forever)
+            assert await trio.to_thread.run_sync(began.wait, 10)  # the handler runs
+            scope.cancel()
         results["cancelled"] = scope.cancelled_caught
 
     with iii:
