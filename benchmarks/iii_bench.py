@@ -3,7 +3,9 @@ latency, and throughput with a deep backlog.
 
 Stores: ``memory`` (in-memory), ``file-normal`` and ``file-full`` (the SQLite file store
 with ``synchronous: normal`` or ``full``), and ``file-normal-pinned`` and
-``file-full-pinned`` (the same with ``pin_cpu: auto``). Queues are standard with
+``file-full-pinned`` (the same with ``pin_cpu: auto``), and ``file-normal-writer`` and
+``file-full-writer`` (the same with ``commit_on_loop: false``: every transaction on the
+writer thread). Queues are standard with
 concurrency 10 unless said otherwise; handlers are no-ops that only count.
 """
 
@@ -24,7 +26,15 @@ from iii_embedded import III, Config, QueueConfig, StoreConfig, TriggerAction
 
 from ._util import in_threads, latency_summary, scratch, shares
 
-StoreKind = Literal["memory", "file-normal", "file-full", "file-normal-pinned", "file-full-pinned"]
+StoreKind = Literal[
+    "memory",
+    "file-normal",
+    "file-full",
+    "file-normal-pinned",
+    "file-full-pinned",
+    "file-normal-writer",
+    "file-full-writer",
+]
 QUEUE = "q"
 ENQUEUE = TriggerAction.Enqueue(queue=QUEUE)
 
@@ -37,6 +47,7 @@ def _store_config(store: StoreKind, directory: Path | None = None) -> StoreConfi
         file_path=str(directory or scratch("iii")),
         synchronous="full" if store.startswith("file-full") else "normal",
         pin_cpu="auto" if store.endswith("-pinned") else None,
+        commit_on_loop=not store.endswith("-writer"),
     )
 
 

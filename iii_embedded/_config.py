@@ -97,6 +97,10 @@ class StoreConfig:
     """*Extension* (Linux): run the engine's event loop and the file store's writer on
     one CPU, a number or ``"auto"`` (the one the engine starts on). Off by default; see
     docs/configuration.md."""
+    commit_on_loop: bool = True
+    """*Extension*: let the event loop commit a small transaction of the file store
+    itself when it has nothing else to run and recent commits were fast, instead of
+    waking the writer thread. On by default; see docs/configuration.md."""
 
     def __attrs_post_init__(self) -> None:
         pin = self.pin_cpu
@@ -114,6 +118,8 @@ class StoreConfig:
             raise ValueError("store_method 'file_based' requires file_path")
         if self.synchronous not in ("normal", "full"):
             raise ValueError(f"synchronous must be 'normal' or 'full', got {self.synchronous!r}")
+        if not isinstance(self.commit_on_loop, bool):
+            raise ValueError(f"commit_on_loop must be true or false, got {self.commit_on_loop!r}")
 
 
 @attrs.define(frozen=True, kw_only=True)

@@ -58,6 +58,7 @@ _ADAPTER_KEYS = {
     "lease_ms",
     "result_retention_ms",
     "pin_cpu",
+    "commit_on_loop",
 }
 
 
@@ -309,6 +310,8 @@ class _Reader:
                         f"pin_cpu must be a CPU number >= 0, 'auto' or false, got {value!r}",
                         key_line,
                     )
+            if key == "commit_on_loop" and not isinstance(value, bool):
+                raise self.fail(f"commit_on_loop must be true or false, got {value!r}", key_line)
             if key == "file_path":
                 if not isinstance(value, str) or not value:
                     raise self.fail(f"file_path must be a directory path, got {value!r}", key_line)

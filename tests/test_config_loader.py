@@ -190,6 +190,11 @@ def test_relative_file_path_is_resolved_from_the_config_files_directory(
             3,
             "pin_cpu must be a CPU number >= 0, 'auto' or false, got 'fast'",
         ),
+        (
+            "adapter:\n  config:\n    synchronous: full\n    commit_on_loop: sometimes\n",
+            4,
+            "commit_on_loop must be true or false, got 'sometimes'",
+        ),
         ("workers: {name: iii-queue}\n", 1, "'workers' must be a list, got a mapping"),
         (
             "workers:\n  - name: iii-queue\n    config:\n      queues: {}\n",
@@ -218,6 +223,15 @@ def test_errors_name_the_file_the_line_and_the_problem(
 def test_pin_cpu_reads_a_cpu_number_auto_or_false(value: str, expected: object) -> None:
     config = parse_config(f"adapter:\n  config:\n    pin_cpu: {value}\n")
     assert config.store.pin_cpu == expected
+
+
+@pytest.mark.parametrize(("value", "expected"), [("true", True), ("false", False)])
+def test_commit_on_loop_reads_true_or_false_and_is_on_by_default(
+    value: str, expected: bool
+) -> None:
+    config = parse_config(f"adapter:\n  config:\n    commit_on_loop: {value}\n")
+    assert config.store.commit_on_loop is expected
+    assert parse_config("adapter:\n  config:\n    synchronous: full\n").store.commit_on_loop
 
 
 def test_a_missing_file_is_a_clear_error(tmp_path: Path) -> None:

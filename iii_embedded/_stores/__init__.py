@@ -51,4 +51,8 @@ def open_store(config: object) -> Store:
     from ._sqlite import SQLiteStore
 
     assert config.file_path is not None
-    return SQLiteStore(config.file_path, synchronous=config.synchronous)
+    return SQLiteStore(
+        config.file_path,
+        synchronous=config.synchronous,
+        commit_on_loop=config.commit_on_loop,
+    )

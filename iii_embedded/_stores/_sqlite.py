@@ -47,6 +47,7 @@ import queue
 import socket
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -78,9 +79,25 @@ _MAX_BATCH = 512
 # commits. Under a light load a pass ends before the next commit and the WAL starts over
 # from its beginning.
 _CHECKPOINT_EVERY = 100
-# The writer's own automatic checkpoint, for when the background one cannot keep up (the
-# WAL cannot start over while a commit lands during every pass): 10,000 pages, ~40 MB.
-_BACKSTOP_PAGES = 10_000
+# SQLite's automatic checkpoint is off on the writer's connection: it would run inside
+# whichever commit crosses its threshold, and that commit may run on the event loop
+# (``commit_on_loop``). The writer thread checkpoints on its own connection instead, every
+# this many write commits. At ``full`` that stands in for SQLite's default (1,000 pages,
+# ~100 commits of the end-to-end scenario). At ``normal`` it is the backstop for when the
+# background passes cannot keep up (the WAL cannot start over while a commit lands during
+# every pass): ~10,000 pages, ~40 MB.
+_OWN_CHECKPOINT_EVERY = {"full": 100, "normal": 1000}
+# A marker on the writer's queue: checkpoint (``_own_checkpoint``).
+_CHECKPOINT = object()
+# Commits on the event loop (``commit_on_loop``, see ``_hand_over``): only while write
+# transactions take at most this long on average (a moving average over the last ~8, on
+# either thread; a single stall of 100 ms takes ~20 fast ones to forget).
+_LOOP_BUDGET_S = 0.001
+_AVERAGE_WEIGHT = 0.125
+# The most work a transaction on the loop may carry: jobs enqueued, outcomes, and the
+# most jobs its claims may take.
+_LOOP_MAX_WEIGHT = 512
+_BUSY_TIMEOUT_MS = 10_000
 
 log = logging.getLogger("iii_embedded.store")
 _LIVE = "('queued', 'running', 'held')"
@@ -257,7 +274,7 @@ _MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
 
 
 class _Request:
-    __slots__ = ("durable", "fn", "future", "jobs", "write")
+    __slots__ = ("durable", "fn", "future", "jobs", "weight", "write")
 
     def __init__(
         self,
@@ -267,6 +284,7 @@ class _Request:
         write: bool,
         jobs: list[NewJob] | None = None,
         durable: bool = True,
+        weight: int | None = None,
     ) -> None:
         self.fn = fn
         self.future = future
@@ -276,6 +294,9 @@ class _Request:
         self.durable = durable
         # For enqueue requests: their jobs, so concurrent enqueues can share one insert.
         self.jobs = jobs
+        # How much work the request is (rows written or claimed), for the hot-path
+        # requests the event loop may commit itself; None for every other request.
+        self.weight = weight
 
 
 _Results = list[tuple[asyncio.Future[Any] | concurrent.futures.Future[Any], bool, Any]]
@@ -317,13 +338,16 @@ class SQLiteStore:
         directory: str | os.PathLike[str],
         *,
         synchronous: Literal["normal", "full"] = "normal",
+        commit_on_loop: bool = True,
         max_page_count: int | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.path = self.directory / DB_FILENAME
         self.synchronous = synchronous
+        self.commit_on_loop = commit_on_loop
         self._max_page_count = max_page_count  # for tests: simulates a full disk
-        self._requests: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        # _Request, _CHECKPOINT, or None (stop).
+        self._requests: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._conn: Conn | None = None
@@ -343,9 +367,19 @@ class SQLiteStore:
         self._conn_lock = threading.Lock()
         self._checkpointer: threading.Thread | None = None
         self._checkpoint_wanted = threading.Event()
-        self._commits = 0  # write commits since the last checkpoint pass was asked for
+        self._commits = 0  # write commits (counted with the connection held)
         self.checkpoints = 0
         """Background checkpoint passes run (for tests and benchmarks)."""
+        self.own_checkpoints = 0
+        """Checkpoints the writer thread ran on its own connection (tests, benchmarks)."""
+        # Requests of this loop handed to the writer whose results the loop has not yet
+        # had back. The loop commits itself only when there are none, so that its
+        # transactions never overtake earlier ones.
+        self._with_writer = 0
+        self.commit_seconds = 0.0
+        """Moving average of write transactions' durations, on any thread (seconds)."""
+        self.loop_commits = 0
+        """Transactions the event loop committed itself (tests, benchmarks)."""
 
     @property
     def location(self) -> str:
@@ -378,6 +412,7 @@ class SQLiteStore:
         write: bool = True,
         jobs: list[NewJob] | None = None,
         durable: bool = True,
+        weight: int | None = None,
     ) -> asyncio.Future[T]:
         loop = self._loop
         if self._closed or loop is None:
@@ -391,14 +426,88 @@ class SQLiteStore:
         outbox = self._outbox
         if not outbox:
             loop.call_soon(self._hand_over)
-        outbox.append(_Request(fn, future, write, jobs, durable))
+        outbox.append(_Request(fn, future, write, jobs, durable, weight))
         return future
 
     def _hand_over(self) -> None:
+        """Run at the start of the loop turn after requests were made: commit them here,
+        on the loop, when that is cheap and safe (``commit_on_loop``), else hand them to
+        the writer thread.
+
+        Handing a transaction to the writer costs two thread wake-ups, writer and then
+        loop, ~65 µs each on a VM whose idle CPUs halt, which is more than a small
+        transaction's own statements. The loop commits itself only when it has nothing
+        else to run this turn, the requests are hot-path ones (enqueue, claim, finish,
+        renew) with bounded work, the writer has nothing of this loop's outstanding and
+        is not in a transaction, no other process holds the write lock (it is not waited
+        for), and recent transactions stayed within the budget (see docs/design.md)."""
         outbox, self._outbox = self._outbox, []
+        if self.commit_on_loop and self._loop_may_commit(outbox) and self._commit_here(outbox):
+            return
+        self._to_writer(outbox)
+
+    def _to_writer(self, outbox: list[_Request]) -> None:
+        self._with_writer += len(outbox)
         put = self._requests.put
         for request in outbox:
             put(request)
+
+    def _loop_may_commit(self, outbox: list[_Request]) -> bool:
+        if self._with_writer or self._closed or not outbox:
+            return False
+        # asyncio's queue of callbacks to run (other loops, uvloop among them, do not
+        # show theirs: there the writer always commits).
+        ready = getattr(self._loop, "_ready", None)
+        if ready is None or ready:
+            return False
+        weight = 0
+        for request in outbox:
+            if request.weight is None:
+                return False
+            weight += request.weight
+        return weight <= _LOOP_MAX_WEIGHT and self.commit_seconds <= _LOOP_BUDGET_S
+
+    def _commit_here(self, outbox: list[_Request]) -> bool:
+        """Run ``outbox`` as one transaction on this (the loop's) thread. False, with
+        nothing done, if the connection or the write lock is taken, or if anything fails
+        (the writer then runs the batch with its per-request recovery)."""
+        if not self._conn_lock.acquire(blocking=False):
+            return False
+        try:
+            conn = self._conn
+            if conn is None:
+                return False
+            start = time.perf_counter()
+            try:
+                conn.execute("PRAGMA busy_timeout = 0")
+                try:
+                    self._begin(conn, outbox)
+                finally:
+                    conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            except Exception:  # another process is writing: the writer waits for it
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                return False
+            results = self._fast_batch(conn, outbox, begun=True)
+            if results is None:
+                return False
+            if any(r.write for r in outbox):
+                self._count_commit()
+            self.loop_commits += 1
+        finally:
+            self._conn_lock.release()
+        self._timed(time.perf_counter() - start)
+        _deliver(results)
+        return True
+
+    def _timed(self, seconds: float) -> None:
+        """Note how long a write transaction took, on any thread."""
+        self.commit_seconds += (seconds - self.commit_seconds) * _AVERAGE_WEIGHT
+
+    def _back_from_writer(self, results: _Results) -> None:
+        self._with_writer -= len(results)
+        _deliver(results)
 
     def _begin(self, conn: Conn, batch: list[_Request]) -> None:
         """Start the batch's transaction. With ``synchronous: full``, a batch of only
@@ -423,13 +532,17 @@ class SQLiteStore:
         loop = self._loop
         get = self._requests.get
         get_nowait = self._requests.get_nowait
-        checkpoints = self._checkpointer is not None
         stop = False
         while not stop:
             first = get()
             if first is None:
                 break
+            if first is _CHECKPOINT:
+                self._own_checkpoint(conn)
+                continue
+            assert isinstance(first, _Request)
             batch = [first]
+            checkpoint = False
             while len(batch) < _MAX_BATCH:
                 try:
                     item = get_nowait()
@@ -438,11 +551,21 @@ class SQLiteStore:
                 if item is None:
                     stop = True
                     break
+                if item is _CHECKPOINT:
+                    checkpoint = True
+                    continue
+                assert isinstance(item, _Request)
                 batch.append(item)
+            write = any(r.write for r in batch)
             with self._conn_lock:
+                start = time.perf_counter()
                 results = self._run_batch(conn, batch)
-                if checkpoints and any(r.write for r in batch):
+                if write:
                     self._count_commit()
+            if write:
+                self._timed(time.perf_counter() - start)
+            if checkpoint:
+                self._own_checkpoint(conn)
             if self._elsewhere:
                 before = len(results)
                 results = _settle_elsewhere(results)
@@ -450,15 +573,27 @@ class SQLiteStore:
                     self._elsewhere -= before - len(results)
             if results:
                 with contextlib.suppress(RuntimeError):  # loop closed: nobody waits
-                    loop.call_soon_threadsafe(_deliver, results)
+                    loop.call_soon_threadsafe(self._back_from_writer, results)
 
     def _count_commit(self) -> None:
-        """A write committed (with the connection held): every ``_CHECKPOINT_EVERY``
-        of them, ask the checkpointer for a pass."""
+        """A write committed (with the connection held, on any thread): every
+        ``_CHECKPOINT_EVERY`` of them ask the checkpointer for a pass, and every
+        ``_OWN_CHECKPOINT_EVERY`` the writer thread for a checkpoint of its own."""
         self._commits += 1
-        if self._commits >= _CHECKPOINT_EVERY:
-            self._commits = 0
+        if self._checkpointer is not None and self._commits % _CHECKPOINT_EVERY == 0:
             self._checkpoint_wanted.set()
+        if self._commits % _OWN_CHECKPOINT_EVERY[self.synchronous] == 0:
+            self._requests.put(_CHECKPOINT)
+
+    def _own_checkpoint(self, conn: Conn) -> None:
+        """In the writer thread: a ``PASSIVE`` checkpoint on the writer's connection,
+        which lets the next write start the WAL over when every frame was copied."""
+        with self._conn_lock:
+            try:
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                self.own_checkpoints += 1
+            except sqlite3.Error as exc:
+                log.debug("%s: checkpoint failed: %s", self.path, exc)
 
     def _run_batch(self, conn: Conn, batch: list[_Request]) -> _Results:
         # Fast path: the whole batch in one transaction with no savepoints (failures are
@@ -484,12 +619,16 @@ class SQLiteStore:
             pending = [r for r in pending if id(r) not in failed]
             merge = False
 
-    def _fast_batch(self, conn: Conn, batch: list[_Request]) -> _Results | None:
-        """Run every request in one plain transaction, concurrent enqueues merged into one
-        insert. ``None`` (after a rollback) if anything failed."""
+    def _fast_batch(
+        self, conn: Conn, batch: list[_Request], *, begun: bool = False
+    ) -> _Results | None:
+        """Run every request in one plain transaction (``begun``: already started),
+        concurrent enqueues merged into one insert. ``None`` (after a rollback) if
+        anything failed."""
         enqueues = [r for r in batch if r.jobs is not None]
         try:
-            self._begin(conn, batch)
+            if not begun:
+                self._begin(conn, batch)
             results: dict[int, Any] = {}
             if len(enqueues) > 1:
                 everything = [job for r in enqueues for job in (r.jobs or ())]
@@ -669,7 +808,7 @@ class SQLiteStore:
                 # Multi-row statements have one text per row count (up to 100 each).
                 cached_statements=512,
             )
-            conn.execute("PRAGMA busy_timeout = 10000")
+            conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise StoreError(f"{self.path}: cannot switch the database to WAL mode ({mode})")
@@ -677,8 +816,8 @@ class SQLiteStore:
             # 32 MB of page cache (SQLite's default is 2 MB): with a deep backlog, the
             # index pages a claim and an ack touch stay in memory.
             conn.execute("PRAGMA cache_size = -32768")
-            if self.synchronous == "normal":  # the checkpointer thread does the rest
-                conn.execute(f"PRAGMA wal_autocheckpoint = {_BACKSTOP_PAGES}")
+            # The writer thread checkpoints instead (see _OWN_CHECKPOINT_EVERY).
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
             if self._max_page_count is not None:
                 conn.execute(f"PRAGMA max_page_count = {int(self._max_page_count)}")
             self._migrate(conn)
@@ -744,7 +883,8 @@ class SQLiteStore:
             return
         with self._gate:  # requests from other threads now fail instead of waiting forever
             self._closed = True
-        self._hand_over()
+        outbox, self._outbox = self._outbox, []
+        self._to_writer(outbox)
         self._requests.put(None)
         thread = self._thread
         await asyncio.get_running_loop().run_in_executor(None, thread.join)
@@ -765,7 +905,7 @@ class SQLiteStore:
     def enqueue(self, jobs: Sequence[NewJob]) -> asyncio.Future[list[str]]:
         """Store jobs atomically; see :meth:`Store.enqueue`."""
         jobs = list(jobs)
-        return self._submit(lambda conn: self._enqueue(conn, jobs), jobs=jobs)
+        return self._submit(lambda conn: self._enqueue(conn, jobs), jobs=jobs, weight=len(jobs))
 
     def enqueue_from_thread(
         self, jobs: Sequence[NewJob], *, inline: bool = False
@@ -788,9 +928,10 @@ class SQLiteStore:
                 self._requests.put(request)
                 return future
         try:
+            start = time.perf_counter()
             [(_, ok, value)] = self._run_batch(self._conn, [request])
-            if self._checkpointer is not None:
-                self._count_commit()
+            self._count_commit()
+            self._timed(time.perf_counter() - start)
         finally:
             self._conn_lock.release()
         future.set_running_or_notify_cancel()
@@ -918,7 +1059,9 @@ class SQLiteStore:
             return jobs
 
         # A claim alone need not survive a power loss (see ``_begin``); outcomes must.
-        return await self._submit(run, durable=bool(outcomes) or register)
+        return await self._submit(
+            run, durable=bool(outcomes) or register, weight=len(outcomes) + max(0, limit)
+        )
 
     @staticmethod
     def _claim(
@@ -964,7 +1107,7 @@ class SQLiteStore:
         """Apply outcomes; see :meth:`Store.finish`."""
         outcomes = list(outcomes)
         if outcomes:
-            await self._submit(lambda conn: self._finish(conn, outcomes))
+            await self._submit(lambda conn: self._finish(conn, outcomes), weight=len(outcomes))
 
     def _finish(self, conn: Conn, outcomes: list[Outcome], *, fifo: bool = True) -> None:
         """Apply outcomes. ``fifo=False`` (a standard queue's batch) skips the FIFO group
@@ -1134,7 +1277,8 @@ class SQLiteStore:
                 cancelled.update(r[0] for r in rows if r[1])
             return cancelled
 
-        return await self._submit(run, durable=False)  # a lease lost with the machine is moot
+        # A lease lost with the machine is moot: no fsync.
+        return await self._submit(run, durable=False, weight=len(ids))
 
     async def claim_fire(
         self, job_id: str, scheduled: float, *, owner: str, now: float, lease_until: float
@@ -1301,7 +1445,8 @@ class SQLiteStore:
             ).fetchone()
             return None if row is None or row[0] is None else float(row[0])
 
-        return await self._submit(run, write=False)
+        # One index probe (the ready index, in order): the loop may run it too.
+        return await self._submit(run, write=False, weight=1)
 
     # --- runs --------------------------------------------------------------------------
 

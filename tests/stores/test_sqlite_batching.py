@@ -60,7 +60,7 @@ async def test_an_enqueue_and_the_claim_of_the_task_it_woke_share_a_transaction(
         async with anyio.create_task_group() as tg:
             tg.start_soon(dispatcher)
             await anyio.wait_all_tasks_blocked()
-            store._conn.set_trace_callback(statements.append)  # runs on the writer thread
+            store._conn.set_trace_callback(statements.append)  # on whichever thread commits
             woken.set()  # as the runtime wakes a queue's dispatcher before it enqueues
             assert await store.enqueue([new_job("a")]) == ["a"]
         store._conn.set_trace_callback(None)

@@ -1,6 +1,9 @@
 """At ``synchronous: normal`` the file store checkpoints its WAL in a thread of its own, so
 no commit of the writer stalls while the WAL is copied into the database and synced. At
-``full`` the writer checkpoints as SQLite does by default (docs/durability.md says why)."""
+``full`` the writer thread checkpoints every 100 write commits, as SQLite's automatic
+checkpoint would every 1,000 pages (docs/durability.md says why). SQLite's own is off on
+the writer's connection: it would run inside a commit, and commits may run on the event
+loop (``commit_on_loop``, tests/stores/test_sqlite_commit_on_loop.py)."""
 
 from __future__ import annotations
 
@@ -56,8 +59,9 @@ async def test_at_normal_a_thread_of_its_own_checkpoints_the_wal(
     copies = iter(range(1_000_000))
     try:
         assert store._conn is not None
-        (backstop,) = store._conn.execute("PRAGMA wal_autocheckpoint").fetchone()
-        assert backstop == _sqlite._BACKSTOP_PAGES  # the writer's own comes far later
+        (automatic,) = store._conn.execute("PRAGMA wal_autocheckpoint").fetchone()
+        assert automatic == 0  # the writer's own backstop comes far later
+        assert _sqlite._OWN_CHECKPOINT_EVERY["normal"] == 1000
         for i in range(10):  # ten commits: a pass is asked for after the 5th and the 10th
             await store.enqueue([new_job(f"j{i}")])
         # The ten jobs reach the database file itself, not only its WAL.
@@ -66,6 +70,7 @@ async def test_at_normal_a_thread_of_its_own_checkpoints_the_wal(
             "the jobs checkpointed",
         )
         assert 1 <= store.checkpoints <= 2  # two requests, perhaps served by one pass
+        assert store.own_checkpoints == 0
         assert len(checkpointers()) == 1
     finally:
         await store.aclose()
@@ -84,14 +89,21 @@ async def test_closing_stops_the_checkpointer_and_removes_the_wal(tmp_path: Path
     assert jobs_in_database_file(tmp_path / "store", tmp_path / "copy") == 1
 
 
-async def test_at_full_the_writer_checkpoints_as_sqlite_does(tmp_path: Path) -> None:
+async def test_at_full_the_writer_thread_checkpoints_every_so_many_commits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(_sqlite._OWN_CHECKPOINT_EVERY, "full", 5)
     store = SQLiteStore(tmp_path / "store", synchronous="full")
     await store.open()
+    copies = iter(range(1_000_000))
     try:
         assert checkpointers() == []
-        assert store._conn is not None
-        (pages,) = store._conn.execute("PRAGMA wal_autocheckpoint").fetchone()
-        assert pages == 1000  # SQLite's default
+        for i in range(5):
+            await store.enqueue([new_job(f"j{i}")])
+        await until(lambda: store.own_checkpoints == 1, "the writer's checkpoint")
+        assert jobs_in_database_file(store.directory, tmp_path / str(next(copies))) == 5
+        await store.enqueue([new_job("j5")])
+        assert store.own_checkpoints == 1  # the next comes five commits later
     finally:
         await store.aclose()
 
