@@ -70,18 +70,25 @@ class Scenario:
 
 
 def _pinned(store: str) -> bool:
-    return store.endswith("-pinned")
+    """Not the default configuration: ``pin_cpu`` (``-pinned``) or ``commit_on_loop: false``
+    (``-writer``)."""
+    return store.endswith(("-pinned", "-writer"))
 
 
 def _system(store: str) -> str:
-    """``file-normal-pinned`` → ``iii file normal, pin_cpu``."""
-    name = "iii " + store.removesuffix("-pinned").replace("-", " ")
-    return name + ", pin_cpu" if _pinned(store) else name
+    """``file-normal-pinned`` → ``iii file normal, pin_cpu``; ``file-full-writer`` →
+    ``iii file full, writer thread only``."""
+    if store.endswith("-pinned"):
+        return "iii " + store.removesuffix("-pinned").replace("-", " ") + ", pin_cpu"
+    if store.endswith("-writer"):
+        return "iii " + store.removesuffix("-writer").replace("-", " ") + ", writer thread only"
+    return "iii " + store.replace("-", " ")
 
 
 def _untargeted(ref: Ref) -> Ref:
     """The same comparison without a target: targets are judged on the default
-    configuration, and ``pin_cpu`` is an opt-in (its rows are shown beside it)."""
+    configuration; ``pin_cpu`` (an opt-in) and ``commit_on_loop: false`` rows are shown
+    beside it."""
     return Ref(ref.ids, ref.name, percent=ref.percent)
 
 
@@ -173,7 +180,7 @@ def _enqueue() -> list[Scenario]:
                     percent=True,
                 )
             )
-            for store in (f"file-{sync}", f"file-{sync}-pinned"):
+            for store in (f"file-{sync}", f"file-{sync}-pinned", f"file-{sync}-writer"):
                 out.append(
                     Scenario(
                         f"enqueue.{store}.p{p}",
@@ -277,7 +284,14 @@ def _e2e() -> list[Scenario]:
                 ),
             )
         )
-        for store in ("file-full", "file-normal", "file-full-pinned", "file-normal-pinned"):
+        for store in (
+            "file-full",
+            "file-normal",
+            "file-full-pinned",
+            "file-normal-pinned",
+            "file-full-writer",
+            "file-normal-writer",
+        ):
             sync = "full" if store.startswith("file-full") else "normal"
             s = sync.upper()
             refs = (
