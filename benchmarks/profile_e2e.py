@@ -138,11 +138,12 @@ def _timeline(events: list[tuple[float, str]]) -> str:
     kinds = [kind for _, kind in events]
     cycles = 0
     on_loop: dict[str, list[float]] = {"produce": [], "tx": []}
-    for i in range(len(events) - 3):
-        if kinds[i : i + 4] == ["H", "L+", "L-", "H"]:
-            t = [at for at, _ in events[i : i + 4]]
-            on_loop["tx"].append(t[2] - t[1])
-            on_loop["produce"].append(t[3] - t[2])
+    for i in range(len(events) - 4):
+        # The loop delivers the results ("D") before its transaction's timing ends.
+        if kinds[i : i + 5] == ["H", "L+", "D", "L-", "H"]:
+            t = [at for at, _ in events[i : i + 5]]
+            on_loop["tx"].append(t[3] - t[1])
+            on_loop["produce"].append(t[4] - t[3])
     lines = []
     if on_loop["tx"]:
         lines.append(
