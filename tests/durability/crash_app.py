@@ -3,8 +3,10 @@
 argv: STORE_DIR SIDE_FILE PLAN_FILE MODE HANDLER PRODUCER, where MODE is ``crash`` (run until
 killed) or ``final`` (exit once every planned job is enqueued and all queues are idle),
 HANDLER is ``async`` or ``sync`` (the handler runs in the queue's threads), and PRODUCER
-is ``loop`` (``trigger_async`` on the engine's loop) or ``thread`` (the blocking ``trigger``
-from a worker thread, which commits in that thread when the writer is idle). Every event
+is ``loop`` (``trigger_async`` on the engine's loop, which commits on the loop when it is
+idle), ``loop-writer`` (the same with ``commit_on_loop: false``: every commit on the
+store's writer thread) or ``thread`` (the blocking ``trigger`` from a worker thread, which
+commits in that thread when the writer is idle). Every event
 is appended to SIDE_FILE with one ``write`` on an O_APPEND descriptor, which survives the
 process being killed: ``ack K`` once the enqueue of job K returned (the job is durable),
 ``start K PID ATTEMPT`` and ``end K PID`` (or ``fail K PID``) around each handler run.
@@ -64,7 +66,11 @@ config = Config(
         ),
         "std": QueueConfig(name="std", concurrency=4, max_retries=MAX_ATTEMPTS, backoff_ms=1),
     },
-    store=StoreConfig(store_method="file_based", file_path=store_dir),
+    store=StoreConfig(
+        store_method="file_based",
+        file_path=store_dir,
+        commit_on_loop=producer != "loop-writer",
+    ),
 )
 app = III(config, shutdown_grace_ms=0)
 

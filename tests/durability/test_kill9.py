@@ -66,7 +66,8 @@ def start(
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("handler", "producer"), [("async", "loop"), ("sync", "loop"), ("async", "thread")]
+    ("handler", "producer"),
+    [("async", "loop"), ("sync", "loop"), ("async", "loop-writer"), ("async", "thread")],
 )
 def test_nothing_acknowledged_is_lost_across_kill_9(
     tmp_path: Path, handler: str, producer: str
