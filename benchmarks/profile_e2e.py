@@ -37,6 +37,7 @@ from iii_embedded._stores import _sqlite
 from iii_embedded._stores._sqlite import SQLiteStore
 
 from . import iii_bench
+from .scenarios import FILE_STORES
 
 RESULTS = Path(__file__).with_name("results")
 INTERVAL_S = 0.0005
@@ -177,14 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--store",
         default="file-full",
-        choices=[
-            "file-full",
-            "file-normal",
-            "file-full-pinned",
-            "file-normal-pinned",
-            "file-full-writer",
-            "file-normal-writer",
-        ],
+        choices=FILE_STORES,
     )
     parser.add_argument("--handler", default="async", choices=["async", "sync"])
     parser.add_argument("-n", type=int, default=20_000)
@@ -243,13 +237,16 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return run_batch(self, conn, batch)
         finally:
-            end = time.perf_counter()
-            if args.timeline:
-                events.append((end, "W-"))
-            stats["sql_s"] += end - start
-            stats["batches"] += 1
-            stats["requests"] += len(batch)
-            batch_sizes[len(batch)] += 1
+            count_batch(batch, start, "W-")
+
+    def count_batch(batch: list[Any], start: float, kind: str) -> None:
+        end = time.perf_counter()
+        if args.timeline:
+            events.append((end, kind))
+        stats["sql_s"] += end - start
+        stats["batches"] += 1
+        stats["requests"] += len(batch)
+        batch_sizes[len(batch)] += 1
 
     commit_here = SQLiteStore._commit_here
 
@@ -258,16 +255,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.timeline:
             events.append((start, "L+"))
         done = commit_here(self, batch)
-        end = time.perf_counter()
         if done:
-            if args.timeline:
-                events.append((end, "L-"))
-            stats["sql_s"] += end - start
-            stats["batches"] += 1
-            stats["requests"] += len(batch)
-            batch_sizes[len(batch)] += 1
+            count_batch(batch, start, "L-")
         elif args.timeline:
-            events.pop()
+            events.pop()  # not committed here: the writer's transaction is counted
         return done
 
     async def counted_exchange(self: SQLiteStore, outcomes: Any, *a: Any, **k: Any) -> Any:

@@ -69,6 +69,17 @@ class Scenario:
         return {"rate": "/s", "us": "µs", "p50_ms": "ms p50"}[self.metric]
 
 
+# The file-store variants of ``iii_bench`` (its ``StoreKind`` less ``memory``).
+FILE_STORES = (
+    "file-full",
+    "file-normal",
+    "file-full-pinned",
+    "file-normal-pinned",
+    "file-full-writer",
+    "file-normal-writer",
+)
+
+
 def _pinned(store: str) -> bool:
     """Not the default configuration: ``pin_cpu`` (``-pinned``) or ``commit_on_loop: false``
     (``-writer``)."""
@@ -284,14 +295,7 @@ def _e2e() -> list[Scenario]:
                 ),
             )
         )
-        for store in (
-            "file-full",
-            "file-normal",
-            "file-full-pinned",
-            "file-normal-pinned",
-            "file-full-writer",
-            "file-normal-writer",
-        ):
+        for store in FILE_STORES:
             sync = "full" if store.startswith("file-full") else "normal"
             s = sync.upper()
             refs = (
