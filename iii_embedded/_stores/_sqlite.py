@@ -95,8 +95,10 @@ _CHECKPOINT = object()
 _LOOP_BUDGET_S = 0.001
 _AVERAGE_WEIGHT = 0.125
 # The most work a transaction on the loop may carry: jobs enqueued, outcomes, and the
-# most jobs its claims may take.
+# most jobs its claims may take, each one more for every 4 KB of payload or output (a
+# page of the database), so that large payloads go to the writer.
 _LOOP_MAX_WEIGHT = 512
+_PAGE = 4096
 _BUSY_TIMEOUT_MS = 10_000
 
 log = logging.getLogger("iii_embedded.store")
@@ -905,7 +907,8 @@ class SQLiteStore:
     def enqueue(self, jobs: Sequence[NewJob]) -> asyncio.Future[list[str]]:
         """Store jobs atomically; see :meth:`Store.enqueue`."""
         jobs = list(jobs)
-        return self._submit(lambda conn: self._enqueue(conn, jobs), jobs=jobs, weight=len(jobs))
+        weight = len(jobs) + sum(len(job.payload) for job in jobs) // _PAGE
+        return self._submit(lambda conn: self._enqueue(conn, jobs), jobs=jobs, weight=weight)
 
     def enqueue_from_thread(
         self, jobs: Sequence[NewJob], *, inline: bool = False
@@ -1060,7 +1063,7 @@ class SQLiteStore:
 
         # A claim alone need not survive a power loss (see ``_begin``); outcomes must.
         return await self._submit(
-            run, durable=bool(outcomes) or register, weight=len(outcomes) + max(0, limit)
+            run, durable=bool(outcomes) or register, weight=_weight(outcomes) + max(0, limit)
         )
 
     @staticmethod
@@ -1107,7 +1110,7 @@ class SQLiteStore:
         """Apply outcomes; see :meth:`Store.finish`."""
         outcomes = list(outcomes)
         if outcomes:
-            await self._submit(lambda conn: self._finish(conn, outcomes), weight=len(outcomes))
+            await self._submit(lambda conn: self._finish(conn, outcomes), weight=_weight(outcomes))
 
     def _finish(self, conn: Conn, outcomes: list[Outcome], *, fifo: bool = True) -> None:
         """Apply outcomes. ``fifo=False`` (a standard queue's batch) skips the FIFO group
@@ -1665,6 +1668,18 @@ class SQLiteStore:
             ],
             write=False,
         )
+
+
+def _weight(outcomes: list[Outcome]) -> int:
+    """Outcomes' share of a transaction's work (see ``_LOOP_MAX_WEIGHT``): their outputs
+    and their errors' texts."""
+    size = 0
+    for o in outcomes:
+        if o.output:
+            size += len(o.output)
+        if o.error is not None:
+            size += len(o.error.message) + len(o.error.traceback)
+    return len(outcomes) + size // _PAGE
 
 
 def _chunks(items: list[T], size: int) -> list[list[T]]:

@@ -6,6 +6,7 @@ overtake a transaction it handed to the writer, and stop while transactions are 
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -13,11 +14,13 @@ from contextlib import closing
 from pathlib import Path
 
 import anyio
+import attrs
 import pytest
 
 from iii_embedded import III, Config, QueueConfig, StoreConfig, TriggerAction
 from iii_embedded._errors import StoreError
 from iii_embedded._stores import _sqlite
+from iii_embedded._stores._base import completed_outcome
 from iii_embedded._stores._sqlite import DB_FILENAME, SQLiteStore
 
 from .helpers import T0, new_job
@@ -185,6 +188,21 @@ async def test_large_or_unusual_work_goes_to_the_writer(store: SQLiteStore) -> N
     assert store.loop_commits == 0
     assert await store.enqueue([new_job("small")]) == ["small"]
     assert store.loop_commits == 1
+    # One job, but a large payload: 3 MB is ~750 pages of work, not one job's worth.
+    big = new_job("big")
+    big = attrs.evolve(big, payload=json.dumps({"blob": "x" * 3_000_000}))
+    assert await store.enqueue([big]) == ["big"]
+    assert store.loop_commits == 1
+    # The same for an outcome with a large output. (That commit was slow, which alone
+    # would keep the next few on the writer: forget it.)
+    store.commit_seconds = 0.0
+    [job] = await store.claim("q", fifo=False, limit=1, now=T0, owner=OWNER, lease_until=T0 + 30)
+    assert store.loop_commits == 2
+    output = json.dumps("y" * 3_000_000)
+    await store.finish([completed_outcome(job.id, OWNER, job.attempts, T0, output, job.seq)])
+    assert store.loop_commits == 2
+    done = await store.get(job.id)
+    assert done is not None and done.state == "completed" and done.output == output
 
 
 async def test_slow_transactions_send_commits_to_the_writer_until_they_are_fast_again(
