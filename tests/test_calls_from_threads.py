@@ -431,13 +431,17 @@ def test_an_enqueue_from_another_event_loop_never_commits_on_that_loop(tmp_path:
     with iii:
         store = iii.runtime.store
         assert isinstance(store, SQLiteStore) and store._conn is not None
-        store._conn.set_trace_callback(
-            lambda sql: (
-                inserts.append(threading.get_native_id())
-                if sql.startswith("INSERT INTO jobs")
-                else None
+        # Under the connection's lock: no thread is running a statement meanwhile. (One
+        # that was would hold SQLite's mutex and wait for the GIL to call the callback,
+        # while this thread, holding the GIL, waited for that mutex.)
+        with store._conn_lock:
+            store._conn.set_trace_callback(
+                lambda sql: (
+                    inserts.append(threading.get_native_id())
+                    if sql.startswith("INSERT INTO jobs")
+                    else None
+                )
             )
-        )
 
         async def elsewhere() -> int:
             for n in range(5):
@@ -447,7 +451,8 @@ def test_an_enqueue_from_another_event_loop_never_commits_on_that_loop(tmp_path:
         caller = asyncio.run(elsewhere())
         # A blocking trigger from this thread, by contrast, may commit here.
         iii.trigger("job", 5, action=ENQUEUE)
-        store._conn.set_trace_callback(None)
+        with store._conn_lock:
+            store._conn.set_trace_callback(None)
     assert len(inserts) == 6
     assert caller not in inserts[:5]
 
