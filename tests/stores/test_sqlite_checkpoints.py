@@ -32,13 +32,17 @@ def checkpointers() -> list[threading.Thread]:
 
 
 def jobs_in_database_file(store_dir: Path, scratch: Path) -> int:
-    """Jobs in the database file alone, without its WAL: the checkpointed ones."""
+    """Jobs in the database file alone, without its WAL: the checkpointed ones. -1 for a
+    copy taken while a checkpoint was writing pages (torn: try again)."""
     scratch.mkdir()
     shutil.copy(store_dir / DB_FILENAME, scratch / DB_FILENAME)
-    with closing(sqlite3.connect(scratch / DB_FILENAME)) as conn:
-        if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'jobs'").fetchall():
-            return 0  # even the schema is only in the WAL yet
-        (count,) = conn.execute("SELECT COUNT(*) FROM jobs").fetchone()
+    try:
+        with closing(sqlite3.connect(scratch / DB_FILENAME)) as conn:
+            if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'jobs'").fetchall():
+                return 0  # even the schema is only in the WAL yet
+            (count,) = conn.execute("SELECT COUNT(*) FROM jobs").fetchone()
+    except sqlite3.DatabaseError:
+        return -1
     return int(count)
 
 
