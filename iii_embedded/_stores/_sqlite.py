@@ -81,12 +81,16 @@ _MAX_BATCH = 512
 _CHECKPOINT_EVERY = 100
 # SQLite's automatic checkpoint is off on the writer's connection: it would run inside
 # whichever commit crosses its threshold, and that commit may run on the event loop
-# (``commit_on_loop``). The writer thread checkpoints on its own connection instead, every
-# this many write commits. At ``full`` that stands in for SQLite's default (1,000 pages,
-# ~100 commits of the end-to-end scenario). At ``normal`` it is the backstop for when the
-# background passes cannot keep up (the WAL cannot start over while a commit lands during
-# every pass): ~10,000 pages, ~40 MB.
-_OWN_CHECKPOINT_EVERY = {"full": 100, "normal": 1000}
+# (``commit_on_loop``). The writer thread checkpoints that connection instead, as SQLite
+# would, once the log is longer than this: at ``full`` SQLite's default (1,000 pages); at
+# ``normal`` the backstop for when the background passes cannot keep up (the WAL cannot
+# start over while a commit lands during every pass), ~10,000 pages. The log's length is
+# read off the WAL file's size after every write commit (a ``stat``, ~2 µs): with
+# ``journal_size_limit`` at the same figure, SQLite cuts the file back to it each time the
+# log starts over, so a file longer than that holds a log longer than that. A checkpoint
+# that could not finish (another connection's was running) leaves the file long, and the
+# next commit asks again.
+_WAL_LIMIT = {"full": 1_000 * 4096, "normal": 10_000 * 4096}
 # A marker on the writer's queue: checkpoint (``_own_checkpoint``).
 _CHECKPOINT = object()
 # Commits on the event loop (``commit_on_loop``, see ``_hand_over``): only while write
@@ -374,6 +378,8 @@ class SQLiteStore:
         """Background checkpoint passes run (for tests and benchmarks)."""
         self.own_checkpoints = 0
         """Checkpoints the writer thread ran on its own connection (tests, benchmarks)."""
+        self._wal_path = f"{self.path}-wal"
+        self._checkpoint_posted = False  # a _CHECKPOINT marker waits for the writer
         # Requests of this loop handed to the writer whose results the loop has not yet
         # had back. The loop commits itself only when there are none, so that its
         # transactions never overtake earlier ones.
@@ -441,8 +447,9 @@ class SQLiteStore:
         transaction's own statements. The loop commits itself only when it has nothing
         else to run this turn, the requests are hot-path ones (enqueue, claim, finish,
         renew) with bounded work, the writer has nothing of this loop's outstanding and
-        is not in a transaction, no other process holds the write lock (it is not waited
-        for), and recent transactions stayed within the budget (see docs/design.md)."""
+        is not in a transaction or about to checkpoint, no other process holds the write
+        lock (it is not waited for), and recent transactions stayed within the budget (see
+        docs/design.md)."""
         outbox, self._outbox = self._outbox, []
         if self.commit_on_loop and self._loop_may_commit(outbox) and self._commit_here(outbox):
             return
@@ -455,7 +462,9 @@ class SQLiteStore:
             put(request)
 
     def _loop_may_commit(self, outbox: list[_Request]) -> bool:
-        if self._with_writer or self._closed or not outbox:
+        # While a checkpoint waits for the writer, the loop's transactions queue behind it:
+        # taking the connection again and again, the loop would starve the writer of it.
+        if self._with_writer or self._checkpoint_posted or self._closed or not outbox:
             return False
         # asyncio's queue of callbacks to run (other loops, uvloop among them, do not
         # show theirs: there the writer always commits).
@@ -491,7 +500,14 @@ class SQLiteStore:
                     with contextlib.suppress(sqlite3.Error):
                         conn.execute("ROLLBACK")
                 return False
-            results = self._fast_batch(conn, outbox, begun=True)
+            try:
+                results = self._fast_batch(conn, outbox, begun=True)
+            except BaseException:  # KeyboardInterrupt on the main thread, say
+                if conn.in_transaction:  # do not leave the write lock held
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                self._to_writer(outbox)  # nothing is lost: the writer runs it again
+                raise
             if results is None:
                 return False
             if any(r.write for r in outbox):
@@ -566,8 +582,6 @@ class SQLiteStore:
                     self._count_commit()
             if write:
                 self._timed(time.perf_counter() - start)
-            if checkpoint:
-                self._own_checkpoint(conn)
             if self._elsewhere:
                 before = len(results)
                 results = _settle_elsewhere(results)
@@ -576,26 +590,37 @@ class SQLiteStore:
             if results:
                 with contextlib.suppress(RuntimeError):  # loop closed: nobody waits
                     loop.call_soon_threadsafe(self._back_from_writer, results)
+            if checkpoint:  # after the results: their callers need not wait for it
+                self._own_checkpoint(conn)
 
     def _count_commit(self) -> None:
         """A write committed (with the connection held, on any thread): every
-        ``_CHECKPOINT_EVERY`` of them ask the checkpointer for a pass, and every
-        ``_OWN_CHECKPOINT_EVERY`` the writer thread for a checkpoint of its own."""
+        ``_CHECKPOINT_EVERY`` of them ask the checkpointer for a pass, and ask the writer
+        thread for a checkpoint of its own once the log has grown past ``_WAL_LIMIT``."""
         self._commits += 1
         if self._checkpointer is not None and self._commits % _CHECKPOINT_EVERY == 0:
             self._checkpoint_wanted.set()
-        if self._commits % _OWN_CHECKPOINT_EVERY[self.synchronous] == 0:
-            self._requests.put(_CHECKPOINT)
+        if not self._checkpoint_posted:
+            try:
+                size = os.stat(self._wal_path).st_size
+            except OSError:
+                return
+            if size > _WAL_LIMIT[self.synchronous]:
+                self._checkpoint_posted = True
+                self._requests.put(_CHECKPOINT)
 
     def _own_checkpoint(self, conn: Conn) -> None:
         """In the writer thread: a ``PASSIVE`` checkpoint on the writer's connection,
         which lets the next write start the WAL over when every frame was copied."""
         with self._conn_lock:
+            self._checkpoint_posted = False
             try:
-                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                self.own_checkpoints += 1
+                (busy, _, _) = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
             except sqlite3.Error as exc:
                 log.debug("%s: checkpoint failed: %s", self.path, exc)
+                return
+            if not busy:  # else another connection's checkpoint was running: asked again
+                self.own_checkpoints += 1
 
     def _run_batch(self, conn: Conn, batch: list[_Request]) -> _Results:
         # Fast path: the whole batch in one transaction with no savepoints (failures are
@@ -818,8 +843,9 @@ class SQLiteStore:
             # 32 MB of page cache (SQLite's default is 2 MB): with a deep backlog, the
             # index pages a claim and an ack touch stay in memory.
             conn.execute("PRAGMA cache_size = -32768")
-            # The writer thread checkpoints instead (see _OWN_CHECKPOINT_EVERY).
+            # The writer thread checkpoints instead (see _WAL_LIMIT).
             conn.execute("PRAGMA wal_autocheckpoint = 0")
+            conn.execute(f"PRAGMA journal_size_limit = {_WAL_LIMIT[self.synchronous]}")
             if self._max_page_count is not None:
                 conn.execute(f"PRAGMA max_page_count = {int(self._max_page_count)}")
             self._migrate(conn)

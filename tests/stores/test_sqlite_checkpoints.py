@@ -22,28 +22,13 @@ import pytest
 from iii_embedded._stores import _sqlite
 from iii_embedded._stores._sqlite import DB_FILENAME, SQLiteStore
 
-from .helpers import new_job
+from .helpers import jobs_in_database_file, new_job
 
 pytestmark = pytest.mark.anyio
 
 
 def checkpointers() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("iii-sqlite-checkpoint")]
-
-
-def jobs_in_database_file(store_dir: Path, scratch: Path) -> int:
-    """Jobs in the database file alone, without its WAL: the checkpointed ones. -1 for a
-    copy taken while a checkpoint was writing pages (torn: try again)."""
-    scratch.mkdir()
-    shutil.copy(store_dir / DB_FILENAME, scratch / DB_FILENAME)
-    try:
-        with closing(sqlite3.connect(scratch / DB_FILENAME)) as conn:
-            if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'jobs'").fetchall():
-                return 0  # even the schema is only in the WAL yet
-            (count,) = conn.execute("SELECT COUNT(*) FROM jobs").fetchone()
-    except sqlite3.DatabaseError:
-        return -1
-    return int(count)
 
 
 async def until(condition: Callable[[], bool], what: str) -> None:
@@ -65,7 +50,8 @@ async def test_at_normal_a_thread_of_its_own_checkpoints_the_wal(
         assert store._conn is not None
         (automatic,) = store._conn.execute("PRAGMA wal_autocheckpoint").fetchone()
         assert automatic == 0  # the writer's own backstop comes far later
-        assert _sqlite._OWN_CHECKPOINT_EVERY["normal"] == 1000
+        (limit,) = store._conn.execute("PRAGMA journal_size_limit").fetchone()
+        assert limit == _sqlite._WAL_LIMIT["normal"] == 10_000 * 4096
         for i in range(10):  # ten commits: a pass is asked for after the 5th and the 10th
             await store.enqueue([new_job(f"j{i}")])
         # The ten jobs reach the database file itself, not only its WAL.
@@ -93,21 +79,60 @@ async def test_closing_stops_the_checkpointer_and_removes_the_wal(tmp_path: Path
     assert jobs_in_database_file(tmp_path / "store", tmp_path / "copy") == 1
 
 
-async def test_at_full_the_writer_thread_checkpoints_every_so_many_commits(
+async def test_at_full_the_writer_thread_checkpoints_once_the_log_is_long(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(_sqlite._OWN_CHECKPOINT_EVERY, "full", 5)
+    monkeypatch.setitem(_sqlite._WAL_LIMIT, "full", 4096)  # one page: long at once
     store = SQLiteStore(tmp_path / "store", synchronous="full")
     await store.open()
     copies = iter(range(1_000_000))
     try:
         assert checkpointers() == []
+        assert store._conn is not None
+        (limit,) = store._conn.execute("PRAGMA journal_size_limit").fetchone()
+        assert limit == 4096
+        assert store.own_checkpoints == 0
         for i in range(5):
             await store.enqueue([new_job(f"j{i}")])
-        await until(lambda: store.own_checkpoints == 1, "the writer's checkpoint")
-        assert jobs_in_database_file(store.directory, tmp_path / str(next(copies))) == 5
-        await store.enqueue([new_job("j5")])
-        assert store.own_checkpoints == 1  # the next comes five commits later
+        # Each commit leaves a log longer than one page, and asks (once one is not
+        # already asked for): the jobs reach the database file itself.
+        await until(
+            lambda: jobs_in_database_file(store.directory, tmp_path / str(next(copies))) == 5,
+            "the jobs checkpointed",
+        )
+        assert 1 <= store.own_checkpoints <= 5
+    finally:
+        await store.aclose()
+
+
+async def test_a_checkpoint_that_cannot_finish_is_asked_again_until_the_log_starts_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As SQLite's own automatic checkpoint does: while the log is past the limit, every
+    commit asks for a checkpoint. One that cannot copy everything (a reader holds an old
+    snapshot) leaves the log long, so it is asked again; once one finishes, the next
+    commit starts the log over and cuts the file back to the limit."""
+    limit = 16 * 4096
+    monkeypatch.setitem(_sqlite._WAL_LIMIT, "full", limit)
+    store = SQLiteStore(tmp_path / "store", synchronous="full")
+    await store.open()
+    wal = store.directory / f"{DB_FILENAME}-wal"
+    try:
+        await store.enqueue([new_job("first")])
+        with closing(sqlite3.connect(store.path, isolation_level=None)) as reader:
+            reader.execute("BEGIN")
+            reader.execute("SELECT COUNT(*) FROM jobs").fetchall()  # holds its snapshot
+            for i in range(40):
+                await store.enqueue([new_job(f"j{i}", pad=2000)])
+            await until(lambda: store.own_checkpoints >= 10, "checkpoints asked again")
+            held_back = wal.stat().st_size
+            assert held_back > 4 * limit  # they could not copy past the reader
+            reader.execute("COMMIT")
+        asked = store.own_checkpoints
+        await store.enqueue([new_job("after")])  # asks again; this one can finish
+        await until(lambda: store.own_checkpoints > asked, "a checkpoint that finishes")
+        await store.enqueue([new_job("restart")])  # starts the log over, cuts the file
+        assert wal.stat().st_size <= limit
     finally:
         await store.aclose()
 

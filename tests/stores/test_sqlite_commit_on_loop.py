@@ -23,7 +23,7 @@ from iii_embedded._stores import _sqlite
 from iii_embedded._stores._base import completed_outcome
 from iii_embedded._stores._sqlite import DB_FILENAME, SQLiteStore
 
-from .helpers import T0, new_job
+from .helpers import T0, jobs_in_database_file, new_job
 
 pytestmark = pytest.mark.anyio
 
@@ -241,12 +241,11 @@ async def test_a_failing_request_is_retried_by_the_writer_alone(store: SQLiteSto
 
 
 async def test_the_loop_never_checkpoints_the_writer_thread_does(
-    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(_sqlite._OWN_CHECKPOINT_EVERY, "full", 5)
-    assert store._conn is not None
-    (automatic,) = store._conn.execute("PRAGMA wal_autocheckpoint").fetchone()
-    assert automatic == 0  # SQLite's own would run inside a commit, perhaps on the loop
+    monkeypatch.setitem(_sqlite._WAL_LIMIT, "full", 8 * 4096)  # long every few commits
+    store = SQLiteStore(tmp_path / "store", synchronous="full")
+    await store.open()
     where: list[str] = []
     real = SQLiteStore._own_checkpoint
 
@@ -255,39 +254,80 @@ async def test_the_loop_never_checkpoints_the_writer_thread_does(
         real(self, conn)
 
     monkeypatch.setattr(SQLiteStore, "_own_checkpoint", own_checkpoint)
-    for i in range(10):
-        await store.enqueue([new_job(f"j{i}")])
-    # The enqueue right after a checkpoint was asked for may find the writer holding the
-    # connection for it, and go to the writer instead.
-    assert store.loop_commits >= 8
-    await until(lambda: store.own_checkpoints == 2)
-    assert len(where) == 2
+    copies = iter(range(1_000_000))
+    try:
+        assert store._conn is not None
+        (automatic,) = store._conn.execute("PRAGMA wal_autocheckpoint").fetchone()
+        assert automatic == 0  # SQLite's own would run inside a commit, perhaps on the loop
+        for i in range(10):
+            await store.enqueue([new_job(f"j{i}")])
+        # An enqueue that finds the writer holding the connection for a checkpoint goes
+        # to the writer instead; the others commit on the loop.
+        assert store.loop_commits >= 1
+        await until(
+            lambda: jobs_in_database_file(store.directory, tmp_path / str(next(copies))) == 10
+        )
+    finally:
+        await store.aclose()
+    assert where  # checkpoints ran, every one on the writer's thread
     assert all(name.startswith("iii-sqlite[") for name in where)
-    # Checkpointed: the database file alone, without its WAL, holds the jobs.
-    copy = store.directory.parent / "copy.db"
-    copy.write_bytes(store.path.read_bytes())
-    with closing(sqlite3.connect(copy)) as conn:
-        (count,) = conn.execute("SELECT COUNT(*) FROM jobs").fetchone()
-    assert count == 10
 
 
 async def test_the_wal_stops_growing_under_commits_on_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    limit = 64 * 4096
+    monkeypatch.setitem(_sqlite._WAL_LIMIT, "full", limit)
+    store = SQLiteStore(tmp_path / "store", synchronous="full")
+    await store.open()
+    wal = store.directory / f"{DB_FILENAME}-wal"
+    biggest = 0
+    try:
+        for i in range(400):
+            await store.enqueue([new_job(f"j{i}", pad=2000)])
+            biggest = max(biggest, wal.stat().st_size)
+    finally:
+        await store.aclose()
+    assert store.loop_commits >= 300
+    assert store.own_checkpoints >= 2
+    # ~2 MB of log without checkpoints; with them, the limit and the commit or two that
+    # land while a checkpoint is asked for and runs.
+    assert biggest <= 2 * limit, biggest
+
+
+async def test_an_interrupt_during_a_commit_on_the_loop_leaves_no_transaction_open(
     store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(_sqlite._OWN_CHECKPOINT_EVERY, "full", 20)
-    wal = store.directory / f"{DB_FILENAME}-wal"
+    """KeyboardInterrupt reaches the main thread, which may be the loop's, in the middle
+    of a transaction there: it is rolled back (the write lock is not kept) and the
+    request is handed to the writer, so its caller still gets an answer."""
+    calls = 0
 
-    async def commits(first: int, count: int) -> int:
-        for i in range(first, first + count):
-            await store.enqueue([new_job(f"j{i}")])
-        await until(lambda: store.own_checkpoints >= (first + count) // 20)
-        return wal.stat().st_size
+    def insert(conn: sqlite3.Connection) -> list[str]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise KeyboardInterrupt
+        return SQLiteStore._enqueue(conn, [new_job("a")])
 
-    after_100 = await commits(0, 100)
-    after_300 = await commits(100, 200)
-    assert store.loop_commits >= 250
-    # Without checkpoints every commit would append its frames (~3x the size here).
-    assert after_300 <= after_100 * 1.5
+    future: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
+    request = _sqlite._Request(insert, future, True, weight=1)
+    handed: list[list[_sqlite._Request]] = []
+    monkeypatch.setattr(store, "_to_writer", handed.append)  # held back, to look first
+    with pytest.raises(KeyboardInterrupt):
+        store._commit_here([request])
+    assert handed == [[request]]
+    assert store._conn is not None and not store._conn.in_transaction
+    with closing(sqlite3.connect(store.path, isolation_level=None, timeout=0)) as other:
+        other.execute("BEGIN IMMEDIATE")  # the write lock is free
+        other.execute("ROLLBACK")
+    monkeypatch.undo()
+    store._to_writer(handed[0])
+    with anyio.fail_after(10):
+        assert await future == ["a"]
+    assert calls == 2
+    assert store._with_writer == 0
+    assert rows_seen_elsewhere(store) == 1
 
 
 @pytest.mark.parametrize("commit_on_loop", [True, False])
