@@ -8,7 +8,6 @@ loop (``commit_on_loop``, tests/stores/test_sqlite_commit_on_loop.py)."""
 from __future__ import annotations
 
 import logging
-import shutil
 import sqlite3
 import threading
 from collections.abc import Callable
