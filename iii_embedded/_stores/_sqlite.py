@@ -81,16 +81,24 @@ _MAX_BATCH = 512
 _CHECKPOINT_EVERY = 100
 # SQLite's automatic checkpoint is off on the writer's connection: it would run inside
 # whichever commit crosses its threshold, and that commit may run on the event loop
-# (``commit_on_loop``). The writer thread checkpoints that connection instead, as SQLite
-# would, once the log is longer than this: at ``full`` SQLite's default (1,000 pages); at
-# ``normal`` the backstop for when the background passes cannot keep up (the WAL cannot
-# start over while a commit lands during every pass), ~10,000 pages. The log's length is
-# read off the WAL file's size after every write commit (a ``stat``, ~2 µs): with
-# ``journal_size_limit`` at the same figure, SQLite cuts the file back to it each time the
-# log starts over, so a file longer than that holds a log longer than that. A checkpoint
-# that could not finish (another connection's was running) leaves the file long, and the
-# next commit asks again.
+# (``commit_on_loop``). The writer thread checkpoints that connection instead:
+# - every this many write commits: at ``full`` about SQLite's default (1,000 pages is ~100
+#   commits of the end-to-end benchmark); at ``normal`` the backstop for when the
+#   background passes cannot keep up (the WAL cannot start over while a commit lands
+#   during every pass);
+_OWN_CHECKPOINT_EVERY = {"full": 100, "normal": 1000}
+# - and once the log is longer than this, whatever the count (large commits): the WAL
+#   file's size is read every ``_WAL_CHECK_EVERY`` write commits, or sooner once they have
+#   done ``_WAL_CHECK_WORK`` (request weights: about a page each; a ``stat`` after every
+#   commit cost ~10% end to end at ``full``). ``journal_size_limit`` is set to the same
+#   figure, so SQLite cuts the file back to it each time the log starts over, and a file
+#   longer than that holds a log longer than that. At ``full`` that is SQLite's own
+#   figure, 1,000 pages; at ``normal`` 10,000, the backstop.
+# A checkpoint that could not copy the whole log (another connection's was running, or a
+# reader holds an old snapshot) is asked for again at the next commit, as SQLite does.
 _WAL_LIMIT = {"full": 1_000 * 4096, "normal": 10_000 * 4096}
+_WAL_CHECK_EVERY = 16
+_WAL_CHECK_WORK = 256
 # A marker on the writer's queue: checkpoint (``_own_checkpoint``).
 _CHECKPOINT = object()
 # Commits on the event loop (``commit_on_loop``, see ``_hand_over``): only while write
@@ -380,6 +388,8 @@ class SQLiteStore:
         """Checkpoints the writer thread ran on its own connection (tests, benchmarks)."""
         self._wal_path = f"{self.path}-wal"
         self._checkpoint_posted = False  # a _CHECKPOINT marker waits for the writer
+        self._checkpoint_again = False  # the last one could not copy the whole log
+        self._work_since_look = 0  # work committed since the WAL's size was last read
         # Requests of this loop handed to the writer whose results the loop has not yet
         # had back. The loop commits itself only when there are none, so that its
         # transactions never overtake earlier ones.
@@ -511,7 +521,7 @@ class SQLiteStore:
             if results is None:
                 return False
             if any(r.write for r in outbox):
-                self._count_commit()
+                self._count_commit(_work(outbox))
             self.loop_commits += 1
         finally:
             self._conn_lock.release()
@@ -579,7 +589,7 @@ class SQLiteStore:
                 start = time.perf_counter()
                 results = self._run_batch(conn, batch)
                 if write:
-                    self._count_commit()
+                    self._count_commit(_work(batch))
             if write:
                 self._timed(time.perf_counter() - start)
             if self._elsewhere:
@@ -593,21 +603,31 @@ class SQLiteStore:
             if checkpoint:  # after the results: their callers need not wait for it
                 self._own_checkpoint(conn)
 
-    def _count_commit(self) -> None:
+    def _count_commit(self, work: int) -> None:
         """A write committed (with the connection held, on any thread): every
         ``_CHECKPOINT_EVERY`` of them ask the checkpointer for a pass, and ask the writer
-        thread for a checkpoint of its own once the log has grown past ``_WAL_LIMIT``."""
+        thread for a checkpoint of its own when one is due (see ``_OWN_CHECKPOINT_EVERY``
+        and ``_WAL_LIMIT``)."""
         self._commits += 1
         if self._checkpointer is not None and self._commits % _CHECKPOINT_EVERY == 0:
             self._checkpoint_wanted.set()
-        if not self._checkpoint_posted:
+        if self._checkpoint_posted:
+            return
+        due = self._checkpoint_again or (
+            self._commits % _OWN_CHECKPOINT_EVERY[self.synchronous] == 0
+        )
+        self._work_since_look += work
+        if not due and (
+            self._work_since_look >= _WAL_CHECK_WORK or self._commits % _WAL_CHECK_EVERY == 0
+        ):
+            self._work_since_look = 0
             try:
-                size = os.stat(self._wal_path).st_size
+                due = os.stat(self._wal_path).st_size > _WAL_LIMIT[self.synchronous]
             except OSError:
                 return
-            if size > _WAL_LIMIT[self.synchronous]:
-                self._checkpoint_posted = True
-                self._requests.put(_CHECKPOINT)
+        if due:
+            self._checkpoint_posted = True
+            self._requests.put(_CHECKPOINT)
 
     def _own_checkpoint(self, conn: Conn) -> None:
         """In the writer thread: a ``PASSIVE`` checkpoint on the writer's connection,
@@ -615,11 +635,13 @@ class SQLiteStore:
         with self._conn_lock:
             self._checkpoint_posted = False
             try:
-                (busy, _, _) = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                busy, logged, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
             except sqlite3.Error as exc:
                 log.debug("%s: checkpoint failed: %s", self.path, exc)
+                self._checkpoint_again = True
                 return
-            if not busy:  # else another connection's checkpoint was running: asked again
+            self._checkpoint_again = bool(busy) or copied < logged
+            if not busy:  # else another connection's checkpoint was running
                 self.own_checkpoints += 1
 
     def _run_batch(self, conn: Conn, batch: list[_Request]) -> _Results:
@@ -843,7 +865,7 @@ class SQLiteStore:
             # 32 MB of page cache (SQLite's default is 2 MB): with a deep backlog, the
             # index pages a claim and an ack touch stay in memory.
             conn.execute("PRAGMA cache_size = -32768")
-            # The writer thread checkpoints instead (see _WAL_LIMIT).
+            # The writer thread checkpoints instead (see _OWN_CHECKPOINT_EVERY).
             conn.execute("PRAGMA wal_autocheckpoint = 0")
             conn.execute(f"PRAGMA journal_size_limit = {_WAL_LIMIT[self.synchronous]}")
             if self._max_page_count is not None:
@@ -959,7 +981,7 @@ class SQLiteStore:
         try:
             start = time.perf_counter()
             [(_, ok, value)] = self._run_batch(self._conn, [request])
-            self._count_commit()
+            self._count_commit(len(jobs))
             self._timed(time.perf_counter() - start)
         finally:
             self._conn_lock.release()
@@ -1694,6 +1716,11 @@ class SQLiteStore:
             ],
             write=False,
         )
+
+
+def _work(batch: list[_Request]) -> int:
+    """A committed batch's work, for ``_WAL_CHECK_WORK`` (unweighed requests count 1)."""
+    return sum(r.weight or 1 for r in batch)
 
 
 def _weight(outcomes: list[Outcome]) -> int:

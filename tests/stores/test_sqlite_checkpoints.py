@@ -91,15 +91,16 @@ async def test_at_full_the_writer_thread_checkpoints_once_the_log_is_long(
         (limit,) = store._conn.execute("PRAGMA journal_size_limit").fetchone()
         assert limit == 4096
         assert store.own_checkpoints == 0
-        for i in range(5):
+        for i in range(15):
             await store.enqueue([new_job(f"j{i}")])
-        # Each commit leaves a log longer than one page, and asks (once one is not
-        # already asked for): the jobs reach the database file itself.
+        assert store.own_checkpoints == 0  # the log's length is looked at every 16th
+        await store.enqueue([new_job("j15")])
+        # Longer than one page: the jobs reach the database file itself.
+        await until(lambda: store.own_checkpoints == 1, "the writer's checkpoint")
         await until(
-            lambda: jobs_in_database_file(store.directory, tmp_path / str(next(copies))) == 5,
+            lambda: jobs_in_database_file(store.directory, tmp_path / str(next(copies))) == 16,
             "the jobs checkpointed",
         )
-        assert 1 <= store.own_checkpoints <= 5
     finally:
         await store.aclose()
 

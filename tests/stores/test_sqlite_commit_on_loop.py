@@ -259,13 +259,13 @@ async def test_the_loop_never_checkpoints_the_writer_thread_does(
         assert store._conn is not None
         (automatic,) = store._conn.execute("PRAGMA wal_autocheckpoint").fetchone()
         assert automatic == 0  # SQLite's own would run inside a commit, perhaps on the loop
-        for i in range(10):
+        for i in range(32):
             await store.enqueue([new_job(f"j{i}")])
         # An enqueue that finds the writer holding the connection for a checkpoint goes
         # to the writer instead; the others commit on the loop.
         assert store.loop_commits >= 1
         await until(
-            lambda: jobs_in_database_file(store.directory, tmp_path / str(next(copies))) == 10
+            lambda: jobs_in_database_file(store.directory, tmp_path / str(next(copies))) == 32
         )
     finally:
         await store.aclose()
@@ -290,9 +290,9 @@ async def test_the_wal_stops_growing_under_commits_on_the_loop(
         await store.aclose()
     assert store.loop_commits >= 300
     assert store.own_checkpoints >= 2
-    # ~2 MB of log without checkpoints; with them, the limit and the commit or two that
-    # land while a checkpoint is asked for and runs.
-    assert biggest <= 2 * limit, biggest
+    # ~2 MB of log without checkpoints; with them, the limit and the commits until the
+    # next look at its length (every 16th) and while the checkpoint runs.
+    assert biggest <= 3 * limit, biggest
 
 
 async def test_an_interrupt_during_a_commit_on_the_loop_leaves_no_transaction_open(
