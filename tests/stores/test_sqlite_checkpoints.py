@@ -105,6 +105,23 @@ async def test_at_full_the_writer_thread_checkpoints_once_the_log_is_long(
         await store.aclose()
 
 
+async def test_at_full_the_writer_thread_also_checkpoints_every_so_many_commits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(_sqlite._OWN_CHECKPOINT_EVERY, "full", 5)
+    store = SQLiteStore(tmp_path / "store", synchronous="full")
+    await store.open()
+    try:
+        for i in range(4):
+            await store.enqueue([new_job(f"j{i}")])
+        assert store.own_checkpoints == 0  # a short log: no reason yet
+        await store.enqueue([new_job("j4")])
+        await until(lambda: store.own_checkpoints == 1, "the fifth commit's checkpoint")
+        assert _sqlite._WAL_LIMIT["full"] == 1000 * 4096  # SQLite's default, in bytes
+    finally:
+        await store.aclose()
+
+
 async def test_a_checkpoint_that_cannot_finish_is_asked_again_until_the_log_starts_over(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
