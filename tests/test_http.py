@@ -63,6 +63,18 @@ def make_app() -> III:
     return III(config, shutdown_grace_ms=0)
 
 
+def route_orders_show(iii: III, show: Any) -> None:
+    """``show`` as ``orders::show``, served at ``POST /orders/:id``."""
+    iii.register_function("orders::show", show)
+    iii.register_trigger(
+        {
+            "type": "http",
+            "function_id": "orders::show",
+            "config": {"api_path": "/orders/:id", "http_method": "POST"},
+        }
+    )
+
+
 async def test_routes_path_and_query_params_and_json_bodies() -> None:
     iii = make_app()
     seen: list[dict[str, Any]] = []
@@ -75,14 +87,7 @@ async def test_routes_path_and_query_params_and_json_bodies() -> None:
             "headers": {"x-order": req["path_params"]["id"]},
         }
 
-    iii.register_function("orders::show", show)
-    iii.register_trigger(
-        {
-            "type": "http",
-            "function_id": "orders::show",
-            "config": {"api_path": "/orders/:id", "http_method": "POST"},
-        }
-    )
+    route_orders_show(iii, show)
     async with iii.running():
         assert iii.http_server is not None
         port = iii.http_server.port
@@ -130,14 +135,7 @@ async def test_mounted_under_a_prefix_it_routes_on_the_path_below_the_mount() ->
         seen.append(req["path"])
         return {"status_code": 200, "body": req["path_params"]}
 
-    iii.register_function("orders::show", show)
-    iii.register_trigger(
-        {
-            "type": "http",
-            "function_id": "orders::show",
-            "config": {"api_path": "/orders/:id", "http_method": "POST"},
-        }
-    )
+    route_orders_show(iii, show)
     async with iii.running():
         # Starlette and FastAPI keep the prefix in `path` and set `root_path` to it.
         kept = await asgi_post(iii.asgi_app, "/iii/orders/7", "/iii", {})

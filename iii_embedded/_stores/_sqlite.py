@@ -96,7 +96,8 @@ _OWN_CHECKPOINT_EVERY = {"full": 100, "normal": 1000}
 #   figure, 1,000 pages; at ``normal`` 10,000, the backstop.
 # A checkpoint that could not copy the whole log (another connection's was running, or a
 # reader holds an old snapshot) is asked for again at the next commit, as SQLite does.
-_WAL_LIMIT = {"full": 1_000 * 4096, "normal": 10_000 * 4096}
+_PAGE = 4096
+_WAL_LIMIT = {"full": 1_000 * _PAGE, "normal": 10_000 * _PAGE}
 _WAL_CHECK_EVERY = 16
 _WAL_CHECK_WORK = 256
 # A marker on the writer's queue: checkpoint (``_own_checkpoint``).
@@ -110,7 +111,6 @@ _AVERAGE_WEIGHT = 0.125
 # most jobs its claims may take, each one more for every 4 KB of payload or output (a
 # page of the database), so that large payloads go to the writer.
 _LOOP_MAX_WEIGHT = 512
-_PAGE = 4096
 _BUSY_TIMEOUT_MS = 10_000
 
 log = logging.getLogger("iii_embedded.store")
@@ -506,16 +506,12 @@ class SQLiteStore:
                 finally:
                     conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
             except Exception:  # another process is writing: the writer waits for it
-                if conn.in_transaction:
-                    with contextlib.suppress(sqlite3.Error):
-                        conn.execute("ROLLBACK")
+                _roll_back(conn)
                 return False
             try:
                 results = self._fast_batch(conn, outbox, begun=True)
             except BaseException:  # KeyboardInterrupt on the main thread, say
-                if conn.in_transaction:  # do not leave the write lock held
-                    with contextlib.suppress(sqlite3.Error):
-                        conn.execute("ROLLBACK")
+                _roll_back(conn)  # do not leave the write lock held
                 self._to_writer(outbox)  # nothing is lost: the writer runs it again
                 raise
             if results is None:
@@ -692,9 +688,7 @@ class SQLiteStore:
                     results[id(request)] = request.fn(conn)
             conn.execute("COMMIT")
         except Exception:
-            if conn.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
+            _roll_back(conn)
             return None
         return [(r.future, True, results[id(r)]) for r in batch]
 
@@ -1716,6 +1710,13 @@ class SQLiteStore:
             ],
             write=False,
         )
+
+
+def _roll_back(conn: Conn) -> None:
+    """End the connection's transaction, if SQLite has not ended it already."""
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
 
 
 def _work(batch: list[_Request]) -> int:

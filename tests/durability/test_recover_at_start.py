@@ -45,6 +45,29 @@ anyio.run(main)
 """
 
 
+def app_recording_attempts(
+    store_dir: Path, clock: VirtualClock
+) -> tuple[III, list[int], anyio.Event]:
+    """An app on the file store whose ``job`` records each attempt's number and sets the
+    event once it has run."""
+    config = Config(
+        queues={"work": QueueConfig(name="work")},
+        store=StoreConfig(store_method="file_based", file_path=str(store_dir)),
+    )
+    iii = III(config, clock=clock, shutdown_grace_ms=0)
+    ran = anyio.Event()
+    attempts: list[int] = []
+
+    @iii.function("job")
+    async def job(_: Any) -> None:
+        invocation = current_invocation()
+        assert invocation is not None
+        attempts.append(invocation.attempt)
+        ran.set()
+
+    return iii, attempts, ran
+
+
 @pytest.mark.slow
 def test_a_dead_processs_job_runs_again_at_start_before_its_lease_expires(
     tmp_path: Path,
@@ -74,20 +97,7 @@ def test_a_dead_processs_job_runs_again_at_start_before_its_lease_expires(
 
     # Time stands still from now on: the lease (30 s) cannot expire.
     clock = VirtualClock(start=time.time())
-    config = Config(
-        queues={"work": QueueConfig(name="work")},
-        store=StoreConfig(store_method="file_based", file_path=str(store)),
-    )
-    iii = III(config, clock=clock, shutdown_grace_ms=0)
-    ran = anyio.Event()
-    attempts: list[int] = []
-
-    @iii.function("job")
-    async def job(_: Any) -> None:
-        invocation = current_invocation()
-        assert invocation is not None
-        attempts.append(invocation.attempt)
-        ran.set()
+    iii, attempts, ran = app_recording_attempts(store, clock)
 
     async def main() -> Any:
         async with iii.running():
@@ -136,18 +146,7 @@ async def test_a_lease_under_this_processs_pid_but_no_runtime_of_it_is_recovered
     assert claimed.id == "left"
 
     clock = VirtualClock(start=now)  # stands still: the hour-long lease cannot expire
-    config = Config(
-        queues={"work": QueueConfig(name="work")},
-        store=StoreConfig(store_method="file_based", file_path=str(store_dir)),
-    )
-    iii = III(config, clock=clock, shutdown_grace_ms=0)
-    attempts: list[int] = []
-
-    @iii.function("job")
-    async def job(_: Any) -> None:
-        invocation = current_invocation()
-        assert invocation is not None
-        attempts.append(invocation.attempt)
+    iii, attempts, _ = app_recording_attempts(store_dir, clock)
 
     async with iii.running():
         with anyio.fail_after(10):  # real seconds, as a bound only
