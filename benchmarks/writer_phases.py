@@ -51,7 +51,7 @@ def run(sync: str, transactions: int, per_tx: int = 16, claim: int = 32) -> dict
                 done = [completed_outcome(j.id, OWNER, j.attempts, now, "null") for j in claimed]
                 store._finish(conn, done, fifo=False)
             t3 = clock()
-            claimed = store._claim(conn, "default", False, claim, now + 1, OWNER, now + 30)
+            claimed = store._claim(conn, "default", False, claim, now + 1, OWNER, now + 30, now)
             t4 = clock()
         conn.execute("COMMIT")
         t5 = clock()

@@ -16,6 +16,7 @@ function is unknown here, or cancelled.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import os
@@ -83,12 +84,26 @@ class _Active(Interrupter):
 
 
 class _SyncActive(_Active):
-    """A job whose sync handler runs in one of the queue's threads (``_start_sync``).
+    """A job whose sync handler runs in one of the queue's threads (``_start_sync``), or
+    waits to run next in the thread of a running one (its ``successor``, ``_chain``).
 
     A thread cannot be stopped: stopping the job settles it at once and leaves the
     thread to finish alone, its result dropped (``settled``)."""
 
-    __slots__ = ("cancel_timer", "handler", "runner", "settled", "started")
+    __slots__ = (
+        "cancel_timer",
+        "context",
+        "finished",
+        "handed",
+        "handler",
+        "predecessor",
+        "runner",
+        "settled",
+        "start_at",
+        "started",
+        "successor",
+        "taken",
+    )
 
     def __init__(self, job: Job, handler: Any, runner: QueueRunner) -> None:
         super().__init__(job)
@@ -97,6 +112,21 @@ class _SyncActive(_Active):
         self.settled = False
         self.started = time.perf_counter()
         self.cancel_timer: Callable[[], None] | None = None
+        # Chaining (see ``QueueRunner._chain``); the fields a pool thread reads or writes
+        # are guarded by the pool's lock.
+        self.successor: _SyncActive | None = None
+        """The job this one's thread runs next, when this one ends."""
+        self.predecessor: _SyncActive | None = None
+        """For a successor: the job whose thread it waits for."""
+        self.finished = False
+        """The handler returned (or raised), in its thread: no successor may be set."""
+        self.handed: _SyncActive | None = None
+        """The successor this one's thread started: the loop registers it."""
+        self.taken = False
+        """For a successor: its thread started it."""
+        self.start_at = 0.0
+        """For a successor: when its thread started it (runtime clock)."""
+        self.context: contextvars.Context | None = None
 
     def interrupt(self, reason: str) -> None:
         """Settle the job now (timeout, cancellation, shutdown); its thread runs on."""
@@ -156,7 +186,16 @@ class QueueRunner:
             f"queue-{config.name}",
             max_threads=config.concurrency * 4 + 32,
             settle=self._settle_sync,
+            # Only prefetched jobs can wait behind running ones (see ``_chain``).
+            follow=self._follow if self.prefetch else None,
         )
+        self._reserved: dict[str, _SyncActive] = {}
+        """Successors (see ``_chain``) the loop has not yet seen start, by job id: claimed,
+        out of ``_buffer``, each waiting for the thread of a running job."""
+        self.chained = 0
+        """Sync jobs started by the thread of the job before them (see ``_chain``)."""
+        self._context = contextvars.copy_context()
+        """The context successors' handlers run in a copy of (as a worker's would)."""
         self._timeout_s = config.timeout_ms / 1000 if config.timeout_ms else None
 
     # --- wiring ----------------------------------------------------------------------
@@ -195,6 +234,9 @@ class QueueRunner:
         self._stopping = True
         # Prefetched jobs were never started: hand them back at once (unattempted).
         now = self.rt.clock.now()
+        for entry in list(self._reserved.values()):
+            if self._detach(entry):
+                self._outcomes.append((entry.job, self._outcome(entry.job, "released", now)))
         while self._buffer:
             job = self._buffer.popleft()
             self._outcomes.append((job, self._outcome(job, "released", now)))
@@ -268,11 +310,12 @@ class QueueRunner:
     @property
     def prefetched_count(self) -> int:
         """Jobs claimed and not yet started."""
-        return len(self._buffer)
+        return len(self._buffer) + sum(not e.taken for e in self._reserved.values())
 
     def leased_ids(self) -> list[str]:
         """Ids of the jobs this runner holds a lease on: running and prefetched."""
         ids = list(self.active)
+        ids += self._reserved
         ids += [job.id for job in self._buffer]
         return ids
 
@@ -281,24 +324,34 @@ class QueueRunner:
         settle it unstarted (``cancelled`` or ``released``) if it is prefetched. False if
         this runner does not hold it."""
         entry = self.active.get(job_id)
+        if entry is None and job_id in self._reserved:
+            successor = self._reserved[job_id]
+            if not self._detach(successor):  # its thread started it: it runs now
+                entry = self.active.get(job_id)
+                assert entry is not None
+            else:
+                self._settle_unstarted(successor.job, reason)
+                return True
         if entry is not None:
             self.interrupt(entry, reason)
             return True
         for job in self._buffer:
             if job.id == job_id:
                 self._buffer.remove(job)
-                kind: Literal["released", "cancelled"] = (
-                    "released" if reason == "shutdown" else "cancelled"
-                )
-                outcome = self._outcome(job, kind, self.rt.clock.now())
-                outcome.started = False
-                self._outcomes.append((job, outcome))
-                self.wake()
+                self._settle_unstarted(job, reason)
                 return True
         return False
 
+    def _settle_unstarted(self, job: Job, reason: StopReason) -> None:
+        kind: Literal["released", "cancelled"] = "released" if reason == "shutdown" else "cancelled"
+        outcome = self._outcome(job, kind, self.rt.clock.now())
+        outcome.started = False
+        self._outcomes.append((job, outcome))
+        self.wake()
+
     def interrupt_all(self, reason: StopReason) -> None:
         """Cancel every running handler of this queue (shutdown after the grace period)."""
+        self.threads.flush_now()  # successors that started: so they are in ``active``
         for entry in list(self.active.values()):
             self.interrupt(entry, reason)
 
@@ -334,6 +387,7 @@ class QueueRunner:
                 + self.prefetch
                 - self.running
                 - len(buffer)
+                - len(self._reserved)
             )
             settled, self._outcomes = self._outcomes, []
             now = clock.now()
@@ -455,9 +509,23 @@ class QueueRunner:
         )
 
     def _spread(self) -> None:
-        """Wake an idle worker if a claimed job could start now."""
-        if self._buffer and self._idle and self._may_start():
-            self._wake_worker()
+        """Wake an idle worker if a claimed job could start now; with every slot taken,
+        give running sync jobs the next claimed ones to run after them (``_chain``)."""
+        if self._buffer or self._reserved:
+            if self._may_start():
+                if self._idle:
+                    self._wake_worker()
+            elif self._buffer:
+                self._chain()
+
+    def _take_back(self) -> Job | None:
+        """For a worker with a free slot and an empty buffer: the oldest successor that
+        has not started, taken back from the running job it waits for (it would wait for
+        that job to end)."""
+        for entry in list(self._reserved.values()):
+            if self._detach(entry):
+                return entry.job
+        return None
 
     def _wake_worker(self) -> None:
         while self._idle:
@@ -471,7 +539,12 @@ class QueueRunner:
         loop = asyncio.get_running_loop()
         while True:
             if buffer and self._may_start():
-                job = buffer.popleft()
+                job: Job | None = buffer.popleft()
+            elif self._reserved and self._may_start():
+                job = self._take_back()
+            else:
+                job = None
+            if job is not None:
                 spec = self.rt.registry.get(job.function_id)
                 if spec is not None and not job.cancel_requested and job.started_at is None:
                     # A prefetched job starts: its start is written with the next exchange.
@@ -486,6 +559,8 @@ class QueueRunner:
             elif self._stopping:
                 return
             else:
+                if buffer:  # every slot is taken: the next jobs follow running sync ones
+                    self._chain()
                 waiter = loop.create_future()
                 self._idle.append(waiter)
                 try:
@@ -530,6 +605,108 @@ class QueueRunner:
     # ``_settle_sync``. A timeout, a cancellation or a shutdown settles a job at once
     # (``_stop_sync``), as they stop a waiting task in ``_attempt``.
 
+    # Chaining. With every slot taken, the sync results come back to the loop in batches
+    # and the next jobs start only once the loop has seen the slots free: one round trip
+    # through the loop per slot, which on the file store waits for the loop's commit, so
+    # a queue ran about ``concurrency`` sync jobs per transaction. Instead, the loop gives
+    # a running sync job a successor, the next claimed job (``_chain``); when the handler
+    # returns, its thread starts the successor at once, in the same slot (``_follow``),
+    # and the loop learns of the start with the result (``_settle_sync``). A slot is
+    # still held by one handler at a time: a successor starts only when its predecessor
+    # has ended (not when it was stopped: its thread may still be running), and a worker
+    # with a free slot takes a successor back rather than let it wait (``_take_back``).
+
+    def _chain(self) -> None:
+        """Queue the claimed sync jobs behind the running sync jobs, one at a time to the
+        shortest line, each running job's thread taking its line in order."""
+        if self._stopping or self._resuming:
+            return
+        buffer = self._buffer
+        registry = self.rt.registry
+        lock = self.threads.lock
+        lines: list[list[Any]] = []  # [length, tie-break, tail]
+        for entry in self.active.values():
+            if isinstance(entry, _SyncActive) and not entry.settled and not entry.finished:
+                tail, length = entry, 0
+                while tail.successor is not None:
+                    tail, length = tail.successor, length + 1
+                lines.append([length, len(lines), tail])
+        while buffer and lines:
+            job = buffer[0]
+            spec = registry.get(job.function_id)
+            if spec is None or spec.is_async or job.cancel_requested:
+                return  # it stays first, for a worker
+            line = min(lines)
+            tail = line[2]
+            successor = _SyncActive(job, spec.handler, self)
+            successor.context = self._context.copy()
+            successor.predecessor = tail
+            with lock:
+                fits = not (tail.finished or tail.settled) and tail.successor is None
+                if fits:
+                    tail.successor = successor
+            if not fits:  # its thread just went past it
+                lines.remove(line)
+                continue
+            buffer.popleft()
+            self._reserved[job.id] = successor
+            line[0] += 1
+            line[2] = successor
+
+    def _follow(self, entry: Any) -> tuple[Any, contextvars.Context, Any, Any] | None:
+        """In a pool thread, holding the pool's lock: ``entry``'s handler ended; start its
+        successor, if it has one and was not stopped meanwhile."""
+        if not isinstance(entry, _SyncActive):
+            return None
+        entry.finished = True
+        successor = entry.successor
+        if successor is None or entry.settled or self._resuming:
+            return None
+        entry.successor = None
+        entry.handed = successor
+        successor.taken = True
+        successor.started = time.perf_counter()
+        successor.start_at = self.rt.clock.now()
+        assert successor.context is not None
+        return (successor, successor.context, self._call_sync, successor)
+
+    def _detach(self, successor: _SyncActive) -> bool:
+        """Take a successor back from the job it waits for: True if it had not started
+        (it is out of ``_reserved`` then, for the caller to start or settle); False if
+        its thread started it (it is in ``active`` then)."""
+        with self.threads.lock:
+            taken = successor.taken
+            if not taken:  # out of its line, the jobs behind it move up
+                predecessor, after = successor.predecessor, successor.successor
+                if predecessor is not None and predecessor.successor is successor:
+                    predecessor.successor = after
+                if after is not None:
+                    after.predecessor = predecessor
+                successor.predecessor = successor.successor = None
+        if taken:
+            self.threads.flush_now()  # the result it followed registers it
+            return False
+        del self._reserved[successor.job.id]
+        return True
+
+    def _register(self, entry: _SyncActive) -> None:
+        """On the loop: a successor that its thread started."""
+        rt = self.rt
+        job = entry.job
+        del self._reserved[job.id]
+        self.active[job.id] = entry
+        self.running += 1
+        self.chained += 1
+        if job.started_at is None:
+            job.started_at = entry.start_at
+            self._unmarked.append(job)
+        if rt.hooks:
+            rt.emit("job_started", job)
+        if self._timeout_s is not None:
+            entry.cancel_timer = rt.clock.call_at(
+                entry.start_at + self._timeout_s, lambda: entry.interrupt("timeout")
+            )
+
     def _start_sync(self, job: Job, handler: Any) -> None:
         rt = self.rt
         entry = _SyncActive(job, handler, self)
@@ -556,6 +733,10 @@ class QueueRunner:
         now = self.rt.clock.now()
         owner = self.rt.owner
         for entry, ok, value in results:
+            successor = entry.handed
+            if successor is not None:  # its thread went on with its successor
+                entry.handed = None
+                self._register(successor)
             if entry.settled:  # stopped meanwhile: the job was settled without this result
                 continue
             job = entry.job
@@ -575,6 +756,26 @@ class QueueRunner:
     def _stop_sync(self, entry: _SyncActive, reason: str) -> None:
         if entry.settled:
             return
+        # A result already in settles its job as it ended (and registers the successor
+        # its thread went on with).
+        self.threads.flush_now()
+        if entry.settled:
+            return
+        line: list[_SyncActive] = []
+        with self.threads.lock:
+            entry.settled = True  # from now on, its thread starts no successor
+            successor, entry.successor = entry.successor, None
+            while successor is not None:  # none of them started: only this thread could
+                line.append(successor)
+                after = successor.successor
+                successor.predecessor = successor.successor = None
+                successor = after
+            handed = entry.handed
+        if handed is not None:  # it ended just now, and its successor started
+            self.threads.flush_now()
+        for waiting in reversed(line):  # workers start them first, in order
+            del self._reserved[waiting.job.id]
+            self._buffer.appendleft(waiting.job)
         job = entry.job
         now = self.rt.clock.now()
         if reason == "timeout":

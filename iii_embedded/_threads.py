@@ -17,6 +17,10 @@ finish while the loop is busy. Two ways in:
   concurrent future that the pool thread resolves itself, with no hop through the loop
   (a blocking sync call from another thread).
 
+A pool made with ``follow`` asks it, each time a submitted call ends, for a next call to
+run at once in the same thread: a queue uses it to start the job waiting behind the one
+that ended without the round trip through the loop (see ``QueueRunner._chain``).
+
 A pool grows while no thread is idle, up to ``max_threads``: a queue's pool never needs
 more than its ``concurrency`` threads, except when handlers that timed out or were
 cancelled are still running (a thread cannot be killed; it is abandoned and its result
@@ -46,6 +50,12 @@ Settle = Callable[[list[tuple[Any, bool, Any]]], None]
 loop: ``value`` is ``fn``'s return value, or the exception it raised when ``ok`` is
 false."""
 
+Follow = Callable[[Any], "tuple[Any, contextvars.Context, Callable[[Any], Any], Any] | None"]
+"""Called in a pool thread, with the pool's lock held, when the call of ``token`` (a
+:meth:`ThreadPool.submit`) has ended and its result is queued for the loop: returns the
+next call for this thread to run at once, as ``(token, context, fn, arg)``, or ``None``.
+It must not block, nor take the pool's lock."""
+
 _STOP = None
 
 
@@ -61,14 +71,24 @@ def _deliver(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
 class ThreadPool:
     """Worker threads for sync handlers, owned by one runtime (asyncio backend)."""
 
-    def __init__(self, name: str, max_threads: int, settle: Settle | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        max_threads: int,
+        settle: Settle | None = None,
+        follow: Follow | None = None,
+    ) -> None:
         self.name = name
         self._settle = settle
+        self._follow = follow
         self.max_threads = max_threads
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._idle = 0
         self._lock = threading.Lock()
+        self.lock = self._lock
+        """Guards the pool's results; ``follow`` runs holding it, so the owner of the
+        calls may guard what ``follow`` reads with it too."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._results: list[tuple[Any, bool, Any]] = []
         """Finished calls not yet delivered to the loop, each with its future (``run``) or
@@ -139,11 +159,15 @@ class ThreadPool:
     def _work(self) -> None:
         unpin_current_thread()  # handlers may release the GIL: let them use every CPU
         get = self._queue.get
+        follow = self._follow
+        item: Any = None
         while True:
-            item = get()
-            if item is _STOP:
-                return
+            if item is None:
+                item = get()
+                if item is _STOP:
+                    return
             target, context, fn, arg = item
+            item = None
             try:
                 value = context.run(fn, arg)
                 ok = True
@@ -162,7 +186,10 @@ class ThreadPool:
             # write to its self-pipe each): the first schedules a flush, the rest join it.
             with self._lock:
                 self._results.append((target, ok, value))
-                self._idle += 1
+                if follow is not None and not self._closed:
+                    item = follow(target)  # the next call, run here with no hop
+                if item is None:
+                    self._idle += 1
                 schedule = not self._flush_scheduled
                 self._flush_scheduled = True
             if schedule:
@@ -170,6 +197,11 @@ class ThreadPool:
                 assert loop is not None
                 with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits
                     loop.call_soon_threadsafe(self._flush)
+
+    def flush_now(self) -> None:
+        """On the loop: deliver the results that are in now, without waiting for the
+        wake-up they scheduled (which then finds none, or the later ones)."""
+        self._flush()
 
     def _flush(self) -> None:
         with self._lock:
