@@ -85,7 +85,7 @@ class _Active(Interrupter):
 
 class _SyncActive(_Active):
     """A job whose sync handler runs in one of the queue's threads (``_start_sync``), or
-    waits to run next in the thread of a running one (its ``successor``, ``_chain``).
+    waits in the queue's line for the thread of a running one (``_chain``).
 
     A thread cannot be stopped: stopping the job settles it at once and leaves the
     thread to finish alone, its result dropped (``settled``)."""
@@ -93,15 +93,12 @@ class _SyncActive(_Active):
     __slots__ = (
         "cancel_timer",
         "context",
-        "finished",
         "handed",
         "handler",
-        "predecessor",
         "runner",
         "settled",
         "start_at",
         "started",
-        "successor",
         "taken",
     )
 
@@ -112,20 +109,14 @@ class _SyncActive(_Active):
         self.settled = False
         self.started = time.perf_counter()
         self.cancel_timer: Callable[[], None] | None = None
-        # Chaining (see ``QueueRunner._chain``); the fields a pool thread reads or writes
-        # are guarded by the pool's lock.
-        self.successor: _SyncActive | None = None
-        """The job this one's thread runs next, when this one ends."""
-        self.predecessor: _SyncActive | None = None
-        """For a successor: the job whose thread it waits for."""
-        self.finished = False
-        """The handler returned (or raised), in its thread: no successor may be set."""
+        # The line (see ``QueueRunner._chain``); what a pool thread reads or writes here
+        # is guarded by the pool's lock, ``settled`` included.
         self.handed: _SyncActive | None = None
-        """The successor this one's thread started: the loop registers it."""
+        """The waiting job this one's thread started when it ended: the loop registers it."""
         self.taken = False
-        """For a successor: its thread started it."""
+        """For a waiting job: a thread started it."""
         self.start_at = 0.0
-        """For a successor: when its thread started it (runtime clock)."""
+        """For a waiting job: when a thread started it (runtime clock)."""
         self.context: contextvars.Context | None = None
 
     def interrupt(self, reason: str) -> None:
@@ -189,13 +180,16 @@ class QueueRunner:
             # Only prefetched jobs can wait behind running ones (see ``_chain``).
             follow=self._follow if self.prefetch else None,
         )
+        self._line: deque[_SyncActive] = deque()
+        """Claimed sync jobs waiting for the thread of a running one, oldest first (see
+        ``_chain``; guarded by the pool's lock: threads take from it)."""
         self._reserved: dict[str, _SyncActive] = {}
-        """Successors (see ``_chain``) the loop has not yet seen start, by job id: claimed,
-        out of ``_buffer``, each waiting for the thread of a running job."""
+        """The jobs put in the line that the loop has not yet seen start, by id (loop only):
+        claimed, out of ``_buffer``, waiting or just started by a thread."""
         self.chained = 0
         """Sync jobs started by the thread of the job before them (see ``_chain``)."""
         self._context = contextvars.copy_context()
-        """The context successors' handlers run in a copy of (as a worker's would)."""
+        """The context the line's handlers run in a copy of (as a worker's would)."""
         self._timeout_s = config.timeout_ms / 1000 if config.timeout_ms else None
 
     # --- wiring ----------------------------------------------------------------------
@@ -325,12 +319,13 @@ class QueueRunner:
         this runner does not hold it."""
         entry = self.active.get(job_id)
         if entry is None and job_id in self._reserved:
-            successor = self._reserved[job_id]
-            if not self._detach(successor):  # its thread started it: it runs now
-                entry = self.active.get(job_id)
-                assert entry is not None
-            else:
-                self._settle_unstarted(successor.job, reason)
+            waiting = self._reserved[job_id]
+            if self._detach(waiting):
+                self._settle_unstarted(waiting.job, reason)
+                return True
+            # A thread started it: now registered, running, or already ended and settled.
+            entry = self.active.get(job_id)
+            if entry is None:
                 return True
         if entry is not None:
             self.interrupt(entry, reason)
@@ -351,7 +346,7 @@ class QueueRunner:
 
     def interrupt_all(self, reason: StopReason) -> None:
         """Cancel every running handler of this queue (shutdown after the grace period)."""
-        self.threads.flush_now()  # successors that started: so they are in ``active``
+        self.threads.flush_now()  # jobs a thread took from the line: now in ``active``
         for entry in list(self.active.values()):
             self.interrupt(entry, reason)
 
@@ -402,7 +397,11 @@ class QueueRunner:
                 starting = (
                     0
                     if self._resuming
-                    else self.config.concurrency + self.lent - self.running - len(buffer)
+                    else self.config.concurrency
+                    + self.lent
+                    - self.running
+                    - len(buffer)
+                    - len(self._reserved)
                 )
                 self._exchanging = True
                 try:
@@ -519,13 +518,14 @@ class QueueRunner:
                 self._chain()
 
     def _take_back(self) -> Job | None:
-        """For a worker with a free slot and an empty buffer: the oldest successor that
-        has not started, taken back from the running job it waits for (it would wait for
-        that job to end)."""
-        for entry in list(self._reserved.values()):
-            if self._detach(entry):
-                return entry.job
-        return None
+        """For a worker with a free slot and an empty buffer: the oldest job waiting in
+        the line, rather than let it wait for a thread to end its handler."""
+        with self.threads.lock:
+            waiting = self._line.popleft() if self._line else None
+        if waiting is None:
+            return None
+        del self._reserved[waiting.job.id]
+        return waiting.job
 
     def _wake_worker(self) -> None:
         while self._idle:
@@ -538,12 +538,13 @@ class QueueRunner:
         buffer = self._buffer
         loop = asyncio.get_running_loop()
         while True:
-            if buffer and self._may_start():
-                job: Job | None = buffer.popleft()
-            elif self._reserved and self._may_start():
-                job = self._take_back()
-            else:
-                job = None
+            job: Job | None = None
+            if (buffer or self._reserved) and self._may_start():
+                # The line's jobs were claimed before the buffer's: they go first.
+                if self._reserved:
+                    job = self._take_back()
+                if job is None and buffer:
+                    job = buffer.popleft()
             if job is not None:
                 spec = self.rt.registry.get(job.function_id)
                 if spec is not None and not job.cancel_requested and job.started_at is None:
@@ -605,92 +606,76 @@ class QueueRunner:
     # ``_settle_sync``. A timeout, a cancellation or a shutdown settles a job at once
     # (``_stop_sync``), as they stop a waiting task in ``_attempt``.
 
-    # Chaining. With every slot taken, the sync results come back to the loop in batches
-    # and the next jobs start only once the loop has seen the slots free: one round trip
-    # through the loop per slot, which on the file store waits for the loop's commit, so
-    # a queue ran about ``concurrency`` sync jobs per transaction. Instead, the loop gives
-    # a running sync job a successor, the next claimed job (``_chain``); when the handler
-    # returns, its thread starts the successor at once, in the same slot (``_follow``),
-    # and the loop learns of the start with the result (``_settle_sync``). A slot is
-    # still held by one handler at a time: a successor starts only when its predecessor
-    # has ended (not when it was stopped: its thread may still be running), and a worker
-    # with a free slot takes a successor back rather than let it wait (``_take_back``).
+    # The line. With every slot taken, sync results come back to the loop in batches, and
+    # the next jobs would start only once the loop has seen the slots free: one round trip
+    # through the loop per slot, which on the file store waits for the loop's commit, so a
+    # queue ran about ``concurrency`` sync jobs per transaction. Instead, the loop puts
+    # the claimed sync jobs in a line (``_chain``); when a handler returns, its thread
+    # takes the oldest job in the line and runs it at once, in the same slot
+    # (``_follow``), and the loop learns of the start with the result (``_settle_sync``).
+    # A slot is still held by one handler at a time: a thread takes a job only when its
+    # handler has returned (not when its job was stopped: the thread may still be in the
+    # handler), and a worker with a free slot takes the oldest waiting job itself
+    # (``_take_back``). Any thread takes from the one line, so a slow handler holds back
+    # no job but its own.
 
     def _chain(self) -> None:
-        """Queue the claimed sync jobs behind the running sync jobs, one at a time to the
-        shortest line, each running job's thread taking its line in order."""
+        """Put the claimed sync jobs at the head of the buffer in the line, while a running
+        sync handler's thread will take them."""
         if self._stopping or self._resuming:
             return
+        if not any(isinstance(e, _SyncActive) and not e.settled for e in self.active.values()):
+            return  # no thread would come for them: the workers start them
         buffer = self._buffer
         registry = self.rt.registry
-        lock = self.threads.lock
-        lines: list[list[Any]] = []  # [length, tie-break, tail]
-        for entry in self.active.values():
-            if isinstance(entry, _SyncActive) and not entry.settled and not entry.finished:
-                tail, length = entry, 0
-                while tail.successor is not None:
-                    tail, length = tail.successor, length + 1
-                lines.append([length, len(lines), tail])
-        while buffer and lines:
+        joining: list[_SyncActive] = []
+        while buffer:
             job = buffer[0]
             spec = registry.get(job.function_id)
             if spec is None or spec.is_async or job.cancel_requested:
-                return  # it stays first, for a worker
-            line = min(lines)
-            tail = line[2]
-            successor = _SyncActive(job, spec.handler, self)
-            successor.context = self._context.copy()
-            successor.predecessor = tail
-            with lock:
-                fits = not (tail.finished or tail.settled) and tail.successor is None
-                if fits:
-                    tail.successor = successor
-            if not fits:  # its thread just went past it
-                lines.remove(line)
-                continue
+                break  # it stays first, for a worker
             buffer.popleft()
-            self._reserved[job.id] = successor
-            line[0] += 1
-            line[2] = successor
+            waiting = _SyncActive(job, spec.handler, self)
+            waiting.context = self._context.copy()
+            self._reserved[job.id] = waiting
+            joining.append(waiting)
+        if joining:
+            with self.threads.lock:
+                self._line.extend(joining)
 
     def _follow(self, entry: Any) -> tuple[Any, contextvars.Context, Any, Any] | None:
-        """In a pool thread, holding the pool's lock: ``entry``'s handler ended; start its
-        successor, if it has one and was not stopped meanwhile."""
-        if not isinstance(entry, _SyncActive):
+        """In a pool thread, holding the pool's lock: ``entry``'s handler ended; start the
+        oldest job in the line, unless ``entry`` was stopped meanwhile (its slot is no
+        longer this thread's) or a handler waits to take its slot back."""
+        if not isinstance(entry, _SyncActive) or entry.settled or self._resuming:
             return None
-        entry.finished = True
-        successor = entry.successor
-        if successor is None or entry.settled or self._resuming:
+        line = self._line
+        if not line:
             return None
-        entry.successor = None
-        entry.handed = successor
-        successor.taken = True
-        successor.started = time.perf_counter()
-        successor.start_at = self.rt.clock.now()
-        assert successor.context is not None
-        return (successor, successor.context, self._call_sync, successor)
+        waiting = line.popleft()
+        entry.handed = waiting
+        waiting.taken = True
+        waiting.started = time.perf_counter()
+        waiting.start_at = self.rt.clock.now()
+        assert waiting.context is not None
+        return (waiting, waiting.context, self._call_sync, waiting)
 
-    def _detach(self, successor: _SyncActive) -> bool:
-        """Take a successor back from the job it waits for: True if it had not started
-        (it is out of ``_reserved`` then, for the caller to start or settle); False if
-        its thread started it (it is in ``active`` then)."""
+    def _detach(self, waiting: _SyncActive) -> bool:
+        """Take a job out of the line: True if it had not started (it is out of
+        ``_reserved`` then, for the caller to start or settle); False if a thread started
+        it (it has been registered then, and may have ended too)."""
         with self.threads.lock:
-            taken = successor.taken
-            if not taken:  # out of its line, the jobs behind it move up
-                predecessor, after = successor.predecessor, successor.successor
-                if predecessor is not None and predecessor.successor is successor:
-                    predecessor.successor = after
-                if after is not None:
-                    after.predecessor = predecessor
-                successor.predecessor = successor.successor = None
+            taken = waiting.taken
+            if not taken:
+                self._line.remove(waiting)
         if taken:
             self.threads.flush_now()  # the result it followed registers it
             return False
-        del self._reserved[successor.job.id]
+        del self._reserved[waiting.job.id]
         return True
 
     def _register(self, entry: _SyncActive) -> None:
-        """On the loop: a successor that its thread started."""
+        """On the loop: a job from the line that a thread started."""
         rt = self.rt
         job = entry.job
         del self._reserved[job.id]
@@ -733,10 +718,10 @@ class QueueRunner:
         now = self.rt.clock.now()
         owner = self.rt.owner
         for entry, ok, value in results:
-            successor = entry.handed
-            if successor is not None:  # its thread went on with its successor
+            waiting = entry.handed
+            if waiting is not None:  # its thread went on with a job from the line
                 entry.handed = None
-                self._register(successor)
+                self._register(waiting)
             if entry.settled:  # stopped meanwhile: the job was settled without this result
                 continue
             job = entry.job
@@ -756,26 +741,16 @@ class QueueRunner:
     def _stop_sync(self, entry: _SyncActive, reason: str) -> None:
         if entry.settled:
             return
-        # A result already in settles its job as it ended (and registers the successor
-        # its thread went on with).
+        # A result already in settles its job as it ended (and registers the job from the
+        # line its thread went on with).
         self.threads.flush_now()
         if entry.settled:
             return
-        line: list[_SyncActive] = []
         with self.threads.lock:
-            entry.settled = True  # from now on, its thread starts no successor
-            successor, entry.successor = entry.successor, None
-            while successor is not None:  # none of them started: only this thread could
-                line.append(successor)
-                after = successor.successor
-                successor.predecessor = successor.successor = None
-                successor = after
+            entry.settled = True  # from now on, its thread takes nothing from the line
             handed = entry.handed
-        if handed is not None:  # it ended just now, and its successor started
+        if handed is not None:  # it ended just now, and took a waiting job
             self.threads.flush_now()
-        for waiting in reversed(line):  # workers start them first, in order
-            del self._reserved[waiting.job.id]
-            self._buffer.appendleft(waiting.job)
         job = entry.job
         now = self.rt.clock.now()
         if reason == "timeout":

@@ -1,10 +1,10 @@
-"""Sync jobs queued behind running ones (``QueueRunner._chain``): with every slot taken, a
-file-store queue's prefetched sync jobs wait in a line behind a running sync job, and its
-thread starts the next one the moment the handler returns, with no round trip through the
-event loop. The contract is unchanged: at most ``concurrency`` handlers at once, each job
-run once, in claim order per line; a job in a line can be cancelled, is handed back unspent
-at shutdown, goes to a free slot rather than wait for a stuck job, and runs in the slot a
-timed-out job frees."""
+"""Sync jobs waiting in line (``QueueRunner._chain``): with every slot taken, a file-store
+queue's prefetched sync jobs wait in one line, and the thread of the first sync handler to
+return starts the oldest of them at once, with no round trip through the event loop. The
+contract is unchanged: at most ``concurrency`` handlers at once, each job run once, in claim
+order; a slow handler holds back no job but its own; a waiting job can be cancelled, is
+handed back unspent at shutdown, goes to a free slot rather than wait for a thread, and runs
+in the slot a timed-out job frees."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -63,6 +64,7 @@ class Lines:
 
     def __init__(self, blocked: tuple[int, ...] = (), work: list[float] | None = None) -> None:
         self.gates = {n: threading.Event() for n in blocked}
+        self.entered = {n: threading.Event() for n in blocked}
         self.work = work
         self.lock = threading.Lock()
         self.thread_of: dict[int, int] = {}
@@ -79,6 +81,7 @@ class Lines:
             self.order.append(n)
         try:
             if n in self.gates:
+                self.entered[n].set()
                 assert self.gates[n].wait(timeout=30), f"job {n} was never released"
             if self.work is not None:
                 time.sleep(self.work[n])  # the handler's own work, not a wait for anything
@@ -101,7 +104,7 @@ def waiting(iii: III) -> int:
     return len(runner(iii)._reserved)
 
 
-async def test_jobs_behind_busy_slots_run_in_those_slots_threads_one_at_a_time(
+async def test_waiting_jobs_run_in_the_thread_of_the_first_handler_to_return(
     tmp_path: Path,
 ) -> None:
     iii = file_app(tmp_path, QueueConfig(name="work", concurrency=2, prefetch=8))
@@ -109,26 +112,22 @@ async def test_jobs_behind_busy_slots_run_in_those_slots_threads_one_at_a_time(
     iii.register_function("job", handler)
     async with iii.running():
         ids = await enqueue_all(iii, 10)
-        # Jobs 0 and 1 hold both slots; the other eight wait in two lines, each next job
-        # joining the shorter: 2, 4, 6, 8 behind job 0 and 3, 5, 7, 9 behind job 1.
-        await until(lambda: waiting(iii) == 8)
+        # Jobs 0 and 1 hold both slots; the other eight wait in line.
+        await until(lambda: waiting(iii) == 8 and handler.running == 2)
         assert sorted(runner(iii).leased_ids()) == sorted(ids)  # their leases are renewed
         stats = await iii.queue_stats_async("work")
         assert (stats.running, stats.prefetched) == (10, 8)
         handler.gates[0].set()
-        # Job 0's thread runs its line, in order, while job 1 still holds the other slot.
-        await until(lambda: all(handler.runs[n] for n in (2, 4, 6, 8)))
-        assert handler.runs[1] == 1 and not handler.gates[1].is_set()
-        thread = handler.thread_of
-        assert {thread[n] for n in (0, 2, 4, 6, 8)} == {thread[0]} != {thread[1]}
-        assert [n for n in handler.order if n % 2 == 0] == [0, 2, 4, 6, 8]
+        # Job 0's thread runs the whole line, in order, while job 1 holds the other slot.
+        await until(lambda: all(handler.runs[n] for n in range(2, 10)))
+        assert handler.running == 1 and not handler.gates[1].is_set()
+        assert {handler.thread_of[n] for n in range(2, 10)} == {handler.thread_of[0]}
+        assert handler.thread_of[0] != handler.thread_of[1]
+        assert [n for n in handler.order if n != 1] == [0, *range(2, 10)]
+        await until(lambda: runner(iii).chained == 8)
         handler.gates[1].set()
         await drain(iii)
         runs = [await iii.runs.get_async(i) for i in ids]
-        chained = runner(iii).chained
-    # Job 0's line started in its thread; once it ended, that slot was free, and the jobs
-    # waiting behind job 1 went to it rather than wait for job 1 (a second test below).
-    assert chained >= 4
     assert handler.peak == 2
     assert handler.runs == Counter(range(10))
     assert [(r.status, r.attempts, r.output) for r in runs if r is not None] == [
@@ -136,27 +135,59 @@ async def test_jobs_behind_busy_slots_run_in_those_slots_threads_one_at_a_time(
     ]
 
 
-async def test_a_free_slot_takes_back_the_jobs_waiting_behind_a_stuck_one(
-    tmp_path: Path,
-) -> None:
-    iii = file_app(tmp_path, QueueConfig(name="work", concurrency=2, prefetch=6))
-    handler = Lines(blocked=(0, 1))
+async def test_a_stuck_handler_holds_back_no_job_but_its_own(tmp_path: Path) -> None:
+    """While job 0 hangs, the other slot runs every later job, in claim order, as claims
+    keep refilling the line (a line per running job kept a share of them behind job 0)."""
+    iii = file_app(tmp_path, QueueConfig(name="work", concurrency=2, prefetch=8))
+    handler = Lines(blocked=(0,))
     iii.register_function("job", handler)
-    async with iii.running():
-        ids = await enqueue_all(iii, 8)
-        await until(lambda: waiting(iii) == 6)
-        # Job 1's line (3, 5, 7) runs in its thread; then its slot is free, and the jobs
-        # waiting behind job 0 (2, 4, 6), which is still running, go to it.
-        handler.gates[1].set()
-        await until(lambda: sum(handler.runs.values()) == 8 and runner(iii).running == 1)
-        assert handler.gates[0].is_set() is False
-        assert (waiting(iii), handler.running) == (0, 1)
-        handler.gates[0].set()
-        await drain(iii)
-        runs = [await iii.runs.get_async(i) for i in ids]
-    assert handler.runs == Counter(range(8))
-    assert handler.peak == 2
-    assert [(r.status, r.attempts) for r in runs if r is not None] == [("completed", 1)] * 8
+    try:
+        async with iii.running():
+            await enqueue_all(iii, 60)
+            await until(lambda: handler.runs[59] == 1)
+            assert handler.running == 1 and handler.peak == 2
+            assert handler.order == list(range(60))
+            handler.release_all()
+            await drain(iii)
+    finally:
+        handler.release_all()
+    assert handler.runs == Counter(range(60))
+
+
+async def test_a_free_slot_takes_the_oldest_waiting_job_itself(tmp_path: Path) -> None:
+    """An async job ends and frees a slot while a sync handler still runs: a worker starts
+    the waiting jobs rather than leave them to that handler's thread."""
+    iii = file_app(tmp_path, QueueConfig(name="work", concurrency=2, prefetch=4))
+    handler = Lines(blocked=(0,))
+    iii.register_function("job", handler)
+    async_done = anyio.Event()
+
+    @iii.function("async_job")
+    async def async_job(_: Any) -> None:
+        await async_done.wait()
+
+    try:
+        async with iii.running():
+            action = TriggerAction.Enqueue(queue="work")
+            await iii.trigger_async("job", 0, action=action)
+            await iii.trigger_async("async_job", None, action=action)
+            ids = [
+                str((await iii.trigger_async("job", n, action=action))["messageReceiptId"])
+                for n in (1, 2, 3)
+            ]
+            await until(lambda: waiting(iii) == 3 and handler.running == 1)
+            async_done.set()  # its slot frees; job 0 still runs
+            await until(lambda: all(handler.runs[n] for n in (1, 2, 3)))
+            assert handler.running == 0 or handler.runs[0] == 1
+            assert not handler.gates[0].is_set()
+            assert handler.thread_of[0] not in {handler.thread_of[n] for n in (1, 2, 3)}
+            assert handler.order == [0, 1, 2, 3]
+            handler.release_all()
+            await drain(iii)
+            runs = [await iii.runs.get_async(i) for i in ids]
+    finally:
+        handler.release_all()
+    assert [(r.status, r.attempts) for r in runs if r is not None] == [("completed", 1)] * 3
 
 
 async def test_a_job_waiting_in_a_line_can_be_cancelled_and_never_runs(tmp_path: Path) -> None:
@@ -182,28 +213,32 @@ async def test_a_job_waiting_in_a_line_can_be_cancelled_and_never_runs(tmp_path:
     ]
 
 
-async def test_when_a_job_times_out_its_line_runs_in_the_slot_it_frees_each_job_once(
-    tmp_path: Path,
-) -> None:
+async def test_a_timed_out_jobs_thread_takes_nothing_from_the_line(tmp_path: Path) -> None:
+    """Job 0 times out and its slot goes to job 1, from the line. When job 0's handler
+    finally returns, its thread is no longer in a slot: job 2 waits for job 1's."""
     clock = VirtualClock()
     queue = QueueConfig(name="work", concurrency=1, prefetch=2, timeout_ms=1000, max_retries=0)
     iii = file_app(tmp_path, queue, clock)
-    handler = Lines(blocked=(0,))
+    handler = Lines(blocked=(0, 1))
     iii.register_function("job", handler)
     try:
         async with iii.running():
             ids = await enqueue_all(iii, 3)
             await until(lambda: waiting(iii) == 2)
             clock.advance(1.0)  # job 0 times out; its thread is still in the handler
-            await until(lambda: handler.runs[1] == handler.runs[2] == 1)
-            assert handler.thread_of[0] not in (handler.thread_of[1], handler.thread_of[2])
-            # Its thread returns now: the jobs that were behind it already ran elsewhere.
-            handler.release_all()
+            await until(lambda: handler.runs[1] == 1)
+            assert handler.thread_of[1] != handler.thread_of[0]
+            assert waiting(iii) == 1
+            handler.gates[0].set()  # job 0's handler returns: its thread goes idle
+            await until(lambda: runner(iii).threads._idle == 1)
+            assert handler.runs[2] == 0
+            handler.gates[1].set()  # job 1's thread takes job 2
             await drain(iii)
             runs = [await iii.runs.get_async(i) for i in ids]
     finally:
         handler.release_all()
     assert handler.runs == Counter([0, 1, 2])
+    assert handler.thread_of[2] == handler.thread_of[1]
     assert [(r.status, r.attempts) for r in runs if r is not None] == [
         ("failed", 1),
         ("completed", 1),
@@ -211,6 +246,34 @@ async def test_when_a_job_times_out_its_line_runs_in_the_slot_it_frees_each_job_
     ]
     dead = runs[0]
     assert dead is not None and dead.error is not None and "timed out" in dead.error.message
+
+
+async def test_a_freed_slot_takes_the_line_before_later_claimed_jobs(tmp_path: Path) -> None:
+    """An async job at the head of the buffer stops the line from growing; when job 0 times
+    out, its slot goes to job 1 (in line, claimed earlier), not to the async job."""
+    clock = VirtualClock()
+    queue = QueueConfig(name="work", concurrency=1, prefetch=3, timeout_ms=1000, max_retries=0)
+    iii = file_app(tmp_path, queue, clock)
+    handler = Lines(blocked=(0,))
+    iii.register_function("job", handler)
+
+    @iii.function("async_job")
+    async def async_job(_: Any) -> None:
+        with handler.lock:
+            handler.order.append(-1)
+
+    try:
+        async with iii.running():
+            action = TriggerAction.Enqueue(queue="work")
+            for fid, n in (("job", 0), ("job", 1), ("async_job", None), ("job", 3)):
+                await iii.trigger_async(fid, n, action=action)
+            await until(lambda: waiting(iii) == 1 and handler.running == 1)
+            clock.advance(1.0)
+            handler.gates[0].set()
+            await drain(iii)
+    finally:
+        handler.release_all()
+    assert handler.order == [0, 1, -1, 3]
 
 
 async def test_shutdown_hands_back_the_jobs_waiting_in_lines_unspent(tmp_path: Path) -> None:
@@ -253,3 +316,59 @@ async def test_many_short_sync_jobs_run_once_each_within_concurrency(tmp_path: P
         ("completed", 1, n) for n in range(len(work))
     ]
     assert chained > 0
+
+
+async def test_stopping_a_waiting_job_that_a_thread_already_ran_to_its_end(
+    tmp_path: Path,
+) -> None:
+    """Job 1 leaves the line, runs and ends in job 0's thread before the loop hears of
+    it; a stop for it then (a cancel learned from the store, say) finds it settled."""
+    iii = file_app(tmp_path, QueueConfig(name="work", concurrency=1, prefetch=3))
+    handler = Lines(blocked=(0, 2))
+    iii.register_function("job", handler)
+    try:
+        async with iii.running():
+            ids = await enqueue_all(iii, 4)
+            await until(lambda: waiting(iii) == 3)
+            # The loop does not run meanwhile (this test holds it): job 0 returns, its
+            # thread runs job 1, which ends, and then starts job 2.
+            handler.gates[0].set()
+            assert handler.entered[2].wait(10)  # blocking: the loop must not run here
+            assert ids[1] in runner(iii)._reserved
+            assert runner(iii).stop_job(ids[1], "cancelled") is True
+            handler.release_all()
+            await drain(iii)
+            runs = [await iii.runs.get_async(i) for i in ids]
+    finally:
+        handler.release_all()
+    assert handler.runs == Counter(range(4))
+    assert [(r.status, r.attempts) for r in runs if r is not None] == [("completed", 1)] * 4
+
+
+async def test_a_slot_freed_with_jobs_in_line_is_not_counted_twice(tmp_path: Path) -> None:
+    """Job 0 times out while job 1 waits in line: the free slot is job 1's, so the next
+    claim marks no job started; job 2 is recorded started when it really starts."""
+    clock = VirtualClock()
+    queue = QueueConfig(name="work", concurrency=1, prefetch=1, timeout_ms=1000, max_retries=0)
+    iii = file_app(tmp_path, queue, clock)
+    handler = Lines(blocked=(0, 1))
+    iii.register_function("job", handler)
+    try:
+        async with iii.running():
+            t0 = clock.now()
+            ids = await enqueue_all(iii, 3)
+            await until(lambda: waiting(iii) == 1 and handler.running == 1)
+            clock.advance(1.0)  # job 0 times out; job 1 takes its slot
+            await until(lambda: handler.runs[1] == 1)
+            clock.advance(0.5)
+            handler.gates[1].set()
+            await until(lambda: handler.runs[2] == 1)
+            await drain(iii)
+            runs = [await iii.runs.get_async(i) for i in ids]
+    finally:
+        handler.release_all()
+    assert [(r.status, r.started_at) for r in runs if r is not None] == [
+        ("failed", t0),
+        ("completed", t0 + 1.0),
+        ("completed", t0 + 1.5),
+    ]
