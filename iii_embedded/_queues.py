@@ -144,6 +144,8 @@ class QueueRunner:
         self.lent = 0
         """Slots lent by handlers that wait for other runs (see ``lend_slot``)."""
         self._lenders: dict[str, int] = {}
+        self._sync_lenders: set[str] = set()
+        """Lenders whose handler waits in a pool thread (see ``ThreadPool.hold``)."""
         """Receipt id of a waiting handler → how many of its waits are open."""
         self._room: anyio.Event | None = None
         """Set when a slot frees up, for a handler taking its lent slot back."""
@@ -256,6 +258,11 @@ class QueueRunner:
         # The waiting handler keeps its worker task busy: the lent slot needs one of its own.
         if self._workers < self.config.concurrency + self.lent:
             self._add_worker()
+        # A sync handler waits in its pool thread: the job run in the slot it lends needs
+        # a thread of its own, whatever the pool's bound.
+        if isinstance(self.active.get(lender), _SyncActive):
+            self._sync_lenders.add(lender)
+            self.threads.hold()
         self._room_changed()
         self._spread()
         self.wake()
@@ -268,6 +275,9 @@ class QueueRunner:
             self._lenders[lender] = count
             return False
         self.lent -= 1
+        if lender in self._sync_lenders:
+            self._sync_lenders.remove(lender)
+            self.threads.release()
         return True
 
     async def wait_for_room(self) -> None:

@@ -95,6 +95,9 @@ class ThreadPool:
         its token (``submit``) (guarded by ``_lock``)."""
         self._flush_scheduled = False
         self._closed = False
+        self._held = 0
+        """Threads held by handlers that wait for other work of this pool (``hold``):
+        the pool may grow past ``max_threads`` by as many (guarded by ``_lock``)."""
 
     async def run(self, fn: Callable[[Any], Any], arg: Any) -> Any:
         """Run ``fn(arg)`` on a pool thread and return its result (or raise its error)."""
@@ -138,7 +141,7 @@ class ThreadPool:
             # blocked until it ends, so it adds no work, and waiting for a thread that
             # only such blocked callers hold would never end.
             spawn = self._idle == 0 and (
-                len(self._threads) < self.max_threads or self._is_own_thread()
+                len(self._threads) < self.max_threads + self._held or self._is_own_thread()
             )
             if not spawn:
                 self._idle -= 1 if self._idle else 0
@@ -197,6 +200,18 @@ class ThreadPool:
                 assert loop is not None
                 with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits
                     loop.call_soon_threadsafe(self._flush)
+
+    def hold(self) -> None:
+        """A handler in one of the pool's threads now waits for other calls to run (its
+        queue lent its slot): let the pool grow by one thread past ``max_threads``, or
+        those calls could find every thread held by such waiters and wait forever."""
+        with self._lock:
+            self._held += 1
+
+    def release(self) -> None:
+        """A wait announced with :meth:`hold` ended."""
+        with self._lock:
+            self._held -= 1
 
     def flush_now(self) -> None:
         """On the loop: deliver the results that are in now, without waiting for the

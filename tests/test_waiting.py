@@ -139,6 +139,32 @@ async def test_a_handler_waits_for_a_job_of_its_own_concurrency_1_queue(
     assert [r.unwrap() for r in results] == [24, 200]
 
 
+async def test_more_waiting_sync_handlers_than_the_pools_bound_still_finish(
+    store_config: StoreConfig,
+) -> None:
+    """Each sync handler that waits holds its pool thread (concurrency 1: a pool of at most
+    36). 60 of them wait at once for a child on their own queue; the children still get
+    threads, and every parent ends with its child's value."""
+    iii = make_app(store_config)
+    iii.register_function("leaf", lambda n: n * 2)
+
+    def parent(n: int) -> int:  # runs in the queue's threads
+        return int(iii.trigger_and_wait("leaf", n, queue="one").unwrap())
+
+    iii.register_function("parent", parent)
+    async with iii.running():
+        # One transaction: every parent is queued before the first child, so all 60 are
+        # waiting, each in a thread, before any child runs.
+        ids = await iii.batch_trigger_async("parent", list(range(60)), queue="one")
+        await drain(iii, timeout=20)
+        runs = [await iii.runs.get_async(i) for i in ids]
+        pool = iii.runtime.runners["one"].threads
+        assert len(pool._threads) > pool.max_threads
+    assert [(r.status, r.output) for r in runs if r is not None] == [
+        ("completed", 2 * n) for n in range(60)
+    ]
+
+
 async def test_a_resumed_waiter_takes_its_slot_back_only_when_one_is_free(
     store_config: StoreConfig,
 ) -> None:
