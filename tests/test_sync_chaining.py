@@ -95,6 +95,19 @@ class Lines:
             gate.set()
 
 
+def timing_out(
+    tmp_path: Path, clock: VirtualClock, *, prefetch: int, blocked: tuple[int, ...]
+) -> tuple[III, Lines]:
+    """A queue of concurrency 1 whose handlers time out after 1 s, with no retry."""
+    queue = QueueConfig(
+        name="work", concurrency=1, prefetch=prefetch, timeout_ms=1000, max_retries=0
+    )
+    iii = file_app(tmp_path, queue, clock)
+    handler = Lines(blocked=blocked)
+    iii.register_function("job", handler)
+    return iii, handler
+
+
 def runner(iii: III) -> QueueRunner:
     return iii.runtime.runners["work"]
 
@@ -217,10 +230,7 @@ async def test_a_timed_out_jobs_thread_takes_nothing_from_the_line(tmp_path: Pat
     """Job 0 times out and its slot goes to job 1, from the line. When job 0's handler
     finally returns, its thread is no longer in a slot: job 2 waits for job 1's."""
     clock = VirtualClock()
-    queue = QueueConfig(name="work", concurrency=1, prefetch=2, timeout_ms=1000, max_retries=0)
-    iii = file_app(tmp_path, queue, clock)
-    handler = Lines(blocked=(0, 1))
-    iii.register_function("job", handler)
+    iii, handler = timing_out(tmp_path, clock, prefetch=2, blocked=(0, 1))
     try:
         async with iii.running():
             ids = await enqueue_all(iii, 3)
@@ -252,10 +262,7 @@ async def test_a_freed_slot_takes_the_line_before_later_claimed_jobs(tmp_path: P
     """An async job at the head of the buffer stops the line from growing; when job 0 times
     out, its slot goes to job 1 (in line, claimed earlier), not to the async job."""
     clock = VirtualClock()
-    queue = QueueConfig(name="work", concurrency=1, prefetch=3, timeout_ms=1000, max_retries=0)
-    iii = file_app(tmp_path, queue, clock)
-    handler = Lines(blocked=(0,))
-    iii.register_function("job", handler)
+    iii, handler = timing_out(tmp_path, clock, prefetch=3, blocked=(0,))
 
     @iii.function("async_job")
     async def async_job(_: Any) -> None:
@@ -276,7 +283,7 @@ async def test_a_freed_slot_takes_the_line_before_later_claimed_jobs(tmp_path: P
     assert handler.order == [0, 1, -1, 3]
 
 
-async def test_shutdown_hands_back_the_jobs_waiting_in_lines_unspent(tmp_path: Path) -> None:
+async def test_shutdown_hands_back_the_jobs_waiting_in_line_unspent(tmp_path: Path) -> None:
     iii = file_app(tmp_path, QueueConfig(name="work", concurrency=1, prefetch=3))
     handler = Lines(blocked=(0,))
     iii.register_function("job", handler)
@@ -298,8 +305,8 @@ async def test_shutdown_hands_back_the_jobs_waiting_in_lines_unspent(tmp_path: P
 
 
 async def test_many_short_sync_jobs_run_once_each_within_concurrency(tmp_path: Path) -> None:
-    """Lines form and drain continuously while results come back: every job runs once,
-    never more than ``concurrency`` at once, and many start in their line's thread."""
+    """The line fills and drains continuously while results come back: every job runs
+    once, never more than ``concurrency`` at once, and many start in a handler's thread."""
     iii = file_app(tmp_path, QueueConfig(name="work", concurrency=3))
     rng = random.Random(7)
     work = [rng.random() / 2000 for _ in range(300)]  # up to 0.5 ms of handler work each
@@ -349,10 +356,7 @@ async def test_a_slot_freed_with_jobs_in_line_is_not_counted_twice(tmp_path: Pat
     """Job 0 times out while job 1 waits in line: the free slot is job 1's, so the next
     claim marks no job started; job 2 is recorded started when it really starts."""
     clock = VirtualClock()
-    queue = QueueConfig(name="work", concurrency=1, prefetch=1, timeout_ms=1000, max_retries=0)
-    iii = file_app(tmp_path, queue, clock)
-    handler = Lines(blocked=(0, 1))
-    iii.register_function("job", handler)
+    iii, handler = timing_out(tmp_path, clock, prefetch=1, blocked=(0, 1))
     try:
         async with iii.running():
             t0 = clock.now()
