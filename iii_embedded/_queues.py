@@ -146,6 +146,9 @@ class QueueRunner:
         self._lenders: dict[str, int] = {}
         self._sync_lenders: set[str] = set()
         """Lenders whose handler waits in a pool thread (see ``ThreadPool.hold``)."""
+        self._orphans: dict[str, int] = {}
+        """Receipt id of a sync job stopped while waiting → how many of its waits are open
+        (see ``_orphan``)."""
         """Receipt id of a waiting handler → how many of its waits are open."""
         self._room: anyio.Event | None = None
         """Set when a slot frees up, for a handler taking its lent slot back."""
@@ -250,6 +253,14 @@ class QueueRunner:
 
     def lend_slot(self, lender: str) -> None:
         """The running job ``lender`` starts waiting: its slot may run another job."""
+        if lender not in self._lenders and lender not in self.active:
+            # Not running here: a sync handler stopped while its thread runs on (see
+            # ``_orphan``) waits again. It has no slot to lend; it holds a thread.
+            self._orphans[lender] = self._orphans.get(lender, 0) + 1
+            if lender not in self._sync_lenders:
+                self._sync_lenders.add(lender)
+                self.threads.hold()
+            return
         count = self._lenders.get(lender, 0)
         self._lenders[lender] = count + 1
         if count:
@@ -270,15 +281,35 @@ class QueueRunner:
     def reclaim_slot(self, lender: str) -> bool:
         """One wait of ``lender`` ended; True if it was its last (the slot is its own again:
         await :meth:`wait_for_room` before working)."""
+        orphaned = self._orphans.get(lender)
+        if orphaned is not None:  # stopped meanwhile: it has no slot to take back
+            if orphaned > 1:
+                self._orphans[lender] = orphaned - 1
+            else:
+                del self._orphans[lender]
+                self._release_thread(lender)
+            return False
         count = self._lenders.pop(lender) - 1
         if count:
             self._lenders[lender] = count
             return False
         self.lent -= 1
+        self._release_thread(lender)
+        return True
+
+    def _orphan(self, lender: str) -> None:
+        """A sync job stopped while it waits: its thread, and its waits, run on, abandoned,
+        but the stop freed its slot, so that slot is no longer lent on top of it (the
+        queue would run ``concurrency + 1`` handlers)."""
+        count = self._lenders.pop(lender, 0)
+        if count:
+            self.lent -= 1
+            self._orphans[lender] = count
+
+    def _release_thread(self, lender: str) -> None:
         if lender in self._sync_lenders:
             self._sync_lenders.remove(lender)
             self.threads.release()
-        return True
 
     async def wait_for_room(self) -> None:
         """Wait until the caller can work without more than ``concurrency`` handlers (and
@@ -768,6 +799,7 @@ class QueueRunner:
             outcome = self._failure(job, self._timed_out(job), now, duration_ms)
         else:
             outcome = self._outcome(job, "released" if reason == "shutdown" else "cancelled", now)
+        self._orphan(job.id)
         self._end_sync(entry, outcome)
         self._spread()
 

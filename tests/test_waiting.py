@@ -5,6 +5,7 @@ fast with ``DeadlockError``; parallel fan-in from one handler works. On both sto
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -464,3 +465,60 @@ async def test_waiting_for_ones_own_run_through_its_idempotency_key_fails_fast(
         f"the idempotency key names run {result.id}, which is this handler's own run or "
         "waits for it: it cannot finish before this wait does"
     )
+
+
+async def test_a_stopped_sync_handler_that_waits_no_longer_lends_its_slot() -> None:
+    """A sync handler that waits (its slot lent) and then times out: its thread runs on,
+    abandoned, and its wait with it, but its slot is free now, not still lent on top of
+    that: the queue runs no more than ``concurrency`` handlers."""
+    clock = VirtualClock()
+    queues = {
+        "one": QueueConfig(name="one", concurrency=1, timeout_ms=1000, max_retries=0),
+        "other": QueueConfig(name="other", concurrency=1),
+    }
+    iii = III(Config(queues=queues), clock=clock, shutdown_grace_ms=0)
+    child_done = threading.Event()
+    gates = {"d": threading.Event(), "e": threading.Event()}
+    entered: list[str] = []
+
+    def child(_: Any) -> None:
+        assert child_done.wait(30)
+
+    def parent(_: Any) -> None:  # waits, its slot lent, and times out meanwhile
+        iii.trigger_and_wait("child", None, queue="other")
+
+    def gated(name: str) -> None:
+        entered.append(name)
+        assert gates[name].wait(30)
+
+    iii.register_function("child", child)
+    iii.register_function("parent", parent)
+    iii.register_function("gated", gated)
+    runner = None
+    try:
+        async with iii.running():
+            runner = iii.runtime.runners["one"]
+            action = TriggerAction.Enqueue(queue="one")
+            receipt = await iii.trigger_async("parent", None, action=action)
+            await until(lambda: runner is not None and runner.lent == 1)
+            clock.advance(0.5)
+            await iii.trigger_async("gated", "d", action=action)  # runs in the lent slot
+            await until(lambda: runner is not None and runner.running == 2)
+            await iii.trigger_async("gated", "e", action=action)
+            clock.advance(0.5)  # the parent times out; "d" (started at 0.5) runs on
+            await until(lambda: runner is not None and runner.running == 1)
+            await anyio.wait_all_tasks_blocked()
+            assert (runner.running, runner.lent) == (1, 0)
+            gates["d"].set()
+            await until(lambda: entered == ["d", "e"])
+            gates["e"].set()
+            child_done.set()
+            await drain(iii)
+            run = await iii.runs.get_async(receipt["messageReceiptId"])
+    finally:
+        child_done.set()
+        for gate in gates.values():
+            gate.set()
+    assert entered == ["d", "e"]
+    assert run is not None and run.status == "failed"
+    assert run.error is not None and "timed out" in run.error.message
