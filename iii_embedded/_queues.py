@@ -143,17 +143,21 @@ class QueueRunner:
         self._outcomes: list[tuple[Job, Outcome]] = []
         self.lent = 0
         """Slots lent by handlers that wait for other runs (see ``lend_slot``)."""
-        self._lenders: dict[str, int] = {}
-        self._sync_lenders: set[str] = set()
+        self._lenders: dict[_Active, int] = {}
+        """A waiting handler's attempt (its entry in ``active``) → how many of its waits
+        are open. Keyed by attempt, not by receipt id: a retry shares its job's id, and may
+        run while an abandoned thread of an earlier attempt still waits."""
+        self._sync_lenders: set[_Active] = set()
         """Lenders whose handler waits in a pool thread (see ``ThreadPool.hold``)."""
-        self._orphans: dict[str, int] = {}
-        """Receipt id of a sync job stopped while waiting → how many of its waits are open
-        (see ``_orphan``)."""
-        """Receipt id of a waiting handler → how many of its waits are open."""
+        self._orphans: dict[_Active, int] = {}
+        """A sync attempt stopped while waiting → how many of its waits are open (see
+        ``_orphan``)."""
         self._room: anyio.Event | None = None
         """Set when a slot frees up, for a handler taking its lent slot back."""
         self._resuming = 0
         """Handlers whose wait ended and that wait for a slot (``wait_for_room``)."""
+        self._resumers: set[object] = set()
+        """Those handlers' attempts (``_stop_sync`` takes a stopped one out at once)."""
         self._workers = 0
         self._tg: anyio.abc.TaskGroup | None = None
         self.completed = 0
@@ -251,16 +255,20 @@ class QueueRunner:
     # back, first waiting for the jobs that ran in it to leave room: handlers *doing work*
     # never exceed ``concurrency`` (docs/design.md, "Waiting inside a handler").
 
-    def lend_slot(self, lender: str) -> None:
-        """The running job ``lender`` starts waiting: its slot may run another job."""
-        if lender not in self._lenders and lender not in self.active:
-            # Not running here: a sync handler stopped while its thread runs on (see
-            # ``_orphan``) waits again. It has no slot to lend; it holds a thread.
-            self._orphans[lender] = self._orphans.get(lender, 0) + 1
-            if lender not in self._sync_lenders:
-                self._sync_lenders.add(lender)
-                self.threads.hold()
-            return
+    def holder(self, receipt_id: str, attempt: int) -> _Active | None:
+        """The running attempt ``attempt`` of job ``receipt_id``, which holds a slot here;
+        ``None`` if it does not (not this runner's, or stopped: a stopped sync handler's
+        thread runs on, abandoned, and its waits lend nothing)."""
+        entry = self.active.get(receipt_id)
+        if entry is None or entry.job.attempts != attempt:
+            return None
+        if isinstance(entry, _SyncActive) and entry.settled:
+            return None
+        return entry
+
+    def lend_slot(self, lender: _Active) -> None:
+        """The running attempt ``lender`` (see ``holder``) starts waiting: its slot may run
+        another job."""
         count = self._lenders.get(lender, 0)
         self._lenders[lender] = count + 1
         if count:
@@ -271,14 +279,14 @@ class QueueRunner:
             self._add_worker()
         # A sync handler waits in its pool thread: the job run in the slot it lends needs
         # a thread of its own, whatever the pool's bound.
-        if isinstance(self.active.get(lender), _SyncActive):
+        if isinstance(lender, _SyncActive):
             self._sync_lenders.add(lender)
             self.threads.hold()
         self._room_changed()
         self._spread()
         self.wake()
 
-    def reclaim_slot(self, lender: str) -> bool:
+    def reclaim_slot(self, lender: _Active) -> bool:
         """One wait of ``lender`` ended; True if it was its last (the slot is its own again:
         await :meth:`wait_for_room` before working)."""
         orphaned = self._orphans.get(lender)
@@ -297,37 +305,46 @@ class QueueRunner:
         self._release_thread(lender)
         return True
 
-    def _orphan(self, lender: str) -> None:
-        """A sync job stopped while it waits: its thread, and its waits, run on, abandoned,
-        but the stop freed its slot, so that slot is no longer lent on top of it (the
-        queue would run ``concurrency + 1`` handlers)."""
+    def _orphan(self, lender: _SyncActive) -> None:
+        """A sync attempt stopped while it waits: its thread, and its waits, run on,
+        abandoned, but the stop freed its slot, so that slot is no longer lent on top of it
+        (the queue would run ``concurrency + 1`` handlers). Its thread stays held until
+        its waits end."""
         count = self._lenders.pop(lender, 0)
         if count:
             self.lent -= 1
             self._orphans[lender] = count
 
-    def _release_thread(self, lender: str) -> None:
+    def _release_thread(self, lender: _Active) -> None:
         if lender in self._sync_lenders:
             self._sync_lenders.remove(lender)
             self.threads.release()
 
-    async def wait_for_room(self) -> None:
-        """Wait until the caller can work without more than ``concurrency`` handlers (and
-        the claim in flight) working in this queue."""
+    async def wait_for_room(self, lender: _Active | None = None) -> None:
+        """Wait until the caller (the attempt ``lender``) can work without more than
+        ``concurrency`` handlers (and the claim in flight) working in this queue. A sync
+        attempt stopped meanwhile stops counting at once (``_stop_sync``)."""
         # ``running - lent`` counts the caller and every handler waiting here too. They are
         # let in one at a time, each when the handlers *working* leave it a slot: counting
         # one another, two of them would wait for each other forever. Workers start no
         # prefetched job while one of them waits (``_may_start``).
         if self.running - self.lent <= self.config.concurrency:
             return
+        token: object = lender if lender is not None else object()
         self._resuming += 1
+        self._resumers.add(token)
         try:
-            while self.running - self.lent - self._resuming >= self.config.concurrency:
+            while (
+                token in self._resumers
+                and self.running - self.lent - self._resuming >= self.config.concurrency
+            ):
                 if self._room is None:
                     self._room = anyio.Event()
                 await self._room.wait()
         finally:
-            self._resuming -= 1
+            if token in self._resumers:
+                self._resumers.remove(token)
+                self._resuming -= 1
             self._spread()
 
     def _room_changed(self) -> None:
@@ -799,7 +816,10 @@ class QueueRunner:
             outcome = self._failure(job, self._timed_out(job), now, duration_ms)
         else:
             outcome = self._outcome(job, "released" if reason == "shutdown" else "cancelled", now)
-        self._orphan(job.id)
+        self._orphan(entry)
+        if entry in self._resumers:  # its slot is free now: it waits for none
+            self._resumers.remove(entry)
+            self._resuming -= 1
         self._end_sync(entry, outcome)
         self._spread()
 

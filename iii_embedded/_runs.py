@@ -269,14 +269,15 @@ def _check_self_wait(chain: Sequence[Invocation], ids: Sequence[str]) -> None:
             )
 
 
-def _slot_runner(rt: Runtime, inv: Invocation | None) -> QueueRunner | None:
-    """The runner whose slot ``inv``'s handler holds (if it holds one in this runtime)."""
+def _slot_runner(rt: Runtime, inv: Invocation | None) -> tuple[QueueRunner, Any] | None:
+    """The runner whose slot ``inv``'s handler holds, and its attempt's entry there (if it
+    holds one in this runtime: not a handler of another app in this process, nor a stopped
+    one whose thread runs on)."""
     if inv is None or inv.action != "enqueue" or inv.queue is None or inv.receipt_id is None:
         return None
     runner = rt.runners.get(inv.queue)
-    if runner is None or inv.receipt_id not in runner.active:
-        return None  # a handler of another app in this process
-    return runner
+    holder = None if runner is None else runner.holder(inv.receipt_id, inv.attempt)
+    return None if runner is None or holder is None else (runner, holder)
 
 
 async def wait_for_runs(
@@ -293,8 +294,8 @@ async def wait_for_runs(
     ``QueueRunner.lend_slot``). ``timeout_ms`` counts on the runtime's clock, like every
     other timeout; on expiry ``InvocationError("TIMEOUT")`` is raised and the runs go on.
     """
-    runner = _slot_runner(rt, inv)
-    lender = inv.receipt_id if runner is not None and inv is not None else None
+    held = _slot_runner(rt, inv)
+    runner, lender = held if held is not None else (None, None)
     if runner is not None and lender is not None:
         runner.lend_slot(lender)
     # Who waits for whom, so that a wait further down the chain can see a deadlock.
@@ -332,7 +333,7 @@ async def wait_for_runs(
         if runner is not None and lender is not None:
             last = runner.reclaim_slot(lender)
     if runner is not None and last:
-        await runner.wait_for_room()
+        await runner.wait_for_room(lender)
     if failure is not None:
         raise failure
     return [r for r in results if r is not None]

@@ -522,3 +522,207 @@ async def test_a_stopped_sync_handler_that_waits_no_longer_lends_its_slot() -> N
     assert entered == ["d", "e"]
     assert run is not None and run.status == "failed"
     assert run.error is not None and "timed out" in run.error.message
+
+
+# --- a sync handler stopped while it waits, and its retry ------------------------------
+#
+# A stopped sync handler's thread runs on, abandoned, and so do its waits; a retry of the
+# same job (same receipt id) may run meanwhile. The slot bookkeeping is per attempt.
+
+
+def retrying_app(max_retries: int) -> tuple[III, VirtualClock]:
+    clock = VirtualClock()
+    queues = {
+        "one": QueueConfig(
+            name="one", concurrency=1, timeout_ms=1000, max_retries=max_retries, backoff_ms=0
+        ),
+        "other": QueueConfig(name="other", concurrency=4),
+    }
+    return III(Config(queues=queues), clock=clock, shutdown_grace_ms=0), clock
+
+
+def gated_children(
+    iii: III, names: tuple[str, ...]
+) -> tuple[dict[str, threading.Event], list[str]]:
+    gates = {name: threading.Event() for name in names}
+    entered: list[str] = []
+
+    def child(name: str) -> None:
+        entered.append(name)
+        assert gates[name].wait(30)
+
+    iii.register_function("child", child)
+    iii.register_function("gated", child)
+    return gates, entered
+
+
+def attempt_now() -> int:
+    invocation = current_invocation()
+    assert invocation is not None
+    return invocation.attempt
+
+
+def settled_lending(iii: III) -> tuple[int, int, int, int]:
+    runner = iii.runtime.runners["one"]
+    return (runner.threads._held, len(runner._lenders), len(runner._orphans), runner.lent)
+
+
+async def test_an_abandoned_attempts_next_wait_does_not_lend_its_retrys_slot() -> None:
+    iii, clock = retrying_app(max_retries=2)
+    gates, entered = gated_children(iii, ("c1", "c2", "a2", "g"))
+
+    def parent(_: Any) -> None:
+        if attempt_now() == 1:
+            iii.trigger_and_wait("child", "c1", queue="other")
+            iii.trigger_and_wait("child", "c2", queue="other")  # abandoned by now
+        else:
+            entered.append("a2")
+            assert gates["a2"].wait(30)
+
+    iii.register_function("parent", parent)
+    try:
+        async with iii.running():
+            runner = iii.runtime.runners["one"]
+            one = TriggerAction.Enqueue(queue="one")
+            await iii.trigger_async("parent", None, action=one)
+            await until(lambda: runner.lent == 1)
+            clock.advance(1.0)  # attempt 1 times out; attempt 2 starts and works
+            await until(lambda: "a2" in entered)
+            gates["c1"].set()  # the abandoned thread's first wait ends; it waits again
+            await until(lambda: "c2" in entered)
+            await iii.trigger_async("gated", "g", action=one)
+            await anyio.wait_all_tasks_blocked()
+            assert (runner.running, runner.lent, "g" in entered) == (1, 0, False)
+            for gate in gates.values():
+                gate.set()
+            await drain(iii)
+            await until(lambda: settled_lending(iii) == (0, 0, 0, 0))
+    finally:
+        for gate in gates.values():
+            gate.set()
+
+
+async def test_a_retrys_wait_and_the_abandoned_attempts_wait_are_counted_apart() -> None:
+    iii, clock = retrying_app(max_retries=2)
+    gates, entered = gated_children(iii, ("c1", "c3", "a2", "g"))
+
+    def parent(_: Any) -> None:
+        if attempt_now() == 1:
+            iii.trigger_and_wait("child", "c1", queue="other")
+        else:
+            iii.trigger_and_wait("child", "c3", queue="other")
+            entered.append("a2")
+            assert gates["a2"].wait(30)
+
+    iii.register_function("parent", parent)
+    try:
+        async with iii.running():
+            runner = iii.runtime.runners["one"]
+            one = TriggerAction.Enqueue(queue="one")
+            await iii.trigger_async("parent", None, action=one)
+            await until(lambda: runner.lent == 1)
+            clock.advance(1.0)  # attempt 1 times out; attempt 2 starts and waits
+            await until(lambda: "c3" in entered and runner.lent == 1)
+            gates["c3"].set()  # the retry's wait ends first: it takes its slot back
+            await until(lambda: "a2" in entered)
+            await iii.trigger_async("gated", "g", action=one)
+            await anyio.wait_all_tasks_blocked()
+            assert (runner.running, runner.lent, "g" in entered) == (1, 0, False)
+            for gate in gates.values():
+                gate.set()
+            await drain(iii)
+            await until(lambda: settled_lending(iii) == (0, 0, 0, 0))
+    finally:
+        for gate in gates.values():
+            gate.set()
+
+
+async def test_two_attempts_stopped_while_waiting_each_end_their_own_wait() -> None:
+    iii, clock = retrying_app(max_retries=3)
+    gates, entered = gated_children(iii, ("c1", "c3", "a3"))
+    errors: list[BaseException] = []
+
+    def parent(_: Any) -> None:
+        attempt = attempt_now()
+        try:
+            if attempt == 1:
+                iii.trigger_and_wait("child", "c1", queue="other")
+            elif attempt == 2:
+                iii.trigger_and_wait("child", "c3", queue="other")
+            else:
+                entered.append("a3")
+                assert gates["a3"].wait(30)
+        except BaseException as exc:
+            errors.append(exc)
+            raise
+
+    iii.register_function("parent", parent)
+    try:
+        async with iii.running():
+            runner = iii.runtime.runners["one"]
+            one = TriggerAction.Enqueue(queue="one")
+            await iii.trigger_async("parent", None, action=one)
+            await until(lambda: runner.lent == 1)
+            clock.advance(1.0)
+            await until(lambda: "c3" in entered and runner.lent == 1)
+            clock.advance(1.0)  # attempt 2 times out too
+            await until(lambda: "a3" in entered)
+            assert (len(runner._orphans), runner.lent) == (2, 0)
+            gates["c1"].set()
+            await until(lambda: len(runner._orphans) == 1)
+            gates["c3"].set()
+            await until(lambda: len(runner._orphans) == 0)
+            gates["a3"].set()
+            await drain(iii)
+            await until(lambda: settled_lending(iii) == (0, 0, 0, 0))
+    finally:
+        for gate in gates.values():
+            gate.set()
+    assert errors == []
+
+
+async def test_a_sync_handler_stopped_while_it_waits_for_room_stops_counting_at_once() -> None:
+    """P1 (sync) and P2 (async) both wait and W runs in a lent slot; both waits end and
+    both wait for room. P1 times out: P2 must still wait for W, not count P1 any more."""
+    iii, clock = retrying_app(max_retries=1)
+    gates, entered = gated_children(iii, ("c1", "c2", "w"))
+    p2_go = anyio.Event()
+
+    def p1(_: Any) -> None:
+        iii.trigger_and_wait("child", "c1", queue="other")
+        entered.append("p1 works")
+
+    async def p2(_: Any) -> None:
+        await iii.trigger_and_wait_async("child", "c2", queue="other")
+        entered.append("p2 works")
+        await p2_go.wait()
+
+    iii.register_function("p1", p1)
+    iii.register_function("p2", p2)
+    try:
+        async with iii.running():
+            runner = iii.runtime.runners["one"]
+            one = TriggerAction.Enqueue(queue="one")
+            await iii.trigger_async("p1", None, action=one)
+            await until(lambda: runner.lent == 1)
+            clock.advance(0.5)
+            await iii.trigger_async("p2", None, action=one)
+            await until(lambda: runner.lent == 2)
+            await iii.trigger_async("gated", "w", action=one)
+            await until(lambda: "w" in entered)
+            gates["c2"].set()  # P2 first in the room's line
+            await until(lambda: runner._resuming == 1)
+            gates["c1"].set()
+            await until(lambda: runner._resuming == 2)
+            clock.advance(0.5)  # P1 times out while it waits for room
+            await until(lambda: runner._resuming == 1)
+            await anyio.wait_all_tasks_blocked()
+            assert "p2 works" not in entered  # W still works in the only slot
+            gates["w"].set()
+            await until(lambda: "p2 works" in entered)
+            p2_go.set()
+            await drain(iii)
+    finally:
+        p2_go.set()
+        for gate in gates.values():
+            gate.set()
