@@ -562,6 +562,31 @@ def attempt_now() -> int:
     return invocation.attempt
 
 
+async def first_attempt_times_out_waiting(iii: III, clock: VirtualClock) -> Any:
+    """Enqueue "parent" on queue "one"; once its first attempt waits (its slot lent), let
+    it time out: its thread and its wait run on, abandoned, and the retry starts."""
+    runner = iii.runtime.runners["one"]
+    await iii.trigger_async("parent", None, action=TriggerAction.Enqueue(queue="one"))
+    await until(lambda: runner.lent == 1)
+    clock.advance(1.0)
+    return runner
+
+
+async def only_the_retry_works(
+    iii: III, gates: dict[str, threading.Event], entered: list[str]
+) -> None:
+    """With the retry working in the only slot, another job does not start; once all is
+    released and drained, no slot is lent and no thread held."""
+    runner = iii.runtime.runners["one"]
+    await iii.trigger_async("gated", "g", action=TriggerAction.Enqueue(queue="one"))
+    await anyio.wait_all_tasks_blocked()
+    assert (runner.running, runner.lent, "g" in entered) == (1, 0, False)
+    for gate in gates.values():
+        gate.set()
+    await drain(iii)
+    await until(lambda: settled_lending(iii) == (0, 0, 0, 0))
+
+
 def settled_lending(iii: III) -> tuple[int, int, int, int]:
     runner = iii.runtime.runners["one"]
     return (runner.threads._held, len(runner._lenders), len(runner._orphans), runner.lent)
@@ -582,21 +607,11 @@ async def test_an_abandoned_attempts_next_wait_does_not_lend_its_retrys_slot() -
     iii.register_function("parent", parent)
     try:
         async with iii.running():
-            runner = iii.runtime.runners["one"]
-            one = TriggerAction.Enqueue(queue="one")
-            await iii.trigger_async("parent", None, action=one)
-            await until(lambda: runner.lent == 1)
-            clock.advance(1.0)  # attempt 1 times out; attempt 2 starts and works
+            await first_attempt_times_out_waiting(iii, clock)
             await until(lambda: "a2" in entered)
             gates["c1"].set()  # the abandoned thread's first wait ends; it waits again
             await until(lambda: "c2" in entered)
-            await iii.trigger_async("gated", "g", action=one)
-            await anyio.wait_all_tasks_blocked()
-            assert (runner.running, runner.lent, "g" in entered) == (1, 0, False)
-            for gate in gates.values():
-                gate.set()
-            await drain(iii)
-            await until(lambda: settled_lending(iii) == (0, 0, 0, 0))
+            await only_the_retry_works(iii, gates, entered)
     finally:
         for gate in gates.values():
             gate.set()
@@ -617,21 +632,11 @@ async def test_a_retrys_wait_and_the_abandoned_attempts_wait_are_counted_apart()
     iii.register_function("parent", parent)
     try:
         async with iii.running():
-            runner = iii.runtime.runners["one"]
-            one = TriggerAction.Enqueue(queue="one")
-            await iii.trigger_async("parent", None, action=one)
-            await until(lambda: runner.lent == 1)
-            clock.advance(1.0)  # attempt 1 times out; attempt 2 starts and waits
+            runner = await first_attempt_times_out_waiting(iii, clock)
             await until(lambda: "c3" in entered and runner.lent == 1)
             gates["c3"].set()  # the retry's wait ends first: it takes its slot back
             await until(lambda: "a2" in entered)
-            await iii.trigger_async("gated", "g", action=one)
-            await anyio.wait_all_tasks_blocked()
-            assert (runner.running, runner.lent, "g" in entered) == (1, 0, False)
-            for gate in gates.values():
-                gate.set()
-            await drain(iii)
-            await until(lambda: settled_lending(iii) == (0, 0, 0, 0))
+            await only_the_retry_works(iii, gates, entered)
     finally:
         for gate in gates.values():
             gate.set()
@@ -659,11 +664,7 @@ async def test_two_attempts_stopped_while_waiting_each_end_their_own_wait() -> N
     iii.register_function("parent", parent)
     try:
         async with iii.running():
-            runner = iii.runtime.runners["one"]
-            one = TriggerAction.Enqueue(queue="one")
-            await iii.trigger_async("parent", None, action=one)
-            await until(lambda: runner.lent == 1)
-            clock.advance(1.0)
+            runner = await first_attempt_times_out_waiting(iii, clock)
             await until(lambda: "c3" in entered and runner.lent == 1)
             clock.advance(1.0)  # attempt 2 times out too
             await until(lambda: "a3" in entered)
