@@ -147,17 +147,14 @@ class QueueRunner:
         """A waiting handler's attempt (its entry in ``active``) → how many of its waits
         are open. Keyed by attempt, not by receipt id: a retry shares its job's id, and may
         run while an abandoned thread of an earlier attempt still waits."""
-        self._sync_lenders: set[_Active] = set()
-        """Lenders whose handler waits in a pool thread (see ``ThreadPool.hold``)."""
         self._orphans: dict[_Active, int] = {}
         """A sync attempt stopped while waiting → how many of its waits are open (see
         ``_orphan``)."""
         self._room: anyio.Event | None = None
         """Set when a slot frees up, for a handler taking its lent slot back."""
-        self._resuming = 0
-        """Handlers whose wait ended and that wait for a slot (``wait_for_room``)."""
         self._resumers: set[object] = set()
-        """Those handlers' attempts (``_stop_sync`` takes a stopped one out at once)."""
+        """The attempts of handlers whose wait ended and that wait for a slot
+        (``wait_for_room``; ``_stop_sync`` takes a stopped one out at once)."""
         self._workers = 0
         self._tg: anyio.abc.TaskGroup | None = None
         self.completed = 0
@@ -280,8 +277,7 @@ class QueueRunner:
         # A sync handler waits in its pool thread: the job run in the slot it lends needs
         # a thread of its own, whatever the pool's bound.
         if isinstance(lender, _SyncActive):
-            self._sync_lenders.add(lender)
-            self.threads.hold()
+            self.threads.hold()  # released with its last wait (``_release_thread``)
         self._room_changed()
         self._spread()
         self.wake()
@@ -316,8 +312,7 @@ class QueueRunner:
             self._orphans[lender] = count
 
     def _release_thread(self, lender: _Active) -> None:
-        if lender in self._sync_lenders:
-            self._sync_lenders.remove(lender)
+        if isinstance(lender, _SyncActive):  # its first wait held a thread (``lend_slot``)
             self.threads.release()
 
     async def wait_for_room(self, lender: _Active | None = None) -> None:
@@ -331,7 +326,6 @@ class QueueRunner:
         if self.running - self.lent <= self.config.concurrency:
             return
         token: object = lender if lender is not None else object()
-        self._resuming += 1
         self._resumers.add(token)
         try:
             while (
@@ -342,15 +336,19 @@ class QueueRunner:
                     self._room = anyio.Event()
                 await self._room.wait()
         finally:
-            if token in self._resumers:
-                self._resumers.remove(token)
-                self._resuming -= 1
+            self._resumers.discard(token)
             self._spread()
 
     def _room_changed(self) -> None:
         if self._room is not None:
             self._room.set()
             self._room = None
+
+    @property
+    def _resuming(self) -> int:
+        """Handlers whose wait ended and that wait for a slot (read from pool threads too:
+        ``len`` of a set is one step under the GIL)."""
+        return len(self._resumers)
 
     @property
     def inflight(self) -> int:
@@ -817,9 +815,7 @@ class QueueRunner:
         else:
             outcome = self._outcome(job, "released" if reason == "shutdown" else "cancelled", now)
         self._orphan(entry)
-        if entry in self._resumers:  # its slot is free now: it waits for none
-            self._resumers.remove(entry)
-            self._resuming -= 1
+        self._resumers.discard(entry)  # its slot is free now: it waits for none
         self._end_sync(entry, outcome)
         self._spread()
 

@@ -38,6 +38,7 @@ from ._stores import ErrorInfo, Job, Outcome
 
 if TYPE_CHECKING:
     from ._app import III
+    from ._queues import _Active
 
 __all__ = [
     "Run",
@@ -269,7 +270,7 @@ def _check_self_wait(chain: Sequence[Invocation], ids: Sequence[str]) -> None:
             )
 
 
-def _slot_runner(rt: Runtime, inv: Invocation | None) -> tuple[QueueRunner, Any] | None:
+def _slot_runner(rt: Runtime, inv: Invocation | None) -> tuple[QueueRunner, _Active] | None:
     """The runner whose slot ``inv``'s handler holds, and its attempt's entry there (if it
     holds one in this runtime: not a handler of another app in this process, nor a stopped
     one whose thread runs on)."""
