@@ -20,9 +20,9 @@ from iii_embedded._stores._sqlite import DB_FILENAME, SQLiteStore
 APP = Path(__file__).with_name("prefetch_app.py")
 
 
-def start(store: Path, side: Path, mode: str) -> subprocess.Popen[bytes]:
+def start(store: Path, side: Path, mode: str, handler: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, str(APP), str(store), str(side), mode],
+        [sys.executable, str(APP), str(store), str(side), mode, handler],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -48,12 +48,14 @@ def j1_start_is_written(store: Path) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("handler", ["async", "sync"])
 def test_a_crash_charges_the_jobs_that_ran_and_gives_prefetched_ones_their_attempt_back(
-    tmp_path: Path,
+    tmp_path: Path, handler: str
 ) -> None:
+    """With sync handlers the prefetched jobs wait in the queue's line for j1's thread."""
     store, side = tmp_path / "store", tmp_path / "events.log"
     side.touch()
-    child = start(store, side, "crash")
+    child = start(store, side, "crash", handler)
     try:
         # Wait (bounded) for the state to kill in: all five enqueued, j0 done, j1 running
         # from the prefetch buffer with its start written, j2..j4 still in the buffer.
@@ -74,7 +76,7 @@ def test_a_crash_charges_the_jobs_that_ran_and_gives_prefetched_ones_their_attem
         "j1",
     ]
 
-    final = start(store, side, "final")
+    final = start(store, side, "final", handler)
     _, err = final.communicate(timeout=60)
     assert final.returncode == 0, err.decode()[-2000:]
 
