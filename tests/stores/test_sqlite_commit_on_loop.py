@@ -178,6 +178,25 @@ async def test_a_busy_loop_leaves_the_commit_to_the_writer(store: SQLiteStore) -
     assert rows_seen_elsewhere(store) == 1
 
 
+async def test_a_timer_due_before_the_commit_would_end_leaves_it_to_the_writer(
+    store: SQLiteStore,
+) -> None:
+    loop = asyncio.get_running_loop()
+    # Commits have taken 1 ms lately; a timer falls due in 1.5 ms, before twice that.
+    store.commit_seconds = 0.001
+    soon = loop.call_later(0.0015, lambda: None)
+    assert await store.enqueue([new_job("a")]) == ["a"]
+    assert store.loop_commits == 0
+    assert rows_seen_elsewhere(store) == 1
+    soon.cancel()
+    # A timer due well after the commit would end does not stop the loop committing.
+    later = loop.call_later(60, lambda: None)
+    store.commit_seconds = 0.001
+    assert await store.enqueue([new_job("b")]) == ["b"]
+    assert store.loop_commits == 1
+    later.cancel()
+
+
 async def test_large_or_unusual_work_goes_to_the_writer(store: SQLiteStore) -> None:
     many = [new_job(f"j{i}") for i in range(_sqlite._LOOP_MAX_WEIGHT + 1)]
     assert len(await store.enqueue(many)) == len(many)
