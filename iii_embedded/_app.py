@@ -263,6 +263,8 @@ class III:
                 except StoreError as exc:
                     raise enqueue_failed(exc) from exc
                 return {"messageReceiptId": ids[0]}
+            if act is None:  # a synchronous call, with no coroutine in between either
+                return await rt.call(fid, data, timeout)
             return await rt.trigger(fid, data, act, timeout)
         # Called from another event loop (the engine runs in a background thread).
         if isinstance(act, EnqueueAction):

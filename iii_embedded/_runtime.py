@@ -32,7 +32,7 @@ from ._codec import dumps_strict
 from ._config import Config, QueueConfig
 from ._context import Invocation, _current
 from ._errors import InvocationError, StoreError
-from ._fastpath import Interrupted, run_handler
+from ._fastpath import PENDING, Interrupted, first_step, resume_suspended, run_handler
 from ._ids import new_receipt_id
 from ._queues import QueueRunner
 from ._registry import FunctionSpec, Registry
@@ -362,10 +362,20 @@ class Runtime:
             invocation = Invocation(function_id=function_id, action="sync")
             self._sync_invocations[function_id] = invocation
         token = _current.set(invocation)
-        coro = spec.handler(payload) if spec.is_async else self.threads.run(spec.handler, payload)
+        deadline = self.clock.now() + timeout / 1000
         try:
+            if spec.is_async:  # the first step inline: most calls end in it, with no timer
+                coro = spec.handler(payload)
+                result, yielded = first_step(coro)
+                if result is not PENDING:
+                    return result
+                return await resume_suspended(
+                    coro, yielded, call_at=self.clock.call_at, deadline=deadline
+                )
             return await run_handler(
-                coro, call_at=self.clock.call_at, deadline=self.clock.now() + timeout / 1000
+                self.threads.run(spec.handler, payload),
+                call_at=self.clock.call_at,
+                deadline=deadline,
             )
         except Interrupted:
             raise InvocationError(

@@ -87,6 +87,23 @@ async def test_sync_error_is_invocation_failed_with_the_original_as_cause() -> N
     assert isinstance(err.__cause__, KeyError)
 
 
+async def test_a_handler_that_cannot_take_the_payload_fails_like_one_that_raises() -> None:
+    iii = make_app()
+
+    @iii.function("two_args")
+    async def two_args(data: Any, extra: Any) -> None:  # the call itself raises TypeError
+        raise AssertionError("never runs")
+
+    async with iii.running():
+        with pytest.raises(InvocationError) as caught:
+            await iii.trigger_async("two_args", {})
+        # The caller's invocation context is left as it was, not as the failed call's.
+        assert current_invocation() is None
+    assert caught.value.code == "invocation_failed"
+    assert "TypeError" in caught.value.message
+    assert isinstance(caught.value.__cause__, TypeError)
+
+
 async def test_unknown_function_is_function_not_found() -> None:
     iii = make_app()
     async with iii.running():
