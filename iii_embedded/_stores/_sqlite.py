@@ -104,13 +104,17 @@ _WAL_CHECK_WORK = 256
 _CHECKPOINT = object()
 # Commits on the event loop (``commit_on_loop``, see ``_hand_over``): only while write
 # transactions take at most this long on average (a moving average over the last ~8, on
-# either thread; a single stall of 100 ms takes ~26 fast ones to forget). 3 ms, not 1:
+# either thread; a single stall of 100 ms takes ~12 fast ones to forget). 3 ms, not 1:
 # on a CPU ~3x slower than the Xeon the end-to-end benchmark's transactions take
 # ~1.1-1.5 ms at ``full``, and a 1 ms budget left 98% of them to the writer (docs/design.md).
 _LOOP_BUDGET_S = 0.003
 # ... and only while no timer of the loop falls due within this many average transactions,
-# so a commit on the loop does not make a due timer late.
+# so a commit on the loop is unlikely to make a due timer late (a prediction from the
+# average: a stall still can).
 _TIMER_MARGIN = 2.0
+# Until this many commits have fed the average, the guard expects a commit to take the
+# whole budget (the average starts at 0 and takes ~8 commits to come up to the real figure).
+_WARM_COMMITS = 8
 _AVERAGE_WEIGHT = 0.125
 # The most work a transaction on the loop may carry: jobs enqueued, outcomes, and the
 # most jobs its claims may take, each one more for every 4 KB of payload or output (a
@@ -401,6 +405,7 @@ class SQLiteStore:
         self._with_writer = 0
         self.commit_seconds = 0.0
         """Moving average of write transactions' durations, on any thread (seconds)."""
+        self._timed_commits = 0  # how many fed it: until ~8 have, the timer guard is cautious
         self.loop_commits = 0
         """Transactions the event loop committed itself (tests, benchmarks)."""
 
@@ -499,7 +504,13 @@ class SQLiteStore:
         timers = getattr(loop, "_scheduled", None)
         if loop is None or timers is None:
             return False
-        return not timers or (timers[0].when() - loop.time() > self.commit_seconds * _TIMER_MARGIN)
+        expected = self.commit_seconds
+        if self._timed_commits < _WARM_COMMITS:  # the average does not know commits yet
+            expected = max(expected, _LOOP_BUDGET_S)
+        try:
+            return not timers or (timers[0].when() - loop.time() > expected * _TIMER_MARGIN)
+        except Exception:  # a loop whose timers are not asyncio's: leave it to the writer
+            return False
 
     def _commit_here(self, outbox: list[_Request]) -> bool:
         """Run ``outbox`` as one transaction on this (the loop's) thread. False, with
@@ -541,6 +552,7 @@ class SQLiteStore:
     def _timed(self, seconds: float) -> None:
         """Note how long a write transaction took, on any thread."""
         self.commit_seconds += (seconds - self.commit_seconds) * _AVERAGE_WEIGHT
+        self._timed_commits += 1
 
     def _back_from_writer(self, results: _Results) -> None:
         self._with_writer -= len(results)

@@ -182,8 +182,10 @@ async def test_a_timer_due_before_the_commit_would_end_leaves_it_to_the_writer(
     store: SQLiteStore,
 ) -> None:
     loop = asyncio.get_running_loop()
-    # Commits have taken 1 ms lately; a timer falls due in 1.5 ms, before twice that.
+    # Commits have taken 1 ms lately (and enough were measured for the average to count);
+    # a timer falls due in 1.5 ms, before twice that.
     store.commit_seconds = 0.001
+    store._timed_commits = _sqlite._WARM_COMMITS
     soon = loop.call_later(0.0015, lambda: None)
     assert await store.enqueue([new_job("a")]) == ["a"]
     assert store.loop_commits == 0
@@ -195,6 +197,40 @@ async def test_a_timer_due_before_the_commit_would_end_leaves_it_to_the_writer(
     assert await store.enqueue([new_job("b")]) == ["b"]
     assert store.loop_commits == 1
     later.cancel()
+
+
+async def test_a_fresh_store_is_cautious_about_timers_until_commits_are_measured(
+    store: SQLiteStore,
+) -> None:
+    # No commit measured yet (the average is 0): the guard expects a commit to take the
+    # whole budget, so a timer due within twice that keeps the first commit off the loop.
+    assert store.commit_seconds == 0.0
+    soon = asyncio.get_running_loop().call_later(_sqlite._LOOP_BUDGET_S, lambda: None)
+    assert await store.enqueue([new_job("a")]) == ["a"]
+    soon.cancel()
+    assert store.loop_commits == 0
+    assert rows_seen_elsewhere(store) == 1
+
+
+async def test_a_loop_whose_timers_are_not_asyncios_leaves_commits_to_the_writer(
+    tmp_path: Path,
+) -> None:
+    class OddLoop:
+        def __init__(self) -> None:
+            self._ready: list[object] = []
+            self._scheduled: list[object] = [object()]  # no when(): not a TimerHandle
+
+        def time(self) -> float:
+            return 0.0
+
+    odd = OddLoop()
+    store = SQLiteStore(tmp_path / "store")
+    store._loop = odd  # type: ignore[assignment]
+    future = asyncio.get_running_loop().create_future()
+    request = _sqlite._Request(lambda conn: None, future, True, weight=1)
+    assert store._loop_may_commit([request]) is False  # rather than raise, losing requests
+    odd._scheduled = []
+    assert store._loop_may_commit([request]) is True  # no timers at all: the loop may
 
 
 async def test_large_or_unusual_work_goes_to_the_writer(store: SQLiteStore) -> None:
