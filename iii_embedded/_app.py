@@ -778,6 +778,8 @@ def _parse_request(
     timeout_ms: int | None,
 ) -> tuple[str, Any, EnqueueAction | VoidAction | None, int | None]:
     if type(request) is str and request:  # the common spelling, decided without an ABC check
+        if timeout_ms is not None:
+            _check_timeout(timeout_ms)
         return request, payload, parse_action(action), timeout_ms
     if isinstance(request, Mapping):
         fid = request.get("function_id")
@@ -785,12 +787,22 @@ def _parse_request(
             raise InvocationError(
                 "invalid_request", "a trigger request needs a 'function_id' string"
             )
-        return (
-            fid,
-            request.get("payload"),
-            parse_action(request.get("action")),
-            request.get("timeout_ms"),
-        )
+        timeout_ms = request.get("timeout_ms")
+        if timeout_ms is not None:
+            _check_timeout(timeout_ms)
+        return fid, request.get("payload"), parse_action(request.get("action")), timeout_ms
     if not isinstance(request, str) or not request:
         raise InvocationError("invalid_request", f"function id must be a string, got {request!r}")
+    if timeout_ms is not None:
+        _check_timeout(timeout_ms)
     return request, payload, parse_action(action), timeout_ms
+
+
+def _check_timeout(timeout_ms: Any) -> None:
+    """A call's ``timeout_ms`` is a number of milliseconds, not negative (a string from a
+    request dict would otherwise fail deep in the call, not as a bad request)."""
+    if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, (int, float)) or timeout_ms < 0:
+        raise InvocationError(
+            "invalid_request",
+            f"timeout_ms must be a number of milliseconds >= 0, got {timeout_ms!r}",
+        )

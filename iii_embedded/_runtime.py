@@ -362,8 +362,8 @@ class Runtime:
             invocation = Invocation(function_id=function_id, action="sync")
             self._sync_invocations[function_id] = invocation
         token = _current.set(invocation)
-        deadline = self.clock.now() + timeout / 1000
         try:
+            deadline = self.clock.now() + timeout / 1000
             if spec.is_async:  # the first step inline: most calls end in it, with no timer
                 coro = spec.handler(payload)
                 result, yielded = first_step(coro)

@@ -104,6 +104,33 @@ async def test_a_handler_that_cannot_take_the_payload_fails_like_one_that_raises
     assert isinstance(caught.value.__cause__, TypeError)
 
 
+@pytest.mark.parametrize("timeout_ms", ["50", -1, True, [50]])
+async def test_a_timeout_that_is_not_a_number_of_ms_is_an_invalid_request(timeout_ms: Any) -> None:
+    iii = make_app()
+    ran: list[Any] = []
+
+    @iii.function("f")
+    async def f(data: Any) -> Any:
+        ran.append(data)
+        return data
+
+    async with iii.running():
+        for request in (
+            {"function_id": "f", "payload": 1, "timeout_ms": timeout_ms},
+            "f",
+        ):
+            with pytest.raises(InvocationError) as caught:
+                if isinstance(request, dict):
+                    await iii.trigger_async(request)
+                else:
+                    await iii.trigger_async(request, 1, timeout_ms=timeout_ms)
+            assert caught.value.code == "invalid_request"
+            assert f"got {timeout_ms!r}" in caught.value.message
+            assert current_invocation() is None
+        assert await iii.trigger_async({"function_id": "f", "payload": 2, "timeout_ms": 50}) == 2
+    assert ran == [2]
+
+
 async def test_unknown_function_is_function_not_found() -> None:
     iii = make_app()
     async with iii.running():
