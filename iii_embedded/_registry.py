@@ -12,7 +12,13 @@ import attrs
 __all__ = ["FunctionRef", "FunctionSpec", "Handler", "Registry"]
 
 Handler = Callable[[Any], Any]
-"""A handler takes the payload and returns a JSON-serialisable value (or an awaitable)."""
+"""A handler takes the payload and returns a JSON-serialisable value. An ``async def``
+handler (or a ``functools.partial`` of one, or an object whose ``__call__`` is one) is
+awaited on the event loop; any other callable runs in a worker thread and must not return
+an awaitable, which nothing would await (see :func:`refusing_awaitables`)."""
+
+# Results a plain handler returns most, told apart from awaitables without an ABC check.
+_PLAIN_RESULTS = frozenset({type(None), bool, int, float, str, dict, list, tuple})
 
 
 @attrs.define(frozen=True, kw_only=True)
@@ -39,6 +45,28 @@ class FunctionSpec:
     def ref(self) -> FunctionRef:
         """The public handle."""
         return FunctionRef(id=self.id, description=self.description, metadata=self.metadata)
+
+
+def refusing_awaitables(fn: Handler, function_id: str) -> Handler:
+    """``fn`` (a plain, not ``async def``, handler), failing with a ``TypeError`` that says
+    what to do if it returns an awaitable: ``lambda data: process(data)`` with an async
+    ``process`` would otherwise complete at once with a coroutine as its result, and the
+    work would never run."""
+
+    @functools.wraps(fn)
+    def plain(payload: Any) -> Any:
+        result = fn(payload)
+        if type(result) in _PLAIN_RESULTS or not inspect.isawaitable(result):
+            return result
+        if inspect.iscoroutine(result):
+            result.close()  # never awaited, and never will be: no warning about it later
+        raise TypeError(
+            f"the handler of {function_id!r} is a plain function that returned "
+            f"{type(result).__name__}, which nothing awaits: make the handler `async def`, "
+            "or register the async function itself (a functools.partial of it works too)"
+        )
+
+    return plain
 
 
 def is_async_callable(fn: object) -> bool:
@@ -81,6 +109,8 @@ class Registry:
                 f"the handler of {spec.id!r} is {kind} function: a handler returns its "
                 "result (use return, not yield)"
             )
+        if not spec.is_async:
+            spec = attrs.evolve(spec, handler=refusing_awaitables(spec.handler, spec.id))
         self._specs[spec.id] = spec
         for listener in list(self._listeners):
             listener(spec)

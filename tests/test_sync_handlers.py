@@ -15,6 +15,7 @@ import pytest
 from iii_embedded import (
     III,
     Config,
+    InvocationError,
     QueueConfig,
     StoreConfig,
     TriggerAction,
@@ -301,3 +302,31 @@ def test_nested_synchronous_calls_of_sync_handlers_do_not_exhaust_the_threads() 
         for t in threads:
             t.join(timeout=60)
     assert sorted(results) == [n + 1 for n in range(callers)]
+
+
+async def test_a_plain_handler_that_returns_a_coroutine_fails_and_says_why(
+    store_config: StoreConfig,
+) -> None:
+    iii = app_with(store_config, QueueConfig(name="q", max_retries=1))
+    ran: list[Any] = []
+
+    async def process(data: Any) -> Any:
+        ran.append(data)  # never: nothing awaits the coroutine
+        return data
+
+    iii.register_function("wrapped", lambda data: process(data))
+    hint = "plain function that returned coroutine, which nothing awaits"
+    async with iii.running():
+        with pytest.raises(InvocationError) as caught:
+            await iii.trigger_async("wrapped", 1)
+        assert caught.value.code == "invocation_failed" and hint in caught.value.message
+        receipt = await enqueue(iii, "wrapped", 2)
+        await drain(iii)
+        run = await iii.runs.get_async(receipt)
+        assert run is not None and (run.status, run.attempts) == ("failed", 1)
+        assert run.error is not None and run.error.type == "TypeError"
+        assert hint in run.error.message
+        # A plain handler's ordinary results pass through untouched.
+        iii.register_function("plain", lambda data: {"n": data})
+        assert await iii.trigger_async("plain", 3) == {"n": 3}
+    assert ran == []
