@@ -778,24 +778,23 @@ def _parse_request(
     timeout_ms: int | None,
 ) -> tuple[str, Any, EnqueueAction | VoidAction | None, int | None]:
     if type(request) is str and request:  # the common spelling, decided without an ABC check
-        if timeout_ms is not None:
-            _check_timeout(timeout_ms)
-        return request, payload, parse_action(action), timeout_ms
-    if isinstance(request, Mapping):
-        fid = request.get("function_id")
-        if not isinstance(fid, str) or not fid:
+        fid = request
+    elif isinstance(request, Mapping):
+        named = request.get("function_id")
+        if not isinstance(named, str) or not named:
             raise InvocationError(
                 "invalid_request", "a trigger request needs a 'function_id' string"
             )
+        fid = named
+        payload, action = request.get("payload"), request.get("action")
         timeout_ms = request.get("timeout_ms")
-        if timeout_ms is not None:
-            _check_timeout(timeout_ms)
-        return fid, request.get("payload"), parse_action(request.get("action")), timeout_ms
-    if not isinstance(request, str) or not request:
+    elif not isinstance(request, str) or not request:
         raise InvocationError("invalid_request", f"function id must be a string, got {request!r}")
+    else:
+        fid = request
     if timeout_ms is not None:
         _check_timeout(timeout_ms)
-    return request, payload, parse_action(action), timeout_ms
+    return fid, payload, parse_action(action), timeout_ms
 
 
 def _check_timeout(timeout_ms: Any) -> None:
