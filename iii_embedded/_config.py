@@ -52,10 +52,10 @@ class QueueConfig:
     jitter: bool = False
     prefetch: int | None = attrs.field(default=None, validator=_non_negative)
     """Jobs a process claims beyond its free slots, so its workers have the next jobs at
-    hand while the store writes outcomes and claims more. ``None``: ``4 × concurrency`` on
-    a file store (shared with other processes, where each claim is a transaction), 0 in
-    memory. Prefetched jobs are leased (the store shows them ``running``); set 0 for
-    long jobs shared by several processes, so an idle process can take them."""
+    hand while the store writes outcomes and claims more. ``None``: ``4 × concurrency``.
+    On a file store prefetched jobs are leased (the store shows them ``running``); set 0
+    for long jobs shared by several processes, so an idle process can take them. In
+    memory they read ``queued`` until their handlers start."""
 
     def __attrs_post_init__(self) -> None:
         if self.type not in ("standard", "fifo"):

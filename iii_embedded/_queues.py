@@ -172,11 +172,7 @@ class QueueRunner:
         records their start (``started`` outcomes) if they are still running."""
         self._idle: deque[asyncio.Future[None]] = deque()
         """Workers waiting for a job, each on its own future."""
-        self.prefetch = (
-            config.prefetch
-            if config.prefetch is not None
-            else (4 * config.concurrency if runtime.store.shared else 0)
-        )
+        self.prefetch = config.prefetch if config.prefetch is not None else 4 * config.concurrency
         """Jobs claimed beyond the free slots, so the workers have the next jobs at hand
         while the store writes outcomes and claims more (``QueueConfig.prefetch``)."""
         self.threads = ThreadPool(
@@ -511,6 +507,13 @@ class QueueRunner:
             poll_s = self.config.poll_interval_ms / 1000 if store.shared else None
             await self._wait_for_wake(deadline, poll_s)
 
+    def _mark_started(self, job: Job, at: float) -> None:
+        """A prefetched job's handler starts: the store records it at once if it can (the
+        in-memory store), else the next exchange writes it (``_start_marks``)."""
+        job.started_at = at
+        if not self.rt.store.mark_started(job.id, self.rt.owner, job.attempts, at):
+            self._unmarked.append(job)
+
     def _start_marks(self) -> list[Outcome]:
         """``started`` outcomes for the prefetched jobs started since the last exchange
         that are still running (a finished job's outcome carries its start)."""
@@ -604,10 +607,10 @@ class QueueRunner:
             if job is not None:
                 spec = self.rt.registry.get(job.function_id)
                 if spec is not None and not job.cancel_requested and job.started_at is None:
-                    # A prefetched job starts: its start is written with the next exchange.
-                    job.started_at = self.rt.clock.now()
-                    self._unmarked.append(job)
-                    if not spec.is_async:
+                    # A prefetched job starts: the store records it now, or its start is
+                    # written with the next exchange.
+                    self._mark_started(job, self.rt.clock.now())
+                    if not spec.is_async and self._unmarked:
                         self.wake()  # an async one wakes the dispatcher if it suspends
                 if spec is not None and not spec.is_async and not job.cancel_requested:
                     self._start_sync(job, spec.handler)  # returns at once: take the next
@@ -739,8 +742,7 @@ class QueueRunner:
         self.running += 1
         self.chained += 1
         if job.started_at is None:
-            job.started_at = entry.start_at
-            self._unmarked.append(job)
+            self._mark_started(job, entry.start_at)
         if rt.hooks:
             rt.emit("job_started", job)
         if self._timeout_s is not None:

@@ -528,6 +528,15 @@ class Runs:
             runner = rt.runners.get(before.queue)
             if runner is not None:
                 runner.stop_job(run_id, "cancelled")
+            if not rt.store.shared and before.started_at is None:
+                # In memory a prefetched job that has not started reads ``queued``
+                # (``Store.get``); its runner settles it ``cancelled``, unattempted.
+                return CancelResult(
+                    id=run_id,
+                    cancelled=True,
+                    status_before="queued",
+                    message="cancelled while queued",
+                )
             return CancelResult(
                 id=run_id, cancelled=True, status_before=status, message="running; asked to stop"
             )

@@ -34,9 +34,10 @@ class QueueStats:
     retried: int
     dead_lettered: int
     prefetched: int = 0
-    """Jobs this process has claimed but not started yet (``QueueConfig.prefetch``); they
-    are counted in ``running`` too, so ``running - prefetched`` is what runs here now
-    (plus other processes' jobs on a shared store)."""
+    """Jobs this process has claimed but not started yet (``QueueConfig.prefetch``). On a
+    file store they are counted in ``running`` too (they are leased), so ``running -
+    prefetched`` is what runs here now (plus other processes' jobs); in memory they read
+    ``queued`` and are counted in ``ready``."""
 
     @classmethod
     def build(

@@ -1,7 +1,7 @@
-"""Prefetch (``QueueConfig.prefetch``): a file-store queue claims jobs beyond its free
-slots. Those jobs are leased like running ones, but only ``concurrency`` handlers run at
-once; a prefetched job that is cancelled or handed back at shutdown never spends an
-attempt."""
+"""Prefetch (``QueueConfig.prefetch``): a queue claims jobs beyond its free slots. On a
+file store those jobs are leased like running ones; in memory they read ``queued`` until
+they start. Only ``concurrency`` handlers run at once; a prefetched job that is cancelled or
+handed back at shutdown never spends an attempt."""
 
 from __future__ import annotations
 
@@ -73,12 +73,13 @@ class Gate:
             self.running -= 1
 
 
-async def test_the_default_prefetch_is_four_times_concurrency_on_a_file_store_and_zero_in_memory(
+async def test_the_default_prefetch_is_four_times_concurrency_on_every_store(
     tmp_path: Path,
 ) -> None:
     queue = QueueConfig(name="work", concurrency=4)
     apps = [
         III(Config(queues={"work": queue})),
+        III(Config(queues={"work": QueueConfig(name="work", concurrency=4, prefetch=0)})),
         file_app(tmp_path / "a", queue),
         file_app(tmp_path / "b", QueueConfig(name="work", concurrency=4, prefetch=1)),
     ]
@@ -86,7 +87,124 @@ async def test_the_default_prefetch_is_four_times_concurrency_on_a_file_store_an
     for app in apps:
         async with app.running():
             prefetch.append(app.runtime.runners["work"].prefetch)
-    assert prefetch == [0, 16, 1]
+    assert prefetch == [16, 0, 16, 1]
+
+
+async def until_prefetched(iii: III, count: int, queue: str = "work") -> None:
+    """Wait until the queue's runner holds ``count`` claimed jobs it has not started."""
+
+    async def reached() -> bool:
+        return iii.runtime.runners[queue].prefetched_count == count
+
+    await until(reached)
+
+
+def memory_app(queue: QueueConfig, clock: VirtualClock | None = None) -> III:
+    return III(
+        Config(queues={queue.name: queue}), clock=clock or VirtualClock(), shutdown_grace_ms=0
+    )
+
+
+async def test_in_memory_a_prefetched_job_reads_queued_until_its_handler_starts() -> None:
+    clock = VirtualClock()
+    iii = memory_app(QueueConfig(name="work", concurrency=1, prefetch=2), clock)
+    gates = {0: anyio.Event(), 1: anyio.Event()}
+    began = {n: anyio.Event() for n in range(3)}
+
+    @iii.function("job")
+    async def job(n: int) -> None:
+        began[n].set()
+        if n in gates:
+            await gates[n].wait()
+
+    async with iii.running():
+        t0 = clock.now()
+        ids = [await enqueue(iii, i) for i in range(3)]
+        await began[0].wait()
+        await until_prefetched(iii, 2)
+        runs = [await iii.runs.get_async(i) for i in ids]
+        stats = await iii.queue_stats_async("work")
+        running = [j.id for j in await iii.runtime.store.list_jobs(state="running")]
+        queued = [j.id for j in await iii.runtime.store.list_jobs(state="queued")]
+
+        clock.advance(5)
+        gates[0].set()
+        await began[1].wait()
+        # Read as soon as the handler began: the store has its start, no exchange needed.
+        started = await iii.runs.get_async(ids[1])
+        gates[1].set()
+        await drain(iii)
+        done = [await iii.runs.get_async(i) for i in ids]
+
+    assert [(r.status, r.attempts, r.started_at) for r in runs if r is not None] == [
+        ("running", 1, t0),
+        ("queued", 0, None),
+        ("queued", 0, None),
+    ]
+    assert (stats.running, stats.ready, stats.prefetched, stats.oldest_ready_age_s) == (
+        1,
+        2,
+        2,
+        0.0,
+    )
+    assert (running, queued) == (ids[:1], ids[1:])
+    assert started is not None
+    assert (started.status, started.attempts, started.started_at) == ("running", 1, t0 + 5)
+    assert [(r.status, r.attempts) for r in done if r is not None] == [("completed", 1)] * 3
+
+
+async def test_in_memory_cancelling_a_prefetched_run_cancels_it_while_queued() -> None:
+    iii = memory_app(QueueConfig(name="work", concurrency=1, prefetch=2))
+    gate = Gate()
+    iii.register_function("job", gate)
+    async with iii.running():
+        ids = [await enqueue(iii, i) for i in range(3)]
+        await until_prefetched(iii, 2)
+        result = await iii.runs.cancel_async(ids[2])
+        gate.release.set()
+        await drain(iii)
+        runs = [await iii.runs.get_async(i) for i in ids]
+    assert (result.cancelled, result.status_before, result.message) == (
+        True,
+        "queued",
+        "cancelled while queued",
+    )
+    assert sorted(gate.seen) == [0, 1]
+    assert [(r.status, r.attempts) for r in runs if r is not None] == [
+        ("completed", 1),
+        ("completed", 1),
+        ("cancelled", 0),
+    ]
+
+
+async def test_in_memory_a_prefetched_sync_run_reads_running_once_a_thread_starts_it() -> None:
+    clock = VirtualClock()
+    iii = memory_app(QueueConfig(name="work", concurrency=1, prefetch=1), clock)
+    gates = [threading.Event(), threading.Event()]
+
+    @iii.function("job")
+    def job(n: int) -> None:  # runs in the queue's threads
+        gates[n].wait(timeout=30)
+
+    async with iii.running():
+        t0 = clock.now()
+        ids = [await enqueue(iii, i) for i in range(2)]
+        await until_prefetched(iii, 1)
+        waiting = await iii.runs.get_async(ids[1])
+        clock.advance(3)
+        gates[0].set()  # job 1 follows job 0 in its thread (the line)
+
+        async def started() -> bool:
+            run = await iii.runs.get_async(ids[1])
+            return run is not None and run.status == "running"
+
+        await until(started)
+        running = await iii.runs.get_async(ids[1])
+        gates[1].set()
+        await drain(iii)
+    assert waiting is not None and (waiting.status, waiting.attempts) == ("queued", 0)
+    assert running is not None
+    assert (running.status, running.attempts, running.started_at) == ("running", 1, t0 + 3)
 
 
 async def test_prefetched_jobs_are_leased_but_only_concurrency_handlers_run(

@@ -399,6 +399,14 @@ class Store(Protocol):
         for order.
         """
 
+    def mark_started(self, job_id: str, owner: str, attempt: int, at: float) -> bool:
+        """Record at once, with no I/O, that a prefetched job's handler started at ``at``
+        (on the event loop's thread). ``False`` if this store cannot: the runner then
+        writes the start with its next exchange (a ``started`` outcome).
+
+        The in-memory store can, and shows a prefetched job that has not started as
+        ``queued`` (see :meth:`get`); the file store writes starts in batches."""
+
     async def finish(self, outcomes: Sequence[Outcome]) -> None:
         """Apply outcomes (see :class:`Outcome`), all in one transaction."""
 
@@ -470,7 +478,14 @@ class Store(Protocol):
     # --- runs ------------------------------------------------------------------------
 
     async def get(self, job_id: str) -> Job | None:
-        """The job (run) with this id, in any state, or ``None``."""
+        """The job (run) with this id, in any state, or ``None``.
+
+        The in-memory store shows a prefetched job whose handler has not started (claimed
+        beyond the free slots, see ``QueueConfig.prefetch``) as it was before its claim:
+        ``queued``, its attempt not counted, no lease. Only this process can take its jobs,
+        so the claim is the runner's bookkeeping, not something a reader could act on. The
+        file store shows it ``running``: it is leased, and no other process may take it.
+        :meth:`counts` and :meth:`list_jobs` show the same as ``get``."""
 
     async def cancel(self, job_id: str, now: float) -> Job | None:
         """Cancel a run. A ``queued`` or ``held`` job becomes ``cancelled`` at once; a

@@ -105,6 +105,40 @@ class _Row:
             self.cancel_requested,
         )
 
+    @property
+    def waiting(self) -> bool:
+        """Claimed beyond the free slots (prefetched) and its handler not started."""
+        return self.state == "running" and self.started_at is None
+
+    def view(self) -> Job:
+        """The job as readers see it: a prefetched job that has not started reads as it was
+        before its claim (``queued``, attempt not counted, no lease); see ``Store.get``."""
+        if not self.waiting:
+            return self.to_job()
+        return make_job(
+            self.id,
+            self.queue,
+            self.function_id,
+            self.payload,
+            self.group,
+            self.seq,
+            "queued",
+            self.attempts - 1,
+            self.max_attempts,
+            self.created_at,
+            self.available_at,
+            None,
+            self.finished_at,
+            self.first_failed_at,
+            self.last_failed_at,
+            self.error,
+            self.output,
+            None,
+            None,
+            self.idempotency_key,
+            self.cancel_requested,
+        )
+
 
 class _QueueIndex:
     """Per-queue indexes of live jobs."""
@@ -329,6 +363,19 @@ class MemoryStore:
             start=start,
         )
 
+    def mark_started(self, job_id: str, owner: str, attempt: int, at: float) -> bool:
+        """Record a prefetched job's start now; see :meth:`Store.mark_started`."""
+        row = self._rows.get(job_id)
+        if (
+            row is not None
+            and row.state == "running"
+            and row.lease_owner == owner
+            and row.attempts == attempt
+            and row.started_at is None
+        ):
+            row.started_at = at
+        return True
+
     async def finish(self, outcomes: Sequence[Outcome]) -> None:
         """Apply outcomes; see :meth:`Store.finish`."""
         self._check_open()
@@ -531,7 +578,7 @@ class MemoryStore:
     async def get(self, job_id: str) -> Job | None:
         """The job with this id; see :meth:`Store.get`."""
         row = self._rows.get(job_id)
-        return row.to_job() if row is not None else None
+        return row.view() if row is not None else None
 
     async def cancel(self, job_id: str, now: float) -> Job | None:
         """Cancel a run; see :meth:`Store.cancel`."""
@@ -622,7 +669,7 @@ class MemoryStore:
                     "oldest": None,
                 },
             )
-            if row.state == "queued":
+            if row.state == "queued" or row.waiting:
                 if row.available_at <= now:
                     c["ready"] = int(c["ready"] or 0) + 1
                     oldest = c["oldest"]
@@ -650,10 +697,10 @@ class MemoryStore:
         self, queue: str | None = None, state: JobState | None = None, *, limit: int = 1000
     ) -> list[Job]:
         """Jobs by queue and state in ``seq`` order; see :meth:`Store.list_jobs`."""
-        rows = [
-            r
-            for r in self._rows.values()
-            if (queue is None or r.queue == queue) and (state is None or r.state == state)
+        jobs = [
+            job
+            for job in map(_Row.view, self._rows.values())
+            if (queue is None or job.queue == queue) and (state is None or job.state == state)
         ]
-        rows.sort(key=lambda r: r.seq)
-        return [r.to_job() for r in rows[:limit]]
+        jobs.sort(key=lambda j: j.seq)
+        return jobs[:limit]

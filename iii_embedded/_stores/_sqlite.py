@@ -1133,6 +1133,11 @@ class SQLiteStore:
             run, durable=bool(outcomes) or register, weight=_weight(outcomes) + max(0, limit)
         )
 
+    def mark_started(self, job_id: str, owner: str, attempt: int, at: float) -> bool:
+        """``False``: starts are written in batches, with the next exchange; see
+        :meth:`Store.mark_started`."""
+        return False
+
     @staticmethod
     def _claim(
         conn: Conn,

@@ -306,13 +306,22 @@ async def test_a_claim_stamps_only_the_jobs_that_start_at_once(store: Store) -> 
         ("d", 1, None),
     ]
     stored = [await store.get(c) for c in "abcde"]
-    assert [(j.state, j.started_at) for j in stored if j is not None] == [
-        ("running", T0 + 1),
-        ("running", T0 + 1),
-        ("running", None),
-        ("running", None),
-        ("queued", None),
+    # Prefetched and not started: leased on the file store (other processes must not take
+    # it); in memory, where no one else can, it reads as before its claim.
+    waiting = ("running", 1, None) if store.shared else ("queued", 0, None)
+    assert [(j.state, j.attempts, j.started_at) for j in stored if j is not None] == [
+        ("running", 1, T0 + 1),
+        ("running", 1, T0 + 1),
+        waiting,
+        waiting,
+        ("queued", 0, None),
     ]
+    assert store.mark_started("c", OWNER, 1, T0 + 2) is not store.shared
+    started = await store.get("c")
+    assert started is not None
+    assert (started.state, started.attempts, started.started_at) == (
+        ("running", 1, None) if store.shared else ("running", 1, T0 + 2)
+    )
     # start=0: everything claimed is prefetched.
     [e] = await store.claim(
         "q", fifo=False, limit=4, now=T0 + 1, owner=OWNER, lease_until=T0 + 31, start=0
