@@ -508,9 +508,24 @@ class Runs:
         result: CancelResult = self._app._call_blocking(self._cancel, run_id)
         return result
 
+    async def _withdraw_prefetched(self, run_id: str) -> None:
+        """In memory, a prefetched job that has not started reads ``queued``, and the
+        store cancels it at once, as any queued job (``Store.cancel``). First its runner
+        lets go of it, so that no worker or thread starts it: it settles it unstarted (an
+        outcome the store then ignores), or, if a thread started it meanwhile, registers
+        it as running and stops it (the store then sees it running)."""
+        rt = self._app.runtime
+        job = await rt.store.get(run_id)
+        if job is not None and job.state == "queued":
+            runner = rt.runners.get(job.queue)
+            if runner is not None:
+                runner.stop_job(run_id, "cancelled")
+
     async def _cancel(self, run_id: str) -> CancelResult:
         rt = self._app.runtime
         now = rt.clock.now()
+        if not rt.store.shared:
+            await self._withdraw_prefetched(run_id)
         before = await rt.store.cancel(run_id, now)
         if before is None:
             return CancelResult(
@@ -528,15 +543,6 @@ class Runs:
             runner = rt.runners.get(before.queue)
             if runner is not None:
                 runner.stop_job(run_id, "cancelled")
-            if not rt.store.shared and before.started_at is None:
-                # In memory a prefetched job that has not started reads ``queued``
-                # (``Store.get``); its runner settles it ``cancelled``, unattempted.
-                return CancelResult(
-                    id=run_id,
-                    cancelled=True,
-                    status_before="queued",
-                    message="cancelled while queued",
-                )
             return CancelResult(
                 id=run_id, cancelled=True, status_before=status, message="running; asked to stop"
             )

@@ -153,28 +153,103 @@ async def test_in_memory_a_prefetched_job_reads_queued_until_its_handler_starts(
     assert [(r.status, r.attempts) for r in done if r is not None] == [("completed", 1)] * 3
 
 
-async def test_in_memory_cancelling_a_prefetched_run_cancels_it_while_queued() -> None:
-    iii = memory_app(QueueConfig(name="work", concurrency=1, prefetch=2))
+@pytest.mark.parametrize("prefetch", [0, 2])
+async def test_in_memory_a_prefetched_run_is_cancelled_at_once_as_a_queued_one(
+    prefetch: int,
+) -> None:
+    iii = memory_app(QueueConfig(name="work", concurrency=1, prefetch=prefetch))
     gate = Gate()
     iii.register_function("job", gate)
+    keyed = TriggerAction.Enqueue(queue="work", idempotency_key="k")
     async with iii.running():
-        ids = [await enqueue(iii, i) for i in range(3)]
-        await until_prefetched(iii, 2)
-        result = await iii.runs.cancel_async(ids[2])
+        await enqueue(iii, 0)
+        first = str((await iii.trigger_async("job", 1, action=keyed))["messageReceiptId"])
+        await until_prefetched(iii, min(prefetch, 1))
+        result = await iii.runs.cancel_async(first)
+        cancelled = await iii.runs.get_async(first)
+        queued = [j.id for j in await iii.runtime.store.list_jobs(state="queued")]
+        # The cancelled run gave its idempotency key back: the same key makes a new run.
+        second = str((await iii.trigger_async("job", 2, action=keyed))["messageReceiptId"])
         gate.release.set()
         await drain(iii)
-        runs = [await iii.runs.get_async(i) for i in ids]
+        final = await iii.runs.get_async(second)
     assert (result.cancelled, result.status_before, result.message) == (
         True,
         "queued",
         "cancelled while queued",
     )
-    assert sorted(gate.seen) == [0, 1]
-    assert [(r.status, r.attempts) for r in runs if r is not None] == [
-        ("completed", 1),
-        ("completed", 1),
-        ("cancelled", 0),
-    ]
+    assert cancelled is not None and (cancelled.status, cancelled.attempts) == ("cancelled", 0)
+    assert first not in queued
+    assert second != first and final is not None and final.status == "completed"
+    assert sorted(gate.seen) == [0, 2]
+
+
+async def test_in_memory_cancelling_a_line_job_a_thread_just_started_stops_it_running() -> None:
+    iii = memory_app(QueueConfig(name="work", concurrency=1, prefetch=1))
+    gates = [threading.Event(), threading.Event()]
+    began = [threading.Event(), threading.Event()]
+
+    @iii.function("job")
+    def job(n: int) -> None:  # runs in the queue's threads
+        began[n].set()
+        gates[n].wait(timeout=10)
+
+    async with iii.running():
+        ids = [await enqueue(iii, i) for i in range(2)]
+        runner = iii.runtime.runners["work"]
+
+        async def in_line() -> bool:
+            return ids[1] in runner._reserved
+
+        await until(in_line)
+        gates[0].set()
+        # Blocks the loop on purpose: the thread starts job 1 from the line, and the loop
+        # has not heard of it when the cancel comes.
+        assert began[1].wait(10)
+        result = await iii.runs.cancel_async(ids[1])
+        gates[1].set()
+        await drain(iii)
+        run = await iii.runs.get_async(ids[1])
+    assert (result.cancelled, result.status_before, result.message) == (
+        True,
+        "running",
+        "running; asked to stop",
+    )
+    assert run is not None and (run.status, run.attempts) == ("cancelled", 1)
+    assert run.started_at is not None
+
+
+async def test_in_memory_a_prefetched_run_cancelled_during_the_grace_period_stays_cancelled() -> (
+    None
+):
+    iii = III(
+        Config(queues={"work": QueueConfig(name="work", concurrency=1, prefetch=2)}),
+        clock=VirtualClock(),
+        shutdown_grace_ms=5000,
+    )
+    gate = Gate()
+    iii.register_function("job", gate)
+    runner_result: dict[str, Any] = {}
+
+    async def cancel_once_stopping(run_id: str) -> None:
+        runner = iii.runtime.runners["work"]
+
+        async def stopping() -> bool:
+            return runner._stopping
+
+        await until(stopping)  # the shutdown has handed the prefetched jobs back
+        runner_result["cancel"] = await iii.runs.cancel_async(run_id)
+        gate.release.set()
+
+    async with anyio.create_task_group() as tg, iii.running():
+        store = iii.runtime.store
+        ids = [await enqueue(iii, i) for i in range(3)]
+        await until_prefetched(iii, 2)
+        tg.start_soon(cancel_once_stopping, ids[2])
+    job = await store.get(ids[2])
+    result = runner_result["cancel"]
+    assert (result.cancelled, result.message) == (True, "cancelled while queued")
+    assert job is not None and (job.state, job.attempts) == ("cancelled", 0)
 
 
 async def test_in_memory_a_prefetched_sync_run_reads_running_once_a_thread_starts_it() -> None:

@@ -490,7 +490,12 @@ class Store(Protocol):
     async def cancel(self, job_id: str, now: float) -> Job | None:
         """Cancel a run. A ``queued`` or ``held`` job becomes ``cancelled`` at once; a
         ``running`` one is flagged ``cancel_requested`` (its runner stops it). Returns the
-        job as it was *before* the call, or ``None`` if unknown."""
+        job as it was *before* the call (as :meth:`get` shows it), or ``None`` if unknown.
+
+        In memory a prefetched job that has not started is cancelled at once too, its
+        attempt given back: it reads ``queued``. The caller must have had the runner that
+        claimed it let go of it first (``QueueRunner.stop_job``), or a worker would still
+        start it."""
 
     async def prune(self, finished_before: float) -> int:
         """Delete ``completed`` and ``cancelled`` jobs finished before the given time."""

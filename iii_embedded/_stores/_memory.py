@@ -586,8 +586,15 @@ class MemoryStore:
         row = self._rows.get(job_id)
         if row is None:
             return None
-        before = row.to_job()
-        if row.state in ("queued", "held"):
+        before = row.view()
+        if row.waiting:
+            # Prefetched, not started: cancelled as the queued job it reads as. The runtime
+            # has had its runner let go of it first (``Runs._withdraw_prefetched``).
+            row.attempts -= 1
+            row.lease_owner = None
+            row.lease_until = None
+            self._cancel_row(row, now)
+        elif row.state in ("queued", "held"):
             self._cancel_row(row, now)
         elif row.state == "running":
             row.cancel_requested = True
