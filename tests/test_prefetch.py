@@ -252,36 +252,6 @@ async def test_in_memory_a_prefetched_run_cancelled_during_the_grace_period_stay
     assert job is not None and (job.state, job.attempts) == ("cancelled", 0)
 
 
-async def test_in_memory_a_prefetched_sync_run_reads_running_once_a_thread_starts_it() -> None:
-    clock = VirtualClock()
-    iii = memory_app(QueueConfig(name="work", concurrency=1, prefetch=1), clock)
-    gates = [threading.Event(), threading.Event()]
-
-    @iii.function("job")
-    def job(n: int) -> None:  # runs in the queue's threads
-        gates[n].wait(timeout=30)
-
-    async with iii.running():
-        t0 = clock.now()
-        ids = [await enqueue(iii, i) for i in range(2)]
-        await until_prefetched(iii, 1)
-        waiting = await iii.runs.get_async(ids[1])
-        clock.advance(3)
-        gates[0].set()  # job 1 follows job 0 in its thread (the line)
-
-        async def started() -> bool:
-            run = await iii.runs.get_async(ids[1])
-            return run is not None and run.status == "running"
-
-        await until(started)
-        running = await iii.runs.get_async(ids[1])
-        gates[1].set()
-        await drain(iii)
-    assert waiting is not None and (waiting.status, waiting.attempts) == ("queued", 0)
-    assert running is not None
-    assert (running.status, running.attempts, running.started_at) == ("running", 1, t0 + 3)
-
-
 async def test_prefetched_jobs_are_leased_but_only_concurrency_handlers_run(
     tmp_path: Path,
 ) -> None:
@@ -449,9 +419,13 @@ async def test_a_prefetched_run_starts_when_its_handler_does_and_says_so_while_i
     ]
 
 
-async def test_a_prefetched_sync_run_has_its_start_written_while_it_runs(tmp_path: Path) -> None:
+@pytest.mark.parametrize("on_file", [False, True], ids=["in_memory", "file_based"])
+async def test_a_prefetched_sync_run_reads_running_with_its_start_while_it_runs(
+    tmp_path: Path, on_file: bool
+) -> None:
     clock = VirtualClock()
-    iii = file_app(tmp_path, QueueConfig(name="work", concurrency=1, prefetch=1), clock)
+    queue = QueueConfig(name="work", concurrency=1, prefetch=1)
+    iii = file_app(tmp_path, queue, clock) if on_file else memory_app(queue, clock)
     gates = [threading.Event(), threading.Event()]
 
     @iii.function("job")
@@ -461,16 +435,21 @@ async def test_a_prefetched_sync_run_has_its_start_written_while_it_runs(tmp_pat
     async with iii.running():
         t0 = clock.now()
         ids = [await enqueue(iii, i) for i in range(2)]
-        await until_leased(iii, 2)
+        await until_prefetched(iii, 1)
+        waiting = await iii.runs.get_async(ids[1])
         clock.advance(3)
-        gates[0].set()
+        gates[0].set()  # job 1 follows job 0 in its thread (the line)
 
-        async def start_written() -> bool:
+        async def start_shown() -> bool:
             run = await iii.runs.get_async(ids[1])
-            return run is not None and run.started_at is not None
+            return run is not None and run.status == "running" and run.started_at is not None
 
-        await until(start_written)
+        await until(start_shown)
         running = await iii.runs.get_async(ids[1])
         gates[1].set()
         await drain(iii)
-    assert running is not None and (running.status, running.started_at) == ("running", t0 + 3)
+    # Waiting for its slot: leased on a file store; in memory, as before its claim.
+    assert waiting is not None
+    assert (waiting.status, waiting.attempts) == (("running", 1) if on_file else ("queued", 0))
+    assert running is not None
+    assert (running.status, running.attempts, running.started_at) == ("running", 1, t0 + 3)

@@ -113,31 +113,12 @@ class _Row:
     def view(self) -> Job:
         """The job as readers see it: a prefetched job that has not started reads as it was
         before its claim (``queued``, attempt not counted, no lease); see ``Store.get``."""
-        if not self.waiting:
-            return self.to_job()
-        return make_job(
-            self.id,
-            self.queue,
-            self.function_id,
-            self.payload,
-            self.group,
-            self.seq,
-            "queued",
-            self.attempts - 1,
-            self.max_attempts,
-            self.created_at,
-            self.available_at,
-            None,
-            self.finished_at,
-            self.first_failed_at,
-            self.last_failed_at,
-            self.error,
-            self.output,
-            None,
-            None,
-            self.idempotency_key,
-            self.cancel_requested,
-        )
+        job = self.to_job()  # a fresh copy: adjusting it leaves the row as it is
+        if self.waiting:
+            job.state = "queued"
+            job.attempts -= 1
+            job.lease_owner = job.lease_until = None
+        return job
 
 
 class _QueueIndex:
