@@ -389,6 +389,26 @@ class QueueRunner:
                 return True
         return False
 
+    def withdraw(self, job_id: str) -> bool:
+        """Let go of a claimed job this runner has not started, before an in-memory store
+        cancels it as the ``queued`` job it reads as (``Runs._cancel``): it leaves the
+        buffer or the line, settled ``released``, which the store ignores once the job is
+        cancelled (and no ``job_cancelled`` hook fires, as for any queued job). False if
+        this runner does not hold it unstarted; a job a thread took from the line
+        meanwhile is registered as running first, for the cancel to stop."""
+        waiting = self._reserved.get(job_id)
+        if waiting is not None:
+            if not self._detach(waiting):
+                return False
+            self._settle_unstarted(waiting.job, "shutdown")
+            return True
+        for job in self._buffer:
+            if job.id == job_id:
+                self._buffer.remove(job)
+                self._settle_unstarted(job, "shutdown")
+                return True
+        return False
+
     def _settle_unstarted(self, job: Job, reason: StopReason) -> None:
         kind: Literal["released", "cancelled"] = "released" if reason == "shutdown" else "cancelled"
         outcome = self._outcome(job, kind, self.rt.clock.now())

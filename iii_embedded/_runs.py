@@ -510,23 +510,23 @@ class Runs:
 
     async def _withdraw_prefetched(self, run_id: str) -> None:
         """In memory, a prefetched job that has not started reads ``queued``, and the
-        store cancels it at once, as any queued job (``Store.cancel``). First its runner
-        lets go of it, so that no worker or thread starts it: it settles it unstarted (an
-        outcome the store then ignores), or, if a thread started it meanwhile, registers
-        it as running and stops it (the store then sees it running)."""
+        store cancels it at once, as any queued job, when this runtime holds its lease
+        (``Store.cancel``). First its runner lets go of it, so that no worker or thread
+        starts it (``QueueRunner.withdraw``); if a thread started it meanwhile, it is
+        registered as running, and the store then sees it running."""
         rt = self._app.runtime
         job = await rt.store.get(run_id)
         if job is not None and job.state == "queued":
             runner = rt.runners.get(job.queue)
             if runner is not None:
-                runner.stop_job(run_id, "cancelled")
+                runner.withdraw(run_id)
 
     async def _cancel(self, run_id: str) -> CancelResult:
         rt = self._app.runtime
         now = rt.clock.now()
         if not rt.store.shared:
             await self._withdraw_prefetched(run_id)
-        before = await rt.store.cancel(run_id, now)
+        before = await rt.store.cancel(run_id, now, owner=rt.owner)
         if before is None:
             return CancelResult(
                 id=run_id, cancelled=False, status_before=None, message="no such run"

@@ -14,6 +14,7 @@ import anyio
 import pytest
 
 from iii_embedded import III, Config, QueueConfig, StoreConfig, TriggerAction
+from iii_embedded._stores._memory import MemoryStore
 from iii_embedded._stores._sqlite import SQLiteStore
 from iii_embedded.testing import VirtualClock, drain
 
@@ -182,6 +183,77 @@ async def test_in_memory_a_prefetched_run_is_cancelled_at_once_as_a_queued_one(
     assert first not in queued
     assert second != first and final is not None and final.status == "completed"
     assert sorted(gate.seen) == [0, 2]
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+async def test_in_memory_a_cancel_while_queued_looks_the_same_whether_prefetched_or_not(
+    prefetch: int,
+) -> None:
+    iii = memory_app(QueueConfig(name="work", concurrency=1, prefetch=prefetch))
+    gate = Gate()
+    iii.register_function("job", gate)
+    hooked: list[str] = []
+    iii.on("job_cancelled", lambda job, **_: hooked.append(job.id))
+    waited: dict[str, Any] = {}
+    async with iii.running():
+        await enqueue(iii, 0)
+        target = await enqueue(iii, 1)
+        await until_prefetched(iii, min(prefetch, 1))
+
+        async def wait() -> None:
+            waited["run"] = await iii.runs.wait_async(target)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait)
+            await anyio.lowlevel.checkpoint()  # the waiter is registered
+            result = await iii.runs.cancel_async(target)
+        gate.release.set()
+        await drain(iii)
+        stats = await iii.queue_stats_async("work")
+    assert result.message == "cancelled while queued"
+    assert (waited["run"].status, gate.seen) == ("cancelled", [0])
+    assert (stats.completed, stats.failed, stats.ready, stats.running) == (1, 0, 0, 0)
+    assert hooked == []  # no runner settled it: a queued job's cancel fires no hook
+
+
+async def test_a_job_prefetched_by_another_app_on_the_same_memory_store_is_asked_to_stop() -> None:
+    store = MemoryStore()
+    clock = VirtualClock()
+    holder = III(
+        Config(queues={"work": QueueConfig(name="work", concurrency=1, prefetch=2)}),
+        clock=clock,
+        store=store,
+        shutdown_grace_ms=0,
+    )
+    other = III(
+        Config(queues={"work": QueueConfig(name="work", concurrency=1)}),
+        clock=clock,
+        store=store,
+        shutdown_grace_ms=0,
+    )
+    gate = Gate()
+    holder.register_function("job", gate)
+    other.register_function("job", gate)
+    lease_s = StoreConfig().lease_ms / 1000
+    # Closing either app closes the store they share: both stay up to the end.
+    async with holder.running(), other.running():
+        ids = [await enqueue(holder, i) for i in range(2)]
+        await until_prefetched(holder, 1)  # job 0 runs, job 1 waits in holder's buffer
+        result = await other.runs.cancel_async(ids[1])
+        # The holder learns of it when it renews its leases, and settles it unstarted.
+        clock.advance(lease_s / 3)
+
+        async def settled() -> bool:
+            run = await holder.runs.get_async(ids[1])
+            return run is not None and run.status == "cancelled"
+
+        await until(settled)
+        gate.release.set()
+        await drain(holder)
+        run = await holder.runs.get_async(ids[1])
+    assert (result.cancelled, result.message) == (True, "running; asked to stop")
+    assert gate.seen == [0]
+    assert run is not None and (run.status, run.attempts) == ("cancelled", 0)
 
 
 async def test_in_memory_cancelling_a_line_job_a_thread_just_started_stops_it_running() -> None:

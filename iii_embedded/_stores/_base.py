@@ -487,15 +487,17 @@ class Store(Protocol):
         file store shows it ``running``: it is leased, and no other process may take it.
         :meth:`counts` and :meth:`list_jobs` show the same as ``get``."""
 
-    async def cancel(self, job_id: str, now: float) -> Job | None:
+    async def cancel(self, job_id: str, now: float, owner: str | None = None) -> Job | None:
         """Cancel a run. A ``queued`` or ``held`` job becomes ``cancelled`` at once; a
         ``running`` one is flagged ``cancel_requested`` (its runner stops it). Returns the
         job as it was *before* the call (as :meth:`get` shows it), or ``None`` if unknown.
 
-        In memory a prefetched job that has not started is cancelled at once too, its
-        attempt given back: it reads ``queued``. The caller must have had the runner that
-        claimed it let go of it first (``QueueRunner.stop_job``), or a worker would still
-        start it."""
+        In memory a prefetched job that has not started and is leased to ``owner`` (the
+        caller's runtime) is cancelled at once too, its attempt given back: it reads
+        ``queued``. The caller must have had its runner let go of it first
+        (``QueueRunner.withdraw``), or a worker would still start it. One leased to
+        another runtime sharing the store is flagged, as a running job, for its runner to
+        settle."""
 
     async def prune(self, finished_before: float) -> int:
         """Delete ``completed`` and ``cancelled`` jobs finished before the given time."""

@@ -561,21 +561,25 @@ class MemoryStore:
         row = self._rows.get(job_id)
         return row.view() if row is not None else None
 
-    async def cancel(self, job_id: str, now: float) -> Job | None:
+    async def cancel(self, job_id: str, now: float, owner: str | None = None) -> Job | None:
         """Cancel a run; see :meth:`Store.cancel`."""
         self._check_open()
         row = self._rows.get(job_id)
         if row is None:
             return None
-        before = row.view()
-        if row.waiting:
+        if row.waiting and owner is not None and row.lease_owner == owner:
             # Prefetched, not started: cancelled as the queued job it reads as. The runtime
             # has had its runner let go of it first (``Runs._withdraw_prefetched``).
+            before = row.view()
             row.attempts -= 1
             row.lease_owner = None
             row.lease_until = None
             self._cancel_row(row, now)
-        elif row.state in ("queued", "held"):
+            return before
+        # Anything else as it is; a job prefetched by another runtime sharing this store
+        # is running for it (its runner settles it when it renews the lease).
+        before = row.to_job()
+        if row.state in ("queued", "held"):
             self._cancel_row(row, now)
         elif row.state == "running":
             row.cancel_requested = True

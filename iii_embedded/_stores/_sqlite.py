@@ -1534,8 +1534,8 @@ class SQLiteStore:
 
         return await self._submit(run, write=False)
 
-    async def cancel(self, job_id: str, now: float) -> Job | None:
-        """Cancel a run; see :meth:`Store.cancel`."""
+    async def cancel(self, job_id: str, now: float, owner: str | None = None) -> Job | None:
+        """Cancel a run; see :meth:`Store.cancel` (``owner`` matters only in memory)."""
 
         def run(conn: Conn) -> Job | None:
             row = conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
