@@ -155,38 +155,7 @@ async def test_in_memory_a_prefetched_job_reads_queued_until_its_handler_starts(
 
 
 @pytest.mark.parametrize("prefetch", [0, 2])
-async def test_in_memory_a_prefetched_run_is_cancelled_at_once_as_a_queued_one(
-    prefetch: int,
-) -> None:
-    iii = memory_app(QueueConfig(name="work", concurrency=1, prefetch=prefetch))
-    gate = Gate()
-    iii.register_function("job", gate)
-    keyed = TriggerAction.Enqueue(queue="work", idempotency_key="k")
-    async with iii.running():
-        await enqueue(iii, 0)
-        first = str((await iii.trigger_async("job", 1, action=keyed))["messageReceiptId"])
-        await until_prefetched(iii, min(prefetch, 1))
-        result = await iii.runs.cancel_async(first)
-        cancelled = await iii.runs.get_async(first)
-        queued = [j.id for j in await iii.runtime.store.list_jobs(state="queued")]
-        # The cancelled run gave its idempotency key back: the same key makes a new run.
-        second = str((await iii.trigger_async("job", 2, action=keyed))["messageReceiptId"])
-        gate.release.set()
-        await drain(iii)
-        final = await iii.runs.get_async(second)
-    assert (result.cancelled, result.status_before, result.message) == (
-        True,
-        "queued",
-        "cancelled while queued",
-    )
-    assert cancelled is not None and (cancelled.status, cancelled.attempts) == ("cancelled", 0)
-    assert first not in queued
-    assert second != first and final is not None and final.status == "completed"
-    assert sorted(gate.seen) == [0, 2]
-
-
-@pytest.mark.parametrize("prefetch", [0, 2])
-async def test_in_memory_a_cancel_while_queued_looks_the_same_whether_prefetched_or_not(
+async def test_in_memory_a_run_waiting_for_a_slot_is_cancelled_alike_whether_prefetched_or_not(
     prefetch: int,
 ) -> None:
     iii = memory_app(QueueConfig(name="work", concurrency=1, prefetch=prefetch))
@@ -194,25 +163,39 @@ async def test_in_memory_a_cancel_while_queued_looks_the_same_whether_prefetched
     iii.register_function("job", gate)
     hooked: list[str] = []
     iii.on("job_cancelled", lambda job, **_: hooked.append(job.id))
+    keyed = TriggerAction.Enqueue(queue="work", idempotency_key="k")
     waited: dict[str, Any] = {}
     async with iii.running():
         await enqueue(iii, 0)
-        target = await enqueue(iii, 1)
+        first = str((await iii.trigger_async("job", 1, action=keyed))["messageReceiptId"])
         await until_prefetched(iii, min(prefetch, 1))
 
         async def wait() -> None:
-            waited["run"] = await iii.runs.wait_async(target)
+            waited["run"] = await iii.runs.wait_async(first)
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(wait)
             await anyio.lowlevel.checkpoint()  # the waiter is registered
-            result = await iii.runs.cancel_async(target)
+            result = await iii.runs.cancel_async(first)
+        cancelled = await iii.runs.get_async(first)
+        queued = [j.id for j in await iii.runtime.store.list_jobs(state="queued")]
+        # The cancelled run gave its idempotency key back: the same key makes a new run.
+        second = str((await iii.trigger_async("job", 2, action=keyed))["messageReceiptId"])
         gate.release.set()
         await drain(iii)
+        final = await iii.runs.get_async(second)
         stats = await iii.queue_stats_async("work")
-    assert result.message == "cancelled while queued"
-    assert (waited["run"].status, gate.seen) == ("cancelled", [0])
-    assert (stats.completed, stats.failed, stats.ready, stats.running) == (1, 0, 0, 0)
+    assert (result.cancelled, result.status_before, result.message) == (
+        True,
+        "queued",
+        "cancelled while queued",
+    )
+    assert cancelled is not None and (cancelled.status, cancelled.attempts) == ("cancelled", 0)
+    assert waited["run"].status == "cancelled"
+    assert first not in queued
+    assert second != first and final is not None and final.status == "completed"
+    assert sorted(gate.seen) == [0, 2]
+    assert (stats.completed, stats.failed, stats.ready, stats.running) == (2, 0, 0, 0)
     assert hooked == []  # no runner settled it: a queued job's cancel fires no hook
 
 
