@@ -369,25 +369,16 @@ class QueueRunner:
         """Stop one claimed job of this runner: interrupt its handler if it runs, or
         settle it unstarted (``cancelled`` or ``released``) if it is prefetched. False if
         this runner does not hold it."""
+        reserved = job_id in self._reserved
+        job = None if job_id in self.active else self._take_unstarted(job_id)
+        if job is not None:
+            self._settle_unstarted(job, "released" if reason == "shutdown" else "cancelled")
+            return True
         entry = self.active.get(job_id)
-        if entry is None and job_id in self._reserved:
-            waiting = self._reserved[job_id]
-            if self._detach(waiting):
-                self._settle_unstarted(waiting.job, reason)
-                return True
-            # A thread started it: now registered, running, or already ended and settled.
-            entry = self.active.get(job_id)
-            if entry is None:
-                return True
         if entry is not None:
             self.interrupt(entry, reason)
             return True
-        for job in self._buffer:
-            if job.id == job_id:
-                self._buffer.remove(job)
-                self._settle_unstarted(job, reason)
-                return True
-        return False
+        return reserved  # a thread started it from the line, and it has already ended
 
     def withdraw(self, job_id: str) -> bool:
         """Let go of a claimed job this runner has not started, before an in-memory store
@@ -396,21 +387,25 @@ class QueueRunner:
         cancelled (and no ``job_cancelled`` hook fires, as for any queued job). False if
         this runner does not hold it unstarted; a job a thread took from the line
         meanwhile is registered as running first, for the cancel to stop."""
+        job = self._take_unstarted(job_id)
+        if job is not None:
+            self._settle_unstarted(job, "released")
+        return job is not None
+
+    def _take_unstarted(self, job_id: str) -> Job | None:
+        """Take a claimed job that has not started out of the line or the buffer. None if
+        this runner does not hold it so; one a thread took from the line meanwhile is
+        registered (running, or ended and settled) instead."""
         waiting = self._reserved.get(job_id)
         if waiting is not None:
-            if not self._detach(waiting):
-                return False
-            self._settle_unstarted(waiting.job, "shutdown")
-            return True
+            return waiting.job if self._detach(waiting) else None
         for job in self._buffer:
             if job.id == job_id:
                 self._buffer.remove(job)
-                self._settle_unstarted(job, "shutdown")
-                return True
-        return False
+                return job
+        return None
 
-    def _settle_unstarted(self, job: Job, reason: StopReason) -> None:
-        kind: Literal["released", "cancelled"] = "released" if reason == "shutdown" else "cancelled"
+    def _settle_unstarted(self, job: Job, kind: Literal["released", "cancelled"]) -> None:
         outcome = self._outcome(job, kind, self.rt.clock.now())
         outcome.started = False
         self._outcomes.append((job, outcome))
