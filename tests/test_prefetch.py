@@ -379,6 +379,22 @@ async def test_shutdown_hands_prefetched_jobs_back_without_spending_an_attempt(
     assert sorted((j.state, j.attempts, j.lease_owner) for j in jobs) == [("queued", 0, None)] * 5
 
 
+async def test_in_memory_shutdown_hands_prefetched_jobs_back_without_spending_an_attempt() -> None:
+    iii = memory_app(QueueConfig(name="work", concurrency=1, prefetch=3))
+    gate = Gate()
+    iii.register_function("job", gate)
+    async with iii.running():
+        store = iii.runtime.store
+        assert isinstance(store, MemoryStore)
+        ids = [await enqueue(iii, i) for i in range(4)]
+        await until_prefetched(iii, 3)
+    # The store's own rows, not the readers' view (which shows unstarted jobs as queued
+    # whatever their lease): every job is back in its queue, unleased, no attempt spent.
+    rows = [store._rows[i] for i in ids]
+    assert gate.seen == [0]
+    assert [(r.state, r.attempts, r.lease_owner) for r in rows] == [("queued", 0, None)] * 4
+
+
 async def test_cancelling_a_prefetched_run_settles_it_unstarted(tmp_path: Path) -> None:
     iii = file_app(tmp_path, QueueConfig(name="work", concurrency=1, prefetch=2))
     gate = Gate()
