@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ._base import (
     CronFire,
+    EnqueueClaim,
     ErrorInfo,
     Job,
     JobState,
@@ -24,6 +25,7 @@ from ._base import (
 
 __all__ = [
     "CronFire",
+    "EnqueueClaim",
     "ErrorInfo",
     "Job",
     "JobState",

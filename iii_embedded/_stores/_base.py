@@ -29,7 +29,7 @@ one never changes the store.
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Future
 from typing import Literal, Protocol
 
@@ -38,6 +38,7 @@ import attrs
 __all__ = [
     "RUNNING_OWNERS",
     "CronFire",
+    "EnqueueClaim",
     "ErrorInfo",
     "Job",
     "JobState",
@@ -229,6 +230,31 @@ def make_job(
 
 
 @attrs.define(kw_only=True)
+class EnqueueClaim:
+    """Jobs an enqueue stores already claimed (:meth:`Store.enqueue_claimed`).
+
+    The first ``count`` jobs of the enqueue are stored as a claim of ``owner`` would leave
+    them, prefetched: ``running``, one attempt counted, no ``started_at``, leased until
+    ``lease_until``. Once the transaction has ended, on the event loop, ``deliver`` is
+    called with this claim and their :class:`Job` records (``None`` if nothing was
+    stored), whether or not anyone still awaits the enqueue's ids.
+    """
+
+    owner: str
+    lease_until: float
+    count: int
+    deliver: Callable[[EnqueueClaim, list[Job] | None], None]
+    ahead: int = 0
+    """Before storing its own jobs, the enqueue claims up to this many queued jobs of
+    their queue available at ``now``, oldest first, as a prefetching claim would: jobs
+    stored queued earlier, which its own must not overtake. They come first in
+    ``stored``."""
+    now: float = 0.0
+    stored: list[Job] = attrs.field(factory=list)
+    """Filled by the store in the enqueue's transaction: the claimed jobs' records."""
+
+
+@attrs.define(kw_only=True)
 class Outcome:
     """What happened to a claimed job's attempt, to be applied by ``Store.finish``.
 
@@ -375,6 +401,28 @@ class Store(Protocol):
         commit them in the caller's thread when its writer has nothing to do, and then
         returns a future already resolved. The future may raise ``StoreError``; the call
         itself raises it if the store is not open."""
+
+    @property
+    def claims_on_enqueue(self) -> bool:
+        """Whether this store offers :meth:`enqueue_claimed`."""
+
+    def enqueue_claimed(self, jobs: Sequence[NewJob], claim: EnqueueClaim) -> Awaitable[list[str]]:
+        """``enqueue``, with the first ``claim.count`` jobs stored already claimed (see
+        :class:`EnqueueClaim`). Only for a store whose ``claims_on_enqueue`` is true.
+
+        For a queue whose dispatcher found nothing more to claim and has room, this saves
+        the claim that would follow the insert: on the file store, a statement that moves
+        each row from one index to another, and a wake-up of the dispatcher. The caller
+        passes only standard-queue jobs that are available now and carry no idempotency
+        key. The file store does this; the in-memory store, whose claim costs little and
+        which stores nothing until its enqueue is awaited, does not."""
+
+    async def next_delayed_at(self, queue: str, after: float) -> float | None:
+        """The earliest ``available_at`` after ``after`` among ``queued`` jobs of ``queue``
+        that were not available when stored (delayed, or retried with a backoff), or
+        ``None``. Only for a store whose ``claims_on_enqueue`` is true: a runner that
+        claims at enqueue stops at that time, and ignores the jobs enqueued since its last
+        claim, which it knows of."""
 
     # --- consuming -------------------------------------------------------------------
 

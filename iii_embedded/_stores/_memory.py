@@ -11,7 +11,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from concurrent.futures import Future
 
 from .._errors import StoreError
@@ -19,6 +19,7 @@ from ._base import (
     LOST_ATTEMPT,
     UNSTARTED_ATTEMPT,
     CronFire,
+    EnqueueClaim,
     ErrorInfo,
     Job,
     JobState,
@@ -157,6 +158,7 @@ class MemoryStore:
     """A :class:`~iii_embedded._stores.Store` held in this process's memory."""
 
     shared = False
+    claims_on_enqueue = False
     location = ":memory:"
 
     def __init__(self) -> None:
@@ -260,6 +262,16 @@ class MemoryStore:
             head = self._rows[members[0]]
             if head.state == "queued":
                 heapq.heappush(index.group_heads, (head.available_at, head.seq, head.group or ""))
+
+    def enqueue_claimed(self, jobs: Sequence[NewJob], claim: EnqueueClaim) -> Awaitable[list[str]]:
+        """Not offered (``claims_on_enqueue`` is false): this store's claim costs little,
+        and its enqueue stores nothing until it is awaited; see
+        :meth:`Store.enqueue_claimed`."""
+        raise StoreError("the in-memory store does not claim jobs as it stores them")
+
+    async def next_delayed_at(self, queue: str, after: float) -> float | None:
+        """Not offered (``claims_on_enqueue`` is false); see :meth:`Store.next_delayed_at`."""
+        raise StoreError("the in-memory store does not claim jobs as it stores them")
 
     def enqueue_from_thread(
         self, jobs: Sequence[NewJob], *, inline: bool = False

@@ -60,6 +60,7 @@ from ._base import (
     RUNNING_OWNERS,
     UNSTARTED_ATTEMPT,
     CronFire,
+    EnqueueClaim,
     ErrorInfo,
     Job,
     JobState,
@@ -136,6 +137,13 @@ _INSERT_JOBS = (
     "available_at, max_attempts, idempotency_key) VALUES "
 )
 _JOB_VALUES = "(?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)"  # 9 parameters: 900 per 100 rows
+# The same insert when some of its jobs are stored already claimed (``enqueue_claimed``),
+# as a prefetching claim would leave them: no ``started_at``, the attempt counted.
+_INSERT_CLAIMED = (
+    "INSERT INTO jobs (id, queue, function_id, payload, grp, state, created_at, "
+    "available_at, max_attempts, idempotency_key, attempts, lease_owner, lease_until) VALUES "
+)
+_CLAIMED_VALUES = "(?, ?, ?, ?, ?, 'running', ?, ?, ?, ?, 1, ?, ?)"
 
 # counts(): one statement per state, each answered by that state's partial index.
 _COUNT_BY_STATE = {
@@ -297,7 +305,7 @@ _MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
 
 
 class _Request:
-    __slots__ = ("durable", "fn", "future", "jobs", "weight", "write")
+    __slots__ = ("claim", "durable", "fn", "future", "jobs", "weight", "write")
 
     def __init__(
         self,
@@ -308,6 +316,7 @@ class _Request:
         jobs: list[NewJob] | None = None,
         durable: bool = True,
         weight: int | None = None,
+        claim: EnqueueClaim | None = None,
     ) -> None:
         self.fn = fn
         self.future = future
@@ -320,9 +329,14 @@ class _Request:
         # How much work the request is (rows written or claimed), for the hot-path
         # requests the event loop may commit itself; None for every other request.
         self.weight = weight
+        # For an enqueue that stores jobs claimed: told the outcome once it is settled.
+        self.claim = claim
 
 
-_Results = list[tuple[asyncio.Future[Any] | concurrent.futures.Future[Any], bool, Any]]
+# (future, succeeded, value or error, claim of an ``enqueue_claimed`` or None), per request.
+_Results = list[
+    tuple[asyncio.Future[Any] | concurrent.futures.Future[Any], bool, Any, EnqueueClaim | None]
+]
 
 
 def _settle_elsewhere(results: _Results) -> _Results:
@@ -330,7 +344,7 @@ def _settle_elsewhere(results: _Results) -> _Results:
     futures) and return the rest, for the event loop to settle."""
     rest: _Results = []
     for item in results:
-        future, ok, value = item
+        future, ok, value, _ = item
         if isinstance(future, asyncio.Future):
             rest.append(item)
         elif future.set_running_or_notify_cancel():  # False: the caller gave up waiting
@@ -342,19 +356,39 @@ def _settle_elsewhere(results: _Results) -> _Results:
 
 
 def _deliver(results: _Results) -> None:
-    for future, ok, value in results:
-        if future.done():
-            continue
-        if ok:
-            future.set_result(value)
-        else:
-            future.set_exception(value)
+    for future, ok, value, claim in results:
+        if not future.done():
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+        if claim is not None:
+            # After the caller's future, so the caller resumes before a worker can start
+            # the job (a handler that waits for the run it enqueued registers its wait
+            # first), and whether or not anyone still waits: a cancelled caller's jobs
+            # are stored all the same.
+            claim.deliver(claim, claim.stored if ok else None)
+
+
+def _claims_of(requests: list[_Request]) -> list[EnqueueClaim | None] | None:
+    """Beside the jobs of ``requests`` one after another: each job's claim (see
+    ``enqueue_claimed``), or ``None`` if no request stores claimed jobs."""
+    if all(r.claim is None for r in requests):
+        return None
+    claims: list[EnqueueClaim | None] = []
+    for r in requests:
+        count = len(r.jobs or ())
+        claimed = r.claim.count if r.claim is not None else 0
+        claims += [r.claim] * claimed
+        claims += [None] * (count - claimed)
+    return claims
 
 
 class SQLiteStore:
     """A :class:`~iii_embedded._stores.Store` in ``<directory>/iii-queue.db`` (SQLite, WAL)."""
 
     shared = True
+    claims_on_enqueue = True
 
     def __init__(
         self,
@@ -441,6 +475,7 @@ class SQLiteStore:
         jobs: list[NewJob] | None = None,
         durable: bool = True,
         weight: int | None = None,
+        claim: EnqueueClaim | None = None,
     ) -> asyncio.Future[T]:
         loop = self._loop
         if self._closed or loop is None:
@@ -454,7 +489,7 @@ class SQLiteStore:
         outbox = self._outbox
         if not outbox:
             loop.call_soon(self._hand_over)
-        outbox.append(_Request(fn, future, write, jobs, durable, weight))
+        outbox.append(_Request(fn, future, write, jobs, durable, weight, claim))
         return future
 
     def _hand_over(self) -> None:
@@ -679,9 +714,9 @@ class SQLiteStore:
             if outcome is not None:
                 done = {id(r): v for r, v in outcome}
                 return [
-                    (r.future, False, failed[id(r)])
+                    (r.future, False, failed[id(r)], r.claim)
                     if id(r) in failed
-                    else (r.future, True, done[id(r)])
+                    else (r.future, True, done[id(r)], r.claim)
                     for r in batch
                 ]
             # The transaction was lost (SQLite rolls it all back on some errors, a full disk
@@ -702,7 +737,7 @@ class SQLiteStore:
             results: dict[int, Any] = {}
             if len(enqueues) > 1:
                 everything = [job for r in enqueues for job in (r.jobs or ())]
-                ids = self._enqueue(conn, everything)
+                ids = self._enqueue(conn, everything, _claims_of(enqueues))
                 start = 0
                 for request in enqueues:
                     count = len(request.jobs or ())
@@ -715,7 +750,7 @@ class SQLiteStore:
         except Exception:
             _roll_back(conn)
             return None
-        return [(r.future, True, results[id(r)]) for r in batch]
+        return [(r.future, True, results[id(r)], r.claim) for r in batch]
 
     def _try_batch(
         self,
@@ -784,7 +819,7 @@ class SQLiteStore:
         everything = [job for r in requests for job in (r.jobs or ())]
         try:
             conn.execute("SAVEPOINT merged")
-            ids = self._enqueue(conn, everything)
+            ids = self._enqueue(conn, everything, _claims_of(requests))
             conn.execute("RELEASE merged")
         except Exception:
             if conn.in_transaction:
@@ -977,6 +1012,20 @@ class SQLiteStore:
         weight = len(jobs) + sum(len(job.payload) for job in jobs) // _PAGE
         return self._submit(lambda conn: self._enqueue(conn, jobs), jobs=jobs, weight=weight)
 
+    def enqueue_claimed(
+        self, jobs: Sequence[NewJob], claim: EnqueueClaim
+    ) -> asyncio.Future[list[str]]:
+        """Store jobs atomically, the first ``claim.count`` already claimed; see
+        :meth:`Store.enqueue_claimed`. The claimed rows go straight into the lease index:
+        they never enter the ready index, and no claim statement moves them."""
+        jobs = list(jobs)
+        weight = len(jobs) + sum(len(job.payload) for job in jobs) // _PAGE
+        claims: list[EnqueueClaim | None] = [claim] * claim.count
+        claims += [None] * (len(jobs) - claim.count)
+        return self._submit(
+            lambda conn: self._enqueue(conn, jobs, claims), jobs=jobs, weight=weight, claim=claim
+        )
+
     def enqueue_from_thread(
         self, jobs: Sequence[NewJob], *, inline: bool = False
     ) -> concurrent.futures.Future[list[str]]:
@@ -999,7 +1048,7 @@ class SQLiteStore:
                 return future
         try:
             start = time.perf_counter()
-            [(_, ok, value)] = self._run_batch(self._conn, [request])
+            [(_, ok, value, _)] = self._run_batch(self._conn, [request])
             self._count_commit(len(jobs))
             self._timed(time.perf_counter() - start)
         finally:
@@ -1012,7 +1061,13 @@ class SQLiteStore:
         return future
 
     @staticmethod
-    def _enqueue(conn: Conn, jobs: list[NewJob]) -> list[str]:
+    def _enqueue(
+        conn: Conn, jobs: list[NewJob], claims: list[EnqueueClaim | None] | None = None
+    ) -> list[str]:
+        """Insert ``jobs``; ``claims``, when given, runs beside them: a job with a claim is
+        stored claimed, and its record is added to that claim's ``stored``."""
+        if claims is not None:
+            return SQLiteStore._enqueue_claimed(conn, jobs, claims)
         ids: list[str] = []
         rows = []
         taken: dict[tuple[str, str], str] = {}
@@ -1054,6 +1109,93 @@ class SQLiteStore:
                 _INSERT_JOBS + ",".join([_JOB_VALUES] * len(chunk)),
                 [value for row in chunk for value in row],
             )
+        SQLiteStore._index_groups(conn, rows)
+        return ids
+
+    @staticmethod
+    def _enqueue_claimed(
+        conn: Conn, jobs: list[NewJob], claims: list[EnqueueClaim | None]
+    ) -> list[str]:
+        # First the jobs stored queued, as any enqueue's (idempotency keys included): an
+        # earlier request's, merged into this insert, may be among the jobs a claim
+        # below takes ahead of its own.
+        plain = [job for job, claim in zip(jobs, claims, strict=True) if claim is None]
+        plain_ids = iter(SQLiteStore._enqueue(conn, plain) if plain else [])
+        by_claim = {id(c): (c, j) for j, c in zip(jobs, claims, strict=True) if c is not None}
+        for claim, job in by_claim.values():
+            claim.stored = []  # this transaction may be a second try
+            if claim.ahead > 0:
+                claim.stored += SQLiteStore._claim(
+                    conn,
+                    job.queue,
+                    False,
+                    claim.ahead,
+                    claim.now,
+                    claim.owner,
+                    claim.lease_until,
+                    None,
+                )
+        # Claimed jobs carry no idempotency key (the runtime claims only those), so they
+        # are inserted as they are.
+        claimed = [(job, claim) for job, claim in zip(jobs, claims, strict=True) if claim]
+        for chunk in _chunks(claimed, 100):
+            values: list[Any] = []
+            for job, claim in chunk:
+                values += (
+                    job.id,
+                    job.queue,
+                    job.function_id,
+                    job.payload,
+                    job.group,
+                    job.created_at,
+                    job.available_at,
+                    job.max_attempts,
+                    job.idempotency_key,
+                    claim.owner,
+                    claim.lease_until,
+                )
+            seqs = dict(
+                conn.execute(
+                    _INSERT_CLAIMED
+                    + ",".join([_CLAIMED_VALUES] * len(chunk))
+                    + " RETURNING id, seq",
+                    values,
+                ).fetchall()
+            )
+            for job, claim in chunk:
+                claim.stored.append(
+                    make_job(
+                        job.id,
+                        job.queue,
+                        job.function_id,
+                        job.payload,
+                        job.group,
+                        seqs[job.id],
+                        "running",
+                        1,
+                        job.max_attempts,
+                        job.created_at,
+                        job.available_at,
+                        None,
+                        None,
+                        None,
+                        None,
+                        None,
+                        None,
+                        claim.owner,
+                        claim.lease_until,
+                        job.idempotency_key,
+                        False,
+                    )
+                )
+        # In the order they came: each claimed job's own id, and the others' ids.
+        return [
+            job.id if claim else next(plain_ids) for job, claim in zip(jobs, claims, strict=True)
+        ]
+
+    @staticmethod
+    def _index_groups(conn: Conn, rows: list[tuple[Any, ...]]) -> None:
+        """Add the FIFO groups of newly inserted rows to ``fifo_groups``."""
         groups = {(r[1], r[4]) for r in rows if r[4] is not None}
         for q, grp in groups:
             conn.execute(
@@ -1061,7 +1203,6 @@ class SQLiteStore:
                 f"SELECT ?, ?, MIN(seq) FROM jobs WHERE queue = ? AND grp = ? AND state IN {_LIVE}",
                 (q, grp, q, grp),
             )
-        return ids
 
     # --- consuming ---------------------------------------------------------------------
 
@@ -1521,6 +1662,22 @@ class SQLiteStore:
             return None if row is None or row[0] is None else float(row[0])
 
         # One index probe (the ready index, in order): the loop may run it too.
+        return await self._submit(run, write=False, weight=1)
+
+    async def next_delayed_at(self, queue: str, after: float) -> float | None:
+        """Earliest availability of a delayed job; see :meth:`Store.next_delayed_at`."""
+
+        def run(conn: Conn) -> float | None:
+            # The ready index in order, from ``after``: the jobs enqueued since the
+            # caller's last claim (available when stored) are passed over, and are few.
+            row = conn.execute(
+                "SELECT available_at FROM jobs WHERE queue = ? AND state = 'queued' "
+                "AND available_at > ? AND available_at > created_at "
+                "ORDER BY available_at LIMIT 1",
+                (queue, after),
+            ).fetchone()
+            return None if row is None else float(row[0])
+
         return await self._submit(run, write=False, weight=1)
 
     # --- runs --------------------------------------------------------------------------
