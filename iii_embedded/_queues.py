@@ -36,7 +36,7 @@ from ._config import QueueConfig
 from ._context import _current
 from ._errors import NonRetryableError, RetryAfter, StoreError
 from ._fastpath import PENDING, Interrupted, Interrupter, first_step, resume_suspended
-from ._stores import ErrorInfo, Job, Outcome, completed_outcome
+from ._stores import EnqueueClaim, ErrorInfo, Job, NewJob, Outcome, completed_outcome
 from ._threads import ThreadPool
 
 if TYPE_CHECKING:
@@ -193,6 +193,24 @@ class QueueRunner:
         self._context = contextvars.copy_context()
         """The context the line's handlers run in a copy of (as a worker's would)."""
         self._timeout_s = config.timeout_ms / 1000 if config.timeout_ms else None
+        # Claims at enqueue (``claim_at_enqueue``). ``_drained``: the last claim found
+        # nothing more available, and nothing since can have made a job available behind
+        # this runner's back (``_generation`` counts those events: ``wake``), up to
+        # ``_due_at``, the earliest time a job it knows of becomes available. Except the
+        # jobs this runner's own enqueues stored queued that no claim has asked for yet:
+        # ``_owed`` of them, which the next claim takes first.
+        self.claims_on_enqueue = runtime.store.claims_on_enqueue and not config.is_fifo
+        """Whether enqueues may store this queue's jobs claimed (see ``claim_at_enqueue``)."""
+        self._drained = False
+        self._generation = 0
+        self._due_at = float("-inf")
+        self._queued_here = 0
+        """Jobs enqueued on this loop into this queue and stored queued (a running count)."""
+        self._owed = 0
+        self._claiming = 0
+        """The claim limit of the exchange in flight."""
+        self._claimed_at_enqueue = 0
+        """Jobs claimed by enqueues whose transactions have not ended."""
 
     # --- wiring ----------------------------------------------------------------------
 
@@ -209,7 +227,29 @@ class QueueRunner:
         self._tg.start_soon(self._worker, name=f"iii-worker[{self.name}#{self._workers}]")
 
     def wake(self) -> None:
-        """Something may be claimable now (a local enqueue, a finished job, a redrive)."""
+        """Jobs may be claimable now that this runner has not seen stored (an enqueue it
+        did not claim, a redrive, another process's jobs): until its next claim finds the
+        queue drained again, enqueues store their jobs queued, behind those."""
+        self._generation += 1
+        self._drained = False
+        self.poke()
+
+    def queued_here(self, jobs: list[NewJob]) -> None:
+        """An enqueue on the loop stores ``jobs`` queued (those it did not claim, see
+        ``claim_at_enqueue``): claim them soon, or when they fall due."""
+        now = self.rt.clock.now()
+        count = 0
+        for job in jobs:
+            if job.available_at <= now:
+                count += 1
+            elif job.available_at < self._due_at:
+                self._due_at = job.available_at
+        self._queued_here += count
+        self._owed += count
+        self.poke()
+
+    def poke(self) -> None:
+        """Run the dispatcher soon: outcomes to write, or room to claim into."""
         if self._wake_pending:
             # Already woken: the dispatcher has not run since, and its event is set (a new
             # event resets the flag; see ``_wait_for_wake``).
@@ -217,6 +257,74 @@ class QueueRunner:
         self._wake_pending = True
         self.idle = False
         self._wake_event.set()
+
+    # Claims at enqueue. When this runner's last claim found nothing more to claim and it
+    # has room, a job enqueued on the loop is stored already claimed (``enqueue_claimed``):
+    # the claim that would follow its insert, and the dispatcher's turn to make it, are
+    # saved. Only while nothing can be waiting ahead of the job: any enqueue not claimed
+    # so, a redrive, a released or retried job, a poll for other processes' jobs, or a
+    # delayed job falling due stops it until a claim finds the queue drained again
+    # (docs/design.md, "Claims at enqueue").
+
+    def claim_at_enqueue(self, jobs: list[NewJob]) -> EnqueueClaim | None:
+        """The claim an enqueue of ``jobs`` (on the loop) should store its leading jobs
+        with (``Store.enqueue_claimed``), or ``None``. The jobs it leaves out are stored
+        queued, and the runner told of them (:meth:`queued_here`)."""
+        if not self._drained or self._stopping or not self.claims_on_enqueue:
+            return None
+        rt = self.rt
+        now = rt.clock.now()
+        if now >= self._due_at:
+            return None
+        room = (
+            self.config.concurrency
+            + self.lent
+            + self.prefetch
+            - self.running
+            - len(self._buffer)
+            - len(self._reserved)
+            - self._claiming
+            - self._claimed_at_enqueue
+            - self._owed
+        )
+        count = 0
+        for job in jobs:
+            if count >= room or job.available_at > now or job.idempotency_key is not None:
+                break
+            count += 1
+        if not count:
+            return None
+        # Jobs stored queued here that no claim has asked for yet are claimed first, in
+        # the same transaction: the new jobs overtake none.
+        ahead, self._owed = self._owed, 0
+        self._claimed_at_enqueue += ahead + count
+        self.unsettled += ahead + count  # the runtime is not quiet while they are on their way
+        return EnqueueClaim(
+            owner=rt.owner,
+            lease_until=now + rt.lease_s,
+            count=count,
+            deliver=self._claimed,
+            ahead=ahead,
+            now=now,
+        )
+
+    def _claimed(self, claim: EnqueueClaim, jobs: list[Job] | None) -> None:
+        """The transaction of an enqueue that claimed ended: take its jobs as a claim's
+        (``None``: nothing was stored)."""
+        self._claimed_at_enqueue -= claim.ahead + claim.count
+        self.unsettled -= claim.ahead + claim.count
+        if jobs is None:  # the jobs it would have claimed ahead are still queued
+            self.wake()
+            self.rt.notify_activity()
+            return
+        self.unsettled += len(jobs)
+        if self._stopping:  # stopped meanwhile: hand them back unstarted
+            now = self.rt.clock.now()
+            self._outcomes += [(j, self._outcome(j, "released", now)) for j in jobs]
+            self.poke()
+        else:
+            self._buffer.extend(jobs)
+            self._spread()
 
     @property
     def needs_wake(self) -> bool:
@@ -276,7 +384,7 @@ class QueueRunner:
             self.threads.hold()  # released with its last wait (``_release_thread``)
         self._room_changed()
         self._spread()
-        self.wake()
+        self.poke()
 
     def reclaim_slot(self, lender: _Active) -> bool:
         """One wait of ``lender`` ended; True if it was its last (the slot is its own again:
@@ -450,14 +558,32 @@ class QueueRunner:
                 - self.running
                 - len(buffer)
                 - len(self._reserved)
+                - self._claimed_at_enqueue
             )
             settled, self._outcomes = self._outcomes, []
             now = clock.now()
             writes = [outcome for _, outcome in settled]
+            if self.claims_on_enqueue:
+                for outcome in writes:
+                    # Queued again, from its ``available_at``. (A job released while the
+                    # runner runs, as by ``withdraw``, wakes it: ``_settle_unstarted``.)
+                    if outcome.kind == "retry":
+                        at = outcome.available_at if outcome.available_at is not None else now
+                        self._due_at = min(self._due_at, at)
+            # Drained (see ``claim_at_enqueue``): the only jobs to claim are the ones
+            # enqueued here since, stored queued (``_owed``), so claim only those. With
+            # none owed and no outcome to write, the store is not asked at all.
+            drained = self.claims_on_enqueue and self._drained and now < self._due_at
+            limit = free
+            if drained:
+                limit = min(free, self._owed)
+                self._owed -= limit
+            generation = self._generation
+            queued_here = self._queued_here
             if self._unmarked:
                 writes += self._start_marks()
             jobs: list[Job] = []
-            if writes or free > 0:
+            if writes or limit > 0:
                 # The jobs this claim gives that can start at once; the rest are prefetched
                 # and start as slots free up (their start is written later: a crash before
                 # that gives their attempt back, see ``Store.recover``).
@@ -469,20 +595,32 @@ class QueueRunner:
                     - self.running
                     - len(buffer)
                     - len(self._reserved)
+                    - self._claimed_at_enqueue
                 )
                 self._exchanging = True
+                self._claiming = max(0, limit)  # claims at enqueue leave room for it
                 try:
                     jobs = await store.exchange(
                         writes,
                         self.name,
                         fifo=fifo,
-                        limit=free,
+                        limit=limit,
                         now=now,
                         owner=rt.owner,
                         lease_until=now + lease_s,
                         start=max(0, starting),
                     )
+                    # (Drained, it took owed jobs: only they were there to take.)
+                    if (
+                        not drained and limit > 0
+                    ):  # drained if the claim came back short, and nothing since
+                        self._drained = len(jobs) < limit and self._generation == generation
+                        # It took every job enqueued here before it was asked for.
+                        self._owed = self._queued_here - queued_here
+                        if self._drained and now >= self._due_at and self.claims_on_enqueue:
+                            await self._learn_due(now)
                 except StoreError as exc:
+                    self._drained = False
                     log.error(
                         "queue %r: writing %d outcome(s) and claiming failed: %s; jobs whose "
                         "outcome was not written run again when their lease expires",
@@ -492,6 +630,7 @@ class QueueRunner:
                     )
                 finally:
                     self._exchanging = False
+                    self._claiming = 0
                 self.unsettled -= len(settled)
                 for job, outcome in settled:
                     rt.job_finished(self, job, outcome)
@@ -503,7 +642,7 @@ class QueueRunner:
                     else:
                         buffer.extend(jobs)
                         self._spread()
-                if self._outcomes or (jobs and len(jobs) == free):
+                if self._outcomes or (jobs and len(jobs) == limit and not drained):
                     continue
             if self._stopping:
                 if self.unsettled == 0:
@@ -512,7 +651,11 @@ class QueueRunner:
                 await self._wait_for_wake(None, None)
                 continue
             deadline: float | None = None
-            if free > 0:
+            if self.claims_on_enqueue and self._drained and clock.now() < self._due_at:
+                # Nothing else is queued that is available now; the store named the next
+                # delayed job's time when the queue drained (``_learn_due``).
+                deadline = self._due_at if self._due_at != float("inf") else None
+            elif free > 0:
                 try:
                     deadline = await store.next_available_at(self.name, now)
                 except StoreError:
@@ -521,6 +664,18 @@ class QueueRunner:
                 continue
             poll_s = self.config.poll_interval_ms / 1000 if store.shared else None
             await self._wait_for_wake(deadline, poll_s)
+
+    async def _learn_due(self, now: float) -> None:
+        """After a claim found the queue drained at ``now``: ask the store when its next
+        delayed job falls due (claims at enqueue stop then)."""
+        generation = self._generation
+        try:
+            deadline = await self.rt.store.next_delayed_at(self.name, now)
+        except StoreError:
+            self._due_at = float("-inf")
+            return
+        if self._generation == generation:
+            self._due_at = float("inf") if deadline is None else deadline
 
     def _mark_started(self, job: Job, at: float) -> None:
         """A prefetched job's handler starts: the store records it at once if it can (the
@@ -556,15 +711,18 @@ class QueueRunner:
         self._wake_pending = False  # a wake from now on sets this new event
         self.idle = True
         self.rt.notify_activity()
+        event = self._wake_event
         with anyio.CancelScope(
             deadline=anyio.current_time() + poll_s if poll_s is not None else float("inf")
         ):
             if deadline is None:
-                await self._wake_event.wait()
+                await event.wait()
             else:
                 with self.rt.clock.deadline_scope(deadline):
-                    await self._wake_event.wait()
+                    await event.wait()
         self.idle = False
+        if not event.is_set():  # a delayed job fell due, or it is time to poll
+            self.wake()
 
     # --- workers ---------------------------------------------------------------------
     #
@@ -626,7 +784,7 @@ class QueueRunner:
                     # written with the next exchange.
                     self._mark_started(job, self.rt.clock.now())
                     if not spec.is_async and self._unmarked:
-                        self.wake()  # an async one wakes the dispatcher if it suspends
+                        self.poke()  # an async one wakes the dispatcher if it suspends
                 if spec is not None and not spec.is_async and not job.cancel_requested:
                     self._start_sync(job, spec.handler)  # returns at once: take the next
                     continue
@@ -672,7 +830,7 @@ class QueueRunner:
         self.running -= 1
         if self._room is not None:
             self._room_changed()
-        self.wake()
+        self.poke()
 
     # Sync handlers run in the queue's threads with no task waiting for each (a task's
     # suspension and wake-up, per job, cost the loop more than the rest of the job). The
@@ -862,7 +1020,7 @@ class QueueRunner:
             if result is PENDING:
                 self._spread()  # this one waits: another worker takes the next job
                 if self._unmarked:
-                    self.wake()  # write its start soon: it may run a while
+                    self.poke()  # write its start soon: it may run a while
                 result = await resume_suspended(
                     coro,
                     yielded,

@@ -454,13 +454,30 @@ class Runtime:
         return self._hand_to_store(jobs, action.queue)
 
     def _hand_to_store(self, jobs: list[NewJob], queue: str) -> Awaitable[list[str]]:
-        # Wake the queue's dispatcher before the commit, not after: it runs only once this
-        # task suspends, when the enqueue is already in the writer's queue, so its claim
-        # usually shares the enqueue's transaction (one commit from enqueue to start).
         runner = self.runners.get(queue)
-        if runner is not None:
-            runner.wake()
-        return self.store.enqueue(jobs)
+        if runner is None:
+            return self.store.enqueue(jobs)
+        if not runner.claims_on_enqueue:
+            # The dispatcher runs once this task suspends, when the store has the jobs.
+            runner.poke()
+            return self.store.enqueue(jobs)
+        # The queue has drained and has room: its jobs are stored already claimed, and
+        # reach the runner when their transaction ends (see ``claim_at_enqueue``).
+        claim = runner.claim_at_enqueue(jobs)
+        claimed = 0 if claim is None else claim.count
+        if claimed < len(jobs):
+            # Wake the queue's dispatcher before the commit, not after: it runs only once
+            # this task suspends, when the enqueue is already in the writer's queue, so its
+            # claim usually shares the enqueue's transaction (one commit from enqueue to
+            # start).
+            runner.queued_here(jobs[claimed:] if claimed else jobs)
+        if claim is None:
+            return self.store.enqueue(jobs)
+        try:
+            return self.store.enqueue_claimed(jobs, claim)
+        except BaseException:  # the store is closed, say: nothing was stored
+            claim.deliver(claim, None)
+            raise
 
     def from_thread(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> Future[T]:
         """From a thread other than the loop's: run ``await fn(*args)`` on the engine's

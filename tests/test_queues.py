@@ -22,7 +22,7 @@ from iii_embedded import (
     RetryAfter,
     TriggerAction,
 )
-from iii_embedded._stores import Job, NewJob
+from iii_embedded._stores import EnqueueClaim, Job, NewJob
 from iii_embedded._stores._memory import MemoryStore
 from iii_embedded._stores._sqlite import SQLiteStore
 from iii_embedded.testing import VirtualClock, dead_jobs, drain
@@ -86,17 +86,29 @@ async def test_a_local_enqueue_wakes_an_idle_worker_without_any_clock_advance() 
         assert clock.now() == start
 
 
-async def test_an_idle_queue_claims_in_the_enqueues_own_transaction(tmp_path: Path) -> None:
-    """The dispatcher is woken before the enqueue's commit, not after it, and the file
-    store hands the writer every request of one loop turn together: the claim joins the
-    enqueue's transaction, so an idle queue starts a job one commit after it was sent."""
+async def _trace_one_enqueue(
+    tmp_path: Path, queue: QueueConfig, payload: dict[str, Any]
+) -> tuple[list[str], list[str]]:
+    """Enqueue one job into an idle queue on the file store and return the store calls
+    made from the enqueue to its return, and the kinds of SQL statements run until the
+    job's handler has run."""
     store = SQLiteStore(tmp_path / "store")
     calls: list[str] = []
-    real_enqueue, real_exchange = store.enqueue, store.exchange
+    real_enqueue, real_claimed, real_exchange = (
+        store.enqueue,
+        store.enqueue_claimed,
+        store.exchange,
+    )
 
     async def enqueue_traced(jobs: Sequence[NewJob]) -> list[str]:
         calls.append("enqueue starts")
         ids = await real_enqueue(jobs)
+        calls.append("enqueue returns")
+        return ids
+
+    async def claimed_traced(jobs: Sequence[NewJob], claim: EnqueueClaim) -> list[str]:
+        calls.append(f"enqueue claiming {claim.count} starts")
+        ids = await real_claimed(jobs, claim)
         calls.append("enqueue returns")
         return ids
 
@@ -105,8 +117,9 @@ async def test_an_idle_queue_claims_in_the_enqueues_own_transaction(tmp_path: Pa
         return await real_exchange(*args, **kwargs)
 
     store.enqueue = enqueue_traced  # type: ignore[method-assign]
+    store.enqueue_claimed = claimed_traced  # type: ignore[method-assign]
     store.exchange = exchange_traced  # type: ignore[method-assign]
-    iii = app_with(QueueConfig(name="work", poll_interval_ms=60_000), store=store)
+    iii = app_with(queue, store=store)
     ran = threading.Event()  # set by the sync handler, in its thread
     iii.register_function("job", lambda _: ran.set())
     statements: list[str] = []
@@ -118,7 +131,7 @@ async def test_an_idle_queue_claims_in_the_enqueues_own_transaction(tmp_path: Pa
         conn.set_trace_callback(callback)
 
     async with iii.running():
-        runner = iii.runtime.runners["work"]
+        runner = iii.runtime.runners[queue.name]
         with anyio.fail_after(5):
             while not runner.idle:  # the start-up claim has found nothing
                 await anyio.lowlevel.checkpoint()
@@ -126,8 +139,8 @@ async def test_an_idle_queue_claims_in_the_enqueues_own_transaction(tmp_path: Pa
         assert store._conn is not None
         await store._submit(lambda conn: trace(conn, statements.append), write=False)
         statements.clear()  # the COMMIT of the request that set the callback
-        await enqueue(iii, "job", {}, "work")
-        assert calls[:3] == ["enqueue starts", "claim", "enqueue returns"]
+        await enqueue(iii, "job", payload, queue.name)
+        traced = calls[:]
         assert await anyio.to_thread.run_sync(ran.wait, 5)
         await store._submit(lambda conn: trace(conn, None), write=False)
     kinds = [
@@ -135,6 +148,8 @@ async def test_an_idle_queue_claims_in_the_enqueues_own_transaction(tmp_path: Pa
         if s.startswith("BEGIN")
         else "commit"
         if s.startswith("COMMIT")
+        else "insert claimed"
+        if s.startswith("INSERT INTO jobs") and "'running'" in s
         else "insert"
         if s.startswith("INSERT INTO jobs")
         else "claim"
@@ -142,7 +157,29 @@ async def test_an_idle_queue_claims_in_the_enqueues_own_transaction(tmp_path: Pa
         else None
         for s in statements
     ]
-    kinds = [k for k in kinds if k is not None]
+    return traced, [k for k in kinds if k is not None]
+
+
+async def test_an_idle_queue_has_its_job_stored_claimed_by_the_enqueue(tmp_path: Path) -> None:
+    """A standard queue whose last claim found nothing: the enqueue stores the job
+    already claimed, in one transaction with no claim statement, and the dispatcher
+    makes no call before the job runs (docs/design.md, "Claims at enqueue")."""
+    calls, kinds = await _trace_one_enqueue(
+        tmp_path, QueueConfig(name="work", poll_interval_ms=60_000), {}
+    )
+    assert calls == ["enqueue claiming 1 starts", "enqueue returns"]
+    assert kinds[:3] == ["begin", "insert claimed", "commit"]
+    assert "claim" not in kinds[:4]
+
+
+async def test_an_idle_fifo_queue_claims_in_the_enqueues_own_transaction(tmp_path: Path) -> None:
+    """FIFO queues claim by group heads, so their jobs are stored queued. The dispatcher
+    is woken before the enqueue's commit, not after it, and the file store hands the
+    writer every request of one loop turn together: the claim joins the enqueue's
+    transaction, so an idle queue starts a job one commit after it was sent."""
+    queue = QueueConfig(name="work", type="fifo", message_group_field="k", poll_interval_ms=60_000)
+    calls, kinds = await _trace_one_enqueue(tmp_path, queue, {"k": 1})
+    assert calls[:3] == ["enqueue starts", "claim", "enqueue returns"]
     assert kinds[:4] == ["begin", "insert", "claim", "commit"]
 
 
