@@ -19,8 +19,9 @@ from typing import Any
 
 import anyio
 import pytest
+from test_prefetch import file_app
 
-from iii_embedded import III, Config, QueueConfig, StoreConfig, TriggerAction
+from iii_embedded import III, Config, QueueConfig, TriggerAction
 from iii_embedded._stores import EnqueueClaim, Job, completed_outcome, make_new_job
 from iii_embedded._stores._sqlite import SQLiteStore
 from iii_embedded.testing import VirtualClock, drain
@@ -28,13 +29,19 @@ from iii_embedded.testing import VirtualClock, drain
 pytestmark = pytest.mark.anyio
 
 
-def file_app(tmp_path: Path, queue: QueueConfig, clock: VirtualClock | None = None) -> III:
-    store = StoreConfig(store_method="file_based", file_path=str(tmp_path / "store"))
-    return III(
-        Config(queues={queue.name: queue}, store=store),
-        clock=clock or VirtualClock(),
-        shutdown_grace_ms=0,
-    )
+def gated(iii: III) -> tuple[list[str], anyio.Event]:
+    """Register a handler that records each payload; the one named "first" waits for
+    the returned event."""
+    seen: list[str] = []
+    gate = anyio.Event()
+
+    @iii.function("job")
+    async def job(name: str) -> None:
+        seen.append(name)
+        if name == "first":
+            await gate.wait()
+
+    return seen, gate
 
 
 async def enqueue(iii: III, payload: Any, *, delay_ms: int = 0) -> str:
@@ -176,14 +183,7 @@ async def test_with_no_room_jobs_are_stored_queued_and_claimed_in_order(tmp_path
     """One slot and no prefetch: while a job runs, the next enqueues are stored queued,
     and the room they are owed is kept for them: no later enqueue overtakes them."""
     iii = file_app(tmp_path, QueueConfig(name="work", concurrency=1, prefetch=0))
-    seen: list[str] = []
-    gate = anyio.Event()
-
-    @iii.function("job")
-    async def job(name: str) -> None:
-        seen.append(name)
-        if name == "first":
-            await gate.wait()
+    seen, gate = gated(iii)
 
     async with iii.running():
         await until_idle(iii)
@@ -435,14 +435,7 @@ async def test_an_enqueue_that_claims_takes_the_jobs_stored_queued_before_it_fir
     (here: more prefetch) and an enqueue claims, it claims that job first, in the same
     transaction, and the jobs run in the order they were enqueued."""
     iii = file_app(tmp_path, QueueConfig(name="work", concurrency=1, prefetch=1))
-    seen: list[str] = []
-    gate = anyio.Event()
-
-    @iii.function("job")
-    async def job(name: str) -> None:
-        seen.append(name)
-        if name == "first":
-            await gate.wait()
+    seen, gate = gated(iii)
 
     async with iii.running():
         await until_idle(iii)

@@ -370,6 +370,21 @@ def _deliver(results: _Results) -> None:
             claim.deliver(claim, claim.stored if ok else None)
 
 
+def _row_of(job: NewJob) -> tuple[Any, ...]:
+    """A new job's values, in the order of ``_INSERT_JOBS``'s columns."""
+    return (
+        job.id,
+        job.queue,
+        job.function_id,
+        job.payload,
+        job.group,
+        job.created_at,
+        job.available_at,
+        job.max_attempts,
+        job.idempotency_key,
+    )
+
+
 def _claims_of(requests: list[_Request]) -> list[EnqueueClaim | None] | None:
     """Beside the jobs of ``requests`` one after another: each job's claim (see
     ``enqueue_claimed``), or ``None`` if no request stores claimed jobs."""
@@ -1088,19 +1103,7 @@ class SQLiteStore:
                     continue
                 taken[key] = job.id
             ids.append(job.id)
-            rows.append(
-                (
-                    job.id,
-                    job.queue,
-                    job.function_id,
-                    job.payload,
-                    job.group,
-                    job.created_at,
-                    job.available_at,
-                    job.max_attempts,
-                    job.idempotency_key,
-                )
-            )
+            rows.append(_row_of(job))
         # One multi-row statement per 100 jobs, not executemany: sqlite3 lets go of the GIL
         # around every step and must take it back from the busy event-loop thread each
         # time; one step per chunk took the writer's CPU per job down by ~15%.
@@ -1141,19 +1144,8 @@ class SQLiteStore:
         for chunk in _chunks(claimed, 100):
             values: list[Any] = []
             for job, claim in chunk:
-                values += (
-                    job.id,
-                    job.queue,
-                    job.function_id,
-                    job.payload,
-                    job.group,
-                    job.created_at,
-                    job.available_at,
-                    job.max_attempts,
-                    job.idempotency_key,
-                    claim.owner,
-                    claim.lease_until,
-                )
+                values += _row_of(job)
+                values += (claim.owner, claim.lease_until)
             seqs = dict(
                 conn.execute(
                     _INSERT_CLAIMED
