@@ -708,9 +708,14 @@ class III:
         A redriven job joins the tail of its FIFO group. Returns the ids moved.
         """
         rt = self.runtime
-        moved = await rt.store.redrive(self._known_queue(queue), ids, rt.clock.now())
+        name = self._known_queue(queue)
+        # Before the redrive is stored as well as after: an enqueue between the two
+        # must not be claimed at enqueue ahead of the redriven jobs (docs/design.md,
+        # "Claims at enqueue").
+        rt.runners[name].wake()
+        moved = await rt.store.redrive(name, ids, rt.clock.now())
         if moved:
-            rt.runners[queue].wake()
+            rt.runners[name].wake()
         return moved
 
     def dlq_redrive(self, queue: str, ids: Sequence[str] | None = None) -> list[str]:

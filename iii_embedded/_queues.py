@@ -206,6 +206,8 @@ class QueueRunner:
         self._due_at = float("-inf")
         self._queued_here = 0
         """Jobs enqueued on this loop into this queue and stored queued (a running count)."""
+        self._delayed_here = float("inf")
+        """The earliest delayed job enqueued here since ``_learn_due`` began its read."""
         self._owed = 0
         self._claiming = 0
         """The claim limit of the exchange in flight."""
@@ -232,6 +234,7 @@ class QueueRunner:
         queue drained again, enqueues store their jobs queued, behind those."""
         self._generation += 1
         self._drained = False
+        self._due_at = float("-inf")  # learnt again when the queue next drains
         self.poke()
 
     def queued_here(self, jobs: list[NewJob]) -> None:
@@ -242,8 +245,9 @@ class QueueRunner:
         for job in jobs:
             if job.available_at <= now:
                 count += 1
-            elif job.available_at < self._due_at:
-                self._due_at = job.available_at
+            else:
+                self._due_at = min(self._due_at, job.available_at)
+                self._delayed_here = min(self._delayed_here, job.available_at)
         self._queued_here += count
         self._owed += count
         self.poke()
@@ -270,7 +274,9 @@ class QueueRunner:
         """The claim an enqueue of ``jobs`` (on the loop) should store its leading jobs
         with (``Store.enqueue_claimed``), or ``None``. The jobs it leaves out are stored
         queued, and the runner told of them (:meth:`queued_here`)."""
-        if not self._drained or self._stopping or not self.claims_on_enqueue:
+        if not self._drained or self._stopping or not self.claims_on_enqueue or self._claiming:
+            # (A claim in flight: its jobs, older, reach the buffer only when the
+            # dispatcher resumes, after any delivered with the same commit.)
             return None
         rt = self.rt
         now = rt.clock.now()
@@ -324,14 +330,21 @@ class QueueRunner:
             self.poke()
         else:
             self._buffer.extend(jobs)
-            self._spread()
+            if self._may_start():
+                self._spread()  # wakes a worker task: it runs after the enqueue's caller
+            else:
+                # Every slot is taken: ``_spread`` would hand them to running sync
+                # handlers' threads, which could start one before the enqueue's caller
+                # resumes (a handler waiting for the run it enqueued registers its wait
+                # then). The caller's resumption is already scheduled: go after it.
+                asyncio.get_running_loop().call_soon(self._spread)
 
     @property
     def needs_wake(self) -> bool:
         """Whether a wake would change anything (read from other threads, racily but
         safely): not if one is pending, since the dispatcher's next round starts after
         the caller's commit anyway, nor once it has stopped claiming."""
-        return not (self._wake_pending or self._stopping)
+        return not self._stopping and (self.claims_on_enqueue or not self._wake_pending)
 
     def stop_claiming(self) -> None:
         """Graceful shutdown, step one: claim nothing more (outcomes are still written)."""
@@ -576,7 +589,7 @@ class QueueRunner:
             drained = self.claims_on_enqueue and self._drained and now < self._due_at
             limit = free
             if drained:
-                limit = min(free, self._owed)
+                limit = max(0, min(free, self._owed))
                 self._owed -= limit
             generation = self._generation
             queued_here = self._queued_here
@@ -669,13 +682,16 @@ class QueueRunner:
         """After a claim found the queue drained at ``now``: ask the store when its next
         delayed job falls due (claims at enqueue stop then)."""
         generation = self._generation
+        self._delayed_here = float("inf")
         try:
             deadline = await self.rt.store.next_delayed_at(self.name, now)
         except StoreError:
             self._due_at = float("-inf")
             return
         if self._generation == generation:
-            self._due_at = float("inf") if deadline is None else deadline
+            # A delayed job enqueued meanwhile may have been stored after the read.
+            answer = float("inf") if deadline is None else deadline
+            self._due_at = min(answer, self._delayed_here)
 
     def _mark_started(self, job: Job, at: float) -> None:
         """A prefetched job's handler starts: the store records it at once if it can (the

@@ -190,6 +190,7 @@ class Runtime:
 
     async def _release_held(self, function_id: str) -> None:
         try:
+            self.wake_all()  # before as well as after (see ``QueueRunner.wake``)
             if await self.store.release_held([function_id]):
                 self.wake_all()
         except StoreError as exc:
@@ -218,8 +219,10 @@ class Runtime:
                             runner.stop_job(job_id, "cancelled")
                 if self.cron_fires:
                     await store.renew_fires(self.owner, list(self.cron_fires), now + self.lease_s)
-                if store.shared and await store.recover(now):
-                    self.wake_all()
+                if store.shared:
+                    self.wake_all()  # before as well as after (see ``QueueRunner.wake``)
+                    if await store.recover(now):
+                        self.wake_all()
                 await store.prune(now - retention_s)
             except StoreError as exc:
                 if self.stopping:  # the store closed under a last pass: nothing was lost

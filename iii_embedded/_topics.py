@@ -96,6 +96,10 @@ async def publish(app: III, data: Any) -> None:
     for name in queues:
         function_id = name.split("::", 2)[2]
         jobs += rt.build_jobs(function_id, [message], EnqueueAction(queue=name), batch=False)
+    # Woken before the jobs are stored (so no enqueue in between claims ahead of them,
+    # see docs/design.md, "Claims at enqueue") and after.
+    for name in queues:
+        rt.runners[name].wake()
     await rt.store.enqueue(jobs)
     for name in queues:
         rt.runners[name].wake()

@@ -8,12 +8,14 @@ process dies before it starts."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ import anyio
 import pytest
 from test_prefetch import file_app
 
-from iii_embedded import III, Config, QueueConfig, TriggerAction
+from iii_embedded import III, Config, QueueConfig, StoreConfig, TriggerAction
 from iii_embedded._stores import EnqueueClaim, Job, completed_outcome, make_new_job
 from iii_embedded._stores._sqlite import SQLiteStore
 from iii_embedded.testing import VirtualClock, drain
@@ -499,3 +501,232 @@ async def test_concurrent_producers_keep_their_order_and_the_queue_its_bounds(
         assert [n for q, n in seen if q == p] == list(range(50))
     assert max(runner_holds) <= 4
     assert sum(counts) > 0 and 0 in counts  # both ways were taken
+
+
+# Found in review (each failed before its fix).
+
+
+async def test_no_claim_at_enqueue_while_the_dispatcher_claims_owed_jobs(tmp_path: Path) -> None:
+    """A drained dispatcher's claim of an owed job is in flight: an enqueue then stores
+    its job queued. Claimed at enqueue, it would reach the buffer in the same commit,
+    before the dispatcher resumed with the older job."""
+    iii = file_app(tmp_path, QueueConfig(name="work", concurrency=1, prefetch=1))
+    seen, gate = gated(iii)
+    async with iii.running():
+        await until_idle(iii)
+        runner = iii.runtime.runners["work"]
+        await enqueue(iii, "first")  # claimed, runs (blocks)
+        with anyio.fail_after(10):
+            while not seen:
+                await anyio.lowlevel.checkpoint()
+        await enqueue(iii, "second")  # claimed, prefetched
+        await enqueue(iii, "third")  # no room: stored queued, owed
+        counts = count_claimed(iii)
+        runner.prefetch = 3  # room frees up
+        runner.poke()
+        await anyio.lowlevel.checkpoint()  # the dispatcher asks for the owed job
+        assert runner._claiming == 1
+        await enqueue(iii, "fourth")
+        gate.set()
+        await drain(iii)
+    assert counts == [0]
+    assert seen == ["first", "second", "third", "fourth"]
+
+
+async def test_an_enqueue_from_a_thread_while_a_wake_is_pending_ends_the_drained_state(
+    tmp_path: Path,
+) -> None:
+    queue = QueueConfig(name="work", concurrency=1, prefetch=0, poll_interval_ms=60_000)
+    iii = file_app(tmp_path, queue)
+    seen, _ = gated(iii)
+    async with iii.running():
+        await until_idle(iii)
+        rt = iii.runtime
+        runner = rt.runners["work"]
+        action = TriggerAction.Enqueue(queue="work")
+        runner.poke()  # as when a job just finished: a wake is pending
+        # Another thread enqueues while that wake is still pending: the loop waits for
+        # the thread here, so nothing runs in between.
+        thread = threading.Thread(
+            target=lambda: rt.enqueue_elsewhere("job", "thread", action, inline=False)[1].result()
+        )
+        thread.start()
+        thread.join()
+        await until_idle(iii)
+        await enqueue(iii, "loop")
+        await drain(iii)
+    assert seen == ["thread", "loop"]
+
+
+async def test_a_delayed_job_enqueued_while_the_queue_learns_its_due_time_is_kept(
+    tmp_path: Path,
+) -> None:
+    """The store's read of the next due time ran before a delayed job enqueued meanwhile
+    was stored: the queue keeps that job's time all the same."""
+    clock = VirtualClock()
+    queue = QueueConfig(name="work", concurrency=1, prefetch=0, poll_interval_ms=60_000)
+    iii = file_app(tmp_path, queue, clock)
+    seen, _ = gated(iii)
+    async with iii.running():
+        store: Any = iii.runtime.store
+        real = store.next_delayed_at
+        armed: list[bool] = []
+
+        async def learning(queue: str, after: float) -> Any:
+            read = asyncio.ensure_future(real(queue, after))
+            if armed:
+                armed.clear()
+                await anyio.lowlevel.checkpoint()  # the read is on its way to the store
+                act = TriggerAction.Enqueue(queue="work", delay_ms=5_000)
+                iii.runtime.submit_enqueue("job", ["delayed"], act, batch=False)
+            return await read
+
+        store.next_delayed_at = learning
+        await until_idle(iii)
+        await enqueue(iii, "early", delay_ms=5_000)
+        await until_idle(iii)
+        armed.append(True)
+        clock.advance(6)  # 'early' is due: claimed; the queue drains and learns
+        with anyio.fail_after(10):
+            while armed or not seen:
+                await anyio.lowlevel.checkpoint()
+        await until_idle(iii)
+        clock.advance(6)  # 'delayed' is due
+        await enqueue(iii, "later")
+        await drain(iii)
+    assert seen == ["early", "delayed", "later"]
+
+
+async def test_a_delayed_job_from_another_thread_is_learnt_when_the_queue_drains_again(
+    tmp_path: Path,
+) -> None:
+    clock = VirtualClock()
+    queue = QueueConfig(name="work", concurrency=1, prefetch=0, poll_interval_ms=60_000)
+    iii = file_app(tmp_path, queue, clock)
+    seen, _ = gated(iii)
+    async with iii.running():
+        await until_idle(iii)
+        rt = iii.runtime
+        runner = rt.runners["work"]
+        act = TriggerAction.Enqueue(queue="work", delay_ms=5_000)
+        generation = runner._generation
+        await anyio.to_thread.run_sync(
+            lambda: rt.enqueue_elsewhere("job", "delayed", act, inline=False)[1].result()
+        )
+        with anyio.fail_after(10):  # its wake lands; the queue drains again
+            while runner._generation == generation:
+                await anyio.lowlevel.checkpoint()
+        await until_idle(iii)
+        assert runner._due_at == clock.now() + 5
+        clock.advance(6)  # 'delayed' is due
+        await enqueue(iii, "later")
+        await drain(iii)
+    assert seen == ["delayed", "later"]
+
+
+async def test_an_enqueue_committed_with_a_redrive_does_not_overtake_it(tmp_path: Path) -> None:
+    queue = QueueConfig(name="work", concurrency=1, prefetch=0, max_retries=1)
+    iii = file_app(tmp_path, queue)
+    seen: list[str] = []
+    failing = True
+
+    @iii.function("job")
+    async def job(name: str) -> None:
+        seen.append(name)
+        if name == "dead" and failing:
+            raise RuntimeError("no")
+
+    async with iii.running():
+        await until_idle(iii)
+        await enqueue(iii, "dead")
+        await drain(iii)
+        failing = False
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(iii.dlq_redrive_async, "work")
+            await anyio.lowlevel.checkpoint()  # the redrive is on its way to the store
+            tg.start_soon(enqueue, iii, "later")
+        await drain(iii)
+    assert seen == ["dead", "dead", "later"]
+
+
+async def test_an_enqueue_committed_with_a_topic_publish_does_not_overtake_it(
+    tmp_path: Path,
+) -> None:
+    store = StoreConfig(store_method="file_based", file_path=str(tmp_path / "store"))
+    iii = III(Config(store=store), clock=VirtualClock(), shutdown_grace_ms=0)
+    seen: list[str] = []
+
+    @iii.function("sub")
+    async def sub(name: str) -> None:
+        seen.append(name)
+
+    iii.register_trigger(
+        {
+            "type": "durable:subscriber",
+            "function_id": "sub",
+            "config": {"topic": "t", "queue_config": {"concurrency": 1}},
+        }
+    )
+    async with iii.running():
+        [name] = iii.topics["t"]
+        runner = iii.runtime.runners[name]
+        runner.prefetch = 0
+        with anyio.fail_after(10):
+            while not runner.idle:
+                await anyio.lowlevel.checkpoint()
+        message = {"topic": "t", "data": "published"}
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(iii.trigger_async, "iii::durable::publish", message)
+            for _ in range(3):  # the publish is on its way to the store
+                await anyio.lowlevel.checkpoint()
+            act = TriggerAction.Enqueue(queue=name)
+            tg.start_soon(lambda: iii.trigger_async("sub", "direct", action=act))
+        await drain(iii)
+    assert seen == ["published", "direct"]
+
+
+async def test_a_slot_taken_back_past_the_room_does_not_inflate_the_owed_count(
+    tmp_path: Path,
+) -> None:
+    """A handler waiting for a child lends its slot; when the child ends, the next job
+    takes the slot and the parent takes it back: the room is below zero for a while.
+    The count of jobs owed a claim must not grow from that."""
+    iii = file_app(tmp_path, QueueConfig(name="work", concurrency=1, prefetch=0))
+    seen: list[str] = []
+    child_go = anyio.Event()
+    c_go = anyio.Event()
+
+    @iii.function("job")
+    async def job(name: str) -> None:
+        seen.append(name)
+        if name == "parent":
+            await iii.trigger_and_wait_async("job", "child", queue="work")
+        elif name == "child":
+            await child_go.wait()
+        elif name == "c":
+            await c_go.wait()
+
+    async with iii.running():
+        await until_idle(iii)
+        runner = iii.runtime.runners["work"]
+        owed_max = 0
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(enqueue, iii, "parent")
+            with anyio.fail_after(10):
+                while "child" not in seen:
+                    await anyio.lowlevel.checkpoint()
+            await enqueue(iii, "c")  # no room: owed
+            child_go.set()  # the child ends; 'c' takes the slot; the parent takes it back
+            with anyio.fail_after(10):
+                while "c" not in seen or runner.lent:
+                    owed_max = max(owed_max, runner._owed)
+                    await anyio.lowlevel.checkpoint()
+            await enqueue(iii, "d")  # no room: owed
+            for _ in range(50):
+                owed_max = max(owed_max, runner._owed)
+                await anyio.lowlevel.checkpoint()
+            c_go.set()
+        await drain(iii)
+        assert runner._owed == 0
+    assert owed_max <= 1
+    assert sorted(seen) == ["c", "child", "d", "parent"]
