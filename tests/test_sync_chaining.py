@@ -306,14 +306,16 @@ async def test_shutdown_hands_back_the_jobs_waiting_in_line_unspent(tmp_path: Pa
 
 async def test_many_short_sync_jobs_run_once_each_within_concurrency(tmp_path: Path) -> None:
     """The line fills and drains continuously while results come back: every job runs
-    once, never more than ``concurrency`` at once, and many start in a handler's thread."""
+    once, never more than ``concurrency`` at once, and many start in a handler's thread.
+    (One batch: one by one, the enqueues could come slower than the handlers end, and
+    the line would never fill.)"""
     iii = file_app(tmp_path, QueueConfig(name="work", concurrency=3))
     rng = random.Random(7)
     work = [rng.random() / 2000 for _ in range(300)]  # up to 0.5 ms of handler work each
     handler = Lines(work=work)
     iii.register_function("job", handler)
     async with iii.running():
-        ids = await enqueue_all(iii, len(work))
+        ids = await iii.batch_trigger_async("job", list(range(len(work))), queue="work")
         await drain(iii)
         runs = [await iii.runs.get_async(i) for i in ids]
         chained = runner(iii).chained
