@@ -208,6 +208,15 @@ class QueueRunner:
         """Jobs enqueued on this loop into this queue and stored queued (a running count)."""
         self._delayed_here = float("inf")
         """The earliest delayed job enqueued here since ``_learn_due`` began its read."""
+        self._exchanges = 0
+        """Claims the dispatcher has asked for (a serial number)."""
+        self._exchanges_done = 0
+        """The last of those whose jobs are in the buffer (or that failed)."""
+        self._waits: dict[int, int] = {}
+        """A claim at enqueue made while a claim of the dispatcher's was on its way (by
+        ``id``) → that claim's serial number."""
+        self._parked: list[tuple[EnqueueClaim, list[Job]]] = []
+        """Jobs claimed at enqueue that wait for an older claim to reach the buffer."""
         self._owed = 0
         self._claiming = 0
         """The claim limit of the exchange in flight."""
@@ -274,9 +283,7 @@ class QueueRunner:
         """The claim an enqueue of ``jobs`` (on the loop) should store its leading jobs
         with (``Store.enqueue_claimed``), or ``None``. The jobs it leaves out are stored
         queued, and the runner told of them (:meth:`queued_here`)."""
-        if not self._drained or self._stopping or not self.claims_on_enqueue or self._claiming:
-            # (A claim in flight: its jobs, older, reach the buffer only when the
-            # dispatcher resumes, after any delivered with the same commit.)
+        if not self._drained or self._stopping or not self.claims_on_enqueue:
             return None
         rt = self.rt
         now = rt.clock.now()
@@ -305,7 +312,7 @@ class QueueRunner:
         ahead, self._owed = self._owed, 0
         self._claimed_at_enqueue += ahead + count
         self.unsettled += ahead + count  # the runtime is not quiet while they are on their way
-        return EnqueueClaim(
+        claim = EnqueueClaim(
             owner=rt.owner,
             lease_until=now + rt.lease_s,
             count=count,
@@ -313,10 +320,31 @@ class QueueRunner:
             ahead=ahead,
             now=now,
         )
+        if self._claiming:
+            # The dispatcher's claim on its way is older: its jobs go to the buffer first,
+            # though they reach it only when the dispatcher resumes, after a commit they
+            # may share with this one (``_claimed`` parks these till then).
+            self._waits[id(claim)] = self._exchanges
+        return claim
 
     def _claimed(self, claim: EnqueueClaim, jobs: list[Job] | None) -> None:
         """The transaction of an enqueue that claimed ended: take its jobs as a claim's
-        (``None``: nothing was stored)."""
+        (``None``: nothing was stored), after those of an older claim of the dispatcher's
+        that has not reached the buffer yet."""
+        wait_for = self._waits.pop(id(claim), 0)
+        if jobs and wait_for > self._exchanges_done:
+            self._parked.append((claim, jobs))
+            return
+        self._take_claimed(claim, jobs)
+
+    def _unpark(self) -> None:
+        """The dispatcher's claim has reached the buffer: the jobs claimed at enqueue that
+        waited for it follow."""
+        parked, self._parked = self._parked, []
+        for claim, jobs in parked:
+            self._take_claimed(claim, jobs)
+
+    def _take_claimed(self, claim: EnqueueClaim, jobs: list[Job] | None) -> None:
         self._claimed_at_enqueue -= claim.ahead + claim.count
         self.unsettled -= claim.ahead + claim.count
         if jobs is None:  # the jobs it would have claimed ahead are still queued
@@ -612,6 +640,9 @@ class QueueRunner:
                 )
                 self._exchanging = True
                 self._claiming = max(0, limit)  # claims at enqueue leave room for it
+                if limit > 0:
+                    self._exchanges += 1
+                serial = self._exchanges
                 try:
                     jobs = await store.exchange(
                         writes,
@@ -655,6 +686,10 @@ class QueueRunner:
                     else:
                         buffer.extend(jobs)
                         self._spread()
+                if self._exchanges_done < serial:
+                    self._exchanges_done = serial
+                    if self._parked:
+                        self._unpark()
                 if self._outcomes or (jobs and len(jobs) == limit and not drained):
                     continue
             if self._stopping:

@@ -506,10 +506,12 @@ async def test_concurrent_producers_keep_their_order_and_the_queue_its_bounds(
 # Found in review (each failed before its fix).
 
 
-async def test_no_claim_at_enqueue_while_the_dispatcher_claims_owed_jobs(tmp_path: Path) -> None:
-    """A drained dispatcher's claim of an owed job is in flight: an enqueue then stores
-    its job queued. Claimed at enqueue, it would reach the buffer in the same commit,
-    before the dispatcher resumed with the older job."""
+async def test_a_claim_at_enqueue_waits_for_the_dispatchers_older_claim_on_its_way(
+    tmp_path: Path,
+) -> None:
+    """A drained dispatcher's claim of an owed job is on its way when an enqueue claims
+    its own job. Both land in one commit; the older job must reach the buffer first,
+    though the dispatcher only resumes after the commit's deliveries."""
     iii = file_app(tmp_path, QueueConfig(name="work", concurrency=1, prefetch=1))
     seen, gate = gated(iii)
     async with iii.running():
@@ -529,7 +531,7 @@ async def test_no_claim_at_enqueue_while_the_dispatcher_claims_owed_jobs(tmp_pat
         await enqueue(iii, "fourth")
         gate.set()
         await drain(iii)
-    assert counts == [0]
+    assert counts == [1]
     assert seen == ["first", "second", "third", "fourth"]
 
 
