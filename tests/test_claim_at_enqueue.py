@@ -156,7 +156,10 @@ async def test_a_retry_that_fell_due_runs_before_a_later_enqueue(tmp_path: Path)
     assert seen == ["flaky", "meanwhile", "flaky", "later"]
 
 
-async def test_a_redriven_job_runs_before_a_later_enqueue(tmp_path: Path) -> None:
+@pytest.mark.parametrize("together", [False, True], ids=["after", "same_commit"])
+async def test_a_redriven_job_runs_before_a_later_enqueue(tmp_path: Path, together: bool) -> None:
+    """The enqueue comes after the redrive returned, or while it is on its way to the
+    store (the two then share a commit): either way the redriven job runs first."""
     queue = QueueConfig(name="work", concurrency=1, prefetch=0, max_retries=1)
     iii = file_app(tmp_path, queue)
     seen: list[str] = []
@@ -174,8 +177,14 @@ async def test_a_redriven_job_runs_before_a_later_enqueue(tmp_path: Path) -> Non
         await drain(iii)
         failing = False
         counts = count_claimed(iii)
-        assert len(await iii.dlq_redrive_async("work")) == 1
-        await enqueue(iii, "later")
+        if together:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(iii.dlq_redrive_async, "work")
+                await anyio.lowlevel.checkpoint()  # the redrive is on its way to the store
+                tg.start_soon(enqueue, iii, "later")
+        else:
+            assert len(await iii.dlq_redrive_async("work")) == 1
+            await enqueue(iii, "later")
         await drain(iii)
     assert counts == [0]
     assert seen == ["dead", "dead", "later"]
@@ -624,31 +633,6 @@ async def test_a_delayed_job_from_another_thread_is_learnt_when_the_queue_drains
         await enqueue(iii, "later")
         await drain(iii)
     assert seen == ["delayed", "later"]
-
-
-async def test_an_enqueue_committed_with_a_redrive_does_not_overtake_it(tmp_path: Path) -> None:
-    queue = QueueConfig(name="work", concurrency=1, prefetch=0, max_retries=1)
-    iii = file_app(tmp_path, queue)
-    seen: list[str] = []
-    failing = True
-
-    @iii.function("job")
-    async def job(name: str) -> None:
-        seen.append(name)
-        if name == "dead" and failing:
-            raise RuntimeError("no")
-
-    async with iii.running():
-        await until_idle(iii)
-        await enqueue(iii, "dead")
-        await drain(iii)
-        failing = False
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(iii.dlq_redrive_async, "work")
-            await anyio.lowlevel.checkpoint()  # the redrive is on its way to the store
-            tg.start_soon(enqueue, iii, "later")
-        await drain(iii)
-    assert seen == ["dead", "dead", "later"]
 
 
 async def test_an_enqueue_committed_with_a_topic_publish_does_not_overtake_it(
