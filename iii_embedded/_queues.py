@@ -283,23 +283,13 @@ class QueueRunner:
         """The claim an enqueue of ``jobs`` (on the loop) should store its leading jobs
         with (``Store.enqueue_claimed``), or ``None``. The jobs it leaves out are stored
         queued, and the runner told of them (:meth:`queued_here`)."""
-        if not self._drained or self._stopping or not self.claims_on_enqueue:
+        if not self._drained or self._stopping:  # (only such a runner drains)
             return None
         rt = self.rt
         now = rt.clock.now()
         if now >= self._due_at:
             return None
-        room = (
-            self.config.concurrency
-            + self.lent
-            + self.prefetch
-            - self.running
-            - len(self._buffer)
-            - len(self._reserved)
-            - self._claiming
-            - self._claimed_at_enqueue
-            - self._owed
-        )
+        room = self._room_to_claim() - self._claiming - self._owed
         count = 0
         for job in jobs:
             if count >= room or job.available_at > now or job.idempotency_key is not None:
@@ -326,6 +316,19 @@ class QueueRunner:
             # may share with this one (``_claimed`` parks these till then).
             self._waits[id(claim)] = self._exchanges
         return claim
+
+    def _room_to_claim(self) -> int:
+        """Jobs this runner may still claim: ``concurrency + lent + prefetch`` less those
+        it holds (running, waiting, in the line) and those claims at enqueue are bringing."""
+        return (
+            self.config.concurrency
+            + self.lent
+            + self.prefetch
+            - self.running
+            - len(self._buffer)
+            - len(self._reserved)
+            - self._claimed_at_enqueue
+        )
 
     def _claimed(self, claim: EnqueueClaim, jobs: list[Job] | None) -> None:
         """The transaction of an enqueue that claimed ended: take its jobs as a claim's
@@ -590,17 +593,7 @@ class QueueRunner:
         buffer = self._buffer
         while True:
             self._wake_pending = False
-            free = (
-                0
-                if self._stopping
-                else self.config.concurrency
-                + self.lent
-                + self.prefetch
-                - self.running
-                - len(buffer)
-                - len(self._reserved)
-                - self._claimed_at_enqueue
-            )
+            free = 0 if self._stopping else self._room_to_claim()
             settled, self._outcomes = self._outcomes, []
             now = clock.now()
             writes = [outcome for _, outcome in settled]
@@ -614,7 +607,7 @@ class QueueRunner:
             # Drained (see ``claim_at_enqueue``): the only jobs to claim are the ones
             # enqueued here since, stored queued (``_owed``), so claim only those. With
             # none owed and no outcome to write, the store is not asked at all.
-            drained = self.claims_on_enqueue and self._drained and now < self._due_at
+            drained = self._drained and now < self._due_at
             limit = free
             if drained:
                 limit = max(0, min(free, self._owed))
@@ -654,14 +647,13 @@ class QueueRunner:
                         lease_until=now + lease_s,
                         start=max(0, starting),
                     )
-                    # (Drained, it took owed jobs: only they were there to take.)
-                    if (
-                        not drained and limit > 0
-                    ):  # drained if the claim came back short, and nothing since
+                    # A full claim (a drained one takes owed jobs, the only ones there):
+                    # drained if it came back short and nothing happened since. It took
+                    # every job enqueued here before it was asked for.
+                    if self.claims_on_enqueue and not drained and limit > 0:
                         self._drained = len(jobs) < limit and self._generation == generation
-                        # It took every job enqueued here before it was asked for.
                         self._owed = self._queued_here - queued_here
-                        if self._drained and now >= self._due_at and self.claims_on_enqueue:
+                        if self._drained and now >= self._due_at:
                             await self._learn_due(now)
                 except StoreError as exc:
                     self._drained = False
@@ -699,7 +691,7 @@ class QueueRunner:
                 await self._wait_for_wake(None, None)
                 continue
             deadline: float | None = None
-            if self.claims_on_enqueue and self._drained and clock.now() < self._due_at:
+            if self._drained and clock.now() < self._due_at:
                 # Nothing else is queued that is available now; the store named the next
                 # delayed job's time when the queue drained (``_learn_due``).
                 deadline = self._due_at if self._due_at != float("inf") else None
