@@ -121,6 +121,9 @@ _AVERAGE_WEIGHT = 0.125
 # most jobs its claims may take, each one more for every 4 KB of payload or output (a
 # page of the database), so that large payloads go to the writer.
 _LOOP_MAX_WEIGHT = 512
+# How many turns of the loop a transaction that could commit on the loop waits for the
+# loop's other ready callbacks before it goes to the writer instead.
+_LOOP_PUT_OFF = 2
 _BUSY_TIMEOUT_MS = 10_000
 
 log = logging.getLogger("iii_embedded.store")
@@ -429,6 +432,7 @@ class SQLiteStore:
         # Requests made during one turn of the event loop, handed to the writer together
         # at the start of the next (see ``_submit``).
         self._outbox: list[_Request] = []
+        self._put_off = 0  # turns the hand-over of the outbox waited for a busy loop
         # Requests from other threads go straight to the writer (``enqueue_from_thread``).
         # The gate orders them before the writer's stop; the count tells the writer to look
         # for their futures in a batch.
@@ -515,15 +519,40 @@ class SQLiteStore:
         Handing a transaction to the writer costs two thread wake-ups, writer and then
         loop, ~65 µs each on a VM whose idle CPUs halt, which is more than a small
         transaction's own statements. The loop commits itself only when it has nothing
-        else to run this turn, the requests are hot-path ones (enqueue, claim, finish,
-        renew) with bounded work, the writer has nothing of this loop's outstanding and
-        is not in a transaction or about to checkpoint, no other process holds the write
-        lock (it is not waited for), recent transactions stayed within the budget, and no
-        timer falls due before the transaction would likely end (see docs/design.md)."""
-        outbox, self._outbox = self._outbox, []
-        if self.commit_on_loop and self._loop_may_commit(outbox) and self._commit_here(outbox):
-            return
+        else to run this turn (it waits up to two turns for tasks that are ready), the
+        requests are hot-path ones (enqueue, claim, finish, renew) with bounded work, the
+        writer has nothing of this loop's outstanding and is not in a transaction or about
+        to checkpoint, no other process holds the write lock (it is not waited for),
+        recent transactions stayed within the budget, and no timer falls due before the
+        transaction would likely end (see docs/design.md)."""
+        outbox = self._outbox
+        if self.commit_on_loop and self._loop_may_commit(outbox):
+            if self._loop_busy():
+                # Other tasks are ready to run: let them run first, rather than hand the
+                # transaction to the writer (two wake-ups), and look again. What they
+                # request joins this transaction. A loop still busy after that leaves it
+                # to the writer, so a busy loop delays a commit by a few turns at most.
+                loop = self._loop
+                if self._put_off < _LOOP_PUT_OFF and loop is not None:
+                    self._put_off += 1
+                    loop.call_soon(self._hand_over)
+                    return
+            else:
+                self._put_off = 0
+                self._outbox = []
+                if self._commit_here(outbox):
+                    return
+                self._to_writer(outbox)
+                return
+        self._put_off = 0
+        self._outbox = []
         self._to_writer(outbox)
+
+    def _loop_busy(self) -> bool:
+        """Whether the loop has callbacks ready to run (asyncio's ``_ready`` queue; a loop
+        that does not show it, uvloop among them, counts as busy)."""
+        ready = getattr(self._loop, "_ready", None)
+        return ready is None or bool(ready)
 
     def _to_writer(self, outbox: list[_Request]) -> None:
         self._with_writer += len(outbox)
@@ -537,9 +566,9 @@ class SQLiteStore:
         if self._with_writer or self._checkpoint_posted or self._closed or not outbox:
             return False
         # asyncio's queue of callbacks to run (other loops, uvloop among them, do not
-        # show theirs: there the writer always commits).
-        ready = getattr(self._loop, "_ready", None)
-        if ready is None or ready:
+        # show theirs: there the writer always commits). Whether it is empty is for the
+        # caller to ask (``_loop_busy``).
+        if getattr(self._loop, "_ready", None) is None:
             return False
         weight = 0
         for request in outbox:

@@ -183,6 +183,29 @@ async def test_a_busy_loop_leaves_the_commit_to_the_writer(store: SQLiteStore) -
     assert rows_seen_elsewhere(store) == 1
 
 
+async def test_a_loop_busy_for_a_turn_or_two_still_commits_and_gathers_what_it_asks_for(
+    store: SQLiteStore,
+) -> None:
+    threads = committing_threads(store)
+    receipts: list[list[str]] = []
+
+    async def other() -> None:
+        # Ready to run when the first enqueue is handed over, and again one turn later,
+        # when it enqueues too.
+        await anyio.lowlevel.checkpoint()
+        receipts.append(await store.enqueue([new_job("b")]))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(other)
+        receipts.append(await store.enqueue([new_job("a")]))
+    assert sorted(receipts) == [["a"], ["b"]]
+    # One transaction, on the loop: the hand-over waited for the other task's two turns
+    # instead of waking the writer, and the other task's enqueue joined it.
+    assert threads == [threading.current_thread().name]
+    assert store.loop_commits == 1
+    assert rows_seen_elsewhere(store) == 2
+
+
 async def test_a_timer_due_before_the_commit_would_end_leaves_it_to_the_writer(
     store: SQLiteStore,
 ) -> None:
