@@ -544,6 +544,52 @@ async def test_a_claim_at_enqueue_waits_for_the_dispatchers_older_claim_on_its_w
     assert seen == ["first", "second", "third", "fourth"]
 
 
+@pytest.mark.parametrize("later_turn", [False, True])
+async def test_an_enqueue_claiming_ahead_after_the_dispatchers_claim_takes_the_next_owed_job(
+    tmp_path: Path, later_turn: bool
+) -> None:
+    """The dispatcher's claim of an owed job is on its way; then one enqueue finds no room
+    (its job is owed too) and the next claims its own and the owed one ahead of it. All
+    three commit together (made in the same turn, or in the next by a task the loop lets
+    run before committing). The store must run them in that order: the dispatcher's claim
+    takes the older owed job, the enqueue's the newer."""
+    iii = file_app(tmp_path, QueueConfig(name="work", concurrency=1, prefetch=1))
+    seen, gate = gated(iii)
+    act = TriggerAction.Enqueue(queue="work")
+    async with iii.running():
+        await until_idle(iii)
+        runner = iii.runtime.runners["work"]
+        await enqueue(iii, "first")  # claimed, runs (blocks)
+        with anyio.fail_after(10):
+            while not seen:
+                await anyio.lowlevel.checkpoint()
+        await enqueue(iii, "second")  # claimed, prefetched
+        await enqueue(iii, "third")  # no room: stored queued, owed
+
+        async def two_enqueues() -> None:
+            if later_turn:
+                await anyio.lowlevel.checkpoint()  # ready when the claim is handed over
+            assert runner._claiming == 1
+            fourth = iii.runtime.submit_enqueue("job", ["fourth"], act, batch=False)
+            assert runner._owed == 1  # no room: stored queued, owed
+            runner.prefetch = 4
+            fifth = iii.runtime.submit_enqueue("job", ["fifth"], act, batch=False)
+            await fourth
+            await fifth
+
+        runner.prefetch = 2  # room for the owed job
+        runner.poke()
+        await anyio.lowlevel.checkpoint()  # the dispatcher asks for it
+        async with anyio.create_task_group() as tg:
+            if later_turn:
+                tg.start_soon(two_enqueues)
+            else:
+                await two_enqueues()
+        gate.set()
+        await drain(iii)
+    assert seen == ["first", "second", "third", "fourth", "fifth"]
+
+
 async def test_an_enqueue_from_a_thread_while_a_wake_is_pending_ends_the_drained_state(
     tmp_path: Path,
 ) -> None:

@@ -6,8 +6,9 @@ How it works, and why:
   ``queue.SimpleQueue``; the thread takes *all* pending requests, runs them in one
   transaction (``BEGIN IMMEDIATE`` … ``COMMIT``: group commit) and resolves their futures
   on the loop with one ``call_soon_threadsafe``. The requests of one turn of the loop are
-  handed over together at the start of the next, after the tasks that turn woke have made
-  theirs: an enqueue and the claim of the dispatcher it woke share a transaction. A
+  handed over together at the start of the next (or up to two turns later, while other
+  tasks are ready to run), after the tasks that turn woke have made theirs: an enqueue
+  and the claim of the dispatcher it woke share a transaction. A
   commit costs 30-165 µs here, so many concurrent enqueues, claims and acks share one.
   Each request runs inside its own
   ``SAVEPOINT``: a request that fails (a full disk, a bad batch) is rolled back alone and
@@ -388,6 +389,23 @@ def _row_of(job: NewJob) -> tuple[Any, ...]:
     )
 
 
+def _runs(batch: list[_Request]) -> list[list[_Request]]:
+    """``batch`` in order, in runs: each run of consecutive enqueues together, every other
+    request alone. Merging enqueues across another request would move them before it: a
+    claim made before them would see (and take) their jobs, or an enqueue's claim of owed
+    jobs ``ahead`` would take one that an earlier claim was meant to."""
+    runs: list[list[_Request]] = []
+    last: list[_Request] | None = None
+    for request in batch:
+        if request.jobs is not None and last is not None:
+            last.append(request)
+            continue
+        run = [request]
+        runs.append(run)
+        last = run if request.jobs is not None else None
+    return runs
+
+
 def _claims_of(requests: list[_Request]) -> list[EnqueueClaim | None] | None:
     """Beside the jobs of ``requests`` one after another: each job's claim (see
     ``enqueue_claimed``), or ``None`` if no request stores claimed jobs."""
@@ -429,8 +447,8 @@ class SQLiteStore:
         self._owners: set[str] = set()
         self._closed = False
         self._sync_mode = synchronous.upper()
-        # Requests made during one turn of the event loop, handed to the writer together
-        # at the start of the next (see ``_submit``).
+        # Requests made during one turn of the event loop, handed over together at the
+        # start of the next, or up to two turns later (see ``_submit``, ``_hand_over``).
         self._outbox: list[_Request] = []
         self._put_off = 0  # turns the hand-over of the outbox waited for a busy loop
         # Requests from other threads go straight to the writer (``enqueue_from_thread``).
@@ -502,9 +520,9 @@ class SQLiteStore:
         future: asyncio.Future[T] = loop.create_future()
         # Not put on the writer's queue at once: the writer would take it alone as soon as
         # the loop next lets go of the GIL. Requests made in one turn of the loop go to the
-        # writer together, in order, at the start of the next turn, after the tasks this
-        # turn woke have run. So an enqueue and the claim of the dispatcher it woke share a
-        # transaction.
+        # writer together, in order, at the start of the next turn (or up to two turns
+        # later, see ``_hand_over``), after the tasks this turn woke have run. So an
+        # enqueue and the claim of the dispatcher it woke share a transaction.
         outbox = self._outbox
         if not outbox:
             loop.call_soon(self._hand_over)
@@ -512,9 +530,9 @@ class SQLiteStore:
         return future
 
     def _hand_over(self) -> None:
-        """Run at the start of the loop turn after requests were made: commit them here,
-        on the loop, when that is cheap and safe (``commit_on_loop``), else hand them to
-        the writer thread.
+        """Run at the start of the loop turn after requests were made (and again, up to two
+        turns later, while other tasks are ready): commit them here, on the loop, when
+        that is cheap and safe (``commit_on_loop``), else hand them to the writer thread.
 
         Handing a transaction to the writer costs two thread wake-ups, writer and then
         loop, ~65 µs each on a VM whose idle CPUs halt, which is more than a small
@@ -771,30 +789,30 @@ class SQLiteStore:
     def _fast_batch(
         self, conn: Conn, batch: list[_Request], *, begun: bool = False
     ) -> _Results | None:
-        """Run every request in one plain transaction (``begun``: already started),
-        concurrent enqueues merged into one insert. ``None`` (after a rollback) if
-        anything failed."""
-        enqueues = [r for r in batch if r.jobs is not None]
+        """Run every request in one plain transaction (``begun``: already started), in
+        the order they were made, each run of consecutive enqueues merged into one insert.
+        ``None`` (after a rollback) if anything failed."""
         try:
             if not begun:
                 self._begin(conn, batch)
-            results: dict[int, Any] = {}
-            if len(enqueues) > 1:
-                everything = [job for r in enqueues for job in (r.jobs or ())]
-                ids = self._enqueue(conn, everything, _claims_of(enqueues))
-                start = 0
-                for request in enqueues:
-                    count = len(request.jobs or ())
-                    results[id(request)] = ids[start : start + count]
-                    start += count
-            for request in batch:
-                if id(request) not in results:
-                    results[id(request)] = request.fn(conn)
+            results: list[Any] = []
+            for run in _runs(batch):
+                if len(run) > 1:  # enqueues, one after another
+                    ids = self._enqueue(
+                        conn, [job for r in run for job in (r.jobs or ())], _claims_of(run)
+                    )
+                    start = 0
+                    for request in run:
+                        count = len(request.jobs or ())
+                        results.append(ids[start : start + count])
+                        start += count
+                else:
+                    results.append(run[0].fn(conn))
             conn.execute("COMMIT")
         except Exception:
             _roll_back(conn)
             return None
-        return [(r.future, True, results[id(r)], r.claim) for r in batch]
+        return [(r.future, True, value, r.claim) for r, value in zip(batch, results, strict=True)]
 
     def _try_batch(
         self,
@@ -807,9 +825,9 @@ class SQLiteStore:
         successful (request, value) pairs once committed, or ``None`` if the transaction
         was lost and must be retried without the requests now in ``failed``.
 
-        With ``merge``, concurrent enqueues are first tried as one insert (their ids are
-        handed back per request); if that fails they run one by one, so only the bad one
-        fails."""
+        With ``merge``, each run of consecutive enqueues is first tried as one insert
+        (their ids are handed back per request); if that fails they run one by one, so
+        only the bad one fails. Requests take effect in the order they were made."""
         if not pending:
             return []
         try:
@@ -820,32 +838,16 @@ class SQLiteStore:
                 failed[id(r)] = err
             return []
         succeeded: list[tuple[_Request, Any]] = []
-        todo = pending
-        enqueues = [r for r in pending if r.jobs is not None]
-        if merge and len(enqueues) > 1:
-            merged = self._merged_enqueue(conn, enqueues)
-            if merged is None and not conn.in_transaction:
+        for run in _runs(pending) if merge else [[r] for r in pending]:
+            if len(run) > 1:  # enqueues, one after another
+                merged = self._merged_enqueue(conn, run)
+                if merged is None and not conn.in_transaction:
+                    return None
+                if merged is not None:
+                    succeeded += merged
+                    continue
+            if not self._try_each(conn, run, succeeded, failed):
                 return None
-            if merged is not None:
-                succeeded += merged
-                todo = [r for r in pending if r.jobs is None]
-        for request in todo:
-            try:
-                conn.execute("SAVEPOINT req")
-                value = request.fn(conn)
-                conn.execute("RELEASE req")
-                succeeded.append((request, value))
-            except Exception as exc:
-                failed[id(request)] = (
-                    exc if isinstance(exc, StoreError) else self._error(exc, "a store operation")
-                )
-                if not conn.in_transaction:
-                    return None
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK TO req")
-                    conn.execute("RELEASE req")
-                if not conn.in_transaction:
-                    return None
         try:
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -856,6 +858,34 @@ class SQLiteStore:
                 failed[id(request)] = err
             return []
         return succeeded
+
+    def _try_each(
+        self,
+        conn: Conn,
+        requests: list[_Request],
+        succeeded: list[tuple[_Request, Any]],
+        failed: dict[int, BaseException],
+    ) -> bool:
+        """Run ``requests`` one by one, each in a savepoint, into ``succeeded`` or
+        ``failed``. False if the transaction was lost."""
+        for request in requests:
+            try:
+                conn.execute("SAVEPOINT req")
+                value = request.fn(conn)
+                conn.execute("RELEASE req")
+                succeeded.append((request, value))
+            except Exception as exc:
+                failed[id(request)] = (
+                    exc if isinstance(exc, StoreError) else self._error(exc, "a store operation")
+                )
+                if not conn.in_transaction:
+                    return False
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK TO req")
+                    conn.execute("RELEASE req")
+                if not conn.in_transaction:
+                    return False
+        return True
 
     def _merged_enqueue(
         self, conn: Conn, requests: list[_Request]

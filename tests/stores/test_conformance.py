@@ -135,6 +135,28 @@ async def test_a_call_made_while_an_enqueue_is_in_flight_sees_its_jobs(store: St
     assert receipts == [["a", "b"]]
 
 
+async def test_a_claim_made_before_enqueues_of_the_same_turn_does_not_see_them(
+    store: Store,
+) -> None:
+    """The other way round: enqueues made after a claim, in the same turn of the loop (so
+    in the same transaction of the file store), take effect after it, and the claim does
+    not take their jobs, however the store groups the enqueues."""
+    results: dict[str, Any] = {}
+
+    async def claiming() -> None:
+        results["claim"] = await claim(store)
+
+    async def producing(name: str) -> None:
+        results[name] = await store.enqueue([job(name)])
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(claiming)  # these three run, in this order, in the next turn
+        tg.start_soon(producing, "a")
+        tg.start_soon(producing, "b")
+    assert results == {"claim": [], "a": ["a"], "b": ["b"]}
+    assert await claim(store) == ["a", "b"]
+
+
 async def test_completions_that_carry_the_jobs_seq_complete_those_jobs(store: Store) -> None:
     """The runtime sends each completion with its job's ``seq`` (the file store finds the
     row by it); the result is the same as a completion by id alone."""

@@ -5,13 +5,15 @@ together, so an enqueue and the claim it wakes commit once."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 
-from iii_embedded._stores import Job
+from iii_embedded._stores import Job, _sqlite
 from iii_embedded._stores._sqlite import SQLiteStore
 
 from .helpers import T0, new_job
@@ -87,3 +89,45 @@ async def test_requests_still_pending_at_close_are_carried_out(tmp_path: Path) -
         assert [j.id for j in await reopened.list_jobs()] == ["a"]
     finally:
         await reopened.aclose()
+
+
+async def test_a_batch_run_request_by_request_keeps_the_order_its_requests_were_made(
+    tmp_path: Path,
+) -> None:
+    # When one request of a batch fails, the batch runs again request by request, each
+    # in a savepoint, consecutive enqueues still merged. The enqueues made after a claim
+    # must not be merged ahead of it.
+    store = SQLiteStore(tmp_path)
+    await store.open()
+    try:
+        loop = asyncio.get_running_loop()
+        assert store._conn is not None
+
+        def request(fn: Any, jobs: list[Any] | None = None) -> _sqlite._Request:
+            return _sqlite._Request(fn, loop.create_future(), True, jobs)
+
+        def fails(conn: Any) -> None:
+            raise sqlite3.IntegrityError("boom")
+
+        a, b = [new_job("a")], [new_job("b")]
+        batch = [
+            request(
+                lambda conn: [
+                    j.id
+                    for j in store._claim(conn, "q", False, 5, T0, OWNER, T0 + 30, None)
+                ]
+            ),
+            request(lambda conn: store._enqueue(conn, a), a),
+            request(lambda conn: store._enqueue(conn, b), b),
+            request(fails),
+        ]
+        with store._conn_lock:
+            results = store._run_batch(store._conn, batch)
+        assert [(ok, value) for _, ok, value, _ in results[:3]] == [
+            (True, []),
+            (True, ["a"]),
+            (True, ["b"]),
+        ]
+        assert results[3][1] is False and "boom" in str(results[3][2])
+    finally:
+        await store.aclose()
