@@ -31,6 +31,7 @@ from ._config import StoreConfig as StoreConfig
 from ._context import Invocation as Invocation
 from ._context import Logger as Logger
 from ._context import current_invocation as current_invocation
+from ._errors import AwaitableResultError as AwaitableResultError
 from ._errors import ConfigError as ConfigError
 from ._errors import DeadlockError as DeadlockError
 from ._errors import IIIError as IIIError
@@ -83,6 +84,7 @@ __all__ = [
     "StoreVersionError",
     "RunFailedError",
     "DeadlockError",
+    "AwaitableResultError",
     # runs
     "Run",
     "RunResult",

@@ -11,6 +11,7 @@ __all__ = [
     "IIIError",
     "InvocationError",
     "NonRetryableError",
+    "AwaitableResultError",
     "RetryAfter",
     "ConfigError",
     "StoreError",
@@ -128,3 +129,13 @@ class DeadlockError(InvocationError, NonRetryableError):
 
     def __init__(self, message: str) -> None:
         super().__init__("deadlock", message)
+
+
+class AwaitableResultError(NonRetryableError, TypeError):
+    """A plain (not ``async def``) handler returned an awaitable, which nothing awaits.
+
+    Usually a lambda around an async function: ``lambda data: process(data)``. The work
+    never ran, and no retry can make it run, so a queued job goes straight to the
+    dead-letter queue. Make the handler ``async def``, or register the async function
+    itself. A ``TypeError``, so code that catches that catches this too.
+    """

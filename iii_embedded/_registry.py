@@ -9,6 +9,8 @@ from typing import Any
 
 import attrs
 
+from ._errors import AwaitableResultError
+
 __all__ = ["FunctionRef", "FunctionSpec", "Handler", "Registry"]
 
 Handler = Callable[[Any], Any]
@@ -48,8 +50,9 @@ class FunctionSpec:
 
 
 def refusing_awaitables(fn: Handler, function_id: str) -> Handler:
-    """``fn`` (a plain, not ``async def``, handler), failing with a ``TypeError`` that says
-    what to do if it returns an awaitable: ``lambda data: process(data)`` with an async
+    """``fn`` (a plain, not ``async def``, handler), failing with an
+    :class:`AwaitableResultError` (a ``TypeError`` that no retry can fix) that says what to
+    do if it returns an awaitable: ``lambda data: process(data)`` with an async
     ``process`` would otherwise complete at once with a coroutine as its result, and the
     work would never run."""
 
@@ -60,7 +63,7 @@ def refusing_awaitables(fn: Handler, function_id: str) -> Handler:
             return result
         if inspect.iscoroutine(result):
             result.close()  # never awaited, and never will be: no warning about it later
-        raise TypeError(
+        raise AwaitableResultError(
             f"the handler of {function_id!r} is a plain function that returned "
             f"{type(result).__name__}, which nothing awaits: make the handler `async def`, "
             "or register the async function itself (a functools.partial of it works too)"

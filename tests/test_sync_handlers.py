@@ -307,7 +307,7 @@ def test_nested_synchronous_calls_of_sync_handlers_do_not_exhaust_the_threads() 
 async def test_a_plain_handler_that_returns_a_coroutine_fails_and_says_why(
     store_config: StoreConfig,
 ) -> None:
-    iii = app_with(store_config, QueueConfig(name="q", max_retries=1))
+    iii = app_with(store_config, QueueConfig(name="q", max_retries=2))
     ran: list[Any] = []
 
     async def process(data: Any) -> Any:
@@ -323,9 +323,12 @@ async def test_a_plain_handler_that_returns_a_coroutine_fails_and_says_why(
         receipt = await enqueue(iii, "wrapped", 2)
         await drain(iii)
         run = await iii.runs.get_async(receipt)
+        # No retry can make it run: dead-lettered after one attempt, though two are allowed.
         assert run is not None and (run.status, run.attempts) == ("failed", 1)
-        assert run.error is not None and run.error.type == "TypeError"
+        assert run.error is not None and run.error.type == "AwaitableResultError"
         assert hint in run.error.message
+        [dead] = await iii.dlq_list_async("q")
+        assert dead.id == receipt and dead.attempts == 1
         # A plain handler's ordinary results pass through untouched.
         iii.register_function("plain", lambda data: {"n": data})
         assert await iii.trigger_async("plain", 3) == {"n": 3}
