@@ -590,6 +590,35 @@ async def test_an_enqueue_claiming_ahead_after_the_dispatchers_claim_takes_the_n
     assert seen == ["first", "second", "third", "fourth", "fifth"]
 
 
+async def test_a_batch_claimed_at_enqueue_runs_in_order_when_an_owed_job_was_a_duplicate(
+    tmp_path: Path,
+) -> None:
+    """An enqueue whose idempotency key is taken stores nothing, but the runner counts its
+    job as owed; the next enqueue that claims then asks for one job ahead of its own, and
+    there is none. It must not take the queued tail of its own batch instead."""
+    iii = file_app(tmp_path, QueueConfig(name="work", concurrency=1, prefetch=2))
+    seen, gate = gated(iii)
+    act = TriggerAction.Enqueue(queue="work")
+    async with iii.running():
+        await until_idle(iii)
+        rt = iii.runtime
+        runner = rt.runners["work"]
+        await rt.submit_enqueue("job", ["first"], act, batch=False, idempotency_keys=["k"])
+        with anyio.fail_after(10):
+            while not seen:
+                await anyio.lowlevel.checkpoint()
+        await until_idle(iii)
+        assert runner._owed == 0
+        duplicate = rt.submit_enqueue("job", ["dup"], act, batch=False, idempotency_keys=["k"])
+        assert runner._owed == 1  # counted, though nothing will be stored
+        both = rt.submit_enqueue("job", ["a", "b"], act, batch=True)  # "a" claimed, "b" not
+        await duplicate
+        await both
+        gate.set()
+        await drain(iii)
+    assert seen == ["first", "a", "b"]
+
+
 async def test_an_enqueue_from_a_thread_while_a_wake_is_pending_ends_the_drained_state(
     tmp_path: Path,
 ) -> None:

@@ -1178,18 +1178,31 @@ class SQLiteStore:
     def _enqueue_claimed(
         conn: Conn, jobs: list[NewJob], claims: list[EnqueueClaim | None]
     ) -> list[str]:
-        # First the jobs stored queued, as any enqueue's (idempotency keys included): an
-        # earlier request's, merged into this insert, may be among the jobs a claim
-        # below takes ahead of its own.
-        plain = [job for job, claim in zip(jobs, claims, strict=True) if claim is None]
-        plain_ids = iter(SQLiteStore._enqueue(conn, plain) if plain else [])
-        by_claim = {id(c): (c, j) for j, c in zip(jobs, claims, strict=True) if c is not None}
-        for claim, job in by_claim.values():
+        # In the order the jobs came, so that each job's seq follows it and a claim
+        # ``ahead`` takes only jobs stored queued before its own enqueue: the jobs stored
+        # queued (idempotency keys included) as any enqueue's, each claim's ``ahead`` jobs
+        # just before its own, and the claimed jobs (they carry no idempotency key) as
+        # they are, consecutive ones in one statement.
+        ids: list[str] = []
+        pending: list[tuple[NewJob, EnqueueClaim]] = []  # claimed, not inserted yet
+        start = 0
+        while start < len(jobs):
+            claim = claims[start]
+            end = start + 1
+            while end < len(jobs) and claims[end] is claim:
+                end += 1
+            segment = jobs[start:end]
+            start = end
+            if claim is None:
+                SQLiteStore._insert_claimed(conn, pending)
+                ids += SQLiteStore._enqueue(conn, segment)
+                continue
             claim.stored = []  # this transaction may be a second try
             if claim.ahead > 0:
+                SQLiteStore._insert_claimed(conn, pending)
                 claim.stored += SQLiteStore._claim(
                     conn,
-                    job.queue,
+                    segment[0].queue,
                     False,
                     claim.ahead,
                     claim.now,
@@ -1197,10 +1210,16 @@ class SQLiteStore:
                     claim.lease_until,
                     None,
                 )
-        # Claimed jobs carry no idempotency key (the runtime claims only those), so they
-        # are inserted as they are.
-        claimed = [(job, claim) for job, claim in zip(jobs, claims, strict=True) if claim]
-        for chunk in _chunks(claimed, 100):
+            pending += [(job, claim) for job in segment]
+            ids += [job.id for job in segment]
+        SQLiteStore._insert_claimed(conn, pending)
+        return ids
+
+    @staticmethod
+    def _insert_claimed(conn: Conn, pending: list[tuple[NewJob, EnqueueClaim]]) -> None:
+        """Insert ``pending`` claimed jobs (then empty it), each added to its claim's
+        ``stored`` as the record a claim would return."""
+        for chunk in _chunks(pending, 100):
             values: list[Any] = []
             for job, claim in chunk:
                 values += _row_of(job)
@@ -1239,10 +1258,7 @@ class SQLiteStore:
                         False,
                     )
                 )
-        # In the order they came: each claimed job's own id, and the others' ids.
-        return [
-            job.id if claim else next(plain_ids) for job, claim in zip(jobs, claims, strict=True)
-        ]
+        pending.clear()
 
     @staticmethod
     def _index_groups(conn: Conn, rows: list[tuple[Any, ...]]) -> None:
