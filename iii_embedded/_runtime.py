@@ -579,13 +579,15 @@ class Runtime:
         Returns the jobs and the store's future, ``None`` if the store takes jobs only on
         its loop (then pass the jobs to :meth:`store_jobs` there)."""
         jobs = self.build_jobs(function_id, [payload], action, batch=False)
+        queue = action.queue
         try:
-            future = self.store.enqueue_from_thread(jobs, inline=inline)
+            # The queue is woken once the jobs are committed, before the caller resumes:
+            # a job the caller's next step enqueues on the loop must not overtake them.
+            future = self.store.enqueue_from_thread(
+                jobs, inline=inline, committed=lambda: self._wake_from_thread(queue)
+            )
         except StoreError as exc:
             raise enqueue_failed(exc) from exc
-        if future is not None:
-            queue = action.queue
-            future.add_done_callback(lambda _: self._wake_from_thread(queue))
         return jobs, future
 
     async def store_jobs(self, jobs: list[NewJob], queue: str) -> list[str]:

@@ -10,6 +10,7 @@ to the loop (docs/design.md, "Calls from other threads and other event loops")."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import sqlite3
 import threading
@@ -214,6 +215,51 @@ async def test_who_commits_a_job_handed_over_from_a_thread(tmp_path: Path) -> No
         assert [j.id for j in await store.list_jobs()] == ["a", "b"]
     finally:
         conn.set_trace_callback(None)
+        await store.aclose()
+
+
+@pytest.mark.anyio
+async def test_what_a_thread_enqueue_schedules_once_committed_comes_before_its_caller_resumes(
+    tmp_path: Path,
+) -> None:
+    # The runtime wakes the queue from ``committed``: the wake must be on its way before
+    # the caller resumes, or a job the caller enqueues next on the loop could be claimed
+    # at enqueue ahead of this one. And it must come even if the caller gave up waiting.
+    store = SQLiteStore(tmp_path / "store")
+    await store.open()
+    try:
+        seen: list[tuple[str, bool | None]] = []
+
+        def hand_over(key: str, inline: bool) -> None:
+            future: Any = None
+
+            def committed() -> None:  # inline, it runs before the call even returns
+                seen.append((key, None if future is None else future.done()))
+
+            with store._conn_lock if not inline else contextlib.nullcontext():
+                future = store.enqueue_from_thread(
+                    [new_job(key)], inline=inline, committed=committed
+                )
+            assert future.result(timeout=10) == [key]
+
+        await anyio.to_thread.run_sync(hand_over, "inline", True)
+        await anyio.to_thread.run_sync(hand_over, "writer", False)
+        assert seen == [("inline", None), ("writer", False)]
+
+        # A caller that gave up before the commit: its jobs are committed, and told so.
+        told = threading.Event()
+
+        def give_up() -> bool:
+            with store._conn_lock:  # the writer cannot commit until the caller gave up
+                future = store.enqueue_from_thread(
+                    [new_job("abandoned")], inline=False, committed=told.set
+                )
+                cancelled = future.cancel()
+            return cancelled and told.wait(timeout=10)
+
+        assert await anyio.to_thread.run_sync(give_up)
+        assert [j.id for j in await store.list_jobs()] == ["inline", "writer", "abandoned"]
+    finally:
         await store.aclose()
 
 

@@ -389,11 +389,18 @@ class Store(Protocol):
         """
 
     def enqueue_from_thread(
-        self, jobs: Sequence[NewJob], *, inline: bool = False
+        self,
+        jobs: Sequence[NewJob],
+        *,
+        inline: bool = False,
+        committed: Callable[[], None] | None = None,
     ) -> Future[list[str]] | None:
         """``enqueue`` called from a thread other than the event loop's: a future of the
         ids that resolves once the jobs are durable, or ``None`` if this store takes
         requests only on its event loop (the caller then goes through the loop).
+        ``committed`` is called once the jobs are committed, before the future resolves
+        (even if its caller cancelled it meanwhile), in whichever thread committed them:
+        what it schedules comes before anything the caller does next.
 
         The file store hands the jobs to its writer thread directly, so a caller waits
         for two thread wake-ups instead of four. With ``inline`` (the caller's thread

@@ -11,7 +11,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Future
 
 from .._errors import StoreError
@@ -274,7 +274,11 @@ class MemoryStore:
         raise StoreError("the in-memory store does not claim jobs as it stores them")
 
     def enqueue_from_thread(
-        self, jobs: Sequence[NewJob], *, inline: bool = False
+        self,
+        jobs: Sequence[NewJob],
+        *,
+        inline: bool = False,
+        committed: Callable[[], None] | None = None,
     ) -> Future[list[str]] | None:
         """``None``: this store is not thread-safe; see :meth:`Store.enqueue_from_thread`."""
         return None

@@ -343,15 +343,30 @@ _Results = list[
 ]
 
 
+class _ThreadFuture(concurrent.futures.Future[list[str]]):
+    """The future of an enqueue from another thread, with what to call once its jobs are
+    committed, before it resolves (``enqueue_from_thread``)."""
+
+    def __init__(self, committed: Callable[[], None] | None) -> None:
+        super().__init__()
+        self.committed = committed
+
+
 def _settle_elsewhere(results: _Results) -> _Results:
-    """In the writer thread: settle the requests made on other threads (concurrent
-    futures) and return the rest, for the event loop to settle."""
+    """In the thread that committed them: settle the requests made on other threads
+    (concurrent futures) and return the rest, for the event loop to settle."""
     rest: _Results = []
     for item in results:
         future, ok, value, _ = item
         if isinstance(future, asyncio.Future):
             rest.append(item)
-        elif future.set_running_or_notify_cancel():  # False: the caller gave up waiting
+            continue
+        committed = getattr(future, "committed", None)
+        if ok and committed is not None:
+            # Before the caller can resume: what it does next comes after (the queue's
+            # wake-up, say), and its jobs are committed even if it gave up waiting.
+            committed()
+        if future.set_running_or_notify_cancel():  # False: the caller gave up waiting
             if ok:
                 future.set_result(value)
             else:
@@ -1101,13 +1116,17 @@ class SQLiteStore:
         )
 
     def enqueue_from_thread(
-        self, jobs: Sequence[NewJob], *, inline: bool = False
+        self,
+        jobs: Sequence[NewJob],
+        *,
+        inline: bool = False,
+        committed: Callable[[], None] | None = None,
     ) -> concurrent.futures.Future[list[str]]:
         """Store jobs atomically from a thread other than the event loop's; see
         :meth:`Store.enqueue_from_thread`. The writer takes them with no hop through the
-        loop and resolves the future once they are committed."""
+        loop and resolves the future once they are committed (``committed`` first)."""
         jobs = list(jobs)
-        future: concurrent.futures.Future[list[str]] = concurrent.futures.Future()
+        future = _ThreadFuture(committed)
         request = _Request(lambda conn: self._enqueue(conn, jobs), future, True, jobs)
         with self._gate:
             if self._closed or self._thread is None or self._conn is None:
@@ -1127,11 +1146,7 @@ class SQLiteStore:
             self._timed(time.perf_counter() - start)
         finally:
             self._conn_lock.release()
-        future.set_running_or_notify_cancel()
-        if ok:
-            future.set_result(value)
-        else:
-            future.set_exception(value)
+        _settle_elsewhere([(future, ok, value, None)])
         return future
 
     @staticmethod
