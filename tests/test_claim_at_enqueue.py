@@ -53,12 +53,31 @@ async def enqueue(iii: III, payload: Any, *, delay_ms: int = 0) -> str:
     return str(receipt["messageReceiptId"])
 
 
+async def until_running(seen: list[str]) -> None:
+    """Wait until a handler of ``gated`` has started."""
+    with anyio.fail_after(10):
+        while not seen:
+            await anyio.lowlevel.checkpoint()
+
+
 async def until_idle(iii: III) -> None:
     """Wait until the queue's dispatcher has parked (its last claim found nothing)."""
     runner = iii.runtime.runners["work"]
     with anyio.fail_after(10):
         while not runner.idle:
             await anyio.lowlevel.checkpoint()
+
+
+async def one_running_one_prefetched_one_owed(iii: III, seen: list[str]) -> Any:
+    """On a drained queue of concurrency 1 and prefetch 1: "first" claimed at enqueue and
+    running (it waits for its gate), "second" claimed at enqueue and prefetched, "third"
+    stored queued for want of room (owed). Returns the queue's runner."""
+    await until_idle(iii)
+    await enqueue(iii, "first")
+    await until_running(seen)
+    await enqueue(iii, "second")
+    await enqueue(iii, "third")
+    return iii.runtime.runners["work"]
 
 
 def count_claimed(iii: III) -> list[int]:
@@ -200,9 +219,7 @@ async def test_with_no_room_jobs_are_stored_queued_and_claimed_in_order(tmp_path
         await until_idle(iii)
         counts = count_claimed(iii)
         await enqueue(iii, "first")
-        with anyio.fail_after(10):
-            while not seen:
-                await anyio.lowlevel.checkpoint()
+        await until_running(seen)
         await enqueue(iii, "second")
         await enqueue(iii, "third")
         # A slot more now (as if prefetching): it is owed to the two jobs stored queued,
@@ -460,9 +477,7 @@ async def test_an_enqueue_that_claims_takes_the_jobs_stored_queued_before_it_fir
 
         store.enqueue_claimed = traced  # type: ignore[method-assign]
         await enqueue(iii, "first")
-        with anyio.fail_after(10):
-            while not seen:
-                await anyio.lowlevel.checkpoint()
+        await until_running(seen)
         await enqueue(iii, "second")  # prefetched
         await enqueue(iii, "third")  # no room: stored queued
         iii.runtime.runners["work"].prefetch = 3  # room for two more
@@ -524,14 +539,7 @@ async def test_a_claim_at_enqueue_waits_for_the_dispatchers_older_claim_on_its_w
     iii = file_app(tmp_path, QueueConfig(name="work", concurrency=1, prefetch=1))
     seen, gate = gated(iii)
     async with iii.running():
-        await until_idle(iii)
-        runner = iii.runtime.runners["work"]
-        await enqueue(iii, "first")  # claimed, runs (blocks)
-        with anyio.fail_after(10):
-            while not seen:
-                await anyio.lowlevel.checkpoint()
-        await enqueue(iii, "second")  # claimed, prefetched
-        await enqueue(iii, "third")  # no room: stored queued, owed
+        runner = await one_running_one_prefetched_one_owed(iii, seen)
         counts = count_claimed(iii)
         runner.prefetch = 3  # room frees up
         runner.poke()
@@ -557,14 +565,7 @@ async def test_an_enqueue_claiming_ahead_after_the_dispatchers_claim_takes_the_n
     seen, gate = gated(iii)
     act = TriggerAction.Enqueue(queue="work")
     async with iii.running():
-        await until_idle(iii)
-        runner = iii.runtime.runners["work"]
-        await enqueue(iii, "first")  # claimed, runs (blocks)
-        with anyio.fail_after(10):
-            while not seen:
-                await anyio.lowlevel.checkpoint()
-        await enqueue(iii, "second")  # claimed, prefetched
-        await enqueue(iii, "third")  # no room: stored queued, owed
+        runner = await one_running_one_prefetched_one_owed(iii, seen)
 
         async def two_enqueues() -> None:
             if later_turn:
@@ -604,9 +605,7 @@ async def test_a_batch_claimed_at_enqueue_runs_in_order_when_an_owed_job_was_a_d
         rt = iii.runtime
         runner = rt.runners["work"]
         await rt.submit_enqueue("job", ["first"], act, batch=False, idempotency_keys=["k"])
-        with anyio.fail_after(10):
-            while not seen:
-                await anyio.lowlevel.checkpoint()
+        await until_running(seen)
         await until_idle(iii)
         assert runner._owed == 0
         duplicate = rt.submit_enqueue("job", ["dup"], act, batch=False, idempotency_keys=["k"])
