@@ -222,6 +222,10 @@ class QueueRunner:
         """The claim limit of the exchange in flight."""
         self._claimed_at_enqueue = 0
         """Jobs claimed by enqueues whose transactions have not ended."""
+        self._ahead_on_its_way = 0
+        """Claims at enqueue on their way that also claim owed jobs (``ahead``): while
+        one is, later enqueues store their jobs queued (owed), for if its transaction
+        fails, the owed jobs stay queued and a later claim must not overtake them."""
 
     # --- wiring ----------------------------------------------------------------------
 
@@ -283,8 +287,8 @@ class QueueRunner:
         """The claim an enqueue of ``jobs`` (on the loop) should store its leading jobs
         with (``Store.enqueue_claimed``), or ``None``. The jobs it leaves out are stored
         queued, and the runner told of them (:meth:`queued_here`)."""
-        if not self._drained or self._stopping:  # (only such a runner drains)
-            return None
+        if not self._drained or self._stopping or self._ahead_on_its_way:
+            return None  # (only a runner that claims at enqueue drains)
         rt = self.rt
         now = rt.clock.now()
         if now >= self._due_at:
@@ -300,6 +304,8 @@ class QueueRunner:
         # Jobs stored queued here that no claim has asked for yet are claimed first, in
         # the same transaction: the new jobs overtake none.
         ahead, self._owed = self._owed, 0
+        if ahead:
+            self._ahead_on_its_way += 1
         self._claimed_at_enqueue += ahead + count
         self.unsettled += ahead + count  # the runtime is not quiet while they are on their way
         claim = EnqueueClaim(
@@ -348,6 +354,8 @@ class QueueRunner:
             self._take_claimed(claim, jobs)
 
     def _take_claimed(self, claim: EnqueueClaim, jobs: list[Job] | None) -> None:
+        if claim.ahead:
+            self._ahead_on_its_way -= 1
         self._claimed_at_enqueue -= claim.ahead + claim.count
         self.unsettled -= claim.ahead + claim.count
         if jobs is None:  # the jobs it would have claimed ahead are still queued
@@ -1143,6 +1151,12 @@ class QueueRunner:
             if self.config.jitter:
                 delay_ms = random.uniform(delay_ms / 2, delay_ms)
         self.retried += 1
+        available_at = now + delay_ms / 1000
+        # Known before the dispatcher writes it: from then on no enqueue claims ahead of it
+        # (``claim_at_enqueue``), though it reaches the store only with the next exchange
+        # (and a due time being read meanwhile may not see it: ``_learn_due``).
+        self._due_at = min(self._due_at, available_at)
+        self._delayed_here = min(self._delayed_here, available_at)
         log.info(
             "job %s of %r failed attempt %d/%d (%s); retrying in %d ms",
             job.id,
@@ -1160,7 +1174,7 @@ class QueueRunner:
             attempt=job.attempts,
             at=now,
             error=info,
-            available_at=now + delay_ms / 1000,
+            available_at=available_at,
             started_at=job.started_at,
         )
 

@@ -23,7 +23,15 @@ import anyio
 import pytest
 from test_prefetch import file_app
 
-from iii_embedded import III, Config, QueueConfig, StoreConfig, TriggerAction
+from iii_embedded import (
+    III,
+    Config,
+    QueueConfig,
+    RetryAfter,
+    StoreConfig,
+    StoreError,
+    TriggerAction,
+)
 from iii_embedded._stores import EnqueueClaim, Job, completed_outcome, make_new_job
 from iii_embedded._stores._sqlite import SQLiteStore
 from iii_embedded.testing import VirtualClock, drain
@@ -616,6 +624,73 @@ async def test_a_batch_claimed_at_enqueue_runs_in_order_when_an_owed_job_was_a_d
         gate.set()
         await drain(iii)
     assert seen == ["first", "a", "b"]
+
+
+async def test_a_retry_decided_but_not_yet_written_runs_before_a_later_enqueue(
+    tmp_path: Path,
+) -> None:
+    """A handler fails with ``RetryAfter(0)``: its job is available again at once, but the
+    retry reaches the store only with the dispatcher's next exchange. An enqueue made
+    before that must not be claimed ahead of it."""
+    iii = file_app(tmp_path, QueueConfig(name="work", concurrency=1, prefetch=1))
+    seen: list[str] = []
+    gate = anyio.Event()
+
+    @iii.function("job")
+    async def job(name: str) -> None:
+        seen.append(name)
+        if seen == ["flaky"]:
+            await gate.wait()
+            raise RetryAfter(0)
+
+    async with iii.running():
+        runner = iii.runtime.runners["work"]
+        await until_idle(iii)
+        await enqueue(iii, "flaky")
+        with anyio.fail_after(10):
+            while not (seen and runner.idle):
+                await anyio.lowlevel.checkpoint()
+        gate.set()
+        with anyio.fail_after(10):
+            while not runner._outcomes:  # the retry is decided, not yet written
+                await anyio.lowlevel.checkpoint()
+        counts = count_claimed(iii)
+        await enqueue(iii, "later")
+        await drain(iii)
+    assert counts == [0]
+    assert seen == ["flaky", "flaky", "later"]
+
+
+async def test_a_later_enqueue_waits_for_a_claim_of_owed_jobs_on_its_way(
+    tmp_path: Path,
+) -> None:
+    """An enqueue claims the owed job "third" ahead of its own; one made in the same turn
+    must not claim its own, for if the first one's transaction fails (here a full disk:
+    its payload does not fit), "third" stays queued, and the later job would overtake it."""
+    store = SQLiteStore(tmp_path / "store", max_page_count=64)
+    iii = III(
+        Config(queues={"work": QueueConfig(name="work", concurrency=1, prefetch=1)}),
+        store=store,
+        clock=VirtualClock(),
+        shutdown_grace_ms=0,
+    )
+    seen, gate = gated(iii)
+    act = TriggerAction.Enqueue(queue="work")
+    async with iii.running():
+        runner = await one_running_one_prefetched_one_owed(iii, seen)
+        await until_idle(iii)
+        assert runner._owed == 1
+        runner.prefetch = 4  # room frees up
+        rt = iii.runtime
+        big = rt.submit_enqueue("job", ["x" * 1_000_000], act, batch=False)
+        assert runner._owed == 0 and runner._claimed_at_enqueue == 2  # "third" and its own
+        small = rt.submit_enqueue("job", ["y"], act, batch=False)
+        with pytest.raises(StoreError, match="disk is full"):
+            await big
+        await small
+        gate.set()
+        await drain(iii)
+    assert seen == ["first", "second", "third", "y"]
 
 
 async def test_an_enqueue_from_a_thread_while_a_wake_is_pending_ends_the_drained_state(
