@@ -88,6 +88,19 @@ async def one_running_one_prefetched_one_owed(iii: III, seen: list[str]) -> Any:
     return iii.runtime.runners["work"]
 
 
+def small_disk_app(tmp_path: Path, *, prefetch: int) -> tuple[III, SQLiteStore]:
+    """An app, and its file store whose disk holds 64 pages (a payload of 1 MB does not
+    fit), with a queue "work" of concurrency 1."""
+    store = SQLiteStore(tmp_path / "store", max_page_count=64)
+    iii = III(
+        Config(queues={"work": QueueConfig(name="work", concurrency=1, prefetch=prefetch)}),
+        store=store,
+        clock=VirtualClock(),
+        shutdown_grace_ms=0,
+    )
+    return iii, store
+
+
 def count_claimed(iii: III) -> list[int]:
     """Record how many jobs each enqueue stored claimed (0: none)."""
     store = iii.runtime.store
@@ -300,13 +313,7 @@ async def test_a_failed_enqueue_gives_back_the_room_it_claimed(tmp_path: Path) -
     """An enqueue whose transaction fails (the disk is full) stores nothing and raises.
     The room it had taken is given back, and the queue claims afresh: the next job is
     stored queued for the dispatcher to claim, and the app drains."""
-    store = SQLiteStore(tmp_path / "store", max_page_count=64)
-    iii = III(
-        Config(queues={"work": QueueConfig(name="work", concurrency=1, prefetch=0)}),
-        store=store,
-        clock=VirtualClock(),
-        shutdown_grace_ms=0,
-    )
+    iii, store = small_disk_app(tmp_path, prefetch=0)
     seen: list[int] = []
 
     @iii.function("job")
@@ -667,13 +674,7 @@ async def test_a_later_enqueue_waits_for_a_claim_of_owed_jobs_on_its_way(
     """An enqueue claims the owed job "third" ahead of its own; one made in the same turn
     must not claim its own, for if the first one's transaction fails (here a full disk:
     its payload does not fit), "third" stays queued, and the later job would overtake it."""
-    store = SQLiteStore(tmp_path / "store", max_page_count=64)
-    iii = III(
-        Config(queues={"work": QueueConfig(name="work", concurrency=1, prefetch=1)}),
-        store=store,
-        clock=VirtualClock(),
-        shutdown_grace_ms=0,
-    )
+    iii, _ = small_disk_app(tmp_path, prefetch=1)
     seen, gate = gated(iii)
     act = TriggerAction.Enqueue(queue="work")
     async with iii.running():
