@@ -42,6 +42,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import errno
+import itertools
 import logging
 import os
 import queue
@@ -361,7 +362,7 @@ def _settle_elsewhere(results: _Results) -> _Results:
         if isinstance(future, asyncio.Future):
             rest.append(item)
             continue
-        committed = getattr(future, "committed", None)
+        committed = future.committed if isinstance(future, _ThreadFuture) else None
         if ok and committed is not None:
             # Before the caller can resume: what it does next comes after (the queue's
             # wake-up, say), and its jobs are committed even if it gave up waiting.
@@ -559,26 +560,21 @@ class SQLiteStore:
         recent transactions stayed within the budget, and no timer falls due before the
         transaction would likely end (see docs/design.md)."""
         outbox = self._outbox
-        if self.commit_on_loop and self._loop_may_commit(outbox):
-            if self._loop_busy():
-                # Other tasks are ready to run: let them run first, rather than hand the
-                # transaction to the writer (two wake-ups), and look again. What they
-                # request joins this transaction. A loop still busy after that leaves it
-                # to the writer, so a busy loop delays a commit by a few turns at most.
-                loop = self._loop
-                if self._put_off < _LOOP_PUT_OFF and loop is not None:
-                    self._put_off += 1
-                    loop.call_soon(self._hand_over)
-                    return
-            else:
-                self._put_off = 0
-                self._outbox = []
-                if self._commit_here(outbox):
-                    return
-                self._to_writer(outbox)
-                return
+        may = self.commit_on_loop and self._loop_may_commit(outbox)
+        busy = may and self._loop_busy()
+        loop = self._loop
+        if busy and self._put_off < _LOOP_PUT_OFF and loop is not None:
+            # Other tasks are ready to run: let them run first, rather than hand the
+            # transaction to the writer (two wake-ups), and look again. What they request
+            # joins this transaction. A loop still busy after that leaves it to the
+            # writer, so a busy loop delays a commit by a few turns at most.
+            self._put_off += 1
+            loop.call_soon(self._hand_over)
+            return
         self._put_off = 0
         self._outbox = []
+        if may and not busy and self._commit_here(outbox):
+            return
         self._to_writer(outbox)
 
     def _loop_busy(self) -> bool:
@@ -1200,14 +1196,11 @@ class SQLiteStore:
         # they are, consecutive ones in one statement.
         ids: list[str] = []
         pending: list[tuple[NewJob, EnqueueClaim]] = []  # claimed, not inserted yet
-        start = 0
-        while start < len(jobs):
-            claim = claims[start]
-            end = start + 1
-            while end < len(jobs) and claims[end] is claim:
-                end += 1
-            segment = jobs[start:end]
-            start = end
+        # Consecutive jobs of one claim (or of none) together.
+        for _, group in itertools.groupby(zip(jobs, claims, strict=True), lambda p: id(p[1])):
+            pairs = list(group)
+            claim = pairs[0][1]
+            segment = [job for job, _ in pairs]
             if claim is None:
                 SQLiteStore._insert_claimed(conn, pending)
                 ids += SQLiteStore._enqueue(conn, segment)
