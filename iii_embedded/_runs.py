@@ -533,7 +533,7 @@ class Runs:
             )
         status = _status(before, now)
         if before.state in ("queued", "held"):
-            rt.run_settled_elsewhere(run_id)
+            rt.cancelled_unclaimed(before)
             return CancelResult(
                 id=run_id, cancelled=True, status_before=status, message=f"cancelled while {status}"
             )

@@ -311,8 +311,13 @@ class Runtime:
             if not waiters:
                 del self._final_waiters[job_id]
 
-    def run_settled_elsewhere(self, job_id: str) -> None:
-        """A run became final without a runner (cancelled while queued): wake its waiters."""
+    def cancelled_unclaimed(self, job: Job) -> None:
+        """This process cancelled ``job`` while it was queued (or held), so no runner
+        settles it: fire ``job_cancelled`` here, as a runner does for a job it stops, and
+        wake the run's waiters. ``job`` is the run as it was before the cancel."""
+        job_id = job.id
+        if self.hooks:
+            self.emit("job_cancelled", job)
         for waiter in self._final_waiters.pop(job_id, ()):
             waiter(
                 None,

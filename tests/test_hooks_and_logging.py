@@ -5,11 +5,21 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
-from iii_embedded import III, Config, JsonFormatter, Logger, QueueConfig, TriggerAction
+from iii_embedded import (
+    III,
+    Config,
+    JsonFormatter,
+    Logger,
+    QueueConfig,
+    StoreConfig,
+    TriggerAction,
+)
 from iii_embedded.testing import VirtualClock, drain
 
 pytestmark = pytest.mark.anyio
@@ -127,3 +137,50 @@ async def test_json_formatter_writes_one_object_per_record() -> None:
         1,
     )
     assert record["data"] == {"amount": 5}
+
+
+@pytest.mark.parametrize("on_file", [False, True], ids=["in_memory", "file_based"])
+async def test_every_cancelled_run_fires_job_cancelled_once_whatever_its_state(
+    on_file: bool, tmp_path: Path
+) -> None:
+    """Running, prefetched, queued and delayed runs all end ``cancelled``, and each fires
+    the hook exactly once, whether its runner settled it or the cancel did."""
+    queue = QueueConfig(name="q", concurrency=1, prefetch=1)
+    store = (
+        StoreConfig(store_method="file_based", file_path=str(tmp_path / "store"))
+        if on_file
+        else StoreConfig()
+    )
+    iii = III(Config(queues={"q": queue}, store=store), clock=VirtualClock(), shutdown_grace_ms=0)
+    started = anyio.Event()
+    ran: list[int] = []
+
+    async def block(n: int) -> None:
+        ran.append(n)
+        started.set()
+        await anyio.sleep_forever()
+
+    iii.register_function("block", block)
+    cancelled: list[str] = []
+    iii.on("job_cancelled", lambda job, **_: cancelled.append(job.id))
+    async with iii.running():
+        runner = iii.runtime.runners["q"]
+        ids = []
+        for n in range(3):
+            receipt = await iii.trigger_async("block", n, action=TriggerAction.Enqueue(queue="q"))
+            ids.append(str(receipt["messageReceiptId"]))
+        delayed = TriggerAction.Enqueue(queue="q", delay_ms=60_000)
+        ids.append(str((await iii.trigger_async("block", 3, action=delayed))["messageReceiptId"]))
+        with anyio.fail_after(10):
+            await started.wait()
+            while runner.prefetched_count != 1:
+                await anyio.lowlevel.checkpoint()
+        results = [await iii.runs.cancel_async(i) for i in reversed(ids)]
+        await drain(iii)
+        runs = [await iii.runs.get_async(i) for i in ids]
+        stats = await iii.queue_stats_async("q")
+    assert [r.cancelled for r in results] == [True] * 4
+    assert [r.status for r in runs if r is not None] == ["cancelled"] * 4
+    assert ran == [0]  # only the first started; the prefetched one never did
+    assert sorted(cancelled) == sorted(ids)
+    assert (stats.running, stats.ready, stats.delayed) == (0, 0, 0)

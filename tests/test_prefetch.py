@@ -196,7 +196,7 @@ async def test_in_memory_a_run_waiting_for_a_slot_is_cancelled_alike_whether_pre
     assert second != first and final is not None and final.status == "completed"
     assert sorted(gate.seen) == [0, 2]
     assert (stats.completed, stats.failed, stats.ready, stats.running) == (2, 0, 0, 0)
-    assert hooked == []  # no runner settled it: a queued job's cancel fires no hook
+    assert hooked == [first]  # no runner settled it: the cancel fired the hook
 
 
 async def test_a_job_prefetched_by_another_app_on_the_same_memory_store_is_asked_to_stop() -> None:
