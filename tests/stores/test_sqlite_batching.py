@@ -113,8 +113,7 @@ async def test_a_batch_run_request_by_request_keeps_the_order_its_requests_were_
         batch = [
             request(
                 lambda conn: [
-                    j.id
-                    for j in store._claim(conn, "q", False, 5, T0, OWNER, T0 + 30, None)
+                    j.id for j in store._claim(conn, "q", False, 5, T0, OWNER, T0 + 30, None)
                 ]
             ),
             request(lambda conn: store._enqueue(conn, a), a),

@@ -59,9 +59,7 @@ async def test_a_claim_ahead_never_takes_a_job_enqueued_after_it_in_the_same_tra
     receipts: dict[str, Any] = {}
 
     async def claiming() -> None:
-        receipts["a"] = await store.enqueue_claimed(
-            [new_job("a")], claim_of(1, 1, delivered, "A")
-        )
+        receipts["a"] = await store.enqueue_claimed([new_job("a")], claim_of(1, 1, delivered, "A"))
 
     async def plain() -> None:
         receipts["b"] = await store.enqueue([new_job("b")])
