@@ -523,6 +523,8 @@ class QueueRunner:
         ids = list(self.active)
         ids += self._reserved
         ids += [job.id for job in self._buffer]
+        for _, jobs in self._parked:
+            ids += [job.id for job in jobs]
         return ids
 
     def stop_job(self, job_id: str, reason: StopReason) -> bool:
@@ -538,7 +540,21 @@ class QueueRunner:
         if entry is not None:
             self.interrupt(entry, reason)
             return True
+        if reason == "cancelled" and self._flag_parked(job_id):
+            return True
         return reserved  # a thread started it from the line, and it has already ended
+
+    def _flag_parked(self, job_id: str) -> bool:
+        """Mark a job claimed at enqueue that waits in ``_parked`` as cancelled: it reaches
+        the buffer with the others of its claim (their accounting stays whole), and its
+        worker settles it ``cancelled``, unstarted, as any job whose cancel request came
+        before its start. False if no parked job has this id."""
+        for _, jobs in self._parked:
+            for job in jobs:
+                if job.id == job_id:
+                    job.cancel_requested = True
+                    return True
+        return False
 
     def withdraw(self, job_id: str) -> bool:
         """Let go of a claimed job this runner has not started, before an in-memory store
