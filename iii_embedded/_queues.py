@@ -141,6 +141,11 @@ class QueueRunner:
         self._exchanging = False
         """An exchange is in flight: its claim may bring jobs that must be handed back."""
         self._outcomes: list[tuple[Job, Outcome]] = []
+        self._writing: list[tuple[Job, Outcome]] = []
+        """The outcomes the dispatcher's exchange on its way writes."""
+        self._held_cancelled: set[str] = set()
+        """Jobs among those settled ``held`` whose cancel came while that was written: the
+        store cancels them instead (their rows are flagged), so they fire the hook."""
         self.lent = 0
         """Slots lent by handlers that wait for other runs (see ``lend_slot``)."""
         self._lenders: dict[_Active, int] = {}
@@ -365,7 +370,7 @@ class QueueRunner:
         self.unsettled += len(jobs)
         if self._stopping:  # stopped meanwhile: hand them back unstarted
             now = self.rt.clock.now()
-            self._outcomes += [(j, self._outcome(j, "released", now)) for j in jobs]
+            self._outcomes += [self._hand_back(j, now) for j in jobs]
             self.poke()
         else:
             self._buffer.extend(jobs)
@@ -392,10 +397,10 @@ class QueueRunner:
         now = self.rt.clock.now()
         for entry in list(self._reserved.values()):
             if self._detach(entry):
-                self._outcomes.append((entry.job, self._outcome(entry.job, "released", now)))
+                self._outcomes.append(self._hand_back(entry.job, now))
         while self._buffer:
             job = self._buffer.popleft()
-            self._outcomes.append((job, self._outcome(job, "released", now)))
+            self._outcomes.append(self._hand_back(job, now))
         self.wake()
         # Workers waiting for jobs exit once they see the runner stopping.
         while self._idle:
@@ -540,9 +545,27 @@ class QueueRunner:
         if entry is not None:
             self.interrupt(entry, reason)
             return True
-        if reason == "cancelled" and self._flag_parked(job_id):
+        if reason == "cancelled" and (self._flag_parked(job_id) or self._cancel_pending(job_id)):
             return True
         return reserved  # a thread started it from the line, and it has already ended
+
+    def _cancel_pending(self, job_id: str) -> bool:
+        """A job whose outcome waits to be written: one that never started (``held``:
+        its function is unknown here; ``released``) becomes ``cancelled`` instead, as the
+        cancel says, rather than going back to wait with the request flagged. True if an
+        outcome of this job is pending (one already ``cancelled`` included)."""
+        for _, outcome in self._outcomes:
+            if outcome.job_id == job_id:
+                if outcome.kind in ("held", "released"):
+                    outcome.kind = "cancelled"
+                    outcome.started = False
+                return True
+        for _, outcome in self._writing:  # too late to change: the stores see the flag
+            if outcome.job_id == job_id:
+                if outcome.kind == "held":
+                    self._held_cancelled.add(job_id)
+                return outcome.kind in ("held", "cancelled")
+        return False
 
     def _flag_parked(self, job_id: str) -> bool:
         """Mark a job claimed at enqueue that waits in ``_parked`` as cancelled: it reaches
@@ -558,15 +581,19 @@ class QueueRunner:
 
     def withdraw(self, job_id: str) -> bool:
         """Let go of a claimed job this runner has not started, before an in-memory store
-        cancels it as the ``queued`` job it reads as (``Runs._cancel``): it leaves the
-        buffer or the line, settled ``released``, which the store ignores once the job is
-        cancelled (and no ``job_cancelled`` hook fires, as for any queued job). False if
-        this runner does not hold it unstarted; a job a thread took from the line
-        meanwhile is registered as running first, for the cancel to stop."""
+        cancels it as the ``queued`` job it reads as (``Runs._cancel``, which then fires
+        ``job_cancelled``): it leaves the buffer or the line, settled ``released``, which
+        the store ignores once the job is cancelled, and which fires no hook. True also
+        for a job already settled so (``released`` at shutdown, or ``held``) whose outcome
+        is not written yet. False if this runner does not hold it unstarted, or has
+        settled it ``cancelled`` itself (its outcome fires the hook: the store must leave
+        the job to it); a job a thread took from the line meanwhile is registered as
+        running first, for the cancel to stop."""
         job = self._take_unstarted(job_id)
         if job is not None:
             self._settle_unstarted(job, "released")
-        return job is not None
+            return True
+        return any(o.job_id == job_id and o.kind in ("released", "held") for _, o in self._outcomes)
 
     def _take_unstarted(self, job_id: str) -> Job | None:
         """Take a claimed job that has not started out of the line or the buffer. None if
@@ -660,6 +687,7 @@ class QueueRunner:
                 if limit > 0:
                     self._exchanges += 1
                 serial = self._exchanges
+                self._writing = settled
                 try:
                     jobs = await store.exchange(
                         writes,
@@ -688,9 +716,14 @@ class QueueRunner:
                         len(settled),
                         exc,
                     )
+                else:
+                    if self._held_cancelled:
+                        self._cancelled_while_written(settled)
                 finally:
                     self._exchanging = False
                     self._claiming = 0
+                    self._writing = []
+                    self._held_cancelled.clear()
                 self.unsettled -= len(settled)
                 for job, outcome in settled:
                     rt.job_finished(self, job, outcome)
@@ -698,7 +731,7 @@ class QueueRunner:
                     self.unsettled += len(jobs)
                     if self._stopping:  # stopped while claiming: hand them back unstarted
                         now = clock.now()
-                        self._outcomes += [(j, self._outcome(j, "released", now)) for j in jobs]
+                        self._outcomes += [self._hand_back(j, now) for j in jobs]
                     else:
                         buffer.extend(jobs)
                         self._spread()
@@ -1221,3 +1254,21 @@ class QueueRunner:
         self, job: Job, kind: Literal["released", "held", "cancelled"], now: float
     ) -> Outcome:
         return Outcome(job_id=job.id, kind=kind, owner=self.rt.owner, attempt=job.attempts, at=now)
+
+    def _cancelled_while_written(self, settled: list[tuple[Job, Outcome]]) -> None:
+        """The exchange wrote ``held`` for jobs whose cancel came meanwhile, and the store
+        cancelled them (see ``_cancel_pending``): their outcomes say so, for the hooks."""
+        for _, outcome in settled:
+            if outcome.kind == "held" and outcome.job_id in self._held_cancelled:
+                outcome.kind = "cancelled"
+                outcome.started = False
+
+    def _hand_back(self, job: Job, now: float) -> tuple[Job, Outcome]:
+        """A claimed job that never started, given back at shutdown: ``released`` (back
+        in its queue, its attempt given back), or ``cancelled`` if a cancel reached it
+        first (a parked job, or one whose stop was asked during an earlier attempt), so
+        that the run reads as the cancel said at once, not ``queued`` until some later
+        claim settles it."""
+        outcome = self._outcome(job, "cancelled" if job.cancel_requested else "released", now)
+        outcome.started = False
+        return job, outcome

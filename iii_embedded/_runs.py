@@ -508,25 +508,29 @@ class Runs:
         result: CancelResult = self._app._call_blocking(self._cancel, run_id)
         return result
 
-    async def _withdraw_prefetched(self, run_id: str) -> None:
+    async def _withdraw_prefetched(self, run_id: str) -> bool:
         """In memory, a prefetched job that has not started reads ``queued``, and the
         store cancels it at once, as any queued job, when this runtime holds its lease
-        (``Store.cancel``). First its runner lets go of it, so that no worker or thread
-        starts it (``QueueRunner.withdraw``); if a thread started it meanwhile, it is
-        registered as running, and the store then sees it running."""
+        and says so (``Store.cancel``'s ``owner``). First its runner lets go of it, so
+        that no worker or thread starts it (``QueueRunner.withdraw``). True if it did. If
+        a thread started it meanwhile, it is registered as running; if its runner has
+        already settled it (a cancel that reached it earlier, its outcome not written
+        yet), the runner no longer holds it. Either way the store must then treat it as
+        the running job it is, for the runner's outcome to settle it (and fire the hooks,
+        once)."""
         rt = self._app.runtime
         job = await rt.store.get(run_id)
         if job is not None and job.state == "queued":
             runner = rt.runners.get(job.queue)
             if runner is not None:
-                runner.withdraw(run_id)
+                return runner.withdraw(run_id)
+        return False
 
     async def _cancel(self, run_id: str) -> CancelResult:
         rt = self._app.runtime
         now = rt.clock.now()
-        if not rt.store.shared:
-            await self._withdraw_prefetched(run_id)
-        before = await rt.store.cancel(run_id, now, owner=rt.owner)
+        withdrawn = not rt.store.shared and await self._withdraw_prefetched(run_id)
+        before = await rt.store.cancel(run_id, now, owner=rt.owner if withdrawn else None)
         if before is None:
             return CancelResult(
                 id=run_id, cancelled=False, status_before=None, message="no such run"

@@ -240,3 +240,49 @@ async def test_a_job_claimed_at_enqueue_and_parked_is_cancelled_unstarted(
     assert run is not None and (run.status, run.attempts) == ("cancelled", 0)
     assert seen == ["first", "second", "third"]
     assert hooked == [fourth]
+
+
+async def test_a_parked_job_cancelled_then_handed_back_at_shutdown_ends_cancelled(
+    tmp_path: Path,
+) -> None:
+    """As above, but the runner begins shutting down before the parked job reaches the
+    buffer: it is handed back, and a handed-back job a cancel reached ends ``cancelled``
+    there and then, not ``queued`` until some later claim."""
+    iii = file_app(tmp_path, QueueConfig(name="work", concurrency=1, prefetch=1))
+    seen, gate = gated(iii)
+    hooked = cancel_hooks(iii)
+    async with iii.running():
+        runner = await one_running_one_prefetched_one_owed(iii, seen)
+        store: Any = iii.runtime.store
+        real = store.exchange
+        committed = anyio.Event()
+        resume = anyio.Event()
+
+        async def late(*args: Any, **kwargs: Any) -> Any:
+            jobs = await real(*args, **kwargs)
+            if kwargs["limit"] > 0:
+                committed.set()
+                await resume.wait()
+            return jobs
+
+        store.exchange = late
+        runner.prefetch = 3
+        runner.poke()
+        await anyio.lowlevel.checkpoint()
+        fourth = await enqueue(iii, "fourth")
+        with anyio.fail_after(10):
+            await committed.wait()
+        assert [[job.id for job in jobs] for _, jobs in runner._parked] == [[fourth]]
+        result = await iii.runs.cancel_async(fourth)
+        store.exchange = real
+        runner.stop_claiming()  # shutdown's first step, as leaving ``running()`` takes
+        resume.set()
+        gate.set()
+        with anyio.fail_after(10):
+            while runner.unsettled:
+                await anyio.lowlevel.checkpoint()
+        run = await iii.runs.get_async(fourth)
+    assert (result.cancelled, result.message) == (True, "running; asked to stop")
+    assert run is not None and (run.status, run.attempts) == ("cancelled", 0)
+    assert "fourth" not in seen
+    assert hooked == [fourth]

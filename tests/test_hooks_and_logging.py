@@ -16,10 +16,12 @@ from iii_embedded import (
     Config,
     JsonFormatter,
     Logger,
+    NonRetryableError,
     QueueConfig,
     StoreConfig,
     TriggerAction,
 )
+from iii_embedded._stores import NewJob
 from iii_embedded.testing import VirtualClock, drain
 
 pytestmark = pytest.mark.anyio
@@ -184,3 +186,159 @@ async def test_every_cancelled_run_fires_job_cancelled_once_whatever_its_state(
     assert ran == [0]  # only the first started; the prefetched one never did
     assert sorted(cancelled) == sorted(ids)
     assert (stats.running, stats.ready, stats.delayed) == (0, 0, 0)
+
+
+async def test_in_memory_a_second_cancel_of_a_run_settled_by_its_runner_fires_no_second_hook() -> (
+    None
+):
+    """A run flagged during an attempt that then failed comes back prefetched, and its
+    worker settles it ``cancelled`` unstarted; before that outcome is written, the run is
+    cancelled again. The store must leave it to the runner (it is not the queued job it
+    reads as), so the hook fires once."""
+    clock = VirtualClock()
+    queue = QueueConfig(name="work", concurrency=1, prefetch=4, backoff_ms=1000, max_retries=3)
+    iii = III(Config(queues={"work": queue}), clock=clock, shutdown_grace_ms=0)
+    gates = [anyio.Event(), anyio.Event()]
+    results: list[Any] = []
+
+    async def job(p: dict[str, Any]) -> None:
+        if "gate" in p:
+            await gates[p["gate"]].wait()
+        elif "fail" in p:
+            raise RuntimeError("attempt fails")  # before the cancel's flag reaches it
+        elif "cancel" in p:  # cancels another run, in the same worker's turn
+            results.append(await iii.runs.cancel_async(p["cancel"]))
+
+    async def enqueue(payload: dict[str, Any], delay_ms: int = 0) -> str:
+        action = TriggerAction.Enqueue(queue="work", delay_ms=delay_ms)
+        return str((await iii.trigger_async("job", payload, action=action))["messageReceiptId"])
+
+    iii.register_function("job", job)
+    hooked: list[str] = []
+    iii.on("job_cancelled", lambda j, **_: hooked.append(j.id))
+    async with iii.running():
+        runner = iii.runtime.runners["work"]
+        await enqueue({"gate": 0})  # holds the one slot: the next two are prefetched
+        a = await enqueue({"fail": 1})
+        await enqueue({"cancel": a})
+        gates[0].set()  # A fails (its retry not written yet), then the next run flags A
+        with anyio.fail_after(5):  # not drain(): it would advance the clock to A's retry
+            while not results or runner.unsettled:
+                await anyio.lowlevel.checkpoint()
+        # A is queued again, flagged. The gate holds the slot; the second cancel falls due
+        # with A, and both are prefetched (in memory they read queued).
+        await enqueue({"gate": 1})
+        await enqueue({"cancel": a}, delay_ms=1000)
+        with anyio.fail_after(5):
+            while not runner.running:
+                await anyio.lowlevel.checkpoint()
+        clock.advance(2)
+        with anyio.fail_after(5):
+            while runner.prefetched_count != 2:
+                await anyio.lowlevel.checkpoint()
+        gates[1].set()  # A is settled cancelled (not written yet), then cancelled again
+        await drain(iii)
+        run = await iii.runs.get_async(a)
+    assert [r.message for r in results] == ["running; asked to stop"] * 2
+    assert run is not None and (run.status, run.attempts) == ("cancelled", 1)
+    assert hooked == [a]
+
+
+async def test_a_redriven_run_is_not_stopped_by_a_cancel_asked_of_its_dead_attempt(
+    store_config: StoreConfig,
+) -> None:
+    """A cancel flags a running attempt that then dies: the redriven run is a new one,
+    which the spent request does not stop. It runs, and fires no ``job_cancelled``."""
+    queue = QueueConfig(name="work", concurrency=1, prefetch=4)
+    iii = III(
+        Config(queues={"work": queue}, store=store_config),
+        clock=VirtualClock(),
+        shutdown_grace_ms=0,
+    )
+    gate = anyio.Event()
+    results: list[Any] = []
+    ran: list[str] = []
+
+    async def job(p: dict[str, Any]) -> None:
+        if "gate" in p:
+            await gate.wait()
+        elif "fail" in p:
+            ran.append("A")
+            if len(ran) == 1:
+                raise NonRetryableError("dies")  # its outcome is not written yet...
+        elif "cancel" in p:
+            results.append(await iii.runs.cancel_async(p["cancel"]))  # ...when this flags it
+
+    async def enqueue(payload: dict[str, Any]) -> str:
+        action = TriggerAction.Enqueue(queue="work")
+        return str((await iii.trigger_async("job", payload, action=action))["messageReceiptId"])
+
+    iii.register_function("job", job)
+    hooked: list[str] = []
+    iii.on("job_cancelled", lambda j, **_: hooked.append(j.id))
+    async with iii.running():
+        await enqueue({"gate": 0})
+        a = await enqueue({"fail": 1})
+        await enqueue({"cancel": a})
+        gate.set()
+        await drain(iii)
+        dead = await iii.runs.get_async(a)
+        await iii.dlq_redrive_async("work", [a])
+        await drain(iii)
+        run = await iii.runs.get_async(a)
+    assert [r.message for r in results] == ["running; asked to stop"]
+    assert dead is not None and dead.status == "failed"
+    assert ran == ["A", "A"]
+    assert run is not None and (run.status, run.attempts) == ("completed", 1)
+    assert hooked == []
+
+
+async def test_a_run_held_for_an_unknown_function_and_cancelled_before_that_is_written(
+    store_config: StoreConfig,
+) -> None:
+    """A job of a function not registered here is settled ``held`` (to wait for it); a
+    cancel that comes before that outcome is written wins: the run ends ``cancelled``,
+    unattempted, with one hook, instead of waiting, flagged, for the function."""
+    queue = QueueConfig(name="work", concurrency=1, prefetch=4)
+    iii = III(
+        Config(queues={"work": queue}, store=store_config),
+        clock=VirtualClock(),
+        shutdown_grace_ms=0,
+    )
+    gate = anyio.Event()
+    results: list[Any] = []
+
+    async def job(p: dict[str, Any]) -> None:
+        if "gate" in p:
+            await gate.wait()
+        else:  # runs in the worker's turn right after the ghost job was settled held
+            results.append(await iii.runs.cancel_async(p["cancel"]))
+
+    iii.register_function("job", job)
+    hooked: list[str] = []
+    iii.on("job_cancelled", lambda j, **_: hooked.append(j.id))
+    enqueue = TriggerAction.Enqueue(queue="work")
+    async with iii.running():
+        await iii.trigger_async("job", {"gate": 0}, action=enqueue)
+        ghost = "ghost-1"  # stored by a process that has the function; this one has not
+        now = iii.runtime.clock.now()
+        ghost_job = NewJob(
+            id=ghost,
+            queue="work",
+            function_id="ghost",
+            payload="{}",
+            created_at=now,
+            available_at=now,
+            max_attempts=3,
+        )
+        await iii.runtime.store.enqueue([ghost_job])
+        iii.runtime.runners["work"].wake()  # as its next poll for other processes' jobs
+        await iii.trigger_async("job", {"cancel": ghost}, action=enqueue)
+        gate.set()
+        await drain(iii)
+        run = await iii.runs.get_async(ghost)
+        stats = await iii.queue_stats_async("work")
+    assert [r.cancelled for r in results] == [True]
+    assert run is not None and (run.status, run.attempts) == ("cancelled", 0)
+    assert hooked == [ghost]
+    assert (stats.held, stats.ready, stats.running) == (0, 0, 0)

@@ -262,7 +262,8 @@ class Outcome:
     * ``retry``: the attempt failed with ``error``; available again at ``available_at``.
     * ``dead``: the attempt failed with ``error`` and the job goes to the DLQ.
     * ``released``: the attempt did not happen (graceful shutdown); the attempt is given back.
-    * ``held``: the function is not registered here; the job waits (attempt given back).
+    * ``held``: the function is not registered here; the job waits (attempt given back),
+      or is cancelled if a cancel was requested meanwhile (it never started).
     * ``cancelled``: the run was cancelled while running, or before its handler started
       (``started=False``: a prefetched job; the attempt is given back).
     * ``started``: the handler of a prefetched job started at ``at``; the job stays
@@ -547,12 +548,12 @@ class Store(Protocol):
         ``running`` one is flagged ``cancel_requested`` (its runner stops it). Returns the
         job as it was *before* the call (as :meth:`get` shows it), or ``None`` if unknown.
 
-        In memory a prefetched job that has not started and is leased to ``owner`` (the
-        caller's runtime) is cancelled at once too, its attempt given back: it reads
-        ``queued``. The caller must have had its runner let go of it first
-        (``QueueRunner.withdraw``), or a worker would still start it. One leased to
-        another runtime sharing the store is flagged, as a running job, for its runner to
-        settle."""
+        In memory a prefetched job that has not started and is leased to ``owner`` is
+        cancelled at once too, its attempt given back: it reads ``queued``. The caller
+        passes its runtime's owner only once its runner has let go of the job
+        (``QueueRunner.withdraw``), or a worker would still start it. Otherwise (leased to
+        another runtime sharing the store, or to a runner that has already settled it) the
+        job is flagged, as a running job, for its runner to settle."""
 
     async def prune(self, finished_before: float) -> int:
         """Delete ``completed`` and ``cancelled`` jobs finished before the given time."""

@@ -414,6 +414,11 @@ class MemoryStore:
             self._push_ready(row)
         elif kind == "dead":
             self._bury(row, outcome.error, outcome.at)
+        elif kind == "held" and row.cancel_requested:
+            # Its runner settled it held before a cancel's request reached it: it never
+            # started, and waits for nothing now.
+            row.attempts = max(0, row.attempts - 1)
+            self._cancel_row(row, outcome.at)
         elif kind in ("released", "held"):
             row.attempts = max(0, row.attempts - 1)
             row.state = "queued" if kind == "released" else "held"
@@ -645,7 +650,9 @@ class MemoryStore:
             row.attempts = 0
             row.seq = next(self._seq)
             row.available_at = now
+            row.started_at = None
             row.finished_at = None
+            row.cancel_requested = False  # a new run: a stop asked of the dead one is spent
             self._push_live(row)
         return moved
 

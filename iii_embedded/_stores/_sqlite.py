@@ -1432,7 +1432,7 @@ class SQLiteStore:
             elif o.kind == "released":
                 released.append(match)
             elif o.kind == "held":
-                held.append(match)
+                held.append((o.at, *match))
             else:
                 cancelled.append((o.at, 0 if o.started else 1, *match))
         lease = "state = 'running' AND id = ? AND lease_owner = ? AND attempts = ?"
@@ -1479,9 +1479,17 @@ class SQLiteStore:
                 released,
             )
         if held:
+            if fifo:
+                touched += self._groups_of(conn, [h[1] for h in held])
+            # A job whose cancel was asked before this outcome was written (it never
+            # started) is cancelled instead: it would otherwise wait, flagged, for a
+            # function that may never come.
             conn.executemany(
-                "UPDATE jobs SET state = 'held', attempts = MAX(0, attempts - 1), "
-                f"lease_owner = NULL, lease_until = NULL WHERE {lease}",
+                "UPDATE jobs SET "
+                "state = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'held' END, "
+                "finished_at = CASE WHEN cancel_requested THEN ? ELSE finished_at END, "
+                "attempts = MAX(0, attempts - 1), lease_owner = NULL, lease_until = NULL "
+                f"WHERE {lease}",
                 held,
             )
         if cancelled:

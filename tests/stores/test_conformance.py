@@ -429,6 +429,19 @@ async def test_cancel_queued_held_running_and_finished(store: Store) -> None:
     assert await state_of(store, "h") == ("cancelled", 0)
 
 
+async def test_a_held_outcome_of_a_job_whose_cancel_was_asked_cancels_it(store: Store) -> None:
+    """Held for an unknown function after a cancel flagged it: it would otherwise wait,
+    flagged, for the function. In a FIFO group it stops blocking the group."""
+    await store.enqueue([job("h", function_id="x", group="A"), job("next", group="A")])
+    assert await claim(store, fifo=True) == ["h"]
+    await store.cancel("h", T0)
+    await store.finish([Outcome(job_id="h", kind="held", owner=OWNER, attempt=1, at=T0 + 2)])
+    cancelled = await store.get("h")
+    assert cancelled is not None
+    assert (cancelled.state, cancelled.attempts, cancelled.finished_at) == ("cancelled", 0, T0 + 2)
+    assert await claim(store, fifo=True) == ["next"]
+
+
 async def test_a_cancelled_outcome_gives_the_attempt_back_only_if_unstarted(
     store: Store,
 ) -> None:
