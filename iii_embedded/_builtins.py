@@ -4,10 +4,16 @@
 ``iii::queue::redrive_message {queue, message_id}`` → ``{queue, message_id, redriven: 0|1}``;
 ``iii::queue::discard_message {queue, message_id}`` → same shape (iii reuses it);
 ``engine::queue::dlq_messages {queue, offset=0, limit=50}`` → list of messages;
-``engine::queue::dlq_topics {}`` → ``[{topic, broker_type, message_count}]`` (only non-empty);
+``engine::queue::dlq_topics {}`` → ``[{topic, broker_type, message_count}]``;
 ``engine::queue::list_topics {}`` → ``[{name, broker_type, subscriber_count}]``;
 ``engine::queue::topic_stats {queue}`` → ``{depth, consumer_count, dlq_depth, config}``.
 Each accepts ``queue`` or iii's alias ``topic``.
+
+As iii's engine does, the two listings name the publish/subscribe topics (broker type
+``builtin``; a topic's subscribers are its subscribed functions, its dead messages theirs)
+and then the named queues (broker type ``function_queue``; a queue's subscriber count is
+its ``concurrency``), each listed even when its dead-letter queue is empty. The internal
+queues that serve topic subscriptions (``topic::<topic>::<function>``) are not listed.
 """
 
 from __future__ import annotations
@@ -20,9 +26,10 @@ import attrs
 if TYPE_CHECKING:
     from ._app import III
 
-__all__ = ["register_builtins", "BROKER_TYPE"]
+__all__ = ["register_builtins", "BROKER_TYPE", "FUNCTION_QUEUE"]
 
 BROKER_TYPE = "builtin"
+FUNCTION_QUEUE = "function_queue"
 
 
 def _queue_of(data: Any) -> str:
@@ -38,6 +45,17 @@ def _message_id(data: Any) -> str:
     if not isinstance(message_id, str) or not message_id:
         raise ValueError("Message ID is required")
     return message_id
+
+
+def _count(data: Any, field: str, default: int) -> int:
+    """A paging value of ``data``: absent or null gives ``default``; anything but a
+    non-negative integer is refused, naming the field."""
+    value = data.get(field) if isinstance(data, Mapping) else None
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"'{field}' must be a non-negative integer, got {value!r}")
+    return value
 
 
 def register_builtins(app: III) -> None:
@@ -60,23 +78,40 @@ def register_builtins(app: III) -> None:
 
     async def dlq_messages(data: Any) -> list[dict[str, Any]]:
         queue = _queue_of(data)
-        offset = int(data.get("offset", 0) or 0)
-        limit = int(data.get("limit", 50) or 50)
+        offset, limit = _count(data, "offset", 0), _count(data, "limit", 50)
         jobs = await app.dlq_list_async(queue, offset=offset, limit=limit)
         return [j.to_iii() for j in jobs]
 
+    def serving_topics() -> set[str]:
+        return {queue for queues in app.topics.values() for queue in queues}
+
     async def dlq_topics(_data: Any) -> list[dict[str, Any]]:
         stats = await app.stats_async()
-        return [
-            {"topic": name, "broker_type": BROKER_TYPE, "message_count": s.dead}
+        internal = serving_topics()
+        listed = [
+            {
+                "topic": topic,
+                "broker_type": BROKER_TYPE,
+                "message_count": sum(stats[q].dead for q in queues if q in stats),
+            }
+            for topic, queues in app.topics.items()
+        ]
+        return listed + [
+            {"topic": name, "broker_type": FUNCTION_QUEUE, "message_count": s.dead}
             for name, s in stats.items()
-            if s.dead > 0
+            if name not in internal
         ]
 
     async def list_topics(_data: Any) -> list[dict[str, Any]]:
-        return [
-            {"name": name, "broker_type": BROKER_TYPE, "subscriber_count": 0}
-            for name in app.config.queues
+        internal = serving_topics()
+        listed = [
+            {"name": topic, "broker_type": BROKER_TYPE, "subscriber_count": len(queues)}
+            for topic, queues in app.topics.items()
+        ]
+        return listed + [
+            {"name": name, "broker_type": FUNCTION_QUEUE, "subscriber_count": q.concurrency}
+            for name, q in app.config.queues.items()
+            if name not in internal
         ]
 
     async def topic_stats(data: Any) -> dict[str, Any]:

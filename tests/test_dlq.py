@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from iii_embedded import III, Config, QueueConfig, TriggerAction
+from iii_embedded import III, Config, InvocationError, QueueConfig, TriggerAction
 from iii_embedded.testing import VirtualClock, dead_jobs, drain
 
 pytestmark = pytest.mark.anyio
@@ -142,11 +142,16 @@ async def test_iii_function_ids_work_through_trigger_with_iii_shapes() -> None:
         )
         assert [m["id"] for m in page] == [ids[1]]
 
-        assert await iii.trigger_async("engine::queue::dlq_topics", {}) == [
-            {"topic": "email", "broker_type": "builtin", "message_count": 3}
+        dlq_topics = await iii.trigger_async("engine::queue::dlq_topics", {})
+        assert sorted(dlq_topics, key=lambda t: t["topic"]) == [
+            {"topic": name, "broker_type": "function_queue", "message_count": count}
+            for name, count in (("default", 0), ("email", 3), ("payment", 0))
         ]
         topics = await iii.trigger_async("engine::queue::list_topics", {})
-        assert sorted(t["name"] for t in topics) == ["default", "email", "payment"]
+        assert sorted(topics, key=lambda t: t["name"]) == [
+            {"name": name, "broker_type": "function_queue", "subscriber_count": q.concurrency}
+            for name, q in sorted(iii.config.queues.items())
+        ]
         stats = await iii.trigger_async("engine::queue::topic_stats", {"topic": "email"})
         assert (stats["depth"], stats["dlq_depth"]) == (0, 3)
         assert stats["config"]["max_retries"] == 1
@@ -166,3 +171,26 @@ async def test_iii_function_ids_work_through_trigger_with_iii_shapes() -> None:
         }
         await drain(iii)
         assert sorted(d.id for d in await dead_jobs(iii, "email")) == sorted(ids[1:])
+
+
+async def test_dlq_messages_takes_its_paging_values_as_given_and_names_a_bad_one() -> None:
+    iii, _fixed = make_app(VirtualClock())
+    async with iii.running():
+        ids = [await put(iii, "send", {"n": n}, "email") for n in range(2)]
+        await drain(iii)
+        none = await iii.trigger_async(
+            "engine::queue::dlq_messages", {"queue": "email", "limit": 0}
+        )
+        paged = await iii.trigger_async(
+            "engine::queue::dlq_messages", {"queue": "email", "offset": 1, "limit": None}
+        )
+        with pytest.raises(
+            InvocationError, match="'offset' must be a non-negative integer, got 'x'"
+        ):
+            await iii.trigger_async(
+                "engine::queue::dlq_messages", {"queue": "email", "offset": "x"}
+            )
+        with pytest.raises(InvocationError, match="'limit' must be a non-negative integer, got -1"):
+            await iii.trigger_async("engine::queue::dlq_messages", {"queue": "email", "limit": -1})
+    assert none == []
+    assert [m["id"] for m in paged] == ids[1:]

@@ -82,6 +82,35 @@ async def test_each_subscriber_has_its_own_retries_and_dlq() -> None:
     assert [d.payload for d in dead] == ["m"] and ok_dead == []
 
 
+async def test_the_engine_listings_show_topics_and_queues_as_iii_does() -> None:
+    """``list_topics`` and ``dlq_topics`` name each topic (its subscribers counted, their
+    dead messages summed) and each named queue, but not the queues serving topics."""
+    iii = make_app()
+
+    def bad(_: Any) -> None:
+        raise RuntimeError("subscriber broken")
+
+    iii.register_function("sub::ok", lambda _: None)
+    iii.register_function("sub::bad", bad)
+    for fid in ("sub::ok", "sub::bad"):
+        config = {"topic": "t", "queue_config": {"max_retries": 1}}
+        iii.register_trigger({"type": "queue", "function_id": fid, "config": config})
+    async with iii.running():
+        await iii.trigger_async("iii::durable::publish", {"topic": "t", "data": 1})
+        await iii.trigger_async("iii::durable::publish", {"topic": "t", "data": 2})
+        await drain(iii)
+        topics = await iii.trigger_async("engine::queue::list_topics", {})
+        dlq = await iii.trigger_async("engine::queue::dlq_topics", {})
+    assert topics == [
+        {"name": "t", "broker_type": "builtin", "subscriber_count": 2},
+        {"name": "default", "broker_type": "function_queue", "subscriber_count": 10},
+    ]
+    assert dlq == [
+        {"topic": "t", "broker_type": "builtin", "message_count": 2},
+        {"topic": "default", "broker_type": "function_queue", "message_count": 0},
+    ]
+
+
 async def test_subscribing_a_function_twice_makes_the_subscriptions_compete() -> None:
     iii = make_app()
     got: list[Any] = []
