@@ -107,8 +107,24 @@ class _Reader:
                 # iii's current spelling (workers, by name) and its older one (modules,
                 # by class) list the same blocks.
                 field, queue_ids, http_ids = _BLOCKS[key]
-                for item, item_line in self.items(value, key, line):
+                for index, (item, item_line) in enumerate(self.items(value, key, line)):
                     kind = item.get(field)
+                    if not isinstance(kind, str) or not kind:
+                        raise self.fail(
+                            f"'{key}' item {index}: '{field}' must be a {field} string, "
+                            f"got {_describe(kind)}",
+                            self.line_of(item, field) if field in item else item_line,
+                        )
+                    if kind in queue_ids or kind in http_ids:
+                        # A key this block does not have (a misspelt 'config', say) would
+                        # leave the worker with its defaults and no word said.
+                        for item_key in item:
+                            if item_key not in (field, "config"):
+                                raise self.fail(
+                                    f"'{key}' item {index} ({kind}): unknown key "
+                                    f"{item_key!r} (allowed: {field}, config)",
+                                    self.line_of(item, item_key),
+                                )
                     config = item.get("config")
                     cfg_line = self.line_of(item, "config") or item_line
                     if kind in queue_ids:
@@ -264,7 +280,7 @@ class _Reader:
     def adapter(self, node: Any, line: int | None) -> StoreConfig:
         block = self.mapping(node, "adapter", line)
         kind = block.get("name", block.get("class", "builtin"))
-        if kind not in _BUILTIN_ADAPTERS:
+        if not isinstance(kind, str) or kind not in _BUILTIN_ADAPTERS:
             raise self.fail(
                 f"adapter {kind!r} is not supported: iii-embedded has the builtin adapter "
                 "(name: builtin, or class: modules::queue::BuiltinQueueAdapter)",
@@ -308,6 +324,14 @@ class _Reader:
                 ):
                     raise self.fail(
                         f"pin_cpu must be a CPU number >= 0, 'auto' or false, got {value!r}",
+                        key_line,
+                    )
+                elif value is not None and not hasattr(os, "sched_setaffinity"):
+                    raise self.fail("pin_cpu needs Linux (os.sched_setaffinity)", key_line)
+                elif isinstance(value, int) and value not in (allowed := os.sched_getaffinity(0)):
+                    raise self.fail(
+                        f"pin_cpu: CPU {value} is not available to this process (it may run "
+                        f"on CPUs {', '.join(map(str, sorted(allowed)))})",
                         key_line,
                     )
             if key == "commit_on_loop" and not isinstance(value, bool):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import textwrap
 from pathlib import Path
 
@@ -201,6 +202,36 @@ def test_relative_file_path_is_resolved_from_the_config_files_directory(
             4,
             "unknown key 'queues' in the queue worker's config",
         ),
+        (
+            "workers:\n  - name: iii-queue\n    configs:\n      queue_configs: {}\n",
+            3,
+            "'workers' item 0 (iii-queue): unknown key 'configs' (allowed: name, config)",
+        ),
+        (
+            "modules:\n  - class: modules::queue::QueueModule\n    conf: {}\n",
+            3,
+            "'modules' item 0 (modules::queue::QueueModule): unknown key 'conf'",
+        ),
+        (
+            "workers:\n  - name: iii-stream\n  - name: [iii-queue]\n",
+            3,
+            "'workers' item 1: 'name' must be a name string, got a list",
+        ),
+        (
+            "workers:\n  - config: {}\n",
+            2,
+            "'workers' item 0: 'name' must be a name string, got None",
+        ),
+        (
+            "adapter:\n  name: [builtin]\n",
+            2,
+            "adapter ['builtin'] is not supported",
+        ),
+        (
+            "adapter:\n  config:\n    pin_cpu: 4096\n",
+            3,
+            "pin_cpu: CPU 4096 is not available to this process (it may run on CPUs",
+        ),
         ("- just\n- a list\n", 1, "the top level of the file must be a mapping"),
         ("queue_configs:\n  q: {concurrency: 2\n", 3, "invalid YAML"),
     ],
@@ -217,8 +248,12 @@ def test_errors_name_the_file_the_line_and_the_problem(
     assert caught.value.line == line
 
 
+_A_CPU = max(os.sched_getaffinity(0))
+
+
 @pytest.mark.parametrize(
-    ("value", "expected"), [("auto", "auto"), ("true", "auto"), ("false", None), ("3", 3)]
+    ("value", "expected"),
+    [("auto", "auto"), ("true", "auto"), ("false", None), (str(_A_CPU), _A_CPU)],
 )
 def test_pin_cpu_reads_a_cpu_number_auto_or_false(value: str, expected: object) -> None:
     config = parse_config(f"adapter:\n  config:\n    pin_cpu: {value}\n")
