@@ -91,13 +91,13 @@ def parse_action(action: object) -> Action | None:
             queue = action.get("queue")
             if not isinstance(queue, str) or not queue:
                 raise InvocationError("enqueue_error", "Enqueue action requires a 'queue' name")
-            delay = action.get("delay_ms", 0) or 0
-            max_attempts = action.get("max_attempts")
+            # Passed on as given: the enqueue checks them, naming a bad one.
+            delay = action.get("delay_ms")
             return EnqueueAction(
                 queue=queue,
-                delay_ms=int(delay),
+                delay_ms=0 if delay is None else delay,
                 idempotency_key=action.get("idempotency_key"),
-                max_attempts=int(max_attempts) if max_attempts is not None else None,
+                max_attempts=action.get("max_attempts"),
             )
     raise InvocationError(
         "invalid_action",

@@ -664,15 +664,22 @@ def new_jobs(
     """Validate payloads for ``queue`` and build their jobs (also used by the CLI, which
     enqueues into a store without an app). Raises ``InvocationError("enqueue_error")``
     naming the bad item (by index for batches)."""
-    if action.delay_ms < 0:
-        raise InvocationError("enqueue_error", f"delay_ms must be >= 0, got {action.delay_ms}")
+    delay = action.delay_ms
+    if isinstance(delay, bool) or not isinstance(delay, int | float) or not 0 <= delay < 2**63:
+        raise InvocationError(
+            "enqueue_error", f"delay_ms must be a number of milliseconds >= 0, got {delay!r}"
+        )
     max_attempts = queue.max_attempts
     if action.max_attempts is not None:
-        if action.max_attempts < 1:
+        given = action.max_attempts
+        if isinstance(given, bool) or not isinstance(given, int) or given < 1:
             raise InvocationError(
-                "enqueue_error", f"max_attempts must be >= 1, got {action.max_attempts}"
+                "enqueue_error", f"max_attempts must be an integer >= 1, got {given!r}"
             )
-        max_attempts = action.max_attempts
+        max_attempts = given
+    key = action.idempotency_key
+    if key is not None and not isinstance(key, str):
+        raise InvocationError("enqueue_error", f"idempotency_key must be a string, got {key!r}")
     available_at = now + action.delay_ms / 1000
     jobs: list[NewJob] = []
     for index, payload in enumerate(payloads):

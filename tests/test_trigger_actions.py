@@ -342,6 +342,38 @@ async def test_dict_form_of_the_enqueue_action_is_accepted() -> None:
     assert seen == [{"n": 1}]
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("delay_ms", "abc", "delay_ms must be a number of milliseconds >= 0, got 'abc'"),
+        ("delay_ms", -5, "delay_ms must be a number of milliseconds >= 0, got -5"),
+        ("delay_ms", True, "delay_ms must be a number of milliseconds >= 0, got True"),
+        ("delay_ms", float("nan"), "delay_ms must be a number of milliseconds >= 0, got nan"),
+        ("max_attempts", "x", "max_attempts must be an integer >= 1, got 'x'"),
+        ("max_attempts", 0, "max_attempts must be an integer >= 1, got 0"),
+        ("max_attempts", 2.5, "max_attempts must be an integer >= 1, got 2.5"),
+        ("idempotency_key", 7, "idempotency_key must be a string, got 7"),
+    ],
+)
+@pytest.mark.parametrize("form", ["dict", "object"])
+async def test_a_bad_enqueue_option_is_an_enqueue_error_naming_it_and_stores_nothing(
+    option: str, value: Any, message: str, form: str
+) -> None:
+    iii = make_app()
+    iii.register_function("emails::send", lambda _: None)
+    action: Any = (
+        {"type": "enqueue", "queue": "email", option: value}
+        if form == "dict"
+        else TriggerAction.Enqueue(queue="email", **{option: value})
+    )
+    async with iii.running():
+        with pytest.raises(InvocationError) as caught:
+            await iii.trigger_async("emails::send", {"n": 1}, action=action)
+        stored = await iii.runtime.store.list_jobs()
+    assert (caught.value.code, str(caught.value)) == ("enqueue_error", f"enqueue_error: {message}")
+    assert stored == []
+
+
 # --- nesting and threads ---------------------------------------------------------------
 
 
