@@ -141,11 +141,6 @@ class QueueRunner:
         self._exchanging = False
         """An exchange is in flight: its claim may bring jobs that must be handed back."""
         self._outcomes: list[tuple[Job, Outcome]] = []
-        self._writing: list[tuple[Job, Outcome]] = []
-        """The outcomes the dispatcher's exchange on its way writes."""
-        self._held_cancelled: set[str] = set()
-        """Jobs among those settled ``held`` whose cancel came while that was written: the
-        store cancels them instead (their rows are flagged), so they fire the hook."""
         self.lent = 0
         """Slots lent by handlers that wait for other runs (see ``lend_slot``)."""
         self._lenders: dict[_Active, int] = {}
@@ -545,27 +540,9 @@ class QueueRunner:
         if entry is not None:
             self.interrupt(entry, reason)
             return True
-        if reason == "cancelled" and (self._flag_parked(job_id) or self._cancel_pending(job_id)):
+        if reason == "cancelled" and self._flag_parked(job_id):
             return True
         return reserved  # a thread started it from the line, and it has already ended
-
-    def _cancel_pending(self, job_id: str) -> bool:
-        """A job whose outcome waits to be written: one that never started (``held``:
-        its function is unknown here; ``released``) becomes ``cancelled`` instead, as the
-        cancel says, rather than going back to wait with the request flagged. True if an
-        outcome of this job is pending (one already ``cancelled`` included)."""
-        for _, outcome in self._outcomes:
-            if outcome.job_id == job_id:
-                if outcome.kind in ("held", "released"):
-                    outcome.kind = "cancelled"
-                    outcome.started = False
-                return True
-        for _, outcome in self._writing:  # too late to change: the stores see the flag
-            if outcome.job_id == job_id:
-                if outcome.kind == "held":
-                    self._held_cancelled.add(job_id)
-                return outcome.kind in ("held", "cancelled")
-        return False
 
     def _flag_parked(self, job_id: str) -> bool:
         """Mark a job claimed at enqueue that waits in ``_parked`` as cancelled: it reaches
@@ -687,7 +664,7 @@ class QueueRunner:
                 if limit > 0:
                     self._exchanges += 1
                 serial = self._exchanges
-                self._writing = settled
+                learn, learn_at = False, now
                 try:
                     jobs = await store.exchange(
                         writes,
@@ -705,8 +682,7 @@ class QueueRunner:
                     if self.claims_on_enqueue and not drained and limit > 0:
                         self._drained = len(jobs) < limit and self._generation == generation
                         self._owed = self._queued_here - queued_here
-                        if self._drained and now >= self._due_at:
-                            await self._learn_due(now)
+                        learn = self._drained and now >= self._due_at
                 except StoreError as exc:
                     self._drained = False
                     log.error(
@@ -716,14 +692,9 @@ class QueueRunner:
                         len(settled),
                         exc,
                     )
-                else:
-                    if self._held_cancelled:
-                        self._cancelled_while_written(settled)
                 finally:
                     self._exchanging = False
                     self._claiming = 0
-                    self._writing = []
-                    self._held_cancelled.clear()
                 self.unsettled -= len(settled)
                 for job, outcome in settled:
                     rt.job_finished(self, job, outcome)
@@ -739,6 +710,14 @@ class QueueRunner:
                     self._exchanges_done = serial
                     if self._parked:
                         self._unpark()
+                if learn:
+                    # Only now that its jobs are in the buffer, where a cancel finds them
+                    # (while they were in flight here, one would have been lost).
+                    self._exchanging = True  # keeps the store open under the read
+                    try:
+                        await self._learn_due(learn_at)
+                    finally:
+                        self._exchanging = False
                 if self._outcomes or (jobs and len(jobs) == limit and not drained):
                     continue
             if self._stopping:
@@ -1254,14 +1233,6 @@ class QueueRunner:
         self, job: Job, kind: Literal["released", "held", "cancelled"], now: float
     ) -> Outcome:
         return Outcome(job_id=job.id, kind=kind, owner=self.rt.owner, attempt=job.attempts, at=now)
-
-    def _cancelled_while_written(self, settled: list[tuple[Job, Outcome]]) -> None:
-        """The exchange wrote ``held`` for jobs whose cancel came meanwhile, and the store
-        cancelled them (see ``_cancel_pending``): their outcomes say so, for the hooks."""
-        for _, outcome in settled:
-            if outcome.kind == "held" and outcome.job_id in self._held_cancelled:
-                outcome.kind = "cancelled"
-                outcome.started = False
 
     def _hand_back(self, job: Job, now: float) -> tuple[Job, Outcome]:
         """A claimed job that never started, given back at shutdown: ``released`` (back

@@ -20,7 +20,8 @@ from test_claim_at_enqueue import (
 )
 from test_prefetch import file_app, memory_app, until_prefetched
 
-from iii_embedded import III, QueueConfig, RetryAfter
+from iii_embedded import III, QueueConfig, RetryAfter, TriggerAction
+from iii_embedded._stores import NewJob
 from iii_embedded.testing import VirtualClock, drain
 
 pytestmark = pytest.mark.anyio
@@ -286,3 +287,117 @@ async def test_a_parked_job_cancelled_then_handed_back_at_shutdown_ends_cancelle
     assert run is not None and (run.status, run.attempts) == ("cancelled", 0)
     assert "fourth" not in seen
     assert hooked == [fourth]
+
+
+@pytest.mark.parametrize("on_file", [False, True], ids=["in_memory", "file_based"])
+async def test_cancel_right_after_shutdown_hands_back_a_prefetched_job(
+    tmp_path: Path, on_file: bool
+) -> None:
+    """Shutdown hands "second" back ``released``; a cancel asked in the same turn reaches
+    the store first, then the runner while that outcome is on its way (``_writing``)."""
+    queue = QueueConfig(name="work", concurrency=1, prefetch=1)
+    iii = file_app(tmp_path, queue) if on_file else memory_app(queue)
+    seen, gate = gated(iii)
+    hooked = cancel_hooks(iii)
+    async with iii.running():
+        runner = iii.runtime.runners["work"]
+        await enqueue(iii, "first")
+        await until_running(seen)
+        second = await enqueue(iii, "second")
+        await until_prefetched(iii, 1)
+        runner.stop_claiming()  # shutdown's first step: "second" handed back released
+        result = await iii.runs.cancel_async(second)
+        gate.set()
+        with anyio.fail_after(10):
+            while runner.unsettled:
+                await anyio.lowlevel.checkpoint()
+        run = await iii.runs.get_async(second)
+    assert result.cancelled is True
+    assert run is not None and run.status == "cancelled", (result.message, run and run.status)
+    assert hooked == [second]
+
+
+async def test_a_cancel_while_the_queue_reads_its_due_time_reaches_the_job_it_claimed(
+    tmp_path: Path,
+) -> None:
+    """The dispatcher's claim takes "first" and finds the queue drained, so it asks the
+    store for its next due time. A cancel that comes during that read must reach the job
+    at once: it is in the buffer or running by then (until 2026-12-03 it waited in the
+    dispatcher until the read returned, and the cancel missed it; only a lease renewal
+    stopped it later)."""
+    iii = file_app(tmp_path, QueueConfig(name="work", concurrency=1, prefetch=1))
+    seen, _gate = gated(iii)  # "first" waits for a gate nobody opens
+    hooked = cancel_hooks(iii)
+    async with iii.running():
+        runner = iii.runtime.runners["work"]
+        store: Any = iii.runtime.store
+        real = store.next_delayed_at
+        reading = anyio.Event()
+        answer = anyio.Event()
+
+        async def learning(queue: str, after: float) -> Any:
+            reading.set()
+            await answer.wait()
+            return await real(queue, after)
+
+        await until_idle(iii)
+        store.next_delayed_at = learning
+        runner.wake()  # as a poll for other processes' jobs: the enqueue is stored queued
+        first = await enqueue(iii, "first")
+        with anyio.fail_after(10):
+            await reading.wait()
+        result = await iii.runs.cancel_async(first)
+        answer.set()
+        store.next_delayed_at = real
+        with anyio.fail_after(10):  # stopped now, not at the next lease renewal
+            while runner.running or runner.unsettled:
+                await anyio.lowlevel.checkpoint()
+        run = await iii.runs.get_async(first)
+    assert result.cancelled is True
+    assert run is not None and run.status == "cancelled"
+    assert hooked == [first]
+    assert seen in ([], ["first"])  # stopped before or after its handler began
+
+
+@pytest.mark.parametrize("on_file", [False, True], ids=["in_memory", "file_based"])
+async def test_fifo_group_moves_on_after_a_pending_held_outcome_is_cancelled(
+    tmp_path: Path, on_file: bool
+) -> None:
+
+    queue = QueueConfig(
+        name="work", type="fifo", message_group_field="g", concurrency=1, prefetch=4
+    )
+    iii = file_app(tmp_path, queue) if on_file else memory_app(queue)
+    seen: list[str] = []
+    results: list[Any] = []
+
+    @iii.function("job")
+    async def job(p: dict[str, Any]) -> None:
+        seen.append(p["name"])
+        if "cancel" in p:
+            results.append(await iii.runs.cancel_async(p["cancel"]))
+
+    hooked = cancel_hooks(iii)
+    act = TriggerAction.Enqueue(queue="work")
+    async with iii.running():
+        now = iii.runtime.clock.now()
+        ghost = NewJob(
+            id="ghost-1",
+            queue="work",
+            function_id="ghost",
+            payload="{}",
+            created_at=now,
+            available_at=now,
+            max_attempts=3,
+            group="A",
+        )
+        await iii.runtime.store.enqueue([ghost])
+        iii.runtime.runners["work"].wake()
+        await iii.trigger_async("job", {"g": "B", "name": "c", "cancel": "ghost-1"}, action=act)
+        await iii.trigger_async("job", {"g": "A", "name": "after"}, action=act)
+        await drain(iii)
+        run = await iii.runs.get_async("ghost-1")
+    assert [r.cancelled for r in results] == [True]
+    assert run is not None and (run.status, run.attempts) == ("cancelled", 0)
+    assert hooked == ["ghost-1"]
+    assert seen == ["c", "after"]

@@ -262,12 +262,14 @@ class Outcome:
     * ``retry``: the attempt failed with ``error``; available again at ``available_at``.
     * ``dead``: the attempt failed with ``error`` and the job goes to the DLQ.
     * ``released``: the attempt did not happen (graceful shutdown); the attempt is given back.
-    * ``held``: the function is not registered here; the job waits (attempt given back),
-      or is cancelled if a cancel was requested meanwhile (it never started).
+    * ``held``: the function is not registered here; the job waits (attempt given back).
     * ``cancelled``: the run was cancelled while running, or before its handler started
       (``started=False``: a prefetched job; the attempt is given back).
     * ``started``: the handler of a prefetched job started at ``at``; the job stays
       ``running`` and only its ``started_at`` is recorded (if it has none yet).
+
+    A ``released`` or ``held`` outcome of a job whose cancel was requested meanwhile is
+    written ``cancelled`` (unstarted) instead, and the store changes the outcome to say so.
 
     ``started_at`` on the other kinds is when the attempt's handler started; the store
     records it on a job that has none (a prefetched job whose start was not yet written).

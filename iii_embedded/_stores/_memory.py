@@ -414,9 +414,11 @@ class MemoryStore:
             self._push_ready(row)
         elif kind == "dead":
             self._bury(row, outcome.error, outcome.at)
-        elif kind == "held" and row.cancel_requested:
-            # Its runner settled it held before a cancel's request reached it: it never
-            # started, and waits for nothing now.
+        elif kind in ("released", "held") and row.cancel_requested:
+            # Settled before a cancel's request reached its runner, and never started: it
+            # is cancelled, not queued again or held (the outcome says so, for the hooks).
+            outcome.kind = "cancelled"
+            outcome.started = False
             row.attempts = max(0, row.attempts - 1)
             self._cancel_row(row, outcome.at)
         elif kind in ("released", "held"):

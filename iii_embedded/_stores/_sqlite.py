@@ -1432,9 +1432,11 @@ class SQLiteStore:
             elif o.kind == "released":
                 released.append(match)
             elif o.kind == "held":
-                held.append((o.at, *match))
+                held.append(match)
             else:
                 cancelled.append((o.at, 0 if o.started else 1, *match))
+        if released or held:
+            self._cancel_flagged(conn, outcomes, released, held, cancelled)
         lease = "state = 'running' AND id = ? AND lease_owner = ? AND attempts = ?"
         touched: list[tuple[str, str]] = []
         if starts:  # prefetched jobs whose handlers started (they stay running)
@@ -1479,17 +1481,9 @@ class SQLiteStore:
                 released,
             )
         if held:
-            if fifo:
-                touched += self._groups_of(conn, [h[1] for h in held])
-            # A job whose cancel was asked before this outcome was written (it never
-            # started) is cancelled instead: it would otherwise wait, flagged, for a
-            # function that may never come.
             conn.executemany(
-                "UPDATE jobs SET "
-                "state = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'held' END, "
-                "finished_at = CASE WHEN cancel_requested THEN ? ELSE finished_at END, "
-                "attempts = MAX(0, attempts - 1), lease_owner = NULL, lease_until = NULL "
-                f"WHERE {lease}",
+                "UPDATE jobs SET state = 'held', attempts = MAX(0, attempts - 1), "
+                f"lease_owner = NULL, lease_until = NULL WHERE {lease}",
                 held,
             )
         if cancelled:
@@ -1506,6 +1500,39 @@ class SQLiteStore:
                 touched += self._groups_of(conn, [o.job_id])
             self._bury(conn, o.error, o.at, f"WHERE {lease}", match, o.started_at)
         self._refresh_groups(conn, touched)
+
+    @staticmethod
+    def _cancel_flagged(
+        conn: Conn,
+        outcomes: list[Outcome],
+        released: list[tuple[Any, ...]],
+        held: list[tuple[Any, ...]],
+        cancelled: list[tuple[Any, ...]],
+    ) -> None:
+        """Jobs settled ``released`` or ``held`` (they never started) whose cancel was
+        asked meanwhile are written ``cancelled`` instead, unstarted: a cancel that said it
+        would stop them must not leave them queued, or held for a function that may never
+        come. Their outcomes are changed to say so, for the runner's hooks."""
+        matches = {m[0]: m for m in released + held}
+        flagged: set[str] = set()
+        for chunk in _chunks(list(matches), 500):
+            marks = ",".join("?" * len(chunk))
+            for job_id, owner, attempts in conn.execute(
+                f"SELECT id, lease_owner, attempts FROM jobs WHERE id IN ({marks}) "
+                "AND state = 'running' AND cancel_requested = 1",
+                chunk,
+            ):
+                if matches[job_id][1:] == (owner, attempts):
+                    flagged.add(job_id)
+        if not flagged:
+            return
+        for o in outcomes:
+            if o.kind in ("released", "held") and o.job_id in flagged:
+                o.kind = "cancelled"
+                o.started = False
+                cancelled.append((o.at, 1, o.job_id, o.owner, o.attempt))
+        released[:] = [m for m in released if m[0] not in flagged]
+        held[:] = [m for m in held if m[0] not in flagged]
 
     @staticmethod
     def _groups_of(conn: Conn, ids: list[str]) -> list[tuple[str, str]]:

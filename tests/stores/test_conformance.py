@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import pytest
@@ -429,17 +429,23 @@ async def test_cancel_queued_held_running_and_finished(store: Store) -> None:
     assert await state_of(store, "h") == ("cancelled", 0)
 
 
-async def test_a_held_outcome_of_a_job_whose_cancel_was_asked_cancels_it(store: Store) -> None:
-    """Held for an unknown function after a cancel flagged it: it would otherwise wait,
-    flagged, for the function. In a FIFO group it stops blocking the group."""
+@pytest.mark.parametrize("kind", ["held", "released"])
+async def test_an_unstarted_outcome_of_a_job_whose_cancel_was_asked_cancels_it(
+    store: Store, kind: Literal["held", "released"]
+) -> None:
+    """Held for an unknown function, or handed back at shutdown, after a cancel flagged
+    it: it ends cancelled, its attempt given back, and the outcome says so (the runner's
+    hooks read it). In a FIFO group it stops blocking the group."""
     await store.enqueue([job("h", function_id="x", group="A"), job("next", group="A")])
     assert await claim(store, fifo=True) == ["h"]
     await store.cancel("h", T0)
-    await store.finish([Outcome(job_id="h", kind="held", owner=OWNER, attempt=1, at=T0 + 2)])
+    outcome = Outcome(job_id="h", kind=kind, owner=OWNER, attempt=1, at=T0 + 2)
+    await store.finish([outcome])
     cancelled = await store.get("h")
     assert cancelled is not None
     assert (cancelled.state, cancelled.attempts, cancelled.finished_at) == ("cancelled", 0, T0 + 2)
-    assert await claim(store, fifo=True) == ["next"]
+    assert (outcome.kind, outcome.started) == ("cancelled", False)
+    assert await claim(store, fifo=True, now=T0 + 2) == ["next"]
 
 
 async def test_a_cancelled_outcome_gives_the_attempt_back_only_if_unstarted(
