@@ -13,6 +13,7 @@ import contextvars
 import json
 import logging
 import math
+import numbers
 import os
 import socket
 import threading
@@ -665,7 +666,7 @@ def new_jobs(
     enqueues into a store without an app). Raises ``InvocationError("enqueue_error")``
     naming the bad item (by index for batches)."""
     delay = action.delay_ms
-    if isinstance(delay, bool) or not isinstance(delay, int | float) or not 0 <= delay < 2**63:
+    if delay < 0 if delay.__class__ is int else not _is_delay(delay):  # int: the usual case
         raise InvocationError(
             "enqueue_error", f"delay_ms must be a number of milliseconds >= 0, got {delay!r}"
         )
@@ -708,6 +709,14 @@ def new_jobs(
             )
         )
     return jobs
+
+
+def _is_delay(value: Any) -> bool:
+    """A number of milliseconds to wait: real, finite, not negative (not a bool)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return False
+    number = float(value)
+    return 0 <= number < 2**63  # NaN fails, and so does infinity
 
 
 def _group_of(queue: QueueConfig, payload: Any, where: str) -> str | None:
