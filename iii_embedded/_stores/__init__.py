@@ -21,6 +21,7 @@ from ._base import (
     completed_outcome,
     make_job,
     make_new_job,
+    restore_converted,
 )
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "make_job",
     "make_new_job",
     "open_store",
+    "restore_converted",
 ]
 
 

@@ -50,6 +50,7 @@ __all__ = [
     "Store",
     "UNSTARTED_ATTEMPT",
     "completed_outcome",
+    "restore_converted",
     "make_job",
     "make_new_job",
     "never_started",
@@ -290,6 +291,20 @@ class Outcome:
     ``job_id`` (the file store's rowid, one B-tree lookup fewer per outcome)."""
     started_at: float | None = None
     """When the attempt's handler started (``None`` if it did not)."""
+    converted_from: Literal["released", "held"] | None = None
+    """Set by the store that wrote a ``released`` or ``held`` outcome as ``cancelled``
+    (its cancel was requested meanwhile), to the kind it had: if that write then fails,
+    the caller puts it back (``restore_converted``)."""
+
+
+def restore_converted(outcomes: Sequence[Outcome]) -> None:
+    """Undo what stores did to ``outcomes`` that were converted in a write that failed:
+    the outcomes say again what their runner decided."""
+    for outcome in outcomes:
+        if outcome.converted_from is not None:
+            outcome.kind = outcome.converted_from
+            outcome.started = True
+            outcome.converted_from = None
 
 
 def completed_outcome(
@@ -315,6 +330,7 @@ def completed_outcome(
     outcome.started = True
     outcome.seq = seq
     outcome.started_at = started_at
+    outcome.converted_from = None
     return outcome
 
 

@@ -417,6 +417,7 @@ class MemoryStore:
         elif kind in ("released", "held") and row.cancel_requested:
             # Settled before a cancel's request reached its runner, and never started: it
             # is cancelled, not queued again or held (the outcome says so, for the hooks).
+            outcome.converted_from = kind
             outcome.kind = "cancelled"
             outcome.started = False
             row.attempts = max(0, row.attempts - 1)

@@ -71,6 +71,7 @@ from ._base import (
     QueueCounts,
     make_job,
     never_started,
+    restore_converted,
 )
 
 __all__ = ["SQLiteStore", "SCHEMA_VERSION", "DB_FILENAME"]
@@ -1345,9 +1346,13 @@ class SQLiteStore:
             return jobs
 
         # A claim alone need not survive a power loss (see ``_begin``); outcomes must.
-        return await self._submit(
-            run, durable=bool(outcomes) or register, weight=_weight(outcomes) + max(0, limit)
-        )
+        try:
+            return await self._submit(
+                run, durable=bool(outcomes) or register, weight=_weight(outcomes) + max(0, limit)
+            )
+        except StoreError:
+            restore_converted(outcomes)  # rolled back: they say again what was decided
+            raise
 
     def mark_started(self, job_id: str, owner: str, attempt: int, at: float) -> bool:
         """``False``: starts are written in batches, with the next exchange; see
@@ -1398,7 +1403,13 @@ class SQLiteStore:
         """Apply outcomes; see :meth:`Store.finish`."""
         outcomes = list(outcomes)
         if outcomes:
-            await self._submit(lambda conn: self._finish(conn, outcomes), weight=_weight(outcomes))
+            try:
+                await self._submit(
+                    lambda conn: self._finish(conn, outcomes), weight=_weight(outcomes)
+                )
+            except StoreError:
+                restore_converted(outcomes)  # rolled back: they say again what was decided
+                raise
 
     def _finish(self, conn: Conn, outcomes: list[Outcome], *, fifo: bool = True) -> None:
         """Apply outcomes. ``fifo=False`` (a standard queue's batch) skips the FIFO group
@@ -1528,6 +1539,7 @@ class SQLiteStore:
             return
         for o in outcomes:
             if o.kind in ("released", "held") and o.job_id in flagged:
+                o.converted_from = o.kind
                 o.kind = "cancelled"
                 o.started = False
                 cancelled.append((o.at, 1, o.job_id, o.owner, o.attempt))

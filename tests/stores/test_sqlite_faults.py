@@ -12,6 +12,7 @@ import sys
 import tempfile
 import textwrap
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -24,7 +25,7 @@ from iii_embedded import (
     StoreVersionError,
     TriggerAction,
 )
-from iii_embedded._stores import NewJob
+from iii_embedded._stores import NewJob, Outcome
 from iii_embedded._stores._sqlite import DB_FILENAME, SQLiteStore
 
 pytestmark = pytest.mark.anyio
@@ -223,3 +224,43 @@ async def test_a_full_disk_reaches_the_caller_as_an_enqueue_error(tmp_path: Path
     assert caught.value.code == "enqueue_error"
     assert "the disk is full" in caught.value.message
     assert isinstance(caught.value.__cause__, StoreError)
+
+
+@pytest.mark.parametrize("kind", ["held", "released"])
+async def test_a_failed_write_leaves_an_unstarted_outcome_as_its_runner_decided(
+    tmp_path: Path, kind: Literal["held", "released"]
+) -> None:
+    """The store writes a held or released outcome of a job whose cancel was requested as
+    cancelled, and says so on the outcome; if that transaction fails, nothing was written,
+    and the outcome says again what its runner decided (its hooks must not report a
+    cancel that did not happen)."""
+    store = SQLiteStore(tmp_path / "store")
+    await store.open()
+    try:
+        await store.enqueue([new_job("h")])
+        claimed = await store.claim(
+            "q", fifo=False, limit=1, now=T0, owner="me", lease_until=T0 + 30
+        )
+        assert [j.id for j in claimed] == ["h"]
+        await store.cancel("h", T0)
+
+        def broken(conn: object, groups: object) -> None:
+            raise sqlite3.OperationalError("disk I/O error")
+
+        store._refresh_groups = broken  # type: ignore[method-assign,assignment]
+        outcome = Outcome(job_id="h", kind=kind, owner="me", attempt=1, at=T0 + 2)
+        with pytest.raises(StoreError, match="disk I/O error"):
+            await store.finish([outcome])
+        del store._refresh_groups
+        unwritten = await store.get("h")
+        assert (outcome.kind, outcome.started, outcome.converted_from) == (kind, True, None)
+        await store.finish([outcome])  # written this time: cancelled, and it says so
+        written = await store.get("h")
+    finally:
+        await store.aclose()
+    assert unwritten is not None and (unwritten.state, unwritten.cancel_requested) == (
+        "running",
+        True,
+    )
+    assert (outcome.kind, outcome.started, outcome.converted_from) == ("cancelled", False, kind)
+    assert written is not None and (written.state, written.attempts) == ("cancelled", 0)
