@@ -36,14 +36,7 @@ from ._config import QueueConfig
 from ._context import _current
 from ._errors import NonRetryableError, RetryAfter, StoreError
 from ._fastpath import PENDING, Interrupted, Interrupter, first_step, resume_suspended
-from ._stores import (
-    EnqueueClaim,
-    ErrorInfo,
-    Job,
-    NewJob,
-    Outcome,
-    completed_outcome,
-)
+from ._stores import EnqueueClaim, ErrorInfo, Job, NewJob, Outcome, completed_outcome
 from ._threads import ThreadPool
 
 if TYPE_CHECKING:
