@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import signal
 import sys
@@ -61,6 +62,17 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, left: int =
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def _positive_seconds(text: str) -> float:
+    """An argparse type: a number of seconds > 0 (argparse turns the error into usage)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0 or value == math.inf:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
+    return value
 
 
 def _seconds(ms: float) -> str:
@@ -590,7 +602,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     with_store(p)
     p.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
-    p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    p.add_argument(
+        "--interval", type=_positive_seconds, default=2.0, help="seconds between refreshes"
+    )
     p.add_argument("--iterations", type=int, default=0, help=argparse.SUPPRESS)
 
     p = command(

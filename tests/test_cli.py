@@ -398,3 +398,13 @@ def test_cron_shows_each_jobs_last_fire_and_whether_it_still_runs(project: Path)
     assert "stopped unfinished (process gone or lease expired)" in lines["cleanup"]
     assert lines["report"].rstrip().endswith("ended")
     assert dead in lines["cleanup"]
+
+
+@pytest.mark.parametrize("interval", ["-1", "0", "soon"])
+def test_a_watch_interval_that_is_not_a_positive_number_is_a_usage_error(
+    tmp_path: Path, interval: str
+) -> None:
+    out = cli(tmp_path, "queues", "--watch", "--interval", interval)
+    assert out.returncode == 2
+    assert "argument --interval:" in out.stderr and interval in out.stderr
+    assert "Traceback" not in out.stderr

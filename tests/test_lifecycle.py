@@ -19,7 +19,7 @@ import pytest
 from iii_embedded import III, Config, QueueConfig, StoreError, TriggerAction
 from iii_embedded._stores._memory import MemoryStore
 from iii_embedded._stores._sqlite import SQLiteStore
-from iii_embedded.testing import VirtualClock, drain
+from iii_embedded.testing import DrainTimeout, VirtualClock, drain
 
 pytestmark = pytest.mark.anyio
 
@@ -301,3 +301,24 @@ async def test_a_maintenance_pass_cut_short_by_shutdown_logs_no_error(
             await store.pruning.wait()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
     assert "store maintenance stopped with the store" in caplog.text
+
+
+async def test_drain_gives_up_with_drain_timeout_naming_the_busy_queue() -> None:
+    iii = III(clock=VirtualClock(), shutdown_grace_ms=0)
+    began = anyio.Event()
+
+    async def stuck(_: Any) -> None:
+        began.set()
+        await anyio.sleep_forever()
+
+    iii.register_function("stuck", stuck)
+    async with iii.running():
+        await iii.trigger_async("stuck", {}, action=TriggerAction.Enqueue(queue="default"))
+        await began.wait()
+        with pytest.raises(DrainTimeout) as caught:
+            await drain(iii, timeout=0.2)
+    assert isinstance(caught.value, TimeoutError)  # what code catching that expects
+    assert str(caught.value) == (
+        "queues still busy after 0.2 s of wall time "
+        "(jobs claimed and not settled, by queue: {'default': 1})"
+    )

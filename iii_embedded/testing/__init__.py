@@ -57,27 +57,28 @@ async def drain(app: III, *, timeout: float = 30.0, max_advance_s: float = math.
     rt = app.runtime
     clock = rt.clock
     limit = clock.now() + max_advance_s
-    with anyio.fail_after(timeout) as scope:
-        try:
-            while True:
-                while not rt.is_quiet():
-                    with anyio.move_on_after(0.05):
-                        await rt.wait_activity()
-                due = await rt.next_due()
-                if due is None or due > limit:
-                    if rt.is_quiet():
-                        return
-                    continue
-                if isinstance(clock, VirtualClock):
-                    clock.advance_to(due)
-                else:
-                    await clock.sleep_until(due)
-                rt.wake_all()
-                await anyio.lowlevel.checkpoint()
-        except TimeoutError:
-            raise
-    if scope.cancelled_caught:  # pragma: no cover - fail_after raises
-        raise DrainTimeout(f"queues still busy after {timeout} s")
+    with anyio.move_on_after(timeout) as scope:
+        while True:
+            while not rt.is_quiet():
+                with anyio.move_on_after(0.05):
+                    await rt.wait_activity()
+            due = await rt.next_due()
+            if due is None or due > limit:
+                if rt.is_quiet():
+                    return
+                continue
+            if isinstance(clock, VirtualClock):
+                clock.advance_to(due)
+            else:
+                await clock.sleep_until(due)
+            rt.wake_all()
+            await anyio.lowlevel.checkpoint()
+    if scope.cancelled_caught:
+        busy = {name: r.unsettled for name, r in rt.runners.items() if r.unsettled or not r.idle}
+        raise DrainTimeout(
+            f"queues still busy after {timeout} s of wall time "
+            f"(jobs claimed and not settled, by queue: {busy or 'none; a Void call runs'})"
+        )
 
 
 def drain_blocking(app: III, *, timeout: float = 30.0) -> None:
