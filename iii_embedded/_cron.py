@@ -89,7 +89,16 @@ def _register_cron(app: III, trigger: Mapping[str, Any]) -> None:
         raise ValueError("a cron trigger needs a 'function_id'")
     if not isinstance(expression, str) or not expression.strip():
         raise ValueError(f"the cron trigger of {function_id!r} needs config.expression")
-    parse_expression(expression, 0.0)  # fail now, naming the expression
+    now = app.clock.now()
+    try:  # fail now, naming the expression
+        parse_expression(expression, now).get_next(float)
+    except ValueError as exc:  # croniter's errors are ValueErrors
+        if str(exc).startswith("invalid cron expression"):
+            raise
+        raise ValueError(
+            f"cron expression {expression!r} of {function_id!r} has no fire time after "
+            f"{_iso(now)} ({exc})"
+        ) from None
     job_id = str(trigger.get("id") or config.get("job_id") or f"cron::{function_id}")
     job = CronJob(job_id=job_id, function_id=function_id, expression=expression)
     app.cron_jobs.append(job)
@@ -139,7 +148,18 @@ async def run_schedule(rt: Runtime, job: CronJob, start: float) -> None:
 
     async with anyio.create_task_group() as tg:
         while not rt.stopping:
-            scheduled = float(schedule.get_next(float))
+            try:
+                scheduled = float(schedule.get_next(float))
+            except ValueError:  # croniter found no later time (a year that has passed)
+                log.warning(
+                    "cron job %r (%s): its schedule %r has no fire time after %s; "
+                    "it will not fire again",
+                    job.job_id,
+                    job.function_id,
+                    job.expression,
+                    _iso(clock.now()),
+                )
+                break
             await clock.sleep_until(scheduled)
             if rt.stopping:
                 break
@@ -165,8 +185,11 @@ async def run_schedule(rt: Runtime, job: CronJob, start: float) -> None:
 
 def _latest(expression: str, scheduled: float, now: float) -> float:
     """The latest fire time of ``expression`` at or before ``now`` (``scheduled`` is one)."""
-    before = float(parse_expression(expression, now).get_prev(float))  # strictly before
-    at_now = float(parse_expression(expression, before).get_next(float))
+    try:
+        before = float(parse_expression(expression, now).get_prev(float))  # strictly before
+        at_now = float(parse_expression(expression, before).get_next(float))
+    except ValueError:  # no time found on one side: ``scheduled`` is the latest known
+        return scheduled
     return max(scheduled, at_now if at_now <= now else before)
 
 

@@ -204,6 +204,52 @@ def test_invalid_expressions_are_refused_naming_the_expression() -> None:
         )
     with pytest.raises(ValueError, match=r"needs config\.expression"):
         iii.register_trigger({"type": "cron", "function_id": "f", "config": {}})
+    with pytest.raises(ValueError, match="cron expression '0 0 0 31 2 \\*' of 'f' has no fire"):
+        iii.register_trigger(  # the 31st of February
+            {"type": "cron", "function_id": "f", "config": {"expression": "0 0 0 31 2 *"}}
+        )
+    past = III(clock=VirtualClock(start=T0))
+    with pytest.raises(ValueError, match="has no fire time after 2026-03-01T12:00:00Z"):
+        past.register_trigger(  # noon every day of 2025
+            {"type": "cron", "function_id": "f", "config": {"expression": "0 0 12 * * * 2025"}}
+        )
+
+
+async def test_a_schedule_whose_last_year_has_passed_stops_and_the_engine_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``... 2026``: noon every day of 2026. After its last fire it has no next time: that
+    schedule ends with a warning; the engine, its queues and other schedules go on."""
+    clock = VirtualClock(start=dt.datetime(2026, 12, 31, 11, 0, tzinfo=dt.UTC).timestamp())
+    iii = III(clock=clock, shutdown_grace_ms=0)
+    last_year, hourly = Recorder(), Recorder()
+    iii.register_function("noon", last_year)
+    iii.register_function("hourly", hourly)
+    for fid, expression in (("noon", "0 0 12 * * * 2026"), ("hourly", "0 0 * * * *")):
+        iii.register_trigger(
+            {"type": "cron", "function_id": fid, "config": {"expression": expression}}
+        )
+    iii.register_function("echo", lambda x: x)
+    with caplog.at_level(logging.WARNING, logger="iii_embedded"):
+        async with iii.running():
+            await advance(clock, 3600)
+            last = await last_year.next()
+            await hourly.next()
+            await advance(clock, 3600)
+            await hourly.next()
+            answer = await iii.trigger_async("echo", 7)
+    assert [p["scheduled_time"] for p in last_year.payloads] == ["2026-12-31T12:00:00Z"]
+    assert last["job_id"] == "cron::noon"
+    assert [p["scheduled_time"] for p in hourly.payloads] == [
+        "2026-12-31T12:00:00Z",
+        "2026-12-31T13:00:00Z",
+    ]
+    assert answer == 7
+    assert any(
+        "cron job 'cron::noon' (noon): its schedule '0 0 12 * * * 2026' has no fire time after"
+        in r.getMessage()
+        for r in caplog.records
+    )
 
 
 # --- runtimes sharing a file store (SPEC §5: several processes MAY share one store) -----
