@@ -624,10 +624,12 @@ class III:
         thread_cm, portal_cm = self._thread_cm, self._portal_cm
         self._thread_cm = self._portal_cm = None
         try:
-            if thread_cm is not None:
-                thread_cm.__exit__(None, None, None)
-            if portal_cm is not None:
-                portal_cm.__exit__(None, None, None)
+            try:
+                if thread_cm is not None:
+                    thread_cm.__exit__(None, None, None)
+            finally:  # the engine's thread ends even if its shutdown failed
+                if portal_cm is not None:
+                    portal_cm.__exit__(None, None, None)
         finally:
             for callback in self._shutdown_callbacks:
                 callback()

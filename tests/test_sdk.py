@@ -132,7 +132,18 @@ def test_current_invocation_is_none_outside_handlers() -> None:
     assert "job_dead_lettered" in HOOK_EVENTS
 
 
-def test_a_worker_script_keeps_serving_until_sigterm(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("store", ["in_memory", "file_based"])
+def test_a_worker_script_keeps_serving_until_sigterm(
+    tmp_path: Path, store: str, sig: signal.Signals
+) -> None:
+    """On a file store too: its shutdown then runs after the interpreter began to shut
+    down (the script has ended), when Python's default executor is gone; until
+    2026-12-03 it failed there and the process never exited."""
+    if store == "file_based":
+        (tmp_path / "iii-config.yaml").write_text(
+            "adapter:\n  config:\n    store_method: file_based\n    file_path: ./data\n"
+        )
     script = tmp_path / "worker.py"
     ready = tmp_path / "ready"
     script.write_text(
@@ -164,13 +175,14 @@ def test_a_worker_script_keeps_serving_until_sigterm(tmp_path: Path) -> None:
         assert ready.exists(), proc.communicate()
         time.sleep(0.3)  # fault injection window: the script has ended, the worker must not
         assert proc.poll() is None, "the process exited although the worker should serve"
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=20)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, err
     assert "Traceback" not in err
+    assert (tmp_path / "data").is_dir() is (store == "file_based")
 
 
 def test_register_worker_calls_in_one_process_share_one_engine(worker: III) -> None:

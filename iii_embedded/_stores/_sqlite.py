@@ -1077,14 +1077,14 @@ class SQLiteStore:
         self._to_writer(outbox)
         self._requests.put(None)
         thread = self._thread
-        await asyncio.get_running_loop().run_in_executor(None, thread.join)
+        await _join(thread)
         self._thread = None
         checkpointer, self._checkpointer = self._checkpointer, None
         if checkpointer is not None:
             # Closed before the writer's connection, so that the writer's is the last: it
             # then checkpoints the whole WAL and removes it.
             self._checkpoint_wanted.set()
-            await asyncio.get_running_loop().run_in_executor(None, checkpointer.join)
+            await _join(checkpointer)
         if self._conn is not None:
             with self._conn_lock:  # a caller committing in its own thread finishes first
                 self._conn.close()
@@ -2043,6 +2043,16 @@ def _weight(outcomes: list[Outcome]) -> int:
         if o.error is not None:
             size += len(o.error.message) + len(o.error.traceback)
     return len(outcomes) + size // _PAGE
+
+
+async def _join(thread: threading.Thread) -> None:
+    """Wait on the loop for ``thread`` to end, polling: not with a thread of the loop's
+    executor, which is gone once the interpreter has begun to shut down (a signal can
+    stop a ``register_worker`` engine then, after the script's last line)."""
+    delay = 0.0005
+    while thread.is_alive():
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.02)
 
 
 def _chunks(items: list[T], size: int) -> list[list[T]]:
