@@ -437,6 +437,17 @@ def _import_app(spec: str) -> Any:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise UsageError(f"cannot import {module_name!r}: {exc}") from None
+    except ConfigError as exc:  # III.from_config at import time, say: one clear line
+        raise UsageError(f"importing {module_name!r} failed: {exc}") from None
+    except Exception as exc:  # the app's own code failed: where, in one line
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        where = f" ({tb.tb_frame.f_code.co_filename}:{tb.tb_lineno})" if tb else ""
+        raise UsageError(
+            f"importing {module_name!r} failed: {type(exc).__name__}: {exc}{where}; "
+            f"'python -c \"import {module_name}\"' shows the traceback"
+        ) from None
     app = getattr(module, attr, None)
     if not isinstance(app, III):
         raise UsageError(f"{spec!r} is not an III app (found {type(app).__name__})")

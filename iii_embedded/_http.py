@@ -145,7 +145,22 @@ class HttpRouter:
             await _respond(send, 500, {"error": "internal server error", "error_id": error_id})
             return
         status, payload, extra = _response_of(result)
-        await _respond(send, status, payload, headers=extra)
+        try:
+            await _respond(send, status, payload, headers=extra)
+        except (TypeError, ValueError) as exc:  # raised before anything was sent
+            error_id = str(uuid.uuid4())
+            log.error(
+                "http %s %s -> %r returned a response that cannot be sent (error id %s): "
+                "%s: %s (a body must be JSON-serialisable, str or bytes; header names "
+                "and values latin-1 text)",
+                method,
+                request["path"],
+                route.function_id,
+                error_id,
+                type(exc).__name__,
+                exc,
+            )
+            await _respond(send, 500, {"error": "internal server error", "error_id": error_id})
 
     @staticmethod
     async def _lifespan(receive: Receive, send: Send) -> None:

@@ -408,3 +408,31 @@ def test_a_watch_interval_that_is_not_a_positive_number_is_a_usage_error(
     assert out.returncode == 2
     assert "argument --interval:" in out.stderr and interval in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        (
+            'from iii_embedded import III\niii = III.from_config("bad.yaml")\n',
+            "importing 'broken' failed: bad.yaml:3: queue 'q': concurrency must be an "
+            "integer >= 1, got 'ten'",
+        ),
+        (
+            "from iii_embedded import III\niii = III()\nraise KeyError('db_url')\n",
+            "importing 'broken' failed: KeyError: 'db_url' (",
+        ),
+    ],
+    ids=["config_error", "app_error"],
+)
+def test_an_app_that_fails_to_import_is_one_line_naming_why(
+    tmp_path: Path, source: str, message: str
+) -> None:
+    (tmp_path / "bad.yaml").write_text("queue_configs:\n  q:\n    concurrency: ten\n")
+    (tmp_path / "broken.py").write_text(source)
+    for args in (["run", "broken:iii"], ["trigger", "f", "--app", "broken:iii"]):
+        out = cli(tmp_path, *args)
+        assert out.returncode == 2, out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+        assert message in out.stderr
+        assert "Traceback" not in out.stderr

@@ -314,3 +314,34 @@ def test_the_engine_serves_http_in_every_lifecycle(tmp_path: Path) -> None:
             proc.send_signal(signal.SIGTERM)
             _, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, (name, err)
+
+
+async def test_a_response_that_cannot_be_sent_is_a_json_500_with_an_error_id(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    iii = III(shutdown_grace_ms=0)
+    iii.register_function("odd", lambda req: {"status_code": 200, "body": {1, 2}})
+    iii.register_trigger({"type": "http", "function_id": "odd", "config": {"api_path": "/odd"}})
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    caplog.set_level(logging.ERROR, logger="iii_embedded.http")
+    async with iii.running():
+        await iii.asgi_app(
+            {"type": "http", "method": "GET", "path": "/odd", "headers": []}, receive, send
+        )
+    start, body = sent
+    answer = json.loads(body["body"])
+    assert start["status"] == 500
+    assert (b"content-type", b"application/json") in start["headers"]
+    assert answer["error"] == "internal server error"
+    assert any(
+        answer["error_id"] in r.getMessage()
+        and "TypeError: Object of type set is not JSON serializable" in r.getMessage()
+        for r in caplog.records
+    )
