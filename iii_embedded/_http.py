@@ -18,7 +18,7 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote
 
 import anyio
 import anyio.abc
@@ -41,13 +41,17 @@ _METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"}
 
 
 class _Route:
-    __slots__ = ("function_id", "method", "parts", "path")
+    __slots__ = ("function_id", "method", "parts", "path", "rank", "shape")
 
     def __init__(self, method: str, path: str, function_id: str) -> None:
         self.method = method
         self.path = path
         self.parts = [p for p in path.strip("/").split("/") if p]
         self.function_id = function_id
+        self.shape = tuple(":" if p.startswith(":") else p for p in self.parts)
+        """What the route matches: two routes of one shape match the same requests."""
+        self.rank = tuple(p == ":" for p in self.shape)
+        """Lower is more specific: a fixed segment wins over a parameter, from the left."""
 
     def match(self, parts: list[str]) -> dict[str, str] | None:
         if len(parts) != len(self.parts):
@@ -75,12 +79,15 @@ class HttpRouter:
             raise ValueError(f"http trigger of {function_id!r}: unknown http_method {method!r}")
         if not api_path.startswith("/"):
             raise ValueError(f"http trigger of {function_id!r}: api_path must start with '/'")
+        new = _Route(method, api_path, function_id)
         for route in self._routes:
-            if route.method == method and route.parts == _Route(method, api_path, "").parts:
+            if route.method == method and route.shape == new.shape:
+                same = "" if route.path == api_path else f" (as {route.path})"
                 raise ValueError(
-                    f"http route {method} {api_path} is already bound to {route.function_id!r}"
+                    f"http route {method} {api_path} is already bound{same} "
+                    f"to {route.function_id!r}"
                 )
-        self._routes.append(_Route(method, api_path, function_id))
+        self._routes.append(new)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -89,7 +96,7 @@ class HttpRouter:
         if scope["type"] != "http":
             return
         path = _route_path(scope)
-        parts = [p for p in path.strip("/").split("/") if p]
+        parts = _segments(scope, path)
         method = str(scope.get("method", "GET")).upper()
         matches = [(r, params) for r in self._routes if (params := r.match(parts)) is not None]
         if not matches:
@@ -105,7 +112,7 @@ class HttpRouter:
                 headers={"allow": allowed},
             )
             return
-        route, path_params = chosen[0]
+        route, path_params = min(chosen, key=lambda match: match[0].rank)
         raw = await _read_body(receive)
         headers = {
             k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])
@@ -228,6 +235,22 @@ def _route_path(scope: Scope) -> str:
     if root and (path == root or path.startswith(root + "/")):
         return path[len(root) :] or "/"
     return path
+
+
+def _segments(scope: Scope, path: str) -> list[str]:
+    """The path's segments, each percent-decoded on its own, so that an encoded slash
+    (``%2F``) stays inside its segment (a parameter's value), as the raw path says."""
+    decoded = [p for p in path.strip("/").split("/") if p]
+    raw = scope.get("raw_path")
+    if not raw or b"%2f" not in raw.lower():
+        return decoded
+    text = raw.decode("latin-1")
+    root = str(scope.get("root_path") or "").rstrip("/")
+    if root and (text == root or text.startswith(root + "/")):
+        text = text[len(root) :]
+    parts = [unquote(p) for p in text.strip("/").split("/") if p]
+    # Only if it is the same path as ``path`` (a framework may have rewritten that one).
+    return parts if "/".join(parts) == "/".join(decoded) else decoded
 
 
 async def _respond(

@@ -345,3 +345,47 @@ async def test_a_response_that_cannot_be_sent_is_a_json_500_with_an_error_id(
         and "TypeError: Object of type set is not JSON serializable" in r.getMessage()
         for r in caplog.records
     )
+
+
+async def asgi_get(iii: III, path: str, raw_path: bytes | None = None) -> tuple[int, Any]:
+    """One GET through ``iii.asgi_app`` (no server): the status and the decoded body."""
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope: dict[str, Any] = {"type": "http", "method": "GET", "path": path, "headers": []}
+    if raw_path is not None:
+        scope["raw_path"] = raw_path
+    await iii.asgi_app(scope, receive, send)
+    return sent[0]["status"], json.loads(sent[1]["body"])
+
+
+async def test_a_fixed_segment_wins_over_a_parameter_whatever_the_order_of_registration() -> None:
+    iii = III(shutdown_grace_ms=0)
+    for fid, api_path in (
+        ("show", "/orders/:id"),
+        ("new", "/orders/new"),
+        ("item", "/orders/:id/items/:n"),
+        ("first_item", "/orders/:id/items/first"),
+    ):
+        iii.register_function(fid, lambda req, fid=fid: {"fn": fid, **req["path_params"]})
+        iii.register_trigger({"type": "http", "function_id": fid, "config": {"api_path": api_path}})
+    with pytest.raises(ValueError, match=r"GET /orders/:oid is already bound \(as /orders/:id\)"):
+        iii.register_trigger(
+            {"type": "http", "function_id": "show", "config": {"api_path": "/orders/:oid"}}
+        )
+    async with iii.running():
+        new = await asgi_get(iii, "/orders/new")
+        show = await asgi_get(iii, "/orders/42")
+        first = await asgi_get(iii, "/orders/42/items/first")
+        item = await asgi_get(iii, "/orders/42/items/3")
+        slash = await asgi_get(iii, "/orders/a/b", raw_path=b"/orders/a%2Fb")
+    assert new == (200, {"fn": "new"})
+    assert show == (200, {"fn": "show", "id": "42"})
+    assert first == (200, {"fn": "first_item", "id": "42"})
+    assert item == (200, {"fn": "item", "id": "42", "n": "3"})
+    assert slash == (200, {"fn": "show", "id": "a/b"})  # an encoded slash stays in its segment
