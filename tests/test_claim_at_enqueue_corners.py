@@ -190,6 +190,41 @@ async def test_a_job_waiting_in_the_buffer_behind_a_running_one_is_cancelled_uns
     assert (stats.running, stats.ready, stats.prefetched, stats.completed) == (0, 0, 0, 1)
 
 
+async def a_parked_job(iii: III, seen: list[str]) -> tuple[Any, str, list[int], Any]:
+    """The state where "fourth", claimed at enqueue, is parked: the dispatcher's claim of
+    the owed "third" is on its way (its exchange held after its commit), so "fourth" waits
+    for it to reach the buffer. Returns the runner, fourth's id, the claims counted at
+    enqueue (``count_claimed``), and a function that lets the exchange go on."""
+    runner = await one_running_one_prefetched_one_owed(iii, seen)
+    store: Any = iii.runtime.store
+    real = store.exchange
+    committed = anyio.Event()
+    resume = anyio.Event()
+
+    async def late(*args: Any, **kwargs: Any) -> Any:
+        jobs = await real(*args, **kwargs)
+        if kwargs["limit"] > 0:
+            committed.set()
+            await resume.wait()
+        return jobs
+
+    def let_go() -> None:
+        store.exchange = real
+        resume.set()
+
+    store.exchange = late
+    runner.prefetch = 3  # room frees up
+    runner.poke()
+    await anyio.lowlevel.checkpoint()  # the dispatcher asks for the owed job
+    assert runner._claiming == 1
+    counts = count_claimed(iii)
+    fourth = await enqueue(iii, "fourth")
+    with anyio.fail_after(10):
+        await committed.wait()
+    assert [[job.id for job in jobs] for _, jobs in runner._parked] == [[fourth]]
+    return runner, fourth, counts, let_go
+
+
 async def test_a_job_claimed_at_enqueue_and_parked_is_cancelled_unstarted(
     tmp_path: Path,
 ) -> None:
@@ -201,32 +236,9 @@ async def test_a_job_claimed_at_enqueue_and_parked_is_cancelled_unstarted(
     seen, gate = gated(iii)
     hooked = cancel_hooks(iii)
     async with iii.running():
-        runner = await one_running_one_prefetched_one_owed(iii, seen)
-        store: Any = iii.runtime.store
-        real = store.exchange
-        committed = anyio.Event()
-        resume = anyio.Event()
-
-        async def late(*args: Any, **kwargs: Any) -> Any:
-            jobs = await real(*args, **kwargs)
-            if kwargs["limit"] > 0:
-                committed.set()
-                await resume.wait()
-            return jobs
-
-        store.exchange = late
-        runner.prefetch = 3  # room frees up
-        runner.poke()
-        await anyio.lowlevel.checkpoint()  # the dispatcher asks for the owed job
-        assert runner._claiming == 1
-        counts = count_claimed(iii)
-        fourth = await enqueue(iii, "fourth")
-        with anyio.fail_after(10):
-            await committed.wait()
-        assert [[job.id for job in jobs] for _, jobs in runner._parked] == [[fourth]]
+        _, fourth, counts, let_go = await a_parked_job(iii, seen)
         result = await iii.runs.cancel_async(fourth)
-        store.exchange = real
-        resume.set()
+        let_go()
         gate.set()
         await drain(iii)
         run = await iii.runs.get_async(fourth)
@@ -253,31 +265,10 @@ async def test_a_parked_job_cancelled_then_handed_back_at_shutdown_ends_cancelle
     seen, gate = gated(iii)
     hooked = cancel_hooks(iii)
     async with iii.running():
-        runner = await one_running_one_prefetched_one_owed(iii, seen)
-        store: Any = iii.runtime.store
-        real = store.exchange
-        committed = anyio.Event()
-        resume = anyio.Event()
-
-        async def late(*args: Any, **kwargs: Any) -> Any:
-            jobs = await real(*args, **kwargs)
-            if kwargs["limit"] > 0:
-                committed.set()
-                await resume.wait()
-            return jobs
-
-        store.exchange = late
-        runner.prefetch = 3
-        runner.poke()
-        await anyio.lowlevel.checkpoint()
-        fourth = await enqueue(iii, "fourth")
-        with anyio.fail_after(10):
-            await committed.wait()
-        assert [[job.id for job in jobs] for _, jobs in runner._parked] == [[fourth]]
+        runner, fourth, _, let_go = await a_parked_job(iii, seen)
         result = await iii.runs.cancel_async(fourth)
-        store.exchange = real
         runner.stop_claiming()  # shutdown's first step, as leaving ``running()`` takes
-        resume.set()
+        let_go()
         gate.set()
         with anyio.fail_after(10):
             while runner.unsettled:

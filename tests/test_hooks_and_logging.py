@@ -244,17 +244,20 @@ async def test_in_memory_a_second_cancel_of_a_run_settled_by_its_runner_fires_no
     assert hooked == [a]
 
 
+def one_slot_app(store: StoreConfig) -> III:
+    """A queue "work" with one slot and room to prefetch 4, on ``store``."""
+    queue = QueueConfig(name="work", concurrency=1, prefetch=4)
+    return III(
+        Config(queues={"work": queue}, store=store), clock=VirtualClock(), shutdown_grace_ms=0
+    )
+
+
 async def test_a_redriven_run_is_not_stopped_by_a_cancel_asked_of_its_dead_attempt(
     store_config: StoreConfig,
 ) -> None:
     """A cancel flags a running attempt that then dies: the redriven run is a new one,
     which the spent request does not stop. It runs, and fires no ``job_cancelled``."""
-    queue = QueueConfig(name="work", concurrency=1, prefetch=4)
-    iii = III(
-        Config(queues={"work": queue}, store=store_config),
-        clock=VirtualClock(),
-        shutdown_grace_ms=0,
-    )
+    iii = one_slot_app(store_config)
     gate = anyio.Event()
     results: list[Any] = []
     ran: list[str] = []
@@ -299,12 +302,7 @@ async def test_a_run_held_for_an_unknown_function_and_cancelled_before_that_is_w
     """A job of a function not registered here is settled ``held`` (to wait for it); a
     cancel that comes before that outcome is written wins: the run ends ``cancelled``,
     unattempted, with one hook, instead of waiting, flagged, for the function."""
-    queue = QueueConfig(name="work", concurrency=1, prefetch=4)
-    iii = III(
-        Config(queues={"work": queue}, store=store_config),
-        clock=VirtualClock(),
-        shutdown_grace_ms=0,
-    )
+    iii = one_slot_app(store_config)
     gate = anyio.Event()
     results: list[Any] = []
 
