@@ -79,8 +79,18 @@ def register_builtins(app: III) -> None:
     async def dlq_messages(data: Any) -> list[dict[str, Any]]:
         queue = _queue_of(data)
         offset, limit = _count(data, "offset", 0), _count(data, "limit", 50)
-        jobs = await app.dlq_list_async(queue, offset=offset, limit=limit)
-        return [j.to_iii() for j in jobs]
+        queues = app.topics.get(queue)
+        if not queues:
+            jobs = await app.dlq_list_async(queue, offset=offset, limit=limit)
+            return [j.to_iii() for j in jobs]
+        # A topic: its subscribers' dead messages together, oldest failure first.
+        found = [
+            j.to_iii()
+            for q in queues
+            for j in await app.dlq_list_async(q, offset=0, limit=offset + limit)
+        ]
+        found.sort(key=lambda m: m["failed_at"])
+        return found[offset : offset + limit]
 
     def serving_topics() -> set[str]:
         return {queue for queues in app.topics.values() for queue in queues}
@@ -116,6 +126,15 @@ def register_builtins(app: III) -> None:
 
     async def topic_stats(data: Any) -> dict[str, Any]:
         queue = _queue_of(data)
+        queues = app.topics.get(queue)
+        if queues:  # a topic: its subscribers' queues together
+            each = [await app.queue_stats_async(q) for q in queues]
+            return {
+                "depth": sum(s.ready + s.delayed + s.held for s in each),
+                "consumer_count": len(queues),
+                "dlq_depth": sum(s.dead for s in each),
+                "config": {},
+            }
         stats = await app.queue_stats_async(queue)
         return {
             "depth": stats.ready + stats.delayed + stats.held,

@@ -61,6 +61,10 @@ def _croniter() -> Any:
     return croniter
 
 
+_SEARCH_YEARS = 200
+"""How far ahead a schedule's next fire time is looked for."""
+
+
 def parse_expression(expression: str, start: float) -> Any:
     """A croniter iterator over ``expression`` (5, 6 or 7 fields) from ``start``."""
     croniter = _croniter()
@@ -72,7 +76,14 @@ def parse_expression(expression: str, start: float) -> Any:
         )
     base = dt.datetime.fromtimestamp(start, dt.UTC)
     try:
-        return croniter(expression, base, second_at_beginning=len(fields) >= 6)
+        # croniter looks 50 years ahead by default: a 7-field schedule for a year further
+        # off (croniter's years go to 2099) would read as one that never fires.
+        return croniter(
+            expression,
+            base,
+            second_at_beginning=len(fields) >= 6,
+            max_years_between_matches=_SEARCH_YEARS,
+        )
     except (ValueError, KeyError) as exc:
         raise ValueError(f"invalid cron expression {expression!r}: {exc}") from None
 

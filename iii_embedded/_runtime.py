@@ -673,11 +673,12 @@ def new_jobs(
     max_attempts = queue.max_attempts
     if action.max_attempts is not None:
         given = action.max_attempts
-        if isinstance(given, bool) or not isinstance(given, int) or given < 1:
+        # Any integer type (numpy's among them), not a bool; stored as a plain int.
+        if isinstance(given, bool) or not isinstance(given, numbers.Integral) or given < 1:
             raise InvocationError(
                 "enqueue_error", f"max_attempts must be an integer >= 1, got {given!r}"
             )
-        max_attempts = given
+        max_attempts = int(given)
     key = action.idempotency_key
     if key is not None and not isinstance(key, str):
         raise InvocationError("enqueue_error", f"idempotency_key must be a string, got {key!r}")

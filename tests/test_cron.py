@@ -208,6 +208,12 @@ def test_invalid_expressions_are_refused_naming_the_expression() -> None:
         iii.register_trigger(  # the 31st of February
             {"type": "cron", "function_id": "f", "config": {"expression": "0 0 0 31 2 *"}}
         )
+    # Far off is not never: croniter would look only 50 years ahead by default.
+    far = III(clock=VirtualClock(start=0.0))
+    far.register_trigger(
+        {"type": "cron", "function_id": "f", "config": {"expression": "0 0 0 29 2 * 2096"}}
+    )
+    assert [job.expression for job in far.cron_jobs] == ["0 0 0 29 2 * 2096"]
     past = III(clock=VirtualClock(start=T0))
     with pytest.raises(ValueError, match="has no fire time after 2026-03-01T12:00:00Z"):
         past.register_trigger(  # noon every day of 2025

@@ -101,6 +101,8 @@ async def test_the_engine_listings_show_topics_and_queues_as_iii_does() -> None:
         await drain(iii)
         topics = await iii.trigger_async("engine::queue::list_topics", {})
         dlq = await iii.trigger_async("engine::queue::dlq_topics", {})
+        dead = await iii.trigger_async("engine::queue::dlq_messages", {"topic": "t"})
+        stats = await iii.trigger_async("engine::queue::topic_stats", {"topic": "t"})
     assert topics == [
         {"name": "t", "broker_type": "builtin", "subscriber_count": 2},
         {"name": "default", "broker_type": "function_queue", "subscriber_count": 10},
@@ -109,6 +111,9 @@ async def test_the_engine_listings_show_topics_and_queues_as_iii_does() -> None:
         {"topic": "t", "broker_type": "builtin", "message_count": 2},
         {"topic": "default", "broker_type": "function_queue", "message_count": 0},
     ]
+    # What the listing names, the other functions read.
+    assert sorted(m["payload"] for m in dead) == [1, 2]
+    assert (stats["dlq_depth"], stats["consumer_count"], stats["depth"]) == (2, 2, 0)
 
 
 async def test_subscribing_a_function_twice_makes_the_subscriptions_compete() -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fractions
 import logging
+import numbers
 import threading
 from typing import Any
 
@@ -372,6 +374,41 @@ async def test_a_bad_enqueue_option_is_an_enqueue_error_naming_it_and_stores_not
         stored = await iii.runtime.store.list_jobs()
     assert (caught.value.code, str(caught.value)) == ("enqueue_error", f"enqueue_error: {message}")
     assert stored == []
+
+
+class _Count:
+    """An integer type that is not ``int`` (as numpy's are): registered as Integral."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __int__(self) -> int:
+        return self.value
+
+    def __index__(self) -> int:
+        return self.value
+
+    def __lt__(self, other: int) -> bool:
+        return self.value < other
+
+
+numbers.Integral.register(_Count)
+
+
+@pytest.mark.parametrize("form", ["dict", "object"])
+async def test_enqueue_options_of_other_number_types_are_accepted(form: str) -> None:
+    iii = make_app(VirtualClock())
+    iii.register_function("emails::send", lambda _: None)
+    options: dict[str, Any] = {"max_attempts": _Count(2), "delay_ms": fractions.Fraction(1, 2)}
+    action: Any = (
+        {"type": "enqueue", "queue": "email", **options}
+        if form == "dict"
+        else TriggerAction.Enqueue(queue="email", **options)
+    )
+    async with iii.running():
+        receipt = await iii.trigger_async("emails::send", {"n": 1}, action=action)
+        run = await iii.runs.get_async(str(receipt["messageReceiptId"]))
+    assert run is not None and (run.max_attempts, type(run.max_attempts)) == (2, int)
 
 
 # --- nesting and threads ---------------------------------------------------------------
