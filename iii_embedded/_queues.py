@@ -365,7 +365,7 @@ class QueueRunner:
         self.unsettled += len(jobs)
         if self._stopping:  # stopped meanwhile: hand them back unstarted
             now = self.rt.clock.now()
-            self._outcomes += [self._hand_back(j, now) for j in jobs]
+            self._outcomes += [(j, self._outcome(j, "released", now)) for j in jobs]
             self.poke()
         else:
             self._buffer.extend(jobs)
@@ -392,10 +392,10 @@ class QueueRunner:
         now = self.rt.clock.now()
         for entry in list(self._reserved.values()):
             if self._detach(entry):
-                self._outcomes.append(self._hand_back(entry.job, now))
+                self._outcomes.append((entry.job, self._outcome(entry.job, "released", now)))
         while self._buffer:
             job = self._buffer.popleft()
-            self._outcomes.append(self._hand_back(job, now))
+            self._outcomes.append((job, self._outcome(job, "released", now)))
         self.wake()
         # Workers waiting for jobs exit once they see the runner stopping.
         while self._idle:
@@ -702,7 +702,7 @@ class QueueRunner:
                     self.unsettled += len(jobs)
                     if self._stopping:  # stopped while claiming: hand them back unstarted
                         now = clock.now()
-                        self._outcomes += [self._hand_back(j, now) for j in jobs]
+                        self._outcomes += [(j, self._outcome(j, "released", now)) for j in jobs]
                     else:
                         buffer.extend(jobs)
                         self._spread()
@@ -1233,13 +1233,3 @@ class QueueRunner:
         self, job: Job, kind: Literal["released", "held", "cancelled"], now: float
     ) -> Outcome:
         return Outcome(job_id=job.id, kind=kind, owner=self.rt.owner, attempt=job.attempts, at=now)
-
-    def _hand_back(self, job: Job, now: float) -> tuple[Job, Outcome]:
-        """A claimed job that never started, given back at shutdown: ``released`` (back
-        in its queue, its attempt given back), or ``cancelled`` if a cancel reached it
-        first (a parked job, or one whose stop was asked during an earlier attempt), so
-        that the run reads as the cancel said at once, not ``queued`` until some later
-        claim settles it."""
-        outcome = self._outcome(job, "cancelled" if job.cancel_requested else "released", now)
-        outcome.started = False
-        return job, outcome

@@ -87,6 +87,33 @@ async def test_a_job_claimed_at_enqueue_with_every_slot_taken_starts_after_its_c
     assert (stats.completed, stats.running, stats.ready) == (2, 0, 0)
 
 
+class HeldDueRead:
+    """Holds the queue's read of its next due time (``store.next_delayed_at``, asked by
+    ``_learn_due``) from :meth:`hold` until :meth:`let_go`; ``reading`` is set when one
+    begins, and ``answers`` collects what the store answered."""
+
+    def __init__(self, iii: III) -> None:
+        self.store: Any = iii.runtime.store
+        self.real = self.store.next_delayed_at
+        self.reading = anyio.Event()
+        self.answer = anyio.Event()
+        self.answers: list[float | None] = []
+
+    async def _held(self, queue: str, after: float) -> float | None:
+        self.reading.set()
+        await self.answer.wait()
+        got: float | None = await self.real(queue, after)
+        self.answers.append(got)
+        return got
+
+    def hold(self) -> None:
+        self.store.next_delayed_at = self._held
+
+    def let_go(self) -> None:
+        self.answer.set()
+        self.store.next_delayed_at = self.real
+
+
 async def test_a_retry_decided_while_the_queue_reads_its_due_time_runs_before_a_later_enqueue(
     tmp_path: Path,
 ) -> None:
@@ -108,40 +135,27 @@ async def test_a_retry_decided_while_the_queue_reads_its_due_time_runs_before_a_
 
     async with iii.running():
         runner = iii.runtime.runners["work"]
-        store: Any = iii.runtime.store
-        real = store.next_delayed_at
-        reading = anyio.Event()
-        answer = anyio.Event()
-        answers: list[float | None] = []
-
-        async def learning(queue: str, after: float) -> float | None:
-            reading.set()
-            await answer.wait()
-            got: float | None = await real(queue, after)
-            answers.append(got)
-            return got
-
+        read = HeldDueRead(iii)
         await until_idle(iii)
         await enqueue(iii, "flaky")
         with anyio.fail_after(10):
             while not (seen and runner.idle):
                 await anyio.lowlevel.checkpoint()
-        store.next_delayed_at = learning
+        read.hold()
         runner.wake()  # as a redrive would: the queue claims, finds nothing, and learns
         with anyio.fail_after(10):
-            await reading.wait()
+            await read.reading.wait()
         fail.set()
         with anyio.fail_after(10):
             while not runner._outcomes:  # the retry is decided, not yet written
                 await anyio.lowlevel.checkpoint()
-        answer.set()
+        read.let_go()
         await until_idle(iii)
-        store.next_delayed_at = real
         clock.advance(6)  # the retry is due
         counts = count_claimed(iii)
         await enqueue(iii, "later")
         await drain(iii)
-    assert answers == [None]  # the read did not see the retry
+    assert read.answers == [None]  # the read did not see the retry
     assert counts == [0]
     assert seen == ["flaky", "flaky", "later"]
 
@@ -321,25 +335,15 @@ async def test_a_cancel_while_the_queue_reads_its_due_time_reaches_the_job_it_cl
     hooked = cancel_hooks(iii)
     async with iii.running():
         runner = iii.runtime.runners["work"]
-        store: Any = iii.runtime.store
-        real = store.next_delayed_at
-        reading = anyio.Event()
-        answer = anyio.Event()
-
-        async def learning(queue: str, after: float) -> Any:
-            reading.set()
-            await answer.wait()
-            return await real(queue, after)
-
+        read = HeldDueRead(iii)
         await until_idle(iii)
-        store.next_delayed_at = learning
+        read.hold()
         runner.wake()  # as a poll for other processes' jobs: the enqueue is stored queued
         first = await enqueue(iii, "first")
         with anyio.fail_after(10):
-            await reading.wait()
+            await read.reading.wait()
         result = await iii.runs.cancel_async(first)
-        answer.set()
-        store.next_delayed_at = real
+        read.let_go()
         with anyio.fail_after(10):  # stopped now, not at the next lease renewal
             while runner.running or runner.unsettled:
                 await anyio.lowlevel.checkpoint()
