@@ -151,15 +151,15 @@ class HttpRouter:
             )
             await _respond(send, 500, {"error": "internal server error", "error_id": error_id})
             return
-        status, payload, extra = _response_of(result)
         try:
+            status, payload, extra = _response_of(result)
             await _respond(send, status, payload, headers=extra)
         except (TypeError, ValueError) as exc:  # raised before anything was sent
             error_id = str(uuid.uuid4())
             log.error(
                 "http %s %s -> %r returned a response that cannot be sent (error id %s): "
-                "%s: %s (a body must be JSON-serialisable, str or bytes; header names "
-                "and values latin-1 text)",
+                "%s: %s (a status_code must be an integer from 100 to 599, a body "
+                "JSON-serialisable, str or bytes, header names and values latin-1 text)",
                 method,
                 request["path"],
                 route.function_id,
@@ -216,12 +216,23 @@ def _query(query_string: bytes) -> dict[str, Any]:
 
 
 def _response_of(result: Any) -> tuple[int, Any, dict[str, str]]:
+    """The status, body and headers a handler's result asks for; ``ValueError`` or
+    ``TypeError`` when they cannot make an HTTP response."""
     if isinstance(result, Mapping) and "status_code" in result:
+        raw = result["status_code"]
+        # An integer, or its digits as text ("201"); not a bool, float or other text.
+        if isinstance(raw, bool) or not isinstance(raw, (int, str)):
+            raise TypeError(f"status_code {raw!r} is not an integer")
+        status = int(raw)  # ValueError for text that is not digits
+        if not 100 <= status <= 599:
+            raise ValueError(f"status_code {status} is outside 100-599")
         headers = result.get("headers") or {}
+        if not isinstance(headers, Mapping):
+            raise TypeError(f"headers {headers!r} is not a mapping")
         return (
-            int(result["status_code"]),
+            status,
             result.get("body"),
-            {str(k).lower(): str(v) for k, v in dict(headers).items()},
+            {str(k).lower(): str(v) for k, v in headers.items()},
         )
     return 200, result, {}
 
