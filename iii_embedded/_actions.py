@@ -21,7 +21,7 @@ class EnqueueAction:
     key instead of storing a new one; override the queue's ``max_retries`` for this run.
     """
 
-    queue: str
+    queue: str = "default"
     delay_ms: int = 0
     idempotency_key: str | None = None
     max_attempts: int | None = None
@@ -56,12 +56,13 @@ class TriggerAction:
     @staticmethod
     def Enqueue(
         *,
-        queue: str,
+        queue: str = "default",
         delay_ms: int = 0,
         idempotency_key: str | None = None,
         max_attempts: int | None = None,
     ) -> EnqueueAction:
-        """Enqueue on the named queue (see :class:`EnqueueAction`)."""
+        """Enqueue on the named queue, ``default`` when none is named (see
+        :class:`EnqueueAction`)."""
         return EnqueueAction(
             queue=queue,
             delay_ms=delay_ms,
@@ -88,9 +89,15 @@ def parse_action(action: object) -> Action | None:
         if kind == "void":
             return _VOID
         if kind == "enqueue":
-            queue = action.get("queue")
+            # iii: "the default queue is used when no queue name is specified".
+            queue = action.get("queue", "default")
+            if queue is None:
+                queue = "default"
             if not isinstance(queue, str) or not queue:
-                raise InvocationError("enqueue_error", "Enqueue action requires a 'queue' name")
+                raise InvocationError(
+                    "enqueue_error",
+                    f"Enqueue action's 'queue' must be a queue name, not {queue!r}",
+                )
             # Passed on as given: the enqueue checks them, naming a bad one.
             delay = action.get("delay_ms")
             return EnqueueAction(

@@ -345,6 +345,38 @@ async def test_dict_form_of_the_enqueue_action_is_accepted() -> None:
 
 
 @pytest.mark.parametrize(
+    "action",
+    [TriggerAction.Enqueue(), {"type": "enqueue"}, {"type": "enqueue", "queue": None}],
+    ids=["object", "dict", "dict-none"],
+)
+async def test_an_enqueue_that_names_no_queue_goes_to_the_default_queue(action: Any) -> None:
+    iii = make_app()
+    seen: list[Any] = []
+    iii.register_function("emails::send", seen.append)
+    async with iii.running():
+        receipt = await iii.trigger_async("emails::send", {"n": 1}, action=action)
+        run = await iii.runs.get_async(str(receipt["messageReceiptId"]))
+        await drain(iii)
+    assert run is not None and run.queue == "default"
+    assert seen == [{"n": 1}]
+
+
+@pytest.mark.parametrize("queue", ["", 7])
+async def test_an_enqueue_whose_queue_is_not_a_name_is_an_enqueue_error(queue: Any) -> None:
+    iii = make_app()
+    iii.register_function("emails::send", lambda _: None)
+    async with iii.running():
+        with pytest.raises(InvocationError) as caught:
+            await iii.trigger_async(
+                "emails::send", {"n": 1}, action={"type": "enqueue", "queue": queue}
+            )
+        stored = await iii.runtime.store.list_jobs()
+    assert caught.value.code == "enqueue_error"
+    assert f"'queue' must be a queue name, not {queue!r}" in str(caught.value)
+    assert stored == []
+
+
+@pytest.mark.parametrize(
     ("option", "value", "message"),
     [
         ("delay_ms", "abc", "delay_ms must be a number of milliseconds >= 0, got 'abc'"),
