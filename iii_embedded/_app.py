@@ -16,6 +16,7 @@ import os
 import signal
 import threading
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from concurrent.futures import CancelledError as FutureCancelled
 from concurrent.futures import Future
 from contextlib import AbstractContextManager, asynccontextmanager
 from typing import Any, TypeVar
@@ -35,7 +36,7 @@ from ._runs import BatchResult, RunResult, Runs
 from ._runs import batch_trigger as _batch_trigger
 from ._runs import batch_trigger_and_wait as _batch_trigger_and_wait
 from ._runs import trigger_and_wait as _trigger_and_wait
-from ._runtime import Runtime, enqueue_failed
+from ._runtime import Runtime, check_timeout, enqueue_failed
 from ._stats import DeadJob, QueueStats
 from ._stores import Store, open_store
 from ._stores._base import RUNNING_OWNERS
@@ -342,14 +343,29 @@ class III:
                 "this call blocks, and this is the engine's event-loop thread: "
                 "use its `_async` twin in async code"
             )
-        return rt.from_thread(fn, *args).result()
+        future = rt.from_thread(fn, *args)
+        try:
+            return future.result()
+        except (FutureCancelled, StoreError) as exc:
+            # The engine shut down under the call: its task was cancelled, or the store
+            # closed under it.
+            if rt.stopping:
+                raise _engine_stopped() from exc
+            raise
 
     async def _on_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``await fn(*args)`` on the engine's loop, from this loop or another one."""
         rt = self.runtime
         if rt.loop_thread == threading.get_ident():
             return await fn(*args)
-        return await _wait_elsewhere(rt.from_thread(fn, *args))
+        future = rt.from_thread(fn, *args)
+        try:
+            return await _wait_elsewhere(future)
+        except (FutureCancelled, asyncio.CancelledError, StoreError) as exc:
+            # Not the caller's own cancellation (that cancels the future, and goes on).
+            if rt.stopping and not _caller_cancelled():
+                raise _engine_stopped() from exc
+            raise
 
     # --- Trigger.dev-style triggering ------------------------------------------------
 
@@ -475,11 +491,14 @@ class III:
         *,
         queue: str = "default",
         timeout_ms: int | None = None,
+        delay_ms: int = 0,
         idempotency_keys: Sequence[str | None] | None = None,
+        max_attempts: int | None = None,
         _invocation: Invocation | None = None,
     ) -> BatchResult:
         """Enqueue a batch atomically, then wait for every run; ``BatchResult.runs`` are in
-        input order and a failed run carries its own error (this never raises for one)."""
+        input order and a failed run carries its own error (this never raises for one).
+        ``delay_ms`` and ``max_attempts`` apply to every run, as in :meth:`batch_trigger`."""
         inv = _invocation if _invocation is not None else current_invocation()
 
         async def go() -> BatchResult:
@@ -489,7 +508,9 @@ class III:
                 payloads,
                 queue=queue,
                 timeout_ms=timeout_ms,
+                delay_ms=delay_ms,
                 idempotency_keys=idempotency_keys,
+                max_attempts=max_attempts,
                 inv=inv,
             )
 
@@ -503,7 +524,9 @@ class III:
         *,
         queue: str = "default",
         timeout_ms: int | None = None,
+        delay_ms: int = 0,
         idempotency_keys: Sequence[str | None] | None = None,
+        max_attempts: int | None = None,
     ) -> BatchResult:
         """Blocking twin of :meth:`batch_trigger_and_wait_async`."""
         inv = current_invocation()
@@ -513,7 +536,9 @@ class III:
                 payloads,
                 queue=queue,
                 timeout_ms=timeout_ms,
+                delay_ms=delay_ms,
                 idempotency_keys=idempotency_keys,
+                max_attempts=max_attempts,
                 _invocation=inv,
             )
         )
@@ -744,6 +769,24 @@ def _require_main_thread(what: str) -> None:
         )
 
 
+def _engine_stopped() -> InvocationError:
+    return InvocationError(
+        "engine_stopped",
+        "the engine shut down while this call was waiting on it; a run it enqueued is not "
+        "finished (in a file store it goes on when an engine next serves its queue)",
+    )
+
+
+def _caller_cancelled() -> bool:
+    """True when the current asyncio task is being cancelled (not just a future it
+    awaited); False outside asyncio."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:
+        return False
+    return task is not None and task.cancelling() > 0
+
+
 async def _wait_elsewhere(future: Future[T]) -> T:
     """Await a concurrent future (the engine's or the store writer's) on the caller's own
     event loop: on asyncio with one wake-up; on another library (trio, through anyio) in a
@@ -800,15 +843,5 @@ def _parse_request(
     else:
         fid = request
     if timeout_ms is not None:
-        _check_timeout(timeout_ms)
+        check_timeout(timeout_ms)
     return fid, payload, parse_action(action), timeout_ms
-
-
-def _check_timeout(timeout_ms: Any) -> None:
-    """A call's ``timeout_ms`` is a number of milliseconds, not negative (a string from a
-    request dict would otherwise fail deep in the call, not as a bad request)."""
-    if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, (int, float)) or timeout_ms < 0:
-        raise InvocationError(
-            "invalid_request",
-            f"timeout_ms must be a number of milliseconds >= 0, got {timeout_ms!r}",
-        )

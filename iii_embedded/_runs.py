@@ -33,7 +33,7 @@ from ._context import Invocation, current_invocation
 from ._errors import DeadlockError, InvocationError, RunFailedError
 from ._ids import new_receipt_id
 from ._queues import QueueRunner
-from ._runtime import Runtime
+from ._runtime import Runtime, check_timeout
 from ._stores import ErrorInfo, Job, Outcome
 
 if TYPE_CHECKING:
@@ -186,6 +186,7 @@ async def batch_trigger(
     max_attempts: int | None = None,
 ) -> list[str]:
     """Store one run per payload in one transaction (all or none); their ids in order."""
+    payloads = list(payloads)  # any iterable, walked once
     if idempotency_keys is not None and len(idempotency_keys) != len(payloads):
         raise InvocationError(
             "enqueue_error",
@@ -270,6 +271,20 @@ def _check_self_wait(chain: Sequence[Invocation], ids: Sequence[str]) -> None:
             )
 
 
+async def _check_matched_groups(
+    rt: Runtime, chain: Sequence[Invocation], ids: Sequence[str]
+) -> None:
+    """An idempotency key can name an existing run in the waiter's own FIFO group (on
+    any queue: a key names one run whatever the queue), which the check on the payloads
+    did not see."""
+    if not chain:
+        return
+    for run_id in dict.fromkeys(ids):
+        job = await rt.store.get(run_id)
+        if job is not None and job.group is not None and job.state not in _FINAL:
+            _check_fifo_deadlock(rt, chain, job.queue, {job.group})
+
+
 def _slot_runner(rt: Runtime, inv: Invocation | None) -> tuple[QueueRunner, _Active] | None:
     """The runner whose slot ``inv``'s handler holds, and its attempt's entry there (if it
     holds one in this runtime: not a handler of another app in this process, nor a stopped
@@ -315,6 +330,11 @@ async def wait_for_runs(
                 with rt.clock.deadline_scope(rt.clock.now() + timeout_ms / 1000) as scope:
                     await _wait_all(rt, ids, results)
                 if scope.cancelled_caught and any(r is None for r in results):
+                    # A deadline shorter than one store read expires before the first
+                    # one returns: look once more, so a run final by now is reported so.
+                    with anyio.CancelScope(shield=True):
+                        await _read_final(rt, ids, results)
+                if any(r is None for r in results):
                     pending = sum(r is None for r in results)
                     raise InvocationError(
                         "TIMEOUT",
@@ -360,6 +380,16 @@ async def _wait_all(rt: Runtime, ids: Sequence[str], results: list[RunResult | N
         raise errors[0]
 
 
+async def _read_final(rt: Runtime, ids: Sequence[str], results: list[RunResult | None]) -> None:
+    """Fill in the runs of ``ids`` still missing from ``results`` that are final now."""
+    now = rt.clock.now()
+    for index, run_id in enumerate(ids):
+        if results[index] is None:
+            job = await rt.store.get(run_id)
+            if job is not None and job.state in _FINAL:
+                results[index] = _result(job, now)
+
+
 async def _wait_one(rt: Runtime, run_id: str, results: list[RunResult | None], index: int) -> None:
     event = anyio.Event()
 
@@ -398,6 +428,8 @@ async def trigger_and_wait(
     inv: Invocation | None = None,
 ) -> RunResult:
     """Enqueue one run and wait for its final outcome."""
+    if timeout_ms is not None:
+        check_timeout(timeout_ms)
     chain = _waiting_chain(rt, inv)
     _check_fifo_deadlock(rt, chain, queue, _payload_groups(rt, queue, [payload]))
     action = EnqueueAction(
@@ -405,6 +437,8 @@ async def trigger_and_wait(
     )
     ids = await rt.enqueue(function_id, [payload], action, batch=False)
     _check_self_wait(chain, ids)
+    if idempotency_key is not None:
+        await _check_matched_groups(rt, chain, ids)
     [result] = await wait_for_runs(rt, ids, timeout_ms=timeout_ms, inv=inv, chain=chain)
     return result
 
@@ -413,6 +447,8 @@ async def wait_for_run(
     rt: Runtime, run_id: str, *, timeout_ms: int | None, inv: Invocation | None
 ) -> RunResult:
     """Wait for a run started earlier (``iii.runs.wait``)."""
+    if timeout_ms is not None:
+        check_timeout(timeout_ms)
     chain = _waiting_chain(rt, inv)
     _check_self_wait(chain, [run_id])
     job = await rt.store.get(run_id)
@@ -431,16 +467,29 @@ async def batch_trigger_and_wait(
     *,
     queue: str,
     timeout_ms: int | None = None,
+    delay_ms: int = 0,
     idempotency_keys: Sequence[str | None] | None = None,
+    max_attempts: int | None = None,
     inv: Invocation | None = None,
 ) -> BatchResult:
     """Store a batch atomically and wait for all of it; never raises for a failed item."""
+    if timeout_ms is not None:
+        check_timeout(timeout_ms)
+    payloads = list(payloads)  # walked twice below: the deadlock check, then the enqueue
     chain = _waiting_chain(rt, inv)
     _check_fifo_deadlock(rt, chain, queue, _payload_groups(rt, queue, payloads))
     ids = await batch_trigger(
-        rt, function_id, payloads, queue=queue, idempotency_keys=idempotency_keys
+        rt,
+        function_id,
+        payloads,
+        queue=queue,
+        delay_ms=delay_ms,
+        idempotency_keys=idempotency_keys,
+        max_attempts=max_attempts,
     )
     _check_self_wait(chain, ids)
+    if idempotency_keys is not None and any(k is not None for k in idempotency_keys):
+        await _check_matched_groups(rt, chain, ids)
     runs = await wait_for_runs(rt, ids, timeout_ms=timeout_ms, inv=inv, chain=chain)
     return BatchResult(id=new_receipt_id(), runs=runs)
 

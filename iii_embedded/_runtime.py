@@ -319,6 +319,11 @@ class Runtime:
         job_id = job.id
         if self.hooks:
             self.emit("job_cancelled", job)
+        # The queue's dispatcher may sleep until this job's due time (a delayed FIFO head
+        # holds its group back until then): let it look again now.
+        runner = self.runners.get(job.queue)
+        if runner is not None:
+            runner.wake()
         for waiter in self._final_waiters.pop(job_id, ()):
             waiter(
                 None,
@@ -696,6 +701,10 @@ def new_jobs(
         key = action.idempotency_key
         if idempotency_keys is not None:
             key = idempotency_keys[index]
+            if key is not None and not isinstance(key, str):
+                raise InvocationError(
+                    "enqueue_error", f"{where}idempotency_key must be a string, got {key!r}"
+                )
         jobs.append(
             make_new_job(
                 new_receipt_id(),
@@ -710,6 +719,17 @@ def new_jobs(
             )
         )
     return jobs
+
+
+def check_timeout(timeout_ms: Any) -> None:
+    """A call's ``timeout_ms`` is a number of milliseconds, not negative (a string from a
+    request dict would otherwise fail deep in the call, not as a bad request). Checked
+    before anything is enqueued, so that a refused call runs nothing."""
+    if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, (int, float)) or timeout_ms < 0:
+        raise InvocationError(
+            "invalid_request",
+            f"timeout_ms must be a number of milliseconds >= 0, got {timeout_ms!r}",
+        )
 
 
 def _is_delay(value: Any) -> bool:
