@@ -133,19 +133,55 @@ def test_topic_migration_delivers_old_and_new_style() -> None:
     assert received == [("orders::process-payment", {"id": "o-9", "total": 3})] * 2
 
 
-def test_use_queues_runs_the_guides_calls_end_to_end() -> None:
+def run_example(relative: str) -> list[str]:
+    """Run an example script directly, as a user would; return its output lines."""
+    script = EXAMPLES / relative
     proc = subprocess.run(
-        [sys.executable, "use_queues.py"],
-        cwd=EXAMPLES / "use_queues",
+        [sys.executable, script.name],
+        cwd=script.parent,
         capture_output=True,
         text=True,
         timeout=60,
     )
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    return proc.stdout.splitlines()
+
+
+def test_use_queues_runs_the_guides_calls_end_to_end() -> None:
+    lines = run_example("use_queues/use_queues.py")
     assert lines[0].startswith("Order created ")
     order_id = lines[0].split()[-1]
     assert f"process-order {order_id}" in lines
     assert f"notification payment-confirmed {order_id}" in lines
     assert "payment txn-abc-123 49.99 USD" in lines
     assert "email to user@example.com: Hello" in lines
+
+
+def test_ledger_runs_directly_and_prints_its_outcome() -> None:
+    lines = run_example("ledger/ledger.py")
+    assert "acct_A: deposit 100.00, withdraw 70.00, withdraw 30.00 -> balance 0.00" in lines
+    assert "acct_B: deposit 20.00, withdraw 5.00 -> balance 15.00" in lines
+    assert "  2 attempts failed (Insufficient funds); applied meanwhile: 0" in lines
+    assert "acct_B: withdraw 40.00, deposit 1.00 -> balance 1.00" in lines
+    assert "queue ledger completed=7 failed=2 retried=2 dead=0" in lines
+    assert lines[-1] == "ledger consistent"
+
+
+def test_bulk_email_runs_directly_and_prints_its_outcome() -> None:
+    lines = run_example("bulk_email/bulk_email.py")
+    assert lines[0] == "campaign launched: 12 emails enqueued on bulk-email"
+    assert "sent 12 of 12, at most 3 in flight" in lines
+    assert "queue bulk-email completed=12 retried=1 dead=0" in lines
+    assert lines[-1] == "campaign complete"
+
+
+def test_topic_migration_runs_directly_and_prints_its_outcome() -> None:
+    lines = run_example("topic_migration/topic_migration.py")
+    assert lines == [
+        "old: topic 'order.created' -> queue topic::order.created::orders::process-payment"
+        " completed=1",
+        "new: named queue payment completed=1",
+        "orders::process-payment received {'id': 'o-9', 'total': 3}",
+        "orders::process-payment received {'id': 'o-9', 'total': 3}",
+        "both styles delivered",
+    ]

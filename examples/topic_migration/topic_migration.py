@@ -2,13 +2,17 @@
 
 Old: publish to a topic with the `enqueue` function and consume with a `queue` trigger.
 New: enqueue straight to the function on a named queue. Both run side by side here.
+
+Run directly, it publishes one order both ways and shows both deliveries (in memory).
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from iii_embedded import III, Config, QueueConfig, TriggerAction
+from iii_embedded.testing import drain_blocking
 
 
 def build() -> tuple[III, list[tuple[str, Any]]]:
@@ -41,3 +45,25 @@ def publish_old_and_new(iii: III, order: dict[str, Any]) -> None:
             "action": TriggerAction.Enqueue(queue="payment"),
         }
     )
+
+
+def main() -> int:
+    iii, received = build()
+    order = {"id": "o-9", "total": 3}
+    with iii:  # start the engine in a background thread; shut it down at the end
+        publish_old_and_new(iii, order)
+        drain_blocking(iii)
+        stats = iii.stats()
+    old = stats["topic::order.created::orders::process-payment"]
+    new = stats["payment"]
+    print(f"old: topic 'order.created' -> queue {old.queue} completed={old.completed}")
+    print(f"new: named queue {new.queue} completed={new.completed}")
+    for function_id, payload in received:
+        print(f"{function_id} received {payload}")
+    ok = received == [("orders::process-payment", order)] * 2
+    print("both styles delivered" if ok else "delivery INCOMPLETE")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
