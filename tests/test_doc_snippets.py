@@ -6,7 +6,7 @@ around them, and are not run here. Docs that hold only fragments: docs/coming-fr
 docs/cron.md, docs/http.md, docs/queues.md, docs/topics.md and docs/trigger-actions.md.
 Fragments in the other docs: docs/getting-started.md (the ``from_config`` line),
 docs/operating.md (the Prometheus hooks) and docs/testing.md (inspection, the fixtures,
-the synchronous test).
+the first synchronous test).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ COUNTS = {
     "docs/http.md": 2,
     "docs/operating.md": 3,
     "docs/queues.md": 3,
-    "docs/testing.md": 4,
+    "docs/testing.md": 5,
     "docs/topics.md": 1,
     "docs/trigger-actions.md": 5,
 }
@@ -154,8 +154,9 @@ def test_the_operating_session_app(tmp_path: Path) -> None:
     ]
 
 
-def test_the_testing_example_passes(tmp_path: Path) -> None:
-    (tmp_path / "test_payment.py").write_text(blocks("docs/testing.md")[0])
-    done = run(tmp_path, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_payment.py")
+@pytest.mark.parametrize("index", [0, 4])  # the virtual clock; drain_blocking
+def test_the_testing_example_passes(index: int, tmp_path: Path) -> None:
+    (tmp_path / "test_example.py").write_text(blocks("docs/testing.md")[index])
+    done = run(tmp_path, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_example.py")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "1 passed" in done.stdout
