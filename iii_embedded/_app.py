@@ -716,7 +716,11 @@ class III:
     async def dlq_list_async(
         self, queue: str, *, offset: int = 0, limit: int = 100
     ) -> list[DeadJob]:
-        """Dead jobs of ``queue``, oldest failure first."""
+        """Dead jobs of ``queue``, oldest failure first; ``offset`` and ``limit`` are
+        integers >= 0 (``ValueError`` otherwise)."""
+        for name, value in (("offset", offset), ("limit", limit)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"dlq_list {name} must be an integer >= 0, got {value!r}")
         jobs = await self.runtime.store.list_dead(
             self._known_queue(queue), offset=offset, limit=limit
         )

@@ -21,14 +21,34 @@ __all__ = [
 DEFAULT_QUEUE = "default"
 
 
+COUNT_MAX = 2**32 - 1
+"""The largest count (attempts, concurrency, prefetch): iii's ``u32``."""
+MS_MAX = 2**63 - 1
+"""The largest number of milliseconds (a signed 64-bit integer, as SQLite stores it)."""
+_COUNTS = {"max_retries", "concurrency", "prefetch"}
+
+
+def int_problem(name: str, value: object, low: int) -> str | None:
+    """Why ``value`` cannot be the integer setting ``name`` (at least ``low``), or
+    ``None``. Counts are iii's ``u32``, milliseconds a signed 64-bit integer."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        return f"{name} must be an integer >= {low}, got {value!r}"
+    high = COUNT_MAX if name in _COUNTS else MS_MAX
+    if value > high:
+        return f"{name} must be at most {high}, got {value}"
+    return None
+
+
 def _positive(_inst: object, attribute: attrs.Attribute[int], value: int) -> None:
-    if value < 1:
-        raise ValueError(f"{attribute.name} must be >= 1, got {value}")
+    problem = int_problem(attribute.name, value, 1)
+    if problem:
+        raise ValueError(problem)
 
 
 def _non_negative(_inst: object, attribute: attrs.Attribute[int], value: int | None) -> None:
-    if value is not None and value < 0:
-        raise ValueError(f"{attribute.name} must be >= 0, got {value}")
+    problem = None if value is None else int_problem(attribute.name, value, 0)
+    if problem:
+        raise ValueError(problem)
 
 
 @attrs.define(frozen=True, kw_only=True)
@@ -58,8 +78,15 @@ class QueueConfig:
     memory they read ``queued`` until their handlers start."""
 
     def __attrs_post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"a queue name must be a non-empty string, got {self.name!r}")
         if self.type not in ("standard", "fifo"):
             raise ValueError(f"type must be 'standard' or 'fifo', got {self.type!r}")
+        if not isinstance(self.jitter, bool):
+            raise ValueError(f"jitter must be true or false, got {self.jitter!r}")
+        field = self.message_group_field
+        if field is not None and (not isinstance(field, str) or not field):
+            raise ValueError(f"message_group_field must be a field name, got {field!r}")
         if self.type == "fifo" and not self.message_group_field:
             raise ValueError(f"FIFO queue '{self.name}' requires message_group_field")
 
@@ -78,7 +105,8 @@ class QueueConfig:
 
         ``backoff_ms × 2^(retry-1)``, capped by ``max_backoff_ms`` when set.
         """
-        delay = self.backoff_ms << (max(1, retry) - 1)
+        # Capped, so that a large retry number cannot build a huge integer.
+        delay = min(self.backoff_ms << min(max(1, retry) - 1, 64), MS_MAX)
         if self.max_backoff_ms is not None:
             delay = min(delay, self.max_backoff_ms)
         return delay

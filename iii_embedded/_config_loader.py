@@ -19,7 +19,7 @@ from typing import Any
 from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
-from ._config import DEFAULT_QUEUE, Config, HttpConfig, QueueConfig, StoreConfig
+from ._config import DEFAULT_QUEUE, Config, HttpConfig, QueueConfig, StoreConfig, int_problem
 from ._errors import ConfigError
 
 __all__ = ["load_config", "parse_config", "find_config", "CONFIG_ENV", "DEFAULT_CONFIG_FILE"]
@@ -241,12 +241,9 @@ class _Reader:
             if key in _INT_KEYS:
                 if value is None and key in ("timeout_ms", "max_backoff_ms"):
                     continue
-                low = 1 if key in _POSITIVE else 0
-                if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                    raise self.fail(
-                        f"queue '{name}': {key} must be an integer >= {low}, got {value!r}",
-                        key_line,
-                    )
+                problem = int_problem(key, value, 1 if key in _POSITIVE else 0)
+                if problem:
+                    raise self.fail(f"queue '{name}': {problem}", key_line)
             elif key == "type":
                 if value not in ("standard", "fifo"):
                     raise self.fail(

@@ -156,6 +156,8 @@ async def run_schedule(rt: Runtime, job: CronJob, start: float) -> None:
                         log.debug("cron job %r: could not end its fire: %s", job.job_id, exc)
                 rt.cron_fires.discard(job.job_id)
             busy = False
+            rt.pending_work -= 1
+            rt.notify_activity()
 
     async with anyio.create_task_group() as tg:
         while not rt.stopping:
@@ -171,27 +173,58 @@ async def run_schedule(rt: Runtime, job: CronJob, start: float) -> None:
                     _iso(clock.now()),
                 )
                 break
-            await clock.sleep_until(scheduled)
-            if rt.stopping:
-                break
-            now = clock.now()
-            if scheduled < now:
-                # Fire times may have been missed: fire once, for the latest that has
-                # passed (the one every process that shares the store agrees on), then
-                # continue from now.
-                scheduled = _latest(job.expression, scheduled, now)
-                schedule = parse_expression(job.expression, now)
-            if busy:
-                log.info(
-                    "cron job %r skipped at %s: its previous run is still going",
-                    job.job_id,
-                    _iso(scheduled),
-                )
-                continue
-            if store.shared and not await _take(rt, job, scheduled):
-                continue
-            busy = True
-            tg.start_soon(fire, scheduled)
+            await _until_due(rt, scheduled)
+            # Counted as pending work from the moment the time came (``drain`` waits for
+            # the fire it leads to) until the fire has started or been skipped.
+            try:
+                if rt.stopping:
+                    break
+                now = clock.now()
+                if scheduled < now:
+                    # Fire times may have been missed: fire once, for the latest that has
+                    # passed (the one every process that shares the store agrees on),
+                    # then continue from now.
+                    scheduled = _latest(job.expression, scheduled, now)
+                    schedule = parse_expression(job.expression, now)
+                if busy:
+                    log.info(
+                        "cron job %r skipped at %s: its previous run is still going",
+                        job.job_id,
+                        _iso(scheduled),
+                    )
+                    continue
+                if store.shared and not await _take(rt, job, scheduled):
+                    continue
+                busy = True
+                rt.pending_work += 1  # until the fire ends
+                tg.start_soon(fire, scheduled)
+            finally:
+                rt.pending_work -= 1
+                rt.notify_activity()
+
+
+async def _until_due(rt: Runtime, scheduled: float) -> None:
+    """Sleep until ``scheduled`` on the runtime's clock, and count one piece of pending
+    work from that moment (the caller ends it). Counted by the timer itself, so a test
+    that advances a virtual clock past it sees the work at once."""
+    due = anyio.Event()
+
+    def on_due() -> None:
+        if not due.is_set():
+            rt.pending_work += 1
+            due.set()
+
+    if scheduled <= rt.clock.now():
+        on_due()
+        return
+    cancel = rt.clock.call_at(scheduled, on_due)
+    try:
+        await due.wait()
+    except BaseException:
+        cancel()
+        if due.is_set():  # due, but cancelled before the caller could end the work
+            rt.pending_work -= 1
+        raise
 
 
 def _latest(expression: str, scheduled: float, now: float) -> float:

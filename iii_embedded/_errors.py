@@ -7,6 +7,8 @@ Python exceptions keeps working (``ConfigError`` is a ``ValueError``, ``StoreErr
 
 from __future__ import annotations
 
+import numbers
+
 __all__ = [
     "IIIError",
     "InvocationError",
@@ -61,11 +63,19 @@ class RetryAfter(IIIError):
     to come back (an HTTP 429 with ``Retry-After``).
     """
 
-    def __init__(self, delay_ms: int, message: str = "") -> None:
-        if delay_ms < 0:
-            raise ValueError(f"RetryAfter delay_ms must be >= 0, got {delay_ms}")
+    def __init__(self, delay_ms: float, message: str = "") -> None:
+        # A finite number: NaN or infinity would park the job for ever (and NaN cannot
+        # be stored). Raising here fails the attempt like any other error, with backoff.
+        if (
+            isinstance(delay_ms, bool)
+            or not isinstance(delay_ms, numbers.Real)
+            or not 0 <= float(delay_ms) <= 2**63 - 1
+        ):
+            raise ValueError(
+                f"RetryAfter delay_ms must be a number of milliseconds >= 0, got {delay_ms!r}"
+            )
         super().__init__(message or f"retry after {delay_ms} ms")
-        self.delay_ms = delay_ms
+        self.delay_ms: float = delay_ms
 
 
 class ConfigError(IIIError, ValueError):

@@ -80,6 +80,7 @@ class Run:
     (in the dead-letter queue) or ``cancelled``. ``output`` is the decoded return value of
     a completed run. ``error`` is the last error recorded: why a failed run failed, or why
     a run waiting for its next attempt failed its previous one. Times are epoch seconds.
+    ``payload`` is the decoded payload the run was enqueued with.
     """
 
     id: str
@@ -93,6 +94,7 @@ class Run:
     finished_at: float | None
     output: Any = None
     error: ErrorInfo | None = None
+    payload: Any = None
 
     @classmethod
     def from_job(cls, job: Job, now: float) -> Run:
@@ -110,6 +112,7 @@ class Run:
             finished_at=job.finished_at,
             output=_output(job) if status == "completed" else None,
             error=job.error if status != "completed" else None,
+            payload=json.loads(job.payload),
         )
 
 
@@ -321,14 +324,17 @@ async def wait_for_runs(
             rt.run_waiters.setdefault(run_id, []).append(waiter)
     failure: BaseException | None = None
     results: list[RunResult | None] = [None] * len(ids)
+    # How many of the runs were reported final to this wait (counted in
+    # ``rt.waking_waiters`` until the waiter has its slot back; see ``only_waiting``).
+    woken = [0] if lender is not None else None
     last = False
     try:
         try:
             if timeout_ms is None:
-                await _wait_all(rt, ids, results)
+                await _wait_all(rt, ids, results, woken)
             else:
                 with rt.clock.deadline_scope(rt.clock.now() + timeout_ms / 1000) as scope:
-                    await _wait_all(rt, ids, results)
+                    await _wait_all(rt, ids, results, woken)
                 if scope.cancelled_caught and any(r is None for r in results):
                     # A deadline shorter than one store read expires before the first
                     # one returns: look once more, so a run final by now is reported so.
@@ -353,6 +359,8 @@ async def wait_for_runs(
                         del rt.run_waiters[run_id]
         if runner is not None and lender is not None:
             last = runner.reclaim_slot(lender)
+        if woken is not None:
+            rt.waking_waiters -= woken[0]
     if runner is not None and last:
         await runner.wait_for_room(lender)
     if failure is not None:
@@ -360,15 +368,17 @@ async def wait_for_runs(
     return [r for r in results if r is not None]
 
 
-async def _wait_all(rt: Runtime, ids: Sequence[str], results: list[RunResult | None]) -> None:
+async def _wait_all(
+    rt: Runtime, ids: Sequence[str], results: list[RunResult | None], woken: list[int] | None
+) -> None:
     if len(ids) == 1:
-        await _wait_one(rt, ids[0], results, 0)
+        await _wait_one(rt, ids[0], results, 0, woken)
         return
     errors: list[Exception] = []
 
     async def wait_one(index: int, run_id: str) -> None:
         try:
-            await _wait_one(rt, run_id, results, index)
+            await _wait_one(rt, run_id, results, index, woken)
         except Exception as exc:  # raised as itself below, not in an exception group
             errors.append(exc)
             tg.cancel_scope.cancel()
@@ -390,10 +400,19 @@ async def _read_final(rt: Runtime, ids: Sequence[str], results: list[RunResult |
                 results[index] = _result(job, now)
 
 
-async def _wait_one(rt: Runtime, run_id: str, results: list[RunResult | None], index: int) -> None:
+async def _wait_one(
+    rt: Runtime,
+    run_id: str,
+    results: list[RunResult | None],
+    index: int,
+    woken: list[int] | None,
+) -> None:
     event = anyio.Event()
 
     def settled(_job: Job | None, _outcome: Outcome) -> None:
+        if woken is not None and not event.is_set():
+            woken[0] += 1
+            rt.waking_waiters += 1
         event.set()
 
     # Registered before the store is read: a run settled in between is seen by the read,

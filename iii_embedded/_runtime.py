@@ -30,7 +30,7 @@ from anyio.from_thread import BlockingPortal
 from ._actions import EnqueueAction, VoidAction
 from ._clock import Clock, SystemClock
 from ._codec import dumps_strict
-from ._config import Config, QueueConfig
+from ._config import COUNT_MAX, Config, QueueConfig
 from ._context import Invocation, _current
 from ._errors import InvocationError, StoreError
 from ._fastpath import PENDING, Interrupted, first_step, resume_suspended, run_handler
@@ -93,6 +93,11 @@ class Runtime:
         """Queues whose dispatcher a wake from another thread is on its way to."""
         self._tg: anyio.abc.TaskGroup | None = None
         self._void_inflight = 0
+        self.pending_work = 0
+        """Work under way outside the queues that ``drain`` must wait for: cron fires
+        (from the moment their time comes) and releases of held jobs."""
+        self.waking_waiters = 0
+        """Runs a lending waiter was told are final, until it has its slot back."""
         self._activity = anyio.Event()
         self._unknown_warned: set[str] = set()
         self._final_waiters: dict[str, list[Callable[[Job | None, Outcome], None]]] = {}
@@ -174,7 +179,19 @@ class Runtime:
             runner.start(self._tg)
 
     def _on_register(self, spec: FunctionSpec) -> None:
-        self.start_soon(self._release_held, spec.id)
+        if threading.get_ident() == self.loop_thread:
+            self._start_release(spec.id)
+        elif self.portal is not None and not self.stopping:
+            with contextlib.suppress(RuntimeError):  # the portal has stopped: so has the engine
+                self.portal.call(self._start_release, spec.id)
+
+    def _start_release(self, function_id: str) -> None:
+        """On the loop: release ``function_id``'s held jobs, counted as pending work (so
+        that a ``drain`` right after a registration waits for the jobs it releases)."""
+        if self._tg is None or self.stopping:
+            return
+        self.pending_work += 1
+        self._tg.start_soon(self._release_held, function_id)
 
     def start_soon(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
         """Start ``fn(*args)`` as a task in the running engine's task group, from any
@@ -196,6 +213,9 @@ class Runtime:
                 self.wake_all()
         except StoreError as exc:
             log.error("releasing held jobs of %r failed: %s", function_id, exc)
+        finally:
+            self.pending_work -= 1
+            self.notify_activity()
 
     async def _maintain(self) -> None:
         """Renew leases, recover expired ones (shared stores), prune old results."""
@@ -249,9 +269,18 @@ class Runtime:
 
     def is_quiet(self) -> bool:
         """True when no queue has work it could start and nothing is running."""
-        if self._void_inflight:
+        if self._void_inflight or self.pending_work:
             return False
         return all(r.idle and not r.unsettled for r in self.runners.values())
+
+    def only_waiting(self) -> bool:
+        """True when nothing runs but handlers waiting for runs (their slots lent) that
+        nothing here will finish until a delayed run falls due: ``drain`` may then move a
+        virtual clock on. Not while a waiter has been told its runs are final and has not
+        taken its slot back yet."""
+        if self._void_inflight or self.pending_work or self.waking_waiters:
+            return False
+        return all(r.idle and r.unsettled == r.lent for r in self.runners.values())
 
     def wake_all(self) -> None:
         """Wake every queue's dispatcher."""
@@ -671,7 +700,8 @@ def new_jobs(
     enqueues into a store without an app). Raises ``InvocationError("enqueue_error")``
     naming the bad item (by index for batches)."""
     delay = action.delay_ms
-    if delay < 0 if delay.__class__ is int else not _is_delay(delay):  # int: the usual case
+    # An int is the usual case; its bound is the one _is_delay checks for other numbers.
+    if not 0 <= delay < 2**63 if delay.__class__ is int else not _is_delay(delay):
         raise InvocationError(
             "enqueue_error", f"delay_ms must be a number of milliseconds >= 0, got {delay!r}"
         )
@@ -682,6 +712,10 @@ def new_jobs(
         if isinstance(given, bool) or not isinstance(given, numbers.Integral) or given < 1:
             raise InvocationError(
                 "enqueue_error", f"max_attempts must be an integer >= 1, got {given!r}"
+            )
+        if given > COUNT_MAX:
+            raise InvocationError(
+                "enqueue_error", f"max_attempts must be at most {COUNT_MAX}, got {given!r}"
             )
         max_attempts = int(given)
     key = action.idempotency_key

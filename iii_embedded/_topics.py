@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from ._actions import EnqueueAction
 from ._config import QueueConfig
 from ._errors import InvocationError
+from ._runtime import new_jobs
 from ._stores import NewJob
 
 if TYPE_CHECKING:
@@ -71,7 +72,11 @@ def _subscribe(app: III, trigger: Mapping[str, Any]) -> None:
     subscribers = app.topics.setdefault(topic, [])
     if name in subscribers:
         return  # the same function subscribed again: it competes on the same queue
-    app.add_queue(QueueConfig(name=name, **dict(options)))
+    try:
+        queue = QueueConfig(name=name, **dict(options))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"queue trigger of {function_id!r}: queue_config: {exc}") from None
+    app.add_queue(queue)
     subscribers.append(name)
 
 
@@ -93,9 +98,20 @@ async def publish(app: III, data: Any) -> None:
     rt = app.runtime
     message = data.get("data")
     jobs: list[NewJob] = []
+    now = rt.clock.now()
     for name in queues:
         function_id = name.split("::", 2)[2]
-        jobs += rt.build_jobs(function_id, [message], EnqueueAction(queue=name), batch=False)
+        # Not through ``build_jobs``: a subscriber whose function is not registered (yet)
+        # gets its copy all the same, held until it is, as any job for an unknown
+        # function; it must not cost the other subscribers theirs.
+        jobs += new_jobs(
+            rt.config.queues[name],
+            function_id,
+            [message],
+            EnqueueAction(queue=name),
+            now,
+            batch=False,
+        )
     # Woken before the jobs are stored (so no enqueue in between claims ahead of them,
     # see docs/design.md, "Claims at enqueue") and after.
     for name in queues:

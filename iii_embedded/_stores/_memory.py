@@ -637,7 +637,10 @@ class MemoryStore:
             return []
         if job_ids is None:
             return list(index.dead)
-        return [i for i in job_ids if i in index.dead]
+        # Oldest failure first, each once, whatever order (and repeats) the caller gave,
+        # as the file store does.
+        wanted = set(job_ids)
+        return [i for i in index.dead if i in wanted]
 
     async def redrive(self, queue: str, job_ids: Sequence[str] | None, now: float) -> list[str]:
         """Send dead jobs back; see :meth:`Store.redrive`."""

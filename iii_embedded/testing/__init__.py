@@ -22,13 +22,14 @@ Example::
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import anyio
 
 from .._app import III
 from .._clock import VirtualClock
+from .._runs import Run
 from .._stats import DeadJob
-from .._stores import Job
 
 __all__ = [
     "VirtualClock",
@@ -50,22 +51,33 @@ async def drain(app: III, *, timeout: float = 30.0, max_advance_s: float = math.
 
     With a :class:`VirtualClock`, time is advanced to each delayed job's availability
     (backoff, ``delay_ms``) until none is left or the next one is more than
-    ``max_advance_s`` ahead of the time drain started. With the system clock, drain waits
-    for delayed jobs in real time. Cron schedules are not advanced by drain (advance the
-    clock yourself). Raises :class:`DrainTimeout` after ``timeout`` seconds of wall time.
+    ``max_advance_s`` ahead of the time drain started; also while handlers wait for runs
+    that are delayed (``trigger_and_wait`` of a job that retries), when nothing else
+    runs. With the system clock, drain waits for delayed jobs in real time. A cron fire
+    whose time has come (the clock advanced past it) is waited for; cron schedules and a
+    running handler's own timers (``timeout_ms``) are not advanced to (advance the clock
+    yourself). Raises :class:`DrainTimeout` after ``timeout`` seconds of wall time.
     """
     rt = app.runtime
     clock = rt.clock
+    virtual = isinstance(clock, VirtualClock)
     limit = clock.now() + max_advance_s
     with anyio.move_on_after(timeout) as scope:
         while True:
+            waiting = False
             while not rt.is_quiet():
+                if virtual and rt.only_waiting():
+                    waiting = True
+                    break
                 with anyio.move_on_after(0.05):
                     await rt.wait_activity()
             due = await rt.next_due()
             if due is None or due > limit:
                 if rt.is_quiet():
                     return
+                if waiting:  # waiting for something no delayed run here will bring
+                    with anyio.move_on_after(0.05):
+                        await rt.wait_activity()
                 continue
             if isinstance(clock, VirtualClock):
                 clock.advance_to(due)
@@ -89,14 +101,24 @@ def drain_blocking(app: III, *, timeout: float = 30.0) -> None:
     portal.call(lambda: drain(app, timeout=timeout))
 
 
-async def queued_jobs(app: III, queue: str | None = None) -> list[Job]:
-    """Jobs waiting (ready or delayed) in ``queue`` (or every queue), in enqueue order."""
-    return await app.runtime.store.list_jobs(queue, "queued")
+async def queued_jobs(app: III, queue: str | None = None) -> list[Run]:
+    """Runs waiting (ready or delayed) in ``queue`` (or every queue), in enqueue order,
+    with their decoded payloads. An unknown queue is a ``ValueError``."""
+    return await _runs_in(app, queue, "queued")
 
 
-async def running_jobs(app: III, queue: str | None = None) -> list[Job]:
-    """Jobs running now in ``queue`` (or every queue)."""
-    return await app.runtime.store.list_jobs(queue, "running")
+async def running_jobs(app: III, queue: str | None = None) -> list[Run]:
+    """Runs running now in ``queue`` (or every queue), with their decoded payloads. An
+    unknown queue is a ``ValueError``."""
+    return await _runs_in(app, queue, "running")
+
+
+async def _runs_in(app: III, queue: str | None, state: Literal["queued", "running"]) -> list[Run]:
+    rt = app.runtime
+    if queue is not None and queue not in rt.runners:
+        raise ValueError(f"Queue '{queue}' not found")
+    now = rt.clock.now()
+    return [Run.from_job(job, now) for job in await rt.store.list_jobs(queue, state)]
 
 
 async def dead_jobs(app: III, queue: str) -> list[DeadJob]:
