@@ -188,6 +188,13 @@ class QueueRunner:
         self._reserved: dict[str, _SyncActive] = {}
         """The jobs put in the line that the loop has not yet seen start, by id (loop only):
         claimed, out of ``_buffer``, waiting or just started by a thread."""
+        self._check_leases = self.rt.store.shared
+        """On a store shared with other processes, a claimed job is started only while
+        its lease holds: after a stall longer than the lease, another process may have
+        taken it back (``_lease_lost``)."""
+        self._renewed_until = float("-inf")
+        """The lease of every job this runner held at the last renewal (but those it
+        lost then, which it let go)."""
         self.chained = 0
         """Sync jobs started by the thread of the job before them (see ``_chain``)."""
         self._context = contextvars.copy_context()
@@ -585,6 +592,35 @@ class QueueRunner:
                 return job
         return None
 
+    def leases_renewed(self, lease_until: float, lost: set[str]) -> None:
+        """The maintenance renewed the leases of this runner's jobs until ``lease_until``,
+        but for ``lost`` ones, no longer this process's (on a shared store: their lease
+        ran out, and another process may run them). Those not started yet are let go,
+        unstarted; a running one runs on (at-least-once), its outcome ignored by the
+        store."""
+        self._renewed_until = lease_until
+        for job_id in lost:
+            job = self._take_unstarted(job_id)
+            if job is not None:
+                self._let_go(job)
+
+    def _lease_lost(self, job: Job) -> bool:
+        """True if ``job``'s lease ran out before it could start (a stall longer than the
+        lease: the event loop blocked, the process stopped)."""
+        lease = job.lease_until
+        return lease is not None and self.rt.clock.now() >= max(lease, self._renewed_until)
+
+    def _let_go(self, job: Job) -> None:
+        log.warning(
+            "queue %r: job %s was not started: its lease ran out before it could (the "
+            "process stalled for longer than lease_ms?); another process may run it",
+            self.name,
+            job.id,
+        )
+        # Written with this owner: the store ignores it if the job is no longer ours, and
+        # else returns the job to its queue, its attempt given back.
+        self._settle_unstarted(job, "released")
+
     def _settle_unstarted(self, job: Job, kind: Literal["released", "cancelled"]) -> None:
         outcome = self._outcome(job, kind, self.rt.clock.now())
         outcome.started = False
@@ -857,6 +893,9 @@ class QueueRunner:
                 if job is None and buffer:
                     job = buffer.popleft()
             if job is not None:
+                if self._check_leases and self._lease_lost(job):
+                    self._let_go(job)
+                    continue
                 spec = self.rt.registry.get(job.function_id)
                 if spec is not None and not job.cancel_requested and job.started_at is None:
                     # A prefetched job starts: the store records it now, or its start is
@@ -961,8 +1000,8 @@ class QueueRunner:
         if not isinstance(entry, _SyncActive) or entry.settled or self._resuming:
             return None
         line = self._line
-        if not line:
-            return None
+        if not line or (self._check_leases and self._lease_lost(line[0].job)):
+            return None  # a worker takes it back and lets it go
         waiting = line.popleft()
         entry.handed = waiting
         waiting.taken = True

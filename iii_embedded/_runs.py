@@ -29,6 +29,7 @@ import anyio
 import attrs
 
 from ._actions import EnqueueAction
+from ._config import QueueConfig
 from ._context import Invocation, current_invocation
 from ._errors import DeadlockError, InvocationError, RunFailedError
 from ._ids import new_receipt_id
@@ -426,8 +427,10 @@ async def _wait_one(
             if job.state in _FINAL:
                 results[index] = _result(job, rt.clock.now())
                 return
-            # Another process may settle it on a shared store: look again every poll.
-            poll = rt.config.queues[job.queue].poll_interval_ms / 1000 if rt.store.shared else None
+            # Another process may settle it on a shared store: look again every poll (its
+            # queue's, or the default's for a queue this process does not serve).
+            queue = rt.config.queues.get(job.queue) or QueueConfig()
+            poll = queue.poll_interval_ms / 1000 if rt.store.shared else None
             with anyio.move_on_after(poll if poll is not None else math.inf):
                 await event.wait()
     finally:

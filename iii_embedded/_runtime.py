@@ -15,7 +15,6 @@ import logging
 import math
 import numbers
 import os
-import socket
 import threading
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
@@ -38,6 +37,7 @@ from ._ids import new_receipt_id
 from ._queues import QueueRunner
 from ._registry import FunctionSpec, Registry
 from ._stores import Job, NewJob, Outcome, Store, make_new_job
+from ._stores._base import PROCESS_HOST
 from ._threads import ThreadPool
 
 __all__ = ["Runtime", "DEFAULT_TIMEOUT_MS", "JobEvent"]
@@ -58,8 +58,9 @@ encode_json = dumps_strict
 
 
 def make_owner_id() -> str:
-    """A lease owner id: ``host:pid:random`` (the pid lets others see we are gone)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+    """A lease owner id: ``host:pid:random``, where ``host`` names the PID namespace too
+    (``PROCESS_HOST``); the pid lets others in it see we are gone."""
+    return f"{PROCESS_HOST}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
 
 
 class Runtime:
@@ -235,14 +236,19 @@ class Runtime:
                 for runner in self.runners.values():
                     leased = runner.leased_ids()
                     if leased:
-                        cancelled = await store.renew(self.owner, leased, now + self.lease_s)
-                        for job_id in cancelled:
+                        renewal = await store.renew(self.owner, leased, now + self.lease_s)
+                        if store.shared:  # (in memory prefetched jobs are not leased)
+                            runner.leases_renewed(now + self.lease_s, renewal.lost)
+                        for job_id in renewal.cancelled:
                             runner.stop_job(job_id, "cancelled")
                 if self.cron_fires:
                     await store.renew_fires(self.owner, list(self.cron_fires), now + self.lease_s)
                 if store.shared:
                     self.wake_all()  # before as well as after (see ``QueueRunner.wake``)
-                    if await store.recover(now):
+                    # Jobs another process held for want of a function this one has (an
+                    # app of another version sharing the store) are this process's to run.
+                    released = await store.release_held(self.registry.user_ids())
+                    if await store.recover(now) or released:
                         self.wake_all()
                 await store.prune(now - retention_s)
             except StoreError as exc:

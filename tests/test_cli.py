@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import anyio
 import pytest
 
 from iii_embedded import III, TriggerAction
+from iii_embedded._stores._base import PROCESS_HOST
 from iii_embedded._stores._sqlite import SQLiteStore
 from iii_embedded.testing import VirtualClock, drain
 
@@ -363,7 +363,7 @@ def test_cron_shows_each_jobs_last_fire_and_whether_it_still_runs(project: Path)
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # a process of this host that no longer exists
-    host = socket.gethostname()
+    host = PROCESS_HOST
     alive, dead = f"{host}:{os.getpid()}:a", f"{host}:{gone.pid}:b"
     now = time.time()
 

@@ -29,6 +29,7 @@ one never changes the store.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Future
 from typing import Literal, Protocol
@@ -47,6 +48,7 @@ __all__ = [
     "Outcome",
     "OutcomeKind",
     "QueueCounts",
+    "Renewal",
     "Store",
     "UNSTARTED_ATTEMPT",
     "completed_outcome",
@@ -64,6 +66,17 @@ JobState = Literal["queued", "running", "held", "dead", "completed", "cancelled"
 OutcomeKind = Literal["completed", "retry", "dead", "released", "held", "cancelled", "started"]
 
 
+@attrs.define(frozen=True)
+class Renewal:
+    """What a lease renewal found (``Store.renew``)."""
+
+    cancelled: set[str] = attrs.field(factory=set)
+    """Renewed jobs whose cancellation was requested."""
+    lost: set[str] = attrs.field(factory=set)
+    """Jobs not renewed: no longer running under this owner (their lease expired and
+    another process took them back, or they were settled meanwhile)."""
+
+
 @attrs.define(frozen=True, kw_only=True)
 class ErrorInfo:
     """An error recorded on a job: the exception's type name, message and traceback."""
@@ -75,6 +88,22 @@ class ErrorInfo:
     def __str__(self) -> str:
         return f"{self.type}: {self.message}"
 
+
+def _process_host() -> str:
+    """This machine and PID namespace, as lease owners name them: the hostname, then
+    (where Linux shows it) ``#`` and the inode of the PID namespace. Two containers with
+    one hostname (host networking) that share a store cannot see each other's processes;
+    with the namespace in the owner, an owner's pid is judged only in its own namespace
+    (``_sqlite._owner_alive``), and other owners by their leases."""
+    host = socket.gethostname()
+    try:
+        return f"{host}#{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return host
+
+
+PROCESS_HOST = _process_host()
+"""The host part of this process's lease owner ids (see ``_process_host``)."""
 
 RUNNING_OWNERS: set[str] = set()
 """The lease owners of the runtimes running in this process (a runtime adds its own when
@@ -503,9 +532,9 @@ class Store(Protocol):
         that finished its predecessor. If it raises, nothing was applied or claimed.
         """
 
-    async def renew(self, owner: str, job_ids: Sequence[str], lease_until: float) -> set[str]:
-        """Extend the leases of ``owner``'s running jobs; return the ids whose cancellation
-        was requested."""
+    async def renew(self, owner: str, job_ids: Sequence[str], lease_until: float) -> Renewal:
+        """Extend the leases of ``owner``'s running jobs; say which were cancelled and
+        which are no longer ``owner``'s."""
 
     async def recover(self, now: float) -> list[Job]:
         """Return running jobs whose lease expired (or whose owner process is known to be

@@ -26,6 +26,7 @@ from ._base import (
     NewJob,
     Outcome,
     QueueCounts,
+    Renewal,
     make_job,
     never_started,
 )
@@ -455,17 +456,19 @@ class MemoryStore:
             if self._keys.get(key) == row.id:
                 del self._keys[key]
 
-    async def renew(self, owner: str, job_ids: Sequence[str], lease_until: float) -> set[str]:
+    async def renew(self, owner: str, job_ids: Sequence[str], lease_until: float) -> Renewal:
         """Extend leases; see :meth:`Store.renew`."""
         self._check_open()
-        cancelled: set[str] = set()
+        renewal = Renewal()
         for job_id in job_ids:
             row = self._rows.get(job_id)
             if row is not None and row.state == "running" and row.lease_owner == owner:
                 row.lease_until = lease_until
                 if row.cancel_requested:
-                    cancelled.add(job_id)
-        return cancelled
+                    renewal.cancelled.add(job_id)
+            else:
+                renewal.lost.add(job_id)
+        return renewal
 
     async def claim_fire(
         self, job_id: str, scheduled: float, *, owner: str, now: float, lease_until: float

@@ -46,7 +46,6 @@ import itertools
 import logging
 import os
 import queue
-import socket
 import sqlite3
 import threading
 import time
@@ -59,6 +58,7 @@ import sqlite_utils
 from .._errors import StoreError, StoreVersionError
 from ._base import (
     LOST_ATTEMPT,
+    PROCESS_HOST,
     RUNNING_OWNERS,
     UNSTARTED_ATTEMPT,
     CronFire,
@@ -69,6 +69,7 @@ from ._base import (
     NewJob,
     Outcome,
     QueueCounts,
+    Renewal,
     make_job,
     never_started,
     restore_converted,
@@ -137,7 +138,7 @@ _COLUMNS = (
     "error_message, error_traceback, output, lease_owner, lease_until, idempotency_key, "
     "cancel_requested"
 )
-_HOST = socket.gethostname()
+_HOST = PROCESS_HOST
 _INSERT_JOBS = (
     "INSERT INTO jobs (id, queue, function_id, payload, grp, state, created_at, "
     "available_at, max_attempts, idempotency_key) VALUES "
@@ -1599,12 +1600,12 @@ class SQLiteStore:
             ),
         )
 
-    async def renew(self, owner: str, job_ids: Sequence[str], lease_until: float) -> set[str]:
+    async def renew(self, owner: str, job_ids: Sequence[str], lease_until: float) -> Renewal:
         """Extend leases; see :meth:`Store.renew`."""
         ids = list(job_ids)
 
-        def run(conn: Conn) -> set[str]:
-            cancelled: set[str] = set()
+        def run(conn: Conn) -> Renewal:
+            renewal = Renewal(lost=set(ids))
             for chunk in _chunks(ids, 500):
                 marks = ",".join("?" * len(chunk))
                 rows = conn.execute(
@@ -1612,8 +1613,11 @@ class SQLiteStore:
                     "AND state = 'running' AND lease_owner = ? RETURNING id, cancel_requested",
                     (lease_until, *chunk, owner),
                 ).fetchall()
-                cancelled.update(r[0] for r in rows if r[1])
-            return cancelled
+                for job_id, cancel_requested in rows:
+                    renewal.lost.discard(job_id)
+                    if cancel_requested:
+                        renewal.cancelled.add(job_id)
+            return renewal
 
         # A lease lost with the machine is moot: no fsync.
         return await self._submit(run, durable=False, weight=len(ids))
@@ -2067,10 +2071,11 @@ def _parse_owner(owner: str) -> tuple[str | None, int | None]:
 
 
 def _owner_alive(owner: str, ours: set[str]) -> bool:
-    """False only if ``owner`` is known to be gone: a process of this host that no longer
-    exists, or one with this process's pid that no runtime of this process runs under (an
-    earlier process that had the same pid, as a container's PID 1 has after a restart).
-    Owners on other hosts, or with ids of another form, are taken to be alive."""
+    """False only if ``owner`` is known to be gone: a process of this host and PID
+    namespace that no longer exists, or one with this process's pid that no runtime of
+    this process runs under. Owners on other hosts or in other PID namespaces (another
+    container, or this container before a restart), or with ids of another form, are
+    taken to be alive: their leases tell."""
     if owner in ours or owner in RUNNING_OWNERS:
         return True
     host, pid = _parse_owner(owner)

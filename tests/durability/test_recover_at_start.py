@@ -19,6 +19,7 @@ import pytest
 
 from iii_embedded import III, Config, QueueConfig, StoreConfig, current_invocation
 from iii_embedded._stores import NewJob
+from iii_embedded._stores._base import PROCESS_HOST
 from iii_embedded._stores._sqlite import DB_FILENAME, SQLiteStore
 from iii_embedded.testing import VirtualClock
 
@@ -112,14 +113,19 @@ def test_a_dead_processs_job_runs_again_at_start_before_its_lease_expires(
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("namespace", ["this", "another"])
 async def test_a_lease_under_this_processs_pid_but_no_runtime_of_it_is_recovered_at_start(
-    tmp_path: Path,
+    tmp_path: Path, namespace: str
 ) -> None:
     # A container's app runs as PID 1, and so does it again after a restart: the jobs the
     # previous process left leased carry this process's pid, yet are gone with it.
     store_dir = tmp_path / "store"
     now = time.time()
-    previous = f"{socket.gethostname()}:{os.getpid()}:previous"
+    # In another PID namespace with this hostname (another container with host
+    # networking, or this container before a restart) the pid may be a live process
+    # this one cannot see: only the lease tells, so the job is not taken back at once.
+    host = PROCESS_HOST if namespace == "this" else f"{socket.gethostname()}#1"
+    previous = f"{host}:{os.getpid()}:previous"
     store = SQLiteStore(store_dir)
     await store.open()
     try:
@@ -149,6 +155,10 @@ async def test_a_lease_under_this_processs_pid_but_no_runtime_of_it_is_recovered
     iii, attempts, _ = app_recording_attempts(store_dir, clock)
 
     async with iii.running():
+        if namespace == "another":
+            left = await iii.runs.get_async("left")
+            assert left is not None and left.status == "running" and attempts == []
+            clock.advance(3600)  # its lease runs out
         with anyio.fail_after(10):  # real seconds, as a bound only
             run = await iii.runs.wait_async("left")
     assert (run.ok, attempts) == (True, [2])

@@ -17,6 +17,7 @@ from iii_embedded._stores import (
     NewJob,
     Outcome,
     QueueCounts,
+    Renewal,
     Store,
     completed_outcome,
 )
@@ -364,7 +365,7 @@ async def test_outcomes_record_when_a_prefetched_job_started(store: Store) -> No
         "b": ("running", T0 + 2),  # still leased, still running; the first start counts
         "c": ("completed", T0 + 4),
     }
-    assert await store.renew(OWNER, ["b"], T0 + 60) == set()
+    assert await store.renew(OWNER, ["b"], T0 + 60) == Renewal()
     j = await store.get("b")
     assert j is not None and j.lease_until == T0 + 60
 
@@ -401,8 +402,11 @@ async def test_renew_extends_leases_and_reports_cancel_requests(store: Store) ->
     await store.enqueue([job("a"), job("b")])
     await claim(store)
     await store.cancel("b", T0)
-    assert await store.renew(OWNER, ["a", "b"], T0 + 100) == {"b"}
-    assert await store.renew("other", ["a"], T0 + 500) == set()
+    await store.enqueue([job("c")])  # queued: not leased by anyone
+    assert await store.renew(OWNER, ["a", "b", "c"], T0 + 100) == Renewal(
+        cancelled={"b"}, lost={"c"}
+    )
+    assert await store.renew("other", ["a"], T0 + 500) == Renewal(lost={"a"})
     assert await store.recover(T0 + 99) == []
     j = await store.get("a")
     assert j is not None and j.lease_until == T0 + 100

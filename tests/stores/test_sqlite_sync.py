@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from iii_embedded._stores import Outcome
+from iii_embedded._stores import Outcome, Renewal
 from iii_embedded._stores._sqlite import SQLiteStore
 
 from .helpers import T0, new_job
@@ -48,7 +48,7 @@ async def test_only_acknowledging_commits_are_synced(tmp_path: Path, synchronous
         claimed = await store.claim(
             "q", fifo=False, limit=5, now=T0, owner=OWNER, lease_until=T0 + 30
         )
-        assert await store.renew(OWNER, ["a", "b"], T0 + 60) == set()
+        assert await store.renew(OWNER, ["a", "b"], T0 + 60) == Renewal()
         done = [
             Outcome(job_id=j.id, kind="completed", owner=OWNER, attempt=1, at=T0, output="1")
             for j in claimed

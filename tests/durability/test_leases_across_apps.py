@@ -1,0 +1,156 @@
+"""Apps that share a file store (found by a helper's multi-process tests,
+2026-12-03): a process that stalled past its jobs' leases does not start the prefetched
+jobs another process took back, and jobs one app held for want of a function are run by
+another app that has it, without a restart."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from iii_embedded import III, Config, QueueConfig, StoreConfig, current_invocation
+from iii_embedded._stores import NewJob
+from iii_embedded._stores._sqlite import SQLiteStore
+from iii_embedded.testing import VirtualClock, drain
+
+pytestmark = pytest.mark.anyio
+
+
+async def until(condition: Callable[[], Awaitable[bool]]) -> None:
+    """Poll ``condition`` until it holds (bounded; the other app works in real time)."""
+    with anyio.fail_after(10):
+        while not await condition():
+            await anyio.sleep(0.01)
+
+
+def iii_invocation() -> str:
+    """The receipt id of the run whose handler calls it."""
+    invocation = current_invocation()
+    assert invocation is not None and invocation.receipt_id is not None
+    return invocation.receipt_id
+
+
+def new_job(job_id: str, function_id: str, now: float) -> NewJob:
+    return NewJob(
+        id=job_id,
+        queue="q",
+        function_id=function_id,
+        payload='"x"',
+        group=None,
+        created_at=now,
+        available_at=now,
+        max_attempts=3,
+        idempotency_key=None,
+    )
+
+
+def file_config(path: Path, **queue: Any) -> Config:
+    return Config(
+        queues={"q": QueueConfig(name="q", **queue)},
+        store=StoreConfig(store_method="file_based", file_path=str(path), lease_ms=1000),
+    )
+
+
+async def test_jobs_whose_leases_ran_out_during_a_stall_are_not_started(tmp_path: Path) -> None:
+    path = tmp_path / "store"
+    clock = VirtualClock(start=time.time())
+    iii = III(file_config(path, concurrency=1), clock=clock, shutdown_grace_ms=0)
+    started: list[str] = []
+    first_running = anyio.Event()
+    finish_first = anyio.Event()
+
+    @iii.function("work")
+    async def work(_: Any) -> None:
+        invocation = iii_invocation()
+        started.append(invocation)
+        first_running.set()
+        await finish_first.wait()
+
+    other = SQLiteStore(path)
+    async with iii.running():
+        await other.open()
+        try:
+            await other.enqueue([new_job(f"j{n}", "work", clock.now()) for n in range(5)])
+            with anyio.fail_after(10):
+                await first_running.wait()
+
+            async def all_leased() -> bool:
+                return len(await other.list_jobs("q", "running")) == 5
+
+            await until(all_leased)  # j0 runs here, j1..j4 are prefetched and leased
+            # The process stalls for longer than the lease: another process takes the
+            # jobs back and claims them.
+            later = clock.now() + 2
+            await other.recover(later)
+            taken = await other.claim(
+                "q", fifo=False, limit=5, now=later, owner="other:1:x", lease_until=later + 3600
+            )
+            clock.advance(2)
+            finish_first.set()
+            await drain(iii, timeout=10)
+            states = {j.id: (j.state, j.lease_owner) for j in await other.list_jobs("q")}
+        finally:
+            await other.aclose()
+    assert sorted(j.id for j in taken) == ["j0", "j1", "j2", "j3", "j4"]
+    assert started == ["j0"]  # the jobs that were only prefetched here were let go
+    assert states == {f"j{n}": ("running", "other:1:x") for n in range(5)}
+
+
+async def test_jobs_held_by_an_app_without_the_function_run_in_one_that_has_it(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "store"
+    # B has the function and is running first; it polls rarely, so A finds the jobs first.
+    b_clock = VirtualClock(start=time.time())
+    b = III(file_config(path, poll_interval_ms=3_600_000), clock=b_clock, shutdown_grace_ms=0)
+    ran: list[str] = []
+    b.register_function("work", lambda _: ran.append(iii_invocation()))
+    a = III(file_config(path, poll_interval_ms=20), shutdown_grace_ms=0)
+    a.register_function("other", lambda _: None)  # an app of another version: no "work"
+
+    other = SQLiteStore(path)
+    async with b.running(), a.running():
+        await other.open()
+        try:
+            await other.enqueue([new_job(f"j{n}", "work", time.time()) for n in range(3)])
+
+            async def all_held() -> bool:
+                return len(await other.list_jobs("q", "held")) == 3
+
+            await until(all_held)  # A claimed them and, not knowing "work", held them
+            b_clock.advance(1)  # B's maintenance runs (every lease_ms / 3)
+
+            async def all_completed() -> bool:
+                return len(await other.list_jobs("q", "completed")) == 3
+
+            await until(all_completed)
+        finally:
+            await other.aclose()
+    assert sorted(ran) == ["j0", "j1", "j2"]  # in B, each once
+
+
+async def test_a_run_of_a_queue_this_app_does_not_serve_can_be_waited_for(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "store"
+    worker = III(file_config(path, poll_interval_ms=20), shutdown_grace_ms=0)
+    worker.register_function("work", lambda n: n * 2)
+    waiter = III(
+        Config(store=StoreConfig(store_method="file_based", file_path=str(path))),
+        shutdown_grace_ms=0,
+    )
+    other = SQLiteStore(path)
+    async with worker.running(), waiter.running():
+        await other.open()
+        try:
+            await other.enqueue([new_job("j0", "work", time.time())])
+        finally:
+            await other.aclose()
+        with anyio.fail_after(10):
+            result = await waiter.runs.wait_async("j0")
+    assert (result.status, result.output) == ("completed", "xx")
