@@ -462,6 +462,9 @@ class SQLiteStore:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._conn: Conn | None = None
+        self._identity: tuple[int, int] = (-1, -1)
+        """The database file's device and inode when opened (see ``_file_gone``)."""
+        self._gone_logged = False
         self._owners: set[str] = set()
         self._closed = False
         self._sync_mode = synchronous.upper()
@@ -825,6 +828,9 @@ class SQLiteStore:
         except Exception:
             _roll_back(conn)
             return None
+        gone = self._file_gone()
+        if gone is not None:
+            return [(r.future, False, gone, r.claim) for r in batch]
         return [(r.future, True, value, r.claim) for r, value in zip(batch, results, strict=True)]
 
     def _try_batch(
@@ -870,7 +876,36 @@ class SQLiteStore:
             for request, _ in succeeded:
                 failed[id(request)] = err
             return []
+        gone = self._file_gone()
+        if gone is not None:
+            for request, _ in succeeded:
+                failed[id(request)] = gone
+            return []
         return succeeded
+
+    def _file_gone(self) -> StoreError | None:
+        """After a commit: the error to give its callers if the database file is no
+        longer the one this store opened (removed, or replaced). SQLite keeps writing to
+        an open file that was unlinked, so the commit succeeded into a file nobody will
+        open again: no receipt may be handed out for it. One ``stat`` per commit."""
+        try:
+            stat = os.stat(self.path)
+            same = (stat.st_dev, stat.st_ino) == self._identity
+        except OSError:
+            same = False
+        if same:
+            return None
+        if not self._gone_logged:
+            self._gone_logged = True
+            log.error(
+                "%s: the database file was removed or replaced while the store was open; "
+                "every write from now on fails (restart on a store that stays in place)",
+                self.path,
+            )
+        return StoreError(
+            f"{self.path}: the database file was removed or replaced while the store was "
+            "open: this write went with it"
+        )
 
     def _try_each(
         self,
@@ -1012,6 +1047,8 @@ class SQLiteStore:
             if self._max_page_count is not None:
                 conn.execute(f"PRAGMA max_page_count = {int(self._max_page_count)}")
             self._migrate(conn)
+            stat = os.stat(self.path)
+            self._identity = (stat.st_dev, stat.st_ino)
         except StoreError:
             if conn is not None:
                 conn.close()

@@ -226,6 +226,47 @@ async def test_a_full_disk_reaches_the_caller_as_an_enqueue_error(tmp_path: Path
     assert isinstance(caught.value.__cause__, StoreError)
 
 
+@pytest.mark.parametrize("how", ["removed", "replaced"])
+async def test_a_store_whose_file_is_removed_while_open_gives_no_more_receipts(
+    tmp_path: Path, how: str
+) -> None:
+    # SQLite writes on into an unlinked file without complaint: a receipt for such a
+    # write would name a job that no process will ever find.
+    directory = tmp_path / "store"
+    app = III(
+        Config(store=StoreConfig(store_method="file_based", file_path=str(directory))),
+        shutdown_grace_ms=0,
+    )
+    app.register_function("fn", lambda data: None)
+    async with app.running():
+        kept = await app.trigger_async(
+            "fn", {"n": 1}, action=TriggerAction.Enqueue(delay_ms=3_600_000)
+        )
+        shutil.rmtree(directory)
+        if how == "replaced":
+            await make_store(directory)  # another store now lives at the path
+        errors = []
+        for n in range(2):
+            with pytest.raises(InvocationError) as caught:
+                await app.trigger_async(
+                    "fn", {"n": n}, action=TriggerAction.Enqueue(delay_ms=3_600_000)
+                )
+            errors.append(caught.value)
+    assert "messageReceiptId" in kept  # acknowledged before the removal
+    assert [e.code for e in errors] == ["enqueue_error", "enqueue_error"]
+    assert all(
+        "the database file was removed or replaced while the store was open" in e.message
+        for e in errors
+    )
+    if how == "replaced":
+        store = SQLiteStore(directory)
+        await store.open()
+        try:
+            assert [j.id for j in await store.list_jobs()] == ["kept"]  # only its own
+        finally:
+            await store.aclose()
+
+
 @pytest.mark.parametrize("kind", ["held", "released"])
 async def test_a_failed_write_leaves_an_unstarted_outcome_as_its_runner_decided(
     tmp_path: Path, kind: Literal["held", "released"]
