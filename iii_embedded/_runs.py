@@ -325,9 +325,14 @@ async def wait_for_runs(
             rt.run_waiters.setdefault(run_id, []).append(waiter)
     failure: BaseException | None = None
     results: list[RunResult | None] = [None] * len(ids)
+    # A Void call or a cron fire that waits is counted as waiting (see ``only_waiting``).
+    call = inv is not None and inv.action in ("void", "cron")
+    if call:
+        rt.waiting_calls += 1
     # How many of the runs were reported final to this wait (counted in
-    # ``rt.waking_waiters`` until the waiter has its slot back; see ``only_waiting``).
-    woken = [0] if lender is not None else None
+    # ``rt.waking_waiters`` until the waiter has its slot back, or goes on; see
+    # ``only_waiting``).
+    woken = [0] if lender is not None or call else None
     last = False
     try:
         try:
@@ -362,6 +367,8 @@ async def wait_for_runs(
             last = runner.reclaim_slot(lender)
         if woken is not None:
             rt.waking_waiters -= woken[0]
+        if call:
+            rt.waiting_calls -= 1
     if runner is not None and last:
         await runner.wait_for_room(lender)
     if failure is not None:

@@ -99,6 +99,9 @@ class Runtime:
         (from the moment their time comes) and releases of held jobs."""
         self.waking_waiters = 0
         """Runs a lending waiter was told are final, until it has its slot back."""
+        self.waiting_calls = 0
+        """Void calls and cron fires (counted in ``_void_inflight`` and ``pending_work``)
+        whose handler is waiting for runs (see ``only_waiting``)."""
         self._activity = anyio.Event()
         self._unknown_warned: set[str] = set()
         self._final_waiters: dict[str, list[Callable[[Job | None, Outcome], None]]] = {}
@@ -246,8 +249,12 @@ class Runtime:
                 if store.shared:
                     self.wake_all()  # before as well as after (see ``QueueRunner.wake``)
                     # Jobs another process held for want of a function this one has (an
-                    # app of another version sharing the store) are this process's to run.
-                    released = await store.release_held(self.registry.user_ids())
+                    # app of another version sharing the store) are this process's to run,
+                    # in the queues it serves (else it would release them for the holder
+                    # to hold again, every pass).
+                    released = await store.release_held(
+                        self.registry.user_ids(), list(self.runners)
+                    )
                     if await store.recover(now) or released:
                         self.wake_all()
                 await store.prune(now - retention_s)
@@ -280,11 +287,11 @@ class Runtime:
         return all(r.idle and not r.unsettled for r in self.runners.values())
 
     def only_waiting(self) -> bool:
-        """True when nothing runs but handlers waiting for runs (their slots lent) that
-        nothing here will finish until a delayed run falls due: ``drain`` may then move a
-        virtual clock on. Not while a waiter has been told its runs are final and has not
-        taken its slot back yet."""
-        if self._void_inflight or self.pending_work or self.waking_waiters:
+        """True when nothing runs but handlers waiting for runs (queued ones, their slots
+        lent; Void calls; cron fires) that nothing here will finish until a delayed run
+        falls due: ``drain`` may then move a virtual clock on. Not while a waiter has
+        been told its runs are final and has not taken its slot back yet."""
+        if self.waking_waiters or self._void_inflight + self.pending_work > self.waiting_calls:
             return False
         return all(r.idle and r.unsettled == r.lent for r in self.runners.values())
 
@@ -765,7 +772,11 @@ def check_timeout(timeout_ms: Any) -> None:
     """A call's ``timeout_ms`` is a number of milliseconds, not negative (a string from a
     request dict would otherwise fail deep in the call, not as a bad request). Checked
     before anything is enqueued, so that a refused call runs nothing."""
-    if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, (int, float)) or timeout_ms < 0:
+    if (
+        isinstance(timeout_ms, bool)
+        or not isinstance(timeout_ms, (int, float))
+        or not timeout_ms >= 0  # NaN too
+    ):
         raise InvocationError(
             "invalid_request",
             f"timeout_ms must be a number of milliseconds >= 0, got {timeout_ms!r}",

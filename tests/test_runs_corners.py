@@ -98,7 +98,7 @@ async def test_a_batch_with_a_key_that_is_not_a_string_stores_nothing(
     assert stored == []
 
 
-@pytest.mark.parametrize("timeout_ms", ["1000", -5, True])
+@pytest.mark.parametrize("timeout_ms", ["1000", -5, True, float("nan")])
 async def test_a_bad_wait_timeout_is_refused_before_anything_is_enqueued(
     store_config: StoreConfig, timeout_ms: Any
 ) -> None:

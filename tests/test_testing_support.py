@@ -70,6 +70,38 @@ async def test_drain_waits_for_the_cron_fire_a_test_advanced_the_clock_past() ->
     assert len(fires) == 288 and len(set(fires)) == 288
 
 
+@pytest.mark.parametrize("caller", ["cron", "void"])
+async def test_drain_moves_the_clock_on_while_a_cron_fire_or_void_call_waits_for_a_retry(
+    caller: str,
+) -> None:
+    clock = VirtualClock(start=1_700_000_000.0)  # 100 s before a five-minute mark
+    queues = {"work": QueueConfig(name="work", max_retries=3, backoff_ms=1000)}
+    iii = III(Config(queues=queues), clock=clock, shutdown_grace_ms=0)
+    calls: list[float] = []
+    results: list[Any] = []
+
+    @iii.function("flaky")
+    async def flaky(_: Any) -> str:
+        calls.append(clock.now())
+        if len(calls) == 1:
+            raise ConnectionError("first attempt fails")
+        return "ok"
+
+    async def wait_for_flaky(_: Any) -> None:
+        result = await iii.trigger_and_wait_async("flaky", {}, queue="work")
+        results.append(result.output)
+
+    iii.function("tick", cron="0 */5 * * * *" if caller == "cron" else None)(wait_for_flaky)
+    async with iii.running():
+        if caller == "cron":
+            clock.advance(100)
+        else:
+            await iii.trigger_async("tick", {}, action=TriggerAction.Void())
+        await drain(iii, timeout=10)
+    assert results == ["ok"]
+    assert calls[1] - calls[0] == pytest.approx(1.0)  # the retry's backoff, moved to
+
+
 async def test_the_inspection_helpers_return_runs_with_decoded_payloads(
     store_config: StoreConfig,
 ) -> None:

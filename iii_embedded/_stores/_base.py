@@ -548,8 +548,11 @@ class Store(Protocol):
         may be given its attempt back once, but not twice in a row: it still reaches the
         dead-letter queue."""
 
-    async def release_held(self, function_ids: Sequence[str]) -> int:
-        """Make ``held`` jobs of these functions ``queued`` again; return how many."""
+    async def release_held(
+        self, function_ids: Sequence[str], queues: Sequence[str] | None = None
+    ) -> int:
+        """Make ``held`` jobs of these functions (in ``queues`` if given) ``queued``
+        again; return how many."""
 
     async def next_available_at(self, queue: str, now: float) -> float | None:
         """The earliest ``available_at`` after ``now`` among ``queued`` jobs of ``queue``."""

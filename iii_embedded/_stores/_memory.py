@@ -135,8 +135,8 @@ class _QueueIndex:
         self.groups: dict[str, deque[str]] = {}
         # FIFO queues: (available_at, seq, group) of groups whose head is queued.
         self.group_heads: list[tuple[float, int, str]] = []
-        # Dead job ids in order of death.
-        self.dead: OrderedDict[str, None] = OrderedDict()
+        # Dead job ids in order of death, each with its place in that order.
+        self.dead: OrderedDict[str, int] = OrderedDict()
 
 
 class _Fire:
@@ -440,7 +440,7 @@ class MemoryStore:
         row.last_failed_at = at
         row.finished_at = at
         self._remove_live(row)
-        self._index(row.queue).dead[row.id] = None
+        self._index(row.queue).dead[row.id] = next(self._seq)
         self._release_key(row)
 
     def _cancel_row(self, row: _Row, at: float) -> None:
@@ -535,13 +535,20 @@ class MemoryStore:
             moved.append(row.to_job())
         return moved
 
-    async def release_held(self, function_ids: Sequence[str]) -> int:
+    async def release_held(
+        self, function_ids: Sequence[str], queues: Sequence[str] | None = None
+    ) -> int:
         """Un-hold jobs of now-registered functions; see :meth:`Store.release_held`."""
         self._check_open()
         wanted = set(function_ids)
+        in_queues = None if queues is None else set(queues)
         count = 0
         for row in self._rows.values():
-            if row.state == "held" and row.function_id in wanted:
+            if (
+                row.state == "held"
+                and row.function_id in wanted
+                and (in_queues is None or row.queue in in_queues)
+            ):
                 row.state = "queued"
                 self._push_ready(row)
                 count += 1
@@ -641,9 +648,9 @@ class MemoryStore:
         if job_ids is None:
             return list(index.dead)
         # Oldest failure first, each once, whatever order (and repeats) the caller gave,
-        # as the file store does.
-        wanted = set(job_ids)
-        return [i for i in index.dead if i in wanted]
+        # as the file store does; sorted by place, so one id costs no scan of the DLQ.
+        dead = index.dead
+        return sorted({i for i in job_ids if i in dead}, key=dead.__getitem__)
 
     async def redrive(self, queue: str, job_ids: Sequence[str] | None, now: float) -> list[str]:
         """Send dead jobs back; see :meth:`Store.redrive`."""

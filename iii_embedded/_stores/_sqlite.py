@@ -453,7 +453,9 @@ class SQLiteStore:
         max_page_count: int | None = None,
     ) -> None:
         self.directory = Path(directory)
-        self.path = self.directory / DB_FILENAME
+        # Absolute: the file's identity is checked by path after each commit (``_file_gone``),
+        # and the program may change its working directory meanwhile.
+        self.path = self.directory.absolute() / DB_FILENAME
         self.synchronous = synchronous
         self.commit_on_loop = commit_on_loop
         self._max_page_count = max_page_count  # for tests: simulates a full disk
@@ -463,6 +465,7 @@ class SQLiteStore:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._conn: Conn | None = None
         self._identity: tuple[int, int] = (-1, -1)
+        self._stat_path = str(self.path)
         """The database file's device and inode when opened (see ``_file_gone``)."""
         self._gone_logged = False
         self._owners: set[str] = set()
@@ -889,7 +892,7 @@ class SQLiteStore:
         an open file that was unlinked, so the commit succeeded into a file nobody will
         open again: no receipt may be handed out for it. One ``stat`` per commit."""
         try:
-            stat = os.stat(self.path)
+            stat = os.stat(self._stat_path)
             same = (stat.st_dev, stat.st_ino) == self._identity
         except OSError:
             same = False
@@ -1047,7 +1050,10 @@ class SQLiteStore:
             if self._max_page_count is not None:
                 conn.execute(f"PRAGMA max_page_count = {int(self._max_page_count)}")
             self._migrate(conn)
-            stat = os.stat(self.path)
+            # Through any symbolic link as it points now: a link re-pointed later (a
+            # deploy's ``current``) does not make this store's own file look replaced.
+            self._stat_path = os.path.realpath(self.path)
+            stat = os.stat(self._stat_path)
             self._identity = (stat.st_dev, stat.st_ino)
         except StoreError:
             if conn is not None:
@@ -1796,18 +1802,27 @@ class SQLiteStore:
         self._refresh_groups(conn, touched)
         return moved
 
-    async def release_held(self, function_ids: Sequence[str]) -> int:
+    async def release_held(
+        self, function_ids: Sequence[str], queues: Sequence[str] | None = None
+    ) -> int:
         """Un-hold jobs of registered functions; see :meth:`Store.release_held`."""
         ids = list(function_ids)
+        names = None if queues is None else list(queues)
 
         def run(conn: Conn) -> int:
             count = 0
+            where, extra = "", []
+            if names is not None:
+                if not names:
+                    return 0
+                where = f" AND queue IN ({','.join('?' * len(names))})"
+                extra = names
             for chunk in _chunks(ids, 500):
                 marks = ",".join("?" * len(chunk))
                 count += conn.execute(
                     f"UPDATE jobs SET state = 'queued' WHERE state = 'held' "
-                    f"AND function_id IN ({marks})",
-                    chunk,
+                    f"AND function_id IN ({marks}){where}",
+                    [*chunk, *extra],
                 ).rowcount
             return count
 

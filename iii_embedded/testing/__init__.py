@@ -89,7 +89,8 @@ async def drain(app: III, *, timeout: float = 30.0, max_advance_s: float = math.
         busy = {name: r.unsettled for name, r in rt.runners.items() if r.unsettled or not r.idle}
         raise DrainTimeout(
             f"queues still busy after {timeout} s of wall time "
-            f"(jobs claimed and not settled, by queue: {busy or 'none; a Void call runs'})"
+            f"(jobs claimed and not settled, by queue: "
+            f"{busy or 'none; a Void call or a cron fire runs'})"
         )
 
 

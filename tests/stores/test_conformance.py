@@ -301,6 +301,19 @@ async def test_released_and_held_give_the_attempt_back(store: Store) -> None:
     assert await claim(store) == ["b"]
 
 
+async def test_release_held_can_keep_to_some_queues(store: Store) -> None:
+    await store.enqueue([job("a", function_id="f"), job("b", queue="r", function_id="f")])
+    for queue, job_id in (("q", "a"), ("r", "b")):
+        await store.claim(queue, fifo=False, limit=1, now=T0, owner=OWNER, lease_until=T0 + 30)
+        await store.finish([Outcome(job_id=job_id, kind="held", owner=OWNER, attempt=1, at=T0)])
+    assert await store.release_held(["f"], ["r", "elsewhere"]) == 1
+    assert await store.release_held(["f"], []) == 0
+    assert (await state_of(store, "a"), await state_of(store, "b")) == (
+        ("held", 0),
+        ("queued", 0),
+    )
+
+
 async def test_recover_returns_expired_leases_or_buries_exhausted_jobs(store: Store) -> None:
     await store.enqueue([job("a"), job("b", max_attempts=1)])
     await claim(store)

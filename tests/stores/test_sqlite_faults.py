@@ -226,6 +226,28 @@ async def test_a_full_disk_reaches_the_caller_as_an_enqueue_error(tmp_path: Path
     assert isinstance(caught.value.__cause__, StoreError)
 
 
+async def test_a_store_opened_by_a_relative_path_survives_a_change_of_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    app = III(
+        Config(store=StoreConfig(store_method="file_based", file_path="data")),
+        shutdown_grace_ms=0,
+    )
+    app.register_function("fn", lambda data: None)
+    async with app.running():
+        monkeypatch.chdir("/")  # the program moves on: the store's file stays where it was
+        receipt = await app.trigger_async(
+            "fn", {"n": 1}, action=TriggerAction.Enqueue(delay_ms=3_600_000)
+        )
+    store = SQLiteStore(tmp_path / "data")
+    await store.open()
+    try:
+        assert [j.id for j in await store.list_jobs()] == [receipt["messageReceiptId"]]
+    finally:
+        await store.aclose()
+
+
 @pytest.mark.parametrize("how", ["removed", "replaced"])
 async def test_a_store_whose_file_is_removed_while_open_gives_no_more_receipts(
     tmp_path: Path, how: str
