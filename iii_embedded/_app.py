@@ -271,7 +271,7 @@ class III:
         if isinstance(act, EnqueueAction):
             try:
                 # Never committed in this thread: it runs the caller's event loop.
-                ids = await _wait_elsewhere(self._enqueue_elsewhere(fid, data, act, False))
+                ids = await _awaited_result(rt, self._enqueue_elsewhere(fid, data, act, False))
             except StoreError as exc:
                 raise enqueue_failed(exc) from exc
             return {"messageReceiptId": ids[0]}
@@ -280,13 +280,22 @@ class III:
             return None
         future = rt.call_in_threads(fid, data)
         if future is None:
-            return await _wait_elsewhere(rt.from_thread(rt.trigger, fid, data, act, timeout))
-        try:
-            with anyio.fail_after(rt.call_timeout_s(timeout)):
+            return await _awaited_result(rt, rt.from_thread(rt.trigger, fid, data, act, timeout))
+        with anyio.move_on_after(rt.call_timeout_s(timeout)):
+            try:
                 return await _wait_elsewhere(future)
+            except Exception as exc:  # the handler's own
+                error = rt.call_failed(fid, future, timeout, exc)
+                raise error from error.__cause__
+        # The wait ran out. The handler may have returned at that very moment: then its
+        # outcome stands (the blocking path's ``result(timeout)`` sees it the same way).
+        try:
+            if future.done() and not future.cancelled():
+                return future.result()
+            error = rt.call_failed(fid, future, timeout, TimeoutError())
         except Exception as exc:
             error = rt.call_failed(fid, future, timeout, exc)
-            raise error from error.__cause__
+        raise error from error.__cause__
 
     def trigger(
         self,
@@ -310,7 +319,7 @@ class III:
             )
         if isinstance(act, EnqueueAction):
             try:
-                ids = self._enqueue_elsewhere(fid, data, act, True).result()
+                ids = _blocking_result(rt, self._enqueue_elsewhere(fid, data, act, True))
             except StoreError as exc:
                 raise enqueue_failed(exc) from exc
             return {"messageReceiptId": ids[0]}
@@ -319,7 +328,7 @@ class III:
             return None
         future = rt.call_in_threads(fid, data)
         if future is None:
-            return rt.from_thread(rt.trigger, fid, data, act, timeout).result()
+            return _blocking_result(rt, rt.from_thread(rt.trigger, fid, data, act, timeout))
         try:
             return future.result(timeout=rt.call_timeout_s(timeout))
         except Exception as exc:
@@ -343,29 +352,14 @@ class III:
                 "this call blocks, and this is the engine's event-loop thread: "
                 "use its `_async` twin in async code"
             )
-        future = rt.from_thread(fn, *args)
-        try:
-            return future.result()
-        except (FutureCancelled, StoreError) as exc:
-            # The engine shut down under the call: its task was cancelled, or the store
-            # closed under it.
-            if rt.stopping:
-                raise _engine_stopped() from exc
-            raise
+        return _blocking_result(rt, rt.from_thread(fn, *args))
 
     async def _on_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``await fn(*args)`` on the engine's loop, from this loop or another one."""
         rt = self.runtime
         if rt.loop_thread == threading.get_ident():
             return await fn(*args)
-        future = rt.from_thread(fn, *args)
-        try:
-            return await _wait_elsewhere(future)
-        except (FutureCancelled, asyncio.CancelledError, StoreError) as exc:
-            # Not the caller's own cancellation (that cancels the future, and goes on).
-            if rt.stopping and not _caller_cancelled():
-                raise _engine_stopped() from exc
-            raise
+        return await _awaited_result(rt, rt.from_thread(fn, *args))
 
     # --- Trigger.dev-style triggering ------------------------------------------------
 
@@ -645,7 +639,19 @@ class III:
         return self
 
     def shutdown(self) -> None:
-        """Stop an engine started with :meth:`start` (graceful; waits for it)."""
+        """Stop an engine started with :meth:`start` (graceful; waits for it).
+
+        Raises ``RuntimeError`` on the engine's own event-loop thread (an async handler),
+        where waiting for the engine to stop would wait for itself. From a sync handler
+        of a queue it waits the grace period for that handler too, and then gives its job
+        back (``released``)."""
+        runtime = self._runtime
+        if runtime is not None and runtime.loop_thread == threading.get_ident():
+            raise RuntimeError(
+                "iii.shutdown() blocks until the engine has stopped, and this is the "
+                "engine's event-loop thread: call it from outside the engine (or stop "
+                "the program another way, such as a signal)"
+            )
         thread_cm, portal_cm = self._thread_cm, self._portal_cm
         self._thread_cm = self._portal_cm = None
         try:
@@ -776,9 +782,33 @@ def _require_main_thread(what: str) -> None:
 def _engine_stopped() -> InvocationError:
     return InvocationError(
         "engine_stopped",
-        "the engine shut down while this call was waiting on it; a run it enqueued is not "
-        "finished (in a file store it goes on when an engine next serves its queue)",
+        "the engine shut down while this call was waiting on it (a run it enqueued, if "
+        "any, is not finished: in a file store it goes on when an engine next serves its "
+        "queue)",
     )
+
+
+def _blocking_result(rt: Runtime, future: Future[T]) -> T:
+    """Wait in this thread for a call on the engine's loop (or the store's writer); a
+    call the engine's shutdown ended (its task cancelled, or the store closed under it)
+    raises ``engine_stopped``."""
+    try:
+        return future.result()
+    except (FutureCancelled, StoreError) as exc:
+        if rt.stopping:
+            raise _engine_stopped() from exc
+        raise
+
+
+async def _awaited_result(rt: Runtime, future: Future[T]) -> T:
+    """:func:`_blocking_result` for a caller on another event loop; the caller's own
+    cancellation goes on as itself."""
+    try:
+        return await _wait_elsewhere(future)
+    except (FutureCancelled, asyncio.CancelledError, StoreError) as exc:
+        if rt.stopping and not _caller_cancelled():
+            raise _engine_stopped() from exc
+        raise
 
 
 def _caller_cancelled() -> bool:

@@ -144,8 +144,9 @@ class Runtime:
         self.registry.remove_listener(self._on_register)
         for runner in self.runners.values():
             runner.stop_claiming()
+        # Void calls in flight are running work too: the grace period covers them.
         with anyio.move_on_after(self.shutdown_grace_s):
-            while any(r.inflight for r in self.runners.values()):
+            while self._void_inflight or any(r.inflight for r in self.runners.values()):
                 await self.wait_activity()
         for runner in self.runners.values():
             runner.interrupt_all("shutdown")

@@ -79,10 +79,14 @@ def _keep_serving(app: III) -> None:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         app.shutdown()
-        # Ctrl-C while the script still runs interrupts it as usual; once the script is
-        # done (the process only waits for the engine), stopping the engine is enough.
-        if signum == signal.SIGINT and threading.main_thread().is_alive():
-            raise KeyboardInterrupt
+        # Ctrl-C while the script still runs interrupts it as usual, and SIGTERM ends it
+        # (with the status a process killed by it reports, as iii's SDK does); once the
+        # script is done (the process only waits for the engine), stopping the engine is
+        # enough.
+        if threading.main_thread().is_alive():
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + signum)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         previous[sig] = signal.signal(sig, stop)

@@ -406,6 +406,61 @@ def test_cancelling_a_call_from_another_event_loop_cancels_the_handler(
     assert outcome == ["CancelledError"]
 
 
+@pytest.mark.parametrize("where", ["thread", "asyncio", "trio"])
+def test_a_call_waiting_when_the_engine_shuts_down_gets_engine_stopped(where: str) -> None:
+    """Not a bare ``CancelledError``, which another event loop would take for its own
+    task's cancellation (until 2026-12-03)."""
+    iii = app_on(StoreConfig())
+    began, _, _ = register_forever(iii)
+    errors: list[BaseException] = []
+
+    def call_in_thread() -> None:
+        try:
+            iii.trigger("forever", None)
+        except BaseException as exc:
+            errors.append(exc)
+
+    async def call_elsewhere() -> None:
+        try:
+            await iii.trigger_async("forever", None)
+        except BaseException as exc:
+            errors.append(exc)
+
+    def run_elsewhere() -> None:
+        if where == "asyncio":
+            asyncio.run(call_elsewhere())
+        else:
+            anyio.run(call_elsewhere, backend="trio")
+
+    iii.start()
+    caller = threading.Thread(target=call_in_thread if where == "thread" else run_elsewhere)
+    try:
+        caller.start()
+        assert began.wait(10)
+    finally:
+        iii.shutdown()
+        caller.join(10)
+    assert [type(e).__name__ for e in errors] == ["InvocationError"]
+    error = errors[0]
+    assert isinstance(error, InvocationError) and error.code == "engine_stopped"
+
+
+def test_a_sync_call_from_another_event_loop_with_no_time_left_times_out() -> None:
+    iii = app_on(StoreConfig())
+    iii.register_function("quick", lambda payload: payload)
+
+    async def call() -> str:
+        try:
+            await iii.trigger_async("quick", 1, timeout_ms=0)
+        except InvocationError as exc:
+            return f"{exc.code} {exc.__cause__!r}"
+        return "returned"
+
+    with iii:
+        answer = asyncio.run(call())
+    assert answer == "TIMEOUT None"
+
+
 def test_calls_after_the_engine_stopped_say_so(store_config: StoreConfig) -> None:
     iii = app_on(store_config)
     iii.register_function("job", lambda payload: None)

@@ -322,3 +322,40 @@ async def test_drain_gives_up_with_drain_timeout_naming_the_busy_queue() -> None
         "queues still busy after 0.2 s of wall time "
         "(jobs claimed and not settled, by queue: {'default': 1})"
     )
+
+
+async def test_shutdown_waits_for_void_calls_within_the_grace_period() -> None:
+    iii = III(clock=VirtualClock(), shutdown_grace_ms=5_000)
+    finished: list[str] = []
+
+    @iii.function("track")
+    async def track(event: str) -> None:
+        for _ in range(20):
+            await anyio.lowlevel.checkpoint()
+        finished.append(event)
+
+    async with iii.running():
+        for event in ("a", "b", "c"):
+            await iii.trigger_async("track", event, action=TriggerAction.Void())
+    assert finished == ["a", "b", "c"]  # before 2026-12-03 they were cancelled at once
+
+
+def test_shutdown_from_the_engines_own_loop_is_refused_and_leaves_it_stoppable() -> None:
+    iii = III(shutdown_grace_ms=0)
+    refused: list[str] = []
+
+    @iii.function("stop")
+    async def stop(_: object) -> None:
+        try:
+            iii.shutdown()
+        except RuntimeError as exc:
+            refused.append(str(exc))
+
+    iii.start()
+    try:
+        iii.trigger("stop", None)
+        assert iii.is_running and iii.trigger("stop", None) is None
+    finally:
+        iii.shutdown()
+    assert not iii.is_running
+    assert len(refused) == 2 and "this is the engine's event-loop thread" in refused[0]

@@ -185,6 +185,40 @@ def test_a_worker_script_keeps_serving_until_sigterm(
     assert (tmp_path / "data").is_dir() is (store == "file_based")
 
 
+def test_sigterm_ends_a_worker_script_that_is_still_running(tmp_path: Path) -> None:
+    """The usual keep-alive loop after ``register_worker``: SIGTERM shuts the engine down
+    and ends the script, with the status of a process SIGTERM ended (as iii's SDK does);
+    until 2026-12-03 the engine stopped and the loop went on for ever."""
+    script = tmp_path / "worker.py"
+    ready = tmp_path / "ready"
+    script.write_text(
+        textwrap.dedent(f"""
+        import pathlib, time
+        from iii_embedded import register_worker
+
+        iii = register_worker("ws://localhost:49134")
+        iii.register_function({{"id": "ping"}}, lambda data: "pong")
+        assert iii.trigger({{"function_id": "ping", "payload": {{}}}}) == "pong"
+        pathlib.Path({str(ready)!r}).write_text("ok")
+        while True:
+            time.sleep(0.05)
+    """)
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], cwd=tmp_path, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_until(lambda: ready.exists() or proc.poll() is not None, timeout=30)
+        assert ready.exists() and proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err
+
+
 def test_register_worker_calls_in_one_process_share_one_engine(worker: III) -> None:
     other = register_worker("ws://127.0.0.1:49134")
     assert other is worker
