@@ -547,8 +547,15 @@ def _serve_until_stopped(app: Any) -> None:
     if all(signal.getsignal(s) in (signal.SIG_DFL, signal.default_int_handler) for s in signals):
         for s in signals:
             signal.signal(s, lambda signum, frame: app.shutdown())
-    while app.is_running and not stopped.wait(timeout=1.0):
-        pass
+    try:
+        while app.is_running and not stopped.wait(timeout=1.0):
+            pass
+    except SystemExit:
+        # register_worker's SIGTERM handler ends a script that still runs once it has
+        # shut the engine down; here the "script" is this wait, and the stop is graceful,
+        # as ``run`` reports it.
+        if app.is_running:
+            raise
 
 
 # --- the parser ---------------------------------------------------------------------------

@@ -727,11 +727,11 @@ def new_jobs(
             raise InvocationError(
                 "enqueue_error", f"max_attempts must be an integer >= 1, got {given!r}"
             )
-        if given > COUNT_MAX:
+        max_attempts = int(given)
+        if max_attempts > COUNT_MAX:
             raise InvocationError(
                 "enqueue_error", f"max_attempts must be at most {COUNT_MAX}, got {given!r}"
             )
-        max_attempts = int(given)
     key = action.idempotency_key
     if key is not None and not isinstance(key, str):
         raise InvocationError("enqueue_error", f"idempotency_key must be a string, got {key!r}")
