@@ -220,6 +220,18 @@ def _stats(args: argparse.Namespace) -> list[QueueStats]:
     return _with_store(args, read)
 
 
+def _store_figures(stats: QueueStats) -> dict[str, Any]:
+    """A queue's figures as the store has them. ``iii.stats()``'s counters (completed,
+    failed, retried, dead-lettered, prefetched) are an app process's since it started:
+    the command has none to show, and says ``completed_kept`` for the completed runs the
+    store still keeps (until ``result_retention_ms``), not ``completed``."""
+    out = attrs.asdict(stats)
+    out["completed_kept"] = out.pop("completed")
+    for counter in ("failed", "retried", "dead_lettered", "prefetched"):
+        del out[counter]
+    return out
+
+
 def cmd_queues(args: argparse.Namespace) -> int:
     previous: dict[str, tuple[float, int]] = {}
     iterations = args.iterations if args.iterations else (None if args.watch else 1)
@@ -247,7 +259,7 @@ def cmd_queues(args: argparse.Namespace) -> int:
                 ]
             )
         if args.json:
-            _print_json([attrs.asdict(s) for s in stats])
+            _print_json([_store_figures(s) for s in stats])
         else:
             if args.watch and sys.stdout.isatty():
                 print("\033[2J\033[H", end="")

@@ -39,4 +39,14 @@ class JsonFormatter(logging.Formatter):
                 out[field] = value
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=repr)
+        try:
+            return json.dumps(out, default=repr, allow_nan=False)
+        except (TypeError, ValueError):
+            # A value JSON cannot hold as such (a key that is not text, a cycle, NaN):
+            # the fields that fail are written as their repr, and the line is still JSON.
+            for key, value in out.items():
+                try:
+                    json.dumps(value, default=repr, allow_nan=False)
+                except (TypeError, ValueError):
+                    out[key] = repr(value)
+            return json.dumps(out, default=repr, allow_nan=False)

@@ -1259,6 +1259,7 @@ class QueueRunner:
                 "its run output is stored as its repr",
                 job.id,
                 job.function_id,
+                extra=self._extra(job, 0.0),
             )
             return json.dumps(repr(result))
 

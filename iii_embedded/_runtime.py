@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import inspect
 import json
 import logging
 import math
@@ -37,7 +38,7 @@ from ._ids import new_receipt_id
 from ._queues import QueueRunner
 from ._registry import FunctionSpec, Registry
 from ._stores import Job, NewJob, Outcome, Store, make_new_job
-from ._stores._base import PROCESS_HOST
+from ._stores._base import LOST_ATTEMPT, PROCESS_HOST
 from ._threads import ThreadPool
 
 __all__ = ["Runtime", "DEFAULT_TIMEOUT_MS", "JobEvent"]
@@ -131,6 +132,7 @@ class Runtime:
             log.warning(
                 "recovered %d job(s) left running by a process that stopped", len(recovered)
             )
+            self._account_recovered(recovered)
         await self.store.release_held(self.registry.user_ids())
         self.registry.on_register(self._on_register)
         for runner in self.runners.values():
@@ -256,7 +258,10 @@ class Runtime:
                     released = await store.release_held(
                         self.registry.user_ids(), list(self.runners)
                     )
-                    if await store.recover(now) or released:
+                    recovered = await store.recover(now)
+                    if recovered:
+                        self._account_recovered(recovered)
+                    if recovered or released:
                         self.wake_all()
                 await store.prune(now - retention_s)
             except StoreError as exc:
@@ -317,9 +322,57 @@ class Runtime:
             return
         for listener in listeners:
             try:
-                listener(job, **info)
+                result = listener(job, **info)
             except Exception:
                 log.exception("event hook %r for %s failed", listener, event)
+                continue
+            if inspect.isawaitable(result):  # an async hook: run it beside the engine
+                if self._tg is not None:
+                    self._tg.start_soon(self._await_hook, result, listener, event)
+                elif inspect.iscoroutine(result):  # the engine is not running: never awaited
+                    result.close()
+
+    @staticmethod
+    async def _await_hook(result: Awaitable[Any], listener: Any, event: str) -> None:
+        try:
+            await result
+        except Exception:
+            log.exception("event hook %r for %s failed", listener, event)
+
+    def _account_recovered(self, jobs: Sequence[Job]) -> None:
+        """Jobs ``recover`` took back from a process that stopped (or whose leases ran
+        out): an attempt lost with it counts as a failed one, here, where it is found (its
+        process never reported it): counters, the DLQ warning, and the hooks. An attempt
+        given back (the job never started) is no failure."""
+        for job in jobs:
+            if job.error != LOST_ATTEMPT:
+                continue
+            runner = self.runners.get(job.queue)
+            if runner is not None:
+                runner.failed += 1
+            extra = {"function_id": job.function_id, "receipt_id": job.id, "queue": job.queue}
+            if job.state == "dead":
+                if runner is not None:
+                    runner.dead_lettered += 1
+                log.warning(
+                    "job %s of %r moved to the dead-letter queue of %r after %d attempt(s): "
+                    "%s (its last attempt was lost with its process)",
+                    job.id,
+                    job.function_id,
+                    job.queue,
+                    job.attempts,
+                    job.error,
+                    extra={**extra, "attempt": job.attempts},
+                )
+                if self.hooks:
+                    self.emit("job_failed", job, error=job.error)
+                    self.emit("job_dead_lettered", job, error=job.error)
+            else:
+                if runner is not None:
+                    runner.retried += 1
+                if self.hooks:
+                    self.emit("job_failed", job, error=job.error)
+                    self.emit("job_retried", job, error=job.error, available_at=job.available_at)
 
     def job_finished(self, runner: QueueRunner, job: Job, outcome: Outcome) -> None:
         """Bookkeeping after an attempt's outcome was written."""

@@ -153,7 +153,7 @@ def test_inspect_a_failing_queue_fix_and_redrive_while_the_app_runs(project: Pat
         assert redriven.returncode == 0, redriven.stderr
         assert redriven.stdout.strip() == "redriven 3 job(s) of 'work'"
         assert "redrive [" in redriven.stderr and "3/3" in redriven.stderr
-        wait_for(lambda: queue_row(project, "work")["completed"] == 3)
+        wait_for(lambda: queue_row(project, "work")["completed_kept"] == 3)
         assert queue_row(project, "work")["dead"] == 0
         run = cli(project, "runs", "show", ids[0], "--json")
         assert json.loads(run.stdout)["status"] == "completed"

@@ -340,3 +340,44 @@ async def test_a_run_held_for_an_unknown_function_and_cancelled_before_that_is_w
     assert run is not None and (run.status, run.attempts) == ("cancelled", 0)
     assert hooked == [ghost]
     assert (stats.held, stats.ready, stats.running) == (0, 0, 0)
+
+
+async def test_an_async_hook_runs() -> None:
+    iii = make_app()
+    seen: list[Any] = []
+
+    async def record(job: Any, **info: Any) -> None:
+        await anyio.lowlevel.checkpoint()
+        seen.append(info["output"])
+
+    iii.on("job_succeeded", record)
+    iii.register_function("work", lambda n: n * 2)
+    async with iii.running():
+        await iii.trigger_async("work", 21, action=TriggerAction.Enqueue(queue="q"))
+        await drain(iii)
+        for _ in range(5):  # the hook's task runs beside the engine
+            await anyio.lowlevel.checkpoint()
+    assert seen == ["42"]
+
+
+@pytest.mark.parametrize(
+    ("data", "shown"),
+    [
+        ({(1, 2): "x"}, "{(1, 2): 'x'}"),
+        ({"v": float("nan")}, "{'v': nan}"),
+    ],
+)
+async def test_json_formatter_writes_valid_json_whatever_the_data(data: Any, shown: str) -> None:
+    record = logging.LogRecord("app", logging.INFO, __file__, 1, "hello", None, None)
+    record.data = data
+    line = JsonFormatter().format(record)
+    parsed = json.loads(line, parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
+    assert (parsed["message"], parsed["data"]) == ("hello", shown)
+
+
+async def test_json_formatter_writes_a_data_cycle_as_its_repr() -> None:
+    cycle: dict[str, Any] = {"a": 1}
+    cycle["self"] = cycle
+    record = logging.LogRecord("app", logging.INFO, __file__, 1, "hello", None, None)
+    record.data = cycle
+    assert json.loads(JsonFormatter().format(record))["data"] == "{'a': 1, 'self': {...}}"

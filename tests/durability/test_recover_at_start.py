@@ -3,6 +3,7 @@ waiting for their leases to expire (SPEC §5), and the lost attempt counts."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -21,7 +22,7 @@ from iii_embedded import III, Config, QueueConfig, StoreConfig, current_invocati
 from iii_embedded._stores import NewJob
 from iii_embedded._stores._base import PROCESS_HOST
 from iii_embedded._stores._sqlite import DB_FILENAME, SQLiteStore
-from iii_embedded.testing import VirtualClock
+from iii_embedded.testing import VirtualClock, drain
 
 CHILD = """
 import sys, anyio
@@ -162,3 +163,68 @@ async def test_a_lease_under_this_processs_pid_but_no_runtime_of_it_is_recovered
         with anyio.fail_after(10):  # real seconds, as a bound only
             run = await iii.runs.wait_async("left")
     assert (run.ok, attempts) == (True, [2])
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("max_attempts", "expected"), [(1, "dead"), (3, "retried")])
+async def test_an_attempt_lost_with_its_process_is_counted_logged_and_hooked(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, max_attempts: int, expected: str
+) -> None:
+    # A process of this machine claimed the job, started it and died (kill -9: its
+    # outcome never written). The process that recovers it is the one to report it.
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    store_dir = tmp_path / "store"
+    now = time.time()
+    store = SQLiteStore(store_dir)
+    await store.open()
+    try:
+        await store.enqueue(
+            [
+                NewJob(
+                    id="lost",
+                    queue="work",
+                    function_id="job",
+                    payload="1",
+                    group=None,
+                    created_at=now,
+                    available_at=now,
+                    max_attempts=max_attempts,
+                    idempotency_key=None,
+                )
+            ]
+        )
+        await store.claim(
+            "work",
+            fifo=False,
+            limit=1,
+            now=now,
+            owner=f"{PROCESS_HOST}:{gone.pid}:dead",
+            lease_until=now + 3600,
+            start=1,
+        )
+    finally:
+        await store.aclose()
+
+    iii, attempts, _ = app_recording_attempts(store_dir, VirtualClock(start=now))
+    events: list[tuple[str, str]] = []
+    for event in ("job_failed", "job_retried", "job_dead_lettered", "job_succeeded"):
+        iii.on(event, lambda job, event=event, **info: events.append((event, job.id)))
+    caplog.set_level(logging.WARNING, logger="iii_embedded")
+    async with iii.running():
+        await drain(iii, timeout=10)
+        stats = await iii.queue_stats_async("work")
+    if expected == "dead":
+        assert events == [("job_failed", "lost"), ("job_dead_lettered", "lost")]
+        assert (stats.failed, stats.dead_lettered, stats.dead, attempts) == (1, 1, 1, [])
+        assert any(
+            "job lost of 'job' moved to the dead-letter queue" in r.getMessage()
+            for r in caplog.records
+        )
+    else:
+        assert events == [
+            ("job_failed", "lost"),
+            ("job_retried", "lost"),
+            ("job_succeeded", "lost"),
+        ]
+        assert (stats.failed, stats.retried, attempts) == (1, 1, [2])
