@@ -887,6 +887,8 @@ class QueueRunner:
     async def _worker(self) -> None:
         buffer = self._buffer
         loop = asyncio.get_running_loop()
+        check_leases = self._check_leases
+        clock_now = self.rt.clock.now
         while True:
             job: Job | None = None
             if (buffer or self._reserved) and self._may_start():
@@ -896,9 +898,11 @@ class QueueRunner:
                 if job is None and buffer:
                     job = buffer.popleft()
             if job is not None:
-                if self._check_leases and self._lease_lost(job):
-                    self._let_go(job)
-                    continue
+                if check_leases:  # ``_lease_lost``, inline: it runs for every job
+                    lease = job.lease_until
+                    if lease is not None and clock_now() >= max(lease, self._renewed_until):
+                        self._let_go(job)
+                        continue
                 spec = self.rt.registry.get(job.function_id)
                 if spec is not None and not job.cancel_requested and job.started_at is None:
                     # A prefetched job starts: the store records it now, or its start is
