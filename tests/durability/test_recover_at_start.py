@@ -70,6 +70,37 @@ def app_recording_attempts(
     return iii, attempts, ran
 
 
+async def leave_a_leased_job(
+    store_dir: Path, job_id: str, owner: str, now: float, *, max_attempts: int, start: int | None
+) -> None:
+    """Store a job of queue ``work`` claimed by ``owner`` for an hour, as a process that
+    stopped would leave it (``start=1``: its handler had started)."""
+    store = SQLiteStore(store_dir)
+    await store.open()
+    try:
+        await store.enqueue(
+            [
+                NewJob(
+                    id=job_id,
+                    queue="work",
+                    function_id="job",
+                    payload="1",
+                    group=None,
+                    created_at=now,
+                    available_at=now,
+                    max_attempts=max_attempts,
+                    idempotency_key=None,
+                )
+            ]
+        )
+        [claimed] = await store.claim(
+            "work", fifo=False, limit=1, now=now, owner=owner, lease_until=now + 3600, start=start
+        )
+    finally:
+        await store.aclose()
+    assert claimed.id == job_id
+
+
 @pytest.mark.slow
 def test_a_dead_processs_job_runs_again_at_start_before_its_lease_expires(
     tmp_path: Path,
@@ -127,30 +158,7 @@ async def test_a_lease_under_this_processs_pid_but_no_runtime_of_it_is_recovered
     # this one cannot see: only the lease tells, so the job is not taken back at once.
     host = PROCESS_HOST if namespace == "this" else f"{socket.gethostname()}#1"
     previous = f"{host}:{os.getpid()}:previous"
-    store = SQLiteStore(store_dir)
-    await store.open()
-    try:
-        await store.enqueue(
-            [
-                NewJob(
-                    id="left",
-                    queue="work",
-                    function_id="job",
-                    payload="1",
-                    group=None,
-                    created_at=now,
-                    available_at=now,
-                    max_attempts=3,
-                    idempotency_key=None,
-                )
-            ]
-        )
-        [claimed] = await store.claim(
-            "work", fifo=False, limit=1, now=now, owner=previous, lease_until=now + 3600
-        )
-    finally:
-        await store.aclose()
-    assert claimed.id == "left"
+    await leave_a_leased_job(store_dir, "left", previous, now, max_attempts=3, start=None)
 
     clock = VirtualClock(start=now)  # stands still: the hour-long lease cannot expire
     iii, attempts, _ = app_recording_attempts(store_dir, clock)
@@ -176,35 +184,8 @@ async def test_an_attempt_lost_with_its_process_is_counted_logged_and_hooked(
     gone.wait()
     store_dir = tmp_path / "store"
     now = time.time()
-    store = SQLiteStore(store_dir)
-    await store.open()
-    try:
-        await store.enqueue(
-            [
-                NewJob(
-                    id="lost",
-                    queue="work",
-                    function_id="job",
-                    payload="1",
-                    group=None,
-                    created_at=now,
-                    available_at=now,
-                    max_attempts=max_attempts,
-                    idempotency_key=None,
-                )
-            ]
-        )
-        await store.claim(
-            "work",
-            fifo=False,
-            limit=1,
-            now=now,
-            owner=f"{PROCESS_HOST}:{gone.pid}:dead",
-            lease_until=now + 3600,
-            start=1,
-        )
-    finally:
-        await store.aclose()
+    owner = f"{PROCESS_HOST}:{gone.pid}:dead"
+    await leave_a_leased_job(store_dir, "lost", owner, now, max_attempts=max_attempts, start=1)
 
     iii, attempts, _ = app_recording_attempts(store_dir, VirtualClock(start=now))
     events: list[tuple[str, str]] = []
