@@ -30,7 +30,7 @@ from ._affinity import pinned
 from ._clock import Clock, SystemClock
 from ._config import Config, QueueConfig
 from ._context import Invocation, current_invocation
-from ._errors import InvocationError, StoreError
+from ._errors import InvocationError, StoreClosedError, StoreError
 from ._registry import FunctionRef, FunctionSpec, Registry, is_async_callable
 from ._runs import BatchResult, RunResult, Runs
 from ._runs import batch_trigger as _batch_trigger
@@ -99,6 +99,9 @@ class III:
         self._thread_cm: AbstractContextManager[Any] | None = None
         self._portal_cm: AbstractContextManager[BlockingPortal] | None = None
         self._shutdown_callbacks: list[Callable[[], Any]] = []
+        self._stopping: threading.Event | None = None
+        """Set while a :meth:`shutdown` is under way (see ``_stop``)."""
+        self._stopping_thread: int | None = None
         self.runs = Runs(self)
         """Look runs up and cancel them: ``iii.runs.get(id)``, ``iii.runs.cancel(id)``."""
         self.topics: dict[str, list[str]] = {}
@@ -644,16 +647,36 @@ class III:
         Raises ``RuntimeError`` on the engine's own event-loop thread (an async handler),
         where waiting for the engine to stop would wait for itself. From a sync handler
         of a queue it waits the grace period for that handler too, and then gives its job
-        back (``released``)."""
+        back (``released``). A second call while one is under way waits for it (from
+        another thread) or returns at once (a signal handler that interrupted it)."""
+        self._stop()
+
+    def _stop(self) -> bool:
+        """:meth:`shutdown`; True if this call stopped the engine (False: it was not
+        started, or another call is stopping it)."""
         runtime = self._runtime
-        if runtime is not None and runtime.loop_thread == threading.get_ident():
+        me = threading.get_ident()
+        if runtime is not None and runtime.loop_thread == me:
             raise RuntimeError(
                 "iii.shutdown() blocks until the engine has stopped, and this is the "
                 "engine's event-loop thread: call it from outside the engine (or stop "
                 "the program another way, such as a signal)"
             )
+        stopping = self._stopping
+        if stopping is not None:  # under way
+            if self._stopping_thread != me:
+                stopping.wait()
+            return False
         thread_cm, portal_cm = self._thread_cm, self._portal_cm
+        if thread_cm is None and portal_cm is None:
+            return False
+        self._stopping, self._stopping_thread = threading.Event(), me
         self._thread_cm = self._portal_cm = None
+        invocation = current_invocation()
+        # A Void call that stops the engine is not waited for by the grace period.
+        itself = runtime is not None and invocation is not None and invocation.action == "void"
+        if itself and runtime is not None:
+            runtime.voids_stopping += 1
         try:
             try:
                 if thread_cm is not None:
@@ -662,8 +685,13 @@ class III:
                 if portal_cm is not None:
                     portal_cm.__exit__(None, None, None)
         finally:
-            for callback in self._shutdown_callbacks:
-                callback()
+            try:
+                for callback in self._shutdown_callbacks:
+                    callback()
+            finally:
+                done, self._stopping, self._stopping_thread = self._stopping, None, None
+                done.set()
+        return True
 
     def on_shutdown(self, callback: Callable[[], Any]) -> None:
         """Call ``callback()`` after :meth:`shutdown` stopped a started engine."""
@@ -794,7 +822,7 @@ def _blocking_result(rt: Runtime, future: Future[T]) -> T:
     raises ``engine_stopped``."""
     try:
         return future.result()
-    except (FutureCancelled, StoreError) as exc:
+    except (FutureCancelled, StoreClosedError) as exc:
         if rt.stopping:
             raise _engine_stopped() from exc
         raise
@@ -805,7 +833,7 @@ async def _awaited_result(rt: Runtime, future: Future[T]) -> T:
     cancellation goes on as itself."""
     try:
         return await _wait_elsewhere(future)
-    except (FutureCancelled, asyncio.CancelledError, StoreError) as exc:
+    except (FutureCancelled, asyncio.CancelledError, StoreClosedError) as exc:
         if rt.stopping and not _caller_cancelled():
             raise _engine_stopped() from exc
         raise

@@ -104,6 +104,10 @@ class StoreError(IIIError, OSError):
     """
 
 
+class StoreClosedError(StoreError):
+    """The store was used after it closed (the engine shut down meanwhile)."""
+
+
 class StoreVersionError(StoreError):
     """The store was written by a newer version of iii-embedded than the one running.
 

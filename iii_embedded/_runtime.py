@@ -100,6 +100,11 @@ class Runtime:
         (from the moment their time comes) and releases of held jobs."""
         self.waking_waiters = 0
         """Runs a lending waiter was told are final, until it has its slot back."""
+        self.voids_stopping = 0
+        """Void calls that are running ``III.shutdown`` (the grace period does not wait
+        for them: they wait for it)."""
+        self._hooks_inflight = 0
+        """Async hooks running (``emit``): drain and the grace period wait for them."""
         self.waiting_calls = 0
         """Void calls and cron fires (counted in ``_void_inflight`` and ``pending_work``)
         whose handler is waiting for runs (see ``only_waiting``)."""
@@ -148,7 +153,11 @@ class Runtime:
             runner.stop_claiming()
         # Void calls in flight are running work too: the grace period covers them.
         with anyio.move_on_after(self.shutdown_grace_s):
-            while self._void_inflight or any(r.inflight for r in self.runners.values()):
+            while (
+                self._void_inflight > self.voids_stopping
+                or self._hooks_inflight
+                or any(r.inflight for r in self.runners.values())
+            ):
                 await self.wait_activity()
         for runner in self.runners.values():
             runner.interrupt_all("shutdown")
@@ -288,7 +297,7 @@ class Runtime:
 
     def is_quiet(self) -> bool:
         """True when no queue has work it could start and nothing is running."""
-        if self._void_inflight or self.pending_work:
+        if self._void_inflight or self.pending_work or self._hooks_inflight:
             return False
         return all(r.idle and not r.unsettled for r in self.runners.values())
 
@@ -297,7 +306,11 @@ class Runtime:
         lent; Void calls; cron fires) that nothing here will finish until a delayed run
         falls due: ``drain`` may then move a virtual clock on. Not while a waiter has
         been told its runs are final and has not taken its slot back yet."""
-        if self.waking_waiters or self._void_inflight + self.pending_work > self.waiting_calls:
+        if (
+            self.waking_waiters
+            or self._hooks_inflight
+            or self._void_inflight + self.pending_work > self.waiting_calls
+        ):
             return False
         return all(r.idle and r.unsettled == r.lent for r in self.runners.values())
 
@@ -328,16 +341,19 @@ class Runtime:
                 continue
             if inspect.isawaitable(result):  # an async hook: run it beside the engine
                 if self._tg is not None:
+                    self._hooks_inflight += 1
                     self._tg.start_soon(self._await_hook, result, listener, event)
                 elif inspect.iscoroutine(result):  # the engine is not running: never awaited
                     result.close()
 
-    @staticmethod
-    async def _await_hook(result: Awaitable[Any], listener: Any, event: str) -> None:
+    async def _await_hook(self, result: Awaitable[Any], listener: Any, event: str) -> None:
         try:
             await result
         except Exception:
             log.exception("event hook %r for %s failed", listener, event)
+        finally:
+            self._hooks_inflight -= 1
+            self.notify_activity()
 
     def _account_recovered(self, jobs: Sequence[Job]) -> None:
         """Jobs ``recover`` took back from a process that stopped (or whose leases ran

@@ -78,7 +78,12 @@ def _keep_serving(app: III) -> None:
         log.info("received %s, shutting down", signal.Signals(signum).name)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        app.shutdown()
+        if not app._stop():
+            return  # a shutdown was under way (this signal interrupted it): it goes on
+        own = previous.get(signum)
+        if callable(own) and own is not signal.default_int_handler:
+            own(signum, frame)  # the program's own handler decides what happens next
+            return
         # Ctrl-C while the script still runs interrupts it as usual, and SIGTERM ends it
         # (with the status a process killed by it reports, as iii's SDK does); once the
         # script is done (the process only waits for the engine), stopping the engine is
@@ -89,6 +94,8 @@ def _keep_serving(app: III) -> None:
             raise SystemExit(128 + signum)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) is signal.SIG_IGN:
+            continue  # the program ignores it: so do we
         previous[sig] = signal.signal(sig, stop)
 
     def restore() -> None:

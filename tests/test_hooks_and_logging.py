@@ -342,22 +342,39 @@ async def test_a_run_held_for_an_unknown_function_and_cancelled_before_that_is_w
     assert (stats.held, stats.ready, stats.running) == (0, 0, 0)
 
 
-async def test_an_async_hook_runs() -> None:
+async def test_an_async_hook_runs_and_drain_and_shutdown_wait_for_it() -> None:
     iii = make_app()
     seen: list[Any] = []
+    gate = anyio.Event()
 
     async def record(job: Any, **info: Any) -> None:
-        await anyio.lowlevel.checkpoint()
+        if info["output"] == "4":  # the last job's hook waits until shutdown has begun
+            await gate.wait()
         seen.append(info["output"])
 
     iii.on("job_succeeded", record)
     iii.register_function("work", lambda n: n * 2)
-    async with iii.running():
-        await iii.trigger_async("work", 21, action=TriggerAction.Enqueue(queue="q"))
-        await drain(iii)
-        for _ in range(5):  # the hook's task runs beside the engine
+
+    async def open_gate_once_stopping() -> None:
+        while not (iii.is_running and iii.runtime.stopping):
             await anyio.lowlevel.checkpoint()
-    assert seen == ["42"]
+        gate.set()
+
+    async with anyio.create_task_group() as tg:
+        async with iii.running():
+            await iii.trigger_async("work", 21, action=TriggerAction.Enqueue(queue="q"))
+            await drain(iii)  # waits for the hook's task too
+            after_drain = list(seen)
+            receipt = await iii.trigger_async("work", 2, action=TriggerAction.Enqueue(queue="q"))
+            while (run := await iii.runs.get_async(receipt["messageReceiptId"])) is None or (
+                run.status != "completed"
+            ):
+                await anyio.lowlevel.checkpoint()
+            tg.start_soon(open_gate_once_stopping)
+        # The block ended with the last hook waiting: shutdown waited for it.
+        at_exit = list(seen)
+    assert after_drain == ["42"]
+    assert at_exit == ["42", "4"]
 
 
 @pytest.mark.parametrize(

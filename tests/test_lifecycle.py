@@ -359,3 +359,64 @@ def test_shutdown_from_the_engines_own_loop_is_refused_and_leaves_it_stoppable()
         iii.shutdown()
     assert not iii.is_running
     assert len(refused) == 2 and "this is the engine's event-loop thread" in refused[0]
+
+
+def test_a_second_shutdown_while_one_is_under_way_waits_for_it_and_callbacks_run_once() -> None:
+    iii = III(shutdown_grace_ms=10_000)
+    started, finish = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    @iii.function("slow")
+    def slow(_: object) -> None:
+        started.set()
+        finish.wait(10)
+        order.append("job done")
+
+    iii.on_shutdown(lambda: order.append("callback"))
+    iii.start()
+    iii.trigger("slow", None, action=TriggerAction.Enqueue())
+    assert started.wait(10)
+    first = threading.Thread(target=iii.shutdown)
+    first.start()
+    while iii._stopping is None:  # the first shutdown has begun (waiting for the job)
+        threading.Event().wait(0.01)
+    second = threading.Thread(target=lambda: (iii.shutdown(), order.append("second returned")))
+    second.start()
+    finish.set()
+    first.join(10)
+    second.join(10)
+    assert order == ["job done", "callback", "second returned"]
+
+
+def test_a_void_call_that_shuts_the_engine_down_is_not_waited_for() -> None:
+    iii = III(shutdown_grace_ms=600_000)  # waiting for itself would take ten minutes
+    stopped = threading.Event()
+
+    @iii.function("admin::stop")
+    def stop(_: object) -> None:
+        iii.shutdown()
+        stopped.set()
+
+    iii.start()
+    iii.trigger("admin::stop", None, action=TriggerAction.Void())
+    assert stopped.wait(30)
+    assert not iii.is_running
+
+
+def test_a_store_error_during_the_grace_period_is_not_called_engine_stopped() -> None:
+    from concurrent.futures import Future
+
+    from iii_embedded._app import _blocking_result
+    from iii_embedded._errors import StoreClosedError
+
+    class Stopping:
+        stopping = True
+
+    failed: Future[None] = Future()
+    failed.set_exception(StoreError("store.db: writing failed: database is locked"))
+    with pytest.raises(StoreError, match="database is locked"):
+        _blocking_result(Stopping(), failed)  # type: ignore[arg-type]
+    closed: Future[None] = Future()
+    closed.set_exception(StoreClosedError("store.db: the store is not open"))
+    with pytest.raises(Exception, match="engine_stopped"):
+        _blocking_result(Stopping(), closed)  # type: ignore[arg-type]

@@ -219,6 +219,49 @@ def test_sigterm_ends_a_worker_script_that_is_still_running(tmp_path: Path) -> N
     assert "Traceback" not in err
 
 
+def test_a_programs_own_sigterm_handler_is_called_after_the_engine_stops(
+    tmp_path: Path,
+) -> None:
+    script = tmp_path / "worker.py"
+    ready = tmp_path / "ready"
+    script.write_text(
+        textwrap.dedent(f"""
+        import pathlib, signal, time
+        from iii_embedded import register_worker
+
+        running = True
+
+        def finish_current_item(signum, frame):
+            global running
+            running = False
+
+        signal.signal(signal.SIGTERM, finish_current_item)
+        iii = register_worker()
+        iii.register_function({{"id": "ping"}}, lambda data: "pong")
+        pathlib.Path({str(ready)!r}).write_text("ok")
+        while running:
+            time.sleep(0.05)
+        print("own handler ran; engine running:", iii.is_running)
+    """)
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(lambda: ready.exists() or proc.poll() is not None, timeout=30)
+        assert ready.exists() and proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert (proc.returncode, out.strip()) == (0, "own handler ran; engine running: False"), err
+
+
 def test_register_worker_calls_in_one_process_share_one_engine(worker: III) -> None:
     other = register_worker("ws://127.0.0.1:49134")
     assert other is worker

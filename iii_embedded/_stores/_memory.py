@@ -14,7 +14,7 @@ from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Future
 
-from .._errors import StoreError
+from .._errors import StoreClosedError, StoreError
 from ._base import (
     LOST_ATTEMPT,
     UNSTARTED_ATTEMPT,
@@ -182,7 +182,7 @@ class MemoryStore:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise StoreError("the in-memory store is closed")
+            raise StoreClosedError("the in-memory store is closed")
 
     def _index(self, queue: str) -> _QueueIndex:
         index = self._queues.get(queue)

@@ -55,7 +55,7 @@ from typing import Any, Literal, TypeVar
 
 import sqlite_utils
 
-from .._errors import StoreError, StoreVersionError
+from .._errors import StoreClosedError, StoreError, StoreVersionError
 from ._base import (
     LOST_ATTEMPT,
     PROCESS_HOST,
@@ -540,7 +540,7 @@ class SQLiteStore:
     ) -> asyncio.Future[T]:
         loop = self._loop
         if self._closed or loop is None:
-            raise StoreError(f"{self.path}: the store is not open")
+            raise StoreClosedError(f"{self.path}: the store is not open")
         future: asyncio.Future[T] = loop.create_future()
         # Not put on the writer's queue at once: the writer would take it alone as soon as
         # the loop next lets go of the GIL. Requests made in one turn of the loop go to the
@@ -1171,7 +1171,7 @@ class SQLiteStore:
         request = _Request(lambda conn: self._enqueue(conn, jobs), future, True, jobs)
         with self._gate:
             if self._closed or self._thread is None or self._conn is None:
-                raise StoreError(f"{self.path}: the store is not open")
+                raise StoreClosedError(f"{self.path}: the store is not open")
             # The writer has nothing to do: commit here, in the caller's thread, and save
             # both wake-ups (as a library that runs SQLite in its caller would). Otherwise
             # the request joins the writer's next batch.
@@ -2003,7 +2003,7 @@ class SQLiteStore:
         acknowledgement meanwhile. It reads the last committed state on a connection of
         its own, in a worker thread; WAL lets it read while the writer commits."""
         if self._closed or self._loop is None:
-            raise StoreError(f"{self.path}: the store is not open")
+            raise StoreClosedError(f"{self.path}: the store is not open")
         return await self._loop.run_in_executor(None, self._read_aside, self._count, now)
 
     def _read_aside(self, fn: Callable[[Conn, float], T], now: float) -> T:
