@@ -947,11 +947,17 @@ class QueueRunner:
                 outcome = await self._attempt(job, spec.handler, entry)
             self._outcomes.append((job, outcome))
         finally:
-            self._leave(job.id)
+            self._leave(job.id, entry)
 
-    def _leave(self, job_id: str) -> None:
-        """A job's handler no longer occupies its slot (its outcome is in ``_outcomes``)."""
-        del self.active[job_id]
+    def _leave(self, job_id: str, entry: _Active) -> None:
+        """A job's handler no longer occupies its slot (its outcome is in ``_outcomes``).
+
+        Its entry may have been replaced: after a stall longer than the lease, another
+        process (or this one's own recovery) took the job back, and this runner claimed
+        it again while the old attempt still ran (at-least-once). The new attempt's entry
+        is then the job's, and the old one leaves only its slot."""
+        if self.active.get(job_id) is entry:
+            del self.active[job_id]
         self.running -= 1
         if self._room is not None:
             self._room_changed()
@@ -1124,7 +1130,7 @@ class QueueRunner:
         if entry.cancel_timer is not None:
             entry.cancel_timer()
         self._outcomes.append((entry.job, outcome))
-        self._leave(entry.job.id)
+        self._leave(entry.job.id, entry)
 
     async def _attempt(self, job: Job, handler: Any, entry: _Active) -> Outcome:
         rt = self.rt

@@ -155,3 +155,57 @@ async def test_a_run_of_a_queue_this_app_does_not_serve_can_be_waited_for(
         with anyio.fail_after(10):
             result = await waiter.runs.wait_async("j0")
     assert (result.status, result.output) == ("completed", "xx")
+
+
+@pytest.mark.parametrize("first_to_end", [1, 2])
+async def test_a_job_claimed_again_while_its_lost_attempt_still_runs_here(
+    tmp_path: Path, first_to_end: int
+) -> None:
+    # After a stall longer than the lease, the job was taken back (by another process's
+    # recovery) and this runner claimed it again while its first attempt ran
+    # on. Until 2026-12-03 the two attempts shared one entry, and the second to end
+    # crashed the app with a KeyError.
+    path = tmp_path / "store"
+    iii = III(file_config(path, concurrency=2, poll_interval_ms=20), shutdown_grace_ms=0)
+    gates = {1: anyio.Event(), 2: anyio.Event()}
+    running: dict[int, anyio.Event] = {1: anyio.Event(), 2: anyio.Event()}
+    ended: list[int] = []
+
+    @iii.function("work")
+    async def work(_: Any) -> str:
+        invocation = current_invocation()
+        assert invocation is not None
+        attempt = invocation.attempt
+        running[attempt].set()
+        await gates[attempt].wait()
+        ended.append(attempt)
+        return f"attempt {attempt}"
+
+    other = SQLiteStore(path)
+    async with iii.running():
+        await other.open()
+        try:
+            await other.enqueue([new_job("j0", "work", time.time())])
+            with anyio.fail_after(10):
+                await running[1].wait()
+                # Its lease runs out and another process's recovery queues it again.
+                with sqlite3.connect(path / DB_FILENAME) as conn:
+                    conn.execute(
+                        "UPDATE jobs SET state = 'queued', lease_owner = NULL, "
+                        "lease_until = NULL, available_at = ? WHERE id = 'j0'",
+                        (time.time(),),
+                    )
+                await running[2].wait()  # claimed again here, the first attempt running
+            gates[first_to_end].set()
+            with anyio.fail_after(10):
+                while len(ended) < 1:
+                    await anyio.sleep(0.01)
+            gates[3 - first_to_end].set()
+            with anyio.fail_after(10):
+                result = await iii.runs.wait_async("j0")
+                while len(ended) < 2:
+                    await anyio.sleep(0.01)
+        finally:
+            await other.aclose()
+    assert ended == [first_to_end, 3 - first_to_end]
+    assert (result.status, result.output) == ("completed", "attempt 2")  # the lease's own
