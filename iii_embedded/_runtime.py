@@ -17,6 +17,7 @@ import math
 import numbers
 import os
 import threading
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import Future
@@ -56,6 +57,49 @@ _FINAL_KINDS = frozenset({"completed", "dead", "cancelled"})
 
 encode_json = dumps_strict
 """Payload serialisation: strict JSON (no NaN/Infinity)."""
+
+
+class StallGuard:
+    """When this process may take back other processes' expired leases (shared stores).
+
+    A lease expires when its owner does not renew it, but an owner may have been unable
+    to: the whole machine's writers wait while one process holds SQLite's write lock, and
+    a process that was stopped (SIGSTOP, swapped out, its loop blocked) wakes up to find
+    every lease expired, its peers' included, though they are alive and ran on. Taking
+    those back would run their jobs twice at once. So after this process sees a stall (a
+    maintenance pass that began late, one that took long, or failed), it waits one lease
+    before it recovers anything: time enough for every live owner to renew. In real time
+    (``time.monotonic``), as stalls are; not used under a virtual clock."""
+
+    def __init__(self, interval_s: float, lease_s: float, started: float) -> None:
+        self.interval_s = interval_s
+        self.lease_s = lease_s
+        self._last_end: float | None = started  # a stall before the first pass counts
+        self._began: float | None = None
+        self._hold_until = float("-inf")
+
+    def stalled(self, now: float) -> None:
+        """Something held this process or the store up: hold recovery for a lease."""
+        self._hold_until = max(self._hold_until, now + self.lease_s)
+
+    def pass_began(self, now: float) -> None:
+        """A maintenance pass begins; late (a stall in between) if the last one ended
+        more than two intervals ago."""
+        self._began = now
+        if self._last_end is not None and now - self._last_end > 2 * self.interval_s:
+            self.stalled(now)
+
+    def pass_ended(self, now: float) -> None:
+        """A maintenance pass ended; a long one (waiting for the write lock) is a stall."""
+        if self._began is not None and now - self._began > self.interval_s:
+            self.stalled(now)
+        self._last_end, self._began = now, None
+
+    def may_recover(self, now: float) -> bool:
+        """True if no stall was seen in the last lease, or in this pass so far."""
+        if self._began is not None and now - self._began > self.interval_s:
+            self.stalled(now)
+        return now >= self._hold_until
 
 
 def make_owner_id() -> str:
@@ -241,12 +285,19 @@ class Runtime:
         # A fixed cadence: a pass that ends late (a slow store, a clock advanced meanwhile)
         # does not push every later renewal back.
         next_at = self.clock.now() + interval
+        guard = (
+            None
+            if self.clock.is_virtual
+            else StallGuard(interval, self.lease_s, started=time.monotonic())
+        )
         while True:
             await self.clock.sleep_until(next_at)
             now = self.clock.now()
             next_at += interval
             if next_at <= now:
                 next_at = now + interval
+            if guard is not None:
+                guard.pass_began(time.monotonic())
             try:
                 for runner in self.runners.values():
                     leased = runner.leased_ids()
@@ -267,7 +318,9 @@ class Runtime:
                     released = await store.release_held(
                         self.registry.user_ids(), list(self.runners)
                     )
-                    recovered = await store.recover(now)
+                    recovered: list[Job] = []
+                    if guard is None or guard.may_recover(time.monotonic()):
+                        recovered = await store.recover(now)
                     if recovered:
                         self._account_recovered(recovered)
                     if recovered or released:
@@ -278,6 +331,10 @@ class Runtime:
                     log.debug("store maintenance stopped with the store: %s", exc)
                     return
                 log.error("store maintenance failed: %s", exc)
+                if guard is not None:
+                    guard.stalled(time.monotonic())  # a lock held too long, say
+            if guard is not None:
+                guard.pass_ended(time.monotonic())
 
     # --- activity (drain and shutdown wait on it) -------------------------------------
 

@@ -16,6 +16,7 @@ import attrs
 import pytest
 
 from iii_embedded import III, Config, QueueConfig, StoreConfig, current_invocation
+from iii_embedded._runtime import StallGuard
 from iii_embedded._stores import NewJob
 from iii_embedded._stores._sqlite import DB_FILENAME, SQLiteStore
 from iii_embedded.testing import VirtualClock, drain
@@ -209,3 +210,83 @@ async def test_a_job_claimed_again_while_its_lost_attempt_still_runs_here(
             await other.aclose()
     assert ended == [first_to_end, 3 - first_to_end]
     assert (result.status, result.output) == ("completed", "attempt 2")  # the lease's own
+
+
+def test_the_stall_guard_holds_recovery_for_a_lease_after_any_stall() -> None:
+    guard = StallGuard(interval_s=10, lease_s=30, started=-9)
+
+    def one_pass(began: float, ended: float, *, stall: bool = False) -> bool:
+        guard.pass_began(began)
+        if stall:
+            guard.stalled(ended)  # the pass failed
+        allowed = guard.may_recover(ended)
+        guard.pass_ended(ended)
+        return allowed
+
+    assert one_pass(0, 1) and one_pass(11, 12)
+    # This process was stopped for ~90 s: its next pass begins late.
+    assert not one_pass(100, 101) and not one_pass(111, 112) and one_pass(130, 131)
+    # A pass that waited 15 s for the write lock.
+    assert not one_pass(141, 156) and not one_pass(166, 167) and one_pass(186, 187)
+    # A pass that failed.
+    assert not one_pass(197, 197, stall=True) and not one_pass(207, 208)
+    assert one_pass(227, 228)
+
+
+async def test_after_a_stall_other_owners_expired_leases_are_left_for_a_lease(
+    tmp_path: Path,
+) -> None:
+    # While one process held the write lock (or this one was stopped), no owner could
+    # renew: their leases ran out though they are alive. Recovering them at once would
+    # run their jobs twice at the same time.
+    path = tmp_path / "store"
+    config = file_config(path, poll_interval_ms=20)
+    config = attrs.evolve(config, store=attrs.evolve(config.store, lease_ms=300))
+    iii = III(config, shutdown_grace_ms=0)
+    mine_running, finish = anyio.Event(), anyio.Event()
+
+    @iii.function("work")
+    async def work(_: Any) -> None:
+        if iii_invocation() == "mine":
+            mine_running.set()
+            await finish.wait()
+
+    iii.register_function("theirs", lambda _: None)
+    other = SQLiteStore(path)
+    async with iii.running():
+        await other.open()
+        try:
+            await other.enqueue([new_job("mine", "work", time.time())])
+            with anyio.fail_after(10):
+                await mine_running.wait()
+            now = time.time()
+            await other.enqueue([new_job("theirs", "theirs", now)])
+            await other.claim(
+                "q", fifo=False, limit=1, now=now, owner="peer:1:p", lease_until=now + 0.3
+            )
+            time.sleep(0.5)  # the fault: this process stalls past every lease
+
+            async def owner_of(job_id: str) -> str | None:
+                job = await other.get(job_id)
+                assert job is not None
+                return job.lease_owner
+
+            async def lease_of_mine() -> float:
+                job = await other.get("mine")
+                assert job is not None and job.lease_until is not None
+                return job.lease_until
+
+            seen = await lease_of_mine()
+            for _ in range(2):  # two maintenance passes after the stall have run
+                with anyio.fail_after(10):
+                    while (lease := await lease_of_mine()) == seen:
+                        await anyio.sleep(0.01)
+                seen = lease
+            held_off = await owner_of("theirs")
+            with anyio.fail_after(10):  # then, a lease after the stall, it is taken back
+                while (await other.get("theirs")).state != "completed":  # type: ignore[union-attr]
+                    await anyio.sleep(0.02)
+            finish.set()
+        finally:
+            await other.aclose()
+    assert held_off == "peer:1:p"
