@@ -932,7 +932,7 @@ class QueueRunner:
         before it started, or its function unknown here)."""
         rt = self.rt
         entry = _Active(job)
-        self.active[job.id] = entry
+        self._occupy(job.id, entry)
         self.running += 1
         try:
             if job.cancel_requested:
@@ -948,6 +948,17 @@ class QueueRunner:
             self._outcomes.append((job, outcome))
         finally:
             self._leave(job.id, entry)
+
+    def _occupy(self, job_id: str, entry: _Active) -> None:
+        """Register ``entry`` as the job's running attempt. An attempt of the same job
+        still running here lost its lease (a stall; another process took the job back,
+        and this runner claimed it again): it is stopped as at shutdown (``released``,
+        which the store ignores for an attempt no longer its own), not left running
+        beside the new one where nothing could reach it."""
+        old = self.active.get(job_id)
+        if old is not None:
+            old.interrupt("shutdown")
+        self.active[job_id] = entry
 
     def _leave(self, job_id: str, entry: _Active) -> None:
         """A job's handler no longer occupies its slot (its outcome is in ``_outcomes``).
@@ -1042,7 +1053,7 @@ class QueueRunner:
         rt = self.rt
         job = entry.job
         del self._reserved[job.id]
-        self.active[job.id] = entry
+        self._occupy(job.id, entry)
         self.running += 1
         self.chained += 1
         if job.started_at is None:
@@ -1057,7 +1068,7 @@ class QueueRunner:
     def _start_sync(self, job: Job, handler: Any) -> None:
         rt = self.rt
         entry = _SyncActive(job, handler, self)
-        self.active[job.id] = entry
+        self._occupy(job.id, entry)
         self.running += 1
         if rt.hooks:
             rt.emit("job_started", job)

@@ -71,10 +71,16 @@ class StallGuard:
     before it recovers anything: time enough for every live owner to renew. In real time
     (``time.monotonic``), as stalls are; not used under a virtual clock."""
 
-    def __init__(self, interval_s: float, lease_s: float, started: float) -> None:
+    def __init__(
+        self, interval_s: float, lease_s: float, started: float, wall: float | None = None
+    ) -> None:
         self.interval_s = interval_s
         self.lease_s = lease_s
+        # How long a live owner may go without renewing before its lease can run out:
+        # a gap or a pass shorter than that cannot have cost anyone a lease.
+        self.threshold_s = max(lease_s - interval_s, interval_s)
         self._last_end: float | None = started  # a stall before the first pass counts
+        self._last_wall = wall
         self._began: float | None = None
         self._hold_until = float("-inf")
 
@@ -82,22 +88,35 @@ class StallGuard:
         """Something held this process or the store up: hold recovery for a lease."""
         self._hold_until = max(self._hold_until, now + self.lease_s)
 
-    def pass_began(self, now: float) -> None:
+    def pass_began(self, now: float, wall: float | None = None) -> None:
         """A maintenance pass begins; late (a stall in between) if the last one ended
-        more than two intervals ago."""
+        more than ``threshold_s`` ago. ``wall`` (``time.time()``) catches what the
+        monotonic clock does not count: a machine suspended, or its clock moved on."""
         self._began = now
-        if self._last_end is not None and now - self._last_end > 2 * self.interval_s:
-            self.stalled(now)
+        if self._last_end is not None:
+            gap = now - self._last_end
+            suspended = (
+                wall is not None
+                and self._last_wall is not None
+                and (wall - self._last_wall) - gap > self.interval_s
+            )
+            if suspended or gap > self.threshold_s + self.interval_s:
+                self.stalled(now)
+        self._last_wall = wall
 
-    def pass_ended(self, now: float) -> None:
-        """A maintenance pass ended; a long one (waiting for the write lock) is a stall."""
-        if self._began is not None and now - self._began > self.interval_s:
+    def pass_ended(self, now: float, wall: float | None = None) -> None:
+        """A maintenance pass ended (before its prune, which may take long without
+        keeping anyone from renewing); a long one (waiting for the write lock) is a
+        stall."""
+        if self._began is not None and now - self._began > self.threshold_s:
             self.stalled(now)
         self._last_end, self._began = now, None
+        if wall is not None:
+            self._last_wall = wall
 
     def may_recover(self, now: float) -> bool:
         """True if no stall was seen in the last lease, or in this pass so far."""
-        if self._began is not None and now - self._began > self.interval_s:
+        if self._began is not None and now - self._began > self.threshold_s:
             self.stalled(now)
         return now >= self._hold_until
 
@@ -288,7 +307,7 @@ class Runtime:
         guard = (
             None
             if self.clock.is_virtual
-            else StallGuard(interval, self.lease_s, started=time.monotonic())
+            else StallGuard(interval, self.lease_s, started=time.monotonic(), wall=time.time())
         )
         while True:
             await self.clock.sleep_until(next_at)
@@ -297,7 +316,7 @@ class Runtime:
             if next_at <= now:
                 next_at = now + interval
             if guard is not None:
-                guard.pass_began(time.monotonic())
+                guard.pass_began(time.monotonic(), time.time())
             try:
                 for runner in self.runners.values():
                     leased = runner.leased_ids()
@@ -325,6 +344,8 @@ class Runtime:
                         self._account_recovered(recovered)
                     if recovered or released:
                         self.wake_all()
+                if guard is not None:
+                    guard.pass_ended(time.monotonic(), time.time())
                 await store.prune(now - retention_s)
             except StoreError as exc:
                 if self.stopping:  # the store closed under a last pass: nothing was lost
@@ -333,8 +354,7 @@ class Runtime:
                 log.error("store maintenance failed: %s", exc)
                 if guard is not None:
                     guard.stalled(time.monotonic())  # a lock held too long, say
-            if guard is not None:
-                guard.pass_ended(time.monotonic())
+                    guard.pass_ended(time.monotonic(), time.time())
 
     # --- activity (drain and shutdown wait on it) -------------------------------------
 
