@@ -132,6 +132,34 @@ def test_current_invocation_is_none_outside_handlers() -> None:
     assert "job_dead_lettered" in HOOK_EVENTS
 
 
+def run_until_signal(
+    tmp_path: Path, script_text: str, ready: Path, sig: int, *, settle: bool = False
+) -> tuple[int, str, str]:
+    """Run a worker script, wait until it wrote ``ready``, send it ``sig``; its exit
+    status, stdout and stderr. ``settle``: first check that it goes on serving."""
+    script = tmp_path / "worker.py"
+    script.write_text(textwrap.dedent(script_text))
+    proc = subprocess.Popen(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(lambda: ready.exists() or proc.poll() is not None, timeout=30)
+        assert ready.exists() and proc.poll() is None, proc.communicate()
+        if settle:
+            time.sleep(0.3)  # fault injection window: the script has ended, the worker not
+            assert proc.poll() is None, "the process exited although the worker should serve"
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, out, err
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 @pytest.mark.parametrize("store", ["in_memory", "file_based"])
 def test_a_worker_script_keeps_serving_until_sigterm(
@@ -144,10 +172,10 @@ def test_a_worker_script_keeps_serving_until_sigterm(
         (tmp_path / "iii-config.yaml").write_text(
             "adapter:\n  config:\n    store_method: file_based\n    file_path: ./data\n"
         )
-    script = tmp_path / "worker.py"
     ready = tmp_path / "ready"
-    script.write_text(
-        textwrap.dedent(f"""
+    code, _, err = run_until_signal(
+        tmp_path,
+        f"""
         import pathlib
         from iii_embedded import register_worker
 
@@ -161,26 +189,12 @@ def test_a_worker_script_keeps_serving_until_sigterm(
         assert result == {{"processed": True}}
         pathlib.Path({str(ready)!r}).write_text("ok")
         # the script ends here; the worker keeps serving like the iii SDK's does
-    """)
+    """,
+        ready,
+        sig,
+        settle=True,
     )
-    proc = subprocess.Popen(
-        [sys.executable, str(script)],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        wait_until(lambda: ready.exists() or proc.poll() is not None, timeout=30)
-        assert ready.exists(), proc.communicate()
-        time.sleep(0.3)  # fault injection window: the script has ended, the worker must not
-        assert proc.poll() is None, "the process exited although the worker should serve"
-        proc.send_signal(sig)
-        _, err = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err
+    assert code == 0, err
     assert "Traceback" not in err
     assert (tmp_path / "data").is_dir() is (store == "file_based")
 
@@ -189,10 +203,10 @@ def test_sigterm_ends_a_worker_script_that_is_still_running(tmp_path: Path) -> N
     """The usual keep-alive loop after ``register_worker``: SIGTERM shuts the engine down
     and ends the script, with the status of a process SIGTERM ended (as iii's SDK does);
     until 2026-12-03 the engine stopped and the loop went on for ever."""
-    script = tmp_path / "worker.py"
     ready = tmp_path / "ready"
-    script.write_text(
-        textwrap.dedent(f"""
+    code, _, err = run_until_signal(
+        tmp_path,
+        f"""
         import pathlib, time
         from iii_embedded import register_worker
 
@@ -202,30 +216,21 @@ def test_sigterm_ends_a_worker_script_that_is_still_running(tmp_path: Path) -> N
         pathlib.Path({str(ready)!r}).write_text("ok")
         while True:
             time.sleep(0.05)
-    """)
+    """,
+        ready,
+        signal.SIGTERM,
     )
-    proc = subprocess.Popen(
-        [sys.executable, str(script)], cwd=tmp_path, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        wait_until(lambda: ready.exists() or proc.poll() is not None, timeout=30)
-        assert ready.exists() and proc.poll() is None, proc.communicate()
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert code == 128 + signal.SIGTERM, err
     assert "Traceback" not in err
 
 
 def test_a_programs_own_sigterm_handler_is_called_after_the_engine_stops(
     tmp_path: Path,
 ) -> None:
-    script = tmp_path / "worker.py"
     ready = tmp_path / "ready"
-    script.write_text(
-        textwrap.dedent(f"""
+    code, out, err = run_until_signal(
+        tmp_path,
+        f"""
         import pathlib, signal, time
         from iii_embedded import register_worker
 
@@ -242,24 +247,11 @@ def test_a_programs_own_sigterm_handler_is_called_after_the_engine_stops(
         while running:
             time.sleep(0.05)
         print("own handler ran; engine running:", iii.is_running)
-    """)
+    """,
+        ready,
+        signal.SIGTERM,
     )
-    proc = subprocess.Popen(
-        [sys.executable, str(script)],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        wait_until(lambda: ready.exists() or proc.poll() is not None, timeout=30)
-        assert ready.exists() and proc.poll() is None, proc.communicate()
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert (proc.returncode, out.strip()) == (0, "own handler ran; engine running: False"), err
+    assert (code, out.strip()) == (0, "own handler ran; engine running: False"), err
 
 
 def test_register_worker_calls_in_one_process_share_one_engine(worker: III) -> None:
