@@ -126,6 +126,20 @@ class _SyncActive(_Active):
         self.runner._stop_sync(self, reason)
 
 
+def log_dead_lettered(job: Job, info: object, extra: dict[str, Any], why: str = "") -> None:
+    """The warning a job reaching its dead-letter queue logs (``why``: appended)."""
+    log.warning(
+        "job %s of %r moved to the dead-letter queue of %r after %d attempt(s): %s%s",
+        job.id,
+        job.function_id,
+        job.queue,
+        job.attempts,
+        info,
+        why,
+        extra=extra,
+    )
+
+
 class QueueRunner:
     """Runs one queue's jobs inside the runtime's task group."""
 
@@ -1217,15 +1231,7 @@ class QueueRunner:
         final = isinstance(error, NonRetryableError) or job.attempts >= job.max_attempts
         if final:
             self.dead_lettered += 1
-            log.warning(
-                "job %s of %r moved to the dead-letter queue of %r after %d attempt(s): %s",
-                job.id,
-                job.function_id,
-                self.name,
-                job.attempts,
-                info,
-                extra=extra,
-            )
+            log_dead_lettered(job, info, extra)
             return Outcome(
                 job_id=job.id,
                 kind="dead",

@@ -36,7 +36,7 @@ from ._context import Invocation, _current
 from ._errors import InvocationError, StoreError
 from ._fastpath import PENDING, Interrupted, first_step, resume_suspended, run_handler
 from ._ids import new_receipt_id
-from ._queues import QueueRunner
+from ._queues import QueueRunner, log_dead_lettered
 from ._registry import FunctionSpec, Registry
 from ._stores import Job, NewJob, Outcome, Store, make_new_job
 from ._stores._base import LOST_ATTEMPT, PROCESS_HOST
@@ -440,32 +440,35 @@ class Runtime:
         for job in jobs:
             if job.error != LOST_ATTEMPT:
                 continue
+            dead = job.state == "dead"
             runner = self.runners.get(job.queue)
             if runner is not None:
                 runner.failed += 1
-            extra = {"function_id": job.function_id, "receipt_id": job.id, "queue": job.queue}
-            if job.state == "dead":
-                if runner is not None:
+                if dead:
                     runner.dead_lettered += 1
-                log.warning(
-                    "job %s of %r moved to the dead-letter queue of %r after %d attempt(s): "
-                    "%s (its last attempt was lost with its process)",
-                    job.id,
-                    job.function_id,
-                    job.queue,
-                    job.attempts,
-                    job.error,
-                    extra={**extra, "attempt": job.attempts},
-                )
-                if self.hooks:
-                    self.emit("job_failed", job, error=job.error)
-                    self.emit("job_dead_lettered", job, error=job.error)
-            else:
-                if runner is not None:
+                else:
                     runner.retried += 1
-                if self.hooks:
-                    self.emit("job_failed", job, error=job.error)
-                    self.emit("job_retried", job, error=job.error, available_at=job.available_at)
+            if dead:
+                extra = {
+                    "function_id": job.function_id,
+                    "receipt_id": job.id,
+                    "queue": job.queue,
+                    "attempt": job.attempts,
+                }
+                log_dead_lettered(
+                    job, job.error, extra, " (its last attempt was lost with its process)"
+                )
+            if self.hooks:  # as its runner would have reported the attempt's outcome
+                lost = Outcome(
+                    job_id=job.id,
+                    kind="dead" if dead else "retry",
+                    owner=self.owner,
+                    attempt=job.attempts,
+                    at=self.clock.now(),
+                    error=job.error,
+                    available_at=job.available_at,
+                )
+                self._emit_outcome(job, lost)
 
     def job_finished(self, runner: QueueRunner, job: Job, outcome: Outcome) -> None:
         """Bookkeeping after an attempt's outcome was written."""

@@ -406,17 +406,23 @@ def test_cancelling_a_call_from_another_event_loop_cancels_the_handler(
     assert outcome == ["CancelledError"]
 
 
-@pytest.mark.parametrize("where", ["thread", "asyncio", "trio"])
-def test_a_call_waiting_when_the_engine_shuts_down_gets_engine_stopped(where: str) -> None:
+@pytest.mark.parametrize("where", ["thread", "thread-wait", "asyncio", "trio"])
+def test_a_call_waiting_when_the_engine_shuts_down_gets_engine_stopped(
+    where: str, store_config: StoreConfig
+) -> None:
     """Not a bare ``CancelledError``, which another event loop would take for its own
-    task's cancellation (until 2026-12-03)."""
-    iii = app_on(StoreConfig())
+    task's cancellation, nor the file store's "not open" (until 2026-12-03).
+    ``thread-wait`` is a ``trigger_and_wait`` of a queued run."""
+    iii = app_on(store_config)
     began, _, _ = register_forever(iii)
     errors: list[BaseException] = []
 
     def call_in_thread() -> None:
         try:
-            iii.trigger("forever", None)
+            if where == "thread-wait":
+                iii.trigger_and_wait("forever", None)
+            else:
+                iii.trigger("forever", None)
         except BaseException as exc:
             errors.append(exc)
 
@@ -433,7 +439,9 @@ def test_a_call_waiting_when_the_engine_shuts_down_gets_engine_stopped(where: st
             anyio.run(call_elsewhere, backend="trio")
 
     iii.start()
-    caller = threading.Thread(target=call_in_thread if where == "thread" else run_elsewhere)
+    caller = threading.Thread(
+        target=call_in_thread if where.startswith("thread") else run_elsewhere
+    )
     try:
         caller.start()
         assert began.wait(10)
@@ -443,6 +451,7 @@ def test_a_call_waiting_when_the_engine_shuts_down_gets_engine_stopped(where: st
     assert [type(e).__name__ for e in errors] == ["InvocationError"]
     error = errors[0]
     assert isinstance(error, InvocationError) and error.code == "engine_stopped"
+    assert "the engine shut down while this call was waiting on it" in str(error)
 
 
 def test_a_sync_call_from_another_event_loop_with_no_time_left_times_out() -> None:

@@ -1,12 +1,11 @@
 """Corners of the runs API found by a review (2026-12-03), on both stores: a cancelled
 delayed FIFO head lets its group move on, batch keys and wait timeouts are checked before
 anything is stored, any iterable of payloads is enqueued, a key that names a run of the
-waiter's own group is a deadlock, a zero timeout still reports a finished run, a blocked
-waiter learns that the engine stopped, and the batch wait takes the batch's options."""
+waiter's own group is a deadlock, a zero timeout still reports a finished run, and the
+batch wait takes the batch's options (a waiter blocked at shutdown: test_calls_from_threads)."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -190,37 +189,6 @@ async def test_a_zero_timeout_wait_reports_a_finished_run(store_config: StoreCon
         )
     assert (waited.status, waited.output) == ("completed", 42)
     assert (again.id, again.status, again.output) == (done.id, "completed", 42)
-
-
-def test_a_thread_blocked_in_a_wait_learns_that_the_engine_stopped(
-    store_config: StoreConfig,
-) -> None:
-    iii = III(Config(store=store_config), shutdown_grace_ms=0)
-    started = threading.Event()
-
-    @iii.function("slow")
-    async def slow(_: Any) -> None:
-        started.set()
-        await anyio.sleep_forever()
-
-    errors: list[InvocationError] = []
-
-    def waiter() -> None:
-        try:
-            iii.trigger_and_wait("slow", {})
-        except InvocationError as exc:
-            errors.append(exc)
-
-    iii.start()
-    thread = threading.Thread(target=waiter)
-    try:
-        thread.start()
-        assert started.wait(10)
-    finally:
-        iii.shutdown()
-        thread.join(10)
-    assert [e.code for e in errors] == ["engine_stopped"]
-    assert "the engine shut down while this call was waiting on it" in str(errors[0])
 
 
 async def test_a_batch_wait_takes_max_attempts_and_delay(store_config: StoreConfig) -> None:
