@@ -472,6 +472,16 @@ class Runtime:
 
     def job_finished(self, runner: QueueRunner, job: Job, outcome: Outcome) -> None:
         """Bookkeeping after an attempt's outcome was written."""
+        if outcome.converted_from == "retry":
+            # The store wrote the retry as a cancel asked during the attempt: not retried.
+            runner.retried -= 1
+            log.info(
+                "job %s of %r is cancelled: its cancel was asked while the attempt that "
+                "failed ran, so it is not retried",
+                job.id,
+                job.function_id,
+                extra={"function_id": job.function_id, "receipt_id": job.id, "queue": job.queue},
+            )
         if self.hooks:
             self._emit_outcome(job, outcome)
         if outcome.kind in _FINAL_KINDS and self._final_waiters:
@@ -490,6 +500,8 @@ class Runtime:
             self.emit("job_failed", job, error=outcome.error)
             self.emit("job_dead_lettered", job, error=outcome.error)
         elif kind == "cancelled":
+            if outcome.converted_from == "retry":  # the attempt failed, then the cancel
+                self.emit("job_failed", job, error=outcome.error)
             self.emit("job_cancelled", job)
 
     def on_final(self, job_id: str, callback: Callable[[Job | None, Outcome], None]) -> None:

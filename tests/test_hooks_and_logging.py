@@ -188,60 +188,71 @@ async def test_every_cancelled_run_fires_job_cancelled_once_whatever_its_state(
     assert (stats.running, stats.ready, stats.delayed) == (0, 0, 0)
 
 
-async def test_in_memory_a_second_cancel_of_a_run_settled_by_its_runner_fires_no_second_hook() -> (
-    None
-):
-    """A run flagged during an attempt that then failed comes back prefetched, and its
-    worker settles it ``cancelled`` unstarted; before that outcome is written, the run is
-    cancelled again. The store must leave it to the runner (it is not the queued job it
-    reads as), so the hook fires once."""
+async def test_a_run_whose_attempt_fails_after_its_cancel_was_asked_ends_cancelled_at_once(
+    store_config: StoreConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The attempt fails before the cancel's stop reaches it (its retry is decided, not
+    yet written, when another run cancels it). The run ends ``cancelled`` when that retry
+    is written, with the failed attempt's error, instead of going back to the queue to
+    wait out its backoff (1,000 s here) and being cancelled only then: its waiter hears
+    at once, the hooks say failed then cancelled (not retried), and a second cancel finds
+    it finished. Until 2026-12-03 it read ``delayed`` until its retry fell due."""
     clock = VirtualClock()
-    queue = QueueConfig(name="work", concurrency=1, prefetch=4, backoff_ms=1000, max_retries=3)
-    iii = III(Config(queues={"work": queue}), clock=clock, shutdown_grace_ms=0)
-    gates = [anyio.Event(), anyio.Event()]
+    queue = QueueConfig(name="work", concurrency=1, prefetch=4, backoff_ms=1_000_000)
+    iii = III(Config(queues={"work": queue}, store=store_config), clock=clock, shutdown_grace_ms=0)
+    gate = anyio.Event()
     results: list[Any] = []
 
     async def job(p: dict[str, Any]) -> None:
         if "gate" in p:
-            await gates[p["gate"]].wait()
+            await gate.wait()
         elif "fail" in p:
             raise RuntimeError("attempt fails")  # before the cancel's flag reaches it
         elif "cancel" in p:  # cancels another run, in the same worker's turn
             results.append(await iii.runs.cancel_async(p["cancel"]))
 
-    async def enqueue(payload: dict[str, Any], delay_ms: int = 0) -> str:
-        action = TriggerAction.Enqueue(queue="work", delay_ms=delay_ms)
+    async def enqueue(payload: dict[str, Any]) -> str:
+        action = TriggerAction.Enqueue(queue="work")
         return str((await iii.trigger_async("job", payload, action=action))["messageReceiptId"])
 
     iii.register_function("job", job)
-    hooked: list[str] = []
-    iii.on("job_cancelled", lambda j, **_: hooked.append(j.id))
+    hooked: list[tuple[str, str]] = []
+    for name in ("job_failed", "job_retried", "job_cancelled"):
+        iii.on(name, lambda j, _name=name, **_: hooked.append((_name, j.id)))
+    caplog.set_level(logging.INFO, logger="iii_embedded")
     async with iii.running():
         runner = iii.runtime.runners["work"]
         await enqueue({"gate": 0})  # holds the one slot: the next two are prefetched
         a = await enqueue({"fail": 1})
         await enqueue({"cancel": a})
-        gates[0].set()  # A fails (its retry not written yet), then the next run flags A
-        with anyio.fail_after(5):  # not drain(): it would advance the clock to A's retry
-            while not results or runner.unsettled:
-                await anyio.lowlevel.checkpoint()
-        # A is queued again, flagged. The gate holds the slot; the second cancel falls due
-        # with A, and both are prefetched (in memory they read queued).
-        await enqueue({"gate": 1})
-        await enqueue({"cancel": a}, delay_ms=1000)
-        with anyio.fail_after(5):
-            while not runner.running:
-                await anyio.lowlevel.checkpoint()
-        clock.advance(2)
-        with anyio.fail_after(5):
-            while runner.prefetched_count != 2:
-                await anyio.lowlevel.checkpoint()
-        gates[1].set()  # A is settled cancelled (not written yet), then cancelled again
-        await drain(iii)
+        waited: Any = None
+        async with anyio.create_task_group() as tg:
+
+            async def wait_for_a() -> None:
+                nonlocal waited
+                waited = await iii.runs.wait_async(a)
+
+            tg.start_soon(wait_for_a)
+            gate.set()  # A fails (its retry not written yet), then the next run flags A
+            with anyio.fail_after(5):  # not drain(): it would move the clock to A's retry
+                while waited is None:
+                    await anyio.lowlevel.checkpoint()
+        at = clock.now()
         run = await iii.runs.get_async(a)
-    assert [r.message for r in results] == ["running; asked to stop"] * 2
+        again = await iii.runs.cancel_async(a)
+        stats = (await iii.stats_async())["work"]
+        await drain(iii)
+        settled = runner.unsettled
+    assert [r.message for r in results] == ["running; asked to stop"]
+    assert waited is not None and waited.status == "cancelled"
     assert run is not None and (run.status, run.attempts) == ("cancelled", 1)
-    assert hooked == [a]
+    assert run.error is not None and run.error.message == "attempt fails"
+    assert run.finished_at == at
+    assert (again.cancelled, again.status_before) == (False, "cancelled")
+    assert hooked == [("job_failed", a), ("job_cancelled", a)]
+    assert (stats.failed, stats.retried) == (1, 0)
+    assert settled == 0
+    assert any("is not retried" in r.getMessage() and a in r.getMessage() for r in caplog.records)
 
 
 def one_slot_app(store: StoreConfig) -> III:

@@ -300,6 +300,8 @@ class Outcome:
 
     A ``released`` or ``held`` outcome of a job whose cancel was requested meanwhile is
     written ``cancelled`` (unstarted) instead, and the store changes the outcome to say so.
+    So is a ``retry`` of such a job (``cancelled``, started, its failed attempt's error
+    recorded): the run ends now rather than wait out its backoff to be cancelled then.
 
     ``started_at`` on the other kinds is when the attempt's handler started; the store
     records it on a job that has none (a prefetched job whose start was not yet written).
@@ -320,10 +322,10 @@ class Outcome:
     ``job_id`` (the file store's rowid, one B-tree lookup fewer per outcome)."""
     started_at: float | None = None
     """When the attempt's handler started (``None`` if it did not)."""
-    converted_from: Literal["released", "held"] | None = None
-    """Set by the store that wrote a ``released`` or ``held`` outcome as ``cancelled``
-    (its cancel was requested meanwhile), to the kind it had: if that write then fails,
-    the caller puts it back (``restore_converted``)."""
+    converted_from: Literal["released", "held", "retry"] | None = None
+    """Set by the store that wrote a ``released``, ``held`` or ``retry`` outcome as
+    ``cancelled`` (its cancel was requested meanwhile), to the kind it had: if that write
+    then fails, the caller puts it back (``restore_converted``)."""
 
 
 def restore_converted(outcomes: Sequence[Outcome]) -> None:

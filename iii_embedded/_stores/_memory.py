@@ -405,10 +405,18 @@ class MemoryStore:
             heapq.heappush(self._finished, (outcome.at, row.id))
             self._remove_live(row)
         elif kind == "retry":
-            row.state = "queued"
             row.error = outcome.error
             row.first_failed_at = row.first_failed_at or outcome.at
             row.last_failed_at = outcome.at
+            if row.cancel_requested:
+                # Its cancel was asked while the attempt ran, and the attempt failed before
+                # the stop reached it: the run ends cancelled now (its failed attempt
+                # recorded), not queued again to wait out its backoff (the outcome says so).
+                outcome.converted_from = kind
+                outcome.kind = "cancelled"
+                self._cancel_row(row, outcome.at)
+                return
+            row.state = "queued"
             row.available_at = (
                 outcome.available_at if outcome.available_at is not None else outcome.at
             )

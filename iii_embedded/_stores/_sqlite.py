@@ -1490,8 +1490,11 @@ class SQLiteStore:
                 held.append(match)
             else:
                 cancelled.append((o.at, 0 if o.started else 1, *match))
-        if released or held:
-            self._cancel_flagged(conn, outcomes, released, held, cancelled)
+        failed_cancelled: list[tuple[Any, ...]] = []
+        if released or held or retries:
+            failed_cancelled = self._cancel_flagged(
+                conn, outcomes, released, held, retries, cancelled
+            )
         lease = "state = 'running' AND id = ? AND lease_owner = ? AND attempts = ?"
         touched: list[tuple[str, str]] = []
         if starts:  # prefetched jobs whose handlers started (they stay running)
@@ -1529,6 +1532,16 @@ class SQLiteStore:
                 f"started_at = COALESCE(started_at, ?) WHERE {lease}",
                 retries,
             )
+        if failed_cancelled:  # retries of jobs whose cancel was asked: cancelled now
+            if fifo:
+                touched += self._groups_of(conn, [row[7] for row in failed_cancelled])
+            conn.executemany(
+                "UPDATE jobs SET state = 'cancelled', error_type = ?, error_message = ?, "
+                "error_traceback = ?, first_failed_at = COALESCE(first_failed_at, ?), "
+                "last_failed_at = ?, finished_at = ?, lease_owner = NULL, lease_until = NULL, "
+                f"started_at = COALESCE(started_at, ?) WHERE {lease}",
+                failed_cancelled,
+            )
         if released:
             conn.executemany(
                 "UPDATE jobs SET state = 'queued', attempts = MAX(0, attempts - 1), "
@@ -1562,13 +1575,18 @@ class SQLiteStore:
         outcomes: list[Outcome],
         released: list[tuple[Any, ...]],
         held: list[tuple[Any, ...]],
+        retries: list[tuple[Any, ...]],
         cancelled: list[tuple[Any, ...]],
-    ) -> None:
+    ) -> list[tuple[Any, ...]]:
         """Jobs settled ``released`` or ``held`` (they never started) whose cancel was
         asked meanwhile are written ``cancelled`` instead, unstarted: a cancel that said it
         would stop them must not leave them queued, or held for a function that may never
-        come. Their outcomes are changed to say so, for the runner's hooks."""
+        come. A ``retry`` of such a job (its attempt failed before the stop reached it)
+        ends ``cancelled`` too, rather than wait out its backoff queued: those are taken
+        out of ``retries`` and returned, to be written with their error. The outcomes are
+        changed to say so, for the runner's hooks."""
         matches = {m[0]: m for m in released + held}
+        matches.update((r[7], r[7:]) for r in retries)
         flagged: set[str] = set()
         for chunk in _chunks(list(matches), 500):
             marks = ",".join("?" * len(chunk))
@@ -1580,15 +1598,23 @@ class SQLiteStore:
                 if matches[job_id][1:] == (owner, attempts):
                     flagged.add(job_id)
         if not flagged:
-            return
+            return []
         for o in outcomes:
             if o.kind in ("released", "held") and o.job_id in flagged:
                 o.converted_from = o.kind
                 o.kind = "cancelled"
                 o.started = False
                 cancelled.append((o.at, 1, o.job_id, o.owner, o.attempt))
+            elif o.kind == "retry" and o.job_id in flagged:
+                o.converted_from = o.kind
+                o.kind = "cancelled"
         released[:] = [m for m in released if m[0] not in flagged]
         held[:] = [m for m in held if m[0] not in flagged]
+        # A retry's values: error (3), first and last failed at, available_at, started_at,
+        # then the lease match. Written cancelled, ``finished_at`` takes available_at's place.
+        failed = [(*r[:5], r[4], *r[6:]) for r in retries if r[7] in flagged]
+        retries[:] = [r for r in retries if r[7] not in flagged]
+        return failed
 
     @staticmethod
     def _groups_of(conn: Conn, ids: list[str]) -> list[tuple[str, str]]:

@@ -465,6 +465,39 @@ async def test_an_unstarted_outcome_of_a_job_whose_cancel_was_asked_cancels_it(
     assert await claim(store, fifo=True, now=T0 + 2) == ["next"]
 
 
+async def test_a_retry_of_a_job_whose_cancel_was_asked_cancels_it(store: Store) -> None:
+    """The attempt failed before the cancel's stop reached it: the job ends cancelled
+    when its retry is written (its attempt kept, its error recorded), not queued again
+    until its backoff ends; the outcome says so, and its FIFO group moves on at once.
+    A retry of a job nobody asked to cancel is queued again as always."""
+    await store.enqueue([job("r", group="A"), job("next", group="A"), job("plain", group="B")])
+    assert await claim(store, fifo=True) == ["r", "plain"]
+    await store.cancel("r", T0)
+    retries = [
+        Outcome(
+            job_id=job_id,
+            kind="retry",
+            owner=OWNER,
+            attempt=1,
+            at=T0 + 2,
+            error=ERR,
+            available_at=T0 + 1000,
+        )
+        for job_id in ("r", "plain")
+    ]
+    await store.finish(retries)
+    cancelled = await store.get("r")
+    assert cancelled is not None
+    assert (cancelled.state, cancelled.attempts, cancelled.finished_at) == ("cancelled", 1, T0 + 2)
+    assert (cancelled.error, cancelled.last_failed_at) == (ERR, T0 + 2)
+    assert [(o.kind, o.started, o.converted_from) for o in retries] == [
+        ("cancelled", True, "retry"),
+        ("retry", True, None),
+    ]
+    assert await state_of(store, "plain") == ("queued", 1)
+    assert await claim(store, fifo=True, now=T0 + 2) == ["next"]
+
+
 async def test_a_cancelled_outcome_gives_the_attempt_back_only_if_unstarted(
     store: Store,
 ) -> None:

@@ -25,7 +25,7 @@ from iii_embedded import (
     StoreVersionError,
     TriggerAction,
 )
-from iii_embedded._stores import NewJob, Outcome
+from iii_embedded._stores import ErrorInfo, NewJob, Outcome
 from iii_embedded._stores._sqlite import DB_FILENAME, SQLiteStore
 
 pytestmark = pytest.mark.anyio
@@ -289,14 +289,14 @@ async def test_a_store_whose_file_is_removed_while_open_gives_no_more_receipts(
             await store.aclose()
 
 
-@pytest.mark.parametrize("kind", ["held", "released"])
-async def test_a_failed_write_leaves_an_unstarted_outcome_as_its_runner_decided(
-    tmp_path: Path, kind: Literal["held", "released"]
+@pytest.mark.parametrize("kind", ["held", "released", "retry"])
+async def test_a_failed_write_leaves_a_converted_outcome_as_its_runner_decided(
+    tmp_path: Path, kind: Literal["held", "released", "retry"]
 ) -> None:
-    """The store writes a held or released outcome of a job whose cancel was requested as
-    cancelled, and says so on the outcome; if that transaction fails, nothing was written,
-    and the outcome says again what its runner decided (its hooks must not report a
-    cancel that did not happen)."""
+    """The store writes a held, released or retry outcome of a job whose cancel was
+    requested as cancelled, and says so on the outcome; if that transaction fails,
+    nothing was written, and the outcome says again what its runner decided (its hooks
+    must not report a cancel that did not happen)."""
     store = SQLiteStore(tmp_path / "store")
     await store.open()
     try:
@@ -311,7 +311,8 @@ async def test_a_failed_write_leaves_an_unstarted_outcome_as_its_runner_decided(
             raise sqlite3.OperationalError("disk I/O error")
 
         store._refresh_groups = broken  # type: ignore[method-assign,assignment]
-        outcome = Outcome(job_id="h", kind=kind, owner="me", attempt=1, at=T0 + 2)
+        error = ErrorInfo(type="ValueError", message="boom") if kind == "retry" else None
+        outcome = Outcome(job_id="h", kind=kind, owner="me", attempt=1, at=T0 + 2, error=error)
         with pytest.raises(StoreError, match="disk I/O error"):
             await store.finish([outcome])
         del store._refresh_groups
@@ -325,5 +326,8 @@ async def test_a_failed_write_leaves_an_unstarted_outcome_as_its_runner_decided(
         "running",
         True,
     )
-    assert (outcome.kind, outcome.started, outcome.converted_from) == ("cancelled", False, kind)
-    assert written is not None and (written.state, written.attempts) == ("cancelled", 0)
+    started = kind == "retry"  # a retry's attempt ran: it is kept
+    assert (outcome.kind, outcome.started, outcome.converted_from) == ("cancelled", started, kind)
+    assert written is not None
+    assert (written.state, written.attempts) == ("cancelled", 1 if started else 0)
+    assert written.error == error
