@@ -576,8 +576,9 @@ class Runs:
         """Cancel a run: a queued or delayed run at once (it never starts); a running one
         is asked to stop (an async handler is cancelled at its next await; a sync handler
         cannot be interrupted, so its thread is abandoned and its result dropped; a handler
-        that returns before the request reaches it keeps its outcome); a finished run is
-        left as it is (``cancelled`` is false)."""
+        that returns before the request reaches it keeps its outcome); a finished run, or
+        a running one an earlier cancel already asked to stop, is left as it is
+        (``cancelled`` is false)."""
         result: CancelResult = await self._app._on_loop(self._cancel, run_id)
         return result
 
@@ -625,6 +626,13 @@ class Runs:
             runner = rt.runners.get(before.queue)
             if runner is not None:
                 runner.stop_job(run_id, "cancelled")
+            if before.cancel_requested:  # an earlier cancel asked already: nothing new
+                return CancelResult(
+                    id=run_id,
+                    cancelled=False,
+                    status_before=status,
+                    message="running; already asked to stop",
+                )
             return CancelResult(
                 id=run_id, cancelled=True, status_before=status, message="running; asked to stop"
             )

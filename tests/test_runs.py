@@ -24,6 +24,7 @@ from iii_embedded import (
     StoreConfig,
     TriggerAction,
 )
+from iii_embedded._stores import NewJob
 from iii_embedded.testing import VirtualClock, drain
 
 pytestmark = pytest.mark.anyio
@@ -451,6 +452,47 @@ async def test_cancel_of_a_queued_run_prevents_its_execution(store_config: Store
             "no such run",
         )
     assert ran == []
+
+
+async def test_a_second_cancel_of_a_running_run_says_it_was_asked_already(
+    store_config: StoreConfig,
+) -> None:
+    """A run running in another process (a lease held by another owner, and no runner of
+    its queue here) is flagged by the first cancel; a second finds the request there and
+    says so (``cancelled`` false) instead of reporting a second cancel. Until 2026-12-03
+    every repeat said "running; asked to stop"."""
+    iii = make_app(store_config)
+    async with iii.running():
+        store = iii.runtime.store
+        now = iii.runtime.clock.now()
+        job = NewJob(
+            id="elsewhere-1",
+            queue="other",
+            function_id="job",
+            payload="{}",
+            created_at=now,
+            available_at=now,
+            max_attempts=3,
+        )
+        await store.enqueue([job])
+        claimed = await store.claim(
+            "other", fifo=False, limit=1, now=now, owner="far-host:1:x", lease_until=now + 60
+        )
+        first = await iii.runs.cancel_async("elsewhere-1")
+        second = await iii.runs.cancel_async("elsewhere-1")
+        run = await iii.runs.get_async("elsewhere-1")
+    assert [j.id for j in claimed] == ["elsewhere-1"]
+    assert (first.cancelled, first.status_before, first.message) == (
+        True,
+        "running",
+        "running; asked to stop",
+    )
+    assert (second.cancelled, second.status_before, second.message) == (
+        False,
+        "running",
+        "running; already asked to stop",
+    )
+    assert run is not None and run.status == "running"
 
 
 async def test_a_waiter_of_a_cancelled_queued_run_gets_a_cancelled_result(
