@@ -111,6 +111,18 @@ def _register_cron(app: III, trigger: Mapping[str, Any]) -> None:
             f"{_iso(now)} ({exc})"
         ) from None
     job_id = str(trigger.get("id") or config.get("job_id") or f"cron::{function_id}")
+    for known in app.cron_jobs:
+        if known.job_id != job_id:
+            continue
+        if (known.function_id, known.expression) == (function_id, expression):
+            return  # the same schedule registered again: one schedule, as before
+        # One id would make two schedules one in a shared store (it takes each fire time
+        # once per id), and two in memory: refuse it instead of merging them silently.
+        raise ValueError(
+            f"cron trigger id {job_id!r} is already the schedule {known.expression!r} of "
+            f"{known.function_id!r}: give the cron trigger {expression!r} of {function_id!r} "
+            "an 'id' of its own"
+        )
     job = CronJob(job_id=job_id, function_id=function_id, expression=expression)
     app.cron_jobs.append(job)
     if app.is_running:  # registered while running: from the loop's thread or another
@@ -231,9 +243,12 @@ def _latest(expression: str, scheduled: float, now: float) -> float:
     """The latest fire time of ``expression`` at or before ``now`` (``scheduled`` is one)."""
     try:
         before = float(parse_expression(expression, now).get_prev(float))  # strictly before
-        at_now = float(parse_expression(expression, before).get_next(float))
-    except ValueError:  # no time found on one side: ``scheduled`` is the latest known
+    except ValueError:  # no earlier time: ``scheduled`` is the latest known
         return scheduled
+    try:
+        at_now = float(parse_expression(expression, before).get_next(float))
+    except ValueError:  # ``before`` is the schedule's last time (a year field ended)
+        return max(scheduled, before)
     return max(scheduled, at_now if at_now <= now else before)
 
 

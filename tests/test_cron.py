@@ -192,6 +192,55 @@ async def test_missed_fire_times_collapse_into_one_run() -> None:
     )
 
 
+async def test_a_jump_past_the_schedules_last_time_fires_once_for_that_last_time() -> None:
+    """Noon every day of 2026, and the clock jumps from November into the next year: one
+    run, for the latest time that passed (the schedule's very last), not for the first
+    one missed. Until 2026-12-03 it ran for the first (no time after the last one made
+    the search give up)."""
+    clock = VirtualClock(start=dt.datetime(2026, 11, 14, 22, 0, tzinfo=dt.UTC).timestamp())
+    iii = III(clock=clock, shutdown_grace_ms=0)
+    record = Recorder()
+    iii.register_function("noon", record)
+    iii.register_trigger(
+        {"type": "cron", "function_id": "noon", "config": {"expression": "0 0 12 * * * 2026"}}
+    )
+    async with iii.running():
+        await advance(clock, dt.datetime(2027, 1, 5, tzinfo=dt.UTC).timestamp() - clock.now())
+        late = await record.next()
+    assert [p["scheduled_time"] for p in record.payloads] == ["2026-12-31T12:00:00Z"]
+    assert late["actual_time"] == "2027-01-05T00:00:00Z"
+
+
+def test_two_schedules_under_one_id_are_refused_and_a_repeat_is_one_schedule() -> None:
+    """A second cron trigger of a function without an ``id`` of its own would share the
+    first one's id (``cron::FUNCTION``): one schedule in a shared store, two in memory.
+    It is refused, naming both; the same schedule registered again is kept once."""
+    iii = III()
+    cron = {"type": "cron", "function_id": "tick", "config": {"expression": "0 */5 * * * *"}}
+    iii.register_trigger(cron)
+    iii.register_trigger(dict(cron))
+    with pytest.raises(
+        ValueError,
+        match=r"cron trigger id 'cron::tick' is already the schedule '0 \*/5 \* \* \* \*' "
+        r"of 'tick': give the cron trigger '0 \*/3 \* \* \* \*' of 'tick' an 'id'",
+    ):
+        iii.register_trigger(
+            {"type": "cron", "function_id": "tick", "config": {"expression": "0 */3 * * * *"}}
+        )
+    iii.register_trigger(
+        {
+            "type": "cron",
+            "id": "tick-every-3",
+            "function_id": "tick",
+            "config": {"expression": "0 */3 * * * *"},
+        }
+    )
+    assert [(j.job_id, j.expression) for j in iii.cron_jobs] == [
+        ("cron::tick", "0 */5 * * * *"),
+        ("tick-every-3", "0 */3 * * * *"),
+    ]
+
+
 def test_invalid_expressions_are_refused_naming_the_expression() -> None:
     iii = III()
     with pytest.raises(ValueError, match="'every minute' has 2 fields"):
