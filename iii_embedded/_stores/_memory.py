@@ -669,7 +669,11 @@ class MemoryStore:
             del index.dead[job_id]
             row = self._rows[job_id]
             if row.idempotency_key is not None:
-                self._keys.setdefault((row.function_id, row.idempotency_key), row.id)
+                key = (row.function_id, row.idempotency_key)
+                if self._keys.setdefault(key, row.id) != row.id:
+                    # A newer run owns the key now: the redriven run gives it up for good,
+                    # as in the file store (it must not take it back once that run ends).
+                    row.idempotency_key = None
             row.state = "queued"
             row.attempts = 0
             row.seq = next(self._seq)

@@ -199,6 +199,32 @@ async def test_a_dead_or_cancelled_job_releases_its_key(store: Store) -> None:
     assert await store.enqueue([job("b2", key="k2")]) == ["b"]
 
 
+async def test_a_redriven_run_whose_key_was_taken_meanwhile_gives_it_up_for_good(
+    store: Store,
+) -> None:
+    """Dead with key k, then a new run takes k, then the dead run is redriven: the new run
+    keeps k, and the redriven one has no key, also once the new run has ended (a later
+    enqueue with k is a new run, not the redriven one). Until 2026-12-03 the in-memory
+    store gave the key back to the redriven run at its next redrive."""
+    await store.enqueue([job("d1", key="k", max_attempts=1)])
+    await claim(store)
+    await store.finish(
+        [Outcome(job_id="d1", kind="dead", owner=OWNER, attempt=1, at=T0, error=ERR)]
+    )
+    assert await store.enqueue([job("d2", key="k", at=T0 + 100)]) == ["d2"]
+    assert await store.redrive("q", ["d1"], T0) == ["d1"]
+    redriven = await store.get("d1")
+    assert redriven is not None and redriven.idempotency_key is None
+    assert await store.enqueue([job("d3", key="k")]) == ["d2"]
+    await claim(store, limit=1)
+    await store.finish(
+        [Outcome(job_id="d1", kind="dead", owner=OWNER, attempt=1, at=T0, error=ERR)]
+    )
+    await store.cancel("d2", T0)
+    assert await store.redrive("q", ["d1"], T0) == ["d1"]
+    assert await store.enqueue([job("d4", key="k")]) == ["d4"]
+
+
 async def test_a_completed_job_keeps_its_key_until_pruned(store: Store) -> None:
     await store.enqueue([job("a", key="k")])
     await claim(store)
