@@ -106,6 +106,8 @@ class III:
         """Look runs up and cancel them: ``iii.runs.get(id)``, ``iii.runs.cancel(id)``."""
         self.topics: dict[str, list[str]] = {}
         """Topic name → the internal queues of its subscribers (see ``_topics``)."""
+        self.topic_queues: dict[str, tuple[str, str]] = {}
+        """A subscriber's internal queue → its (topic, function id)."""
         from ._builtins import register_builtins
         from ._cron import CronJob, install_cron
         from ._http import HttpRouter, HttpServer, install_http

@@ -69,6 +69,15 @@ def _subscribe(app: III, trigger: Mapping[str, Any]) -> None:
             f"{sorted(unknown)} (allowed: {', '.join(sorted(_QUEUE_KEYS))})"
         )
     name = topic_queue_name(topic, function_id)
+    taken = app.topic_queues.get(name)
+    if taken is not None and taken != (topic, function_id):
+        # "topic::a::b::c" is topic "a" for "b::c" and topic "a::b" for "c": one queue
+        # would carry both subscriptions' messages to one of the functions.
+        raise ValueError(
+            f"queue trigger of {function_id!r} on topic {topic!r}: its queue {name!r} is "
+            f"already that of {taken[1]!r} on topic {taken[0]!r} (their '::' separators "
+            "meet): rename the topic or the function"
+        )
     subscribers = app.topics.setdefault(topic, [])
     if name in subscribers:
         return  # the same function subscribed again: it competes on the same queue
@@ -78,6 +87,7 @@ def _subscribe(app: III, trigger: Mapping[str, Any]) -> None:
         raise ValueError(f"queue trigger of {function_id!r}: queue_config: {exc}") from None
     app.add_queue(queue)
     subscribers.append(name)
+    app.topic_queues[name] = (topic, function_id)
 
 
 async def publish(app: III, data: Any) -> None:
@@ -100,7 +110,7 @@ async def publish(app: III, data: Any) -> None:
     jobs: list[NewJob] = []
     now = rt.clock.now()
     for name in queues:
-        function_id = name.split("::", 2)[2]
+        function_id = app.topic_queues[name][1]  # not parsed from the name: either may hold "::"
         # Not through ``build_jobs``: a subscriber whose function is not registered (yet)
         # gets its copy all the same, held until it is, as any job for an unknown
         # function; it must not cost the other subscribers theirs.

@@ -50,6 +50,46 @@ async def test_every_subscribed_function_gets_its_own_copy() -> None:
     }
 
 
+async def test_a_topic_whose_name_holds_colons_reaches_its_subscriber() -> None:
+    """Topic ``orders::created``, subscriber ``orders::process-payment``: the copy runs
+    that function. Until 2026-12-03 the function id was parsed back from the queue's name
+    (``topic::orders::created::orders::process-payment``) as
+    ``created::orders::process-payment``, and the copy waited, held, for a function that
+    does not exist. Two subscriptions whose names meet in one queue are refused."""
+    iii = make_app()
+    got: list[Any] = []
+    iii.register_function("orders::process-payment", got.append)
+    iii.register_trigger(
+        {
+            "type": "queue",
+            "function_id": "orders::process-payment",
+            "config": {"topic": "orders::created"},
+        }
+    )
+    async with iii.running():
+        await iii.trigger_async(
+            {"function_id": "enqueue", "payload": {"topic": "orders::created", "data": {"id": 1}}}
+        )
+        await drain(iii)
+        stats = await iii.queue_stats_async(
+            topic_queue_name("orders::created", "orders::process-payment")
+        )
+    assert got == [{"id": 1}]
+    assert (stats.held, stats.completed) == (0, 1)
+    with pytest.raises(
+        ValueError,
+        match="its queue 'topic::orders::created::orders::process-payment' is already that "
+        "of 'orders::process-payment' on topic 'orders::created'",
+    ):
+        iii.register_trigger(
+            {
+                "type": "queue",
+                "function_id": "created::orders::process-payment",
+                "config": {"topic": "orders"},
+            }
+        )
+
+
 async def test_each_subscriber_has_its_own_retries_and_dlq() -> None:
     iii = make_app()
     calls: dict[str, int] = {"ok": 0, "bad": 0}
