@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
@@ -191,6 +191,7 @@ async def batch_trigger(
 ) -> list[str]:
     """Store one run per payload in one transaction (all or none); their ids in order."""
     payloads = list(payloads)  # any iterable, walked once
+    idempotency_keys = _key_list(idempotency_keys)
     if idempotency_keys is not None and len(idempotency_keys) != len(payloads):
         raise InvocationError(
             "enqueue_error",
@@ -202,6 +203,20 @@ async def batch_trigger(
     return await rt.enqueue(
         function_id, list(payloads), action, batch=True, idempotency_keys=idempotency_keys
     )
+
+
+def _key_list(keys: Iterable[str | None] | None) -> list[str | None] | None:
+    """A batch's idempotency keys as a list (any iterable, as its payloads); a string is
+    refused, not taken for a sequence of one-letter keys."""
+    if keys is None:
+        return None
+    if isinstance(keys, str | bytes):
+        raise InvocationError(
+            "enqueue_error",
+            "idempotency_keys must be a list with one key (or None) per payload, "
+            f"not the string {keys!r}",
+        )
+    return list(keys)
 
 
 def _group_key(value: Any) -> str:
@@ -505,8 +520,18 @@ async def batch_trigger_and_wait(
     if timeout_ms is not None:
         check_timeout(timeout_ms)
     payloads = list(payloads)  # walked twice below: the deadlock check, then the enqueue
+    idempotency_keys = _key_list(idempotency_keys)
     chain = _waiting_chain(rt, inv)
     _check_fifo_deadlock(rt, chain, queue, _payload_groups(rt, queue, payloads))
+    keys = [key for key in idempotency_keys or () if key is not None]
+    if chain and keys:
+        # Before anything is stored: a key naming a run this wait could never outlast
+        # would otherwise fail the wait after the batch's other runs were stored (and ran,
+        # their ids never handed back). Checked again after the enqueue, for a key taken
+        # in between.
+        holders = [job.id for job in await rt.store.key_holders(function_id, keys)]
+        _check_self_wait(chain, holders)
+        await _check_matched_groups(rt, chain, holders)
     ids = await batch_trigger(
         rt,
         function_id,

@@ -467,6 +467,56 @@ async def test_waiting_for_ones_own_run_through_its_idempotency_key_fails_fast(
     )
 
 
+async def test_a_batch_wait_whose_key_names_a_run_of_its_own_group_stores_nothing(
+    store_config: StoreConfig,
+) -> None:
+    """A FIFO handler of group A batch-waits on another queue, and one idempotency key
+    names a queued run of group A: ``DeadlockError``, and none of the batch is stored.
+    Until 2026-12-03 the check ran after the enqueue: the batch's other runs were stored
+    and ran, and their ids were never handed back."""
+    iii = make_app(store_config)
+    ran: list[Any] = []
+
+    @iii.function("step")
+    async def step(data: dict[str, Any]) -> Any:
+        ran.append(data["n"])
+        if data["n"] == "parent":
+            try:
+                await iii.batch_trigger_and_wait_async(
+                    "step",
+                    [{"n": "dup"}, {"n": "new"}],
+                    queue="work",
+                    idempotency_keys=iter(["k2", None]),  # any iterable, as the payloads
+                )
+            except DeadlockError as exc:
+                return exc.message
+            return "no deadlock"
+        return data["n"]
+
+    async with iii.running():
+        fifo = TriggerAction.Enqueue(queue="fifo")
+        parent = await iii.trigger_async("step", {"g": "A", "n": "parent"}, action=fifo)
+        await iii.trigger_async(  # behind the parent in group A, holding key k2
+            "step",
+            {"g": "A", "n": "k2-run"},
+            action=TriggerAction.Enqueue(queue="fifo", idempotency_key="k2"),
+        )
+        await drain(iii)
+        result = await iii.runs.get_async(parent["messageReceiptId"])
+        on_work = await iii.runtime.store.list_jobs("work")
+    assert result is not None and result.output is not None
+    assert "would wait for a job of its own group" in result.output
+    assert on_work == []
+    assert ran == ["parent", "k2-run"]
+
+
+def test_a_string_of_batch_keys_is_refused_not_read_as_one_letter_keys() -> None:
+    iii = III(shutdown_grace_ms=0)
+    iii.register_function("f", lambda x: x)
+    with iii, pytest.raises(InvocationError, match="idempotency_keys must be a list"):
+        iii.batch_trigger("f", [1, 2], queue="default", idempotency_keys="ab")
+
+
 async def test_a_stopped_sync_handler_that_waits_no_longer_lends_its_slot() -> None:
     """A sync handler that waits (its slot lent) and then times out: its thread runs on,
     abandoned, and its wait with it, but its slot is free now, not still lent on top of

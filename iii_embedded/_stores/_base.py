@@ -595,6 +595,11 @@ class Store(Protocol):
         file store shows it ``running``: it is leased, and no other process may take it.
         :meth:`counts` and :meth:`list_jobs` show the same as ``get``."""
 
+    async def key_holders(self, function_id: str, keys: Sequence[str]) -> list[Job]:
+        """The runs of ``function_id`` that hold any of the idempotency ``keys`` now (the
+        ones an enqueue with that key would return instead of storing a new run), in no
+        particular order; as :meth:`get` shows them."""
+
     async def cancel(self, job_id: str, now: float, owner: str | None = None) -> Job | None:
         """Cancel a run. A ``queued`` or ``held`` job becomes ``cancelled`` at once; a
         ``running`` one is flagged ``cancel_requested`` (its runner stops it). Returns the

@@ -603,6 +603,11 @@ class MemoryStore:
         row = self._rows.get(job_id)
         return row.view() if row is not None else None
 
+    async def key_holders(self, function_id: str, keys: Sequence[str]) -> list[Job]:
+        """The runs holding these keys; see :meth:`Store.key_holders`."""
+        held = (self._keys.get((function_id, key)) for key in dict.fromkeys(keys))
+        return [self._rows[job_id].view() for job_id in held if job_id in self._rows]
+
     async def cancel(self, job_id: str, now: float, owner: str | None = None) -> Job | None:
         """Cancel a run; see :meth:`Store.cancel`."""
         self._check_open()

@@ -1895,6 +1895,27 @@ class SQLiteStore:
 
         return await self._submit(run, write=False)
 
+    async def key_holders(self, function_id: str, keys: Sequence[str]) -> list[Job]:
+        """The runs holding these keys; see :meth:`Store.key_holders`."""
+        wanted = list(dict.fromkeys(keys))
+
+        def run(conn: Conn) -> list[Job]:
+            found: list[Job] = []
+            for chunk in _chunks(wanted, 500):
+                marks = ",".join("?" * len(chunk))
+                found += map(
+                    _row_to_job,
+                    conn.execute(  # the condition of ix_jobs_keys, which answers it
+                        f"SELECT {_COLUMNS} FROM jobs WHERE function_id = ? "
+                        f"AND idempotency_key IN ({marks}) AND idempotency_key IS NOT NULL "
+                        "AND state NOT IN ('dead', 'cancelled')",
+                        [function_id, *chunk],
+                    ).fetchall(),
+                )
+            return found
+
+        return await self._submit(run, write=False)
+
     async def cancel(self, job_id: str, now: float, owner: str | None = None) -> Job | None:
         """Cancel a run; see :meth:`Store.cancel` (``owner`` matters only in memory)."""
 

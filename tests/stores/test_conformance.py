@@ -225,6 +225,26 @@ async def test_a_redriven_run_whose_key_was_taken_meanwhile_gives_it_up_for_good
     assert await store.enqueue([job("d4", key="k")]) == ["d4"]
 
 
+async def test_key_holders_are_the_runs_an_enqueue_with_the_key_would_return(
+    store: Store,
+) -> None:
+    await store.enqueue(
+        [
+            job("live", key="k1"),
+            job("other-fn", key="k1", function_id="other"),
+            job("gone", key="k2", max_attempts=1),
+            job("plain"),
+        ]
+    )
+    await claim(store, limit=10)
+    await store.finish(
+        [Outcome(job_id="gone", kind="dead", owner=OWNER, attempt=1, at=T0, error=ERR)]
+    )
+    holders = await store.key_holders("fn", ["k1", "k2", "k1", "k3"])
+    assert [(j.id, j.idempotency_key) for j in holders] == [("live", "k1")]
+    assert await store.key_holders("fn", []) == []
+
+
 async def test_a_completed_job_keeps_its_key_until_pruned(store: Store) -> None:
     await store.enqueue([job("a", key="k")])
     await claim(store)
