@@ -110,17 +110,24 @@ def _register_cron(app: III, trigger: Mapping[str, Any]) -> None:
             f"cron expression {expression!r} of {function_id!r} has no fire time after "
             f"{_iso(now)} ({exc})"
         ) from None
-    job_id = str(trigger.get("id") or config.get("job_id") or f"cron::{function_id}")
-    for known in app.cron_jobs:
-        if known.job_id != job_id:
-            continue
-        if (known.function_id, known.expression) == (function_id, expression):
+    explicit = trigger.get("id") or config.get("job_id")
+    job_id = str(explicit or f"cron::{function_id}")
+    known = {job.job_id: job for job in app.cron_jobs}
+    if job_id in known and not explicit:
+        first = known[job_id]
+        if (first.function_id, first.expression) != (function_id, expression):
+            # A function's second schedule, with no id of its own: as in iii, each cron
+            # trigger fires on its own. Its id must differ from the first's (a shared
+            # store takes each fire time once per id) and be the same in every process
+            # that registers it, so it is made from the expression.
+            job_id = f"cron::{function_id}::{expression}"
+    if job_id in known:
+        taken = known[job_id]
+        if (taken.function_id, taken.expression) == (function_id, expression):
             return  # the same schedule registered again: one schedule, as before
-        # One id would make two schedules one in a shared store (it takes each fire time
-        # once per id), and two in memory: refuse it instead of merging them silently.
         raise ValueError(
-            f"cron trigger id {job_id!r} is already the schedule {known.expression!r} of "
-            f"{known.function_id!r}: give the cron trigger {expression!r} of {function_id!r} "
+            f"cron trigger id {job_id!r} is already the schedule {taken.expression!r} of "
+            f"{taken.function_id!r}: give the cron trigger {expression!r} of {function_id!r} "
             "an 'id' of its own"
         )
     job = CronJob(job_id=job_id, function_id=function_id, expression=expression)

@@ -211,34 +211,51 @@ async def test_a_jump_past_the_schedules_last_time_fires_once_for_that_last_time
     assert late["actual_time"] == "2027-01-05T00:00:00Z"
 
 
-def test_two_schedules_under_one_id_are_refused_and_a_repeat_is_one_schedule() -> None:
-    """A second cron trigger of a function without an ``id`` of its own would share the
-    first one's id (``cron::FUNCTION``): one schedule in a shared store, two in memory.
-    It is refused, naming both; the same schedule registered again is kept once."""
-    iii = III()
-    cron = {"type": "cron", "function_id": "tick", "config": {"expression": "0 */5 * * * *"}}
-    iii.register_trigger(cron)
-    iii.register_trigger(dict(cron))
+async def test_a_functions_second_schedule_fires_on_its_own_and_a_repeat_is_one(
+    store_config: StoreConfig,
+) -> None:
+    """Two cron triggers of one function, neither with an ``id``: each fires on its own
+    schedule, as in iii (the second gets an id made from its expression; until 2026-12-03
+    both had ``cron::tick``, one schedule in a file store and two in memory). The same
+    schedule registered again is kept once; an explicit id already taken by another
+    schedule is refused, naming both."""
+    clock = VirtualClock(start=T0)
+    iii = III(Config(store=store_config), clock=clock, shutdown_grace_ms=0)
+    record = Recorder()
+    iii.register_function("tick", record)
+    for expression in ("0 */5 * * * *", "0 */3 * * * *", "0 */5 * * * *"):
+        iii.register_trigger(
+            {"type": "cron", "function_id": "tick", "config": {"expression": expression}}
+        )
     with pytest.raises(
         ValueError,
         match=r"cron trigger id 'cron::tick' is already the schedule '0 \*/5 \* \* \* \*' "
-        r"of 'tick': give the cron trigger '0 \*/3 \* \* \* \*' of 'tick' an 'id'",
+        r"of 'tick': give the cron trigger '0 0 \* \* \* \*' of 'other' an 'id'",
     ):
         iii.register_trigger(
-            {"type": "cron", "function_id": "tick", "config": {"expression": "0 */3 * * * *"}}
+            {
+                "type": "cron",
+                "id": "cron::tick",
+                "function_id": "other",
+                "config": {"expression": "0 0 * * * *"},
+            }
         )
-    iii.register_trigger(
-        {
-            "type": "cron",
-            "id": "tick-every-3",
-            "function_id": "tick",
-            "config": {"expression": "0 */3 * * * *"},
-        }
-    )
     assert [(j.job_id, j.expression) for j in iii.cron_jobs] == [
         ("cron::tick", "0 */5 * * * *"),
-        ("tick-every-3", "0 */3 * * * *"),
+        ("cron::tick::0 */3 * * * *", "0 */3 * * * *"),
     ]
+    async with iii.running():
+        for minute in range(1, 16):
+            await advance(clock, 60)
+            due = len([m for m in range(1, minute + 1) if m % 3 == 0]) + minute // 5
+            await until(lambda due=due: len(record.payloads) >= due, f"{due} fires")
+            await until(lambda: not iii.runtime.cron_fires, "they end")  # before the next
+    fires = sorted((p["scheduled_time"], p["job_id"]) for p in record.payloads)
+    every_3 = "cron::tick::0 */3 * * * *"
+    assert fires == sorted(
+        [(iso(T0 + 60 * m), every_3) for m in (3, 6, 9, 12, 15)]
+        + [(iso(T0 + 60 * m), "cron::tick") for m in (5, 10, 15)]
+    )
 
 
 def test_invalid_expressions_are_refused_naming_the_expression() -> None:
