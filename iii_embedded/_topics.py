@@ -78,13 +78,22 @@ def _subscribe(app: III, trigger: Mapping[str, Any]) -> None:
             f"already that of {taken[1]!r} on topic {taken[0]!r} (their '::' separators "
             "meet): rename the topic or the function"
         )
-    subscribers = app.topics.setdefault(topic, [])
-    if name in subscribers:
-        return  # the same function subscribed again: it competes on the same queue
     try:
         queue = QueueConfig(name=name, **dict(options))
     except (TypeError, ValueError) as exc:
         raise ValueError(f"queue trigger of {function_id!r}: queue_config: {exc}") from None
+    subscribers = app.topics.setdefault(topic, [])
+    if name in subscribers:
+        # The same function subscribed again: it competes on the same queue, whose
+        # configuration is the first subscription's. Another one given now is refused
+        # rather than ignored.
+        if options and app.config.queues.get(name) != queue:
+            raise ValueError(
+                f"queue trigger of {function_id!r} on topic {topic!r}: it is subscribed "
+                f"already, with another queue_config; a subscription's queue has one "
+                "configuration"
+            )
+        return
     app.add_queue(queue)
     subscribers.append(name)
     app.topic_queues[name] = (topic, function_id)

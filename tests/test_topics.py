@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from iii_embedded import III, TriggerAction
+from iii_embedded import III, InvocationError, TriggerAction
 from iii_embedded._topics import topic_queue_name
 from iii_embedded.testing import VirtualClock, dead_jobs, drain
 
@@ -169,6 +169,50 @@ async def test_subscribing_a_function_twice_makes_the_subscriptions_compete() ->
             await iii.trigger_async("enqueue", {"topic": "jobs", "data": n})
         await drain(iii)
     assert sorted(got) == [0, 1, 2, 3, 4]
+
+
+def test_a_second_subscription_with_another_queue_config_is_refused() -> None:
+    """Until 2026-12-03 the second queue_config was ignored without a word."""
+    iii = make_app()
+    iii.register_function("worker", lambda _: None)
+    first = {"topic": "jobs", "queue_config": {"concurrency": 2}}
+    iii.register_trigger({"type": "queue", "function_id": "worker", "config": first})
+    iii.register_trigger({"type": "queue", "function_id": "worker", "config": dict(first)})
+    iii.register_trigger({"type": "queue", "function_id": "worker", "config": {"topic": "jobs"}})
+    with pytest.raises(ValueError, match="subscribed already, with another queue_config"):
+        iii.register_trigger(
+            {
+                "type": "queue",
+                "function_id": "worker",
+                "config": {"topic": "jobs", "queue_config": {"concurrency": 5}},
+            }
+        )
+    assert iii.config.queues[topic_queue_name("jobs", "worker")].concurrency == 2
+
+
+async def test_a_publish_one_subscriber_refuses_fails_whole_with_that_error() -> None:
+    """Atomic fan-out: a message without the group field of a FIFO subscriber is stored
+    for no subscriber, and the publisher gets the enqueue's own error (it was wrapped
+    as ``invocation_failed: InvocationError: enqueue_error: ...``)."""
+    iii = make_app()
+    got: list[Any] = []
+    iii.register_function("a", got.append)
+    iii.register_function("b", got.append)
+    iii.register_trigger({"type": "queue", "function_id": "a", "config": {"topic": "t"}})
+    fifo = {"type": "fifo", "message_group_field": "account"}
+    iii.register_trigger(
+        {"type": "queue", "function_id": "b", "config": {"topic": "t", "queue_config": fifo}}
+    )
+    async with iii.running():
+        with pytest.raises(InvocationError) as caught:
+            await iii.trigger_async("enqueue", {"topic": "t", "data": {"x": 1}})
+        await drain(iii)
+    assert caught.value.code == "enqueue_error"
+    assert str(caught.value) == (
+        "enqueue_error: FIFO queue 'topic::t::b' requires field 'account' in data, "
+        "but it was not found"
+    )
+    assert got == []
 
 
 async def test_a_message_to_a_topic_without_subscribers_is_dropped_with_a_warning(
