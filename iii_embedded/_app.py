@@ -553,6 +553,15 @@ class III:
         """
         if self._runtime is not None:
             raise RuntimeError("this III app is already running")
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # trio, say: the engine needs asyncio's loop
+            raise RuntimeError(
+                "iii-embedded's engine runs on asyncio (anyio's asyncio backend), and no "
+                "asyncio event loop runs here: run it under asyncio (in pytest, "
+                "anyio_backend = 'asyncio'), or start it on its own thread with "
+                "iii.start() and call it from this loop"
+            ) from None
         store = self._store_override or open_store(self.config.store)
         rt = Runtime(
             config=self.config,

@@ -12,8 +12,10 @@ every process that shares a file store).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import heapq
 import itertools
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager as ContextManager
@@ -38,9 +40,13 @@ class Clock(Protocol):
         """A context manager entering a cancel scope that is cancelled when ``now()``
         reaches ``deadline``."""
 
-    def call_at(self, deadline: float, callback: Callable[[], None]) -> Callable[[], None]:
+    def call_at(
+        self, deadline: float, callback: Callable[[], None], *, drain_stops: bool = True
+    ) -> Callable[[], None]:
         """Call ``callback`` on the event loop when ``now()`` reaches ``deadline``; returns a
-        function that cancels the call."""
+        function that cancels the call. ``drain_stops``: a virtual clock's ``drain`` moves
+        time to this deadline on its way to a later one, rather than past it (timeouts);
+        cron's schedule says no (missed fire times collapse into one)."""
 
     @property
     def is_virtual(self) -> bool:
@@ -62,7 +68,9 @@ class SystemClock:
         if delay > 0:
             await anyio.sleep(delay)
 
-    def call_at(self, deadline: float, callback: Callable[[], None]) -> Callable[[], None]:
+    def call_at(
+        self, deadline: float, callback: Callable[[], None], *, drain_stops: bool = True
+    ) -> Callable[[], None]:
         """Schedule ``callback`` on the running asyncio loop at wall time ``deadline``."""
         loop = asyncio.get_running_loop()
         handle = loop.call_later(max(0.0, deadline - time.time()), callback)
@@ -74,11 +82,12 @@ class SystemClock:
 
 
 class _Timer:
-    __slots__ = ("active", "fire")
+    __slots__ = ("active", "fire", "stop")
 
-    def __init__(self, fire: Callable[[], None]) -> None:
+    def __init__(self, fire: Callable[[], None], stop: bool) -> None:
         self.fire = fire
         self.active = True
+        self.stop = stop
 
 
 class VirtualClock:
@@ -86,7 +95,9 @@ class VirtualClock:
 
     ``advance(seconds)`` / ``advance_to(t)`` move it and wake every sleeper and cancel scope
     whose deadline has passed. ``next_deadline()`` tells a driver (``drain()``) where the next
-    live timer is. Must be used from the event loop thread that runs the runtime.
+    live timer is. While a runtime runs on it, advancing it from another thread (a
+    synchronous test of an app started with ``iii.start()``) moves it on the runtime's
+    event loop and returns once it has moved there.
     """
 
     is_virtual = True
@@ -95,6 +106,19 @@ class VirtualClock:
         self._now = start
         self._seq = itertools.count()
         self._timers: list[tuple[float, int, _Timer]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The runtime's event loop (the one its timers wake tasks on), from its thread."""
+        self._loop = loop
+        self._loop_thread = threading.get_ident()
+
+    def unbind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The runtime on ``loop`` has stopped."""
+        if self._loop is loop:
+            self._loop = None
+            self._loop_thread = None
 
     def now(self) -> float:
         """The current virtual time."""
@@ -106,8 +130,13 @@ class VirtualClock:
             heapq.heappop(self._timers)
         return self._timers[0][0] if self._timers else None
 
-    def _add_timer(self, deadline: float, fire: Callable[[], None]) -> _Timer:
-        timer = _Timer(fire)
+    def next_stop(self) -> float | None:
+        """The earliest live timer that ``drain`` stops at (a timeout; not a cron fire)."""
+        stops = [when for when, _, timer in self._timers if timer.active and timer.stop]
+        return min(stops) if stops else None
+
+    def _add_timer(self, deadline: float, fire: Callable[[], None], stop: bool) -> _Timer:
+        timer = _Timer(fire, stop)
         heapq.heappush(self._timers, (deadline, next(self._seq), timer))
         return timer
 
@@ -119,6 +148,38 @@ class VirtualClock:
 
     def advance_to(self, when: float) -> None:
         """Move time forward to ``when`` (no-op if it is in the past) and fire due timers."""
+        loop = self._loop
+        if loop is not None and threading.get_ident() != self._loop_thread:
+            self._advance_on(loop, when)
+            return
+        self._advance_here(when)
+
+    def _advance_on(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        """``advance_to`` from another thread: the timers wake tasks of ``loop``, so they
+        fire there; this returns once they have."""
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def advance() -> None:
+            try:
+                self._advance_here(when)
+            except BaseException as exc:
+                done.set_exception(exc)
+            else:
+                done.set_result(None)
+
+        try:
+            loop.call_soon_threadsafe(advance)
+        except RuntimeError:  # the loop is closed: nothing waits on its timers any more
+            self._advance_here(when)
+            return
+        while not done.done():
+            concurrent.futures.wait([done], timeout=0.05)
+            if not done.done() and not loop.is_running():  # stopped meanwhile
+                self._advance_here(when)
+                return
+        done.result()
+
+    def _advance_here(self, when: float) -> None:
         if when > self._now:
             self._now = when
         while self._timers and self._timers[0][0] <= self._now:
@@ -133,15 +194,18 @@ class VirtualClock:
             await anyio.lowlevel.checkpoint()
             return
         event = anyio.Event()
-        timer = self._add_timer(deadline, event.set)
+        timer = self._add_timer(deadline, event.set, False)
         try:
             await event.wait()
         finally:
             timer.active = False
 
-    def call_at(self, deadline: float, callback: Callable[[], None]) -> Callable[[], None]:
-        """Call ``callback`` when virtual time reaches ``deadline``."""
-        timer = self._add_timer(deadline, callback)
+    def call_at(
+        self, deadline: float, callback: Callable[[], None], *, drain_stops: bool = True
+    ) -> Callable[[], None]:
+        """Call ``callback`` when virtual time reaches ``deadline`` (``drain_stops``: see
+        :meth:`Clock.call_at`)."""
+        timer = self._add_timer(deadline, callback, drain_stops)
 
         def cancel() -> None:
             timer.active = False
@@ -156,7 +220,7 @@ class VirtualClock:
                 scope.cancel()
                 yield scope
                 return
-            timer = self._add_timer(deadline, scope.cancel)
+            timer = self._add_timer(deadline, scope.cancel, True)
             try:
                 yield scope
             finally:

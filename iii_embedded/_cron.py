@@ -236,7 +236,7 @@ async def _until_due(rt: Runtime, scheduled: float) -> None:
     if scheduled <= rt.clock.now():
         on_due()
         return
-    cancel = rt.clock.call_at(scheduled, on_due)
+    cancel = rt.clock.call_at(scheduled, on_due, drain_stops=False)  # fires collapse
     try:
         await due.wait()
     except BaseException:

@@ -340,8 +340,9 @@ async def wait_for_runs(
             rt.run_waiters.setdefault(run_id, []).append(waiter)
     failure: BaseException | None = None
     results: list[RunResult | None] = [None] * len(ids)
-    # A Void call or a cron fire that waits is counted as waiting (see ``only_waiting``).
-    call = inv is not None and inv.action in ("void", "cron")
+    # A Void call, a cron fire or a synchronous call that waits is counted as waiting
+    # (see ``only_waiting``).
+    call = inv is not None and inv.action in ("void", "cron", "sync")
     if call:
         rt.waiting_calls += 1
     # How many of the runs were reported final to this wait (counted in

@@ -29,7 +29,7 @@ import attrs
 from anyio.from_thread import BlockingPortal
 
 from ._actions import EnqueueAction, VoidAction
-from ._clock import Clock, SystemClock
+from ._clock import Clock, SystemClock, VirtualClock
 from ._codec import dumps_strict
 from ._config import COUNT_MAX, Config, QueueConfig
 from ._context import Invocation, _current
@@ -169,8 +169,11 @@ class Runtime:
         self._hooks_inflight = 0
         """Async hooks running (``emit``): drain and the grace period wait for them."""
         self.waiting_calls = 0
-        """Void calls and cron fires (counted in ``_void_inflight`` and ``pending_work``)
-        whose handler is waiting for runs (see ``only_waiting``)."""
+        """Void calls, cron fires and synchronous calls (counted in ``_void_inflight``,
+        ``pending_work`` and ``calls_inflight``) whose handler is waiting for runs (see
+        ``only_waiting``)."""
+        self.calls_inflight = 0
+        """Synchronous calls (no action) whose handler has not returned in its first step."""
         self._activity = anyio.Event()
         self._unknown_warned: set[str] = set()
         self._final_waiters: dict[str, list[Callable[[Job | None, Outcome], None]]] = {}
@@ -193,6 +196,8 @@ class Runtime:
         self.portal = portal
         self.loop_thread = threading.get_ident()
         self.loop = asyncio.get_running_loop()
+        if isinstance(self.clock, VirtualClock):
+            self.clock.bind(self.loop)  # advanced from another thread, it moves here
         self._waking = set()
         now = self.clock.now()
         recovered = await self.store.recover(now)
@@ -239,6 +244,8 @@ class Runtime:
         self.threads.close()
         for runner in self.runners.values():
             runner.threads.close()
+        if isinstance(self.clock, VirtualClock) and self.loop is not None:
+            self.clock.unbind(self.loop)
 
     def add_queue(self, queue: QueueConfig) -> None:
         """Start serving a queue added while running, from any thread."""
@@ -374,7 +381,7 @@ class Runtime:
 
     def is_quiet(self) -> bool:
         """True when no queue has work it could start and nothing is running."""
-        if self._void_inflight or self.pending_work or self._hooks_inflight:
+        if self._void_inflight or self.pending_work or self._hooks_inflight or self.calls_inflight:
             return False
         return all(r.idle and not r.unsettled for r in self.runners.values())
 
@@ -386,7 +393,7 @@ class Runtime:
         if (
             self.waking_waiters
             or self._hooks_inflight
-            or self._void_inflight + self.pending_work > self.waiting_calls
+            or self._void_inflight + self.pending_work + self.calls_inflight > self.waiting_calls
         ):
             return False
         return all(r.idle and r.unsettled == r.lent for r in self.runners.values())
@@ -587,19 +594,30 @@ class Runtime:
                 result, yielded = first_step(coro)
                 if result is not PENDING:
                     return result
-                return await resume_suspended(
+                suspended = resume_suspended(
                     coro, yielded, call_at=self.clock.call_at, deadline=deadline
                 )
-            return await run_handler(
-                self.threads.run(spec.handler, payload),
-                call_at=self.clock.call_at,
-                deadline=deadline,
-            )
+            else:
+                suspended = run_handler(
+                    self.threads.run(spec.handler, payload),
+                    call_at=self.clock.call_at,
+                    deadline=deadline,
+                )
+            # In flight: ``drain`` waits for it (and counts it as waiting only while it
+            # waits for runs, see ``only_waiting``).
+            self.calls_inflight += 1
+            try:
+                return await suspended
+            finally:
+                self.calls_inflight -= 1
+                self.notify_activity()
         except Interrupted:
             raise InvocationError(
                 "TIMEOUT", f"Function '{function_id}' did not return within {timeout} ms"
             ) from None
         except Exception as exc:
+            if spec.internal and isinstance(exc, InvocationError):
+                raise  # the runtime's own functions answer with their own errors
             raise InvocationError("invocation_failed", f"{type(exc).__name__}: {exc}") from exc
         finally:
             _current.reset(token)

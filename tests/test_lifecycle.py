@@ -319,8 +319,7 @@ async def test_drain_gives_up_with_drain_timeout_naming_the_busy_queue() -> None
             await drain(iii, timeout=0.2)
     assert isinstance(caught.value, TimeoutError)  # what code catching that expects
     assert str(caught.value) == (
-        "queues still busy after 0.2 s of wall time "
-        "(jobs claimed and not settled, by queue: {'default': 1})"
+        "still busy after 0.2 s of wall time: 1 job(s) claimed and not settled in 'default'"
     )
 
 

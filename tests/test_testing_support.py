@@ -11,8 +11,8 @@ from typing import Any
 import anyio
 import pytest
 
-from iii_embedded import III, Config, QueueConfig, StoreConfig, TriggerAction
-from iii_embedded.testing import VirtualClock, drain, queued_jobs, running_jobs
+from iii_embedded import III, Config, InvocationError, QueueConfig, StoreConfig, TriggerAction
+from iii_embedded.testing import VirtualClock, drain, drain_blocking, queued_jobs, running_jobs
 
 pytestmark = pytest.mark.anyio
 
@@ -134,3 +134,159 @@ async def test_the_inspection_helpers_return_runs_with_decoded_payloads(
     assert [(r.payload, r.status) for r in queued] == [({"to": "b"}, "queued")]
     assert [r.id for r in everywhere] == [r.id for r in queued]
     assert str(misspelt.value) == "Queue 'emial' not found"
+
+
+# --- found by a review of the testing helpers (2026-12-03, second round) ---------------
+
+
+async def test_the_inspection_helpers_return_every_run_not_the_first_thousand(
+    store_config: StoreConfig,
+) -> None:
+    iii = III(Config(store=store_config), clock=VirtualClock(), shutdown_grace_ms=0)
+    iii.register_function("f", lambda _: None)
+    async with iii.running():
+        await iii.batch_trigger_async("f", list(range(1500)), queue="default", delay_ms=60_000)
+        queued = await queued_jobs(iii, "default")
+        stats = await iii.queue_stats_async("default")
+    assert (len(queued), stats.delayed) == (1500, 1500)
+    assert [run.payload for run in queued] == list(range(1500))
+
+
+def test_advancing_the_clock_from_a_synchronous_test_moves_it_on_the_engines_loop() -> None:
+    """The engine on its own thread (``with iii:``), the test on the main one: advancing
+    the clock fires the timers on the engine's loop (from the test's thread it raised
+    "no running event loop" and lost the delayed job's wake-up)."""
+    clock = VirtualClock()
+    iii = III(Config(queues={"q": QueueConfig(name="q")}), clock=clock, shutdown_grace_ms=0)
+    ran: list[float] = []
+    iii.register_function("f", lambda _: ran.append(clock.now()))
+    with iii:
+        start = clock.now()
+        iii.trigger("f", 1, action=TriggerAction.Enqueue(queue="q", delay_ms=60_000))
+        drain_blocking(iii, max_advance_s=0)  # the dispatcher now sleeps until the job's time
+        clock.advance(61)
+        drain_blocking(iii, max_advance_s=0)
+        stats = iii.queue_stats("q")
+    assert ran == [start + 61]
+    assert (stats.ready, stats.delayed, stats.completed) == (0, 0, 1)
+
+
+def test_drain_awaited_on_another_event_loop_drains_the_engines() -> None:
+    """An engine started with ``iii.start()``, a program on its own asyncio loop: drain
+    runs on the engine's loop (it advanced the clock from the wrong loop, timed out, and
+    broke the shutdown)."""
+    import asyncio
+
+    clock = VirtualClock()
+    iii = III(Config(queues={"q": QueueConfig(name="q")}), clock=clock, shutdown_grace_ms=0)
+    ran: list[int] = []
+    iii.register_function("f", ran.append)
+
+    async def program() -> None:
+        await iii.trigger_async("f", 1, action=TriggerAction.Enqueue(queue="q", delay_ms=5000))
+        await drain(iii, timeout=10)
+
+    iii.start()
+    try:
+        asyncio.run(program())
+    finally:
+        iii.shutdown()
+    assert ran == [1]
+
+
+def test_running_the_engine_under_trio_says_it_needs_asyncio() -> None:
+    pytest.importorskip("trio")
+
+    async def main() -> None:
+        async with III().running():
+            pass
+
+    with pytest.raises(RuntimeError, match=r"engine runs on asyncio .* iii\.start\(\)"):
+        anyio.run(main, backend="trio")
+
+
+async def test_drain_stops_the_clock_at_a_waiters_timeout_before_a_later_retry(
+    store_config: StoreConfig,
+) -> None:
+    """A handler waits for a child with ``timeout_ms=10_000``; the child's retry is due
+    after 60 s. The wait times out at +10 s of virtual time, not at +60 (drain jumped
+    straight to the retry, past the timeout)."""
+    clock = VirtualClock()
+    queues = {
+        "parent": QueueConfig(name="parent"),
+        "child": QueueConfig(name="child", max_retries=2, backoff_ms=60_000),
+    }
+    iii = III(Config(queues=queues, store=store_config), clock=clock, shutdown_grace_ms=0)
+    seen: list[tuple[str, float]] = []
+    child_calls: list[float] = []
+
+    async def child(_: Any) -> None:
+        child_calls.append(clock.now())
+        if len(child_calls) == 1:
+            raise RuntimeError("flaky")
+
+    async def parent(payload: Any) -> None:
+        t0 = clock.now()
+        try:
+            await iii.trigger_and_wait_async("child", payload, queue="child", timeout_ms=10_000)
+            seen.append(("done", clock.now() - t0))
+        except InvocationError as exc:
+            seen.append((exc.code, clock.now() - t0))
+
+    iii.register_function("child", child)
+    iii.register_function("parent", parent)
+    async with iii.running():
+        await iii.trigger_async("parent", {}, action=TriggerAction.Enqueue(queue="parent"))
+        await drain(iii, timeout=10)
+    assert seen == [("TIMEOUT", 10.0)]
+    assert [t - child_calls[0] for t in child_calls] == [0.0, 60.0]
+
+
+async def test_drain_waits_for_a_synchronous_call_in_flight() -> None:
+    """A call with no action whose handler awaits something outside the engine: drain
+    waits for it (it returned at once), and does not move the clock under it (a delayed
+    job an hour ahead made it time the call out)."""
+    clock = VirtualClock()
+    iii = III(Config(queues={"q": QueueConfig(name="q")}), clock=clock, shutdown_grace_ms=0)
+    entered, release = anyio.Event(), anyio.Event()
+    out: list[Any] = []
+    drained: list[float] = []
+
+    async def slow(_: Any) -> str:
+        entered.set()
+        await release.wait()  # outside the engine: a socket, say
+        return "ok"
+
+    async def call() -> None:
+        try:
+            out.append(await iii.trigger_async("slow", 1))
+        except InvocationError as exc:
+            out.append(exc.code)
+
+    async def drain_it() -> None:
+        await drain(iii, timeout=10)
+        drained.append(clock.now())
+
+    iii.register_function("slow", slow)
+    iii.register_function("later", lambda _: None)
+    async with iii.running(), anyio.create_task_group() as tg:
+        start = clock.now()
+        later = TriggerAction.Enqueue(queue="q", delay_ms=3_600_000)
+        await iii.trigger_async("later", 1, action=later)
+        tg.start_soon(call)
+        await entered.wait()
+        tg.start_soon(drain_it)
+        for _ in range(50):  # drain gets every chance to return early
+            await anyio.lowlevel.checkpoint()
+        before = (list(drained), clock.now() - start)
+        release.set()
+    assert before == ([], 0.0)
+    assert out == ["ok"]
+    assert drained == [start + 3600]
+
+
+async def test_drain_blocking_on_the_engines_loop_names_the_fix() -> None:
+    iii = III(clock=VirtualClock(), shutdown_grace_ms=0)
+    async with iii.running():
+        with pytest.raises(RuntimeError, match=r"use `await drain\(iii\)`"):
+            drain_blocking(iii)

@@ -637,6 +637,7 @@ class Store(Protocol):
         connection of its own, so that a long scan does not hold up its writer)."""
 
     async def list_jobs(
-        self, queue: str | None = None, state: JobState | None = None, *, limit: int = 1000
+        self, queue: str | None = None, state: JobState | None = None, *, limit: int | None = 1000
     ) -> list[Job]:
-        """Jobs filtered by queue and state, in ``seq`` order (for inspection and tests)."""
+        """Jobs filtered by queue and state, in ``seq`` order (for inspection and tests);
+        at most ``limit`` of them (``None``: all)."""

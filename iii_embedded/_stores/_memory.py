@@ -742,7 +742,7 @@ class MemoryStore:
         return result
 
     async def list_jobs(
-        self, queue: str | None = None, state: JobState | None = None, *, limit: int = 1000
+        self, queue: str | None = None, state: JobState | None = None, *, limit: int | None = 1000
     ) -> list[Job]:
         """Jobs by queue and state in ``seq`` order; see :meth:`Store.list_jobs`."""
         jobs = [
@@ -751,4 +751,4 @@ class MemoryStore:
             if (queue is None or job.queue == queue) and (state is None or job.state == state)
         ]
         jobs.sort(key=lambda j: j.seq)
-        return jobs[:limit]
+        return jobs if limit is None else jobs[:limit]

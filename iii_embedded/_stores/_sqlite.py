@@ -2102,7 +2102,7 @@ class SQLiteStore:
         }
 
     async def list_jobs(
-        self, queue: str | None = None, state: JobState | None = None, *, limit: int = 1000
+        self, queue: str | None = None, state: JobState | None = None, *, limit: int | None = 1000
     ) -> list[Job]:
         """Jobs by queue and state in ``seq`` order; see :meth:`Store.list_jobs`."""
         where, params = [], []
@@ -2117,7 +2117,8 @@ class SQLiteStore:
             lambda conn: [
                 _row_to_job(r)
                 for r in conn.execute(
-                    f"SELECT {_COLUMNS} FROM jobs {clause} ORDER BY seq LIMIT ?", (*params, limit)
+                    f"SELECT {_COLUMNS} FROM jobs {clause} ORDER BY seq LIMIT ?",
+                    (*params, -1 if limit is None else limit),
                 ).fetchall()
             ],
             write=False,

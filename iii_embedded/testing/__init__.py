@@ -21,10 +21,13 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import math
+import threading
 from typing import Literal
 
 import anyio
+import anyio.to_thread
 
 from .._app import III
 from .._clock import VirtualClock
@@ -56,9 +59,20 @@ async def drain(app: III, *, timeout: float = 30.0, max_advance_s: float = math.
     runs. With the system clock, drain waits for delayed jobs in real time. A cron fire
     whose time has come (the clock advanced past it) is waited for; cron schedules and a
     running handler's own timers (``timeout_ms``) are not advanced to (advance the clock
-    yourself). Raises :class:`DrainTimeout` after ``timeout`` seconds of wall time.
+    yourself). On the way to a delayed job's time, the clock stops at each timeout that
+    falls due before it (a waiter's ``timeout_ms``, a handler's), so they fire at their
+    own time. Raises :class:`DrainTimeout` after ``timeout`` seconds of wall time.
+
+    From an event loop other than the engine's (an engine started with ``iii.start()``,
+    awaited from another asyncio loop or from trio), it runs :func:`drain_blocking` in a
+    worker thread.
     """
     rt = app.runtime
+    if threading.get_ident() != rt.loop_thread:
+        await anyio.to_thread.run_sync(
+            functools.partial(drain_blocking, app, timeout=timeout, max_advance_s=max_advance_s)
+        )
+        return
     clock = rt.clock
     virtual = isinstance(clock, VirtualClock)
     limit = clock.now() + max_advance_s
@@ -80,26 +94,53 @@ async def drain(app: III, *, timeout: float = 30.0, max_advance_s: float = math.
                         await rt.wait_activity()
                 continue
             if isinstance(clock, VirtualClock):
-                clock.advance_to(due)
+                stop = clock.next_stop()  # a timeout before it fires at its own time
+                clock.advance_to(due if stop is None or stop >= due else stop)
             else:
                 await clock.sleep_until(due)
             rt.wake_all()
             await anyio.lowlevel.checkpoint()
     if scope.cancelled_caught:
-        busy = {name: r.unsettled for name, r in rt.runners.items() if r.unsettled or not r.idle}
-        raise DrainTimeout(
-            f"queues still busy after {timeout} s of wall time "
-            f"(jobs claimed and not settled, by queue: "
-            f"{busy or 'none; a Void call or a cron fire runs'})"
+        raise DrainTimeout(f"still busy after {timeout} s of wall time: {_busy(app)}")
+
+
+def _busy(app: III) -> str:
+    """What keeps ``app`` from being quiet, for :class:`DrainTimeout`."""
+    rt = app.runtime
+    parts = [
+        f"{count} job(s) claimed and not settled in {name!r}"
+        for name, count in ((name, r.unsettled) for name, r in rt.runners.items())
+        if count
+    ]
+    parts += [
+        f"{count} {what}"
+        for count, what in (
+            (rt.calls_inflight, "synchronous call(s) running"),
+            (rt.waiting_calls, "call(s) waiting for runs"),
+            (len(rt.cron_fires), "cron fire(s) running"),
         )
+        if count
+    ]
+    dispatching = [name for name, r in rt.runners.items() if not r.idle and not r.unsettled]
+    if dispatching:
+        parts.append(f"queue(s) {dispatching} still dispatching")
+    return "; ".join(parts) or "a Void call or an async hook runs"
 
 
-def drain_blocking(app: III, *, timeout: float = 30.0) -> None:
+def drain_blocking(app: III, *, timeout: float = 30.0, max_advance_s: float = math.inf) -> None:
     """:func:`drain` for synchronous code, with the engine started by ``app.start()`` (or
-    ``register_worker``): blocks until every queue is idle and no Void call is in flight."""
-    portal = app.runtime.portal
+    ``register_worker``): blocks until every queue is idle and no Void call is in flight.
+    Not on the engine's own event-loop thread (it would wait for itself): ``await
+    drain(iii)`` there."""
+    rt = app.runtime
+    if threading.get_ident() == rt.loop_thread:
+        raise RuntimeError(
+            "drain_blocking() blocks, and this is the engine's event-loop thread: "
+            "use `await drain(iii)` in async code"
+        )
+    portal = rt.portal
     assert portal is not None
-    portal.call(lambda: drain(app, timeout=timeout))
+    portal.call(lambda: drain(app, timeout=timeout, max_advance_s=max_advance_s))
 
 
 async def queued_jobs(app: III, queue: str | None = None) -> list[Run]:
@@ -119,7 +160,8 @@ async def _runs_in(app: III, queue: str | None, state: Literal["queued", "runnin
     if queue is not None and queue not in rt.runners:
         raise ValueError(f"Queue '{queue}' not found")
     now = rt.clock.now()
-    return [Run.from_job(job, now) for job in await rt.store.list_jobs(queue, state)]
+    jobs = await rt.store.list_jobs(queue, state, limit=None)
+    return [Run.from_job(job, now) for job in jobs]
 
 
 async def dead_jobs(app: III, queue: str) -> list[DeadJob]:
