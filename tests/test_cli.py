@@ -436,3 +436,27 @@ def test_an_app_that_fails_to_import_is_one_line_naming_why(
         assert len(out.stderr.strip().splitlines()) == 1, out.stderr
         assert message in out.stderr
         assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            b"queue_configs:\n  caf\xe9: {max_retries: 2}\n",
+            "iii-embedded: error: iii-config.yaml: not UTF-8 text (byte 0xe9 at offset 20)",
+        ),
+        (
+            b"adapter:\n  config: {store_method: file_based, file_path: ./s,\n"
+            b"    result_retention_ms: 100000000000000000000}\n",
+            "iii-embedded: error: iii-config.yaml:3: result_retention_ms must be at most "
+            "9223372036854775807, got 100000000000000000000",
+        ),
+    ],
+    ids=["not_utf8", "huge_ms"],
+)
+def test_check_reports_a_config_it_cannot_read_in_one_line(
+    tmp_path: Path, content: bytes, message: str
+) -> None:
+    (tmp_path / "iii-config.yaml").write_bytes(content)
+    out = cli(tmp_path, "check")
+    assert (out.returncode, out.stderr.strip()) == (2, message)
