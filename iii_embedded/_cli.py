@@ -75,6 +75,17 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer > 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer > 0, got {text!r}")
+    return value
+
+
 def _seconds(ms: float) -> str:
     s = ms / 1000
     if s >= 3600:
@@ -382,28 +393,24 @@ def _dlq_bulk(args: argparse.Namespace, verb: str) -> int:
     async def work(store: Store) -> int:
         await _known_queue(args, store, args.queue)
         now = time.time()
+        # --all is the jobs dead when the command starts, each handled once: their ids
+        # are read first, so a job that dies again while the command runs (its handler
+        # still fails) is not taken a second time (see docs/design.md).
+        ids = await _dead_ids(store, args.queue) if args.all else list(dict.fromkeys(args.ids))
         # Chunks of CHUNK ids, one transaction each: an interruption leaves every chunk
         # fully done or not started, and running the command again continues with the rest.
-        if args.all:
-            total = (await store.counts(now)).get(args.queue, QueueCounts()).dead
-            done = 0
-            while True:
-                ids = [j.id for j in await store.list_dead(args.queue, limit=CHUNK)]
-                if not ids:
-                    break
-                done += len(await _apply(store, verb, args.queue, ids, now))
-                _progress(verb, done, max(total, done), show)
-            return done
-        total, done = len(args.ids), 0
+        total, done = len(ids), 0
         for start in range(0, total, CHUNK):
-            done += len(await _apply(store, verb, args.queue, args.ids[start : start + CHUNK], now))
-            _progress(verb, start + CHUNK, total, show)
+            done += len(await _apply(store, verb, args.queue, ids[start : start + CHUNK], now))
+            _progress(verb, min(start + CHUNK, total), total, show)
         missing = total - done
         if missing:
-            print(
-                f"{missing} id(s) were not in the dead-letter queue of '{args.queue}'",
-                file=sys.stderr,
+            why = (
+                "had left the dead-letter queue of '{}' before the command reached them"
+                if args.all
+                else "were not in the dead-letter queue of '{}'"
             )
+            print(f"{missing} id(s) {why.format(args.queue)}", file=sys.stderr)
         return done
 
     count = _with_store(args, work)
@@ -413,6 +420,20 @@ def _dlq_bulk(args: argparse.Namespace, verb: str) -> int:
     else:
         print(f"{past} {count} job(s) of '{args.queue}'")
     return 0
+
+
+async def _dead_ids(store: Store, queue: str) -> list[str]:
+    """The ids of the jobs dead in ``queue`` now, oldest failure first, read in pages of
+    CHUNK. Jobs that die while the pages are read come last (the DLQ's order is their
+    death's) and are left out: no more than the count at the start is taken."""
+    total = (await store.counts(time.time())).get(queue, QueueCounts()).dead
+    ids: list[str] = []
+    while len(ids) < total:
+        page = await store.list_dead(queue, offset=len(ids), limit=CHUNK)
+        ids.extend(j.id for j in page)
+        if len(page) < CHUNK:
+            break
+    return list(dict.fromkeys(ids[:total]))
 
 
 async def _apply(store: Store, verb: str, queue: str, ids: Sequence[str], now: float) -> list[str]:
@@ -660,7 +681,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     with_store(p)
     p.add_argument("queue")
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument(
+        "--limit", type=_positive_int, default=50, help="at most this many jobs (default 50)"
+    )
     p = command(
         "show",
         "Show one dead job: payload, attempts, error and traceback.",

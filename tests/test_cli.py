@@ -460,3 +460,91 @@ def test_check_reports_a_config_it_cannot_read_in_one_line(
     (tmp_path / "iii-config.yaml").write_bytes(content)
     out = cli(tmp_path, "check")
     assert (out.returncode, out.stderr.strip()) == (2, message)
+
+
+class _StillFailing:
+    """A file store, seen by the command, whose app fails each redriven job again at once:
+    after each redrive the jobs it moved are claimed and die (for the first ``rounds``
+    redrives, so that a command that chases them still ends)."""
+
+    def __init__(self, store: Any, rounds: int) -> None:
+        self._store = store
+        self.rounds = rounds
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def redrive(self, queue: str, ids: Any, now: float) -> list[str]:
+        from iii_embedded._stores._base import ErrorInfo, Outcome
+
+        moved: list[str] = await self._store.redrive(queue, ids, now)
+        if self.rounds > 0 and moved:
+            self.rounds -= 1
+            claimed = await self._store.claim(
+                queue, fifo=False, limit=len(moved), now=now, owner="app", lease_until=now + 60
+            )
+            assert sorted(j.id for j in claimed) == sorted(moved)
+            await self._store.finish(
+                [
+                    Outcome(
+                        job_id=j.id,
+                        kind="dead",
+                        owner="app",
+                        attempt=j.attempts,
+                        at=now,
+                        error=ErrorInfo(type="ValueError", message="still broken"),
+                    )
+                    for j in claimed
+                ]
+            )
+        return moved
+
+
+@pytest.mark.parametrize("count", [3, 1203], ids=["one_chunk", "three_chunks"])
+def test_dlq_redrive_all_takes_each_job_dead_at_the_start_once(
+    project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], count: int
+) -> None:
+    """A job that dies again while ``--all`` runs is not redriven a second time, and the
+    count is the jobs that were dead (the command chased them while the DLQ was not empty)."""
+    from iii_embedded import _cli
+
+    dead_jobs_in(project, count)
+    real_open = _cli.open_store
+    monkeypatch.setattr(_cli, "open_store", lambda config: _StillFailing(real_open(config), 5))
+    monkeypatch.chdir(project)
+    assert _cli.main(["dlq", "redrive", "work", "--all", "--progress"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == f"redriven {count} job(s) of 'work'"
+    assert err.rstrip().endswith(f"{count}/{count}")
+    assert "had left" not in err
+    # Each job died again once, after its redrive, and the command left it dead.
+    assert queue_row(project, "work")["dead"] == count
+
+
+@pytest.mark.parametrize("limit", ["0", "-1", "many"])
+def test_dlq_list_limit_must_be_a_positive_integer(project: Path, limit: str) -> None:
+    dead_jobs_in(project, 2)
+    out = cli(project, "dlq", "list", "work", "--limit", limit)
+    assert out.returncode == 2, out.stdout
+    assert out.stdout == ""
+    assert "argument --limit:" in out.stderr and repr(limit) in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_dlq_list_limit_lists_that_many(project: Path) -> None:
+    ids = dead_jobs_in(project, 3)
+    out = cli(project, "dlq", "list", "work", "--limit", "2", "--json")
+    assert out.returncode == 0, out.stderr
+    listed = [d["id"] for d in json.loads(out.stdout)]
+    assert len(listed) == 2 and set(listed) < set(ids)
+
+
+def test_dlq_redrive_of_a_repeated_id_counts_it_once(project: Path) -> None:
+    one, two, _ = dead_jobs_in(project, 3)
+    out = cli(project, "dlq", "redrive", "work", one, two, one, "--progress")
+    assert (out.returncode, out.stdout.strip()) == (0, "redriven 2 job(s) of 'work'")
+    assert out.stderr.rstrip().endswith("] 2/2")
+    assert "not in the dead-letter queue" not in out.stderr
+    missing = cli(project, "dlq", "discard", "work", one, "no-such-id", "no-such-id")
+    assert missing.stdout.strip() == "discarded 0 job(s) of 'work'"
+    assert missing.stderr.strip() == "2 id(s) were not in the dead-letter queue of 'work'"
