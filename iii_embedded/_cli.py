@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import math
 import os
 import signal
 import sys
@@ -64,14 +63,20 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, left: int =
     return "\n".join(lines)
 
 
+MAX_INTERVAL_S = 86_400
+
+
 def _positive_seconds(text: str) -> float:
-    """An argparse type: a number of seconds > 0 (argparse turns the error into usage)."""
+    """An argparse type: a number of seconds > 0, at most a day (argparse turns the error
+    into usage; ``time.sleep`` cannot take a huge number)."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not value > 0 or value == math.inf:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
+    if not 0 < value <= MAX_INTERVAL_S:
+        raise argparse.ArgumentTypeError(
+            f"must be a number of seconds > 0 and <= {MAX_INTERVAL_S}, got {text!r}"
+        )
     return value
 
 

@@ -400,7 +400,7 @@ def test_cron_shows_each_jobs_last_fire_and_whether_it_still_runs(project: Path)
     assert dead in lines["cleanup"]
 
 
-@pytest.mark.parametrize("interval", ["-1", "0", "soon"])
+@pytest.mark.parametrize("interval", ["-1", "0", "soon", "1e300", "86401", "inf", "nan"])
 def test_a_watch_interval_that_is_not_a_positive_number_is_a_usage_error(
     tmp_path: Path, interval: str
 ) -> None:
