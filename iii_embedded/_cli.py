@@ -8,6 +8,7 @@ and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -15,7 +16,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -26,6 +27,7 @@ from ._actions import EnqueueAction
 from ._config import Config, StoreConfig
 from ._config_loader import find_config
 from ._errors import ConfigError, InvocationError, StoreError
+from ._http import HttpListenError
 from ._runtime import new_jobs
 from ._stats import DeadJob, QueueStats
 from ._stores import QueueCounts, Store, open_store
@@ -497,13 +499,18 @@ def cmd_trigger(args: argparse.Namespace) -> int:
     if args.app:
         app = _import_app(args.app)
         _no_config_for_a_started_app(app, args)
+        if args.config:
+            _use_config(app, args)
+        _no_queue_in_memory(app, args)
         if not app.is_running:
-            if args.config:
-                app.config = _config(args)
-            app.start()
+            # Without the http server and cron: the app itself may be running beside this
+            # command (its port taken, its cron fires its own).
+            with _engine_errors(args.app):
+                app.start(serve=False)
         try:
             action = EnqueueAction(queue=args.queue) if args.queue else None
-            result = app.trigger(args.function_id, payload, action=action)
+            with _engine_errors(args.app):
+                result = app.trigger(args.function_id, payload, action=action)
         except InvocationError as exc:
             raise UsageError(str(exc)) from None
         finally:
@@ -559,9 +566,42 @@ def cmd_run(args: argparse.Namespace) -> int:
         _serve_until_stopped(app)
         return 0
     if args.config:
-        app.config = _config(args)
-    app.run()
+        _use_config(app, args)
+    with _engine_errors(args.app):
+        app.run()
     return 0
+
+
+@contextlib.contextmanager
+def _engine_errors(spec: str) -> Iterator[None]:
+    """An app's engine that cannot start or work for a reason the operator can fix (its
+    store damaged or read-only, its http port taken, a config value): one line."""
+    try:
+        yield
+    except (StoreError, ConfigError, HttpListenError) as exc:
+        raise UsageError(f"{spec}: {exc}") from None
+
+
+def _use_config(app: Any, args: argparse.Namespace) -> None:
+    """``--config`` for an app its module did not start: that file's queues and store,
+    plus the queues the app's code added (its topic subscriptions' among them), which
+    its publishes need."""
+    config = _config(args)
+    app.config = attrs.evolve(config, queues={**config.queues, **app._added_queues})
+
+
+def _no_queue_in_memory(app: Any, args: argparse.Namespace) -> None:
+    """``trigger --queue --app`` stores the job in the app's store through an engine that
+    lives as long as the command: with an in-memory store the job would end with it."""
+    if not args.queue or app.config.store.store_method == "file_based":
+        return
+    if app.is_running:
+        app.shutdown()
+    raise UsageError(
+        f"--queue with --app: {args.app} keeps its jobs in memory, so the job would be "
+        "lost when this command ends; call the function without --queue (it runs now), "
+        "or give the app a file_based store and enqueue while it runs"
+    )
 
 
 def _no_config_for_a_started_app(app: Any, args: argparse.Namespace) -> None:

@@ -28,7 +28,7 @@ from ._errors import InvocationError
 if TYPE_CHECKING:
     from ._app import III
 
-__all__ = ["HttpRouter", "install_http", "HttpServer"]
+__all__ = ["HttpRouter", "install_http", "HttpServer", "HttpListenError"]
 
 log = logging.getLogger("iii_embedded.http")
 
@@ -289,6 +289,11 @@ async def _respond(
     await send({"type": "http.response.body", "body": data})
 
 
+class HttpListenError(OSError):
+    """The engine's http server cannot listen on its host and port (taken, say): the
+    engine does not start."""
+
+
 class HttpServer:
     """The engine's own HTTP server (uvicorn), run inside the engine's task group."""
 
@@ -328,16 +333,36 @@ class HttpServer:
         async def serve() -> None:
             try:
                 await server.serve()
-            except SystemExit:
-                log.error("the http server could not start on %s:%s", self.host, self.port)
+            except SystemExit:  # uvicorn's way to fail at start-up: start() raises
+                pass
             finally:
                 self._done.set()
 
-        tg.start_soon(serve, name="iii-http")
-        while not server.started:
-            if self._done.is_set():
-                raise OSError(f"the http server could not listen on {self.host}:{self.port}")
-            await anyio.sleep(0.005)
+        # uvicorn logs why it cannot listen (and exits): that reason goes into the error
+        # raised here, one message, rather than a log line of its own beside it.
+        reasons: list[str] = []
+
+        def keep_reason(record: logging.LogRecord) -> bool:
+            if record.levelno >= logging.ERROR:
+                reasons.append(record.getMessage())
+                return False
+            return True
+
+        uvicorn_log = logging.getLogger("uvicorn.error")
+        uvicorn_log.addFilter(keep_reason)
+        try:
+            tg.start_soon(serve, name="iii-http")
+            while not server.started:
+                if self._done.is_set():
+                    # "[Errno 98] error while attempting to bind on address (...): address
+                    # already in use": the cause is after the last colon.
+                    why = f": {reasons[-1].rsplit(': ', 1)[-1]}" if reasons else ""
+                    raise HttpListenError(
+                        f"the http server cannot listen on {self.host}:{self.port}{why}"
+                    )
+                await anyio.sleep(0.005)
+        finally:
+            uvicorn_log.removeFilter(keep_reason)
         sockets = [s for srv in server.servers for s in srv.sockets]
         if sockets:
             self.port = int(sockets[0].getsockname()[1])

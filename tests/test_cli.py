@@ -548,3 +548,139 @@ def test_dlq_redrive_of_a_repeated_id_counts_it_once(project: Path) -> None:
     missing = cli(project, "dlq", "discard", "work", one, "no-such-id", "no-such-id")
     assert missing.stdout.strip() == "discarded 0 job(s) of 'work'"
     assert missing.stderr.strip() == "2 id(s) were not in the dead-letter queue of 'work'"
+
+
+def one_line_error(out: subprocess.CompletedProcess[str]) -> str:
+    """The message of a command that failed with one line on stderr and exit status 2."""
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    return lines[0]
+
+
+TOUCH_APP = """\
+from pathlib import Path
+from iii_embedded import III
+iii = III.from_config("iii-config.yaml", shutdown_grace_ms=0)
+iii.register_function("touch", lambda d: Path("touched").write_text(str(d)))
+"""
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "read_only"])
+def test_run_and_trigger_app_on_a_store_that_cannot_be_used_say_so_in_one_line(
+    project: Path, damage: str
+) -> None:
+    (project / "app.py").write_text(TOUCH_APP)
+    store = project / "store"
+    if damage == "corrupt":
+        store.mkdir()
+        (store / "iii-queue.db").write_bytes(b"not a database, " * 256)
+        expected = "the file is not a valid SQLite database"
+    else:
+        assert cli(project, "trigger", "add", "--payload", "1").returncode == 0
+        if os.geteuid() == 0:
+            pytest.skip("root writes to read-only files")
+        for path in (store, *store.iterdir()):
+            path.chmod(0o555 if path.is_dir() else 0o444)
+        expected = str(store)
+    try:
+        for args in (
+            ["run", "app:iii"],
+            ["trigger", "touch", "--payload", "1", "--app", "app:iii"],
+        ):
+            line = one_line_error(cli(project, *args))
+            assert line.startswith("iii-embedded: error: app:iii: "), line
+            assert expected in line
+        assert not (project / "touched").exists()
+    finally:
+        for path in (store, *store.iterdir()):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+def http_project(tmp_path: Path, port: int) -> Path:
+    (tmp_path / "iii-config.yaml").write_text(
+        f"workers:\n  - name: iii-http\n    config: {{port: {port}, host: 127.0.0.1}}\n"
+    )
+    (tmp_path / "app.py").write_text(TOUCH_APP)
+    return tmp_path
+
+
+def test_a_taken_http_port_stops_run_in_one_line_and_trigger_app_does_not_serve_http(
+    tmp_path: Path,
+) -> None:
+    import socket
+
+    holder = socket.socket()  # the port the app's http worker wants is taken (by the app)
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    project = http_project(tmp_path, port)
+    try:
+        line = one_line_error(cli(project, "run", "app:iii"))
+        assert line == (
+            f"iii-embedded: error: app:iii: the http server cannot listen on 127.0.0.1:{port}: "
+            "address already in use"
+        )
+        # trigger --app starts no http server (nor cron): it works beside the running app.
+        out = cli(project, "trigger", "touch", "--payload", '"hi"', "--app", "app:iii")
+        assert out.returncode == 0, out.stderr
+        assert (project / "touched").read_text() == "hi"
+    finally:
+        holder.close()
+
+
+TOPIC_APP = """\
+import threading
+from iii_embedded import III
+iii = III(shutdown_grace_ms=0)
+seen = []
+arrived = threading.Event()
+def on_order(d):
+    seen.append(d)
+    arrived.set()
+iii.register_function("on_order", on_order)
+iii.register_trigger({"type": "queue", "function_id": "on_order", "config": {"topic": "orders"}})
+def pub(d):
+    iii.trigger({"function_id": "enqueue", "payload": {"topic": "orders", "data": d}})
+    return {"arrived": arrived.wait(timeout=30), "seen": seen}
+iii.register_function("pub", pub)
+"""
+
+
+def test_trigger_app_with_config_keeps_the_queues_of_its_topic_subscriptions(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "other.yaml").write_text("queue_configs:\n  work: {max_retries: 2}\n")
+    (tmp_path / "app.py").write_text(TOPIC_APP)
+    out = cli(
+        tmp_path,
+        "trigger",
+        "pub",
+        "--payload",
+        '{"n": 1}',
+        "--app",
+        "app:iii",
+        "--config",
+        "other.yaml",
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"arrived": True, "seen": [{"n": 1}]}
+
+
+def test_trigger_queue_through_an_app_whose_store_is_in_memory_is_refused(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "app.py").write_text(
+        "from pathlib import Path\nfrom iii_embedded import III\niii = III()\n"
+        "iii.register_function('touch', lambda d: Path('touched').write_text('ran'))\n"
+    )
+    out = cli(tmp_path, "trigger", "touch", "--queue", "default", "--app", "app:iii")
+    line = one_line_error(out)
+    assert "--queue with --app: app:iii keeps its jobs in memory" in line
+    assert out.stdout == ""
+    assert not (tmp_path / "touched").exists()
+    # Without --queue the call runs now, through the app.
+    assert cli(tmp_path, "trigger", "touch", "--app", "app:iii").returncode == 0
+    assert (tmp_path / "touched").read_text() == "ran"
+

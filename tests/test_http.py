@@ -401,3 +401,29 @@ async def test_a_fixed_segment_wins_over_a_parameter_whatever_the_order_of_regis
     assert first == (200, {"fn": "first_item", "id": "42"})
     assert item == (200, {"fn": "item", "id": "42", "n": "3"})
     assert slash == (200, {"fn": "show", "id": "a/b"})  # an encoded slash stays in its segment
+
+
+async def test_a_taken_port_is_one_error_naming_it_and_serve_false_leaves_the_port_alone() -> None:
+    import socket
+
+    from iii_embedded._http import HttpListenError
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    try:
+        iii = III(Config(http=HttpConfig(host="127.0.0.1", port=port)), shutdown_grace_ms=0)
+        iii.register_function("ping", lambda _: "pong")
+        with pytest.raises(HttpListenError) as caught:
+            async with iii.running():
+                pass
+        assert str(caught.value) == (
+            f"the http server cannot listen on 127.0.0.1:{port}: address already in use"
+        )
+        assert isinstance(caught.value, OSError)
+        async with iii.running(serve=False):  # as `iii-embedded trigger --app` starts it
+            assert iii.http_server is None
+            assert await iii.trigger_async("ping", None) == "pong"
+    finally:
+        holder.close()
