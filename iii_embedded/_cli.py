@@ -127,8 +127,12 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def _store_dir(args: argparse.Namespace, *, create: bool = False) -> Path:
+    """The store's directory. Only a store the config names may be created (``create``):
+    a ``--store`` directory must hold one already, so that a mistyped path is an error
+    rather than a new, empty store that no app reads."""
     if getattr(args, "store", None):
         directory = Path(args.store)
+        create = False
     else:
         config = _config(args)
         if config.store.store_method != "file_based" or not config.store.file_path:

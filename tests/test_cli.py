@@ -684,3 +684,16 @@ def test_trigger_queue_through_an_app_whose_store_is_in_memory_is_refused(
     assert cli(tmp_path, "trigger", "touch", "--app", "app:iii").returncode == 0
     assert (tmp_path / "touched").read_text() == "ran"
 
+
+def test_trigger_into_a_store_dir_given_explicitly_needs_an_existing_store(
+    project: Path,
+) -> None:
+    line = one_line_error(cli(project, "trigger", "add", "--payload", "1", "--store", "./stroe"))
+    assert line == "iii-embedded: error: no store at stroe (no iii-queue.db there)"
+    assert not (project / "stroe").exists()
+    # The store the config names is created by the first enqueue, and --store finds it then.
+    assert cli(project, "trigger", "add", "--payload", "1").returncode == 0
+    out = cli(project, "trigger", "add", "--payload", "2", "--store", "./store")
+    assert out.returncode == 0, out.stderr
+    assert queue_row(project, "default")["ready"] == 2
+
