@@ -793,9 +793,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         result: int = args.fn(args)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
         return result
     except UsageError as exc:
         print(f"iii-embedded: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (``| head``): stop quietly. Python would flush stdout
+        # again at exit and complain, so stdout now goes nowhere.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + signal.SIGPIPE

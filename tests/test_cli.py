@@ -697,3 +697,19 @@ def test_trigger_into_a_store_dir_given_explicitly_needs_an_existing_store(
     assert out.returncode == 0, out.stderr
     assert queue_row(project, "default")["ready"] == 2
 
+
+def test_output_into_a_closed_pipe_ends_quietly(project: Path) -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the command writes (``| head`` done)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "iii_embedded", "check"],
+            cwd=project,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (141, "")
