@@ -114,6 +114,17 @@ class HttpRouter:
             return
         route, path_params = min(chosen, key=lambda match: match[0].rank)
         raw = await _read_body(receive)
+        if raw is None:
+            # The client went away before its body was complete: a truncated body is not
+            # the request it meant, and there is no one to answer.
+            log.info(
+                "http %s %s: the client disconnected before sending its whole body; "
+                "%r is not called",
+                method,
+                path,
+                route.function_id,
+            )
+            return
         headers = {
             k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])
         }
@@ -180,16 +191,16 @@ class HttpRouter:
                 return
 
 
-async def _read_body(receive: Receive) -> bytes:
+async def _read_body(receive: Receive) -> bytes | None:
+    """The request's body; ``None`` if the client disconnected before sending all of it."""
     chunks: list[bytes] = []
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            break
+            return None
         chunks.append(message.get("body", b""))
         if not message.get("more_body", False):
-            break
-    return b"".join(chunks)
+            return b"".join(chunks)
 
 
 def _decode_body(raw: bytes, content_type: str) -> Any:

@@ -427,3 +427,41 @@ async def test_a_taken_port_is_one_error_naming_it_and_serve_false_leaves_the_po
             assert await iii.trigger_async("ping", None) == "pong"
     finally:
         holder.close()
+
+
+async def test_a_client_that_disconnects_mid_upload_does_not_call_the_function() -> None:
+    iii = III(shutdown_grace_ms=0)
+    calls: list[Any] = []
+    iii.register_function("orders::create", lambda req: calls.append(req) or {"status_code": 201})
+    iii.register_trigger(
+        {
+            "type": "http",
+            "function_id": "orders::create",
+            "config": {"api_path": "/orders", "http_method": "POST"},
+        }
+    )
+    messages = [
+        {"type": "http.request", "body": b'{"amount": 1000000, "note": "par', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/orders",
+        "headers": [(b"content-type", b"text/plain")],
+    }
+    async with iii.running():
+        await iii.asgi_app(scope, receive, send)
+        # The same request sent whole is a call: the route and engine work.
+        messages[:] = [{"type": "http.request", "body": b"whole", "more_body": False}]
+        await iii.asgi_app(scope, receive, send)
+    assert [c["body"] for c in calls] == ["whole"]
+    assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [201]
