@@ -108,6 +108,9 @@ class III:
         """Topic name → the internal queues of its subscribers (see ``_topics``)."""
         self.topic_queues: dict[str, tuple[str, str]] = {}
         """A subscriber's internal queue → its (topic, function id)."""
+        self._added_queues: dict[str, QueueConfig] = {}
+        """The queues :meth:`add_queue` added (a topic subscription's among them), which
+        a config given later (``iii-embedded run --config``) keeps."""
         from ._builtins import register_builtins
         from ._cron import CronJob, install_cron
         from ._http import HttpRouter, HttpServer, install_http
@@ -217,6 +220,7 @@ class III:
                 raise ValueError(f"queue {queue.name!r} already exists with another config")
             return
         self.config = attrs.evolve(self.config, queues={**self.config.queues, queue.name: queue})
+        self._added_queues[queue.name] = queue
         rt = self._runtime
         if rt is not None:
             rt.add_queue(queue)
@@ -546,10 +550,14 @@ class III:
     # --- lifecycles ------------------------------------------------------------------
 
     @asynccontextmanager
-    async def running(self) -> AsyncIterator[III]:
+    async def running(self, *, serve: bool = True) -> AsyncIterator[III]:
         """Run the engine inside the current anyio/asyncio program for the ``with`` block.
 
         On exit the engine shuts down gracefully (see ``shutdown_grace_ms``).
+        ``serve=False`` leaves out the http server and the cron schedules: for a process
+        that only calls functions beside the one that serves them (as ``iii-embedded
+        trigger --app`` does), which would otherwise take the port a second time and
+        compete for the cron fires.
         """
         if self._runtime is not None:
             raise RuntimeError("this III app is already running")
@@ -588,7 +596,7 @@ class III:
                     await rt.start(tg, portal)
                     self._runtime = rt
                     try:
-                        if self.config.http is not None:
+                        if serve and self.config.http is not None:
                             from ._http import HttpServer
 
                             self.http_server = HttpServer(
@@ -597,7 +605,8 @@ class III:
                             await self.http_server.start(tg)
                         from ._cron import start_cron
 
-                        start_cron(self, tg)
+                        if serve:
+                            start_cron(self, tg)
                         for hook in self.lifecycle_hooks:
                             result = hook(self, tg)
                             if inspect.isawaitable(result):
@@ -636,14 +645,15 @@ class III:
         _require_main_thread("run()")
         anyio.run(self.serve_forever)
 
-    def start(self) -> III:
-        """Start the engine on a background thread and return once it is running."""
+    def start(self, *, serve: bool = True) -> III:
+        """Start the engine on a background thread and return once it is running.
+        ``serve=False``: without the http server and cron (see :meth:`running`)."""
         if self._thread_cm is not None:
             raise RuntimeError("this III app is already started")
         portal_cm = anyio.from_thread.start_blocking_portal()
         portal = portal_cm.__enter__()
         try:
-            thread_cm = portal.wrap_async_context_manager(self.running())
+            thread_cm = portal.wrap_async_context_manager(self.running(serve=serve))
             thread_cm.__enter__()
         except BaseException:
             portal_cm.__exit__(None, None, None)

@@ -8,15 +8,15 @@ and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
-import math
 import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -27,6 +27,7 @@ from ._actions import EnqueueAction
 from ._config import Config, StoreConfig
 from ._config_loader import find_config
 from ._errors import ConfigError, InvocationError, StoreError
+from ._http import HttpListenError
 from ._runtime import new_jobs
 from ._stats import DeadJob, QueueStats
 from ._stores import QueueCounts, Store, open_store
@@ -64,14 +65,31 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, left: int =
     return "\n".join(lines)
 
 
+MAX_INTERVAL_S = 86_400
+
+
 def _positive_seconds(text: str) -> float:
-    """An argparse type: a number of seconds > 0 (argparse turns the error into usage)."""
+    """An argparse type: a number of seconds > 0, at most a day (argparse turns the error
+    into usage; ``time.sleep`` cannot take a huge number)."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not value > 0 or value == math.inf:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
+    if not 0 < value <= MAX_INTERVAL_S:
+        raise argparse.ArgumentTypeError(
+            f"must be a number of seconds > 0 and <= {MAX_INTERVAL_S}, got {text!r}"
+        )
+    return value
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer > 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer > 0, got {text!r}")
     return value
 
 
@@ -109,8 +127,12 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def _store_dir(args: argparse.Namespace, *, create: bool = False) -> Path:
+    """The store's directory. Only a store the config names may be created (``create``):
+    a ``--store`` directory must hold one already, so that a mistyped path is an error
+    rather than a new, empty store that no app reads."""
     if getattr(args, "store", None):
         directory = Path(args.store)
+        create = False
     else:
         config = _config(args)
         if config.store.store_method != "file_based" or not config.store.file_path:
@@ -382,28 +404,24 @@ def _dlq_bulk(args: argparse.Namespace, verb: str) -> int:
     async def work(store: Store) -> int:
         await _known_queue(args, store, args.queue)
         now = time.time()
+        # --all is the jobs dead when the command starts, each handled once: their ids
+        # are read first, so a job that dies again while the command runs (its handler
+        # still fails) is not taken a second time (see docs/design.md).
+        ids = await _dead_ids(store, args.queue) if args.all else list(dict.fromkeys(args.ids))
         # Chunks of CHUNK ids, one transaction each: an interruption leaves every chunk
         # fully done or not started, and running the command again continues with the rest.
-        if args.all:
-            total = (await store.counts(now)).get(args.queue, QueueCounts()).dead
-            done = 0
-            while True:
-                ids = [j.id for j in await store.list_dead(args.queue, limit=CHUNK)]
-                if not ids:
-                    break
-                done += len(await _apply(store, verb, args.queue, ids, now))
-                _progress(verb, done, max(total, done), show)
-            return done
-        total, done = len(args.ids), 0
+        total, done = len(ids), 0
         for start in range(0, total, CHUNK):
-            done += len(await _apply(store, verb, args.queue, args.ids[start : start + CHUNK], now))
-            _progress(verb, start + CHUNK, total, show)
+            done += len(await _apply(store, verb, args.queue, ids[start : start + CHUNK], now))
+            _progress(verb, min(start + CHUNK, total), total, show)
         missing = total - done
         if missing:
-            print(
-                f"{missing} id(s) were not in the dead-letter queue of '{args.queue}'",
-                file=sys.stderr,
+            why = (
+                "had left the dead-letter queue of '{}' before the command reached them"
+                if args.all
+                else "were not in the dead-letter queue of '{}'"
             )
+            print(f"{missing} id(s) {why.format(args.queue)}", file=sys.stderr)
         return done
 
     count = _with_store(args, work)
@@ -413,6 +431,20 @@ def _dlq_bulk(args: argparse.Namespace, verb: str) -> int:
     else:
         print(f"{past} {count} job(s) of '{args.queue}'")
     return 0
+
+
+async def _dead_ids(store: Store, queue: str) -> list[str]:
+    """The ids of the jobs dead in ``queue`` now, oldest failure first, read in pages of
+    CHUNK. Jobs that die while the pages are read come last (the DLQ's order is their
+    death's) and are left out: no more than the count at the start is taken."""
+    total = (await store.counts(time.time())).get(queue, QueueCounts()).dead
+    ids: list[str] = []
+    while len(ids) < total:
+        page = await store.list_dead(queue, offset=len(ids), limit=CHUNK)
+        ids.extend(j.id for j in page)
+        if len(page) < CHUNK:
+            break
+    return list(dict.fromkeys(ids[:total]))
 
 
 async def _apply(store: Store, verb: str, queue: str, ids: Sequence[str], now: float) -> list[str]:
@@ -471,13 +503,18 @@ def cmd_trigger(args: argparse.Namespace) -> int:
     if args.app:
         app = _import_app(args.app)
         _no_config_for_a_started_app(app, args)
+        if args.config:
+            _use_config(app, args)
+        _no_queue_in_memory(app, args)
         if not app.is_running:
-            if args.config:
-                app.config = _config(args)
-            app.start()
+            # Without the http server and cron: the app itself may be running beside this
+            # command (its port taken, its cron fires its own).
+            with _engine_errors(args.app):
+                app.start(serve=False)
         try:
             action = EnqueueAction(queue=args.queue) if args.queue else None
-            result = app.trigger(args.function_id, payload, action=action)
+            with _engine_errors(args.app):
+                result = app.trigger(args.function_id, payload, action=action)
         except InvocationError as exc:
             raise UsageError(str(exc)) from None
         finally:
@@ -533,9 +570,42 @@ def cmd_run(args: argparse.Namespace) -> int:
         _serve_until_stopped(app)
         return 0
     if args.config:
-        app.config = _config(args)
-    app.run()
+        _use_config(app, args)
+    with _engine_errors(args.app):
+        app.run()
     return 0
+
+
+@contextlib.contextmanager
+def _engine_errors(spec: str) -> Iterator[None]:
+    """An app's engine that cannot start or work for a reason the operator can fix (its
+    store damaged or read-only, its http port taken, a config value): one line."""
+    try:
+        yield
+    except (StoreError, ConfigError, HttpListenError) as exc:
+        raise UsageError(f"{spec}: {exc}") from None
+
+
+def _use_config(app: Any, args: argparse.Namespace) -> None:
+    """``--config`` for an app its module did not start: that file's queues and store,
+    plus the queues the app's code added (its topic subscriptions' among them), which
+    its publishes need."""
+    config = _config(args)
+    app.config = attrs.evolve(config, queues={**config.queues, **app._added_queues})
+
+
+def _no_queue_in_memory(app: Any, args: argparse.Namespace) -> None:
+    """``trigger --queue --app`` stores the job in the app's store through an engine that
+    lives as long as the command: with an in-memory store the job would end with it."""
+    if not args.queue or app.config.store.store_method == "file_based":
+        return
+    if app.is_running:
+        app.shutdown()
+    raise UsageError(
+        f"--queue with --app: {args.app} keeps its jobs in memory, so the job would be "
+        "lost when this command ends; call the function without --queue (it runs now), "
+        "or give the app a file_based store and enqueue while it runs"
+    )
 
 
 def _no_config_for_a_started_app(app: Any, args: argparse.Namespace) -> None:
@@ -660,7 +730,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     with_store(p)
     p.add_argument("queue")
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument(
+        "--limit", type=_positive_int, default=50, help="at most this many jobs (default 50)"
+    )
     p = command(
         "show",
         "Show one dead job: payload, attempts, error and traceback.",
@@ -721,9 +793,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         result: int = args.fn(args)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
         return result
     except UsageError as exc:
         print(f"iii-embedded: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (``| head``): stop quietly. Python would flush stdout
+        # again at exit and complain, so stdout now goes nowhere.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + signal.SIGPIPE

@@ -307,10 +307,11 @@ class _Reader:
                 )
             if key == "synchronous" and value not in ("normal", "full"):
                 raise self.fail(f"synchronous must be 'normal' or 'full', got {value!r}", key_line)
-            if key in ("lease_ms", "result_retention_ms") and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 1
-            ):
-                raise self.fail(f"{key} must be an integer >= 1, got {value!r}", key_line)
+            if key in ("lease_ms", "result_retention_ms"):
+                # Milliseconds, so at most a signed 64-bit integer, as every int key.
+                problem = int_problem(key, value, 1)
+                if problem:
+                    raise self.fail(problem, key_line)
             if key == "pin_cpu":
                 if value is True:
                     value = "auto"
@@ -345,7 +346,10 @@ class _Reader:
             values[key] = value
         if values.get("store_method") == "file_based" and not values.get("file_path"):
             raise self.fail("store_method 'file_based' requires file_path", config_line)
-        return StoreConfig(**values)
+        try:
+            return StoreConfig(**values)
+        except (TypeError, ValueError) as exc:  # pragma: no cover - validated above
+            raise self.fail(f"adapter config: {exc}", config_line) from None
 
 
 def _describe(value: Any) -> str:
@@ -378,6 +382,11 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError("config file not found", path=str(file)) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})",
+            path=str(file),
+        ) from None
     except OSError as exc:
         raise ConfigError(f"cannot read the config file: {exc.strerror}", path=str(file)) from None
     return parse_config(text, source=str(file), base_dir=str(file.resolve().parent))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
@@ -28,7 +29,7 @@ from ._errors import InvocationError
 if TYPE_CHECKING:
     from ._app import III
 
-__all__ = ["HttpRouter", "install_http", "HttpServer"]
+__all__ = ["HttpRouter", "install_http", "HttpServer", "HttpListenError"]
 
 log = logging.getLogger("iii_embedded.http")
 
@@ -114,6 +115,17 @@ class HttpRouter:
             return
         route, path_params = min(chosen, key=lambda match: match[0].rank)
         raw = await _read_body(receive)
+        if raw is None:
+            # The client went away before its body was complete: a truncated body is not
+            # the request it meant, and there is no one to answer.
+            log.info(
+                "http %s %s: the client disconnected before sending its whole body; "
+                "%r is not called",
+                method,
+                path,
+                route.function_id,
+            )
+            return
         headers = {
             k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])
         }
@@ -158,8 +170,9 @@ class HttpRouter:
             error_id = str(uuid.uuid4())
             log.error(
                 "http %s %s -> %r returned a response that cannot be sent (error id %s): "
-                "%s: %s (a status_code must be an integer from 100 to 599, a body "
-                "JSON-serialisable, str or bytes, header names and values latin-1 text)",
+                "%s: %s (a status_code must be an integer from 200 to 599, a body "
+                "JSON-serialisable, str or bytes and none with 204 or 304, header names "
+                "HTTP tokens and values latin-1 text without CR, LF or NUL)",
                 method,
                 request["path"],
                 route.function_id,
@@ -180,16 +193,16 @@ class HttpRouter:
                 return
 
 
-async def _read_body(receive: Receive) -> bytes:
+async def _read_body(receive: Receive) -> bytes | None:
+    """The request's body; ``None`` if the client disconnected before sending all of it."""
     chunks: list[bytes] = []
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            break
+            return None
         chunks.append(message.get("body", b""))
         if not message.get("more_body", False):
-            break
-    return b"".join(chunks)
+            return b"".join(chunks)
 
 
 def _decode_body(raw: bytes, content_type: str) -> Any:
@@ -224,17 +237,40 @@ def _response_of(result: Any) -> tuple[int, Any, dict[str, str]]:
         if isinstance(raw, bool) or not isinstance(raw, (int, str)):
             raise TypeError(f"status_code {raw!r} is not an integer")
         status = int(raw)  # ValueError for text that is not digits
-        if not 100 <= status <= 599:
-            raise ValueError(f"status_code {status} is outside 100-599")
+        # 1xx are interim responses, not an answer: an ASGI app cannot send them.
+        if not 200 <= status <= 599:
+            raise ValueError(f"status_code {status} is outside 200-599")
         headers = result.get("headers") or {}
         if not isinstance(headers, Mapping):
             raise TypeError(f"headers {headers!r} is not a mapping")
-        return (
-            status,
-            result.get("body"),
-            {str(k).lower(): str(v) for k, v in headers.items()},
-        )
+        body = result.get("body")
+        if status in _NO_BODY and body not in (None, "", b""):
+            raise ValueError(f"status_code {status} is sent without a body, and one was given")
+        return status, body, {_header_name(k): _header_value(k, v) for k, v in headers.items()}
     return 200, result, {}
+
+
+_NO_BODY = {204, 304}
+"""Statuses whose response has no body (RFC 9110 §6.4.1): none is sent, nor a
+content-length of ours (a 204 has none at all)."""
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def _header_name(name: Any) -> str:
+    text = str(name).lower()
+    if not _TOKEN.fullmatch(text):
+        raise ValueError(f"header name {text!r} is not an HTTP token")
+    return text
+
+
+def _header_value(name: Any, value: Any) -> str:
+    """The header's value as text; ``ValueError`` for a CR, LF or NUL (which would end the
+    header and start another: response splitting) or a character outside latin-1."""
+    text = str(value)
+    if any(c in text for c in "\r\n\0"):
+        raise ValueError(f"header {str(name).lower()!r}: value {text!r} has a CR, LF or NUL")
+    text.encode("latin-1")  # UnicodeEncodeError, a ValueError, names the character
+    return text
 
 
 def _route_path(scope: Scope) -> str:
@@ -268,17 +304,20 @@ async def _respond(
     send: Send, status: int, body: Any, headers: Mapping[str, str] | None = None
 ) -> None:
     extra = dict(headers or {})
-    if isinstance(body, bytes):
+    if status in _NO_BODY:  # no body (_response_of refused one), no content-length
+        data, content_type = b"", ""
+    elif isinstance(body, bytes):
         data, content_type = body, "application/octet-stream"
     elif isinstance(body, str):
         data, content_type = body.encode(), "text/plain; charset=utf-8"
-    elif body is None and status in (204, 304):
-        data, content_type = b"", ""
     else:
         data, content_type = json.dumps(body).encode(), "application/json"
     if content_type and "content-type" not in extra:
         extra["content-type"] = content_type
-    extra["content-length"] = str(len(data))
+    if status not in _NO_BODY:
+        extra["content-length"] = str(len(data))
+    elif status == 204:
+        extra.pop("content-length", None)
     await send(
         {
             "type": "http.response.start",
@@ -287,6 +326,11 @@ async def _respond(
         }
     )
     await send({"type": "http.response.body", "body": data})
+
+
+class HttpListenError(OSError):
+    """The engine's http server cannot listen on its host and port (taken, say): the
+    engine does not start."""
 
 
 class HttpServer:
@@ -328,16 +372,36 @@ class HttpServer:
         async def serve() -> None:
             try:
                 await server.serve()
-            except SystemExit:
-                log.error("the http server could not start on %s:%s", self.host, self.port)
+            except SystemExit:  # uvicorn's way to fail at start-up: start() raises
+                pass
             finally:
                 self._done.set()
 
-        tg.start_soon(serve, name="iii-http")
-        while not server.started:
-            if self._done.is_set():
-                raise OSError(f"the http server could not listen on {self.host}:{self.port}")
-            await anyio.sleep(0.005)
+        # uvicorn logs why it cannot listen (and exits): that reason goes into the error
+        # raised here, one message, rather than a log line of its own beside it.
+        reasons: list[str] = []
+
+        def keep_reason(record: logging.LogRecord) -> bool:
+            if record.levelno >= logging.ERROR:
+                reasons.append(record.getMessage())
+                return False
+            return True
+
+        uvicorn_log = logging.getLogger("uvicorn.error")
+        uvicorn_log.addFilter(keep_reason)
+        try:
+            tg.start_soon(serve, name="iii-http")
+            while not server.started:
+                if self._done.is_set():
+                    # "[Errno 98] error while attempting to bind on address (...): address
+                    # already in use": the cause is after the last colon.
+                    why = f": {reasons[-1].rsplit(': ', 1)[-1]}" if reasons else ""
+                    raise HttpListenError(
+                        f"the http server cannot listen on {self.host}:{self.port}{why}"
+                    )
+                await anyio.sleep(0.005)
+        finally:
+            uvicorn_log.removeFilter(keep_reason)
         sockets = [s for srv in server.servers for s in srv.sockets]
         if sockets:
             self.port = int(sockets[0].getsockname()[1])

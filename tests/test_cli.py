@@ -400,7 +400,7 @@ def test_cron_shows_each_jobs_last_fire_and_whether_it_still_runs(project: Path)
     assert dead in lines["cleanup"]
 
 
-@pytest.mark.parametrize("interval", ["-1", "0", "soon"])
+@pytest.mark.parametrize("interval", ["-1", "0", "soon", "1e300", "86401", "inf", "nan"])
 def test_a_watch_interval_that_is_not_a_positive_number_is_a_usage_error(
     tmp_path: Path, interval: str
 ) -> None:
@@ -436,3 +436,280 @@ def test_an_app_that_fails_to_import_is_one_line_naming_why(
         assert len(out.stderr.strip().splitlines()) == 1, out.stderr
         assert message in out.stderr
         assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            b"queue_configs:\n  caf\xe9: {max_retries: 2}\n",
+            "iii-embedded: error: iii-config.yaml: not UTF-8 text (byte 0xe9 at offset 20)",
+        ),
+        (
+            b"adapter:\n  config: {store_method: file_based, file_path: ./s,\n"
+            b"    result_retention_ms: 100000000000000000000}\n",
+            "iii-embedded: error: iii-config.yaml:3: result_retention_ms must be at most "
+            "9223372036854775807, got 100000000000000000000",
+        ),
+    ],
+    ids=["not_utf8", "huge_ms"],
+)
+def test_check_reports_a_config_it_cannot_read_in_one_line(
+    tmp_path: Path, content: bytes, message: str
+) -> None:
+    (tmp_path / "iii-config.yaml").write_bytes(content)
+    out = cli(tmp_path, "check")
+    assert (out.returncode, out.stderr.strip()) == (2, message)
+
+
+class _StillFailing:
+    """A file store, seen by the command, whose app fails each redriven job again at once:
+    after each redrive the jobs it moved are claimed and die (for the first ``rounds``
+    redrives, so that a command that chases them still ends)."""
+
+    def __init__(self, store: Any, rounds: int) -> None:
+        self._store = store
+        self.rounds = rounds
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def redrive(self, queue: str, ids: Any, now: float) -> list[str]:
+        from iii_embedded._stores._base import ErrorInfo, Outcome
+
+        moved: list[str] = await self._store.redrive(queue, ids, now)
+        if self.rounds > 0 and moved:
+            self.rounds -= 1
+            claimed = await self._store.claim(
+                queue, fifo=False, limit=len(moved), now=now, owner="app", lease_until=now + 60
+            )
+            assert sorted(j.id for j in claimed) == sorted(moved)
+            await self._store.finish(
+                [
+                    Outcome(
+                        job_id=j.id,
+                        kind="dead",
+                        owner="app",
+                        attempt=j.attempts,
+                        at=now,
+                        error=ErrorInfo(type="ValueError", message="still broken"),
+                    )
+                    for j in claimed
+                ]
+            )
+        return moved
+
+
+@pytest.mark.parametrize("count", [3, 1203], ids=["one_chunk", "three_chunks"])
+def test_dlq_redrive_all_takes_each_job_dead_at_the_start_once(
+    project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], count: int
+) -> None:
+    """A job that dies again while ``--all`` runs is not redriven a second time, and the
+    count is the jobs that were dead (the command chased them while the DLQ was not empty)."""
+    from iii_embedded import _cli
+
+    dead_jobs_in(project, count)
+    real_open = _cli.open_store
+    monkeypatch.setattr(_cli, "open_store", lambda config: _StillFailing(real_open(config), 5))
+    monkeypatch.chdir(project)
+    assert _cli.main(["dlq", "redrive", "work", "--all", "--progress"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == f"redriven {count} job(s) of 'work'"
+    assert err.rstrip().endswith(f"{count}/{count}")
+    assert "had left" not in err
+    # Each job died again once, after its redrive, and the command left it dead.
+    assert queue_row(project, "work")["dead"] == count
+
+
+@pytest.mark.parametrize("limit", ["0", "-1", "many"])
+def test_dlq_list_limit_must_be_a_positive_integer(project: Path, limit: str) -> None:
+    dead_jobs_in(project, 2)
+    out = cli(project, "dlq", "list", "work", "--limit", limit)
+    assert out.returncode == 2, out.stdout
+    assert out.stdout == ""
+    assert "argument --limit:" in out.stderr and repr(limit) in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_dlq_list_limit_lists_that_many(project: Path) -> None:
+    ids = dead_jobs_in(project, 3)
+    out = cli(project, "dlq", "list", "work", "--limit", "2", "--json")
+    assert out.returncode == 0, out.stderr
+    listed = [d["id"] for d in json.loads(out.stdout)]
+    assert len(listed) == 2 and set(listed) < set(ids)
+
+
+def test_dlq_redrive_of_a_repeated_id_counts_it_once(project: Path) -> None:
+    one, two, _ = dead_jobs_in(project, 3)
+    out = cli(project, "dlq", "redrive", "work", one, two, one, "--progress")
+    assert (out.returncode, out.stdout.strip()) == (0, "redriven 2 job(s) of 'work'")
+    assert out.stderr.rstrip().endswith("] 2/2")
+    assert "not in the dead-letter queue" not in out.stderr
+    missing = cli(project, "dlq", "discard", "work", one, "no-such-id", "no-such-id")
+    assert missing.stdout.strip() == "discarded 0 job(s) of 'work'"
+    assert missing.stderr.strip() == "2 id(s) were not in the dead-letter queue of 'work'"
+
+
+def one_line_error(out: subprocess.CompletedProcess[str]) -> str:
+    """The message of a command that failed with one line on stderr and exit status 2."""
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    return lines[0]
+
+
+TOUCH_APP = """\
+from pathlib import Path
+from iii_embedded import III
+iii = III.from_config("iii-config.yaml", shutdown_grace_ms=0)
+iii.register_function("touch", lambda d: Path("touched").write_text(str(d)))
+"""
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "read_only"])
+def test_run_and_trigger_app_on_a_store_that_cannot_be_used_say_so_in_one_line(
+    project: Path, damage: str
+) -> None:
+    (project / "app.py").write_text(TOUCH_APP)
+    store = project / "store"
+    if damage == "corrupt":
+        store.mkdir()
+        (store / "iii-queue.db").write_bytes(b"not a database, " * 256)
+        expected = "the file is not a valid SQLite database"
+    else:
+        assert cli(project, "trigger", "add", "--payload", "1").returncode == 0
+        if os.geteuid() == 0:
+            pytest.skip("root writes to read-only files")
+        for path in (store, *store.iterdir()):
+            path.chmod(0o555 if path.is_dir() else 0o444)
+        expected = str(store)
+    try:
+        for args in (
+            ["run", "app:iii"],
+            ["trigger", "touch", "--payload", "1", "--app", "app:iii"],
+        ):
+            line = one_line_error(cli(project, *args))
+            assert line.startswith("iii-embedded: error: app:iii: "), line
+            assert expected in line
+        assert not (project / "touched").exists()
+    finally:
+        for path in (store, *store.iterdir()):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+def http_project(tmp_path: Path, port: int) -> Path:
+    (tmp_path / "iii-config.yaml").write_text(
+        f"workers:\n  - name: iii-http\n    config: {{port: {port}, host: 127.0.0.1}}\n"
+    )
+    (tmp_path / "app.py").write_text(TOUCH_APP)
+    return tmp_path
+
+
+def test_a_taken_http_port_stops_run_in_one_line_and_trigger_app_does_not_serve_http(
+    tmp_path: Path,
+) -> None:
+    import socket
+
+    holder = socket.socket()  # the port the app's http worker wants is taken (by the app)
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    project = http_project(tmp_path, port)
+    try:
+        line = one_line_error(cli(project, "run", "app:iii"))
+        assert line == (
+            f"iii-embedded: error: app:iii: the http server cannot listen on 127.0.0.1:{port}: "
+            "address already in use"
+        )
+        # trigger --app starts no http server (nor cron): it works beside the running app.
+        out = cli(project, "trigger", "touch", "--payload", '"hi"', "--app", "app:iii")
+        assert out.returncode == 0, out.stderr
+        assert (project / "touched").read_text() == "hi"
+    finally:
+        holder.close()
+
+
+TOPIC_APP = """\
+import threading
+from iii_embedded import III
+iii = III(shutdown_grace_ms=0)
+seen = []
+arrived = threading.Event()
+def on_order(d):
+    seen.append(d)
+    arrived.set()
+iii.register_function("on_order", on_order)
+iii.register_trigger({"type": "queue", "function_id": "on_order", "config": {"topic": "orders"}})
+def pub(d):
+    iii.trigger({"function_id": "enqueue", "payload": {"topic": "orders", "data": d}})
+    return {"arrived": arrived.wait(timeout=30), "seen": seen}
+iii.register_function("pub", pub)
+"""
+
+
+def test_trigger_app_with_config_keeps_the_queues_of_its_topic_subscriptions(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "other.yaml").write_text("queue_configs:\n  work: {max_retries: 2}\n")
+    (tmp_path / "app.py").write_text(TOPIC_APP)
+    out = cli(
+        tmp_path,
+        "trigger",
+        "pub",
+        "--payload",
+        '{"n": 1}',
+        "--app",
+        "app:iii",
+        "--config",
+        "other.yaml",
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"arrived": True, "seen": [{"n": 1}]}
+
+
+def test_trigger_queue_through_an_app_whose_store_is_in_memory_is_refused(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "app.py").write_text(
+        "from pathlib import Path\nfrom iii_embedded import III\niii = III()\n"
+        "iii.register_function('touch', lambda d: Path('touched').write_text('ran'))\n"
+    )
+    out = cli(tmp_path, "trigger", "touch", "--queue", "default", "--app", "app:iii")
+    line = one_line_error(out)
+    assert "--queue with --app: app:iii keeps its jobs in memory" in line
+    assert out.stdout == ""
+    assert not (tmp_path / "touched").exists()
+    # Without --queue the call runs now, through the app.
+    assert cli(tmp_path, "trigger", "touch", "--app", "app:iii").returncode == 0
+    assert (tmp_path / "touched").read_text() == "ran"
+
+
+def test_trigger_into_a_store_dir_given_explicitly_needs_an_existing_store(
+    project: Path,
+) -> None:
+    line = one_line_error(cli(project, "trigger", "add", "--payload", "1", "--store", "./stroe"))
+    assert line == "iii-embedded: error: no store at stroe (no iii-queue.db there)"
+    assert not (project / "stroe").exists()
+    # The store the config names is created by the first enqueue, and --store finds it then.
+    assert cli(project, "trigger", "add", "--payload", "1").returncode == 0
+    out = cli(project, "trigger", "add", "--payload", "2", "--store", "./store")
+    assert out.returncode == 0, out.stderr
+    assert queue_row(project, "default")["ready"] == 2
+
+
+def test_output_into_a_closed_pipe_ends_quietly(project: Path) -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the command writes (``| head`` done)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "iii_embedded", "check"],
+            cwd=project,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (141, "")

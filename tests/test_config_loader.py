@@ -232,6 +232,16 @@ def test_relative_file_path_is_resolved_from_the_config_files_directory(
             3,
             "pin_cpu: CPU 4096 is not available to this process (it may run on CPUs",
         ),
+        (
+            "adapter:\n  config:\n    lease_ms: 9223372036854775808\n",
+            3,
+            "lease_ms must be at most 9223372036854775807, got 9223372036854775808",
+        ),
+        (
+            "adapter:\n  config:\n    result_retention_ms: 100000000000000000000\n",
+            3,
+            "result_retention_ms must be at most 9223372036854775807, got 100000000000000000000",
+        ),
         ("- just\n- a list\n", 1, "the top level of the file must be a mapping"),
         ("queue_configs:\n  q: {concurrency: 2\n", 3, "invalid YAML"),
     ],
@@ -273,6 +283,14 @@ def test_a_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="config file not found") as caught:
         load_config(tmp_path / "nope.yaml")
     assert str(tmp_path / "nope.yaml") in str(caught.value)
+
+
+def test_a_file_that_is_not_utf8_is_a_clear_error_naming_the_byte(tmp_path: Path) -> None:
+    path = tmp_path / "iii-config.yaml"
+    path.write_bytes(b"queue_configs:\n  caf\xe9: {max_retries: 2}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value) == f"{path}: not UTF-8 text (byte 0xe9 at offset 20)"
 
 
 @pytest.mark.parametrize(

@@ -487,3 +487,28 @@ async def test_a_store_error_while_taking_a_fire_skips_it_and_the_schedule_goes_
     assert f"skipped at {iso(T0 + 10)}" in error and "the disk is full" in error
     assert [p["scheduled_time"] for p in record.payloads] == [iso(T0 + 20)]
     assert payload["scheduled_time"] == iso(T0 + 20)
+
+
+@pytest.mark.parametrize("serve", [True, False])
+async def test_an_engine_started_with_serve_false_runs_no_schedule(serve: bool) -> None:
+    """``running(serve=False)`` (``iii-embedded trigger --app``) leaves cron to the app."""
+    clock = VirtualClock(start=T0)
+    iii = III(clock=clock, shutdown_grace_ms=0)
+    record = Recorder()
+    iii.register_function("job", record)
+    iii.register_function("ping", lambda _: "pong")
+    iii.register_trigger(
+        {
+            "type": "cron",
+            "id": "job-1",
+            "function_id": "job",
+            "config": {"expression": "* * * * * *"},
+        }
+    )
+    async with iii.running(serve=serve):
+        await advance(clock, 5)
+        if serve:
+            assert (await record.next())["job_id"] == "job-1"
+        else:
+            assert await iii.trigger_async("ping", None) == "pong"  # the engine runs
+            assert record.payloads == []

@@ -326,8 +326,33 @@ def test_the_engine_serves_http_in_every_lifecycle(tmp_path: Path) -> None:
         ({"status_code": "abc"}, "ValueError: invalid literal for int()"),
         ({"status_code": 2.5}, "TypeError: status_code 2.5 is not an integer"),
         ({"status_code": True}, "TypeError: status_code True is not an integer"),
-        ({"status_code": 1200}, "ValueError: status_code 1200 is outside 100-599"),
+        ({"status_code": 1200}, "ValueError: status_code 1200 is outside 200-599"),
         ({"status_code": 200, "headers": ["x"]}, "TypeError: headers ['x'] is not a mapping"),
+        ({"status_code": 101}, "ValueError: status_code 101 is outside 200-599"),
+        (
+            {"status_code": 204, "body": {"x": 1}},
+            "ValueError: status_code 204 is sent without a body, and one was given",
+        ),
+        (
+            {"status_code": 304, "body": "cached"},
+            "ValueError: status_code 304 is sent without a body, and one was given",
+        ),
+        (
+            {"status_code": 200, "body": "x", "headers": {"x-a": "1\r\nset-cookie: evil=1"}},
+            "ValueError: header 'x-a': value '1\\r\\nset-cookie: evil=1' has a CR, LF or NUL",
+        ),
+        (
+            {"status_code": 200, "headers": {"x-a": "1\x00"}},
+            "ValueError: header 'x-a': value '1\\x00' has a CR, LF or NUL",
+        ),
+        (
+            {"status_code": 200, "headers": {"x a:": "1"}},
+            "ValueError: header name 'x a:' is not an HTTP token",
+        ),
+        (
+            {"status_code": 200, "headers": {"x-a": "caf\u00e9 \u2603"}},
+            "UnicodeEncodeError: 'latin-1' codec can't encode character '\\u2603'",
+        ),
     ],
 )
 async def test_a_response_that_cannot_be_sent_is_a_json_500_with_an_error_id(
@@ -401,3 +426,99 @@ async def test_a_fixed_segment_wins_over_a_parameter_whatever_the_order_of_regis
     assert first == (200, {"fn": "first_item", "id": "42"})
     assert item == (200, {"fn": "item", "id": "42", "n": "3"})
     assert slash == (200, {"fn": "show", "id": "a/b"})  # an encoded slash stays in its segment
+
+
+async def test_a_taken_port_is_one_error_naming_it_and_serve_false_leaves_the_port_alone() -> None:
+    import socket
+
+    from iii_embedded._http import HttpListenError
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    try:
+        iii = III(Config(http=HttpConfig(host="127.0.0.1", port=port)), shutdown_grace_ms=0)
+        iii.register_function("ping", lambda _: "pong")
+        with pytest.raises(HttpListenError) as caught:
+            async with iii.running():
+                pass
+        assert str(caught.value) == (
+            f"the http server cannot listen on 127.0.0.1:{port}: address already in use"
+        )
+        assert isinstance(caught.value, OSError)
+        async with iii.running(serve=False):  # as `iii-embedded trigger --app` starts it
+            assert iii.http_server is None
+            assert await iii.trigger_async("ping", None) == "pong"
+    finally:
+        holder.close()
+
+
+@pytest.mark.parametrize(
+    ("response", "headers"),
+    [
+        ({"status_code": 204}, []),
+        ({"status_code": 204, "body": "", "headers": {"content-length": "5"}}, []),
+        ({"status_code": 304, "headers": {"etag": '"v1"'}}, [(b"etag", b'"v1"')]),
+    ],
+)
+async def test_a_204_or_304_is_sent_with_no_body_and_no_content_length_of_ours(
+    response: dict[str, Any], headers: list[tuple[bytes, bytes]]
+) -> None:
+    iii = III(shutdown_grace_ms=0)
+    iii.register_function("none", lambda req: response)
+    iii.register_trigger({"type": "http", "function_id": "none", "config": {"api_path": "/n"}})
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async with iii.running():
+        await iii.asgi_app(
+            {"type": "http", "method": "GET", "path": "/n", "headers": []}, receive, send
+        )
+    assert sent == [
+        {"type": "http.response.start", "status": response["status_code"], "headers": headers},
+        {"type": "http.response.body", "body": b""},
+    ]
+
+
+async def test_a_client_that_disconnects_mid_upload_does_not_call_the_function() -> None:
+    iii = III(shutdown_grace_ms=0)
+    calls: list[Any] = []
+    iii.register_function("orders::create", lambda req: calls.append(req) or {"status_code": 201})
+    iii.register_trigger(
+        {
+            "type": "http",
+            "function_id": "orders::create",
+            "config": {"api_path": "/orders", "http_method": "POST"},
+        }
+    )
+    messages = [
+        {"type": "http.request", "body": b'{"amount": 1000000, "note": "par', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/orders",
+        "headers": [(b"content-type", b"text/plain")],
+    }
+    async with iii.running():
+        await iii.asgi_app(scope, receive, send)
+        # The same request sent whole is a call: the route and engine work.
+        messages[:] = [{"type": "http.request", "body": b"whole", "more_body": False}]
+        await iii.asgi_app(scope, receive, send)
+    assert [c["body"] for c in calls] == ["whole"]
+    assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [201]
