@@ -567,35 +567,23 @@ iii.register_function("touch", lambda d: Path("touched").write_text(str(d)))
 """
 
 
-@pytest.mark.parametrize("damage", ["corrupt", "read_only"])
 def test_run_and_trigger_app_on_a_store_that_cannot_be_used_say_so_in_one_line(
-    project: Path, damage: str
+    project: Path,
 ) -> None:
+    """A damaged store (the same StoreError path as a read-only one, whose message the
+    store's own fault tests check as an unprivileged user)."""
     (project / "app.py").write_text(TOUCH_APP)
     store = project / "store"
-    if damage == "corrupt":
-        store.mkdir()
-        (store / "iii-queue.db").write_bytes(b"not a database, " * 256)
-        expected = "the file is not a valid SQLite database"
-    else:
-        assert cli(project, "trigger", "add", "--payload", "1").returncode == 0
-        if os.geteuid() == 0:
-            pytest.skip("root writes to read-only files")
-        for path in (store, *store.iterdir()):
-            path.chmod(0o555 if path.is_dir() else 0o444)
-        expected = str(store)
-    try:
-        for args in (
-            ["run", "app:iii"],
-            ["trigger", "touch", "--payload", "1", "--app", "app:iii"],
-        ):
-            line = one_line_error(cli(project, *args))
-            assert line.startswith("iii-embedded: error: app:iii: "), line
-            assert expected in line
-        assert not (project / "touched").exists()
-    finally:
-        for path in (store, *store.iterdir()):
-            path.chmod(0o755 if path.is_dir() else 0o644)
+    store.mkdir()
+    (store / "iii-queue.db").write_bytes(b"not a database, " * 256)
+    for args in (
+        ["run", "app:iii"],
+        ["trigger", "touch", "--payload", "1", "--app", "app:iii"],
+    ):
+        line = one_line_error(cli(project, *args))
+        assert line.startswith("iii-embedded: error: app:iii: "), line
+        assert "the file is not a valid SQLite database" in line
+    assert not (project / "touched").exists()
 
 
 def http_project(tmp_path: Path, port: int) -> Path:
