@@ -133,10 +133,11 @@ def test_current_invocation_is_none_outside_handlers() -> None:
 
 
 def run_until_signal(
-    tmp_path: Path, script_text: str, ready: Path, sig: int, *, settle: bool = False
+    tmp_path: Path, script_text: str, ready: Path, sig: int, *, served: Path | None = None
 ) -> tuple[int, str, str]:
     """Run a worker script, wait until it wrote ``ready``, send it ``sig``; its exit
-    status, stdout and stderr. ``settle``: first check that it goes on serving."""
+    status, stdout and stderr. ``served``: first wait for this file, which the script
+    writes once it has served a call after its main thread ended."""
     script = tmp_path / "worker.py"
     script.write_text(textwrap.dedent(script_text))
     proc = subprocess.Popen(
@@ -149,8 +150,9 @@ def run_until_signal(
     try:
         wait_until(lambda: ready.exists() or proc.poll() is not None, timeout=30)
         assert ready.exists() and proc.poll() is None, proc.communicate()
-        if settle:
-            time.sleep(0.3)  # fault injection window: the script has ended, the worker not
+        if served is not None:
+            wait_until(lambda: served.exists() or proc.poll() is not None, timeout=30)
+            assert served.read_text() == "served after the script ended", proc.communicate()
             assert proc.poll() is None, "the process exited although the worker should serve"
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=20)
@@ -172,11 +174,11 @@ def test_a_worker_script_keeps_serving_until_sigterm(
         (tmp_path / "iii-config.yaml").write_text(
             "adapter:\n  config:\n    store_method: file_based\n    file_path: ./data\n"
         )
-    ready = tmp_path / "ready"
+    ready, served = tmp_path / "ready", tmp_path / "served"
     code, _, err = run_until_signal(
         tmp_path,
         f"""
-        import pathlib
+        import pathlib, threading
         from iii_embedded import register_worker
 
         iii = register_worker("ws://localhost:49134")
@@ -184,15 +186,22 @@ def test_a_worker_script_keeps_serving_until_sigterm(
         def process_order(order):
             return {{"processed": True}}
 
+        def after_the_script():  # a call served once the main thread has finished
+            threading.main_thread().join()
+            result = iii.trigger({{"function_id": "orders::process-order", "payload": {{}}}})
+            if result == {{"processed": True}}:
+                pathlib.Path({str(served)!r}).write_text("served after the script ended")
+
         iii.register_function({{"id": "orders::process-order"}}, process_order)
         result = iii.trigger({{"function_id": "orders::process-order", "payload": {{}}}})
         assert result == {{"processed": True}}
+        threading.Thread(target=after_the_script, daemon=True).start()
         pathlib.Path({str(ready)!r}).write_text("ok")
         # the script ends here; the worker keeps serving like the iii SDK's does
     """,
         ready,
         sig,
-        settle=True,
+        served=served,
     )
     assert code == 0, err
     assert "Traceback" not in err
