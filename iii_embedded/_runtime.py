@@ -463,7 +463,7 @@ class Runtime:
                     "attempt": job.attempts,
                 }
                 log_dead_lettered(
-                    job, job.error, extra, " (its last attempt was lost with its process)"
+                    job, job.error, extra, " (its last attempt was lost: its process stopped, or stalled past its lease)"
                 )
             if self.hooks:  # as its runner would have reported the attempt's outcome
                 lost = Outcome(

@@ -112,7 +112,9 @@ owner not in it belongs to a process that is gone."""
 os.register_at_fork(after_in_child=RUNNING_OWNERS.clear)  # a child runs none of them
 
 LOST_ATTEMPT = ErrorInfo(
-    type="LeaseExpired", message="the process running this attempt stopped before finishing it"
+    type="LeaseExpired",
+    message="the process running this attempt stopped, or stalled past its lease, before "
+    "finishing it",
 )
 """The error ``recover`` records on a job whose attempt was lost with its process."""
 UNSTARTED_ATTEMPT = ErrorInfo(
