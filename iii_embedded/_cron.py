@@ -49,6 +49,8 @@ class CronJob:
     job_id: str
     function_id: str
     expression: str
+    implicit: bool = False
+    """True if the id was made here (the trigger gave none): see ``_implicit_ids``."""
 
 
 def _croniter() -> Any:
@@ -111,30 +113,57 @@ def _register_cron(app: III, trigger: Mapping[str, Any]) -> None:
             f"{_iso(now)} ({exc})"
         ) from None
     explicit = trigger.get("id") or config.get("job_id")
-    job_id = str(explicit or f"cron::{function_id}")
-    known = {job.job_id: job for job in app.cron_jobs}
-    if job_id in known and not explicit:
-        first = known[job_id]
-        if (first.function_id, first.expression) != (function_id, expression):
-            # A function's second schedule, with no id of its own: as in iii, each cron
-            # trigger fires on its own. Its id must differ from the first's (a shared
-            # store takes each fire time once per id) and be the same in every process
-            # that registers it, so it is made from the expression.
-            job_id = f"cron::{function_id}::{expression}"
-    if job_id in known:
-        taken = known[job_id]
-        if (taken.function_id, taken.expression) == (function_id, expression):
-            return  # the same schedule registered again: one schedule, as before
-        raise ValueError(
-            f"cron trigger id {job_id!r} is already the schedule {taken.expression!r} of "
-            f"{taken.function_id!r}: give the cron trigger {expression!r} of {function_id!r} "
-            "an 'id' of its own"
-        )
-    job = CronJob(job_id=job_id, function_id=function_id, expression=expression)
-    app.cron_jobs.append(job)
+    for known in app.cron_jobs:  # the same schedule registered again: one schedule
+        same = (known.function_id, known.expression) == (function_id, expression)
+        if same and (known.implicit if not explicit else known.job_id == str(explicit)):
+            return
+    if explicit:
+        job_id = str(explicit)
+        taken = next((job for job in app.cron_jobs if job.job_id == job_id), None)
+        if taken is not None:
+            raise ValueError(
+                f"cron trigger id {job_id!r} is already the schedule {taken.expression!r} "
+                f"of {taken.function_id!r}: give the cron trigger {expression!r} of "
+                f"{function_id!r} an 'id' of its own"
+            )
+        job = CronJob(job_id=job_id, function_id=function_id, expression=expression)
+        app.cron_jobs.append(job)
+    else:
+        job = _add_implicit(app, function_id, expression)
     if app.is_running:  # registered while running: from the loop's thread or another
         rt = app.runtime
         rt.start_soon(run_schedule, rt, job, rt.clock.now())
+
+
+def _add_implicit(app: III, function_id: str, expression: str) -> CronJob:
+    """Add a schedule whose trigger gave no id, and name it.
+
+    A function with one such schedule has ``cron::FUNCTION_ID``; with several (as in iii,
+    each fires on its own), each has ``cron::FUNCTION_ID::EXPRESSION``, whatever order they
+    were registered in, so that processes sharing a store agree on them (the store takes
+    each fire time once per id). Before the engine starts, the function's schedules are
+    renamed as it gains one; a schedule added while it runs cannot rename the running
+    ones, so it takes ``cron::FUNCTION_ID`` only if that is free."""
+    single = f"cron::{function_id}"
+    own = [j for j in app.cron_jobs if j.implicit and j.function_id == function_id]
+    if app.is_running:
+        taken = {j.job_id for j in app.cron_jobs}
+        job_id = f"{single}::{expression}" if single in taken else single
+        job = CronJob(job_id=job_id, function_id=function_id, expression=expression, implicit=True)
+        app.cron_jobs.append(job)
+        return job
+    named = single if single not in {j.job_id for j in app.cron_jobs} else f"{single}::{expression}"
+    job = CronJob(job_id=named, function_id=function_id, expression=expression, implicit=True)
+    app.cron_jobs.append(job)
+    if own:  # now several: each is named by its expression
+        app.cron_jobs[:] = [
+            attrs.evolve(j, job_id=f"{single}::{j.expression}")
+            if j.implicit and j.function_id == function_id
+            else j
+            for j in app.cron_jobs
+        ]
+        job = app.cron_jobs[-1]
+    return job
 
 
 async def run_schedule(rt: Runtime, job: CronJob, start: float) -> None:

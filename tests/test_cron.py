@@ -215,10 +215,10 @@ async def test_a_functions_second_schedule_fires_on_its_own_and_a_repeat_is_one(
     store_config: StoreConfig,
 ) -> None:
     """Two cron triggers of one function, neither with an ``id``: each fires on its own
-    schedule, as in iii (the second gets an id made from its expression; until 2026-12-03
-    both had ``cron::tick``, one schedule in a file store and two in memory). The same
-    schedule registered again is kept once; an explicit id already taken by another
-    schedule is refused, naming both."""
+    schedule, as in iii, under an id made from its expression, whatever order they were
+    registered in (until 2026-12-03 both had ``cron::tick``: one schedule in a file
+    store, two in memory). The same schedule registered again is kept once; an explicit
+    id already taken by another schedule is refused, naming both."""
     clock = VirtualClock(start=T0)
     iii = III(Config(store=store_config), clock=clock, shutdown_grace_ms=0)
     record = Recorder()
@@ -227,23 +227,26 @@ async def test_a_functions_second_schedule_fires_on_its_own_and_a_repeat_is_one(
         iii.register_trigger(
             {"type": "cron", "function_id": "tick", "config": {"expression": expression}}
         )
+    nightly = {"type": "cron", "id": "nightly", "function_id": "tick"}
+    iii.register_trigger({**nightly, "config": {"expression": "0 0 3 * * *"}})
     with pytest.raises(
         ValueError,
-        match=r"cron trigger id 'cron::tick' is already the schedule '0 \*/5 \* \* \* \*' "
-        r"of 'tick': give the cron trigger '0 0 \* \* \* \*' of 'other' an 'id'",
+        match=r"cron trigger id 'nightly' is already the schedule '0 0 3 \* \* \*' "
+        r"of 'tick': give the cron trigger '0 0 4 \* \* \*' of 'tick' an 'id'",
     ):
-        iii.register_trigger(
-            {
-                "type": "cron",
-                "id": "cron::tick",
-                "function_id": "other",
-                "config": {"expression": "0 0 * * * *"},
-            }
-        )
-    assert [(j.job_id, j.expression) for j in iii.cron_jobs] == [
-        ("cron::tick", "0 */5 * * * *"),
-        ("cron::tick::0 */3 * * * *", "0 */3 * * * *"),
+        iii.register_trigger({**nightly, "config": {"expression": "0 0 4 * * *"}})
+    every_3, every_5 = "cron::tick::0 */3 * * * *", "cron::tick::0 */5 * * * *"
+    assert sorted((j.job_id, j.expression) for j in iii.cron_jobs) == [
+        (every_3, "0 */3 * * * *"),
+        (every_5, "0 */5 * * * *"),
+        ("nightly", "0 0 3 * * *"),
     ]
+    other = III(clock=clock)  # the other order: the same ids
+    for expression in ("0 */3 * * * *", "0 */5 * * * *"):
+        other.register_trigger(
+            {"type": "cron", "function_id": "tick", "config": {"expression": expression}}
+        )
+    assert sorted(j.job_id for j in other.cron_jobs) == [every_3, every_5]
     async with iii.running():
         for minute in range(1, 16):
             await advance(clock, 60)
@@ -251,10 +254,9 @@ async def test_a_functions_second_schedule_fires_on_its_own_and_a_repeat_is_one(
             await until(lambda due=due: len(record.payloads) >= due, f"{due} fires")
             await until(lambda: not iii.runtime.cron_fires, "they end")  # before the next
     fires = sorted((p["scheduled_time"], p["job_id"]) for p in record.payloads)
-    every_3 = "cron::tick::0 */3 * * * *"
     assert fires == sorted(
         [(iso(T0 + 60 * m), every_3) for m in (3, 6, 9, 12, 15)]
-        + [(iso(T0 + 60 * m), "cron::tick") for m in (5, 10, 15)]
+        + [(iso(T0 + 60 * m), every_5) for m in (5, 10, 15)]
     )
 
 
