@@ -251,9 +251,10 @@ class III:
 
     async def trigger_async(
         self,
-        request: str | Mapping[str, Any],
+        request: str | Mapping[str, Any] | None = None,
         payload: Any = None,
         *,
+        function_id: str | None = None,
         action: EnqueueAction | VoidAction | Mapping[str, Any] | None = None,
         timeout_ms: int | None = None,
     ) -> Any:
@@ -264,7 +265,7 @@ class III:
         ``None`` (Void) or ``{"messageReceiptId": id}`` (Enqueue); raises
         :class:`InvocationError` as iii does.
         """
-        fid, data, act, timeout = _parse_request(request, payload, action, timeout_ms)
+        fid, data, act, timeout = _parse_request(request, payload, action, timeout_ms, function_id)
         rt = self.runtime
         if rt.loop_thread == threading.get_ident():
             if isinstance(act, EnqueueAction):  # the hot path, with no coroutine between
@@ -308,9 +309,10 @@ class III:
 
     def trigger(
         self,
-        request: str | Mapping[str, Any],
+        request: str | Mapping[str, Any] | None = None,
         payload: Any = None,
         *,
+        function_id: str | None = None,
         action: EnqueueAction | VoidAction | Mapping[str, Any] | None = None,
         timeout_ms: int | None = None,
     ) -> Any:
@@ -319,7 +321,7 @@ class III:
         Raises ``RuntimeError`` on the engine's event-loop thread (it would deadlock there):
         use ``await iii.trigger_async(...)`` in async code.
         """
-        fid, data, act, timeout = _parse_request(request, payload, action, timeout_ms)
+        fid, data, act, timeout = _parse_request(request, payload, action, timeout_ms, function_id)
         rt = self.runtime
         if rt.loop_thread == threading.get_ident():
             raise RuntimeError(
@@ -905,11 +907,19 @@ async def _single_errors() -> AsyncIterator[None]:
 
 
 def _parse_request(
-    request: str | Mapping[str, Any],
+    request: str | Mapping[str, Any] | None,
     payload: Any,
     action: EnqueueAction | VoidAction | Mapping[str, Any] | None,
     timeout_ms: int | None,
+    function_id: str | None = None,
 ) -> tuple[str, Any, EnqueueAction | VoidAction | None, int | None]:
+    if function_id is not None:  # the keyword form: trigger(function_id="...", ...)
+        if request is not None:
+            raise InvocationError(
+                "invalid_request",
+                "give the function id once: as the first argument or as function_id=",
+            )
+        request = function_id
     if type(request) is str and request:  # the common spelling, decided without an ABC check
         fid = request
     elif isinstance(request, Mapping):
@@ -917,6 +927,12 @@ def _parse_request(
         if not isinstance(named, str) or not named:
             raise InvocationError(
                 "invalid_request", "a trigger request needs a 'function_id' string"
+            )
+        if payload is not None or action is not None or timeout_ms is not None:
+            raise InvocationError(
+                "invalid_request",
+                "a request dict carries its own payload, action and timeout_ms: give them "
+                "in it, not as arguments as well (they would be ignored)",
             )
         fid = named
         payload, action = request.get("payload"), request.get("action")

@@ -190,7 +190,7 @@ async def batch_trigger(
     max_attempts: int | None = None,
 ) -> list[str]:
     """Store one run per payload in one transaction (all or none); their ids in order."""
-    payloads = list(payloads)  # any iterable, walked once
+    payloads = _payload_list(payloads)  # any iterable, walked once
     idempotency_keys = _key_list(idempotency_keys)
     if idempotency_keys is not None and len(idempotency_keys) != len(payloads):
         raise InvocationError(
@@ -203,6 +203,18 @@ async def batch_trigger(
     return await rt.enqueue(
         function_id, list(payloads), action, batch=True, idempotency_keys=idempotency_keys
     )
+
+
+def _payload_list(payloads: Iterable[Any]) -> list[Any]:
+    """A batch's payloads as a list (any iterable). One dict, or a string, is refused: it
+    would be taken for its keys, or its characters, one run each."""
+    if isinstance(payloads, Mapping | str | bytes):
+        raise InvocationError(
+            "enqueue_error",
+            "payloads must be a list (or another iterable) of payloads, one per run, not "
+            f"one {type(payloads).__name__}: for a single run, use trigger, or wrap it in a list",
+        )
+    return list(payloads)
 
 
 def _key_list(keys: Iterable[str | None] | None) -> list[str | None] | None:
@@ -520,7 +532,7 @@ async def batch_trigger_and_wait(
     """Store a batch atomically and wait for all of it; never raises for a failed item."""
     if timeout_ms is not None:
         check_timeout(timeout_ms)
-    payloads = list(payloads)  # walked twice below: the deadlock check, then the enqueue
+    payloads = _payload_list(payloads)  # walked twice: the deadlock check, then the enqueue
     idempotency_keys = _key_list(idempotency_keys)
     chain = _waiting_chain(rt, inv)
     _check_fifo_deadlock(rt, chain, queue, _payload_groups(rt, queue, payloads))

@@ -463,7 +463,10 @@ class Runtime:
                     "attempt": job.attempts,
                 }
                 log_dead_lettered(
-                    job, job.error, extra, " (its last attempt was lost: its process stopped, or stalled past its lease)"
+                    job,
+                    job.error,
+                    extra,
+                    " (its last attempt was lost: its process stopped, or stalled past its lease)",
                 )
             if self.hooks:  # as its runner would have reported the attempt's outcome
                 lost = Outcome(
@@ -754,8 +757,10 @@ class Runtime:
 
     @staticmethod
     def call_timeout_s(timeout_ms: int | None) -> float:
-        """A synchronous invocation's timeout, in seconds."""
-        return (DEFAULT_TIMEOUT_MS if timeout_ms is None else timeout_ms) / 1000
+        """A synchronous invocation's timeout, in seconds (at most what a thread can wait:
+        ``float("inf")`` or a huge figure means no practical limit, not an overflow)."""
+        seconds = (DEFAULT_TIMEOUT_MS if timeout_ms is None else timeout_ms) / 1000
+        return min(seconds, threading.TIMEOUT_MAX)
 
     @staticmethod
     def call_failed(

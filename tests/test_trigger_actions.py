@@ -523,3 +523,65 @@ def test_duplicate_function_ids_raise_value_error() -> None:
     assert ref.id == "a::b"
     with pytest.raises(ValueError, match="already registered"):
         iii.register_function("a::b", lambda d: d)
+
+
+# --- call shapes (a review of the public API, 2026-12-03) --------------------------------
+
+
+async def test_the_function_id_may_be_given_by_keyword_but_only_once() -> None:
+    iii = make_app()
+    iii.register_function("echo", lambda x: x)
+    async with iii.running():
+        assert await iii.trigger_async(function_id="echo", payload=7) == 7
+        with pytest.raises(InvocationError, match="give the function id once"):
+            await iii.trigger_async("echo", 1, function_id="echo")
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"action": TriggerAction.Enqueue(queue="email")},
+        {"payload": {"x": 1}},
+        {"timeout_ms": 50},
+    ],
+)
+async def test_a_request_dict_with_arguments_beside_it_is_refused(extra: dict[str, Any]) -> None:
+    """Those arguments were dropped: an Enqueue beside a dict became a synchronous call."""
+    iii = make_app()
+    ran: list[Any] = []
+    iii.register_function("work", ran.append)
+    async with iii.running():
+        with pytest.raises(InvocationError) as caught:
+            await iii.trigger_async({"function_id": "work", "payload": 1}, **extra)
+        await drain(iii)
+    assert caught.value.code == "invalid_request"
+    assert "not as arguments as well" in caught.value.message
+    assert ran == []
+
+
+@pytest.mark.parametrize("payloads", [{"id": "o-1", "total": 5}, "ab", b"ab"])
+async def test_a_batch_of_one_dict_or_a_string_is_refused_not_split(payloads: Any) -> None:
+    iii = make_app()
+    ran: list[Any] = []
+    iii.register_function("orders::create", ran.append)
+    async with iii.running():
+        with pytest.raises(InvocationError, match="payloads must be a list"):
+            await iii.batch_trigger_async("orders::create", payloads, queue="email")
+        with pytest.raises(InvocationError, match="payloads must be a list"):
+            await iii.batch_trigger_and_wait_async("orders::create", payloads, queue="email")
+        await drain(iii)
+        stats = await iii.queue_stats_async("email")
+    assert (ran, stats.completed) == ([], 0)
+
+
+def test_an_unbounded_timeout_does_not_time_a_sync_handler_out_at_once() -> None:
+    """``float("inf")`` and figures past what a thread can wait overflowed the blocking
+    wait, which reported TIMEOUT at once and dropped the handler's result."""
+    iii = III(shutdown_grace_ms=0)
+    iii.register_function("sync", lambda x: x)
+    with iii:
+        answers = [
+            iii.trigger({"function_id": "sync", "payload": n, "timeout_ms": n})
+            for n in (float("inf"), 10**13)
+        ]
+    assert answers == [float("inf"), 10**13]
