@@ -82,12 +82,32 @@ class SystemClock:
 
 
 class _Timer:
-    __slots__ = ("active", "fire", "stop")
+    __slots__ = ("active", "fire", "loop", "stop")
 
-    def __init__(self, fire: Callable[[], None], stop: bool) -> None:
+    def __init__(
+        self, fire: Callable[[], None], stop: bool, loop: asyncio.AbstractEventLoop | None
+    ) -> None:
         self.fire = fire
         self.active = True
         self.stop = stop
+        self.loop = loop
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _fire_into(timer: _Timer, done: concurrent.futures.Future[None]) -> None:
+    """Fire ``timer`` on its loop (handed there by ``advance_to`` from another thread)."""
+    try:
+        timer.fire()
+    except BaseException as exc:
+        done.set_exception(exc)
+    else:
+        done.set_result(None)
 
 
 class VirtualClock:
@@ -95,9 +115,9 @@ class VirtualClock:
 
     ``advance(seconds)`` / ``advance_to(t)`` move it and wake every sleeper and cancel scope
     whose deadline has passed. ``next_deadline()`` tells a driver (``drain()``) where the next
-    live timer is. While a runtime runs on it, advancing it from another thread (a
-    synchronous test of an app started with ``iii.start()``) moves it on the runtime's
-    event loop and returns once it has moved there.
+    live timer is. A timer fires on the event loop it was set on: advancing the clock from
+    another thread (a synchronous test of an app started with ``iii.start()``) hands each
+    due timer to its loop and returns once they have all fired.
     """
 
     is_virtual = True
@@ -106,19 +126,7 @@ class VirtualClock:
         self._now = start
         self._seq = itertools.count()
         self._timers: list[tuple[float, int, _Timer]] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread: int | None = None
-
-    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
-        """The runtime's event loop (the one its timers wake tasks on), from its thread."""
-        self._loop = loop
-        self._loop_thread = threading.get_ident()
-
-    def unbind(self, loop: asyncio.AbstractEventLoop) -> None:
-        """The runtime on ``loop`` has stopped."""
-        if self._loop is loop:
-            self._loop = None
-            self._loop_thread = None
+        self._lock = threading.Lock()  # the heap, from the loops' and a test's threads
 
     def now(self) -> float:
         """The current virtual time."""
@@ -126,18 +134,21 @@ class VirtualClock:
 
     def next_deadline(self) -> float | None:
         """The earliest live timer, or ``None``."""
-        while self._timers and not self._timers[0][2].active:
-            heapq.heappop(self._timers)
-        return self._timers[0][0] if self._timers else None
+        with self._lock:
+            while self._timers and not self._timers[0][2].active:
+                heapq.heappop(self._timers)
+            return self._timers[0][0] if self._timers else None
 
     def next_stop(self) -> float | None:
         """The earliest live timer that ``drain`` stops at (a timeout; not a cron fire)."""
-        stops = [when for when, _, timer in self._timers if timer.active and timer.stop]
+        with self._lock:
+            stops = [when for when, _, timer in self._timers if timer.active and timer.stop]
         return min(stops) if stops else None
 
     def _add_timer(self, deadline: float, fire: Callable[[], None], stop: bool) -> _Timer:
-        timer = _Timer(fire, stop)
-        heapq.heappush(self._timers, (deadline, next(self._seq), timer))
+        timer = _Timer(fire, stop, _running_loop())
+        with self._lock:
+            heapq.heappush(self._timers, (deadline, next(self._seq), timer))
         return timer
 
     def advance(self, seconds: float) -> None:
@@ -147,46 +158,38 @@ class VirtualClock:
         self.advance_to(self._now + seconds)
 
     def advance_to(self, when: float) -> None:
-        """Move time forward to ``when`` (no-op if it is in the past) and fire due timers."""
-        loop = self._loop
-        if loop is not None and threading.get_ident() != self._loop_thread:
-            self._advance_on(loop, when)
-            return
-        self._advance_here(when)
-
-    def _advance_on(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
-        """``advance_to`` from another thread: the timers wake tasks of ``loop``, so they
-        fire there; this returns once they have."""
-        done: concurrent.futures.Future[None] = concurrent.futures.Future()
-
-        def advance() -> None:
-            try:
-                self._advance_here(when)
-            except BaseException as exc:
-                done.set_exception(exc)
-            else:
-                done.set_result(None)
-
-        try:
-            loop.call_soon_threadsafe(advance)
-        except RuntimeError:  # the loop is closed: nothing waits on its timers any more
-            self._advance_here(when)
-            return
-        while not done.done():
-            concurrent.futures.wait([done], timeout=0.05)
-            if not done.done() and not loop.is_running():  # stopped meanwhile
-                self._advance_here(when)
-                return
-        done.result()
-
-    def _advance_here(self, when: float) -> None:
-        if when > self._now:
-            self._now = when
-        while self._timers and self._timers[0][0] <= self._now:
-            _, _, timer = heapq.heappop(self._timers)
-            if timer.active:
-                timer.active = False
+        """Move time forward to ``when`` (no-op if it is in the past) and fire due timers,
+        each on its own event loop. From a thread that runs no event loop, returns once
+        they have fired."""
+        due: list[_Timer] = []
+        with self._lock:
+            if when > self._now:
+                self._now = when
+            while self._timers and self._timers[0][0] <= self._now:
+                _, _, timer = heapq.heappop(self._timers)
+                if timer.active:
+                    timer.active = False
+                    due.append(timer)
+        here = _running_loop()
+        handed: list[tuple[asyncio.AbstractEventLoop, concurrent.futures.Future[None]]] = []
+        for timer in due:
+            loop = timer.loop
+            if loop is None or loop is here:
                 timer.fire()
+                continue
+            done: concurrent.futures.Future[None] = concurrent.futures.Future()
+            try:
+                loop.call_soon_threadsafe(_fire_into, timer, done)
+            except RuntimeError:  # its loop is closed: nothing waits on it any more
+                continue
+            handed.append((loop, done))
+        if here is not None:
+            return  # another loop's timers fire there in their turn (its thread may wait on us)
+        for loop, done in handed:
+            while not done.done() and loop.is_running():
+                concurrent.futures.wait([done], timeout=0.05)
+            if done.done():
+                done.result()
 
     async def sleep_until(self, deadline: float) -> None:
         """Sleep until the virtual time reaches ``deadline``."""

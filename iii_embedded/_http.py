@@ -250,7 +250,7 @@ def _response_of(result: Any) -> tuple[int, Any, dict[str, str]]:
     return 200, result, {}
 
 
-_NO_BODY = {204, 304}
+_NO_BODY = {204, 205, 304}
 """Statuses whose response has no body (RFC 9110 §6.4.1): none is sent, nor a
 content-length of ours (a 204 has none at all)."""
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")

@@ -29,7 +29,7 @@ import attrs
 from anyio.from_thread import BlockingPortal
 
 from ._actions import EnqueueAction, VoidAction
-from ._clock import Clock, SystemClock, VirtualClock
+from ._clock import Clock, SystemClock
 from ._codec import dumps_strict
 from ._config import COUNT_MAX, Config, QueueConfig
 from ._context import Invocation, _current
@@ -196,8 +196,6 @@ class Runtime:
         self.portal = portal
         self.loop_thread = threading.get_ident()
         self.loop = asyncio.get_running_loop()
-        if isinstance(self.clock, VirtualClock):
-            self.clock.bind(self.loop)  # advanced from another thread, it moves here
         self._waking = set()
         now = self.clock.now()
         recovered = await self.store.recover(now)
@@ -244,8 +242,6 @@ class Runtime:
         self.threads.close()
         for runner in self.runners.values():
             runner.threads.close()
-        if isinstance(self.clock, VirtualClock) and self.loop is not None:
-            self.clock.unbind(self.loop)
 
     def add_queue(self, queue: QueueConfig) -> None:
         """Start serving a queue added while running, from any thread."""
@@ -607,12 +603,19 @@ class Runtime:
                     deadline=deadline,
                 )
             # In flight: ``drain`` waits for it (and counts it as waiting only while it
-            # waits for runs, see ``only_waiting``).
+            # waits for runs, see ``only_waiting``). A caller that is itself a call
+            # (synchronous, Void, cron) does nothing but wait for this one meanwhile: it
+            # counts as waiting, so that a wait for runs further down can let the clock move.
+            old = token.old_value
+            caller = None if old is contextvars.Token.MISSING else old
+            nested = caller is not None and caller.action in ("sync", "void", "cron")
             self.calls_inflight += 1
+            self.waiting_calls += nested
             try:
                 return await suspended
             finally:
                 self.calls_inflight -= 1
+                self.waiting_calls -= nested
                 self.notify_activity()
         except Interrupted:
             raise InvocationError(

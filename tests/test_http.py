@@ -459,6 +459,7 @@ async def test_a_taken_port_is_one_error_naming_it_and_serve_false_leaves_the_po
     [
         ({"status_code": 204}, []),
         ({"status_code": 204, "body": "", "headers": {"content-length": "5"}}, []),
+        ({"status_code": 205}, []),
         ({"status_code": 304, "headers": {"etag": '"v1"'}}, [(b"etag", b'"v1"')]),
     ],
 )

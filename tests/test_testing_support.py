@@ -290,3 +290,73 @@ async def test_drain_blocking_on_the_engines_loop_names_the_fix() -> None:
     async with iii.running():
         with pytest.raises(RuntimeError, match=r"use `await drain\(iii\)`"):
             drain_blocking(iii)
+
+
+async def test_drain_moves_the_clock_under_a_call_that_only_waits_on_a_nested_call() -> None:
+    """A synchronous call whose handler makes another synchronous call, which waits for a
+    child that retries in 10 s: the outer call only waits, so drain moves the clock to the
+    retry (it counted the outer call as running and timed out; found by a review)."""
+    clock = VirtualClock()
+    queue = QueueConfig(name="q", max_retries=2, backoff_ms=10_000)
+    iii = III(Config(queues={"q": queue}), clock=clock, shutdown_grace_ms=0)
+    calls: list[float] = []
+    out: list[Any] = []
+
+    async def child(_: Any) -> str:
+        calls.append(clock.now())
+        if len(calls) == 1:
+            raise RuntimeError("flaky")
+        return "ok"
+
+    async def inner(_: Any) -> Any:
+        return (await iii.trigger_and_wait_async("child", {}, queue="q")).status
+
+    async def outer(_: Any) -> Any:
+        return await iii.trigger_async("inner", {})
+
+    for fid, handler in (("child", child), ("inner", inner), ("outer", outer)):
+        iii.register_function(fid, handler)
+
+    async def call() -> None:
+        out.append(await iii.trigger_async("outer", {}))
+
+    async with iii.running(), anyio.create_task_group() as tg:
+        tg.start_soon(call)
+        with anyio.fail_after(5):
+            while not calls:  # the child's first attempt has run
+                await anyio.lowlevel.checkpoint()
+        await drain(iii, timeout=10)
+    assert out == ["completed"]
+    assert [t - calls[0] for t in calls] == [0.0, 10.0]
+
+
+def test_a_clock_shared_by_two_started_apps_fires_each_timer_on_its_own_loop() -> None:
+    """Two engines on their own threads, one VirtualClock: advancing it from the test's
+    thread wakes each engine's timers on that engine's loop, whichever stopped first (the
+    clock knew one loop, the last started, and lost the other's timers once it stopped)."""
+    clock = VirtualClock()
+
+    def app() -> III:
+        return III(Config(queues={"q": QueueConfig(name="q")}), clock=clock, shutdown_grace_ms=0)
+
+    a, b = app(), app()
+    ran: list[tuple[str, float]] = []
+    a.register_function("f", lambda _: ran.append(("a", clock.now())))
+    b.register_function("f", lambda _: ran.append(("b", clock.now())))
+    a.start()
+    b.start()
+    try:
+        start = clock.now()
+        later = TriggerAction.Enqueue(queue="q", delay_ms=60_000)
+        a.trigger("f", 1, action=later)
+        b.trigger("f", 1, action=later)
+        drain_blocking(a, max_advance_s=0)
+        drain_blocking(b, max_advance_s=0)
+        clock.advance(30)
+        b.shutdown()  # b's timer is gone with it; a's must still fire
+        clock.advance(31)
+        drain_blocking(a, max_advance_s=0)
+    finally:
+        a.shutdown()
+        b.shutdown()
+    assert ran == [("a", start + 61)]

@@ -1462,6 +1462,12 @@ class SQLiteStore:
         by_seq: list[tuple[Any, ...]] = []  # completions that know their job's rowid
         by_id: list[tuple[Any, ...]] = []
         for o in outcomes:
+            if o.converted_from == "retry":
+                # Converted by an earlier run of this write that was rolled back (another
+                # request of its batch failed): a retry again, to be written with its
+                # error. (A converted released or held outcome is written the same either
+                # way: cancelled, unstarted.)
+                o.kind, o.converted_from = "retry", None
             match = (o.job_id, o.owner, o.attempt)
             if o.kind == "completed":
                 row = (o.output, o.at, o.seq, o.owner, o.attempt, o.job_id, o.started_at)

@@ -3,6 +3,7 @@ cause, and nothing already acknowledged is lost."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -331,3 +332,40 @@ async def test_a_failed_write_leaves_a_converted_outcome_as_its_runner_decided(
     assert written is not None
     assert (written.state, written.attempts) == ("cancelled", 1 if started else 0)
     assert written.error == error
+
+
+async def test_a_converted_retry_keeps_its_error_when_its_batch_is_run_again(
+    tmp_path: Path,
+) -> None:
+    """A retry of a job whose cancel was asked is written cancelled with its error; when
+    another request of the same batch fails, the writer rolls back and runs the batch
+    again, and that second run must write the error too (it saw the outcome already
+    converted and wrote a bare cancel; found by a review)."""
+    store = SQLiteStore(tmp_path / "store")
+    await store.open()
+    error = ErrorInfo(type="RuntimeError", message="attempt fails", traceback="tb")
+    try:
+        await store.enqueue([new_job("r")])
+        await store.claim("q", fifo=False, limit=1, now=T0, owner="me", lease_until=T0 + 30)
+        await store.cancel("r", T0)
+        outcome = Outcome(
+            job_id="r",
+            kind="retry",
+            owner="me",
+            attempt=1,
+            at=T0 + 2,
+            error=error,
+            available_at=T0 + 1000,
+            started_at=T0,
+        )
+        finish = asyncio.ensure_future(store.finish([outcome]))
+        await asyncio.sleep(0)  # the finish is the batch's first request
+        duplicate = asyncio.ensure_future(store.enqueue([new_job("r")]))  # fails: id taken
+        await asyncio.gather(finish, duplicate, return_exceptions=True)
+        written = await store.get("r")
+    finally:
+        await store.aclose()
+    assert finish.exception() is None and isinstance(duplicate.exception(), StoreError)
+    assert written is not None and written.state == "cancelled"
+    assert (written.error, written.last_failed_at, written.started_at) == (error, T0 + 2, T0)
+    assert (outcome.kind, outcome.converted_from) == ("cancelled", "retry")
