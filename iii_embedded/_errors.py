@@ -8,6 +8,10 @@ Python exceptions keeps working (``ConfigError`` is a ``ValueError``, ``StoreErr
 from __future__ import annotations
 
 import numbers
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._stores._base import ErrorInfo
 
 __all__ = [
     "IIIError",
@@ -119,10 +123,13 @@ class RunFailedError(IIIError, RuntimeError):
     """Raised by ``RunResult.unwrap()`` when the run did not complete successfully.
 
     ``run_id`` and ``function_id`` name the run; ``error`` is the last error it recorded
-    (a ``RunError`` with the type, message and traceback), or ``None`` if it was cancelled.
+    (an ``ErrorInfo`` with the type, message and traceback), or ``None`` if it was
+    cancelled with no attempt failed.
     """
 
-    def __init__(self, run_id: str, function_id: str, status: str, error: object | None) -> None:
+    def __init__(
+        self, run_id: str, function_id: str, status: str, error: ErrorInfo | None
+    ) -> None:
         detail = f": {error}" if error is not None else ""
         super().__init__(f"run {run_id} of {function_id!r} ended {status}{detail}")
         self.run_id = run_id
