@@ -103,9 +103,15 @@ def _seconds(ms: float) -> str:
 
 
 def _age(seconds: float | None) -> str:
+    """How long ago, for people: ``12.3s``, ``3m48s``, ``2h05m`` (``:g`` gave ``3.79833m``)."""
     if seconds is None:
         return "-"
-    return _seconds(round(seconds, 1) * 1000)
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    whole = int(seconds)
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
 
 
 def _when(t: float | None) -> str:

@@ -701,3 +701,13 @@ def test_output_into_a_closed_pipe_ends_quietly(project: Path) -> None:
     finally:
         os.close(write_end)
     assert (done.returncode, done.stderr) == (141, "")
+
+
+@pytest.mark.parametrize(
+    ("seconds", "shown"),
+    [(None, "-"), (0.04, "0.0s"), (12.34, "12.3s"), (227.9, "3m47s"), (7_530.0, "2h05m")],
+)
+def test_ages_are_shown_in_whole_units(seconds: float | None, shown: str) -> None:
+    from iii_embedded import _cli
+
+    assert _cli._age(seconds) == shown
