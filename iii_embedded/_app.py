@@ -164,7 +164,8 @@ class III:
     ) -> FunctionRef:
         """Register ``handler`` as ``function`` (an id, or iii's ``{"id": ...}`` dict).
 
-        Returns a ref with ``.id``. Raises ``ValueError`` if the id is already registered.
+        Returns a :class:`FunctionRef` (``.id``, ``.unregister()``). Raises ``ValueError``
+        if the id is empty or blank (iii: ``id is required``) or already registered.
         """
         if isinstance(function, Mapping):
             if "id" not in function:
@@ -183,8 +184,7 @@ class III:
             description=description,
             metadata=metadata,
         )
-        self.registry.add(spec)
-        return spec.ref()
+        return self.registry.add(spec).ref(self.registry)
 
     def _register_internal(self, function_id: str, handler: Callable[[Any], Any]) -> None:
         self.registry.add(
