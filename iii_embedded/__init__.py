@@ -9,7 +9,8 @@ The public surface is re-exported here; everything else lives in ``_``-prefixed 
 * ``_app`` (the ``III`` facade and its lifecycles) → ``_runtime`` (a running engine: the
   three trigger actions) → ``_queues`` (a queue's dispatcher and workers) → ``_stores``
   (one protocol; in-memory and SQLite implementations).
-* ``_config`` / ``_config_loader`` (``iii-config.yaml``), ``_actions``, ``_context``
+* ``_triggers`` (trigger types and the ``Trigger`` handle) with ``_http``, ``_cron`` and
+  ``_topics``; ``_config`` / ``_config_loader`` (``iii-config.yaml``), ``_actions``, ``_context``
   (``current_invocation``, ``Logger``), ``_errors``, ``_stats``, ``_builtins`` (iii's
   ``iii::queue::*`` functions).
 * :mod:`iii_embedded.testing`: the virtual clock, ``drain()`` and the pytest plugin.
@@ -52,6 +53,7 @@ from ._sdk import register_worker as register_worker
 from ._stats import DeadJob as DeadJob
 from ._stats import QueueStats as QueueStats
 from ._stores import ErrorInfo as ErrorInfo
+from ._triggers import Trigger as Trigger
 
 __version__ = "0.1.0"
 
@@ -60,6 +62,7 @@ __all__ = [
     "III",
     "register_worker",
     "FunctionRef",
+    "Trigger",
     "HOOK_EVENTS",
     # trigger actions
     "TriggerAction",

@@ -40,6 +40,7 @@ from ._runtime import Runtime, check_timeout, enqueue_failed
 from ._stats import DeadJob, QueueStats
 from ._stores import Store, open_store
 from ._stores._base import RUNNING_OWNERS
+from ._triggers import Bindings, Trigger, trigger_registrar
 
 __all__ = ["III", "HOOK_EVENTS"]
 
@@ -58,14 +59,6 @@ HOOK_EVENTS = frozenset(
         "job_cancelled",
     }
 )
-
-TriggerRegistrar = Callable[["III", Mapping[str, Any]], None]
-_TRIGGER_TYPES: dict[str, TriggerRegistrar] = {}
-
-
-def register_trigger_type(name: str, registrar: TriggerRegistrar) -> None:
-    """Plug in a trigger type (``http``, ``cron``, ``queue``...) for ``register_trigger``."""
-    _TRIGGER_TYPES[name] = registrar
 
 
 class III:
@@ -90,7 +83,9 @@ class III:
         self.shutdown_grace_ms = shutdown_grace_ms
         self.registry = Registry()
         self.hooks: dict[str, list[Callable[..., Any]]] = {}
-        self.triggers: list[dict[str, Any]] = []
+        self._bindings = Bindings()
+        self.triggers: list[dict[str, Any]] = self._bindings.requests
+        """The registered triggers' requests (an unregistered one leaves)."""
         self.lifecycle_hooks: list[Callable[[III, anyio.abc.TaskGroup], Any]] = []
         """Called as ``hook(app, task_group)`` once the engine runs (awaited if it returns
         an awaitable): start your own tasks in the engine's task group, or signal
@@ -108,6 +103,9 @@ class III:
         """Topic name → the internal queues of its subscribers (see ``_topics``)."""
         self.topic_queues: dict[str, tuple[str, str]] = {}
         """A subscriber's internal queue → its (topic, function id)."""
+        self.unsubscribed: set[str] = set()
+        """The internal queues of subscriptions that were unregistered: a publish stores
+        no copy for them; the copies stored already are still delivered."""
         self._added_queues: dict[str, QueueConfig] = {}
         """The queues :meth:`add_queue` added (a topic subscription's among them), which
         a config given later (``iii-embedded run --config``) keeps."""
@@ -196,15 +194,13 @@ class III:
             )
         )
 
-    def register_trigger(self, trigger: Mapping[str, Any]) -> None:
-        """Bind a trigger (iii's ``{"type", "function_id", "config"}``) to a function."""
-        kind = trigger.get("type")
-        registrar = _TRIGGER_TYPES.get(str(kind))
-        if registrar is None:
-            known = ", ".join(sorted(_TRIGGER_TYPES)) or "none"
-            raise ValueError(f"unknown trigger type {kind!r} (supported: {known})")
-        registrar(self, trigger)
-        self.triggers.append(dict(trigger))
+    def register_trigger(self, trigger: Mapping[str, Any]) -> Trigger:
+        """Bind a trigger (iii's ``{"type", "function_id", "config"}``) to a function.
+
+        Returns a :class:`Trigger` whose ``unregister()`` stops it. Raises ``ValueError``
+        for an unknown type or a trigger its type refuses (the error says why)."""
+        binding = trigger_registrar(trigger.get("type"))(self, trigger)
+        return self._bindings.add(binding, trigger)
 
     @property
     def asgi_app(self) -> Any:

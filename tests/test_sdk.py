@@ -19,11 +19,13 @@ from iii_embedded import (
     III,
     InvocationError,
     Logger,
+    Trigger,
     TriggerAction,
     current_invocation,
     register_worker,
 )
 from iii_embedded._app import HOOK_EVENTS
+from iii_embedded.testing import drain_blocking
 
 CONFIG = """\
 workers:
@@ -261,6 +263,24 @@ def test_a_programs_own_sigterm_handler_is_called_after_the_engine_stops(
         signal.SIGTERM,
     )
     assert (code, out.strip()) == (0, "own handler ran; engine running: False"), err
+
+
+def test_register_worker_gives_trigger_handles_that_unregister_from_the_script(
+    worker: III,
+) -> None:
+    """The worker's engine runs on its own thread; the script unregisters from its own."""
+    got: list[Any] = []
+    worker.register_function("on-order", got.append)
+    handle = worker.register_trigger(
+        {"type": "queue", "function_id": "on-order", "config": {"topic": "orders"}}
+    )
+    assert isinstance(handle, Trigger)
+    worker.trigger({"function_id": "enqueue", "payload": {"topic": "orders", "data": 1}})
+    drain_blocking(worker)
+    handle.unregister()
+    worker.trigger({"function_id": "enqueue", "payload": {"topic": "orders", "data": 2}})
+    drain_blocking(worker)
+    assert got == [1]
 
 
 def test_register_worker_calls_in_one_process_share_one_engine(worker: III) -> None:
