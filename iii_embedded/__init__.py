@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from ._actions import EnqueueAction as EnqueueAction
 from ._actions import TriggerAction as TriggerAction
+from ._actions import TriggerActionEnqueue as TriggerActionEnqueue
+from ._actions import TriggerActionVoid as TriggerActionVoid
 from ._actions import VoidAction as VoidAction
 from ._app import HOOK_EVENTS as HOOK_EVENTS
 from ._app import III as III
@@ -49,6 +51,7 @@ from ._runs import CancelResult as CancelResult
 from ._runs import Run as Run
 from ._runs import RunResult as RunResult
 from ._runs import Runs as Runs
+from ._sdk import InitOptions as InitOptions
 from ._sdk import register_worker as register_worker
 from ._stats import DeadJob as DeadJob
 from ._stats import QueueStats as QueueStats
@@ -61,6 +64,7 @@ __all__ = [
     # the app
     "III",
     "register_worker",
+    "InitOptions",
     "FunctionRef",
     "Trigger",
     "HOOK_EVENTS",
@@ -68,6 +72,8 @@ __all__ = [
     "TriggerAction",
     "EnqueueAction",
     "VoidAction",
+    "TriggerActionEnqueue",
+    "TriggerActionVoid",
     # configuration
     "Config",
     "QueueConfig",

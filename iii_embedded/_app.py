@@ -36,7 +36,7 @@ from ._runs import BatchResult, RunResult, Runs
 from ._runs import batch_trigger as _batch_trigger
 from ._runs import batch_trigger_and_wait as _batch_trigger_and_wait
 from ._runs import trigger_and_wait as _trigger_and_wait
-from ._runtime import Runtime, check_timeout, enqueue_failed
+from ._runtime import DEFAULT_TIMEOUT_MS, Runtime, check_timeout, enqueue_failed
 from ._stats import DeadJob, QueueStats
 from ._stores import Store, open_store
 from ._stores._base import RUNNING_OWNERS
@@ -66,7 +66,8 @@ class III:
 
     ``III()`` uses an in-memory store and a ``default`` queue; ``III(config)`` or
     ``III.from_config("iii-config.yaml")`` use the given queues and store. ``clock`` and
-    ``store`` are for tests (see :mod:`iii_embedded.testing`).
+    ``store`` are for tests (see :mod:`iii_embedded.testing`). ``invocation_timeout_ms`` is
+    the timeout of a synchronous ``trigger`` that gives no ``timeout_ms``.
     """
 
     def __init__(
@@ -76,8 +77,21 @@ class III:
         clock: Clock | None = None,
         store: Store | None = None,
         shutdown_grace_ms: int = 10_000,
+        invocation_timeout_ms: int = DEFAULT_TIMEOUT_MS,
     ) -> None:
         self.config = config if config is not None else Config()
+        if (
+            isinstance(invocation_timeout_ms, bool)
+            or not isinstance(invocation_timeout_ms, (int, float))
+            or not invocation_timeout_ms > 0  # NaN too
+        ):
+            raise ValueError(
+                "invocation_timeout_ms must be a number of milliseconds > 0, "
+                f"got {invocation_timeout_ms!r}"
+            )
+        self.invocation_timeout_ms = invocation_timeout_ms
+        """The ``timeout_ms`` of a synchronous ``trigger`` that gives none (iii's
+        ``InitOptions.invocation_timeout_ms``; 30 000 by default)."""
         self.clock: Clock = clock if clock is not None else SystemClock()
         self._store_override = store
         self.shutdown_grace_ms = shutdown_grace_ms
@@ -262,6 +276,8 @@ class III:
         :class:`InvocationError` as iii does.
         """
         fid, data, act, timeout = _parse_request(request, payload, action, timeout_ms, function_id)
+        if timeout is None:
+            timeout = self.invocation_timeout_ms
         rt = self.runtime
         if rt.loop_thread == threading.get_ident():
             if isinstance(act, EnqueueAction):  # the hot path, with no coroutine between
@@ -318,6 +334,8 @@ class III:
         use ``await iii.trigger_async(...)`` in async code.
         """
         fid, data, act, timeout = _parse_request(request, payload, action, timeout_ms, function_id)
+        if timeout is None:
+            timeout = self.invocation_timeout_ms
         rt = self.runtime
         if rt.loop_thread == threading.get_ident():
             raise RuntimeError(

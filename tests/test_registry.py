@@ -154,3 +154,37 @@ async def test_a_sync_job_already_lined_up_behind_a_running_one_is_held_after_un
         await drain(iii)
         assert ran == [1]
         assert (await iii.queue_stats_async("one")).held == 1
+
+
+@pytest.mark.parametrize("bad", [0, -1, "30000", True, float("nan")])
+def test_a_bad_invocation_timeout_is_refused(bad: Any) -> None:
+    with pytest.raises(ValueError, match="invocation_timeout_ms must be a number"):
+        III(invocation_timeout_ms=bad)
+
+
+async def test_invocation_timeout_ms_bounds_sync_calls_that_give_no_timeout() -> None:
+    clock = VirtualClock()
+    iii = III(clock=clock, shutdown_grace_ms=0, invocation_timeout_ms=2_000)
+
+    async def stuck(_: Any) -> None:
+        await anyio.sleep_forever()
+
+    iii.register_function("stuck", stuck)
+    async with iii.running():
+        errors: list[InvocationError] = []
+
+        async def call() -> None:
+            try:
+                await iii.trigger_async("stuck", None)
+            except InvocationError as exc:
+                errors.append(exc)
+
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(call)
+                await anyio.wait_all_tasks_blocked()
+                clock.advance(1.999)
+                await anyio.wait_all_tasks_blocked()
+                assert errors == []
+                clock.advance(0.001)
+    assert [str(e) for e in errors] == ["TIMEOUT: Function 'stuck' did not return within 2000 ms"]
