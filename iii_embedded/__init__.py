@@ -9,7 +9,8 @@ The public surface is re-exported here; everything else lives in ``_``-prefixed 
 * ``_app`` (the ``III`` facade and its lifecycles) → ``_runtime`` (a running engine: the
   three trigger actions) → ``_queues`` (a queue's dispatcher and workers) → ``_stores``
   (one protocol; in-memory and SQLite implementations).
-* ``_config`` / ``_config_loader`` (``iii-config.yaml``), ``_actions``, ``_context``
+* ``_triggers`` (trigger types and the ``Trigger`` handle) with ``_http``, ``_cron`` and
+  ``_topics``; ``_config`` / ``_config_loader`` (``iii-config.yaml``), ``_actions``, ``_context``
   (``current_invocation``, ``Logger``), ``_errors``, ``_stats``, ``_builtins`` (iii's
   ``iii::queue::*`` functions).
 * :mod:`iii_embedded.testing`: the virtual clock, ``drain()`` and the pytest plugin.
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 from ._actions import EnqueueAction as EnqueueAction
 from ._actions import TriggerAction as TriggerAction
+from ._actions import TriggerActionEnqueue as TriggerActionEnqueue
+from ._actions import TriggerActionVoid as TriggerActionVoid
 from ._actions import VoidAction as VoidAction
 from ._app import HOOK_EVENTS as HOOK_EVENTS
 from ._app import III as III
@@ -48,10 +51,12 @@ from ._runs import CancelResult as CancelResult
 from ._runs import Run as Run
 from ._runs import RunResult as RunResult
 from ._runs import Runs as Runs
+from ._sdk import InitOptions as InitOptions
 from ._sdk import register_worker as register_worker
 from ._stats import DeadJob as DeadJob
 from ._stats import QueueStats as QueueStats
 from ._stores import ErrorInfo as ErrorInfo
+from ._triggers import Trigger as Trigger
 
 __version__ = "0.1.0"
 
@@ -59,12 +64,16 @@ __all__ = [
     # the app
     "III",
     "register_worker",
+    "InitOptions",
     "FunctionRef",
+    "Trigger",
     "HOOK_EVENTS",
     # trigger actions
     "TriggerAction",
     "EnqueueAction",
     "VoidAction",
+    "TriggerActionEnqueue",
+    "TriggerActionVoid",
     # configuration
     "Config",
     "QueueConfig",

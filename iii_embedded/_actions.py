@@ -9,7 +9,15 @@ import attrs
 
 from ._errors import InvocationError
 
-__all__ = ["TriggerAction", "EnqueueAction", "VoidAction", "Action", "parse_action"]
+__all__ = [
+    "TriggerAction",
+    "EnqueueAction",
+    "VoidAction",
+    "TriggerActionEnqueue",
+    "TriggerActionVoid",
+    "Action",
+    "parse_action",
+]
 
 
 @attrs.define(frozen=True, kw_only=True)
@@ -48,6 +56,13 @@ class VoidAction:
 
 
 Action = EnqueueAction | VoidAction
+
+TriggerActionEnqueue = EnqueueAction
+"""iii's name for the Enqueue action's class: ``TriggerActionEnqueue(queue="q")`` is
+``TriggerAction.Enqueue(queue="q")``."""
+TriggerActionVoid = VoidAction
+"""iii's name for the Void action's class: ``TriggerActionVoid()`` is
+``TriggerAction.Void()``."""
 
 
 class TriggerAction:

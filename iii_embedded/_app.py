@@ -36,10 +36,11 @@ from ._runs import BatchResult, RunResult, Runs
 from ._runs import batch_trigger as _batch_trigger
 from ._runs import batch_trigger_and_wait as _batch_trigger_and_wait
 from ._runs import trigger_and_wait as _trigger_and_wait
-from ._runtime import Runtime, check_timeout, enqueue_failed
+from ._runtime import DEFAULT_TIMEOUT_MS, Runtime, check_timeout, enqueue_failed
 from ._stats import DeadJob, QueueStats
 from ._stores import Store, open_store
 from ._stores._base import RUNNING_OWNERS
+from ._triggers import Bindings, Trigger, trigger_registrar
 
 __all__ = ["III", "HOOK_EVENTS"]
 
@@ -59,21 +60,14 @@ HOOK_EVENTS = frozenset(
     }
 )
 
-TriggerRegistrar = Callable[["III", Mapping[str, Any]], None]
-_TRIGGER_TYPES: dict[str, TriggerRegistrar] = {}
-
-
-def register_trigger_type(name: str, registrar: TriggerRegistrar) -> None:
-    """Plug in a trigger type (``http``, ``cron``, ``queue``...) for ``register_trigger``."""
-    _TRIGGER_TYPES[name] = registrar
-
 
 class III:
     """An embedded iii engine: functions, trigger actions and named queues in one process.
 
     ``III()`` uses an in-memory store and a ``default`` queue; ``III(config)`` or
     ``III.from_config("iii-config.yaml")`` use the given queues and store. ``clock`` and
-    ``store`` are for tests (see :mod:`iii_embedded.testing`).
+    ``store`` are for tests (see :mod:`iii_embedded.testing`). ``invocation_timeout_ms`` is
+    the timeout of a synchronous ``trigger`` that gives no ``timeout_ms``.
     """
 
     def __init__(
@@ -83,14 +77,29 @@ class III:
         clock: Clock | None = None,
         store: Store | None = None,
         shutdown_grace_ms: int = 10_000,
+        invocation_timeout_ms: int = DEFAULT_TIMEOUT_MS,
     ) -> None:
         self.config = config if config is not None else Config()
+        if (
+            isinstance(invocation_timeout_ms, bool)
+            or not isinstance(invocation_timeout_ms, (int, float))
+            or not invocation_timeout_ms > 0  # NaN too
+        ):
+            raise ValueError(
+                "invocation_timeout_ms must be a number of milliseconds > 0, "
+                f"got {invocation_timeout_ms!r}"
+            )
+        self.invocation_timeout_ms = invocation_timeout_ms
+        """The ``timeout_ms`` of a synchronous ``trigger`` that gives none (iii's
+        ``InitOptions.invocation_timeout_ms``; 30 000 by default)."""
         self.clock: Clock = clock if clock is not None else SystemClock()
         self._store_override = store
         self.shutdown_grace_ms = shutdown_grace_ms
         self.registry = Registry()
         self.hooks: dict[str, list[Callable[..., Any]]] = {}
-        self.triggers: list[dict[str, Any]] = []
+        self._bindings = Bindings()
+        self.triggers: list[dict[str, Any]] = self._bindings.requests
+        """The registered triggers' requests (an unregistered one leaves)."""
         self.lifecycle_hooks: list[Callable[[III, anyio.abc.TaskGroup], Any]] = []
         """Called as ``hook(app, task_group)`` once the engine runs (awaited if it returns
         an awaitable): start your own tasks in the engine's task group, or signal
@@ -108,6 +117,9 @@ class III:
         """Topic name → the internal queues of its subscribers (see ``_topics``)."""
         self.topic_queues: dict[str, tuple[str, str]] = {}
         """A subscriber's internal queue → its (topic, function id)."""
+        self.unsubscribed: set[str] = set()
+        """The internal queues of subscriptions that were unregistered: a publish stores
+        no copy for them; the copies stored already are still delivered."""
         self._added_queues: dict[str, QueueConfig] = {}
         """The queues :meth:`add_queue` added (a topic subscription's among them), which
         a config given later (``iii-embedded run --config``) keeps."""
@@ -164,7 +176,8 @@ class III:
     ) -> FunctionRef:
         """Register ``handler`` as ``function`` (an id, or iii's ``{"id": ...}`` dict).
 
-        Returns a ref with ``.id``. Raises ``ValueError`` if the id is already registered.
+        Returns a :class:`FunctionRef` (``.id``, ``.unregister()``). Raises ``ValueError``
+        if the id is empty or blank (iii: ``id is required``) or already registered.
         """
         if isinstance(function, Mapping):
             if "id" not in function:
@@ -183,8 +196,7 @@ class III:
             description=description,
             metadata=metadata,
         )
-        self.registry.add(spec)
-        return spec.ref()
+        return self.registry.add(spec).ref(self.registry)
 
     def _register_internal(self, function_id: str, handler: Callable[[Any], Any]) -> None:
         self.registry.add(
@@ -196,15 +208,13 @@ class III:
             )
         )
 
-    def register_trigger(self, trigger: Mapping[str, Any]) -> None:
-        """Bind a trigger (iii's ``{"type", "function_id", "config"}``) to a function."""
-        kind = trigger.get("type")
-        registrar = _TRIGGER_TYPES.get(str(kind))
-        if registrar is None:
-            known = ", ".join(sorted(_TRIGGER_TYPES)) or "none"
-            raise ValueError(f"unknown trigger type {kind!r} (supported: {known})")
-        registrar(self, trigger)
-        self.triggers.append(dict(trigger))
+    def register_trigger(self, trigger: Mapping[str, Any]) -> Trigger:
+        """Bind a trigger (iii's ``{"type", "function_id", "config"}``) to a function.
+
+        Returns a :class:`Trigger` whose ``unregister()`` stops it. Raises ``ValueError``
+        for an unknown type or a trigger its type refuses (the error says why)."""
+        binding = trigger_registrar(trigger.get("type"))(self, trigger)
+        return self._bindings.add(binding, trigger)
 
     @property
     def asgi_app(self) -> Any:
@@ -266,6 +276,8 @@ class III:
         :class:`InvocationError` as iii does.
         """
         fid, data, act, timeout = _parse_request(request, payload, action, timeout_ms, function_id)
+        if timeout is None:
+            timeout = self.invocation_timeout_ms
         rt = self.runtime
         if rt.loop_thread == threading.get_ident():
             if isinstance(act, EnqueueAction):  # the hot path, with no coroutine between
@@ -322,6 +334,8 @@ class III:
         use ``await iii.trigger_async(...)`` in async code.
         """
         fid, data, act, timeout = _parse_request(request, payload, action, timeout_ms, function_id)
+        if timeout is None:
+            timeout = self.invocation_timeout_ms
         rt = self.runtime
         if rt.loop_thread == threading.get_ident():
             raise RuntimeError(

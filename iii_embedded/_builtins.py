@@ -92,6 +92,11 @@ def register_builtins(app: III) -> None:
         found.sort(key=lambda m: m["failed_at"])
         return found[offset : offset + limit]
 
+    def subscribed(queues: list[str]) -> int:
+        # An unregistered subscription's queue still counts in the topic's depth and DLQ
+        # (its stored copies are delivered), not as a subscriber.
+        return sum(q not in app.unsubscribed for q in queues)
+
     def serving_topics() -> set[str]:
         return {queue for queues in app.topics.values() for queue in queues}
 
@@ -115,7 +120,7 @@ def register_builtins(app: III) -> None:
     async def list_topics(_data: Any) -> list[dict[str, Any]]:
         internal = serving_topics()
         listed = [
-            {"name": topic, "broker_type": BROKER_TYPE, "subscriber_count": len(queues)}
+            {"name": topic, "broker_type": BROKER_TYPE, "subscriber_count": subscribed(queues)}
             for topic, queues in app.topics.items()
         ]
         return listed + [
@@ -131,7 +136,7 @@ def register_builtins(app: III) -> None:
             each = [await app.queue_stats_async(q) for q in queues]
             return {
                 "depth": sum(s.ready + s.delayed + s.held for s in each),
-                "consumer_count": len(queues),
+                "consumer_count": subscribed(queues),
                 "dlq_depth": sum(s.dead for s in each),
                 "config": {},
             }

@@ -11,6 +11,9 @@ fire is skipped and logged. If the process was busy (or a test advanced a virtua
 far ahead) and several fire times passed, the job fires once, for the latest, rather than
 in a burst.
 
+``Trigger.unregister`` stops a schedule: its wait for the next fire is cancelled; a fire
+already running finishes (``ScheduleState``).
+
 Processes that share a file store share their schedules too: each fire runs in one of
 them, whichever takes it first in the store (``Store.claim_fire``), and a fire still
 running in one process stops the next one from starting in any other. The fire is leased
@@ -21,6 +24,7 @@ lease ran out) no longer holds the schedule back.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -32,12 +36,13 @@ import attrs
 from ._context import Invocation, _current
 from ._errors import StoreError
 from ._fastpath import run_handler
+from ._triggers import Binding, register_trigger_type
 
 if TYPE_CHECKING:
     from ._app import III
     from ._runtime import Runtime
 
-__all__ = ["CronJob", "install_cron", "start_cron", "parse_expression"]
+__all__ = ["CronJob", "ScheduleState", "install_cron", "start_cron", "parse_expression"]
 
 log = logging.getLogger("iii_embedded.cron")
 
@@ -94,7 +99,7 @@ def _iso(t: float) -> str:
     return dt.datetime.fromtimestamp(t, dt.UTC).isoformat().replace("+00:00", "Z")
 
 
-def _register_cron(app: III, trigger: Mapping[str, Any]) -> None:
+def _register_cron(app: III, trigger: Mapping[str, Any]) -> Binding:
     function_id = trigger.get("function_id")
     config = trigger.get("config") or {}
     expression = config.get("expression") if isinstance(config, Mapping) else None
@@ -113,12 +118,17 @@ def _register_cron(app: III, trigger: Mapping[str, Any]) -> None:
             f"{_iso(now)} ({exc})"
         ) from None
     explicit = trigger.get("id") or config.get("job_id")
+    explicit = str(explicit) if explicit else None
+    # A schedule is known by these, not by its job id: one without an id of its own is
+    # renamed when its function gains another (``_add_implicit``).
+    key = ("cron", function_id, expression, explicit)
+    binding = Binding(key=key, undo=functools.partial(_unregister_cron, app, *key[1:]))
     for known in app.cron_jobs:  # the same schedule registered again: one schedule
         same = (known.function_id, known.expression) == (function_id, expression)
-        if same and (known.implicit if not explicit else known.job_id == str(explicit)):
-            return
+        if same and (known.implicit if not explicit else known.job_id == explicit):
+            return binding
     if explicit:
-        job_id = str(explicit)
+        job_id = explicit
         taken = next((job for job in app.cron_jobs if job.job_id == job_id), None)
         if taken is not None:
             raise ValueError(
@@ -132,7 +142,46 @@ def _register_cron(app: III, trigger: Mapping[str, Any]) -> None:
         job = _add_implicit(app, function_id, expression)
     if app.is_running:  # registered while running: from the loop's thread or another
         rt = app.runtime
-        rt.start_soon(run_schedule, rt, job, rt.clock.now())
+        rt.call_on_loop(start_schedule, rt, job, rt.clock.now(), None)
+    return binding
+
+
+def _unregister_cron(app: III, function_id: str, expression: str, explicit: str | None) -> None:
+    """Remove the schedule, and stop it if it runs (a fire already running finishes)."""
+    for job in app.cron_jobs:
+        if (job.function_id, job.expression) == (function_id, expression) and (
+            job.implicit if explicit is None else job.job_id == explicit
+        ):
+            break
+    else:
+        return
+    app.cron_jobs.remove(job)
+    rt = app._runtime
+    if rt is not None:
+        rt.call_on_loop(_stop_schedule, rt, job.job_id)
+
+
+@attrs.define(kw_only=True, eq=False)
+class ScheduleState:
+    """A running schedule's state, by job id (``Runtime.cron_schedules``). It outlives
+    the schedule's task while a fire of it runs, so that the schedule, registered again,
+    does not start a second run beside that one."""
+
+    generation: int = 0
+    """Bumped to stop the schedule that runs (a schedule started again bumps it too)."""
+    busy: bool = False
+    """A fire of this job is running."""
+    waiting: anyio.CancelScope | None = None
+    """The running schedule's wait for its next fire time."""
+
+
+def _stop_schedule(rt: Runtime, job_id: str) -> None:
+    """On the loop: stop the schedule of ``job_id`` (its wait is cancelled now)."""
+    state = rt.cron_schedules.get(job_id)
+    if state is not None:
+        state.generation += 1
+        if state.waiting is not None:
+            state.waiting.cancel()
 
 
 def _add_implicit(app: III, function_id: str, expression: str) -> CronJob:
@@ -166,18 +215,33 @@ def _add_implicit(app: III, function_id: str, expression: str) -> CronJob:
     return job
 
 
-async def run_schedule(rt: Runtime, job: CronJob, start: float) -> None:
-    """Fire ``job`` at each time of its schedule after ``start`` until the runtime stops.
+def start_schedule(rt: Runtime, job: CronJob, start: float, tg: anyio.abc.TaskGroup | None) -> None:
+    """On the loop: start ``job``'s schedule in ``tg`` (the engine's task group if
+    ``None``). Its state is taken now, not when its task first runs, so that an
+    unregister in between stops it (``_stop_schedule``); a schedule of the same job id
+    that was stopped but whose task has not ended yet ends now."""
+    state = rt.cron_schedules.setdefault(job.job_id, ScheduleState())
+    state.generation += 1
+    args = (rt, job, start, state, state.generation)
+    if tg is None:
+        rt.start_soon(run_schedule, *args)
+    else:
+        tg.start_soon(run_schedule, *args, name=f"iii-cron[{job.job_id}]")
+
+
+async def run_schedule(
+    rt: Runtime, job: CronJob, start: float, state: ScheduleState, generation: int
+) -> None:
+    """Fire ``job`` at each time of its schedule after ``start`` until the runtime stops
+    or the schedule is stopped (``state.generation`` is no longer ``generation``).
 
     ``start`` is taken when the schedule is started, not when this task first runs, so
     no fire time is lost in between."""
     clock = rt.clock
     store = rt.store
     schedule = parse_expression(job.expression, start)
-    busy = False
 
     async def fire(scheduled: float) -> None:
-        nonlocal busy
         spec = rt.registry.get(job.function_id)
         token = _current.set(Invocation(function_id=job.function_id, action="cron"))
         try:
@@ -203,12 +267,12 @@ async def run_schedule(rt: Runtime, job: CronJob, start: float) -> None:
                     except StoreError as exc:  # closed: the shutdown ended it already
                         log.debug("cron job %r: could not end its fire: %s", job.job_id, exc)
                 rt.cron_fires.discard(job.job_id)
-            busy = False
+            state.busy = False
             rt.pending_work -= 1
             rt.notify_activity()
 
     async with anyio.create_task_group() as tg:
-        while not rt.stopping:
+        while not rt.stopping and state.generation == generation:
             try:
                 scheduled = float(schedule.get_next(float))
             except ValueError:  # croniter found no later time (a year that has passed)
@@ -221,11 +285,17 @@ async def run_schedule(rt: Runtime, job: CronJob, start: float) -> None:
                     _iso(clock.now()),
                 )
                 break
-            await _until_due(rt, scheduled)
+            with anyio.CancelScope() as waiting:
+                state.waiting = waiting  # cancelled by ``_stop_schedule``
+                await _until_due(rt, scheduled)
+            if state.waiting is waiting:
+                state.waiting = None
+            if waiting.cancelled_caught:
+                break  # unregistered while it waited
             # Counted as pending work from the moment the time came (``drain`` waits for
             # the fire it leads to) until the fire has started or been skipped.
             try:
-                if rt.stopping:
+                if rt.stopping or state.generation != generation:
                     break
                 now = clock.now()
                 if scheduled < now:
@@ -234,7 +304,7 @@ async def run_schedule(rt: Runtime, job: CronJob, start: float) -> None:
                     # then continue from now.
                     scheduled = _latest(job.expression, scheduled, now)
                     schedule = parse_expression(job.expression, now)
-                if busy:
+                if state.busy:
                     log.info(
                         "cron job %r skipped at %s: its previous run is still going",
                         job.job_id,
@@ -243,7 +313,7 @@ async def run_schedule(rt: Runtime, job: CronJob, start: float) -> None:
                     continue
                 if store.shared and not await _take(rt, job, scheduled):
                     continue
-                busy = True
+                state.busy = True
                 rt.pending_work += 1  # until the fire ends
                 tg.start_soon(fire, scheduled)
             finally:
@@ -311,11 +381,9 @@ def start_cron(app: III, tg: anyio.abc.TaskGroup) -> None:
     rt = app.runtime
     now = rt.clock.now()
     for job in app.cron_jobs:
-        tg.start_soon(run_schedule, rt, job, now, name=f"iii-cron[{job.job_id}]")
+        start_schedule(rt, job, now, tg)
 
 
 def install_cron(app: III) -> None:
     """Register the ``cron`` trigger type."""
-    from ._app import register_trigger_type
-
     register_trigger_type("cron", _register_cron)

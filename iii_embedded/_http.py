@@ -25,6 +25,7 @@ import anyio
 import anyio.abc
 
 from ._errors import InvocationError
+from ._triggers import Binding, register_trigger_type
 
 if TYPE_CHECKING:
     from ._app import III
@@ -73,8 +74,9 @@ class HttpRouter:
         self._app = app
         self._routes: list[_Route] = []
 
-    def add(self, method: str, api_path: str, function_id: str) -> None:
-        """Route ``method api_path`` to ``function_id``."""
+    def add(self, method: str, api_path: str, function_id: str) -> _Route:
+        """Route ``method api_path`` to ``function_id``; returns the route (for
+        :meth:`remove`)."""
         method = method.upper()
         if method not in _METHODS:
             raise ValueError(f"http trigger of {function_id!r}: unknown http_method {method!r}")
@@ -88,7 +90,15 @@ class HttpRouter:
                     f"http route {method} {api_path} is already bound{same} "
                     f"to {route.function_id!r}"
                 )
-        self._routes.append(new)
+        # Replaced, never changed in place (here and in ``remove``): a request being
+        # routed on the loop keeps the list it started with.
+        self._routes = [*self._routes, new]
+        return new
+
+    def remove(self, route: _Route) -> None:
+        """Stop routing ``route``: its requests get a 404 (or a 405 if another route has
+        the path) from now on; one already being served finishes."""
+        self._routes = [r for r in self._routes if r is not route]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -415,7 +425,7 @@ class HttpServer:
                 await self._done.wait()
 
 
-def _register_http(app: III, trigger: Mapping[str, Any]) -> None:
+def _register_http(app: III, trigger: Mapping[str, Any]) -> Binding:
     function_id = trigger.get("function_id")
     config = trigger.get("config") or {}
     if not isinstance(function_id, str) or not function_id:
@@ -424,11 +434,11 @@ def _register_http(app: III, trigger: Mapping[str, Any]) -> None:
     if not isinstance(api_path, str) or not api_path:
         raise ValueError(f"the http trigger of {function_id!r} needs config.api_path")
     method = str(config.get("http_method", "GET"))
-    app.http_router.add(method, api_path, function_id)
+    route = app.http_router.add(method, api_path, function_id)
+    router = app.http_router
+    return Binding(key=("http", route), undo=lambda: router.remove(route))
 
 
 def install_http(app: III) -> None:
     """Register the ``http`` trigger type and, if configured, the engine's own server."""
-    from ._app import register_trigger_type
-
     register_trigger_type("http", _register_http)

@@ -1040,6 +1040,9 @@ class QueueRunner:
         line = self._line
         if not line or (self._check_leases and self._lease_lost(line[0].job)):
             return None  # a worker takes it back and lets it go
+        spec = self.rt.registry.get(line[0].job.function_id)
+        if spec is None or spec.handler is not line[0].handler:
+            return None  # unregistered (or replaced) since: a worker takes it back
         waiting = line.popleft()
         entry.handed = waiting
         waiting.taken = True

@@ -25,11 +25,26 @@ _PLAIN_RESULTS = frozenset({type(None), bool, int, float, str, dict, list, tuple
 
 @attrs.define(frozen=True, kw_only=True)
 class FunctionRef:
-    """What ``register_function`` returns: a handle with the function's ``id``."""
+    """What ``register_function`` returns: a handle with the function's ``id``, and
+    :meth:`unregister` to remove the function again (as iii's ``FunctionRef``)."""
 
     id: str
     description: str | None = None
     metadata: Mapping[str, Any] | None = None
+    _registry: Registry | None = attrs.field(default=None, eq=False, repr=False, alias="registry")
+    _spec: FunctionSpec | None = attrs.field(default=None, eq=False, repr=False, alias="spec")
+
+    def unregister(self) -> None:
+        """Remove the function from its app: later calls fail with ``function_not_found``
+        and enqueues with ``enqueue_error``; its queued jobs are held until a function of
+        that id is registered again; an attempt already running finishes. Its triggers
+        stay bound (a cron fire or an http request finds no function and says so).
+
+        Harmless when the function is already unregistered, or when its id has been
+        registered again since (by another ``register_function``): a ref removes only
+        the registration it was returned by."""
+        if self._registry is not None and self._spec is not None:
+            self._registry.discard(self._spec)
 
 
 @attrs.define(frozen=True, kw_only=True)
@@ -44,9 +59,15 @@ class FunctionSpec:
     internal: bool = False
     """True for the runtime's own functions (``iii::queue::*``, ``engine::queue::*``)."""
 
-    def ref(self) -> FunctionRef:
-        """The public handle."""
-        return FunctionRef(id=self.id, description=self.description, metadata=self.metadata)
+    def ref(self, registry: Registry | None = None) -> FunctionRef:
+        """The public handle (which can unregister this spec from ``registry``)."""
+        return FunctionRef(
+            id=self.id,
+            description=self.description,
+            metadata=self.metadata,
+            registry=registry,
+            spec=self if registry is not None else None,
+        )
 
 
 def refusing_awaitables(fn: Handler, function_id: str) -> Handler:
@@ -100,10 +121,14 @@ class Registry:
         self._specs: dict[str, FunctionSpec] = {}
         self._listeners: list[Callable[[FunctionSpec], None]] = []
 
-    def add(self, spec: FunctionSpec) -> None:
-        """Register ``spec``; raises ``ValueError`` if its id is taken."""
-        if not spec.id or not isinstance(spec.id, str):
-            raise ValueError(f"a function id must be a non-empty string, got {spec.id!r}")
+    def add(self, spec: FunctionSpec) -> FunctionSpec:
+        """Register ``spec`` and return it as stored; raises ``ValueError`` if its id is
+        empty, blank or taken."""
+        if not isinstance(spec.id, str) or not spec.id.strip():
+            # iii's SDK: ValueError("id is required").
+            raise ValueError(
+                f"id is required: a function id must be a non-blank string, got {spec.id!r}"
+            )
         if spec.id in self._specs:
             raise ValueError(f"function {spec.id!r} is already registered")
         kind = _generator_kind(spec.handler)
@@ -117,10 +142,19 @@ class Registry:
         self._specs[spec.id] = spec
         for listener in list(self._listeners):
             listener(spec)
+        return spec
 
     def remove(self, function_id: str) -> None:
         """Unregister a function (no error if absent)."""
         self._specs.pop(function_id, None)
+
+    def discard(self, spec: FunctionSpec) -> bool:
+        """Unregister ``spec`` if it is still the one registered under its id (not one
+        registered again since); True if it was."""
+        if self._specs.get(spec.id) is not spec:
+            return False
+        del self._specs[spec.id]
+        return True
 
     def get(self, function_id: str) -> FunctionSpec | None:
         """The spec for ``function_id``, or ``None``."""

@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import anyio.abc
@@ -41,6 +41,9 @@ from ._registry import FunctionSpec, Registry
 from ._stores import Job, NewJob, Outcome, Store, make_new_job
 from ._stores._base import LOST_ATTEMPT, PROCESS_HOST
 from ._threads import ThreadPool
+
+if TYPE_CHECKING:
+    from ._cron import ScheduleState
 
 __all__ = ["Runtime", "DEFAULT_TIMEOUT_MS", "JobEvent"]
 
@@ -183,6 +186,8 @@ class Runtime:
         self.stopping = False
         self.cron_fires: set[str] = set()
         """Cron jobs whose fire this runtime took in a shared store and is running."""
+        self.cron_schedules: dict[str, ScheduleState] = {}
+        """The cron schedules' states, by job id (see ``_cron``)."""
         self._sync_invocations: dict[str, Invocation] = {}
         self._activity_waiters = 0
         # Threads for sync handlers of synchronous and Void calls (queues have their own).
@@ -274,6 +279,17 @@ class Runtime:
             return
         self.pending_work += 1
         self._tg.start_soon(self._release_held, function_id)
+
+    def call_on_loop(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Call ``fn(*args)`` on the loop's thread, from any thread (from another, through
+        the portal, waiting for it). Does nothing once the engine is stopping."""
+        if self._tg is None or self.stopping:
+            return
+        if threading.get_ident() == self.loop_thread:
+            fn(*args)
+        elif self.portal is not None:
+            with contextlib.suppress(RuntimeError):  # the portal has stopped: so has the engine
+                self.portal.call(fn, *args)
 
     def start_soon(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
         """Start ``fn(*args)`` as a task in the running engine's task group, from any

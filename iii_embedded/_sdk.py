@@ -3,7 +3,8 @@
 Code written for the iii engine connects a worker to an engine over a websocket; here the
 engine is in-process, so ``register_worker`` builds an :class:`~iii_embedded.III` from the
 project's config and starts it on a background thread, where the iii SDK keeps its
-connection. The address and options are accepted for compatibility and ignored.
+connection. The address is accepted for compatibility and ignored; of iii's
+:class:`InitOptions`, only ``invocation_timeout_ms`` has an effect.
 
 Like the real SDK, a program that registers functions and reaches the end of its script
 keeps serving: a non-daemon keeper thread holds the process until the engine is shut down
@@ -22,10 +23,13 @@ from collections.abc import Mapping
 from types import FrameType
 from typing import Any
 
+import attrs
+
 from ._app import III
 from ._config_loader import find_config
+from ._runtime import DEFAULT_TIMEOUT_MS
 
-__all__ = ["register_worker"]
+__all__ = ["InitOptions", "register_worker"]
 
 log = logging.getLogger("iii_embedded")
 
@@ -34,7 +38,29 @@ _lock = threading.Lock()
 _shared: III | None = None
 
 
-def register_worker(address: str | None = None, options: Mapping[str, Any] | None = None) -> III:
+@attrs.define
+class InitOptions:
+    """The options of ``register_worker``, with the fields of iii's ``InitOptions``.
+
+    ``invocation_timeout_ms`` is the timeout of a synchronous ``trigger`` that gives no
+    ``timeout_ms`` (30 000 by default, as in iii). The others concern the connection to a
+    remote engine, its dashboard and its telemetry, which an embedded engine does not
+    have: they are accepted and ignored.
+    """
+
+    worker_name: str | None = None
+    worker_description: str | None = None
+    enable_metrics_reporting: bool = True
+    invocation_timeout_ms: int = DEFAULT_TIMEOUT_MS
+    reconnection_config: Any = None
+    otel: Any = None
+    headers: dict[str, str] | None = None
+    telemetry: Any = None
+
+
+def register_worker(
+    address: str | None = None, options: InitOptions | Mapping[str, Any] | None = None
+) -> III:
     """Start the process's embedded engine (or return it if already started) — iii SDK
     compatible.
 
@@ -42,15 +68,22 @@ def register_worker(address: str | None = None, options: Mapping[str, Any] | Non
     returns the same running engine, so code split over several modules (one registers
     functions, another triggers them) works as it does against iii. The config comes from
     ``$III_CONFIG``, else ``./iii-config.yaml`` if present, else the defaults (an in-memory
-    store and a ``default`` queue). ``address`` and ``options`` are accepted and ignored:
-    there is no remote engine to connect to.
+    store and a ``default`` queue). ``address`` is accepted and ignored: there is no
+    remote engine to connect to. Of ``options`` (an :class:`InitOptions`, or a mapping of
+    its fields), ``invocation_timeout_ms`` sets the default timeout of synchronous
+    triggers; the rest is ignored. Options apply when the call starts the engine: later
+    calls return the running engine as it is.
     """
-    del address, options
+    del address
+    if isinstance(options, Mapping):
+        timeout = options.get("invocation_timeout_ms", DEFAULT_TIMEOUT_MS)
+    else:  # ours, or any object with the field (iii's own InitOptions, say)
+        timeout = getattr(options, "invocation_timeout_ms", DEFAULT_TIMEOUT_MS)
     global _shared
     with _lock:
         if _shared is not None and _shared.is_running:
             return _shared
-        app = III(find_config())
+        app = III(find_config(), invocation_timeout_ms=timeout)
         app.start()
         _keep_serving(app)
         _shared = app

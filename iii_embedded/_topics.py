@@ -11,7 +11,9 @@ same keys as ``queue_configs``): every subscribed function gets its own copy of 
 message with its own retries and dead-letter queue, and subscribing the same function twice
 makes the subscriptions compete on one queue. A publish stores one job per subscribed
 function, all in one transaction. A message published to a topic nobody subscribes to is
-dropped with a warning (see docs/design.md).
+dropped with a warning (see docs/design.md). An unregistered subscription
+(``Trigger.unregister``) gets no copy of later messages; its queue still delivers the
+copies stored in it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ._config import QueueConfig
 from ._errors import InvocationError
 from ._runtime import new_jobs
 from ._stores import NewJob
+from ._triggers import Binding, register_trigger_type
 
 if TYPE_CHECKING:
     from ._app import III
@@ -51,7 +54,7 @@ def topic_queue_name(topic: str, function_id: str) -> str:
     return f"topic::{topic}::{function_id}"
 
 
-def _subscribe(app: III, trigger: Mapping[str, Any]) -> None:
+def _subscribe(app: III, trigger: Mapping[str, Any]) -> Binding:
     function_id = trigger.get("function_id")
     config = trigger.get("config") or {}
     topic = config.get("topic") if isinstance(config, Mapping) else None
@@ -82,21 +85,34 @@ def _subscribe(app: III, trigger: Mapping[str, Any]) -> None:
         queue = QueueConfig(name=name, **dict(options))
     except (TypeError, ValueError) as exc:
         raise ValueError(f"queue trigger of {function_id!r}: queue_config: {exc}") from None
+    binding = Binding(key=("topic", name), undo=lambda: _unsubscribe(app, name))
     subscribers = app.topics.setdefault(topic, [])
     if name in subscribers:
-        # The same function subscribed again: it competes on the same queue, whose
-        # configuration is the first subscription's. Another one given now is refused
-        # rather than ignored.
+        # The same function subscribed again (or again after an unregister): it competes
+        # on the same queue, whose configuration is the first subscription's. Another one
+        # given now is refused rather than ignored.
         if options and app.config.queues.get(name) != queue:
-            raise ValueError(
-                f"queue trigger of {function_id!r} on topic {topic!r}: it is subscribed "
-                f"already, with another queue_config; a subscription's queue has one "
-                "configuration"
+            why = (
+                "its queue keeps the messages stored for it, with"
+                if name in app.unsubscribed
+                else "it is subscribed already, with"
             )
-        return
+            raise ValueError(
+                f"queue trigger of {function_id!r} on topic {topic!r}: {why} another "
+                "queue_config; a subscription's queue has one configuration"
+            )
+        app.unsubscribed.discard(name)
+        return binding
     app.add_queue(queue)
     subscribers.append(name)
     app.topic_queues[name] = (topic, function_id)
+    return binding
+
+
+def _unsubscribe(app: III, name: str) -> None:
+    """Stop storing copies of the topic's messages for the subscriber queue ``name``.
+    The queue stays, and delivers the copies stored already (see docs/design.md)."""
+    app.unsubscribed.add(name)
 
 
 async def publish(app: III, data: Any) -> None:
@@ -106,7 +122,7 @@ async def publish(app: III, data: Any) -> None:
     topic = data.get("topic", data.get("queue"))
     if not isinstance(topic, str) or not topic:
         raise InvocationError("topic_not_set", "Topic is not set")
-    queues = app.topics.get(topic, [])
+    queues = [q for q in app.topics.get(topic, ()) if q not in app.unsubscribed]
     if not queues:
         log.warning(
             "message published to topic %r dropped: no function subscribes to it "
@@ -142,7 +158,6 @@ async def publish(app: III, data: Any) -> None:
 
 def install_topics(app: III) -> None:
     """Register the publish functions and the ``queue``/``durable:subscriber`` triggers."""
-    from ._app import register_trigger_type
 
     async def publish_fn(data: Any) -> None:
         await publish(app, data)

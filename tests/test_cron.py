@@ -15,7 +15,7 @@ import pytest
 
 from iii_embedded import III, Config, StoreConfig, StoreError
 from iii_embedded._stores._sqlite import DB_FILENAME
-from iii_embedded.testing import VirtualClock
+from iii_embedded.testing import VirtualClock, drain
 
 pytestmark = pytest.mark.anyio
 
@@ -514,3 +514,116 @@ async def test_an_engine_started_with_serve_false_runs_no_schedule(serve: bool) 
         else:
             assert await iii.trigger_async("ping", None) == "pong"  # the engine runs
             assert record.payloads == []
+
+
+EVERY_10_S = "*/10 * * * * *"
+
+
+def cron(function_id: str, expression: str = EVERY_10_S, **extra: Any) -> dict[str, Any]:
+    return {
+        "type": "cron",
+        "function_id": function_id,
+        "config": {"expression": expression},
+        **extra,
+    }
+
+
+async def test_an_unregistered_schedule_stops_and_its_running_fire_finishes() -> None:
+    """``register_trigger`` returns a handle; ``unregister()`` stops the schedule (a tick
+    schedule beside it shows the time that passed), a fire already running finishes, and
+    the schedule registered again fires again."""
+    clock = VirtualClock(start=T0)
+    iii = III(clock=clock, shutdown_grace_ms=0)
+    entered, release = anyio.Event(), anyio.Event()
+    fired: list[str] = []
+    finished: list[str] = []
+    ticks = Recorder()
+
+    async def job(payload: dict[str, Any]) -> None:
+        fired.append(payload["scheduled_time"])
+        if len(fired) == 1:
+            entered.set()
+            await release.wait()
+        finished.append(payload["scheduled_time"])
+
+    iii.register_function("job", job)
+    iii.register_function("tick", ticks)
+    handle = iii.register_trigger(cron("job"))
+    iii.register_trigger(cron("tick"))
+    assert (handle.type, handle.function_id, handle.config) == (
+        "cron",
+        "job",
+        {"expression": EVERY_10_S},
+    )
+    async with iii.running():
+        await advance(clock, 10)
+        with anyio.fail_after(5):
+            await entered.wait()
+        handle.unregister()
+        handle.unregister()  # twice: harmless
+        release.set()
+        await drain(iii)
+        for _ in range(3):
+            await advance(clock, 10)
+            await drain(iii)
+        assert (fired, finished) == ([iso(T0 + 10)], [iso(T0 + 10)])
+        assert [p["scheduled_time"] for p in ticks.payloads] == [
+            iso(T0 + s) for s in (10, 20, 30, 40)
+        ]
+        iii.register_trigger(cron("job"))  # again
+        await advance(clock, 10)
+        await drain(iii)
+    assert fired == [iso(T0 + 10), iso(T0 + 50)]
+    assert [job.function_id for job in iii.cron_jobs] == ["tick", "job"]
+
+
+async def test_a_schedule_unregistered_before_start_or_at_once_never_fires() -> None:
+    """Unregistered before the engine starts; registered while it runs and unregistered
+    before the schedule's task first ran (from the loop) or from another thread."""
+    clock = VirtualClock(start=T0)
+    iii = III(clock=clock, shutdown_grace_ms=0)
+    fired = Recorder()
+    ticks = Recorder()
+    for function_id in ("before", "at-once", "elsewhere"):
+        iii.register_function(function_id, fired)
+    iii.register_function("tick", ticks)
+    iii.register_trigger(cron("tick"))
+    iii.register_trigger(cron("before")).unregister()
+    async with iii.running():
+        iii.register_trigger(cron("at-once")).unregister()
+        elsewhere = iii.register_trigger(cron("elsewhere"))
+        await anyio.lowlevel.checkpoint()
+        await anyio.to_thread.run_sync(elsewhere.unregister)
+        for _ in range(3):
+            await advance(clock, 10)
+            await drain(iii)
+    assert fired.payloads == []
+    assert len(ticks.payloads) == 3
+    assert [job.function_id for job in iii.cron_jobs] == ["tick"]
+    assert iii.triggers == [cron("tick")]
+
+
+async def test_a_schedule_registered_twice_stays_until_both_handles_are_unregistered() -> None:
+    clock = VirtualClock(start=T0)
+    iii = III(clock=clock, shutdown_grace_ms=0)
+    fired = Recorder()
+
+    @iii.function("job", cron=EVERY_10_S)  # the decorator's registration is one
+    async def job(payload: dict[str, Any]) -> None:
+        await fired(payload)
+
+    handle = iii.register_trigger(cron("job"))  # the same schedule: it fires once
+    named = iii.register_trigger(cron("job", id="nightly"))  # one of its own
+    assert named.id == "nightly"
+    async with iii.running():
+        await advance(clock, 10)
+        await drain(iii)
+        named.unregister()
+        handle.unregister()  # the decorator's registration still holds it
+        await advance(clock, 10)
+        await drain(iii)
+    assert sorted((p["scheduled_time"], p["job_id"]) for p in fired.payloads) == [
+        (iso(T0 + 10), "cron::job"),
+        (iso(T0 + 10), "nightly"),
+        (iso(T0 + 20), "cron::job"),
+    ]

@@ -523,3 +523,59 @@ async def test_a_client_that_disconnects_mid_upload_does_not_call_the_function()
         await iii.asgi_app(scope, receive, send)
     assert [c["body"] for c in calls] == ["whole"]
     assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [201]
+
+
+async def test_an_unregistered_route_answers_404_and_one_being_served_finishes() -> None:
+    """``register_trigger`` returns a handle: after ``unregister()`` the route answers 404
+    (405 if another method still has the path); a request already in its handler gets its
+    answer; the route can be registered again, even to another function."""
+    iii = III(shutdown_grace_ms=0)
+    inside, release = anyio.Event(), anyio.Event()
+
+    async def show(req: dict[str, Any]) -> dict[str, Any]:
+        if req["path_params"]["id"] == "slow":
+            inside.set()
+            await release.wait()
+        return {"id": req["path_params"]["id"]}
+
+    iii.register_function("show", show)
+    iii.register_function("delete", lambda req: {"deleted": req["path_params"]["id"]})
+    route = iii.register_trigger(
+        {"type": "http", "function_id": "show", "config": {"api_path": "/orders/:id"}}
+    )
+    assert (route.type, route.function_id) == ("http", "show")
+    async with iii.running():
+        assert await asgi_get(iii, "/orders/1") == (200, {"id": "1"})
+        async with anyio.create_task_group() as tg:
+            answers: list[tuple[int, Any]] = []
+
+            async def slow() -> None:
+                answers.append(await asgi_get(iii, "/orders/slow"))
+
+            tg.start_soon(slow)
+            with anyio.fail_after(5):
+                await inside.wait()
+            route.unregister()
+            release.set()
+        assert answers == [(200, {"id": "slow"})]
+        assert await asgi_get(iii, "/orders/1") == (
+            404,
+            {"error": "not found", "path": "/orders/1"},
+        )
+        route.unregister()  # twice: harmless
+        deleting = iii.register_trigger(
+            {
+                "type": "http",
+                "function_id": "delete",
+                "config": {"api_path": "/orders/:id", "http_method": "DELETE"},
+            }
+        )
+        assert await asgi_get(iii, "/orders/1") == (
+            405,
+            {"error": "method not allowed", "allowed": "DELETE"},
+        )
+        deleting.unregister()
+        iii.register_trigger(
+            {"type": "http", "function_id": "delete", "config": {"api_path": "/orders/:id"}}
+        )
+        assert await asgi_get(iii, "/orders/7") == (200, {"deleted": "7"})

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import inspect
 
+import attrs
+
 import iii_embedded
 import iii_embedded.testing
 
@@ -42,3 +44,34 @@ def test_public_classes_live_in_private_modules_behind_the_facade() -> None:
         obj = getattr(iii_embedded, name)
         module = getattr(obj, "__module__", "iii_embedded")
         assert module == "iii_embedded" or module.split(".")[1].startswith("_"), (name, module)
+
+
+def test_the_iii_sdk_names_that_examples_import_are_exported() -> None:
+    """iii's Python examples run with only their import line changed: the names they
+    import from ``iii`` exist here, with iii's fields where iii's are plain data."""
+    for name in (
+        "register_worker",
+        "InitOptions",
+        "FunctionRef",
+        "Trigger",
+        "TriggerAction",
+        "TriggerActionEnqueue",
+        "TriggerActionVoid",
+        "InvocationError",
+        "Logger",
+    ):
+        assert name in iii_embedded.__all__, name
+    assert iii_embedded.TriggerActionEnqueue is iii_embedded.EnqueueAction
+    assert iii_embedded.TriggerActionVoid is iii_embedded.VoidAction
+    assert [f.name for f in attrs.fields(iii_embedded.InitOptions)] == [
+        "worker_name",
+        "worker_description",
+        "enable_metrics_reporting",
+        "invocation_timeout_ms",
+        "reconnection_config",
+        "otel",
+        "headers",
+        "telemetry",
+    ]
+    assert callable(iii_embedded.FunctionRef.unregister)
+    assert callable(iii_embedded.Trigger.unregister)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -17,13 +18,18 @@ import pytest
 
 from iii_embedded import (
     III,
+    InitOptions,
     InvocationError,
     Logger,
+    Trigger,
     TriggerAction,
+    TriggerActionEnqueue,
+    TriggerActionVoid,
     current_invocation,
     register_worker,
 )
 from iii_embedded._app import HOOK_EVENTS
+from iii_embedded.testing import drain_blocking
 
 CONFIG = """\
 workers:
@@ -261,6 +267,74 @@ def test_a_programs_own_sigterm_handler_is_called_after_the_engine_stops(
         signal.SIGTERM,
     )
     assert (code, out.strip()) == (0, "own handler ran; engine running: False"), err
+
+
+def test_register_worker_gives_trigger_handles_that_unregister_from_the_script(
+    worker: III,
+) -> None:
+    """The worker's engine runs on its own thread; the script unregisters from its own."""
+    got: list[Any] = []
+    worker.register_function("on-order", got.append)
+    handle = worker.register_trigger(
+        {"type": "queue", "function_id": "on-order", "config": {"topic": "orders"}}
+    )
+    assert isinstance(handle, Trigger)
+    worker.trigger({"function_id": "enqueue", "payload": {"topic": "orders", "data": 1}})
+    drain_blocking(worker)
+    handle.unregister()
+    worker.trigger({"function_id": "enqueue", "payload": {"topic": "orders", "data": 2}})
+    drain_blocking(worker)
+    assert got == [1]
+
+
+def test_init_options_invocation_timeout_ms_is_the_default_timeout_of_sync_triggers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """iii's ``register_worker(address, InitOptions(...))``: every field of iii's is
+    accepted; ``invocation_timeout_ms`` bounds a synchronous call that gives no
+    ``timeout_ms`` (a call's own still wins)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("III_CONFIG", raising=False)
+    options = InitOptions(
+        worker_name="orders-worker",
+        worker_description="Processes orders",
+        enable_metrics_reporting=False,
+        invocation_timeout_ms=50,
+        reconnection_config=None,
+        otel={"enabled": False},
+        headers={"authorization": "Bearer x"},
+        telemetry=None,
+    )
+    app = register_worker("ws://localhost:49134", options)
+    release = threading.Event()
+    try:
+        app.register_function("stuck", lambda _: release.wait(10))
+        app.register_function("echo", lambda data: data)
+        with pytest.raises(InvocationError) as timed_out:
+            app.trigger({"function_id": "stuck", "payload": {}})
+        assert timed_out.value.code == "TIMEOUT"
+        assert str(timed_out.value) == "TIMEOUT: Function 'stuck' did not return within 50 ms"
+        assert app.trigger({"function_id": "echo", "payload": 7, "timeout_ms": 5000}) == 7
+    finally:
+        release.set()
+        app.shutdown()
+
+
+def test_iii_action_classes_are_ours_under_iii_names(worker: III) -> None:
+    assert TriggerActionEnqueue is type(TriggerAction.Enqueue(queue="email"))
+    assert TriggerActionVoid is type(TriggerAction.Void())
+    got: list[Any] = []
+    worker.register_function("record", got.append)
+    receipt = worker.trigger(
+        {"function_id": "record", "payload": 1, "action": TriggerActionEnqueue(queue="email")}
+    )
+    assert set(receipt) == {"messageReceiptId"}
+    assert (
+        worker.trigger({"function_id": "record", "payload": 2, "action": TriggerActionVoid()})
+        is None
+    )
+    drain_blocking(worker)
+    assert sorted(got) == [1, 2]
 
 
 def test_register_worker_calls_in_one_process_share_one_engine(worker: III) -> None:

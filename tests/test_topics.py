@@ -7,11 +7,12 @@ import logging
 import threading
 from typing import Any
 
+import anyio
 import pytest
 
 from iii_embedded import III, InvocationError, TriggerAction
 from iii_embedded._topics import topic_queue_name
-from iii_embedded.testing import VirtualClock, dead_jobs, drain
+from iii_embedded.testing import VirtualClock, dead_jobs, drain, drain_blocking
 
 pytestmark = pytest.mark.anyio
 
@@ -271,3 +272,86 @@ def test_bad_subscriptions_are_refused_with_a_clear_error() -> None:
         )
     with pytest.raises(ValueError, match="unknown trigger type 'websocket'"):
         iii.register_trigger({"type": "websocket", "function_id": "f"})
+
+
+async def test_an_unregistered_subscription_gets_no_new_copy_but_its_stored_ones() -> None:
+    """``register_trigger`` returns a handle: after ``unregister()`` a publish stores no
+    copy for that subscriber (the others still get theirs), and the copies stored before
+    are still delivered. Subscribing again works, on the same queue."""
+    iii = make_app()
+    got: dict[str, list[Any]] = {"a": [], "b": []}
+    first_running, release = anyio.Event(), anyio.Event()
+
+    async def a(data: Any) -> None:
+        if data == 1:
+            first_running.set()
+            await release.wait()
+        got["a"].append(data)
+
+    iii.register_function("a", a)
+    iii.register_function("b", got["b"].append)
+    one_at_a_time = {"topic": "t", "queue_config": {"concurrency": 1}}
+    handle = iii.register_trigger({"type": "queue", "function_id": "a", "config": one_at_a_time})
+    iii.register_trigger({"type": "queue", "function_id": "b", "config": {"topic": "t"}})
+    assert (handle.type, handle.function_id, handle.config) == ("queue", "a", one_at_a_time)
+    async with iii.running():
+        # Message 2's copy for "a" waits in its queue behind message 1's, which runs.
+        for n in (1, 2):
+            await iii.trigger_async("enqueue", {"topic": "t", "data": n})
+        with anyio.fail_after(5):
+            await first_running.wait()
+        handle.unregister()
+        handle.unregister()  # twice: harmless
+        await iii.trigger_async("enqueue", {"topic": "t", "data": 3})
+        release.set()
+        await drain(iii)
+        assert (got["a"], sorted(got["b"])) == ([1, 2], [1, 2, 3])
+        listed = await iii.trigger_async("engine::queue::list_topics", {})
+        assert listed[0] == {"name": "t", "broker_type": "builtin", "subscriber_count": 1}
+        again = iii.register_trigger(
+            {"type": "durable:subscriber", "function_id": "a", "config": {"topic": "t"}}
+        )
+        await iii.trigger_async("enqueue", {"topic": "t", "data": 4})
+        await drain(iii)
+        again.unregister()
+    assert (got["a"], sorted(got["b"])) == ([1, 2, 4], [1, 2, 3, 4])
+    assert iii.triggers == [{"type": "queue", "function_id": "b", "config": {"topic": "t"}}]
+
+
+async def test_a_subscription_registered_twice_stays_until_both_are_unregistered(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    iii = make_app()
+    got: list[Any] = []
+    iii.register_function("worker", got.append)
+    trigger = {"type": "queue", "function_id": "worker", "config": {"topic": "jobs"}}
+    first, second = iii.register_trigger(trigger), iii.register_trigger(trigger)
+    async with iii.running():
+        first.unregister()
+        await iii.trigger_async("enqueue", {"topic": "jobs", "data": 1})
+        await drain(iii)
+        second.unregister()
+        with caplog.at_level(logging.WARNING, logger="iii_embedded.topics"):
+            await iii.trigger_async("enqueue", {"topic": "jobs", "data": 2})
+        await drain(iii)
+    assert got == [1]
+    assert "message published to topic 'jobs' dropped" in caplog.text
+
+
+def test_a_subscription_unregistered_from_another_thread_stops_its_copies() -> None:
+    iii = make_app()
+    got: list[Any] = []
+    iii.register_function("worker", got.append)
+    handle = iii.register_trigger(
+        {"type": "queue", "function_id": "worker", "config": {"topic": "jobs"}}
+    )
+    iii.start()
+    try:
+        iii.trigger("enqueue", {"topic": "jobs", "data": 1})
+        drain_blocking(iii)
+        handle.unregister()
+        iii.trigger("enqueue", {"topic": "jobs", "data": 2})
+        drain_blocking(iii)
+    finally:
+        iii.shutdown()
+    assert got == [1]

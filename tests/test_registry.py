@@ -1,0 +1,190 @@
+"""Registering functions as iii's SDK does: ids that are required, and the
+``FunctionRef`` that ``register_function`` returns, whose ``unregister()`` removes the
+function (its queued jobs are held until the id is registered again)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import anyio
+import pytest
+
+from iii_embedded import III, Config, FunctionRef, InvocationError, QueueConfig, TriggerAction
+from iii_embedded.testing import VirtualClock, drain
+
+pytestmark = pytest.mark.anyio
+
+
+def make_app() -> III:
+    return III(clock=VirtualClock(), shutdown_grace_ms=0)
+
+
+@pytest.mark.parametrize("blank", ["", "  ", "\t\n"])
+def test_an_empty_or_blank_id_is_refused_naming_it(blank: str) -> None:
+    iii = make_app()
+    with pytest.raises(ValueError, match="id is required") as caught:
+        iii.register_function(blank, lambda data: data)
+    assert repr(blank) in str(caught.value)
+    with pytest.raises(ValueError, match="id is required"):
+        iii.register_function({"id": blank}, lambda data: data)
+    assert iii.registry.user_ids() == []
+
+
+def test_register_function_returns_a_ref_with_id_description_and_metadata() -> None:
+    iii = make_app()
+    ref = iii.register_function(
+        {"id": "greet", "description": "Greets", "metadata": {"v": 1}}, lambda data: data
+    )
+    assert (ref.id, ref.description, ref.metadata) == ("greet", "Greets", {"v": 1})
+    assert ref == FunctionRef(id="greet", description="Greets", metadata={"v": 1})
+
+
+async def test_unregister_removes_the_function_from_calls_and_enqueues() -> None:
+    iii = make_app()
+    ref = iii.register_function("greet", lambda data: f"hello {data}")
+    async with iii.running():
+        assert await iii.trigger_async("greet", "ann") == "hello ann"
+        ref.unregister()
+        assert "greet" not in iii.registry
+        with pytest.raises(InvocationError) as sync_error:
+            await iii.trigger_async("greet", "bob")
+        assert sync_error.value.code == "function_not_found"
+        with pytest.raises(InvocationError) as enqueue_error:
+            await iii.trigger_async("greet", "bob", action=TriggerAction.Enqueue(queue="default"))
+        assert enqueue_error.value.code == "enqueue_error"
+        # Registered again (by id): it works again.
+        iii.register_function("greet", lambda data: f"hi {data}")
+        assert await iii.trigger_async("greet", "cy") == "hi cy"
+
+
+async def test_queued_jobs_of_an_unregistered_function_are_held_until_it_is_back() -> None:
+    iii = make_app()
+    done: list[Any] = []
+    ref = iii.register_function("work", done.append)
+    async with iii.running():
+        # Stored while the function is registered, delivered after it is gone: the job
+        # must wait, as a job for an unknown function does.
+        await iii.trigger_async(
+            "work", 1, action=TriggerAction.Enqueue(queue="default", delay_ms=1000)
+        )
+        ref.unregister()
+        await drain(iii)
+        assert done == []
+        assert (await iii.queue_stats_async("default")).held == 1
+        iii.register_function("work", done.append)
+        await drain(iii)
+        assert done == [1]
+        stats = await iii.queue_stats_async("default")
+        assert (stats.held, stats.ready, stats.completed) == (0, 0, 1)
+
+
+async def test_a_running_attempt_finishes_after_its_function_is_unregistered() -> None:
+    iii = make_app()
+    started, release = anyio.Event(), anyio.Event()
+    results: list[str] = []
+
+    async def slow(data: Any) -> str:
+        started.set()
+        await release.wait()
+        results.append(data)
+        return "done"
+
+    ref = iii.register_function("slow", slow)
+    async with iii.running():
+        receipt = await iii.trigger_async(
+            "slow", "a", action=TriggerAction.Enqueue(queue="default")
+        )
+        with anyio.fail_after(5):
+            await started.wait()
+        ref.unregister()
+        release.set()
+        await drain(iii)
+        run = await iii.runs.get_async(receipt["messageReceiptId"])
+    assert results == ["a"]
+    assert run is not None
+    assert (run.status, run.output) == ("completed", "done")
+
+
+async def test_unregistering_twice_or_after_the_id_was_registered_again_is_harmless() -> None:
+    iii = make_app()
+    first = iii.register_function("f", lambda data: "first")
+    first.unregister()
+    first.unregister()  # twice: nothing to do
+    second = iii.register_function("f", lambda data: "second")
+    first.unregister()  # a stale ref: it must not remove the new registration
+    async with iii.running():
+        assert await iii.trigger_async("f", None) == "second"
+        second.unregister()
+        assert "f" not in iii.registry
+
+
+def test_a_ref_built_by_hand_unregisters_nothing() -> None:
+    iii = make_app()
+    iii.register_function("f", lambda data: data)
+    FunctionRef(id="f").unregister()
+    assert "f" in iii.registry
+
+
+async def test_a_sync_job_already_lined_up_behind_a_running_one_is_held_after_unregister() -> None:
+    """A queue with one slot lines the next sync job up for the running handler's thread
+    (``QueueRunner._chain``) with its handler: after ``unregister`` that thread must not
+    start it."""
+    iii = III(
+        Config(queues={"one": QueueConfig(name="one", concurrency=1)}),
+        clock=VirtualClock(),
+        shutdown_grace_ms=0,
+    )
+    started, release = threading.Event(), threading.Event()
+    ran: list[int] = []
+
+    def work(data: int) -> None:
+        ran.append(data)
+        if data == 1:
+            started.set()
+            release.wait(5)
+
+    ref = iii.register_function("work", work)
+    async with iii.running():
+        for n in (1, 2):
+            await iii.trigger_async("work", n, action=TriggerAction.Enqueue(queue="one"))
+        await anyio.to_thread.run_sync(started.wait, 5)
+        ref.unregister()
+        release.set()
+        await drain(iii)
+        assert ran == [1]
+        assert (await iii.queue_stats_async("one")).held == 1
+
+
+@pytest.mark.parametrize("bad", [0, -1, "30000", True, float("nan")])
+def test_a_bad_invocation_timeout_is_refused(bad: Any) -> None:
+    with pytest.raises(ValueError, match="invocation_timeout_ms must be a number"):
+        III(invocation_timeout_ms=bad)
+
+
+async def test_invocation_timeout_ms_bounds_sync_calls_that_give_no_timeout() -> None:
+    clock = VirtualClock()
+    iii = III(clock=clock, shutdown_grace_ms=0, invocation_timeout_ms=2_000)
+
+    async def stuck(_: Any) -> None:
+        await anyio.sleep_forever()
+
+    iii.register_function("stuck", stuck)
+    async with iii.running():
+        errors: list[InvocationError] = []
+
+        async def call() -> None:
+            try:
+                await iii.trigger_async("stuck", None)
+            except InvocationError as exc:
+                errors.append(exc)
+
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(call)
+                await anyio.wait_all_tasks_blocked()
+                clock.advance(1.999)
+                await anyio.wait_all_tasks_blocked()
+                assert errors == []
+                clock.advance(0.001)
+    assert [str(e) for e in errors] == ["TIMEOUT: Function 'stuck' did not return within 2000 ms"]
