@@ -100,6 +100,7 @@ class _Reader:
         queues: dict[str, QueueConfig] = {}
         store = StoreConfig()
         http: HttpConfig | None = None
+        first_block: dict[str, int | None] = {}  # "queue" / "http" -> the line of its block
         for key in top:
             line = self.line_of(top, key)
             value = top[key]
@@ -127,6 +128,17 @@ class _Reader:
                                 )
                     config = item.get("config")
                     cfg_line = self.line_of(item, "config") or item_line
+                    block = "queue" if kind in queue_ids else "http" if kind in http_ids else None
+                    if block is not None:
+                        if block in first_block:
+                            # A second block would override the first's store or server, or
+                            # add to its queues, without a word: say where both are.
+                            raise self.fail(
+                                f"'{key}' item {index}: a second {kind} worker (the first is "
+                                f"at line {first_block[block]}): configure it in one block",
+                                item_line,
+                            )
+                        first_block[block] = item_line
                     if kind in queue_ids:
                         queues, store = self.queue_block(config, cfg_line, queues, store)
                     elif kind in http_ids:
@@ -339,7 +351,7 @@ class _Reader:
                     raise self.fail(f"file_path must be a directory path, got {value!r}", key_line)
                 # Relative paths are relative to the config file, not to the directory the
                 # program happens to start in: the same file then means the same store.
-                path = Path(value)
+                path = Path(value).expanduser()  # "~/data", as a shell would read it
                 if not path.is_absolute() and self.base_dir is not None:
                     path = self.base_dir / path
                 value = str(path)

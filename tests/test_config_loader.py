@@ -366,3 +366,38 @@ def test_any_valid_queue_round_trips_through_yaml(name: str, fields: dict[str, o
     lines = [f"    {k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in values.items()]
     text = "queue_configs:\n  " + name + ":\n" + "\n".join(lines) + "\n"
     assert parse_config(text).queues[name] == QueueConfig(name=name, **values)  # type: ignore[arg-type]
+
+
+def test_a_second_queue_or_http_worker_block_is_refused_naming_both_lines(tmp_path: Path) -> None:
+    """The second block's adapter replaced the first's store (and a second http block its
+    server) without a word."""
+    text = textwrap.dedent(
+        """\
+        workers:
+          - name: iii-queue
+            config:
+              adapter: {name: builtin, config: {store_method: file_based, file_path: ./a}}
+          - name: iii-queue
+            config:
+              adapter: {name: builtin, config: {store_method: file_based, file_path: ./b}}
+        """
+    )
+    (tmp_path / "iii-config.yaml").write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(tmp_path / "iii-config.yaml")
+    assert caught.value.line == 5
+    assert "a second iii-queue worker (the first is at line 2): configure it in one block" in str(
+        caught.value
+    )
+    http = "workers:\n  - name: iii-http\n    config: {port: 1}\n  - name: iii-http\n"
+    with pytest.raises(ConfigError, match=r"a second iii-http worker \(the first is at line 2\)"):
+        parse_config(http)
+
+
+def test_a_file_path_under_the_home_directory_is_expanded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    text = "adapter:\n  config:\n    store_method: file_based\n    file_path: ~/iii-data\n"
+    config = parse_config(text, base_dir=str(tmp_path / "project"))
+    assert config.store.file_path == str(tmp_path / "home" / "iii-data")

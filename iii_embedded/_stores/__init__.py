@@ -7,6 +7,8 @@ SQLite stores implement it and are held to it by one conformance suite
 
 from __future__ import annotations
 
+import os
+
 from ._base import (
     CronFire,
     EnqueueClaim,
@@ -58,7 +60,7 @@ def open_store(config: object) -> Store:
 
     assert config.file_path is not None
     return SQLiteStore(
-        config.file_path,
+        os.path.expanduser(config.file_path),
         synchronous=config.synchronous,
         commit_on_loop=config.commit_on_loop,
     )
