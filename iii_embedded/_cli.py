@@ -569,6 +569,32 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_runs_cancel(args: argparse.Namespace) -> int:
+    from ._runs import Run
+
+    now = time.time()
+    before = _with_store(args, lambda store: store.cancel(args.id, now))
+    if before is None:
+        raise UsageError(f"no run {args.id}")
+    status = Run.from_job(before, now).status
+    if before.state in ("queued", "held"):
+        cancelled, message = True, f"cancelled while {status}"
+    elif before.state == "running" and before.cancel_requested:
+        cancelled, message = False, "running; already asked to stop"
+    elif before.state == "running":
+        cancelled = True
+        message = "running; asked to stop (its process stops it at its next lease renewal)"
+    else:
+        cancelled, message = False, f"nothing to cancel: the run already {status}"
+    if args.json:
+        _print_json(
+            {"id": args.id, "cancelled": cancelled, "status_before": status, "message": message}
+        )
+    else:
+        print(f"{args.id}: {message}")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     app = _import_app(args.app)
     _no_config_for_a_started_app(app, args)
@@ -786,6 +812,15 @@ def build_parser() -> argparse.ArgumentParser:
         "Show a run's status, attempts, output or error.",
         "  iii-embedded runs show 0b9d…",
         cmd_runs_show,
+        runs_sub,
+    )
+    with_store(p)
+    p.add_argument("id")
+    p = command(
+        "cancel",
+        "Cancel a run: a queued, delayed or held one at once; a running one is asked to stop.",
+        "  iii-embedded runs cancel 0b9d…",
+        cmd_runs_cancel,
         runs_sub,
     )
     with_store(p)

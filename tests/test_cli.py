@@ -711,3 +711,27 @@ def test_ages_are_shown_in_whole_units(seconds: float | None, shown: str) -> Non
     from iii_embedded import _cli
 
     assert _cli._age(seconds) == shown
+
+
+def test_runs_cancel_cancels_a_queued_or_held_run_and_says_what_it_did(project: Path) -> None:
+    """A run enqueued for a function no app has (a mistyped id) would wait for ever
+    (held, once an app claims it): ``runs cancel`` is how an operator ends it, as any
+    queued run. Asking again, or for an unknown id, says so."""
+    held = json.loads(cli(project, "trigger", "flakyy", "--queue", "work").stdout)
+    queued = json.loads(cli(project, "trigger", "flaky", "--payload", '{"n": 1}').stdout)
+    held_id, queued_id = held["messageReceiptId"], queued["messageReceiptId"]
+    first = cli(project, "runs", "cancel", queued_id)
+    again = cli(project, "runs", "cancel", queued_id, "--json")
+    as_json = cli(project, "runs", "cancel", held_id, "--json")
+    shown = cli(project, "runs", "show", held_id, "--json")
+    missing = cli(project, "runs", "cancel", "no-such-run")
+    assert (first.returncode, first.stdout) == (0, f"{queued_id}: cancelled while queued\n")
+    assert json.loads(again.stdout) == {
+        "id": queued_id,
+        "cancelled": False,
+        "status_before": "cancelled",
+        "message": "nothing to cancel: the run already cancelled",
+    }
+    assert json.loads(as_json.stdout)["cancelled"] is True
+    assert json.loads(shown.stdout)["status"] == "cancelled"
+    assert one_line_error(missing) == "iii-embedded: error: no run no-such-run"
