@@ -55,7 +55,7 @@ class CronJob:
     function_id: str
     expression: str
     implicit: bool = False
-    """True if the id was made here (the trigger gave none): see ``_implicit_ids``."""
+    """True if the id was made here (the trigger gave none): see ``_add_implicit``."""
 
 
 def _croniter() -> Any:
@@ -123,10 +123,8 @@ def _register_cron(app: III, trigger: Mapping[str, Any]) -> Binding:
     # renamed when its function gains another (``_add_implicit``).
     key = ("cron", function_id, expression, explicit)
     binding = Binding(key=key, undo=functools.partial(_unregister_cron, app, *key[1:]))
-    for known in app.cron_jobs:  # the same schedule registered again: one schedule
-        same = (known.function_id, known.expression) == (function_id, expression)
-        if same and (known.implicit if not explicit else known.job_id == explicit):
-            return binding
+    if any(_is(job, function_id, expression, explicit) for job in app.cron_jobs):
+        return binding  # the same schedule registered again: one schedule
     if explicit:
         job_id = explicit
         taken = next((job for job in app.cron_jobs if job.job_id == job_id), None)
@@ -146,14 +144,18 @@ def _register_cron(app: III, trigger: Mapping[str, Any]) -> Binding:
     return binding
 
 
+def _is(job: CronJob, function_id: str, expression: str, explicit: str | None) -> bool:
+    """Whether ``job`` is the schedule a trigger with these names registers (one without
+    an explicit id matches whatever name ``_add_implicit`` gave it)."""
+    if (job.function_id, job.expression) != (function_id, expression):
+        return False
+    return job.implicit if explicit is None else job.job_id == explicit
+
+
 def _unregister_cron(app: III, function_id: str, expression: str, explicit: str | None) -> None:
     """Remove the schedule, and stop it if it runs (a fire already running finishes)."""
-    for job in app.cron_jobs:
-        if (job.function_id, job.expression) == (function_id, expression) and (
-            job.implicit if explicit is None else job.job_id == explicit
-        ):
-            break
-    else:
+    job = next((j for j in app.cron_jobs if _is(j, function_id, expression, explicit)), None)
+    if job is None:
         return
     app.cron_jobs.remove(job)
     rt = app._runtime
@@ -194,17 +196,11 @@ def _add_implicit(app: III, function_id: str, expression: str) -> CronJob:
     renamed as it gains one; a schedule added while it runs cannot rename the running
     ones, so it takes ``cron::FUNCTION_ID`` only if that is free."""
     single = f"cron::{function_id}"
-    own = [j for j in app.cron_jobs if j.implicit and j.function_id == function_id]
-    if app.is_running:
-        taken = {j.job_id for j in app.cron_jobs}
-        job_id = f"{single}::{expression}" if single in taken else single
-        job = CronJob(job_id=job_id, function_id=function_id, expression=expression, implicit=True)
-        app.cron_jobs.append(job)
-        return job
+    own = any(j.implicit and j.function_id == function_id for j in app.cron_jobs)
     named = single if single not in {j.job_id for j in app.cron_jobs} else f"{single}::{expression}"
     job = CronJob(job_id=named, function_id=function_id, expression=expression, implicit=True)
     app.cron_jobs.append(job)
-    if own:  # now several: each is named by its expression
+    if own and not app.is_running:  # now several: each is named by its expression
         app.cron_jobs[:] = [
             attrs.evolve(j, job_id=f"{single}::{j.expression}")
             if j.implicit and j.function_id == function_id
