@@ -39,6 +39,7 @@ from ._errors import ConfigError as ConfigError
 from ._errors import DeadlockError as DeadlockError
 from ._errors import IIIError as IIIError
 from ._errors import InvocationError as InvocationError
+from ._errors import InvocationTimeoutError as InvocationTimeoutError
 from ._errors import NonRetryableError as NonRetryableError
 from ._errors import RetryAfter as RetryAfter
 from ._errors import RunFailedError as RunFailedError
@@ -93,6 +94,7 @@ __all__ = [
     "StoreVersionError",
     "RunFailedError",
     "DeadlockError",
+    "InvocationTimeoutError",
     "AwaitableResultError",
     # runs
     "Run",

@@ -24,6 +24,7 @@ __all__ = [
     "StoreVersionError",
     "RunFailedError",
     "DeadlockError",
+    "InvocationTimeoutError",
 ]
 
 
@@ -50,6 +51,18 @@ class InvocationError(IIIError, RuntimeError):
 
     def __repr__(self) -> str:
         return f"InvocationError(code={self.code!r}, message={self.message!r})"
+
+
+class InvocationTimeoutError(InvocationError, TimeoutError):
+    """A ``trigger`` or a wait for runs ran out of time (code ``TIMEOUT``).
+
+    An :class:`InvocationError` whose ``code`` is ``"TIMEOUT"``, and a ``TimeoutError`` too,
+    so code that catches either catches it. The work it waited for is not stopped: a
+    synchronous handler runs to its end (its result is dropped), and runs waited for go on.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__("TIMEOUT", message)
 
 
 class NonRetryableError(IIIError):

@@ -31,7 +31,7 @@ import attrs
 from ._actions import EnqueueAction
 from ._config import QueueConfig
 from ._context import Invocation, current_invocation
-from ._errors import DeadlockError, InvocationError, RunFailedError
+from ._errors import DeadlockError, InvocationError, InvocationTimeoutError, RunFailedError
 from ._ids import new_receipt_id
 from ._queues import QueueRunner
 from ._runtime import Runtime, check_timeout
@@ -376,8 +376,7 @@ async def wait_for_runs(
                         await _read_final(rt, ids, results)
                 if any(r is None for r in results):
                     pending = sum(r is None for r in results)
-                    raise InvocationError(
-                        "TIMEOUT",
+                    raise InvocationTimeoutError(
                         f"{pending} of {len(ids)} run(s) were not finished after "
                         f"{timeout_ms} ms (they go on)",
                     )

@@ -33,7 +33,7 @@ from ._clock import Clock, SystemClock
 from ._codec import dumps_strict
 from ._config import COUNT_MAX, Config, QueueConfig
 from ._context import Invocation, _current
-from ._errors import InvocationError, StoreError
+from ._errors import InvocationError, InvocationTimeoutError, StoreError
 from ._fastpath import PENDING, Interrupted, first_step, resume_suspended, run_handler
 from ._ids import new_receipt_id
 from ._queues import QueueRunner, log_dead_lettered
@@ -634,8 +634,8 @@ class Runtime:
                 self.waiting_calls -= nested
                 self.notify_activity()
         except Interrupted:
-            raise InvocationError(
-                "TIMEOUT", f"Function '{function_id}' did not return within {timeout} ms"
+            raise InvocationTimeoutError(
+                f"Function '{function_id}' did not return within {timeout} ms"
             ) from None
         except Exception as exc:
             if spec.internal and isinstance(exc, InvocationError):
@@ -792,8 +792,8 @@ class Runtime:
         raised is its own). Raise it ``from`` its ``__cause__``."""
         if future.cancel() or future.cancelled():
             timeout = DEFAULT_TIMEOUT_MS if timeout_ms is None else timeout_ms
-            return InvocationError(
-                "TIMEOUT", f"Function '{function_id}' did not return within {timeout} ms"
+            return InvocationTimeoutError(
+                f"Function '{function_id}' did not return within {timeout} ms"
             )
         error = InvocationError("invocation_failed", f"{type(exc).__name__}: {exc}")
         error.__cause__ = exc  # raised ``from`` it

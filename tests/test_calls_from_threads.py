@@ -665,6 +665,9 @@ def test_a_blocking_call_of_a_sync_handler_runs_it_without_the_engine_loop() -> 
         "TimeoutError: the handler's own",
     )
     assert isinstance(own_timeout.value.__cause__, TimeoutError)
+    # Only the call's own timeout is a TimeoutError; the handler's is the cause of a failure.
+    assert not isinstance(own_timeout.value, TimeoutError)
+    assert isinstance(timed_out.value, TimeoutError)
     assert timed_out.value.__cause__ is None
     assert (timed_out.value.code, timed_out.value.message) == (
         "TIMEOUT",

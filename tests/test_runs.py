@@ -144,8 +144,9 @@ async def test_trigger_and_wait_times_out_on_the_runtime_clock_and_the_run_goes_
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(advance)
-            with pytest.raises(InvocationError) as caught:
+            with pytest.raises(TimeoutError) as caught:  # an InvocationTimeoutError
                 await iii.trigger_and_wait_async("slow", {}, queue="work", timeout_ms=50)
+        assert isinstance(caught.value, InvocationError)
         assert caught.value.code == "TIMEOUT"
         assert "(they go on)" in caught.value.message
         release.set()

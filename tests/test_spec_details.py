@@ -19,6 +19,7 @@ from iii_embedded import (
     III,
     Config,
     InvocationError,
+    InvocationTimeoutError,
     Logger,
     NonRetryableError,
     QueueConfig,
@@ -99,6 +100,8 @@ async def test_a_dict_request_times_out_after_its_timeout_ms() -> None:
     assert [(e.code, e.message) for e in errors] == [
         ("TIMEOUT", "Function 'sleepy' did not return within 100 ms")
     ]
+    assert all(isinstance(e, InvocationTimeoutError) for e in errors)
+    assert all(isinstance(e, TimeoutError) for e in errors)
 
 
 async def test_statistics_count_the_oldest_ready_age_and_the_dead_lettered() -> None:
