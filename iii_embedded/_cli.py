@@ -411,9 +411,10 @@ def _dlq_bulk(args: argparse.Namespace, verb: str) -> int:
         await _known_queue(args, store, args.queue)
         now = time.time()
         # --all is the jobs dead when the command starts, each handled once: their ids
-        # are read first, so a job that dies again while the command runs (its handler
+        # are read first (in one read: pages by offset skip ids that another process's
+        # redrive shifts), so a job that dies again while the command runs (its handler
         # still fails) is not taken a second time (see docs/design.md).
-        ids = await _dead_ids(store, args.queue) if args.all else list(dict.fromkeys(args.ids))
+        ids = await store.dead_ids(args.queue) if args.all else list(dict.fromkeys(args.ids))
         # Chunks of CHUNK ids, one transaction each: an interruption leaves every chunk
         # fully done or not started, and running the command again continues with the rest.
         total, done = len(ids), 0
@@ -437,20 +438,6 @@ def _dlq_bulk(args: argparse.Namespace, verb: str) -> int:
     else:
         print(f"{past} {count} job(s) of '{args.queue}'")
     return 0
-
-
-async def _dead_ids(store: Store, queue: str) -> list[str]:
-    """The ids of the jobs dead in ``queue`` now, oldest failure first, read in pages of
-    CHUNK. Jobs that die while the pages are read come last (the DLQ's order is their
-    death's) and are left out: no more than the count at the start is taken."""
-    total = (await store.counts(time.time())).get(queue, QueueCounts()).dead
-    ids: list[str] = []
-    while len(ids) < total:
-        page = await store.list_dead(queue, offset=len(ids), limit=CHUNK)
-        ids.extend(j.id for j in page)
-        if len(page) < CHUNK:
-            break
-    return list(dict.fromkeys(ids[:total]))
 
 
 async def _apply(store: Store, verb: str, queue: str, ids: Sequence[str], now: float) -> list[str]:

@@ -521,6 +521,61 @@ def test_dlq_redrive_all_takes_each_job_dead_at_the_start_once(
     assert queue_row(project, "work")["dead"] == count
 
 
+class _OthersRedrive:
+    """A store another process redrives the oldest dead job of right after the command
+    first reads the DLQ."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self.taken: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def _after_read(self, queue: str) -> None:
+        if not self.taken:
+            self.taken = await self._store.redrive(queue, [self._oldest], 0.0)
+
+    async def list_dead(self, queue: str, **page: Any) -> Any:
+        jobs = await self._store.list_dead(queue, **page)
+        self._oldest = self._oldest if self.taken else jobs[0].id
+        await self._after_read(queue)
+        return jobs
+
+    async def dead_ids(self, queue: str) -> list[str]:
+        ids: list[str] = await self._store.dead_ids(queue)
+        self._oldest = ids[0]
+        await self._after_read(queue)
+        return ids
+
+
+def test_dlq_redrive_all_misses_no_job_when_another_process_redrives_meanwhile(
+    project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Reading the DLQ's ids by pages of offsets skipped the job a concurrent redrive moved
+    to the previous page; every job still dead must be redriven."""
+    from iii_embedded import _cli
+
+    dead_jobs_in(project, 1203)
+    real_open = _cli.open_store
+    stores: list[_OthersRedrive] = []
+
+    def opened(config: Any) -> _OthersRedrive:
+        stores.append(_OthersRedrive(real_open(config)))
+        return stores[-1]
+
+    monkeypatch.setattr(_cli, "open_store", opened)
+    monkeypatch.chdir(project)
+    assert _cli.main(["dlq", "redrive", "work", "--all"]) == 0
+    out, err = capsys.readouterr()
+    assert len(stores[0].taken) == 1
+    assert out.strip() == "redriven 1202 job(s) of 'work'"
+    assert err.strip() == (
+        "1 id(s) had left the dead-letter queue of 'work' before the command reached them"
+    )
+    assert queue_row(project, "work")["dead"] == 0
+
+
 @pytest.mark.parametrize("limit", ["0", "-1", "many"])
 def test_dlq_list_limit_must_be_a_positive_integer(project: Path, limit: str) -> None:
     dead_jobs_in(project, 2)

@@ -622,6 +622,10 @@ class Store(Protocol):
     async def list_dead(self, queue: str, *, offset: int = 0, limit: int = 100) -> list[Job]:
         """Dead jobs of ``queue``, oldest failure first."""
 
+    async def dead_ids(self, queue: str) -> list[str]:
+        """The ids of every job dead in ``queue`` now, oldest failure first, read at once
+        (paging with ``list_dead`` can skip ids that another writer's redrive shifts)."""
+
     async def redrive(self, queue: str, job_ids: Sequence[str] | None, now: float) -> list[str]:
         """Move dead jobs (these ids, or all when ``None``) back to ``queued`` with attempts
         reset and a new ``seq`` (the tail of their group). Returns the ids moved."""

@@ -654,6 +654,10 @@ class MemoryStore:
         ids = list(itertools.islice(index.dead, offset, offset + limit))
         return [self._rows[i].to_job() for i in ids]
 
+    async def dead_ids(self, queue: str) -> list[str]:
+        """Every dead job's id, oldest failure first; see :meth:`Store.dead_ids`."""
+        return self._dead_ids(queue, None)
+
     def _dead_ids(self, queue: str, job_ids: Sequence[str] | None) -> list[str]:
         index = self._queues.get(queue)
         if index is None:

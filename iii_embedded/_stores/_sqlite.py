@@ -1971,6 +1971,10 @@ class SQLiteStore:
             write=False,
         )
 
+    async def dead_ids(self, queue: str) -> list[str]:
+        """Every dead job's id, oldest failure first; see :meth:`Store.dead_ids`."""
+        return await self._submit(lambda conn: self._dead_ids(conn, queue, None), write=False)
+
     @staticmethod
     def _dead_ids(conn: Conn, queue: str, job_ids: Sequence[str] | None) -> list[str]:
         if job_ids is None:

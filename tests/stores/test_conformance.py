@@ -328,6 +328,8 @@ async def test_dead_moves_to_the_dlq_with_the_error(store: Store) -> None:
     ]
     assert [d.id for d in await store.list_dead("q", offset=1, limit=5)] == ["a"]
     assert [d.id for d in await store.list_dead("q", offset=0, limit=1)] == ["b"]
+    assert await store.dead_ids("q") == ["b", "a"]
+    assert await store.dead_ids("other") == []
     assert (await store.counts(T0))["q"].dead == 2
 
 
