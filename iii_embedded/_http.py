@@ -109,13 +109,20 @@ class HttpRouter:
         path = _route_path(scope)
         parts = _segments(scope, path)
         method = str(scope.get("method", "GET")).upper()
+        if method == "HEAD":
+            send = _without_body(send)
         matches = [(r, params) for r in self._routes if (params := r.match(parts)) is not None]
         if not matches:
             await _respond(send, 404, {"error": "not found", "path": scope.get("path")})
             return
         chosen = [(r, p) for r, p in matches if r.method == method]
+        if not chosen and method == "HEAD":  # a HEAD route of its own wins over GET's
+            chosen = [(r, p) for r, p in matches if r.method == "GET"]
         if not chosen:
-            allowed = ", ".join(sorted({r.method for r, _ in matches}))
+            methods = {r.method for r, _ in matches}
+            if "GET" in methods:
+                methods.add("HEAD")
+            allowed = ", ".join(sorted(methods))
             await _respond(
                 send,
                 405,
@@ -201,6 +208,18 @@ class HttpRouter:
             elif message["type"] == "lifespan.shutdown":
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+def _without_body(send: Send) -> Send:
+    """``send`` for a HEAD request: every response is sent as GET would send it, with its
+    status and headers (its ``content-length`` too) and no body (RFC 9110 §9.3.2)."""
+
+    async def send_head(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            message = {**message, "body": b""}
+        await send(message)
+
+    return send_head
 
 
 async def _read_body(receive: Receive) -> bytes | None:

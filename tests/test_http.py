@@ -579,3 +579,46 @@ async def test_an_unregistered_route_answers_404_and_one_being_served_finishes()
             {"type": "http", "function_id": "delete", "config": {"api_path": "/orders/:id"}}
         )
         assert await asgi_get(iii, "/orders/7") == (200, {"deleted": "7"})
+
+
+async def test_head_on_a_get_route_answers_as_get_would_without_the_body() -> None:
+    """HEAD runs the GET route's function (as Starlette and aiohttp do) and sends its
+    status and headers, with the Content-Length of the body GET sends, and no body; a
+    405's Allow lists HEAD beside GET."""
+    iii = make_app()
+    seen: list[str] = []
+
+    def show(req: dict[str, Any]) -> dict[str, Any]:
+        seen.append(req["method"])
+        return {"status_code": 200, "body": {"id": req["path_params"]["id"]}, "headers": {"x": "1"}}
+
+    iii.register_function("show", show)
+    iii.register_trigger({"type": "http", "function_id": "show", "config": {"api_path": "/o/:id"}})
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async with iii.running():
+        assert iii.http_server is not None
+        port = iii.http_server.port
+        got = await anyio.to_thread.run_sync(request, port, "GET", "/o/42")
+        head = await anyio.to_thread.run_sync(request, port, "HEAD", "/o/42")
+        wrong = await anyio.to_thread.run_sync(request, port, "PUT", "/o/42")
+        missing = await anyio.to_thread.run_sync(request, port, "HEAD", "/nope")
+        await iii.asgi_app(
+            {"type": "http", "method": "HEAD", "path": "/o/7", "headers": []}, receive, send
+        )
+    assert got[0] == 200 and got[2] == b'{"id": "42"}'
+    assert head[0] == 200 and head[2] == b""
+    assert head[1]["content-length"] == str(len(got[2]))
+    assert (head[1]["content-type"], head[1]["x"]) == ("application/json", "1")
+    assert (wrong[0], wrong[1]["allow"]) == (405, "GET, HEAD")
+    assert missing[0] == 404 and missing[2] == b""
+    assert seen == ["GET", "HEAD", "HEAD"]
+    start, body = sent
+    assert (start["status"], body["body"]) == (200, b"")
+    assert (b"content-length", str(len(b'{"id": "7"}')).encode()) in start["headers"]
