@@ -143,9 +143,7 @@ class HttpRouter:
                 route.function_id,
             )
             return
-        headers = {
-            k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])
-        }
+        headers = _request_headers(scope.get("headers", []))
         try:
             body = _decode_body(raw, headers.get("content-type", ""))
         except ValueError as exc:
@@ -246,6 +244,19 @@ def _decode_body(raw: bytes, content_type: str) -> Any:
         return text
 
 
+def _request_headers(raw: Any) -> dict[str, str]:
+    """The request's headers by lower-case name. A name sent more than once has its values
+    joined in the order sent, with ", " (RFC 9110 §5.3: a list header means the same
+    either way), ``cookie`` with "; " (its own separator, as HTTP/2 joins it)."""
+    headers: dict[str, str] = {}
+    for k, v in raw:
+        name, value = k.decode("latin-1").lower(), v.decode("latin-1")
+        if name in headers:
+            value = headers[name] + ("; " if name == "cookie" else ", ") + value
+        headers[name] = value
+    return headers
+
+
 def _query(query_string: bytes) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True):
@@ -257,7 +268,7 @@ def _query(query_string: bytes) -> dict[str, Any]:
     return out
 
 
-def _response_of(result: Any) -> tuple[int, Any, dict[str, str]]:
+def _response_of(result: Any) -> tuple[int, Any, dict[str, list[str]]]:
     """The status, body and headers a handler's result asks for; ``ValueError`` or
     ``TypeError`` when they cannot make an HTTP response."""
     if isinstance(result, Mapping) and "status_code" in result:
@@ -275,7 +286,7 @@ def _response_of(result: Any) -> tuple[int, Any, dict[str, str]]:
         body = result.get("body")
         if status in _NO_BODY and body not in (None, "", b""):
             raise ValueError(f"status_code {status} is sent without a body, and one was given")
-        return status, body, {_header_name(k): _header_value(k, v) for k, v in headers.items()}
+        return status, body, {_header_name(k): _header_values(k, v) for k, v in headers.items()}
     return 200, result, {}
 
 
@@ -290,6 +301,13 @@ def _header_name(name: Any) -> str:
     if not _TOKEN.fullmatch(text):
         raise ValueError(f"header name {text!r} is not an HTTP token")
     return text
+
+
+def _header_values(name: Any, value: Any) -> list[str]:
+    """The lines a header is sent as: one per item of a list or tuple (``set-cookie``,
+    which cannot be joined into one), else one."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return [_header_value(name, item) for item in items]
 
 
 def _header_value(name: Any, value: Any) -> str:
@@ -330,9 +348,9 @@ def _segments(scope: Scope, path: str) -> list[str]:
 
 
 async def _respond(
-    send: Send, status: int, body: Any, headers: Mapping[str, str] | None = None
+    send: Send, status: int, body: Any, headers: Mapping[str, str | list[str]] | None = None
 ) -> None:
-    extra = dict(headers or {})
+    extra = {k: [v] if isinstance(v, str) else v for k, v in (headers or {}).items()}
     if status in _NO_BODY:  # no body (_response_of refused one), no content-length
         data, content_type = b"", ""
     elif isinstance(body, bytes):
@@ -342,16 +360,18 @@ async def _respond(
     else:
         data, content_type = json.dumps(body).encode(), "application/json"
     if content_type and "content-type" not in extra:
-        extra["content-type"] = content_type
+        extra["content-type"] = [content_type]
     if status not in _NO_BODY:
-        extra["content-length"] = str(len(data))
+        extra["content-length"] = [str(len(data))]
     elif status == 204:
         extra.pop("content-length", None)
     await send(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()],
+            "headers": [
+                (k.encode("latin-1"), v.encode("latin-1")) for k, vs in extra.items() for v in vs
+            ],
         }
     )
     await send({"type": "http.response.body", "body": data})

@@ -622,3 +622,47 @@ async def test_head_on_a_get_route_answers_as_get_would_without_the_body() -> No
     start, body = sent
     assert (start["status"], body["body"]) == (200, b"")
     assert (b"content-length", str(len(b'{"id": "7"}')).encode()) in start["headers"]
+
+
+def raw_exchange(port: int, data: bytes) -> bytes:
+    """Send ``data`` on a new connection and read until the server closes it."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def test_repeated_request_headers_are_joined_and_a_list_value_sends_one_line_each() -> None:
+    """A request header sent twice reaches the function once, its values joined with ", "
+    in the order sent (``cookie`` with "; "); a response header given a list is sent as one
+    line per item (``set-cookie``)."""
+    iii = make_app()
+    seen: list[dict[str, str]] = []
+
+    def echo(req: dict[str, Any]) -> dict[str, Any]:
+        seen.append(req["headers"])
+        return {"status_code": 200, "headers": {"set-cookie": ["a=1; Path=/", "b=2"]}}
+
+    iii.register_function("echo", echo)
+    iii.register_trigger({"type": "http", "function_id": "echo", "config": {"api_path": "/e"}})
+    async with iii.running():
+        assert iii.http_server is not None
+        answer = await anyio.to_thread.run_sync(
+            raw_exchange,
+            iii.http_server.port,
+            b"GET /e HTTP/1.1\r\nHost: x\r\nX-Tag: a\r\nAccept: text/html\r\nx-tag: b, c\r\n"
+            b"Cookie: s=1\r\nCookie: t=2\r\nConnection: close\r\n\r\n",
+        )
+    [headers] = seen
+    assert headers["x-tag"] == "a, b, c"
+    assert headers["accept"] == "text/html"
+    assert headers["cookie"] == "s=1; t=2"
+    head = answer.split(b"\r\n\r\n", 1)[0].lower().split(b"\r\n")
+    assert [h for h in head if h.startswith(b"set-cookie:")] == [
+        b"set-cookie: a=1; path=/",
+        b"set-cookie: b=2",
+    ]
