@@ -3,7 +3,8 @@
 ``register_trigger({"type": "http", "function_id": f, "config": {"api_path": "/orders/:id",
 "http_method": "POST"}})`` routes a method and path (``:name`` segments are path
 parameters) to a function. The handler gets ``{path, method, path_params, query_params,
-headers, body}`` (a JSON body parsed, other bodies as text) and returns
+headers, body}`` (a JSON body parsed, a text one as text, any other the bytes sent)
+and returns
 ``{status_code, body, headers?}``.
 
 ``iii.asgi_app`` is a plain ASGI 3 application (no framework), so it mounts in any ASGI
@@ -146,8 +147,8 @@ class HttpRouter:
         headers = _request_headers(scope.get("headers", []))
         try:
             body = _decode_body(raw, headers.get("content-type", ""))
-        except ValueError as exc:
-            await _respond(send, 400, {"error": "malformed JSON body", "detail": str(exc)})
+        except _MalformedBody as exc:
+            await _respond(send, 400, {"error": exc.error, "detail": exc.detail})
             return
         request = {
             "path": path,
@@ -232,12 +233,45 @@ async def _read_body(receive: Receive) -> bytes | None:
             return b"".join(chunks)
 
 
+class _MalformedBody(ValueError):
+    """A body that does not decode as its content type says: a 400."""
+
+    def __init__(self, error: str, detail: str) -> None:
+        super().__init__(f"{error}: {detail}")
+        self.error = error
+        self.detail = detail
+
+
+_TEXT_TYPES = ("application/x-www-form-urlencoded", "application/xml")
+
+
 def _decode_body(raw: bytes, content_type: str) -> Any:
+    """The body as the function gets it: ``None`` when empty; parsed JSON for a JSON
+    type; for a text type (``text/*``, form, XML) or none, parsed JSON if it parses, else
+    the text (its charset, UTF-8 by default); for any other type the bytes as sent. A JSON
+    or text body that does not decode is ``_MalformedBody``."""
     if not raw:
         return None
-    text = raw.decode("utf-8", errors="replace")
-    if "json" in content_type.lower():
-        return json.loads(text)  # ValueError → 400
+    media, _, params = content_type.lower().partition(";")
+    media = media.strip()
+    if "json" in media:
+        try:
+            return json.loads(raw)  # UTF-8 (or the UTF-16/32 JSON allows), else an error
+        except ValueError as exc:
+            raise _MalformedBody("malformed JSON body", str(exc)) from None
+    if media and not (media.startswith("text/") or media in _TEXT_TYPES or media.endswith("+xml")):
+        return raw
+    charset = "utf-8"
+    for param in params.split(";"):
+        key, _, value = param.partition("=")
+        if key.strip() == "charset" and value.strip():
+            charset = value.strip().strip('"')
+    try:
+        text = raw.decode(charset)
+    except (LookupError, UnicodeDecodeError) as exc:
+        if not media:
+            return raw  # no type claimed: bytes that are not text stay bytes
+        raise _MalformedBody("malformed text body", str(exc)) from None
     try:
         return json.loads(text)
     except ValueError:

@@ -666,3 +666,45 @@ async def test_repeated_request_headers_are_joined_and_a_list_value_sends_one_li
         b"set-cookie: a=1; path=/",
         b"set-cookie: b=2",
     ]
+
+
+async def test_a_binary_body_reaches_the_function_as_its_exact_bytes() -> None:
+    """A body of a binary content type (neither JSON nor text) is passed as ``bytes``,
+    unchanged; text is decoded with its charset (UTF-8 by default), and a text or JSON
+    body that does not decode is a 400; an untyped body that is not UTF-8 stays bytes."""
+    iii = make_app()
+    seen: list[Any] = []
+
+    def upload(req: dict[str, Any]) -> dict[str, Any]:
+        seen.append(req["body"])
+        return {"status_code": 200, "body": {"ok": True}}
+
+    iii.register_function("upload", upload)
+    iii.register_trigger(
+        {
+            "type": "http",
+            "function_id": "upload",
+            "config": {"api_path": "/u", "http_method": "POST"},
+        }
+    )
+    every_byte = bytes(range(256))
+    cases = [
+        (every_byte, {"content-type": "application/octet-stream"}),
+        (b"\x89PNG\r\n\x1a\n\x00", {"content-type": "image/png"}),
+        (b"caf\xe9", {"content-type": "text/plain; charset=latin-1"}),
+        (b"caf\xc3\xa9", {"content-type": "text/plain"}),
+        (b"\x00\xff", {}),
+        (b"\xff\xfe", {"content-type": "text/plain"}),
+        (b'{"a": "\xff"}', {"content-type": "application/json"}),
+    ]
+    async with iii.running():
+        assert iii.http_server is not None
+        port = iii.http_server.port
+        answers = [
+            await anyio.to_thread.run_sync(request, port, "POST", "/u", body, headers)
+            for body, headers in cases
+        ]
+    assert [a[0] for a in answers] == [200, 200, 200, 200, 200, 400, 400]
+    assert seen == [every_byte, b"\x89PNG\r\n\x1a\n\x00", "caf\u00e9", "caf\u00e9", b"\x00\xff"]
+    assert json.loads(answers[5][2])["error"] == "malformed text body"
+    assert json.loads(answers[6][2])["error"] == "malformed JSON body"
