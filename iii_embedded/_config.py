@@ -156,6 +156,8 @@ class HttpConfig:
 
     host: str = "127.0.0.1"
     port: int = 3111
+    max_body_bytes: int = attrs.field(default=10 * 1024 * 1024, validator=_positive)
+    """*Extension*: the largest request body served; a larger one is a 413 (10 MiB)."""
 
 
 def _default_queues() -> dict[str, QueueConfig]:

@@ -132,7 +132,21 @@ class HttpRouter:
             )
             return
         route, path_params = min(chosen, key=lambda match: match[0].rank)
-        raw = await _read_body(receive)
+        headers = _request_headers(scope.get("headers", []))
+        http = self._app.config.http
+        limit = http.max_body_bytes if http is not None else _MAX_BODY_BYTES
+        try:
+            raw = await _read_body(receive, headers.get("content-length", ""), limit)
+        except _BodyTooLarge:
+            # Said with "connection: close": the rest of the body is not read, and the
+            # connection cannot carry another request after it.
+            await _respond(
+                send,
+                413,
+                {"error": "request body too large", "max_body_bytes": limit},
+                headers={"connection": "close"},
+            )
+            return
         if raw is None:
             # The client went away before its body was complete: a truncated body is not
             # the request it meant, and there is no one to answer.
@@ -144,7 +158,6 @@ class HttpRouter:
                 route.function_id,
             )
             return
-        headers = _request_headers(scope.get("headers", []))
         try:
             body = _decode_body(raw, headers.get("content-type", ""))
         except _MalformedBody as exc:
@@ -221,14 +234,31 @@ def _without_body(send: Send) -> Send:
     return send_head
 
 
-async def _read_body(receive: Receive) -> bytes | None:
-    """The request's body; ``None`` if the client disconnected before sending all of it."""
+_MAX_BODY_BYTES = 10 * 1024 * 1024
+"""The request body limit of an app whose config has no http worker (mounted elsewhere)."""
+
+
+class _BodyTooLarge(Exception):
+    """The request's body is longer than ``max_body_bytes``: a 413."""
+
+
+async def _read_body(receive: Receive, content_length: str, limit: int) -> bytes | None:
+    """The request's body; ``None`` if the client disconnected before sending all of it;
+    ``_BodyTooLarge`` as soon as it is known to pass ``limit``: from its Content-Length
+    before any of it is read, or, sent without one (chunked), once what came passes it."""
+    if content_length.isdigit() and int(content_length) > limit:
+        raise _BodyTooLarge
     chunks: list[bytes] = []
+    size = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             return None
-        chunks.append(message.get("body", b""))
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _BodyTooLarge
+        chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
 

@@ -708,3 +708,64 @@ async def test_a_binary_body_reaches_the_function_as_its_exact_bytes() -> None:
     assert seen == [every_byte, b"\x89PNG\r\n\x1a\n\x00", "caf\u00e9", "caf\u00e9", b"\x00\xff"]
     assert json.loads(answers[5][2])["error"] == "malformed text body"
     assert json.loads(answers[6][2])["error"] == "malformed JSON body"
+
+
+async def test_a_body_over_max_body_bytes_is_a_413_before_it_is_read() -> None:
+    """A Content-Length over the limit is refused without reading the body; a chunked body
+    is counted as it arrives and refused once past the limit, before its end; bodies up to
+    the limit, chunked or not, reach the function whole."""
+    iii = III(
+        Config(http=HttpConfig(host="127.0.0.1", port=0, max_body_bytes=1000)),
+        shutdown_grace_ms=0,
+    )
+    seen: list[Any] = []
+
+    def upload(req: dict[str, Any]) -> dict[str, Any]:
+        seen.append(req["body"])
+        return {"status_code": 200, "body": {"size": len(req["body"])}}
+
+    iii.register_function("upload", upload)
+    iii.register_trigger(
+        {
+            "type": "http",
+            "function_id": "upload",
+            "config": {"api_path": "/u", "http_method": "POST"},
+        }
+    )
+    head = b"POST /u HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+
+    def chunk(data: bytes) -> bytes:
+        return b"%x\r\n%s\r\n" % (len(data), data)
+
+    async with iii.running():
+        assert iii.http_server is not None
+        port = iii.http_server.port
+        declared = await anyio.to_thread.run_sync(
+            raw_exchange, port, head + b"Content-Length: 1000000000\r\n\r\n"
+        )
+        streamed = await anyio.to_thread.run_sync(
+            raw_exchange,
+            port,
+            head + b"Transfer-Encoding: chunked\r\n\r\n" + chunk(b"a" * 600) + chunk(b"b" * 600),
+        )
+        at_limit = await anyio.to_thread.run_sync(
+            request, port, "POST", "/u", b"c" * 1000, {"content-type": "image/png"}
+        )
+        chunked = await anyio.to_thread.run_sync(
+            raw_exchange,
+            port,
+            head
+            + b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+            + chunk(b"d" * 400)
+            + chunk(b"e" * 400)
+            + b"0\r\n\r\n",
+        )
+    for answer in (declared, streamed):
+        status_line, _, rest = answer.partition(b"\r\n")
+        headers, _, body = rest.partition(b"\r\n\r\n")
+        assert status_line.startswith(b"HTTP/1.1 413 ")
+        assert b"connection: close" in headers.lower()
+        assert json.loads(body) == {"error": "request body too large", "max_body_bytes": 1000}
+    assert at_limit[0] == 200
+    assert chunked.startswith(b"HTTP/1.1 200 ") and chunked.endswith(b'{"size": 800}')
+    assert seen == [b"c" * 1000, b"d" * 400 + b"e" * 400]
