@@ -14,6 +14,7 @@ itself with uvicorn, the optional ``http`` extra, imported only then.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -449,10 +450,11 @@ class HttpListenError(OSError):
 class HttpServer:
     """The engine's own HTTP server (uvicorn), run inside the engine's task group."""
 
-    def __init__(self, app: III, host: str, port: int) -> None:
+    def __init__(self, app: III, host: str, port: int, header_timeout_ms: int = 10_000) -> None:
         self.app = app
         self.host = host
         self.port = port
+        self.header_timeout_ms = header_timeout_ms
         self._server: Any = None
         self._done = anyio.Event()
 
@@ -476,6 +478,7 @@ class HttpServer:
             self.app.asgi_app,
             host=self.host,
             port=self.port,
+            http=_with_head_timeout(self.header_timeout_ms / 1000),
             lifespan="off",
             log_level="warning",
             access_log=False,
@@ -526,6 +529,48 @@ class HttpServer:
             self._server.should_exit = True
             with anyio.move_on_after(5):
                 await self._done.wait()
+
+
+def _with_head_timeout(timeout: float) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol (h11 or httptools, as uvicorn picks), closing a connection
+    that has not sent a whole request head ``timeout`` seconds after it opened or after
+    its last response. uvicorn's own keep-alive timeout starts only after a response and
+    stops at the first byte, so a client sending nothing, or a head a byte at a time,
+    held a connection (and a file descriptor) for as long as it liked."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    base: Any = AutoHTTPProtocol
+
+    class _Protocol(base):  # type: ignore[misc]
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:
+            super().connection_made(transport)
+            self._await_head()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._await_head()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            super().connection_lost(exc)
+
+        def _await_head(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+            cycle = self.cycle  # each request head gives a new one
+            if cycle is None or cycle.response_complete:  # else a pipelined head came
+                self._head_timer = self.loop.call_later(timeout, self._head_late, cycle)
+
+        def _head_late(self, cycle: Any) -> None:
+            self._head_timer = None
+            if self.cycle is cycle and not self.transport.is_closing():
+                self.transport.close()
+
+    return _Protocol
 
 
 def _register_http(app: III, trigger: Mapping[str, Any]) -> Binding:

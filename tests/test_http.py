@@ -769,3 +769,52 @@ async def test_a_body_over_max_body_bytes_is_a_413_before_it_is_read() -> None:
     assert at_limit[0] == 200
     assert chunked.startswith(b"HTTP/1.1 200 ") and chunked.endswith(b'{"size": 800}')
     assert seen == [b"c" * 1000, b"d" * 400 + b"e" * 400]
+
+
+async def test_a_connection_that_does_not_send_a_whole_request_head_in_time_is_closed() -> None:
+    """A client that opens a connection and sends nothing, or part of a request head
+    (slowloris), is disconnected after ``header_timeout_ms``; a request whose head came in
+    time is answered however long its function takes."""
+    import socket
+
+    iii = III(
+        Config(http=HttpConfig(host="127.0.0.1", port=0, header_timeout_ms=200)),
+        shutdown_grace_ms=0,
+    )
+    inside, release = anyio.Event(), anyio.Event()
+
+    async def slow(req: dict[str, Any]) -> dict[str, Any]:
+        inside.set()
+        await release.wait()
+        return {"status_code": 200, "body": "done"}
+
+    iii.register_function("slow", slow)
+    iii.register_trigger({"type": "http", "function_id": "slow", "config": {"api_path": "/s"}})
+
+    def closed_by_server(port: int, data: bytes) -> bytes:
+        """What the server sends before closing a connection that sent ``data``."""
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(data)
+            return sock.recv(65536)  # b"" once the server closes; raises if it never does
+
+    async with iii.running():
+        assert iii.http_server is not None
+        port = iii.http_server.port
+        async with anyio.create_task_group() as tg:
+            answers: list[tuple[int, dict[str, str], bytes]] = []
+
+            async def answered() -> None:
+                answers.append(await anyio.to_thread.run_sync(request, port, "GET", "/s"))
+
+            tg.start_soon(answered)
+            with anyio.fail_after(10):
+                await inside.wait()
+            # Opened after the slow request's head came: once this one is closed, the
+            # slow request's connection has outlived its own head timeout too.
+            partial = await anyio.to_thread.run_sync(
+                closed_by_server, port, b"GET /s HTTP/1.1\r\nHost: x\r\nX-A: 1"
+            )
+            silent = await anyio.to_thread.run_sync(closed_by_server, port, b"")
+            release.set()
+    assert (partial, silent) == (b"", b"")
+    assert [(status, body) for status, _, body in answers] == [(200, b"done")]
