@@ -247,7 +247,7 @@ async def _read_body(receive: Receive, content_length: str, limit: int) -> bytes
     """The request's body; ``None`` if the client disconnected before sending all of it;
     ``_BodyTooLarge`` as soon as it is known to pass ``limit``: from its Content-Length
     before any of it is read, or, sent without one (chunked), once what came passes it."""
-    if content_length.isdigit() and int(content_length) > limit:
+    if content_length.isascii() and content_length.isdigit() and int(content_length) > limit:
         raise _BodyTooLarge
     chunks: list[bytes] = []
     size = 0

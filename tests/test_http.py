@@ -818,3 +818,31 @@ async def test_a_connection_that_does_not_send_a_whole_request_head_in_time_is_c
             release.set()
     assert (partial, silent) == (b"", b"")
     assert [(status, body) for status, _, body in answers] == [(200, b"done")]
+
+
+async def test_a_content_length_that_is_not_ascii_digits_is_no_crash() -> None:
+    """A server that passes Content-Length unchecked (``"\u00b2"`` is a digit to
+    ``str.isdigit``, not to ``int``): the body is counted as it comes instead."""
+    iii = III(shutdown_grace_ms=0)
+    iii.register_function("p", lambda req: {"status_code": 200, "body": {"got": req["body"]}})
+    iii.register_trigger(
+        {"type": "http", "function_id": "p", "config": {"api_path": "/p", "http_method": "POST"}}
+    )
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"hi", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/p",
+        "headers": [(b"content-length", "\u00b2".encode("latin-1"))],
+    }
+    async with iii.running():
+        await iii.asgi_app(scope, receive, send)
+    start, body = sent
+    assert (start["status"], json.loads(body["body"])) == (200, {"got": "hi"})
