@@ -846,3 +846,25 @@ async def test_a_content_length_that_is_not_ascii_digits_is_no_crash() -> None:
         await iii.asgi_app(scope, receive, send)
     start, body = sent
     assert (start["status"], json.loads(body["body"])) == (200, {"got": "hi"})
+
+
+async def test_a_malformed_request_line_is_a_400_and_calls_nothing() -> None:
+    """What the docs promise of the engine's server: a request line or header that is not
+    HTTP is answered 400 and the connection closed, before any route is looked at."""
+    iii = make_app()
+    calls: list[Any] = []
+    iii.register_function("p", lambda req: calls.append(req) or {"status_code": 200})
+    iii.register_trigger({"type": "http", "function_id": "p", "config": {"api_path": "/p"}})
+    async with iii.running():
+        assert iii.http_server is not None
+        port = iii.http_server.port
+        answers = [
+            await anyio.to_thread.run_sync(raw_exchange, port, data)
+            for data in (
+                b"GARBAGE\r\n\r\n",
+                b"GET /p HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n",
+                b"GET /p HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+            )
+        ]
+    assert [a.split(b"\r\n", 1)[0] for a in answers] == [b"HTTP/1.1 400 Bad Request"] * 3
+    assert calls == []
