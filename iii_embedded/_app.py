@@ -615,8 +615,9 @@ class III:
                         if serve and self.config.http is not None:
                             from ._http import HttpServer
 
+                            http = self.config.http
                             self.http_server = HttpServer(
-                                self, self.config.http.host, self.config.http.port
+                                self, http.host, http.port, http.header_timeout_ms
                             )
                             await self.http_server.start(tg)
                         from ._cron import start_cron

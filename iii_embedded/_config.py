@@ -156,6 +156,11 @@ class HttpConfig:
 
     host: str = "127.0.0.1"
     port: int = 3111
+    max_body_bytes: int = attrs.field(default=10 * 1024 * 1024, validator=_positive)
+    """*Extension*: the largest request body served; a larger one is a 413 (10 MiB)."""
+    header_timeout_ms: int = attrs.field(default=10_000, validator=_positive)
+    """*Extension*: how long a connection has to send a whole request head, from its
+    opening or its last response, before the engine's server closes it."""
 
 
 def _default_queues() -> dict[str, QueueConfig]:

@@ -31,6 +31,8 @@ DEFAULT_CONFIG_FILE = "iii-config.yaml"
 
 _QUEUE_WORKERS = {"iii-queue", "queue"}
 _HTTP_WORKERS = {"iii-http", "http"}
+_HTTP_EXTENSIONS = {"max_body_bytes", "header_timeout_ms"}
+"""The http worker's keys of ours beside iii's port and host: integers >= 1."""
 _QUEUE_MODULES = {"modules::queue::QueueModule"}
 _HTTP_MODULES = {"modules::rest_api::RestApiModule", "modules::http::HttpModule"}
 # Top-level list → (the field naming each item, queue block ids, http block ids).
@@ -204,6 +206,7 @@ class _Reader:
     def http_block(self, node: Any, line: int | None) -> HttpConfig:
         block = self.mapping(node, "the http worker's config", line)
         host, port = "127.0.0.1", 3111
+        extensions: dict[str, int] = {}
         for key in block:
             key_line = self.line_of(block, key)
             value = block[key]
@@ -217,6 +220,11 @@ class _Reader:
                 if not isinstance(value, str) or not value:
                     raise self.fail(f"http host must be a string, got {value!r}", key_line)
                 host = value
+            elif key in _HTTP_EXTENSIONS:
+                problem = int_problem(key, value, 1)
+                if problem:
+                    raise self.fail(problem, key_line)
+                extensions[key] = value
             else:
                 log.warning(
                     "%s:%s: http option %r is not supported by iii-embedded and is ignored",
@@ -224,7 +232,7 @@ class _Reader:
                     key_line,
                     key,
                 )
-        return HttpConfig(host=host, port=port)
+        return HttpConfig(host=host, port=port, **extensions)
 
     # --- queues ------------------------------------------------------------------------
 

@@ -3,7 +3,8 @@
 ``register_trigger({"type": "http", "function_id": f, "config": {"api_path": "/orders/:id",
 "http_method": "POST"}})`` routes a method and path (``:name`` segments are path
 parameters) to a function. The handler gets ``{path, method, path_params, query_params,
-headers, body}`` (a JSON body parsed, other bodies as text) and returns
+headers, body}`` (a JSON body parsed, a text one as text, any other the bytes sent)
+and returns
 ``{status_code, body, headers?}``.
 
 ``iii.asgi_app`` is a plain ASGI 3 application (no framework), so it mounts in any ASGI
@@ -13,6 +14,7 @@ itself with uvicorn, the optional ``http`` extra, imported only then.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -109,13 +111,20 @@ class HttpRouter:
         path = _route_path(scope)
         parts = _segments(scope, path)
         method = str(scope.get("method", "GET")).upper()
+        if method == "HEAD":
+            send = _without_body(send)
         matches = [(r, params) for r in self._routes if (params := r.match(parts)) is not None]
         if not matches:
             await _respond(send, 404, {"error": "not found", "path": scope.get("path")})
             return
         chosen = [(r, p) for r, p in matches if r.method == method]
+        if not chosen and method == "HEAD":  # a HEAD route of its own wins over GET's
+            chosen = [(r, p) for r, p in matches if r.method == "GET"]
         if not chosen:
-            allowed = ", ".join(sorted({r.method for r, _ in matches}))
+            methods = {r.method for r, _ in matches}
+            if "GET" in methods:
+                methods.add("HEAD")
+            allowed = ", ".join(sorted(methods))
             await _respond(
                 send,
                 405,
@@ -124,7 +133,21 @@ class HttpRouter:
             )
             return
         route, path_params = min(chosen, key=lambda match: match[0].rank)
-        raw = await _read_body(receive)
+        headers = _request_headers(scope.get("headers", []))
+        http = self._app.config.http
+        limit = http.max_body_bytes if http is not None else _MAX_BODY_BYTES
+        try:
+            raw = await _read_body(receive, headers.get("content-length", ""), limit)
+        except _BodyTooLarge:
+            # Said with "connection: close": the rest of the body is not read, and the
+            # connection cannot carry another request after it.
+            await _respond(
+                send,
+                413,
+                {"error": "request body too large", "max_body_bytes": limit},
+                headers={"connection": "close"},
+            )
+            return
         if raw is None:
             # The client went away before its body was complete: a truncated body is not
             # the request it meant, and there is no one to answer.
@@ -136,13 +159,10 @@ class HttpRouter:
                 route.function_id,
             )
             return
-        headers = {
-            k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])
-        }
         try:
             body = _decode_body(raw, headers.get("content-type", ""))
-        except ValueError as exc:
-            await _respond(send, 400, {"error": "malformed JSON body", "detail": str(exc)})
+        except _MalformedBody as exc:
+            await _respond(send, 400, {"error": exc.error, "detail": exc.detail})
             return
         request = {
             "path": path,
@@ -203,28 +223,103 @@ class HttpRouter:
                 return
 
 
-async def _read_body(receive: Receive) -> bytes | None:
-    """The request's body; ``None`` if the client disconnected before sending all of it."""
+def _without_body(send: Send) -> Send:
+    """``send`` for a HEAD request: every response is sent as GET would send it, with its
+    status and headers (its ``content-length`` too) and no body (RFC 9110 §9.3.2)."""
+
+    async def send_head(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            message = {**message, "body": b""}
+        await send(message)
+
+    return send_head
+
+
+_MAX_BODY_BYTES = 10 * 1024 * 1024
+"""The request body limit of an app whose config has no http worker (mounted elsewhere)."""
+
+
+class _BodyTooLarge(Exception):
+    """The request's body is longer than ``max_body_bytes``: a 413."""
+
+
+async def _read_body(receive: Receive, content_length: str, limit: int) -> bytes | None:
+    """The request's body; ``None`` if the client disconnected before sending all of it;
+    ``_BodyTooLarge`` as soon as it is known to pass ``limit``: from its Content-Length
+    before any of it is read, or, sent without one (chunked), once what came passes it."""
+    if content_length.isascii() and content_length.isdigit() and int(content_length) > limit:
+        raise _BodyTooLarge
     chunks: list[bytes] = []
+    size = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             return None
-        chunks.append(message.get("body", b""))
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _BodyTooLarge
+        chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
 
 
+class _MalformedBody(ValueError):
+    """A body that does not decode as its content type says: a 400."""
+
+    def __init__(self, error: str, detail: str) -> None:
+        super().__init__(f"{error}: {detail}")
+        self.error = error
+        self.detail = detail
+
+
+_TEXT_TYPES = ("application/x-www-form-urlencoded", "application/xml")
+
+
 def _decode_body(raw: bytes, content_type: str) -> Any:
+    """The body as the function gets it: ``None`` when empty; parsed JSON for a JSON
+    type; for a text type (``text/*``, form, XML) or none, parsed JSON if it parses, else
+    the text (its charset, UTF-8 by default); for any other type the bytes as sent. A JSON
+    or text body that does not decode is ``_MalformedBody``."""
     if not raw:
         return None
-    text = raw.decode("utf-8", errors="replace")
-    if "json" in content_type.lower():
-        return json.loads(text)  # ValueError → 400
+    media, _, params = content_type.lower().partition(";")
+    media = media.strip()
+    if "json" in media:
+        try:
+            return json.loads(raw)  # UTF-8 (or the UTF-16/32 JSON allows), else an error
+        except ValueError as exc:
+            raise _MalformedBody("malformed JSON body", str(exc)) from None
+    if media and not (media.startswith("text/") or media in _TEXT_TYPES or media.endswith("+xml")):
+        return raw
+    charset = "utf-8"
+    for param in params.split(";"):
+        key, _, value = param.partition("=")
+        if key.strip() == "charset" and value.strip():
+            charset = value.strip().strip('"')
+    try:
+        text = raw.decode(charset)
+    except (LookupError, UnicodeDecodeError) as exc:
+        if not media:
+            return raw  # no type claimed: bytes that are not text stay bytes
+        raise _MalformedBody("malformed text body", str(exc)) from None
     try:
         return json.loads(text)
     except ValueError:
         return text
+
+
+def _request_headers(raw: Any) -> dict[str, str]:
+    """The request's headers by lower-case name. A name sent more than once has its values
+    joined in the order sent, with ", " (RFC 9110 §5.3: a list header means the same
+    either way), ``cookie`` with "; " (its own separator, as HTTP/2 joins it)."""
+    headers: dict[str, str] = {}
+    for k, v in raw:
+        name, value = k.decode("latin-1").lower(), v.decode("latin-1")
+        if name in headers:
+            value = headers[name] + ("; " if name == "cookie" else ", ") + value
+        headers[name] = value
+    return headers
 
 
 def _query(query_string: bytes) -> dict[str, Any]:
@@ -238,7 +333,7 @@ def _query(query_string: bytes) -> dict[str, Any]:
     return out
 
 
-def _response_of(result: Any) -> tuple[int, Any, dict[str, str]]:
+def _response_of(result: Any) -> tuple[int, Any, dict[str, list[str]]]:
     """The status, body and headers a handler's result asks for; ``ValueError`` or
     ``TypeError`` when they cannot make an HTTP response."""
     if isinstance(result, Mapping) and "status_code" in result:
@@ -256,7 +351,7 @@ def _response_of(result: Any) -> tuple[int, Any, dict[str, str]]:
         body = result.get("body")
         if status in _NO_BODY and body not in (None, "", b""):
             raise ValueError(f"status_code {status} is sent without a body, and one was given")
-        return status, body, {_header_name(k): _header_value(k, v) for k, v in headers.items()}
+        return status, body, {_header_name(k): _header_values(k, v) for k, v in headers.items()}
     return 200, result, {}
 
 
@@ -271,6 +366,13 @@ def _header_name(name: Any) -> str:
     if not _TOKEN.fullmatch(text):
         raise ValueError(f"header name {text!r} is not an HTTP token")
     return text
+
+
+def _header_values(name: Any, value: Any) -> list[str]:
+    """The lines a header is sent as: one per item of a list or tuple (``set-cookie``,
+    which cannot be joined into one), else one."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return [_header_value(name, item) for item in items]
 
 
 def _header_value(name: Any, value: Any) -> str:
@@ -311,9 +413,9 @@ def _segments(scope: Scope, path: str) -> list[str]:
 
 
 async def _respond(
-    send: Send, status: int, body: Any, headers: Mapping[str, str] | None = None
+    send: Send, status: int, body: Any, headers: Mapping[str, str | list[str]] | None = None
 ) -> None:
-    extra = dict(headers or {})
+    extra = {k: [v] if isinstance(v, str) else v for k, v in (headers or {}).items()}
     if status in _NO_BODY:  # no body (_response_of refused one), no content-length
         data, content_type = b"", ""
     elif isinstance(body, bytes):
@@ -323,16 +425,18 @@ async def _respond(
     else:
         data, content_type = json.dumps(body).encode(), "application/json"
     if content_type and "content-type" not in extra:
-        extra["content-type"] = content_type
+        extra["content-type"] = [content_type]
     if status not in _NO_BODY:
-        extra["content-length"] = str(len(data))
+        extra["content-length"] = [str(len(data))]
     elif status == 204:
         extra.pop("content-length", None)
     await send(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()],
+            "headers": [
+                (k.encode("latin-1"), v.encode("latin-1")) for k, vs in extra.items() for v in vs
+            ],
         }
     )
     await send({"type": "http.response.body", "body": data})
@@ -346,10 +450,11 @@ class HttpListenError(OSError):
 class HttpServer:
     """The engine's own HTTP server (uvicorn), run inside the engine's task group."""
 
-    def __init__(self, app: III, host: str, port: int) -> None:
+    def __init__(self, app: III, host: str, port: int, header_timeout_ms: int = 10_000) -> None:
         self.app = app
         self.host = host
         self.port = port
+        self.header_timeout_ms = header_timeout_ms
         self._server: Any = None
         self._done = anyio.Event()
 
@@ -373,6 +478,7 @@ class HttpServer:
             self.app.asgi_app,
             host=self.host,
             port=self.port,
+            http=_with_head_timeout(self.header_timeout_ms / 1000),
             lifespan="off",
             log_level="warning",
             access_log=False,
@@ -423,6 +529,48 @@ class HttpServer:
             self._server.should_exit = True
             with anyio.move_on_after(5):
                 await self._done.wait()
+
+
+def _with_head_timeout(timeout: float) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol (h11 or httptools, as uvicorn picks), closing a connection
+    that has not sent a whole request head ``timeout`` seconds after it opened or after
+    its last response. uvicorn's own keep-alive timeout starts only after a response and
+    stops at the first byte, so a client sending nothing, or a head a byte at a time,
+    held a connection (and a file descriptor) for as long as it liked."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    base: Any = AutoHTTPProtocol
+
+    class _Protocol(base):  # type: ignore[misc]
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:
+            super().connection_made(transport)
+            self._await_head()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._await_head()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            super().connection_lost(exc)
+
+        def _await_head(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+            cycle = self.cycle  # each request head gives a new one
+            if cycle is None or cycle.response_complete:  # else a pipelined head came
+                self._head_timer = self.loop.call_later(timeout, self._head_late, cycle)
+
+        def _head_late(self, cycle: Any) -> None:
+            self._head_timer = None
+            if self.cycle is cycle and not self.transport.is_closing():
+                self.transport.close()
+
+    return _Protocol
 
 
 def _register_http(app: III, trigger: Mapping[str, Any]) -> Binding:

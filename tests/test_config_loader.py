@@ -242,6 +242,22 @@ def test_relative_file_path_is_resolved_from_the_config_files_directory(
             3,
             "result_retention_ms must be at most 9223372036854775807, got 100000000000000000000",
         ),
+        (
+            "workers:\n  - name: iii-http\n    config:\n      max_body_bytes: 0\n",
+            4,
+            "max_body_bytes must be an integer >= 1, got 0",
+        ),
+        (
+            "workers:\n  - name: iii-http\n    config:\n      max_body_bytes: 1MB\n",
+            4,
+            "max_body_bytes must be an integer >= 1, got '1MB'",
+        ),
+        (
+            "workers:\n  - name: iii-http\n    config:\n      port: 0\n"
+            "      header_timeout_ms: -1\n",
+            5,
+            "header_timeout_ms must be an integer >= 1, got -1",
+        ),
         ("- just\n- a list\n", 1, "the top level of the file must be a mapping"),
         ("queue_configs:\n  q: {concurrency: 2\n", 3, "invalid YAML"),
     ],
@@ -401,3 +417,17 @@ def test_a_file_path_under_the_home_directory_is_expanded(
     text = "adapter:\n  config:\n    store_method: file_based\n    file_path: ~/iii-data\n"
     config = parse_config(text, base_dir=str(tmp_path / "project"))
     assert config.store.file_path == str(tmp_path / "home" / "iii-data")
+
+
+def test_the_http_body_limit_is_read_and_has_a_default() -> None:
+    default = parse_config("workers:\n  - name: iii-http\n")
+    assert default.http is not None and default.http.max_body_bytes == 10 * 1024 * 1024
+    set_ = parse_config("workers:\n  - name: iii-http\n    config: {max_body_bytes: 1024}\n")
+    assert set_.http is not None and set_.http.max_body_bytes == 1024
+
+
+def test_the_http_header_timeout_is_read_and_has_a_default() -> None:
+    default = parse_config("workers:\n  - name: iii-http\n")
+    assert default.http is not None and default.http.header_timeout_ms == 10_000
+    set_ = parse_config("workers:\n  - name: iii-http\n    config: {header_timeout_ms: 500}\n")
+    assert set_.http is not None and set_.http.header_timeout_ms == 500

@@ -579,3 +579,292 @@ async def test_an_unregistered_route_answers_404_and_one_being_served_finishes()
             {"type": "http", "function_id": "delete", "config": {"api_path": "/orders/:id"}}
         )
         assert await asgi_get(iii, "/orders/7") == (200, {"deleted": "7"})
+
+
+async def test_head_on_a_get_route_answers_as_get_would_without_the_body() -> None:
+    """HEAD runs the GET route's function (as Starlette and aiohttp do) and sends its
+    status and headers, with the Content-Length of the body GET sends, and no body; a
+    405's Allow lists HEAD beside GET."""
+    iii = make_app()
+    seen: list[str] = []
+
+    def show(req: dict[str, Any]) -> dict[str, Any]:
+        seen.append(req["method"])
+        return {"status_code": 200, "body": {"id": req["path_params"]["id"]}, "headers": {"x": "1"}}
+
+    iii.register_function("show", show)
+    iii.register_trigger({"type": "http", "function_id": "show", "config": {"api_path": "/o/:id"}})
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async with iii.running():
+        assert iii.http_server is not None
+        port = iii.http_server.port
+        got = await anyio.to_thread.run_sync(request, port, "GET", "/o/42")
+        head = await anyio.to_thread.run_sync(request, port, "HEAD", "/o/42")
+        wrong = await anyio.to_thread.run_sync(request, port, "PUT", "/o/42")
+        missing = await anyio.to_thread.run_sync(request, port, "HEAD", "/nope")
+        await iii.asgi_app(
+            {"type": "http", "method": "HEAD", "path": "/o/7", "headers": []}, receive, send
+        )
+    assert got[0] == 200 and got[2] == b'{"id": "42"}'
+    assert head[0] == 200 and head[2] == b""
+    assert head[1]["content-length"] == str(len(got[2]))
+    assert (head[1]["content-type"], head[1]["x"]) == ("application/json", "1")
+    assert (wrong[0], wrong[1]["allow"]) == (405, "GET, HEAD")
+    assert missing[0] == 404 and missing[2] == b""
+    assert seen == ["GET", "HEAD", "HEAD"]
+    start, body = sent
+    assert (start["status"], body["body"]) == (200, b"")
+    assert (b"content-length", str(len(b'{"id": "7"}')).encode()) in start["headers"]
+
+
+def raw_exchange(port: int, data: bytes) -> bytes:
+    """Send ``data`` on a new connection and read until the server closes it."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def test_repeated_request_headers_are_joined_and_a_list_value_sends_one_line_each() -> None:
+    """A request header sent twice reaches the function once, its values joined with ", "
+    in the order sent (``cookie`` with "; "); a response header given a list is sent as one
+    line per item (``set-cookie``)."""
+    iii = make_app()
+    seen: list[dict[str, str]] = []
+
+    def echo(req: dict[str, Any]) -> dict[str, Any]:
+        seen.append(req["headers"])
+        return {"status_code": 200, "headers": {"set-cookie": ["a=1; Path=/", "b=2"]}}
+
+    iii.register_function("echo", echo)
+    iii.register_trigger({"type": "http", "function_id": "echo", "config": {"api_path": "/e"}})
+    async with iii.running():
+        assert iii.http_server is not None
+        answer = await anyio.to_thread.run_sync(
+            raw_exchange,
+            iii.http_server.port,
+            b"GET /e HTTP/1.1\r\nHost: x\r\nX-Tag: a\r\nAccept: text/html\r\nx-tag: b, c\r\n"
+            b"Cookie: s=1\r\nCookie: t=2\r\nConnection: close\r\n\r\n",
+        )
+    [headers] = seen
+    assert headers["x-tag"] == "a, b, c"
+    assert headers["accept"] == "text/html"
+    assert headers["cookie"] == "s=1; t=2"
+    head = answer.split(b"\r\n\r\n", 1)[0].lower().split(b"\r\n")
+    assert [h for h in head if h.startswith(b"set-cookie:")] == [
+        b"set-cookie: a=1; path=/",
+        b"set-cookie: b=2",
+    ]
+
+
+async def test_a_binary_body_reaches_the_function_as_its_exact_bytes() -> None:
+    """A body of a binary content type (neither JSON nor text) is passed as ``bytes``,
+    unchanged; text is decoded with its charset (UTF-8 by default), and a text or JSON
+    body that does not decode is a 400; an untyped body that is not UTF-8 stays bytes."""
+    iii = make_app()
+    seen: list[Any] = []
+
+    def upload(req: dict[str, Any]) -> dict[str, Any]:
+        seen.append(req["body"])
+        return {"status_code": 200, "body": {"ok": True}}
+
+    iii.register_function("upload", upload)
+    iii.register_trigger(
+        {
+            "type": "http",
+            "function_id": "upload",
+            "config": {"api_path": "/u", "http_method": "POST"},
+        }
+    )
+    every_byte = bytes(range(256))
+    cases = [
+        (every_byte, {"content-type": "application/octet-stream"}),
+        (b"\x89PNG\r\n\x1a\n\x00", {"content-type": "image/png"}),
+        (b"caf\xe9", {"content-type": "text/plain; charset=latin-1"}),
+        (b"caf\xc3\xa9", {"content-type": "text/plain"}),
+        (b"\x00\xff", {}),
+        (b"\xff\xfe", {"content-type": "text/plain"}),
+        (b'{"a": "\xff"}', {"content-type": "application/json"}),
+    ]
+    async with iii.running():
+        assert iii.http_server is not None
+        port = iii.http_server.port
+        answers = [
+            await anyio.to_thread.run_sync(request, port, "POST", "/u", body, headers)
+            for body, headers in cases
+        ]
+    assert [a[0] for a in answers] == [200, 200, 200, 200, 200, 400, 400]
+    assert seen == [every_byte, b"\x89PNG\r\n\x1a\n\x00", "caf\u00e9", "caf\u00e9", b"\x00\xff"]
+    assert json.loads(answers[5][2])["error"] == "malformed text body"
+    assert json.loads(answers[6][2])["error"] == "malformed JSON body"
+
+
+async def test_a_body_over_max_body_bytes_is_a_413_before_it_is_read() -> None:
+    """A Content-Length over the limit is refused without reading the body; a chunked body
+    is counted as it arrives and refused once past the limit, before its end; bodies up to
+    the limit, chunked or not, reach the function whole."""
+    iii = III(
+        Config(http=HttpConfig(host="127.0.0.1", port=0, max_body_bytes=1000)),
+        shutdown_grace_ms=0,
+    )
+    seen: list[Any] = []
+
+    def upload(req: dict[str, Any]) -> dict[str, Any]:
+        seen.append(req["body"])
+        return {"status_code": 200, "body": {"size": len(req["body"])}}
+
+    iii.register_function("upload", upload)
+    iii.register_trigger(
+        {
+            "type": "http",
+            "function_id": "upload",
+            "config": {"api_path": "/u", "http_method": "POST"},
+        }
+    )
+    head = b"POST /u HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+
+    def chunk(data: bytes) -> bytes:
+        return b"%x\r\n%s\r\n" % (len(data), data)
+
+    async with iii.running():
+        assert iii.http_server is not None
+        port = iii.http_server.port
+        declared = await anyio.to_thread.run_sync(
+            raw_exchange, port, head + b"Content-Length: 1000000000\r\n\r\n"
+        )
+        streamed = await anyio.to_thread.run_sync(
+            raw_exchange,
+            port,
+            head + b"Transfer-Encoding: chunked\r\n\r\n" + chunk(b"a" * 600) + chunk(b"b" * 600),
+        )
+        at_limit = await anyio.to_thread.run_sync(
+            request, port, "POST", "/u", b"c" * 1000, {"content-type": "image/png"}
+        )
+        chunked = await anyio.to_thread.run_sync(
+            raw_exchange,
+            port,
+            head
+            + b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+            + chunk(b"d" * 400)
+            + chunk(b"e" * 400)
+            + b"0\r\n\r\n",
+        )
+    for answer in (declared, streamed):
+        status_line, _, rest = answer.partition(b"\r\n")
+        headers, _, body = rest.partition(b"\r\n\r\n")
+        assert status_line.startswith(b"HTTP/1.1 413 ")
+        assert b"connection: close" in headers.lower()
+        assert json.loads(body) == {"error": "request body too large", "max_body_bytes": 1000}
+    assert at_limit[0] == 200
+    assert chunked.startswith(b"HTTP/1.1 200 ") and chunked.endswith(b'{"size": 800}')
+    assert seen == [b"c" * 1000, b"d" * 400 + b"e" * 400]
+
+
+async def test_a_connection_that_does_not_send_a_whole_request_head_in_time_is_closed() -> None:
+    """A client that opens a connection and sends nothing, or part of a request head
+    (slowloris), is disconnected after ``header_timeout_ms``; a request whose head came in
+    time is answered however long its function takes."""
+    import socket
+
+    iii = III(
+        Config(http=HttpConfig(host="127.0.0.1", port=0, header_timeout_ms=200)),
+        shutdown_grace_ms=0,
+    )
+    inside, release = anyio.Event(), anyio.Event()
+
+    async def slow(req: dict[str, Any]) -> dict[str, Any]:
+        inside.set()
+        await release.wait()
+        return {"status_code": 200, "body": "done"}
+
+    iii.register_function("slow", slow)
+    iii.register_trigger({"type": "http", "function_id": "slow", "config": {"api_path": "/s"}})
+
+    def closed_by_server(port: int, data: bytes) -> bytes:
+        """What the server sends before closing a connection that sent ``data``."""
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(data)
+            return sock.recv(65536)  # b"" once the server closes; raises if it never does
+
+    async with iii.running():
+        assert iii.http_server is not None
+        port = iii.http_server.port
+        async with anyio.create_task_group() as tg:
+            answers: list[tuple[int, dict[str, str], bytes]] = []
+
+            async def answered() -> None:
+                answers.append(await anyio.to_thread.run_sync(request, port, "GET", "/s"))
+
+            tg.start_soon(answered)
+            with anyio.fail_after(10):
+                await inside.wait()
+            # Opened after the slow request's head came: once this one is closed, the
+            # slow request's connection has outlived its own head timeout too.
+            partial = await anyio.to_thread.run_sync(
+                closed_by_server, port, b"GET /s HTTP/1.1\r\nHost: x\r\nX-A: 1"
+            )
+            silent = await anyio.to_thread.run_sync(closed_by_server, port, b"")
+            release.set()
+    assert (partial, silent) == (b"", b"")
+    assert [(status, body) for status, _, body in answers] == [(200, b"done")]
+
+
+async def test_a_content_length_that_is_not_ascii_digits_is_no_crash() -> None:
+    """A server that passes Content-Length unchecked (``"\u00b2"`` is a digit to
+    ``str.isdigit``, not to ``int``): the body is counted as it comes instead."""
+    iii = III(shutdown_grace_ms=0)
+    iii.register_function("p", lambda req: {"status_code": 200, "body": {"got": req["body"]}})
+    iii.register_trigger(
+        {"type": "http", "function_id": "p", "config": {"api_path": "/p", "http_method": "POST"}}
+    )
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"hi", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/p",
+        "headers": [(b"content-length", "\u00b2".encode("latin-1"))],
+    }
+    async with iii.running():
+        await iii.asgi_app(scope, receive, send)
+    start, body = sent
+    assert (start["status"], json.loads(body["body"])) == (200, {"got": "hi"})
+
+
+async def test_a_malformed_request_line_is_a_400_and_calls_nothing() -> None:
+    """What the docs promise of the engine's server: a request line or header that is not
+    HTTP is answered 400 and the connection closed, before any route is looked at."""
+    iii = make_app()
+    calls: list[Any] = []
+    iii.register_function("p", lambda req: calls.append(req) or {"status_code": 200})
+    iii.register_trigger({"type": "http", "function_id": "p", "config": {"api_path": "/p"}})
+    async with iii.running():
+        assert iii.http_server is not None
+        port = iii.http_server.port
+        answers = [
+            await anyio.to_thread.run_sync(raw_exchange, port, data)
+            for data in (
+                b"GARBAGE\r\n\r\n",
+                b"GET /p HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n",
+                b"GET /p HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+            )
+        ]
+    assert [a.split(b"\r\n", 1)[0] for a in answers] == [b"HTTP/1.1 400 Bad Request"] * 3
+    assert calls == []
