@@ -78,7 +78,7 @@ def parse_expression(expression: str, start: float) -> Any:
     fields = expression.split()
     if len(fields) not in (5, 6, 7):
         raise ValueError(
-            f"cron expression {expression!r} has {len(fields)} fields; expected 5 "
+            f"invalid cron expression {expression!r}: it has {len(fields)} fields; expected 5 "
             "(min hour day month weekday), 6 (iii: seconds first) or 7 (… and year)"
         )
     base = dt.datetime.fromtimestamp(start, dt.UTC)

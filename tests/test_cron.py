@@ -262,10 +262,14 @@ async def test_a_functions_second_schedule_fires_on_its_own_and_a_repeat_is_one(
 
 def test_invalid_expressions_are_refused_naming_the_expression() -> None:
     iii = III()
-    with pytest.raises(ValueError, match="'every minute' has 2 fields"):
+    with pytest.raises(ValueError) as wrong_count:
         iii.register_trigger(
             {"type": "cron", "function_id": "f", "config": {"expression": "every minute"}}
         )
+    assert str(wrong_count.value) == (  # invalid, not a schedule that has no fire time
+        "invalid cron expression 'every minute': it has 2 fields; expected 5 "
+        "(min hour day month weekday), 6 (iii: seconds first) or 7 (… and year)"
+    )
     with pytest.raises(ValueError, match="invalid cron expression '99 \\* \\* \\* \\*'"):
         iii.register_trigger(
             {"type": "cron", "function_id": "f", "config": {"expression": "99 * * * *"}}
