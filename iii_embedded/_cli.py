@@ -550,7 +550,7 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
             value = f"{value['type']}: {value['message']}"
         elif key.endswith("_at"):
             value = _when(value)
-        elif key == "output":
+        elif key in ("output", "payload"):
             value = json.dumps(value)
         print(f"{key + ':':14} {value}")
     return 0

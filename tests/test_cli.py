@@ -790,3 +790,17 @@ def test_runs_cancel_cancels_a_queued_or_held_run_and_says_what_it_did(project: 
     assert json.loads(as_json.stdout)["cancelled"] is True
     assert json.loads(shown.stdout)["status"] == "cancelled"
     assert one_line_error(missing) == "iii-embedded: error: no run no-such-run"
+
+
+def test_runs_show_prints_the_payload_and_output_as_json(project: Path) -> None:
+    """``runs show`` prints the payload as ``dlq show`` does, as JSON (it printed Python's
+    repr: single quotes, ``None``, ``True``), so it can be pasted into ``--payload``."""
+    payload = {"n": 1, "note": None, "ok": True}
+    queued = cli(project, "trigger", "flaky", "--payload", json.dumps(payload))
+    receipt = json.loads(queued.stdout)["messageReceiptId"]
+    shown = cli(project, "runs", "show", receipt)
+    assert shown.returncode == 0, shown.stderr
+    lines = dict(line.split(":", 1) for line in shown.stdout.splitlines())
+    assert lines["payload"].strip() == '{"n": 1, "note": null, "ok": true}'
+    assert lines["status"].strip() == "queued"
+    assert lines["output"].strip() == "null"
