@@ -201,7 +201,7 @@ class HttpRouter:
             log.error(
                 "http %s %s -> %r returned a response that cannot be sent (error id %s): "
                 "%s: %s (a status_code must be an integer from 200 to 599, a body "
-                "JSON-serialisable, str or bytes and none with 204 or 304, header names "
+                "JSON-serialisable, str or bytes and none with 204, 205 or 304, header names "
                 "HTTP tokens and values latin-1 text without CR, LF or NUL)",
                 method,
                 request["path"],

@@ -337,6 +337,12 @@ def test_the_engine_serves_http_in_every_lifecycle(tmp_path: Path) -> None:
             {"status_code": 304, "body": "cached"},
             "ValueError: status_code 304 is sent without a body, and one was given",
         ),
+        (  # the log's reminder of the rules names every status sent without a body
+            {"status_code": 205, "body": "reset"},
+            "ValueError: status_code 205 is sent without a body, and one was given (a "
+            "status_code must be an integer from 200 to 599, a body JSON-serialisable, str "
+            "or bytes and none with 204, 205 or 304,",
+        ),
         (
             {"status_code": 200, "body": "x", "headers": {"x-a": "1\r\nset-cookie: evil=1"}},
             "ValueError: header 'x-a': value '1\\r\\nset-cookie: evil=1' has a CR, LF or NUL",
