@@ -22,6 +22,8 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import attrs
+
 from ._actions import EnqueueAction
 from ._config import QueueConfig
 from ._errors import InvocationError
@@ -36,17 +38,8 @@ __all__ = ["install_topics", "topic_queue_name"]
 
 log = logging.getLogger("iii_embedded.topics")
 
-_QUEUE_KEYS = {
-    "max_retries",
-    "concurrency",
-    "type",
-    "message_group_field",
-    "backoff_ms",
-    "poll_interval_ms",
-    "timeout_ms",
-    "max_backoff_ms",
-    "jitter",
-}
+_QUEUE_KEYS = {field.name for field in attrs.fields(QueueConfig)} - {"name"}
+"""The keys of a subscription's ``queue_config``: those of ``queue_configs``."""
 
 
 def topic_queue_name(topic: str, function_id: str) -> str:

@@ -258,6 +258,24 @@ def test_a_subscription_made_from_another_thread_starts_serving_on_the_engines_l
     assert got == ["hello"]
 
 
+def test_a_subscriptions_queue_config_takes_every_queue_key() -> None:
+    """``queue_config`` has the keys of ``queue_configs`` (the docs say so): ``prefetch``
+    was refused as unknown, so a long-running subscriber shared by several processes
+    could not set ``prefetch: 0``."""
+    iii = make_app()
+    keys = {"prefetch": 0, "max_backoff_ms": 5000, "jitter": True, "timeout_ms": 100}
+    iii.register_trigger(
+        {"type": "queue", "function_id": "f", "config": {"topic": "t", "queue_config": keys}}
+    )
+    queue = iii.config.queues[topic_queue_name("t", "f")]
+    assert (queue.prefetch, queue.max_backoff_ms, queue.jitter, queue.timeout_ms) == (
+        0,
+        5000,
+        True,
+        100,
+    )
+
+
 def test_bad_subscriptions_are_refused_with_a_clear_error() -> None:
     iii = make_app()
     with pytest.raises(ValueError, match=r"needs config\.topic"):
