@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import CancelledError as FutureCancelled
 from concurrent.futures import Future
 from contextlib import AbstractContextManager, asynccontextmanager
@@ -391,11 +391,11 @@ class III:
     async def batch_trigger_async(
         self,
         function_id: str,
-        payloads: Sequence[Any],
+        payloads: Iterable[Any],
         *,
         queue: str = "default",
         delay_ms: int = 0,
-        idempotency_keys: Sequence[str | None] | None = None,
+        idempotency_keys: Iterable[str | None] | None = None,
         max_attempts: int | None = None,
     ) -> list[str]:
         """Enqueue one run per payload, all in one transaction or none; the run ids in input
@@ -419,11 +419,11 @@ class III:
     def batch_trigger(
         self,
         function_id: str,
-        payloads: Sequence[Any],
+        payloads: Iterable[Any],
         *,
         queue: str = "default",
         delay_ms: int = 0,
-        idempotency_keys: Sequence[str | None] | None = None,
+        idempotency_keys: Iterable[str | None] | None = None,
         max_attempts: int | None = None,
     ) -> list[str]:
         """Blocking twin of :meth:`batch_trigger_async`."""
@@ -506,12 +506,12 @@ class III:
     async def batch_trigger_and_wait_async(
         self,
         function_id: str,
-        payloads: Sequence[Any],
+        payloads: Iterable[Any],
         *,
         queue: str = "default",
         timeout_ms: int | None = None,
         delay_ms: int = 0,
-        idempotency_keys: Sequence[str | None] | None = None,
+        idempotency_keys: Iterable[str | None] | None = None,
         max_attempts: int | None = None,
         _invocation: Invocation | None = None,
     ) -> BatchResult:
@@ -539,12 +539,12 @@ class III:
     def batch_trigger_and_wait(
         self,
         function_id: str,
-        payloads: Sequence[Any],
+        payloads: Iterable[Any],
         *,
         queue: str = "default",
         timeout_ms: int | None = None,
         delay_ms: int = 0,
-        idempotency_keys: Sequence[str | None] | None = None,
+        idempotency_keys: Iterable[str | None] | None = None,
         max_attempts: int | None = None,
     ) -> BatchResult:
         """Blocking twin of :meth:`batch_trigger_and_wait_async`."""

@@ -182,11 +182,11 @@ def _result(job: Job, now: float) -> RunResult:
 async def batch_trigger(
     rt: Runtime,
     function_id: str,
-    payloads: Sequence[Any],
+    payloads: Iterable[Any],
     *,
     queue: str,
     delay_ms: int = 0,
-    idempotency_keys: Sequence[str | None] | None = None,
+    idempotency_keys: Iterable[str | None] | None = None,
     max_attempts: int | None = None,
 ) -> list[str]:
     """Store one run per payload in one transaction (all or none); their ids in order."""
@@ -519,12 +519,12 @@ async def wait_for_run(
 async def batch_trigger_and_wait(
     rt: Runtime,
     function_id: str,
-    payloads: Sequence[Any],
+    payloads: Iterable[Any],
     *,
     queue: str,
     timeout_ms: int | None = None,
     delay_ms: int = 0,
-    idempotency_keys: Sequence[str | None] | None = None,
+    idempotency_keys: Iterable[str | None] | None = None,
     max_attempts: int | None = None,
     inv: Invocation | None = None,
 ) -> BatchResult:

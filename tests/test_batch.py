@@ -190,3 +190,32 @@ async def test_batch_and_wait_runs_fifo_items_in_group_order(store_config: Store
     assert batch.outputs == [0, 0, 1, 1, 2, 2]
     assert [n for g, n in order if g == "a"] == [0, 1, 2]
     assert [n for g, n in order if g == "b"] == [0, 1, 2]
+
+
+def test_the_batch_calls_are_typed_to_take_any_iterable() -> None:
+    """They take any iterable of payloads (a generator too) and of idempotency keys, as
+    docs/triggering.md says; their annotations said ``Sequence``, so ``mypy --strict``
+    refused a program that passed a generator."""
+    import typing
+    from collections.abc import Iterable
+
+    calls = [
+        III.batch_trigger,
+        III.batch_trigger_async,
+        III.batch_trigger_and_wait,
+        III.batch_trigger_and_wait_async,
+    ]
+    for call in calls:
+        hints = typing.get_type_hints(call)
+        assert hints["payloads"] == Iterable[Any], call.__name__
+        assert hints["idempotency_keys"] == Iterable[str | None] | None, call.__name__
+
+
+async def test_a_batch_of_a_generator_stores_one_run_per_item() -> None:
+    iii = make_app(StoreConfig())
+    iii.register_function("double", lambda n: n * 2)
+    async with iii.running():
+        batch = await iii.batch_trigger_and_wait_async(
+            "double", (n for n in range(3)), idempotency_keys=(f"k{n}" for n in range(3))
+        )
+    assert batch.outputs == [0, 2, 4]
