@@ -140,9 +140,7 @@ class RunFailedError(IIIError, RuntimeError):
     cancelled with no attempt failed.
     """
 
-    def __init__(
-        self, run_id: str, function_id: str, status: str, error: ErrorInfo | None
-    ) -> None:
+    def __init__(self, run_id: str, function_id: str, status: str, error: ErrorInfo | None) -> None:
         detail = f": {error}" if error is not None else ""
         super().__init__(f"run {run_id} of {function_id!r} ended {status}{detail}")
         self.run_id = run_id
