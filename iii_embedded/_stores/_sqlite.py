@@ -42,7 +42,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import errno
-import itertools
 import logging
 import os
 import queue
@@ -424,18 +423,39 @@ def _runs(batch: list[_Request]) -> list[list[_Request]]:
     return runs
 
 
-def _claims_of(requests: list[_Request]) -> list[EnqueueClaim | None] | None:
-    """Beside the jobs of ``requests`` one after another: each job's claim (see
-    ``enqueue_claimed``), or ``None`` if no request stores claimed jobs."""
+# Jobs of one enqueue claim (or of none), in order: what ``_enqueue_claimed`` stores.
+_Segments = list[tuple[list[NewJob], EnqueueClaim | None]]
+
+
+def _segments(jobs: list[NewJob], claim: EnqueueClaim) -> _Segments:
+    """One ``enqueue_claimed``'s jobs: its first ``claim.count`` claimed, the rest not."""
+    count = claim.count
+    if count >= len(jobs):
+        return [(jobs, claim)]
+    return [(jobs[:count], claim), (jobs[count:], None)]
+
+
+def _segments_of(requests: list[_Request]) -> _Segments | None:
+    """The jobs of ``requests`` one after another, in segments: each request's claimed
+    jobs (see ``enqueue_claimed``), and the unclaimed jobs between them together; ``None``
+    if no request stores claimed jobs."""
     if all(r.claim is None for r in requests):
         return None
-    claims: list[EnqueueClaim | None] = []
+    segments: _Segments = []
+    unclaimed: list[NewJob] | None = None  # the last segment's, while it has no claim
     for r in requests:
-        count = len(r.jobs or ())
-        claimed = r.claim.count if r.claim is not None else 0
-        claims += [r.claim] * claimed
-        claims += [None] * (count - claimed)
-    return claims
+        jobs = r.jobs or []
+        claim = r.claim
+        count = claim.count if claim is not None else 0
+        if count:
+            segments.append((jobs[:count] if count < len(jobs) else jobs, claim))
+            unclaimed = None
+        if count < len(jobs):
+            if unclaimed is None:
+                unclaimed = []
+                segments.append((unclaimed, None))
+            unclaimed += jobs[count:] if count else jobs
+    return segments
 
 
 class SQLiteStore:
@@ -817,9 +837,7 @@ class SQLiteStore:
             results: list[Any] = []
             for run in _runs(batch):
                 if len(run) > 1:  # enqueues, one after another
-                    ids = self._enqueue(
-                        conn, [job for r in run for job in (r.jobs or ())], _claims_of(run)
-                    )
+                    ids = self._enqueue_run(conn, run)
                     start = 0
                     for request in run:
                         count = len(request.jobs or ())
@@ -941,10 +959,9 @@ class SQLiteStore:
     def _merged_enqueue(
         self, conn: Conn, requests: list[_Request]
     ) -> list[tuple[_Request, Any]] | None:
-        everything = [job for r in requests for job in (r.jobs or ())]
         try:
             conn.execute("SAVEPOINT merged")
-            ids = self._enqueue(conn, everything, _claims_of(requests))
+            ids = self._enqueue_run(conn, requests)
             conn.execute("RELEASE merged")
         except Exception:
             if conn.in_transaction:
@@ -959,6 +976,14 @@ class SQLiteStore:
             out.append((request, ids[start : start + count]))
             start += count
         return out
+
+    @staticmethod
+    def _enqueue_run(conn: Conn, requests: list[_Request]) -> list[str]:
+        """Insert the jobs of a run of enqueue requests, in order, as one enqueue's."""
+        segments = _segments_of(requests)
+        if segments is None:
+            return SQLiteStore._enqueue(conn, [job for r in requests for job in (r.jobs or ())])
+        return SQLiteStore._enqueue_claimed(conn, segments)
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -1150,10 +1175,11 @@ class SQLiteStore:
         they never enter the ready index, and no claim statement moves them."""
         jobs = list(jobs)
         weight = len(jobs) + sum(len(job.payload) for job in jobs) // _PAGE
-        claims: list[EnqueueClaim | None] = [claim] * claim.count
-        claims += [None] * (len(jobs) - claim.count)
         return self._submit(
-            lambda conn: self._enqueue(conn, jobs, claims), jobs=jobs, weight=weight, claim=claim
+            lambda conn: self._enqueue_claimed(conn, _segments(jobs, claim)),
+            jobs=jobs,
+            weight=weight,
+            claim=claim,
         )
 
     def enqueue_from_thread(
@@ -1191,13 +1217,9 @@ class SQLiteStore:
         return future
 
     @staticmethod
-    def _enqueue(
-        conn: Conn, jobs: list[NewJob], claims: list[EnqueueClaim | None] | None = None
-    ) -> list[str]:
-        """Insert ``jobs``; ``claims``, when given, runs beside them: a job with a claim is
-        stored claimed, and its record is added to that claim's ``stored``."""
-        if claims is not None:
-            return SQLiteStore._enqueue_claimed(conn, jobs, claims)
+    def _enqueue(conn: Conn, jobs: list[NewJob]) -> list[str]:
+        """Insert ``jobs`` (queued); their ids, or those of the live jobs their idempotency
+        keys name."""
         ids: list[str] = []
         rows = []
         taken: dict[tuple[str, str], str] = {}
@@ -1231,9 +1253,9 @@ class SQLiteStore:
         return ids
 
     @staticmethod
-    def _enqueue_claimed(
-        conn: Conn, jobs: list[NewJob], claims: list[EnqueueClaim | None]
-    ) -> list[str]:
+    def _enqueue_claimed(conn: Conn, segments: _Segments) -> list[str]:
+        """Insert the jobs of ``segments``: those of a segment with a claim stored claimed,
+        each added to the claim's ``stored``; the others as ``_enqueue`` stores them."""
         # In the order the jobs came, so that each job's seq follows it and a claim
         # ``ahead`` takes only jobs stored queued before its own enqueue: the jobs stored
         # queued (idempotency keys included) as any enqueue's, each claim's ``ahead`` jobs
@@ -1241,11 +1263,7 @@ class SQLiteStore:
         # they are, consecutive ones in one statement.
         ids: list[str] = []
         pending: list[tuple[NewJob, EnqueueClaim]] = []  # claimed, not inserted yet
-        # Consecutive jobs of one claim (or of none) together.
-        for _, group in itertools.groupby(zip(jobs, claims, strict=True), lambda p: id(p[1])):
-            pairs = list(group)
-            claim = pairs[0][1]
-            segment = [job for job, _ in pairs]
+        for segment, claim in segments:
             if claim is None:
                 SQLiteStore._insert_claimed(conn, pending)
                 ids += SQLiteStore._enqueue(conn, segment)
@@ -1263,8 +1281,9 @@ class SQLiteStore:
                     claim.lease_until,
                     None,
                 )
-            pending += [(job, claim) for job in segment]
-            ids += [job.id for job in segment]
+            for job in segment:
+                pending.append((job, claim))
+                ids.append(job.id)
         SQLiteStore._insert_claimed(conn, pending)
         return ids
 
