@@ -42,6 +42,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import errno
+import itertools
 import logging
 import os
 import queue
@@ -1247,7 +1248,7 @@ class SQLiteStore:
         for chunk in _chunks(rows, 100):
             conn.execute(
                 _INSERT_JOBS + ",".join([_JOB_VALUES] * len(chunk)),
-                [value for row in chunk for value in row],
+                list(_flatten(chunk)),
             )
         SQLiteStore._index_groups(conn, rows)
         return ids
@@ -1487,11 +1488,12 @@ class SQLiteStore:
                 # error. (A converted released or held outcome is written the same either
                 # way: cancelled, unstarted.)
                 o.kind, o.converted_from = "retry", None
-            match = (o.job_id, o.owner, o.attempt)
             if o.kind == "completed":
                 row = (o.output, o.at, o.seq, o.owner, o.attempt, o.job_id, o.started_at)
                 (by_id if o.seq is None else by_seq).append(row)
-            elif o.kind == "started":
+                continue
+            match = (o.job_id, o.owner, o.attempt)
+            if o.kind == "started":
                 starts.append((o.at, *match))
             elif o.kind == "retry":
                 e = o.error
@@ -1547,7 +1549,7 @@ class SQLiteStore:
                         "FROM (VALUES " + ",".join(["(?, ?, ?, ?, ?, ?, ?)"] * len(chunk)) + ") "
                         f"AS v WHERE {key} AND jobs.state = 'running' "
                         "AND jobs.lease_owner = v.column4 AND jobs.attempts = v.column5",
-                        [value for row in chunk for value in row],
+                        list(_flatten(chunk)),
                     )
         if retries:
             conn.executemany(
@@ -2182,6 +2184,10 @@ async def _join(thread: threading.Thread) -> None:
     while thread.is_alive():
         await asyncio.sleep(delay)
         delay = min(delay * 2, 0.02)
+
+
+_flatten = itertools.chain.from_iterable
+"""The values of rows one after another, for one multi-row statement's parameters."""
 
 
 def _chunks(items: list[T], size: int) -> list[list[T]]:
