@@ -394,7 +394,9 @@ class QueueRunner:
         else:
             self._buffer.extend(jobs)
             if self._may_start():
-                self._spread()  # wakes a worker task: it runs after the enqueue's caller
+                # As ``_spread``: a worker task it wakes runs after the enqueue's caller.
+                if self._idle and (self._buffer or self._reserved):
+                    self._wake_worker()
             else:
                 # Every slot is taken: ``_spread`` would hand them to running sync
                 # handlers' threads, which could start one before the enqueue's caller
@@ -749,8 +751,8 @@ class QueueRunner:
                     self._exchanging = False
                     self._claiming = 0
                 self.unsettled -= len(settled)
-                for job, outcome in settled:
-                    rt.job_finished(self, job, outcome)
+                if settled:
+                    rt.jobs_finished(self, settled)
                 if jobs:
                     self.unsettled += len(jobs)
                     if self._stopping:  # stopped while claiming: hand them back unstarted
@@ -867,7 +869,7 @@ class QueueRunner:
     def _may_start(self) -> bool:
         return (
             self.running - self.lent < self.config.concurrency
-            and not self._resuming
+            and not self._resumers  # (``_resuming``, without a property call per job)
             and not self._stopping
         )
 
@@ -912,16 +914,18 @@ class QueueRunner:
                 if job is None and buffer:
                     job = buffer.popleft()
             if job is not None:
+                now: float | None = None
                 if check_leases:  # ``_lease_lost``, inline: it runs for every job
                     lease = job.lease_until
-                    if lease is not None and clock_now() >= max(lease, self._renewed_until):
+                    now = clock_now()
+                    if lease is not None and now >= max(lease, self._renewed_until):
                         self._let_go(job)
                         continue
                 spec = self.rt.registry.get(job.function_id)
                 if spec is not None and not job.cancel_requested and job.started_at is None:
                     # A prefetched job starts: the store records it now, or its start is
                     # written with the next exchange.
-                    self._mark_started(job, self.rt.clock.now())
+                    self._mark_started(job, clock_now() if now is None else now)
                     if not spec.is_async and self._unmarked:
                         self.poke()  # an async one wakes the dispatcher if it suspends
                 if spec is not None and not spec.is_async and not job.cancel_requested:

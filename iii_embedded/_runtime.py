@@ -492,8 +492,14 @@ class Runtime:
                 )
                 self._emit_outcome(job, lost)
 
-    def job_finished(self, runner: QueueRunner, job: Job, outcome: Outcome) -> None:
-        """Bookkeeping after an attempt's outcome was written."""
+    def jobs_finished(self, runner: QueueRunner, settled: list[tuple[Job, Outcome]]) -> None:
+        """Bookkeeping after attempts' outcomes were written (one batch of a runner's)."""
+        for job, outcome in settled:
+            if outcome.converted_from is not None or self.hooks or self._final_waiters:
+                self._job_finished(runner, job, outcome)
+        self.notify_activity()
+
+    def _job_finished(self, runner: QueueRunner, job: Job, outcome: Outcome) -> None:
         if outcome.converted_from == "retry":
             # The store wrote the retry as a cancel asked during the attempt: not retried.
             runner.retried -= 1
@@ -509,7 +515,6 @@ class Runtime:
         if outcome.kind in _FINAL_KINDS and self._final_waiters:
             for waiter in self._final_waiters.pop(job.id, ()):
                 waiter(job, outcome)
-        self.notify_activity()
 
     def _emit_outcome(self, job: Job, outcome: Outcome) -> None:
         kind = outcome.kind
