@@ -186,6 +186,8 @@ class QueueRunner:
         records their start (``started`` outcomes) if they are still running."""
         self._idle: deque[asyncio.Future[None]] = deque()
         """Workers waiting for a job, each on its own future."""
+        self._woken = 0
+        """Workers woken for a job that have not resumed yet (see ``_spread``)."""
         self.prefetch = config.prefetch if config.prefetch is not None else 4 * config.concurrency
         """Jobs claimed beyond the free slots, so the workers have the next jobs at hand
         while the store writes outcomes and claims more (``QueueConfig.prefetch``)."""
@@ -395,7 +397,7 @@ class QueueRunner:
             self._buffer.extend(jobs)
             if self._may_start():
                 # As ``_spread``: a worker task it wakes runs after the enqueue's caller.
-                if self._idle and (self._buffer or self._reserved):
+                if self._idle and not self._woken and (self._buffer or self._reserved):
                     self._wake_worker()
             else:
                 # Every slot is taken: ``_spread`` would hand them to running sync
@@ -875,10 +877,15 @@ class QueueRunner:
 
     def _spread(self) -> None:
         """Wake an idle worker if a claimed job could start now; with every slot taken,
-        give running sync jobs the next claimed ones to run after them (``_chain``)."""
+        give running sync jobs the next claimed ones to run after them (``_chain``).
+
+        Not while a worker woken earlier has yet to resume: it takes the buffer's jobs one
+        after another until one of their handlers suspends, which spreads again (jobs
+        claimed at enqueue arrive one at a time, and each woke a worker of its own that
+        then mostly found the buffer emptied by the first)."""
         if self._buffer or self._reserved:
             if self._may_start():
-                if self._idle:
+                if self._idle and not self._woken:
                     self._wake_worker()
             elif self._buffer:
                 self._chain()
@@ -898,6 +905,7 @@ class QueueRunner:
             waiter = self._idle.popleft()
             if not waiter.done():
                 waiter.set_result(None)
+                self._woken += 1
                 return
 
     async def _worker(self) -> None:
@@ -944,6 +952,8 @@ class QueueRunner:
                 finally:
                     if not waiter.done():
                         waiter.cancel()
+                    elif not waiter.cancelled():  # woken by ``_wake_worker``
+                        self._woken -= 1
 
     async def _run(self, job: Job, spec: FunctionSpec | None) -> None:
         """Run one job of an async handler, or settle one that cannot start (cancelled
