@@ -944,10 +944,13 @@ def new_jobs(
     if key is not None and not isinstance(key, str):
         raise InvocationError("enqueue_error", f"idempotency_key must be a string, got {key!r}")
     available_at = now + action.delay_ms / 1000
+    fifo = queue.is_fifo
+    group: str | None = None
     jobs: list[NewJob] = []
     for index, payload in enumerate(payloads):
         where = f"item {index}: " if batch else ""
-        group = _group_of(queue, payload, where)
+        if fifo:
+            group = _group_of(queue, payload, where)
         try:
             text = encode_json(payload)
         except (TypeError, ValueError) as exc:
@@ -1000,9 +1003,8 @@ def _is_delay(value: Any) -> bool:
     return 0 <= number < 2**63  # NaN fails, and so does infinity
 
 
-def _group_of(queue: QueueConfig, payload: Any, where: str) -> str | None:
-    if not queue.is_fifo:
-        return None
+def _group_of(queue: QueueConfig, payload: Any, where: str) -> str:
+    """The FIFO group key of ``payload`` for ``queue`` (a FIFO queue)."""
     field = queue.message_group_field
     assert field is not None
     if not isinstance(payload, Mapping) or field not in payload:
