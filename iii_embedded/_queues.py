@@ -36,7 +36,15 @@ from ._config import QueueConfig
 from ._context import _current
 from ._errors import NonRetryableError, RetryAfter, StoreError
 from ._fastpath import PENDING, Interrupted, Interrupter, first_step, resume_suspended
-from ._stores import EnqueueClaim, ErrorInfo, Job, NewJob, Outcome, completed_outcome
+from ._stores import (
+    EnqueueClaim,
+    ErrorInfo,
+    Job,
+    NewJob,
+    Outcome,
+    completed_outcome,
+    make_enqueue_claim,
+)
 from ._threads import ThreadPool
 
 if TYPE_CHECKING:
@@ -334,14 +342,7 @@ class QueueRunner:
             self._ahead_on_its_way += 1
         self._claimed_at_enqueue += ahead + count
         self.unsettled += ahead + count  # the runtime is not quiet while they are on their way
-        claim = EnqueueClaim(
-            owner=rt.owner,
-            lease_until=now + rt.lease_s,
-            count=count,
-            deliver=self._claimed,
-            ahead=ahead,
-            now=now,
-        )
+        claim = make_enqueue_claim(rt.owner, now + rt.lease_s, count, self._claimed, ahead, now)
         if self._claiming:
             # The dispatcher's claim on its way is older: its jobs go to the buffer first,
             # though they reach it only when the dispatcher resumes, after a commit they

@@ -1165,8 +1165,9 @@ class SQLiteStore:
     def enqueue(self, jobs: Sequence[NewJob]) -> asyncio.Future[list[str]]:
         """Store jobs atomically; see :meth:`Store.enqueue`."""
         jobs = list(jobs)
-        weight = len(jobs) + sum(len(job.payload) for job in jobs) // _PAGE
-        return self._submit(lambda conn: self._enqueue(conn, jobs), jobs=jobs, weight=weight)
+        return self._submit(
+            lambda conn: self._enqueue(conn, jobs), jobs=jobs, weight=_jobs_weight(jobs)
+        )
 
     def enqueue_claimed(
         self, jobs: Sequence[NewJob], claim: EnqueueClaim
@@ -1175,11 +1176,10 @@ class SQLiteStore:
         :meth:`Store.enqueue_claimed`. The claimed rows go straight into the lease index:
         they never enter the ready index, and no claim statement moves them."""
         jobs = list(jobs)
-        weight = len(jobs) + sum(len(job.payload) for job in jobs) // _PAGE
         return self._submit(
             lambda conn: self._enqueue_claimed(conn, _segments(jobs, claim)),
             jobs=jobs,
-            weight=weight,
+            weight=_jobs_weight(jobs),
             claim=claim,
         )
 
@@ -2161,7 +2161,19 @@ def _roll_back(conn: Conn) -> None:
 
 def _work(batch: list[_Request]) -> int:
     """A committed batch's work, for ``_WAL_CHECK_WORK`` (unweighed requests count 1)."""
-    return sum(r.weight or 1 for r in batch)
+    work = 0
+    for r in batch:  # (a loop: no generator to make and resume, on every commit)
+        work += r.weight or 1
+    return work
+
+
+def _jobs_weight(jobs: list[NewJob]) -> int:
+    """New jobs' share of a transaction's work (see ``_LOOP_MAX_WEIGHT``): a row each,
+    and their payloads' pages."""
+    size = 0
+    for job in jobs:
+        size += len(job.payload)
+    return len(jobs) + size // _PAGE
 
 
 def _weight(outcomes: list[Outcome]) -> int:
