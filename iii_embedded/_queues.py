@@ -369,18 +369,8 @@ class QueueRunner:
         that has not reached the buffer yet."""
         wait_for = self._waits.pop(id(claim), 0)
         if jobs and wait_for > self._exchanges_done:
-            self._parked.append((claim, jobs))
+            self._parked.append((claim, jobs))  # (``_unpark`` brings them back here)
             return
-        self._take_claimed(claim, jobs)
-
-    def _unpark(self) -> None:
-        """The dispatcher's claim has reached the buffer: the jobs claimed at enqueue that
-        waited for it follow."""
-        parked, self._parked = self._parked, []
-        for claim, jobs in parked:
-            self._take_claimed(claim, jobs)
-
-    def _take_claimed(self, claim: EnqueueClaim, jobs: list[Job] | None) -> None:
         if claim.ahead:
             self._ahead_on_its_way -= 1
         self._claimed_at_enqueue -= claim.ahead + claim.count
@@ -406,6 +396,13 @@ class QueueRunner:
                 # resumes (a handler waiting for the run it enqueued registers its wait
                 # then). The caller's resumption is already scheduled: go after it.
                 asyncio.get_running_loop().call_soon(self._spread)
+
+    def _unpark(self) -> None:
+        """The dispatcher's claim has reached the buffer: the jobs claimed at enqueue that
+        waited for it follow (their wait is over: ``_claimed`` takes them now)."""
+        parked, self._parked = self._parked, []
+        for claim, jobs in parked:
+            self._claimed(claim, jobs)
 
     @property
     def needs_wake(self) -> bool:
