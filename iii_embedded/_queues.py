@@ -1132,7 +1132,9 @@ class QueueRunner:
                 outcome = completed_outcome(
                     job.id, owner, job.attempts, now, value, job.seq, job.started_at
                 )
-                self._log_completed(job, duration_ms)
+                self.completed += 1
+                if log.isEnabledFor(logging.DEBUG):
+                    self._log_completed(job, duration_ms)
             elif isinstance(value, Exception):
                 outcome = self._failure(job, value, now, duration_ms)
             else:  # SystemExit and the like: fatal to a thread, not to the runtime
@@ -1211,7 +1213,9 @@ class QueueRunner:
         if stopped == "timeout":
             error = self._timed_out(job)
         if error is None:
-            self._log_completed(job, (time.perf_counter() - started) * 1000)
+            self.completed += 1
+            if log.isEnabledFor(logging.DEBUG):  # (no call, nor clock read, per job else)
+                self._log_completed(job, (time.perf_counter() - started) * 1000)
             return completed_outcome(
                 job.id,
                 rt.owner,
@@ -1229,15 +1233,15 @@ class QueueRunner:
         )
 
     def _log_completed(self, job: Job, duration_ms: float) -> None:
-        self.completed += 1
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug(
-                "job %s of %r completed in %.1f ms",
-                job.id,
-                job.function_id,
-                duration_ms,
-                extra=self._extra(job, duration_ms),
-            )
+        """The debug line of a completed job (the caller counts it, and logs only at
+        ``DEBUG``)."""
+        log.debug(
+            "job %s of %r completed in %.1f ms",
+            job.id,
+            job.function_id,
+            duration_ms,
+            extra=self._extra(job, duration_ms),
+        )
 
     def _failure(self, job: Job, error: BaseException, now: float, duration_ms: float) -> Outcome:
         self.failed += 1
