@@ -36,7 +36,15 @@ from ._config import QueueConfig
 from ._context import _current
 from ._errors import NonRetryableError, RetryAfter, StoreError
 from ._fastpath import PENDING, Interrupted, Interrupter, first_step, resume_suspended
-from ._stores import EnqueueClaim, ErrorInfo, Job, NewJob, Outcome, completed_outcome
+from ._stores import (
+    EnqueueClaim,
+    ErrorInfo,
+    Job,
+    NewJob,
+    Outcome,
+    completed_outcome,
+    make_enqueue_claim,
+)
 from ._threads import ThreadPool
 
 if TYPE_CHECKING:
@@ -186,6 +194,8 @@ class QueueRunner:
         records their start (``started`` outcomes) if they are still running."""
         self._idle: deque[asyncio.Future[None]] = deque()
         """Workers waiting for a job, each on its own future."""
+        self._woken = 0
+        """Workers woken for a job that have not resumed yet (see ``_spread``)."""
         self.prefetch = config.prefetch if config.prefetch is not None else 4 * config.concurrency
         """Jobs claimed beyond the free slots, so the workers have the next jobs at hand
         while the store writes outcomes and claims more (``QueueConfig.prefetch``)."""
@@ -332,14 +342,7 @@ class QueueRunner:
             self._ahead_on_its_way += 1
         self._claimed_at_enqueue += ahead + count
         self.unsettled += ahead + count  # the runtime is not quiet while they are on their way
-        claim = EnqueueClaim(
-            owner=rt.owner,
-            lease_until=now + rt.lease_s,
-            count=count,
-            deliver=self._claimed,
-            ahead=ahead,
-            now=now,
-        )
+        claim = make_enqueue_claim(rt.owner, now + rt.lease_s, count, self._claimed, ahead, now)
         if self._claiming:
             # The dispatcher's claim on its way is older: its jobs go to the buffer first,
             # though they reach it only when the dispatcher resumes, after a commit they
@@ -366,18 +369,8 @@ class QueueRunner:
         that has not reached the buffer yet."""
         wait_for = self._waits.pop(id(claim), 0)
         if jobs and wait_for > self._exchanges_done:
-            self._parked.append((claim, jobs))
+            self._parked.append((claim, jobs))  # (``_unpark`` brings them back here)
             return
-        self._take_claimed(claim, jobs)
-
-    def _unpark(self) -> None:
-        """The dispatcher's claim has reached the buffer: the jobs claimed at enqueue that
-        waited for it follow."""
-        parked, self._parked = self._parked, []
-        for claim, jobs in parked:
-            self._take_claimed(claim, jobs)
-
-    def _take_claimed(self, claim: EnqueueClaim, jobs: list[Job] | None) -> None:
         if claim.ahead:
             self._ahead_on_its_way -= 1
         self._claimed_at_enqueue -= claim.ahead + claim.count
@@ -394,13 +387,22 @@ class QueueRunner:
         else:
             self._buffer.extend(jobs)
             if self._may_start():
-                self._spread()  # wakes a worker task: it runs after the enqueue's caller
+                # As ``_spread``: a worker task it wakes runs after the enqueue's caller.
+                if self._idle and not self._woken and (self._buffer or self._reserved):
+                    self._wake_worker()
             else:
                 # Every slot is taken: ``_spread`` would hand them to running sync
                 # handlers' threads, which could start one before the enqueue's caller
                 # resumes (a handler waiting for the run it enqueued registers its wait
                 # then). The caller's resumption is already scheduled: go after it.
                 asyncio.get_running_loop().call_soon(self._spread)
+
+    def _unpark(self) -> None:
+        """The dispatcher's claim has reached the buffer: the jobs claimed at enqueue that
+        waited for it follow (their wait is over: ``_claimed`` takes them now)."""
+        parked, self._parked = self._parked, []
+        for claim, jobs in parked:
+            self._claimed(claim, jobs)
 
     @property
     def needs_wake(self) -> bool:
@@ -749,8 +751,8 @@ class QueueRunner:
                     self._exchanging = False
                     self._claiming = 0
                 self.unsettled -= len(settled)
-                for job, outcome in settled:
-                    rt.job_finished(self, job, outcome)
+                if settled:
+                    rt.jobs_finished(self, settled)
                 if jobs:
                     self.unsettled += len(jobs)
                     if self._stopping:  # stopped while claiming: hand them back unstarted
@@ -867,16 +869,21 @@ class QueueRunner:
     def _may_start(self) -> bool:
         return (
             self.running - self.lent < self.config.concurrency
-            and not self._resuming
+            and not self._resumers  # (``_resuming``, without a property call per job)
             and not self._stopping
         )
 
     def _spread(self) -> None:
         """Wake an idle worker if a claimed job could start now; with every slot taken,
-        give running sync jobs the next claimed ones to run after them (``_chain``)."""
+        give running sync jobs the next claimed ones to run after them (``_chain``).
+
+        Not while a worker woken earlier has yet to resume: it takes the buffer's jobs one
+        after another until one of their handlers suspends, which spreads again (jobs
+        claimed at enqueue arrive one at a time, and each woke a worker of its own that
+        then mostly found the buffer emptied by the first)."""
         if self._buffer or self._reserved:
             if self._may_start():
-                if self._idle:
+                if self._idle and not self._woken:
                     self._wake_worker()
             elif self._buffer:
                 self._chain()
@@ -896,6 +903,7 @@ class QueueRunner:
             waiter = self._idle.popleft()
             if not waiter.done():
                 waiter.set_result(None)
+                self._woken += 1
                 return
 
     async def _worker(self) -> None:
@@ -912,16 +920,18 @@ class QueueRunner:
                 if job is None and buffer:
                     job = buffer.popleft()
             if job is not None:
+                now: float | None = None
                 if check_leases:  # ``_lease_lost``, inline: it runs for every job
                     lease = job.lease_until
-                    if lease is not None and clock_now() >= max(lease, self._renewed_until):
+                    now = clock_now()
+                    if lease is not None and now >= max(lease, self._renewed_until):
                         self._let_go(job)
                         continue
                 spec = self.rt.registry.get(job.function_id)
                 if spec is not None and not job.cancel_requested and job.started_at is None:
                     # A prefetched job starts: the store records it now, or its start is
                     # written with the next exchange.
-                    self._mark_started(job, self.rt.clock.now())
+                    self._mark_started(job, clock_now() if now is None else now)
                     if not spec.is_async and self._unmarked:
                         self.poke()  # an async one wakes the dispatcher if it suspends
                 if spec is not None and not spec.is_async and not job.cancel_requested:
@@ -940,6 +950,8 @@ class QueueRunner:
                 finally:
                     if not waiter.done():
                         waiter.cancel()
+                    elif not waiter.cancelled():  # woken by ``_wake_worker``
+                        self._woken -= 1
 
     async def _run(self, job: Job, spec: FunctionSpec | None) -> None:
         """Run one job of an async handler, or settle one that cannot start (cancelled
@@ -1120,7 +1132,9 @@ class QueueRunner:
                 outcome = completed_outcome(
                     job.id, owner, job.attempts, now, value, job.seq, job.started_at
                 )
-                self._log_completed(job, duration_ms)
+                self.completed += 1
+                if log.isEnabledFor(logging.DEBUG):
+                    self._log_completed(job, duration_ms)
             elif isinstance(value, Exception):
                 outcome = self._failure(job, value, now, duration_ms)
             else:  # SystemExit and the like: fatal to a thread, not to the runtime
@@ -1199,7 +1213,9 @@ class QueueRunner:
         if stopped == "timeout":
             error = self._timed_out(job)
         if error is None:
-            self._log_completed(job, (time.perf_counter() - started) * 1000)
+            self.completed += 1
+            if log.isEnabledFor(logging.DEBUG):  # (no call, nor clock read, per job else)
+                self._log_completed(job, (time.perf_counter() - started) * 1000)
             return completed_outcome(
                 job.id,
                 rt.owner,
@@ -1217,15 +1233,15 @@ class QueueRunner:
         )
 
     def _log_completed(self, job: Job, duration_ms: float) -> None:
-        self.completed += 1
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug(
-                "job %s of %r completed in %.1f ms",
-                job.id,
-                job.function_id,
-                duration_ms,
-                extra=self._extra(job, duration_ms),
-            )
+        """The debug line of a completed job (the caller counts it, and logs only at
+        ``DEBUG``)."""
+        log.debug(
+            "job %s of %r completed in %.1f ms",
+            job.id,
+            job.function_id,
+            duration_ms,
+            extra=self._extra(job, duration_ms),
+        )
 
     def _failure(self, job: Job, error: BaseException, now: float, duration_ms: float) -> Outcome:
         self.failed += 1

@@ -492,8 +492,14 @@ class Runtime:
                 )
                 self._emit_outcome(job, lost)
 
-    def job_finished(self, runner: QueueRunner, job: Job, outcome: Outcome) -> None:
-        """Bookkeeping after an attempt's outcome was written."""
+    def jobs_finished(self, runner: QueueRunner, settled: list[tuple[Job, Outcome]]) -> None:
+        """Bookkeeping after attempts' outcomes were written (one batch of a runner's)."""
+        for job, outcome in settled:
+            if outcome.converted_from is not None or self.hooks or self._final_waiters:
+                self._job_finished(runner, job, outcome)
+        self.notify_activity()
+
+    def _job_finished(self, runner: QueueRunner, job: Job, outcome: Outcome) -> None:
         if outcome.converted_from == "retry":
             # The store wrote the retry as a cancel asked during the attempt: not retried.
             runner.retried -= 1
@@ -509,7 +515,6 @@ class Runtime:
         if outcome.kind in _FINAL_KINDS and self._final_waiters:
             for waiter in self._final_waiters.pop(job.id, ()):
                 waiter(job, outcome)
-        self.notify_activity()
 
     def _emit_outcome(self, job: Job, outcome: Outcome) -> None:
         kind = outcome.kind
@@ -939,10 +944,13 @@ def new_jobs(
     if key is not None and not isinstance(key, str):
         raise InvocationError("enqueue_error", f"idempotency_key must be a string, got {key!r}")
     available_at = now + action.delay_ms / 1000
+    fifo = queue.is_fifo
+    group: str | None = None
     jobs: list[NewJob] = []
     for index, payload in enumerate(payloads):
         where = f"item {index}: " if batch else ""
-        group = _group_of(queue, payload, where)
+        if fifo:
+            group = _group_of(queue, payload, where)
         try:
             text = encode_json(payload)
         except (TypeError, ValueError) as exc:
@@ -995,9 +1003,8 @@ def _is_delay(value: Any) -> bool:
     return 0 <= number < 2**63  # NaN fails, and so does infinity
 
 
-def _group_of(queue: QueueConfig, payload: Any, where: str) -> str | None:
-    if not queue.is_fifo:
-        return None
+def _group_of(queue: QueueConfig, payload: Any, where: str) -> str:
+    """The FIFO group key of ``payload`` for ``queue`` (a FIFO queue)."""
     field = queue.message_group_field
     assert field is not None
     if not isinstance(payload, Mapping) or field not in payload:

@@ -53,6 +53,7 @@ __all__ = [
     "UNSTARTED_ATTEMPT",
     "completed_outcome",
     "restore_converted",
+    "make_enqueue_claim",
     "make_job",
     "make_new_job",
     "never_started",
@@ -284,6 +285,28 @@ class EnqueueClaim:
     now: float = 0.0
     stored: list[Job] = attrs.field(factory=list)
     """Filled by the store in the enqueue's transaction: the claimed jobs' records."""
+
+
+def make_enqueue_claim(
+    owner: str,
+    lease_until: float,
+    count: int,
+    deliver: Callable[[EnqueueClaim, list[Job] | None], None],
+    ahead: int,
+    now: float,
+    /,
+) -> EnqueueClaim:
+    """An :class:`EnqueueClaim` (``stored`` empty), positionally (one per claim at enqueue,
+    see :func:`make_job`)."""
+    claim: EnqueueClaim = _new(EnqueueClaim)
+    claim.owner = owner
+    claim.lease_until = lease_until
+    claim.count = count
+    claim.deliver = deliver
+    claim.ahead = ahead
+    claim.now = now
+    claim.stored = []
+    return claim
 
 
 @attrs.define(kw_only=True)

@@ -424,18 +424,39 @@ def _runs(batch: list[_Request]) -> list[list[_Request]]:
     return runs
 
 
-def _claims_of(requests: list[_Request]) -> list[EnqueueClaim | None] | None:
-    """Beside the jobs of ``requests`` one after another: each job's claim (see
-    ``enqueue_claimed``), or ``None`` if no request stores claimed jobs."""
+# Jobs of one enqueue claim (or of none), in order: what ``_enqueue_claimed`` stores.
+_Segments = list[tuple[list[NewJob], EnqueueClaim | None]]
+
+
+def _segments(jobs: list[NewJob], claim: EnqueueClaim) -> _Segments:
+    """One ``enqueue_claimed``'s jobs: its first ``claim.count`` claimed, the rest not."""
+    count = claim.count
+    if count >= len(jobs):
+        return [(jobs, claim)]
+    return [(jobs[:count], claim), (jobs[count:], None)]
+
+
+def _segments_of(requests: list[_Request]) -> _Segments | None:
+    """The jobs of ``requests`` one after another, in segments: each request's claimed
+    jobs (see ``enqueue_claimed``), and the unclaimed jobs between them together; ``None``
+    if no request stores claimed jobs."""
     if all(r.claim is None for r in requests):
         return None
-    claims: list[EnqueueClaim | None] = []
+    segments: _Segments = []
+    unclaimed: list[NewJob] | None = None  # the last segment's, while it has no claim
     for r in requests:
-        count = len(r.jobs or ())
-        claimed = r.claim.count if r.claim is not None else 0
-        claims += [r.claim] * claimed
-        claims += [None] * (count - claimed)
-    return claims
+        jobs = r.jobs or []
+        claim = r.claim
+        count = claim.count if claim is not None else 0
+        if count:
+            segments.append((jobs[:count] if count < len(jobs) else jobs, claim))
+            unclaimed = None
+        if count < len(jobs):
+            if unclaimed is None:
+                unclaimed = []
+                segments.append((unclaimed, None))
+            unclaimed += jobs[count:] if count else jobs
+    return segments
 
 
 class SQLiteStore:
@@ -817,9 +838,7 @@ class SQLiteStore:
             results: list[Any] = []
             for run in _runs(batch):
                 if len(run) > 1:  # enqueues, one after another
-                    ids = self._enqueue(
-                        conn, [job for r in run for job in (r.jobs or ())], _claims_of(run)
-                    )
+                    ids = self._enqueue_run(conn, run)
                     start = 0
                     for request in run:
                         count = len(request.jobs or ())
@@ -941,10 +960,9 @@ class SQLiteStore:
     def _merged_enqueue(
         self, conn: Conn, requests: list[_Request]
     ) -> list[tuple[_Request, Any]] | None:
-        everything = [job for r in requests for job in (r.jobs or ())]
         try:
             conn.execute("SAVEPOINT merged")
-            ids = self._enqueue(conn, everything, _claims_of(requests))
+            ids = self._enqueue_run(conn, requests)
             conn.execute("RELEASE merged")
         except Exception:
             if conn.in_transaction:
@@ -959,6 +977,14 @@ class SQLiteStore:
             out.append((request, ids[start : start + count]))
             start += count
         return out
+
+    @staticmethod
+    def _enqueue_run(conn: Conn, requests: list[_Request]) -> list[str]:
+        """Insert the jobs of a run of enqueue requests, in order, as one enqueue's."""
+        segments = _segments_of(requests)
+        if segments is None:
+            return SQLiteStore._enqueue(conn, [job for r in requests for job in (r.jobs or ())])
+        return SQLiteStore._enqueue_claimed(conn, segments)
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -1139,8 +1165,9 @@ class SQLiteStore:
     def enqueue(self, jobs: Sequence[NewJob]) -> asyncio.Future[list[str]]:
         """Store jobs atomically; see :meth:`Store.enqueue`."""
         jobs = list(jobs)
-        weight = len(jobs) + sum(len(job.payload) for job in jobs) // _PAGE
-        return self._submit(lambda conn: self._enqueue(conn, jobs), jobs=jobs, weight=weight)
+        return self._submit(
+            lambda conn: self._enqueue(conn, jobs), jobs=jobs, weight=_jobs_weight(jobs)
+        )
 
     def enqueue_claimed(
         self, jobs: Sequence[NewJob], claim: EnqueueClaim
@@ -1149,11 +1176,11 @@ class SQLiteStore:
         :meth:`Store.enqueue_claimed`. The claimed rows go straight into the lease index:
         they never enter the ready index, and no claim statement moves them."""
         jobs = list(jobs)
-        weight = len(jobs) + sum(len(job.payload) for job in jobs) // _PAGE
-        claims: list[EnqueueClaim | None] = [claim] * claim.count
-        claims += [None] * (len(jobs) - claim.count)
         return self._submit(
-            lambda conn: self._enqueue(conn, jobs, claims), jobs=jobs, weight=weight, claim=claim
+            lambda conn: self._enqueue_claimed(conn, _segments(jobs, claim)),
+            jobs=jobs,
+            weight=_jobs_weight(jobs),
+            claim=claim,
         )
 
     def enqueue_from_thread(
@@ -1191,13 +1218,9 @@ class SQLiteStore:
         return future
 
     @staticmethod
-    def _enqueue(
-        conn: Conn, jobs: list[NewJob], claims: list[EnqueueClaim | None] | None = None
-    ) -> list[str]:
-        """Insert ``jobs``; ``claims``, when given, runs beside them: a job with a claim is
-        stored claimed, and its record is added to that claim's ``stored``."""
-        if claims is not None:
-            return SQLiteStore._enqueue_claimed(conn, jobs, claims)
+    def _enqueue(conn: Conn, jobs: list[NewJob]) -> list[str]:
+        """Insert ``jobs`` (queued); their ids, or those of the live jobs their idempotency
+        keys name."""
         ids: list[str] = []
         rows = []
         taken: dict[tuple[str, str], str] = {}
@@ -1225,15 +1248,15 @@ class SQLiteStore:
         for chunk in _chunks(rows, 100):
             conn.execute(
                 _INSERT_JOBS + ",".join([_JOB_VALUES] * len(chunk)),
-                [value for row in chunk for value in row],
+                list(_flatten(chunk)),
             )
         SQLiteStore._index_groups(conn, rows)
         return ids
 
     @staticmethod
-    def _enqueue_claimed(
-        conn: Conn, jobs: list[NewJob], claims: list[EnqueueClaim | None]
-    ) -> list[str]:
+    def _enqueue_claimed(conn: Conn, segments: _Segments) -> list[str]:
+        """Insert the jobs of ``segments``: those of a segment with a claim stored claimed,
+        each added to the claim's ``stored``; the others as ``_enqueue`` stores them."""
         # In the order the jobs came, so that each job's seq follows it and a claim
         # ``ahead`` takes only jobs stored queued before its own enqueue: the jobs stored
         # queued (idempotency keys included) as any enqueue's, each claim's ``ahead`` jobs
@@ -1241,11 +1264,7 @@ class SQLiteStore:
         # they are, consecutive ones in one statement.
         ids: list[str] = []
         pending: list[tuple[NewJob, EnqueueClaim]] = []  # claimed, not inserted yet
-        # Consecutive jobs of one claim (or of none) together.
-        for _, group in itertools.groupby(zip(jobs, claims, strict=True), lambda p: id(p[1])):
-            pairs = list(group)
-            claim = pairs[0][1]
-            segment = [job for job, _ in pairs]
+        for segment, claim in segments:
             if claim is None:
                 SQLiteStore._insert_claimed(conn, pending)
                 ids += SQLiteStore._enqueue(conn, segment)
@@ -1263,8 +1282,9 @@ class SQLiteStore:
                     claim.lease_until,
                     None,
                 )
-            pending += [(job, claim) for job in segment]
-            ids += [job.id for job in segment]
+            for job in segment:
+                pending.append((job, claim))
+                ids.append(job.id)
         SQLiteStore._insert_claimed(conn, pending)
         return ids
 
@@ -1468,11 +1488,12 @@ class SQLiteStore:
                 # error. (A converted released or held outcome is written the same either
                 # way: cancelled, unstarted.)
                 o.kind, o.converted_from = "retry", None
-            match = (o.job_id, o.owner, o.attempt)
             if o.kind == "completed":
                 row = (o.output, o.at, o.seq, o.owner, o.attempt, o.job_id, o.started_at)
                 (by_id if o.seq is None else by_seq).append(row)
-            elif o.kind == "started":
+                continue
+            match = (o.job_id, o.owner, o.attempt)
+            if o.kind == "started":
                 starts.append((o.at, *match))
             elif o.kind == "retry":
                 e = o.error
@@ -1528,7 +1549,7 @@ class SQLiteStore:
                         "FROM (VALUES " + ",".join(["(?, ?, ?, ?, ?, ?, ?)"] * len(chunk)) + ") "
                         f"AS v WHERE {key} AND jobs.state = 'running' "
                         "AND jobs.lease_owner = v.column4 AND jobs.attempts = v.column5",
-                        [value for row in chunk for value in row],
+                        list(_flatten(chunk)),
                     )
         if retries:
             conn.executemany(
@@ -2144,7 +2165,19 @@ def _roll_back(conn: Conn) -> None:
 
 def _work(batch: list[_Request]) -> int:
     """A committed batch's work, for ``_WAL_CHECK_WORK`` (unweighed requests count 1)."""
-    return sum(r.weight or 1 for r in batch)
+    work = 0
+    for r in batch:  # (a loop: no generator to make and resume, on every commit)
+        work += r.weight or 1
+    return work
+
+
+def _jobs_weight(jobs: list[NewJob]) -> int:
+    """New jobs' share of a transaction's work (see ``_LOOP_MAX_WEIGHT``): a row each,
+    and their payloads' pages."""
+    size = 0
+    for job in jobs:
+        size += len(job.payload)
+    return len(jobs) + size // _PAGE
 
 
 def _weight(outcomes: list[Outcome]) -> int:
@@ -2167,6 +2200,10 @@ async def _join(thread: threading.Thread) -> None:
     while thread.is_alive():
         await asyncio.sleep(delay)
         delay = min(delay * 2, 0.02)
+
+
+_flatten = itertools.chain.from_iterable
+"""The values of rows one after another, for one multi-row statement's parameters."""
 
 
 def _chunks(items: list[T], size: int) -> list[list[T]]:
