@@ -139,6 +139,11 @@ async def resume_suspended(
     task = asyncio.current_task()
     assert task is not None
     stopper.task = task
+    if stopper.reason is not None:
+        # Asked to stop during its first step, before there was a task to cancel (the
+        # handler cancelled its own run, and the store answered without suspending):
+        # it stops at this suspension, as it would have at any later one.
+        task.cancel()
     cancel_timer = (
         call_at(deadline, lambda: stopper.interrupt("timeout")) if deadline is not None else None
     )

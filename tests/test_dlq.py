@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from iii_embedded import III, Config, InvocationError, QueueConfig, TriggerAction
+from iii_embedded import III, Config, InvocationError, QueueConfig, StoreConfig, TriggerAction
 from iii_embedded.testing import VirtualClock, dead_jobs, drain
 
 pytestmark = pytest.mark.anyio
@@ -194,3 +194,24 @@ async def test_dlq_messages_takes_its_paging_values_as_given_and_names_a_bad_one
             await iii.trigger_async("engine::queue::dlq_messages", {"queue": "email", "limit": -1})
     assert none == []
     assert [m["id"] for m in paged] == ids[1:]
+
+
+async def test_a_first_failure_at_time_zero_is_kept_as_the_first_failure(
+    store_config: StoreConfig,
+) -> None:
+    # A virtual clock may start at 0: a failure at 0.0 is a failure time like any other.
+    clock = VirtualClock(0.0)
+    iii = III(
+        Config(
+            queues={"q": QueueConfig(name="q", max_retries=3, backoff_ms=1000)},
+            store=store_config,
+        ),
+        clock=clock,
+        shutdown_grace_ms=0,
+    )
+    iii.register_function("send", lambda data: (_ for _ in ()).throw(OSError("smtp down")))
+    async with iii.running():
+        await put(iii, "send", {"to": "x"}, "q")
+        await drain(iii)
+        [dead] = await dead_jobs(iii, "q")
+    assert (dead.attempts, dead.first_failed_at, dead.last_failed_at) == (3, 0.0, 3.0)

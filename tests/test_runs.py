@@ -11,6 +11,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import attrs
 import pytest
 
@@ -23,6 +24,7 @@ from iii_embedded import (
     RunResult,
     StoreConfig,
     TriggerAction,
+    current_invocation,
 )
 from iii_embedded._stores import NewJob
 from iii_embedded.testing import VirtualClock, drain
@@ -552,6 +554,35 @@ async def test_cancel_of_a_running_async_handler_ends_cancelled(store_config: St
         await drain(iii)
         run = await iii.runs.get_async(running.id)
     assert [(r.status, r.ok) for r in results] == [("cancelled", False)]
+    assert run is not None and (run.status, run.attempts, run.output) == ("cancelled", 1, None)
+
+
+async def test_a_handler_that_cancels_its_own_run_is_stopped_at_its_next_await(
+    store_config: StoreConfig,
+) -> None:
+    # In memory the cancel does not suspend, so it comes before the handler's first
+    # suspension, while the queue steps the handler by hand (see _fastpath): the request
+    # must still stop it at its next await, as on a file store.
+    iii = make_app(store_config)
+    reached: list[str] = []
+
+    @iii.function("quitter")
+    async def quitter(_: Any) -> str:
+        inv = current_invocation()
+        assert inv is not None and inv.receipt_id is not None
+        answer = await iii.runs.cancel_async(inv.receipt_id)
+        reached.append(answer.message)
+        await anyio.lowlevel.checkpoint()
+        reached.append("after the await")
+        return "finished"
+
+    async with iii.running():
+        receipt = await iii.trigger_async(
+            "quitter", {}, action=TriggerAction.Enqueue(queue="work")
+        )
+        await drain(iii)
+        run = await iii.runs.get_async(receipt["messageReceiptId"])
+    assert reached == ["running; asked to stop"]
     assert run is not None and (run.status, run.attempts, run.output) == ("cancelled", 1, None)
 
 

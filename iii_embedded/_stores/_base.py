@@ -651,10 +651,12 @@ class Store(Protocol):
 
     async def redrive(self, queue: str, job_ids: Sequence[str] | None, now: float) -> list[str]:
         """Move dead jobs (these ids, or all when ``None``) back to ``queued`` with attempts
-        reset and a new ``seq`` (the tail of their group). Returns the ids moved."""
+        reset and a new ``seq`` (the tail of their group), oldest failure first whatever
+        order ``job_ids`` come in. Returns the ids moved, in that order."""
 
     async def discard(self, queue: str, job_ids: Sequence[str] | None) -> list[str]:
-        """Delete dead jobs (these ids, or all when ``None``); return the ids deleted."""
+        """Delete dead jobs (these ids, or all when ``None``); return the ids deleted,
+        oldest failure first."""
 
     # --- inspection ------------------------------------------------------------------
 

@@ -406,7 +406,8 @@ class MemoryStore:
             self._remove_live(row)
         elif kind == "retry":
             row.error = outcome.error
-            row.first_failed_at = row.first_failed_at or outcome.at
+            if row.first_failed_at is None:  # (a failure at time 0.0 is one)
+                row.first_failed_at = outcome.at
             row.last_failed_at = outcome.at
             if row.cancel_requested:
                 # Its cancel was asked while the attempt ran, and the attempt failed before
@@ -444,7 +445,8 @@ class MemoryStore:
     def _bury(self, row: _Row, error: ErrorInfo | None, at: float) -> None:
         row.state = "dead"
         row.error = error
-        row.first_failed_at = row.first_failed_at or at
+        if row.first_failed_at is None:
+            row.first_failed_at = at
         row.last_failed_at = at
         row.finished_at = at
         self._remove_live(row)

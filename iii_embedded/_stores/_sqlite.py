@@ -2006,18 +2006,17 @@ class SQLiteStore:
                     (queue,),
                 ).fetchall()
             ]
-        found: list[str] = []
+        found: list[tuple[str, int]] = []
         for chunk in _chunks(list(dict.fromkeys(job_ids)), 500):
             marks = ",".join("?" * len(chunk))
-            found += [
-                r[0]
-                for r in conn.execute(
-                    f"SELECT id FROM jobs WHERE queue = ? AND state = 'dead' AND id IN ({marks}) "
-                    "ORDER BY dead_seq",
-                    (queue, *chunk),
-                ).fetchall()
-            ]
-        return found
+            found += conn.execute(
+                f"SELECT id, dead_seq FROM jobs WHERE queue = ? AND state = 'dead' "
+                f"AND id IN ({marks})",
+                (queue, *chunk),
+            ).fetchall()
+        # Oldest failure first across every chunk, as the in-memory store answers.
+        found.sort(key=lambda r: r[1])
+        return [r[0] for r in found]
 
     async def redrive(self, queue: str, job_ids: Sequence[str] | None, now: float) -> list[str]:
         """Send dead jobs back to the tail of their queue; see :meth:`Store.redrive`."""

@@ -659,6 +659,27 @@ async def test_redrive_all_and_discard(store: Store) -> None:
     assert sorted(await claim(store)) == ["a", "c"]
 
 
+async def test_many_ids_are_redriven_oldest_failure_first_whatever_order_they_come_in(
+    store: Store,
+) -> None:
+    """More ids than one statement takes (the file store reads them 500 at a time), given
+    newest first and with a repeat: the answer, and the order in which the redriven jobs
+    rejoin their queue, is the DLQ's own (oldest failure first), as for fewer ids. Until
+    2026-12-03 the file store sorted each chunk of 500 on its own."""
+    names = [f"d{n:03}" for n in range(520)]
+    await store.enqueue([job(n, max_attempts=1) for n in names])
+    assert len(await claim(store, limit=len(names))) == len(names)
+    await store.finish(
+        [Outcome(job_id=n, kind="dead", owner=OWNER, attempt=1, at=T0, error=ERR) for n in names]
+    )
+    given = [*reversed(names), names[0]]
+    assert await store.redrive("q", given[:260], T0) == names[260:]
+    assert await store.redrive("q", given, T0) == names[:260]
+    assert await store.discard("q", given) == []
+    queued = await store.list_jobs("q", "queued", limit=None)
+    assert [j.id for j in queued] == [*names[260:], *names[:260]]
+
+
 # --- inspection ------------------------------------------------------------------------
 
 
