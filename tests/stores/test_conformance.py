@@ -19,6 +19,7 @@ from iii_embedded._stores import (
     QueueCounts,
     Renewal,
     Store,
+    _memory,
     completed_outcome,
 )
 from iii_embedded._stores._memory import MemoryStore
@@ -570,6 +571,40 @@ async def test_prune_deletes_only_old_completed_and_cancelled_jobs(store: Store)
     await store.cancel("d", T0)
     assert await store.prune(T0 + 2) == 2  # a and d
     assert sorted(j.id for j in await store.list_jobs()) == ["b", "c"]
+
+
+async def test_a_memory_prune_lets_the_loop_run_between_batches(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The memory store prunes on the event loop: a million expired runs in one go held
+    it for seconds. It yields after every ``_PRUNE_BATCH`` rows."""
+    monkeypatch.setattr(_memory, "_PRUNE_BATCH", 10, raising=False)
+    store = MemoryStore()
+    await store.open()
+    await store.enqueue([job(f"j{i}") for i in range(35)])
+    await claim(store, limit=35)
+    await store.finish([done(f"j{i}", at=T0 + 1) for i in range(35)])
+    turns = 0
+    pruning = True
+    started = anyio.Event()
+
+    async def meanwhile() -> None:
+        nonlocal turns
+        started.set()
+        while pruning:
+            await anyio.lowlevel.checkpoint()
+            turns += 1
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(meanwhile)
+        await started.wait()
+        before = turns
+        pruned = await store.prune(T0 + 2)
+        during = turns - before
+        pruning = False
+    assert (pruned, during) == (35, 3)  # a turn after each full batch of 10
+    assert await store.list_jobs() == []
+    await store.aclose()
 
 
 # --- FIFO ------------------------------------------------------------------------------
