@@ -607,6 +607,31 @@ async def test_a_memory_prune_lets_the_loop_run_between_batches(
     await store.aclose()
 
 
+@pytest.mark.parametrize("fifo", [False, True])
+async def test_the_memory_store_forgets_cancelled_delayed_jobs_before_their_time(
+    fifo: bool,
+) -> None:
+    """A cancelled job's entry in its queue's heap of due times was dropped only when that
+    time came: delayed jobs cancelled a week ahead kept their entries for a week after
+    the runs themselves were pruned. Stale entries are swept once they are the majority."""
+    store = MemoryStore()
+    await store.open()
+    week = 7 * 86_400.0
+    for i in range(1000):
+        [job_id] = await store.enqueue(
+            [job(f"j{i}", at=T0 + week, group=f"g{i}" if fifo else None)]
+        )
+        await store.cancel(job_id, T0)
+    await store.enqueue([job("live", at=T0 + week, group="g" if fifo else None)])
+    assert await store.prune(T0 + 1) == 1000
+    index = store._queues["q"]
+    heap = index.group_heads if fifo else index.ready
+    assert len(heap) < 64  # the live job's entry and fewer stale ones than a sweep waits for
+    assert (await store.next_available_at("q", T0), len(store._rows)) == (T0 + week, 1)
+    assert await claim(store, fifo=fifo, now=T0 + week) == ["live"]
+    await store.aclose()
+
+
 # --- FIFO ------------------------------------------------------------------------------
 
 
