@@ -1119,6 +1119,12 @@ class SQLiteStore:
         if self._thread is None or self._closed:
             self._closed = True
             return
+        if self._owners:
+            # Only rows of owners known gone are deleted by others, and an owner in another
+            # PID namespace (a container before its restart) never is: each would stay.
+            owners = sorted(self._owners)
+            with contextlib.suppress(StoreError):  # a failed store closes all the same
+                await self._submit(lambda conn: _forget_owners(conn, owners))
         with self._gate:  # requests from other threads now fail instead of waiting forever
             self._closed = True
         outbox, self._outbox = self._outbox, []
@@ -2188,6 +2194,19 @@ def _parse_owner(owner: str) -> tuple[str | None, int | None]:
     if len(parts) == 3 and parts[1].isdigit():
         return parts[0], int(parts[1])
     return None, None
+
+
+def _forget_owners(conn: Conn, owners: list[str]) -> None:
+    """Delete the rows of ``owners`` (a closing store's) that hold no running job: a job
+    still leased to one (a handler abandoned in its thread) keeps its row, for a process
+    of its PID namespace to see it gone."""
+    for chunk in _chunks(owners, 500):
+        marks = ",".join("?" * len(chunk))
+        conn.execute(
+            f"DELETE FROM owners WHERE owner IN ({marks}) AND NOT EXISTS (SELECT 1 FROM jobs "
+            "WHERE state = 'running' AND lease_owner = owners.owner)",
+            chunk,
+        )
 
 
 def _owner_alive(owner: str, ours: set[str]) -> bool:
