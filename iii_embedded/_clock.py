@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import heapq
 import itertools
 import threading
@@ -81,6 +82,10 @@ class SystemClock:
         return anyio.CancelScope(deadline=anyio.current_time() + (deadline - time.time()))
 
 
+_SWEEP_AT = 64
+"""The fewest timers cancelled before their time that make a clock sweep its heap."""
+
+
 class _Timer:
     __slots__ = ("active", "fire", "loop", "stop")
 
@@ -127,6 +132,8 @@ class VirtualClock:
         self._seq = itertools.count()
         self._timers: list[tuple[float, int, _Timer]] = []
         self._lock = threading.Lock()  # the heap, from the loops' and a test's threads
+        self._cancelled = 0
+        """Timers cancelled before their time since the last sweep (``_cancel``)."""
 
     def now(self) -> float:
         """The current virtual time."""
@@ -150,6 +157,19 @@ class VirtualClock:
         with self._lock:
             heapq.heappush(self._timers, (deadline, next(self._seq), timer))
         return timer
+
+    def _cancel(self, timer: _Timer) -> None:
+        """Cancel ``timer`` (its entry stays in the heap until its time, with what its
+        callback holds); sweep the heap once the cancelled outnumber the live."""
+        with self._lock:
+            if not timer.active:
+                return  # fired already, or cancelled
+            timer.active = False
+            self._cancelled += 1
+            if self._cancelled >= _SWEEP_AT and 2 * self._cancelled > len(self._timers):
+                self._timers[:] = [entry for entry in self._timers if entry[2].active]
+                heapq.heapify(self._timers)
+                self._cancelled = 0
 
     def advance(self, seconds: float) -> None:
         """Move time forward by ``seconds`` and fire the timers that are due."""
@@ -201,7 +221,7 @@ class VirtualClock:
         try:
             await event.wait()
         finally:
-            timer.active = False
+            self._cancel(timer)
 
     def call_at(
         self, deadline: float, callback: Callable[[], None], *, drain_stops: bool = True
@@ -210,10 +230,7 @@ class VirtualClock:
         :meth:`Clock.call_at`)."""
         timer = self._add_timer(deadline, callback, drain_stops)
 
-        def cancel() -> None:
-            timer.active = False
-
-        return cancel
+        return functools.partial(self._cancel, timer)
 
     @contextmanager
     def deadline_scope(self, deadline: float) -> Iterator[anyio.CancelScope]:
@@ -227,4 +244,4 @@ class VirtualClock:
             try:
                 yield scope
             finally:
-                timer.active = False
+                self._cancel(timer)

@@ -481,6 +481,8 @@ class QueueRunner:
             return False
         self.lent -= 1
         self._release_thread(lender)
+        if self._workers > self.config.concurrency + self.lent:
+            self._wake_worker()  # a worker too many now: an idle one ends
         return True
 
     def _orphan(self, lender: _SyncActive) -> None:
@@ -939,6 +941,10 @@ class QueueRunner:
                     continue
                 await self._run(job, spec)
             elif self._stopping:
+                return
+            elif not buffer and self._workers > self.config.concurrency + self.lent:
+                # Started for a slot lent by a wait that has ended: one worker a slot.
+                self._workers -= 1
                 return
             else:
                 if buffer:  # every slot is taken: the next jobs follow running sync ones

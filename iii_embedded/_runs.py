@@ -176,6 +176,27 @@ def _result(job: Job, now: float) -> RunResult:
     )
 
 
+_FINAL_STATUS: dict[str, RunStatus] = {
+    "completed": "completed",
+    "dead": "failed",
+    "cancelled": "cancelled",
+}
+
+
+def _settled_result(job: Job, outcome: Outcome) -> RunResult:
+    """The result of ``job`` (as last read) from the final ``outcome`` it was settled with."""
+    status = _FINAL_STATUS[outcome.kind]
+    completed = status == "completed"
+    return RunResult(
+        ok=completed,
+        id=job.id,
+        function_id=job.function_id,
+        status=status,
+        output=json.loads(outcome.output) if completed and outcome.output is not None else None,
+        error=outcome.error if status == "failed" else None,
+    )
+
+
 # --- triggering ------------------------------------------------------------------------
 
 
@@ -443,21 +464,30 @@ async def _wait_one(
     woken: list[int] | None,
 ) -> None:
     event = anyio.Event()
+    final: list[Outcome] = []
 
-    def settled(_job: Job | None, _outcome: Outcome) -> None:
+    def settled(_job: Job | None, outcome: Outcome) -> None:
         if woken is not None and not event.is_set():
             woken[0] += 1
             rt.waking_waiters += 1
+        final.append(outcome)
         event.set()
 
     # Registered before the store is read: a run settled in between is seen by the read,
     # one settled after it sets the event (settling writes the store, then calls back).
     rt.on_final(run_id, settled)
+    seen: Job | None = None
     try:
         while True:
             job = await rt.store.get(run_id)
             if job is None:
+                if seen is not None and final:
+                    # Pruned (its retention ended) before this wait could read it: the
+                    # outcome it was settled with tells how it ended.
+                    results[index] = _settled_result(seen, final[0])
+                    return
                 raise InvocationError("run_not_found", f"run {run_id} does not exist any more")
+            seen = job
             if job.state in _FINAL:
                 results[index] = _result(job, rt.clock.now())
                 return

@@ -108,9 +108,9 @@ class StallGuard:
         self._last_wall = wall
 
     def pass_ended(self, now: float, wall: float | None = None) -> None:
-        """A maintenance pass ended (before its prune, which may take long without
-        keeping anyone from renewing); a long one (waiting for the write lock) is a
-        stall."""
+        """A maintenance pass ended (its prune runs beside the passes, see ``_prune``,
+        and may take long without keeping anyone from renewing); a long one (waiting for
+        the write lock) is a stall."""
         if self._began is not None and now - self._began > self.threshold_s:
             self.stalled(now)
         self._last_end, self._began = now, None
@@ -189,6 +189,8 @@ class Runtime:
         self.cron_schedules: dict[str, ScheduleState] = {}
         """The cron schedules' states, by job id (see ``_cron``)."""
         self._sync_invocations: dict[str, Invocation] = {}
+        self._pruning = False
+        """A prune of expired runs is under way (``_prune``)."""
         self._activity_waiters = 0
         # Threads for sync handlers of synchronous and Void calls (queues have their own).
         self.threads = ThreadPool("calls", max_threads=64)
@@ -316,7 +318,7 @@ class Runtime:
             self.notify_activity()
 
     async def _maintain(self) -> None:
-        """Renew leases, recover expired ones (shared stores), prune old results."""
+        """Renew leases, recover expired ones (shared stores), start pruning old results."""
         store = self.store
         interval = max(self.lease_s / 3, 0.05)
         retention_s = self.config.store.result_retention_ms / 1000
@@ -365,7 +367,10 @@ class Runtime:
                         self.wake_all()
                 if guard is not None:
                     guard.pass_ended(time.monotonic(), time.time())
-                await store.prune(now - retention_s)
+                if not self._pruning:
+                    self._pruning = True
+                    assert self._tg is not None
+                    self._tg.start_soon(self._prune, now - retention_s, name="iii-prune")
             except StoreError as exc:
                 if self.stopping:  # the store closed under a last pass: nothing was lost
                     log.debug("store maintenance stopped with the store: %s", exc)
@@ -374,6 +379,20 @@ class Runtime:
                 if guard is not None:
                     guard.stalled(time.monotonic())  # a lock held too long, say
                     guard.pass_ended(time.monotonic(), time.time())
+
+    async def _prune(self, finished_before: float) -> None:
+        """Forget the runs whose retention has ended, beside the maintenance passes: a
+        large backlog takes many transactions (or turns of the loop, in memory), and
+        must not hold back the next passes' lease renewals. One prune at a time."""
+        try:
+            await self.store.prune(finished_before)
+        except StoreError as exc:
+            if self.stopping:  # the store closed under it: nothing was lost
+                log.debug("store maintenance stopped with the store: %s", exc)
+            else:
+                log.error("pruning finished runs failed: %s", exc)
+        finally:
+            self._pruning = False
 
     # --- activity (drain and shutdown wait on it) -------------------------------------
 

@@ -303,6 +303,51 @@ async def test_a_maintenance_pass_cut_short_by_shutdown_logs_no_error(
     assert "store maintenance stopped with the store" in caplog.text
 
 
+class _SlowPrune(MemoryStore):
+    """A store whose prunes take until released (a backlog of a million expired runs),
+    and that counts lease renewals."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = anyio.Event()
+        self.prunes = 0
+        self.renewals = 0
+
+    async def prune(self, finished_before: float) -> int:
+        self.prunes += 1
+        await self.release.wait()
+        return await super().prune(finished_before)
+
+    async def renew(self, owner: str, job_ids: Any, lease_until: float) -> Any:
+        self.renewals += 1
+        return await super().renew(owner, job_ids, lease_until)
+
+
+async def test_a_long_prune_does_not_hold_back_lease_renewals() -> None:
+    clock = VirtualClock()
+    store = _SlowPrune()
+    iii = III(clock=clock, store=store, shutdown_grace_ms=0)
+    began = anyio.Event()
+    finish = anyio.Event()
+
+    @iii.function("long")
+    async def long(_: Any) -> None:
+        began.set()
+        await finish.wait()
+
+    async with iii.running():
+        await iii.trigger_async("long", {}, action=TriggerAction.Enqueue(queue="default"))
+        await began.wait()
+        for _ in range(3):  # three maintenance passes; the first one's prune still runs
+            await anyio.wait_all_tasks_blocked()
+            clock.advance(iii.runtime.lease_s / 3)
+        await anyio.wait_all_tasks_blocked()
+        assert (store.renewals, store.prunes) == (3, 1)
+        store.release.set()
+        finish.set()
+        await drain(iii)
+
+
 async def test_drain_gives_up_with_drain_timeout_naming_the_busy_queue() -> None:
     iii = III(clock=VirtualClock(), shutdown_grace_ms=0)
     began = anyio.Event()

@@ -26,7 +26,8 @@ from iii_embedded import (
     TriggerAction,
     current_invocation,
 )
-from iii_embedded._stores import NewJob
+from iii_embedded._stores import Job, NewJob
+from iii_embedded._stores._memory import MemoryStore
 from iii_embedded.testing import VirtualClock, drain
 
 pytestmark = pytest.mark.anyio
@@ -418,6 +419,56 @@ async def test_idempotency_keys_expire_with_the_result_retention(
         await until(pruned)
         second = await iii.trigger_and_wait_async("job", 2, queue="work", idempotency_key="k")
     assert (second.id != first.id, second.output) == (True, 2)
+
+
+class _PrunedBeforeTheWaiterLooks(MemoryStore):
+    """A store whose retention ends for a finished run at once: the first read that finds
+    it final prunes it first, as a maintenance pass that ran between the run's end and
+    the read of a waiter woken by it would."""
+
+    async def get(self, job_id: str) -> Job | None:
+        job = await super().get(job_id)
+        if job is not None and job.state in ("completed", "dead", "cancelled"):
+            await self.prune(float("inf"))
+            return await super().get(job_id)
+        return job
+
+
+@pytest.mark.parametrize("outcome", ["completed", "failed", "cancelled"])
+async def test_a_waiter_gets_the_result_of_a_run_pruned_before_it_looked(outcome: str) -> None:
+    iii = III(
+        Config(queues={"work": QueueConfig(name="work", max_retries=1)}),
+        clock=VirtualClock(),
+        store=_PrunedBeforeTheWaiterLooks(),
+        shutdown_grace_ms=0,
+    )
+
+    @iii.function("job")
+    async def job(n: int) -> int:
+        if outcome == "failed":
+            raise ValueError("bad")
+        return n * 2
+
+    delay = 1000 if outcome == "cancelled" else 0
+    async with iii.running(), anyio.create_task_group() as tg:
+        receipt = await iii.trigger_async(
+            "job", 21, action=TriggerAction.Enqueue(queue="work", delay_ms=delay)
+        )
+        results = in_background(tg, lambda: iii.runs.wait_async(receipt["messageReceiptId"]))
+        await anyio.wait_all_tasks_blocked()  # the waiter has read the run, not final yet
+        if outcome == "cancelled":
+            await iii.runs.cancel_async(receipt["messageReceiptId"])
+        await drain(iii)
+    [result] = results
+    assert (result.id, result.function_id, result.status) == (
+        receipt["messageReceiptId"],
+        "job",
+        outcome,
+    )
+    assert result.output == (42 if outcome == "completed" else None)
+    assert (result.error.type if result.error else None) == (
+        "ValueError" if outcome == "failed" else None
+    )
 
 
 # --- iii.runs.cancel ---------------------------------------------------------------------

@@ -360,3 +360,23 @@ def test_a_clock_shared_by_two_started_apps_fires_each_timer_on_its_own_loop() -
         a.shutdown()
         b.shutdown()
     assert ran == [("a", start + 61)]
+
+
+async def test_a_virtual_clock_forgets_timers_cancelled_before_their_time() -> None:
+    """Timers left before their deadline (a wait's timeout that did not expire, a sleep
+    cut short) stayed in the clock's heap until the clock reached them, with what they
+    referenced: a test that starts and stops one app many times, or waits with timeouts
+    on a clock it never moves that far, grew them without end. They are swept once they
+    outnumber the live ones."""
+    clock = VirtualClock()
+    live = clock.call_at(clock.now() + 10, lambda: None)
+    for _ in range(500):
+        with clock.deadline_scope(clock.now() + 60):
+            await anyio.lowlevel.checkpoint()
+        clock.call_at(clock.now() + 60, lambda: None)()  # set, then cancelled
+        with anyio.move_on_after(0):  # a sleep cut short
+            await clock.sleep_until(clock.now() + 60)
+    assert len(clock._timers) < 64  # the live timer, and fewer dead ones than a sweep takes
+    assert clock.next_deadline() == clock.now() + 10
+    live()
+    assert clock.next_deadline() is None

@@ -115,6 +115,36 @@ async def test_100_parallel_waits_inside_one_handler_on_a_queue_of_5(
     assert peak <= 5
 
 
+async def test_the_workers_started_for_lent_slots_end_with_the_waits(
+    store_config: StoreConfig,
+) -> None:
+    """Each lent slot gets a worker of its own; a burst of 20 waiting handlers on a queue
+    of 1 left 21 workers idle in it for the life of the engine (a high-water mark that
+    the next bigger burst raised)."""
+    iii = make_app(store_config)
+    release = anyio.Event()
+
+    @iii.function("child")
+    async def child(n: int) -> int:
+        await release.wait()
+        return n
+
+    @iii.function("parent")
+    async def parent(n: int) -> int:
+        return int((await iii.trigger_and_wait_async("child", n, queue="work")).unwrap())
+
+    async with iii.running():
+        runner = iii.runtime.runners["one"]
+        for n in range(20):
+            await iii.trigger_async("parent", n, action=TriggerAction.Enqueue(queue="one"))
+        await until(lambda: runner.lent == 20)
+        busy = runner._workers
+        release.set()
+        await drain(iii)
+        assert (busy, runner.lent, runner._workers, len(runner._idle)) == (21, 0, 1, 1)
+        assert (await iii.queue_stats_async("one")).completed == 20
+
+
 async def test_a_handler_waits_for_a_job_of_its_own_concurrency_1_queue(
     store_config: StoreConfig,
 ) -> None:

@@ -129,6 +129,10 @@ _LOOP_MAX_WEIGHT = 512
 # loop's other ready callbacks before it goes to the writer instead.
 _LOOP_PUT_OFF = 2
 _BUSY_TIMEOUT_MS = 10_000
+# Expired runs deleted per transaction by ``prune`` (~2-3 ms each): one DELETE of a million
+# rows held the write lock for seconds (every process's enqueues and claims waited) and
+# put every page it touched in the WAL at once.
+_PRUNE_BATCH = 1000
 
 log = logging.getLogger("iii_embedded.store")
 _LIVE = "('queued', 'running', 'held')"
@@ -1141,6 +1145,12 @@ class SQLiteStore:
         if self._thread is None or self._closed:
             self._closed = True
             return
+        if self._owners:
+            # Only rows of owners known gone are deleted by others, and an owner in another
+            # PID namespace (a container before its restart) never is: each would stay.
+            owners = sorted(self._owners)
+            with contextlib.suppress(StoreError):  # a failed store closes all the same
+                await self._submit(lambda conn: _forget_owners(conn, owners))
         with self._gate:  # requests from other threads now fail instead of waiting forever
             self._closed = True
         outbox, self._outbox = self._outbox, []
@@ -1965,16 +1975,22 @@ class SQLiteStore:
         return await self._submit(run)
 
     async def prune(self, finished_before: float) -> int:
-        """Forget finished runs; see :meth:`Store.prune`."""
-        return await self._submit(
-            lambda conn: (
-                conn.execute(
-                    "DELETE FROM jobs WHERE state IN ('completed', 'cancelled') "
-                    "AND finished_at < ?",
-                    (finished_before,),
-                ).rowcount
-            )
-        )
+        """Forget finished runs; see :meth:`Store.prune`. At most ``_PRUNE_BATCH`` rows
+        a transaction, so that other writes get in between."""
+
+        def run(conn: Conn) -> int:
+            return conn.execute(
+                "DELETE FROM jobs WHERE seq IN (SELECT seq FROM jobs "
+                "WHERE state IN ('completed', 'cancelled') AND finished_at < ? LIMIT ?)",
+                (finished_before, _PRUNE_BATCH),
+            ).rowcount
+
+        pruned = 0
+        while True:
+            deleted = await self._submit(run)
+            pruned += deleted
+            if deleted < _PRUNE_BATCH:
+                return pruned
 
     # --- dead-letter queue -------------------------------------------------------------
 
@@ -2214,6 +2230,19 @@ def _parse_owner(owner: str) -> tuple[str | None, int | None]:
     if len(parts) == 3 and parts[1].isdigit():
         return parts[0], int(parts[1])
     return None, None
+
+
+def _forget_owners(conn: Conn, owners: list[str]) -> None:
+    """Delete the rows of ``owners`` (a closing store's) that hold no running job: a job
+    still leased to one (a handler abandoned in its thread) keeps its row, for a process
+    of its PID namespace to see it gone."""
+    for chunk in _chunks(owners, 500):
+        marks = ",".join("?" * len(chunk))
+        conn.execute(
+            f"DELETE FROM owners WHERE owner IN ({marks}) AND NOT EXISTS (SELECT 1 FROM jobs "
+            "WHERE state = 'running' AND lease_owner = owners.owner)",
+            chunk,
+        )
 
 
 def _owner_alive(owner: str, ours: set[str]) -> bool:

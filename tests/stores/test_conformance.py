@@ -19,6 +19,7 @@ from iii_embedded._stores import (
     QueueCounts,
     Renewal,
     Store,
+    _memory,
     completed_outcome,
 )
 from iii_embedded._stores._memory import MemoryStore
@@ -570,6 +571,65 @@ async def test_prune_deletes_only_old_completed_and_cancelled_jobs(store: Store)
     await store.cancel("d", T0)
     assert await store.prune(T0 + 2) == 2  # a and d
     assert sorted(j.id for j in await store.list_jobs()) == ["b", "c"]
+
+
+async def test_a_memory_prune_lets_the_loop_run_between_batches(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The memory store prunes on the event loop: a million expired runs in one go held
+    it for seconds. It yields after every ``_PRUNE_BATCH`` rows."""
+    monkeypatch.setattr(_memory, "_PRUNE_BATCH", 10, raising=False)
+    store = MemoryStore()
+    await store.open()
+    await store.enqueue([job(f"j{i}") for i in range(35)])
+    await claim(store, limit=35)
+    await store.finish([done(f"j{i}", at=T0 + 1) for i in range(35)])
+    turns = 0
+    pruning = True
+    started = anyio.Event()
+
+    async def meanwhile() -> None:
+        nonlocal turns
+        started.set()
+        while pruning:
+            await anyio.lowlevel.checkpoint()
+            turns += 1
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(meanwhile)
+        await started.wait()
+        before = turns
+        pruned = await store.prune(T0 + 2)
+        during = turns - before
+        pruning = False
+    assert (pruned, during) == (35, 3)  # a turn after each full batch of 10
+    assert await store.list_jobs() == []
+    await store.aclose()
+
+
+@pytest.mark.parametrize("fifo", [False, True])
+async def test_the_memory_store_forgets_cancelled_delayed_jobs_before_their_time(
+    fifo: bool,
+) -> None:
+    """A cancelled job's entry in its queue's heap of due times was dropped only when that
+    time came: delayed jobs cancelled a week ahead kept their entries for a week after
+    the runs themselves were pruned. Stale entries are swept once they are the majority."""
+    store = MemoryStore()
+    await store.open()
+    week = 7 * 86_400.0
+    for i in range(1000):
+        [job_id] = await store.enqueue(
+            [job(f"j{i}", at=T0 + week, group=f"g{i}" if fifo else None)]
+        )
+        await store.cancel(job_id, T0)
+    await store.enqueue([job("live", at=T0 + week, group="g" if fifo else None)])
+    assert await store.prune(T0 + 1) == 1000
+    index = store._queues["q"]
+    heap = index.group_heads if fifo else index.ready
+    assert len(heap) < 64  # the live job's entry and fewer stale ones than a sweep waits for
+    assert (await store.next_available_at("q", T0), len(store._rows)) == (T0 + week, 1)
+    assert await claim(store, fifo=fifo, now=T0 + week) == ["live"]
+    await store.aclose()
 
 
 # --- FIFO ------------------------------------------------------------------------------

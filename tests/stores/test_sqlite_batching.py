@@ -13,7 +13,7 @@ from typing import Any
 import anyio
 import pytest
 
-from iii_embedded._stores import Job, _sqlite
+from iii_embedded._stores import Job, Outcome, _sqlite
 from iii_embedded._stores._sqlite import SQLiteStore
 
 from .helpers import T0, new_job
@@ -130,3 +130,43 @@ async def test_a_batch_run_request_by_request_keeps_the_order_its_requests_were_
         assert results[3][1] is False and "boom" in str(results[3][2])
     finally:
         await store.aclose()
+
+
+async def test_prune_deletes_in_bounded_transactions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prune of many expired runs (a retention shortened, a burst a day ago) must not
+    hold the write lock, nor grow the WAL, with one huge DELETE: it deletes a bounded
+    batch per transaction, so other writes (this process's and others') get in between."""
+    monkeypatch.setattr(_sqlite, "_PRUNE_BATCH", 10, raising=False)
+    store = SQLiteStore(tmp_path)
+    await store.open()
+    statements: list[str] = []
+    try:
+        await store.enqueue([new_job(f"j{i}") for i in range(40)])
+        claimed = await store.claim(
+            "q", fifo=False, limit=40, now=T0, owner=OWNER, lease_until=T0 + 30
+        )
+        await store.finish(
+            [
+                Outcome(job_id=j.id, kind="completed", owner=OWNER, attempt=1, at=T0 + i % 2)
+                for i, j in enumerate(claimed[:35])
+            ]
+        )
+        assert store._conn is not None
+        store._conn.set_trace_callback(statements.append)
+        pruned = await store.prune(T0 + 2)
+        store._conn.set_trace_callback(None)
+        left = sorted(j.id for j in await store.list_jobs())
+    finally:
+        await store.aclose()
+    assert pruned == 35
+    assert left == sorted(f"j{i}" for i in range(35, 40))  # still running: kept
+    deletes_per_transaction: list[int] = []
+    for sql in statements:
+        if sql.startswith("BEGIN"):
+            deletes_per_transaction.append(0)
+        elif sql.startswith("DELETE FROM jobs"):
+            deletes_per_transaction[-1] += 1
+    # 35 rows, 10 at a time: four transactions (the last one finds fewer than 10).
+    assert deletes_per_transaction == [1, 1, 1, 1]

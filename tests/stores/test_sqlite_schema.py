@@ -4,6 +4,7 @@ processes opening a store at once migrate it once, and the queries use the index
 from __future__ import annotations
 
 import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -194,3 +195,24 @@ async def test_a_completion_finds_its_job_by_rowid_and_still_checks_its_id(
     assert [step for step in plan if "jobs" in step] == [
         "SEARCH jobs USING INTEGER PRIMARY KEY (rowid=?)"
     ]
+
+
+async def test_a_store_closed_cleanly_forgets_its_owners_that_hold_nothing(
+    tmp_path: Path,
+) -> None:
+    """Every runtime registers its owner id in ``owners``; only the rows of owners known
+    gone (a dead pid of this PID namespace) were ever deleted. A container gets a new PID
+    namespace at each restart, so each restart left a row that every maintenance pass of
+    every process read, for ever. A clean close now deletes the rows of its owners that
+    hold no running job."""
+    idle, busy = "otherhost:1:idle", "otherhost:1:busy"
+    store = SQLiteStore(tmp_path)
+    await store.open()
+    await store.enqueue([new_job("a"), new_job("b")])
+    [a] = await store.claim("q", fifo=False, limit=1, now=T0, owner=idle, lease_until=T0 + 30)
+    await store.finish([completed_outcome(a.id, idle, 1, T0, '"ok"')])
+    await store.claim("q", fifo=False, limit=1, now=T0, owner=busy, lease_until=T0 + 30)
+    await store.aclose()
+    with closing(sqlite3.connect(tmp_path / DB_FILENAME)) as conn:
+        owners = [r[0] for r in conn.execute("SELECT owner FROM owners ORDER BY owner")]
+    assert owners == [busy]  # its job is still leased to it: its row stays
