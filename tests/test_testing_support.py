@@ -380,3 +380,31 @@ async def test_a_virtual_clock_forgets_timers_cancelled_before_their_time() -> N
     assert clock.next_deadline() == clock.now() + 10
     live()
     assert clock.next_deadline() is None
+
+
+async def test_drain_moves_the_clock_to_a_fifo_groups_head_not_to_a_job_behind_it(
+    store_config: StoreConfig,
+) -> None:
+    """A job due before its group's head waits for it: drain had the file store's clock
+    at that job's time (nothing could run there), the memory store's at the head's;
+    found by the two stores' differential fuzz."""
+    clock = VirtualClock(0.0)
+    fifo = QueueConfig(name="ledger", type="fifo", message_group_field="account")
+    iii = III(
+        Config(queues={"ledger": fifo}, store=store_config), clock=clock, shutdown_grace_ms=0
+    )
+    ran: list[tuple[str, float]] = []
+
+    @iii.function("post")
+    async def post(entry: dict[str, str]) -> None:
+        ran.append((entry["what"], clock.now()))
+
+    async with iii.running():
+        for what, delay_ms in (("head", 700), ("behind", 300)):
+            action = TriggerAction.Enqueue(queue="ledger", delay_ms=delay_ms)
+            await iii.trigger_async("post", {"account": "a", "what": what}, action=action)
+        await drain(iii, max_advance_s=0.3)
+        assert (clock.now(), ran) == (0.0, [])
+        await drain(iii, max_advance_s=1.0)
+    assert ran == [("head", 0.7), ("behind", 0.7)]
+    assert clock.now() == 0.7

@@ -582,7 +582,9 @@ class Store(Protocol):
         again; return how many."""
 
     async def next_available_at(self, queue: str, now: float) -> float | None:
-        """The earliest ``available_at`` after ``now`` among ``queued`` jobs of ``queue``."""
+        """The earliest ``available_at`` after ``now`` among ``queued`` jobs of ``queue``
+        that could be claimed then: in a FIFO queue, only its groups' heads (a job behind
+        a head due later cannot start before it)."""
 
     # --- cron fires ------------------------------------------------------------------
 

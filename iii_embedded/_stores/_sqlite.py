@@ -1895,14 +1895,27 @@ class SQLiteStore:
         """Earliest future availability; see :meth:`Store.next_available_at`."""
 
         def run(conn: Conn) -> float | None:
-            row = conn.execute(
-                "SELECT MIN(available_at) FROM jobs WHERE queue = ? AND state = 'queued' "
-                "AND available_at > ?",
-                (queue, now),
-            ).fetchone()
+            fifo = conn.execute("SELECT 1 FROM fifo_groups WHERE queue = ? LIMIT 1", (queue,))
+            if fifo.fetchone():
+                # A FIFO queue: only a group's head can become available, so a job
+                # delayed behind a head that is due later is not a time to wake for (the
+                # in-memory store's heap of heads answers so too).
+                row = conn.execute(
+                    "SELECT MIN(j.available_at) FROM fifo_groups g "
+                    "JOIN jobs j ON j.seq = g.head_seq WHERE g.queue = ? "
+                    "AND j.state = 'queued' AND j.available_at > ?",
+                    (queue, now),
+                ).fetchone()
+            else:
+                row = conn.execute(
+                    "SELECT MIN(available_at) FROM jobs WHERE queue = ? AND state = 'queued' "
+                    "AND available_at > ?",
+                    (queue, now),
+                ).fetchone()
             return None if row is None or row[0] is None else float(row[0])
 
-        # One index probe (the ready index, in order): the loop may run it too.
+        # One index probe (the ready index, in order), or a FIFO queue's groups: the loop
+        # may run it too.
         return await self._submit(run, write=False, weight=1)
 
     async def next_delayed_at(self, queue: str, after: float) -> float | None:

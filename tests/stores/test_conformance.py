@@ -647,6 +647,21 @@ async def test_fifo_hands_out_only_group_heads(store: Store) -> None:
     assert await claim(store, fifo=True) == ["b2"]
 
 
+async def test_a_fifo_queues_next_due_time_is_its_heads(store: Store) -> None:
+    """A job due before its group's head cannot start before it: the time a dispatcher
+    or drain should wake for is the head's (both stores answer alike)."""
+    await store.enqueue(
+        [job("late-head", group="A", at=T0 + 7), job("early", group="A", at=T0 + 3)]
+    )
+    assert await store.next_available_at("q", T0) == T0 + 7
+    await store.enqueue([job("b", group="B", at=T0 + 5)])
+    assert await store.next_available_at("q", T0) == T0 + 5
+    assert await claim(store, fifo=True, now=T0 + 5) == ["b"]
+    assert await store.next_available_at("q", T0 + 5) == T0 + 7
+    assert await claim(store, fifo=True, now=T0 + 7) == ["late-head"]
+    assert await store.next_available_at("q", T0 + 7) is None  # "early" waits for the head
+
+
 async def test_a_retrying_fifo_head_blocks_its_group(store: Store) -> None:
     await store.enqueue([job("a1", group="A"), job("a2", group="A"), job("b1", group="B")])
     assert await claim(store, fifo=True, limit=1) == ["a1"]
