@@ -444,6 +444,7 @@ class MemoryStore:
             self._cancel_row(row, outcome.at)
         elif kind in ("released", "held"):
             row.attempts = max(0, row.attempts - 1)
+            row.started_at = None  # it never started (a claim marks the jobs it starts)
             row.state = "queued" if kind == "released" else "held"
             if kind == "released":
                 self._push_ready(row)

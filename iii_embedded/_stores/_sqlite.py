@@ -1582,13 +1582,13 @@ class SQLiteStore:
         if released:
             conn.executemany(
                 "UPDATE jobs SET state = 'queued', attempts = MAX(0, attempts - 1), "
-                f"lease_owner = NULL, lease_until = NULL WHERE {lease}",
+                f"started_at = NULL, lease_owner = NULL, lease_until = NULL WHERE {lease}",
                 released,
             )
         if held:
             conn.executemany(
                 "UPDATE jobs SET state = 'held', attempts = MAX(0, attempts - 1), "
-                f"lease_owner = NULL, lease_until = NULL WHERE {lease}",
+                f"started_at = NULL, lease_owner = NULL, lease_until = NULL WHERE {lease}",
                 held,
             )
         if cancelled:

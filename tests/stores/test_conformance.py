@@ -345,6 +345,8 @@ async def test_released_and_held_give_the_attempt_back(store: Store) -> None:
     )
     assert await state_of(store, "a") == ("queued", 0)
     assert await state_of(store, "b") == ("held", 0)
+    # Neither started: the start their claim marked is taken back with the attempt.
+    assert [(await store.get(i)).started_at for i in ("a", "b")] == [None, None]  # type: ignore[union-attr]
     assert await claim(store) == ["a"]
     assert await store.release_held(["unknown"]) == 1
     assert await claim(store) == ["b"]
