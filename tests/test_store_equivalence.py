@@ -69,10 +69,10 @@ QUEUES = {
 GROUPS = ["a", "b", "c"]
 KEYS = [None, None, "k0", "k1"]
 FUNCTIONS = ["job", "job2"]
-"""Async handlers only. With a sync handler (run in the queue's threads) long runs of this
-fuzz saw two differences that did not replay (a dead job's failure time; a handler's
-cancel of its own run answered as for a queued run): races to look into, kept out of the
-suite until they are understood."""
+"""``job`` has an async handler, ``job2`` a sync one (run in the queue's threads), which
+plays the outcomes that need nothing of the app (``Side.sync_handler``). The sync
+handler found two differences: a FIFO queue's next due time (the file store woke a drain
+for a job behind its group's head) and the start a held job kept in memory; both fixed."""
 MISSING = "missing-id"
 
 json_values = st.recursive(
@@ -203,10 +203,24 @@ class Side:
             raise NonRetryableError(f"fatal {key}")
         return {"key": key, "calls": self.per_key[key]}
 
-    def register(self, function_id: str) -> None:
-        """Register ``function_id`` with this side's handler."""
+    def sync_handler(self, data: dict[str, Any]) -> Any:
+        """``job2``'s handler, run in a thread: as :meth:`handler` for the outcomes that
+        need nothing of the app; the others (spawn, inspect, cancel, value) return a
+        plain value."""
+        inv = current_invocation()
+        assert inv is not None and inv.receipt_id is not None
+        key = data["key"]
+        self.per_key[key] += 1
+        lane = f"{inv.queue}/{inv.group}" if inv.group is not None else str(inv.queue)
+        self.calls.append((lane, inv.receipt_id, key, inv.attempt, self.clock.now()))
+        if data["mode"] in ("value", "spawn", "inspect", "cancel"):
+            return {"key": key, "calls": self.per_key[key]}
+        return self.plain(key, data)
 
-        self.refs[function_id] = self.app.register_function(function_id, self.handler)
+    def register(self, function_id: str) -> None:
+        """Register ``function_id`` with this side's handler (``job2``: the sync one)."""
+        handler = self.sync_handler if function_id == "job2" else self.handler
+        self.refs[function_id] = self.app.register_function(function_id, handler)
 
 
 def _same_lane(payload: dict[str, Any], key: Any, data: dict[str, Any]) -> bool:
