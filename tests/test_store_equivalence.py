@@ -28,6 +28,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -465,23 +466,18 @@ class StoreEquivalence(RuleBasedStateMachine):
 
     @rule(queue=st.sampled_from(["std", "fifo"]), data=st.data())
     def redrive(self, queue: str, data: st.DataObject) -> None:
-        chosen = self.pick_dead(queue, data)
-        got = self.both(
-            lambda s: s.app.dlq_redrive(
-                queue, None if chosen is None else [s.ids.get(n, MISSING) for n in chosen]
-            )
-        )
-        mem, file = (
-            [self.named(s, i) for i in ids] for s, ids in zip(self.sides, got, strict=True)
-        )
-        assert mem == file
-        self.settle()
+        self.on_dead(queue, data, lambda app: app.dlq_redrive)
 
     @rule(queue=st.sampled_from(["std", "fifo"]), data=st.data())
     def discard(self, queue: str, data: st.DataObject) -> None:
+        self.on_dead(queue, data, lambda app: app.dlq_discard)
+
+    def on_dead(self, queue: str, data: st.DataObject, verb: Callable[[III], Any]) -> None:
+        """Redrive or discard (``verb`` picks the app's method) the same dead runs of
+        ``queue`` on both sides: the same runs must be moved."""
         chosen = self.pick_dead(queue, data)
         got = self.both(
-            lambda s: s.app.dlq_discard(
+            lambda s: verb(s.app)(
                 queue, None if chosen is None else [s.ids.get(n, MISSING) for n in chosen]
             )
         )
