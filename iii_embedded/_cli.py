@@ -518,7 +518,8 @@ def cmd_trigger(args: argparse.Namespace) -> int:
     config = _config(args)
     queue = config.queues.get(queue_name)
     if queue is None:
-        raise UsageError(f"Queue '{queue_name}' not found")
+        # Worded as the app's enqueue says it, as the command's other enqueue errors are.
+        raise UsageError(f"enqueue_error: Queue '{queue_name}' not found")
     try:
         jobs = new_jobs(
             queue,
@@ -546,8 +547,8 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
         _print_json(attrs.asdict(run))
         return 0
     for key, value in attrs.asdict(run).items():
-        if key == "error" and value:
-            value = f"{value['type']}: {value['message']}"
+        if key == "error":
+            value = f"{value['type']}: {value['message']}" if value else "-"
         elif key.endswith("_at"):
             value = _when(value)
         elif key in ("output", "payload"):

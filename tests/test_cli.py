@@ -296,7 +296,7 @@ def test_check_reports_an_unknown_key_with_file_and_line(tmp_path: Path) -> None
             ["trigger", "flaky", "--queue", "ledger", "--payload", "{}"],
             "FIFO queue 'ledger' requires field 'account_id'",
         ),
-        (["trigger", "flaky", "--queue", "missing"], "Queue 'missing' not found"),
+        (["trigger", "flaky", "--queue", "missing"], "enqueue_error: Queue 'missing' not found"),
         (["queues", "--store", "/nonexistent/store"], "no store at /nonexistent/store"),
         (["cron", "--store", "/nonexistent/store"], "no store at /nonexistent/store"),
         (["runs", "show", "no-such-run"], "no run no-such-run"),
@@ -804,3 +804,4 @@ def test_runs_show_prints_the_payload_and_output_as_json(project: Path) -> None:
     assert lines["payload"].strip() == '{"n": 1, "note": null, "ok": true}'
     assert lines["status"].strip() == "queued"
     assert lines["output"].strip() == "null"
+    assert lines["error"].strip() == "-"  # as a missing time, not Python's None
