@@ -104,9 +104,22 @@ async def test_routes_path_and_query_params_and_json_bodies() -> None:
     assert req["headers"]["content-type"] == "application/json"
 
 
+async def asgi_messages(app: Any, scope: dict[str, Any], body: bytes = b"") -> list[Any]:
+    """What an ASGI app sends for one request whose ``body`` arrives whole."""
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent
+
+
 async def asgi_post(app: Any, path: str, root_path: str, body: Any) -> tuple[int, Any]:
     """One POST straight to an ASGI app, as a server or a framework's mount would make it."""
-    sent: list[dict[str, Any]] = []
     scope = {
         "type": "http",
         "method": "POST",
@@ -115,14 +128,7 @@ async def asgi_post(app: Any, path: str, root_path: str, body: Any) -> tuple[int
         "query_string": b"",
         "headers": [(b"content-type", b"application/json")],
     }
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    await app(scope, receive, send)
+    sent = await asgi_messages(app, scope, json.dumps(body).encode())
     payload = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
     return sent[0]["status"], json.loads(payload)
 
@@ -223,17 +229,8 @@ async def test_the_asgi_app_answers_503_when_the_engine_is_not_running() -> None
     iii = III()
     iii.register_function("f", lambda req: 1)
     iii.register_trigger({"type": "http", "function_id": "f", "config": {"api_path": "/f"}})
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    await iii.asgi_app(
-        {"type": "http", "method": "GET", "path": "/f", "headers": []}, receive, send
-    )
+    scope = {"type": "http", "method": "GET", "path": "/f", "headers": []}
+    sent = await asgi_messages(iii.asgi_app, scope)
     assert sent[0]["status"] == 503
 
 
@@ -367,19 +364,10 @@ async def test_a_response_that_cannot_be_sent_is_a_json_500_with_an_error_id(
     iii = III(shutdown_grace_ms=0)
     iii.register_function("odd", lambda req: response)
     iii.register_trigger({"type": "http", "function_id": "odd", "config": {"api_path": "/odd"}})
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
     caplog.set_level(logging.ERROR, logger="iii_embedded.http")
     async with iii.running():
-        await iii.asgi_app(
-            {"type": "http", "method": "GET", "path": "/odd", "headers": []}, receive, send
-        )
+        scope = {"type": "http", "method": "GET", "path": "/odd", "headers": []}
+        sent = await asgi_messages(iii.asgi_app, scope)
     start, body = sent
     answer = json.loads(body["body"])
     assert start["status"] == 500
@@ -392,18 +380,10 @@ async def test_a_response_that_cannot_be_sent_is_a_json_500_with_an_error_id(
 
 async def asgi_get(iii: III, path: str, raw_path: bytes | None = None) -> tuple[int, Any]:
     """One GET through ``iii.asgi_app`` (no server): the status and the decoded body."""
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
     scope: dict[str, Any] = {"type": "http", "method": "GET", "path": path, "headers": []}
     if raw_path is not None:
         scope["raw_path"] = raw_path
-    await iii.asgi_app(scope, receive, send)
+    sent = await asgi_messages(iii.asgi_app, scope)
     return sent[0]["status"], json.loads(sent[1]["body"])
 
 
@@ -475,18 +455,9 @@ async def test_a_204_or_304_is_sent_with_no_body_and_no_content_length_of_ours(
     iii = III(shutdown_grace_ms=0)
     iii.register_function("none", lambda req: response)
     iii.register_trigger({"type": "http", "function_id": "none", "config": {"api_path": "/n"}})
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
     async with iii.running():
-        await iii.asgi_app(
-            {"type": "http", "method": "GET", "path": "/n", "headers": []}, receive, send
-        )
+        scope = {"type": "http", "method": "GET", "path": "/n", "headers": []}
+        sent = await asgi_messages(iii.asgi_app, scope)
     assert sent == [
         {"type": "http.response.start", "status": response["status_code"], "headers": headers},
         {"type": "http.response.body", "body": b""},
@@ -600,13 +571,6 @@ async def test_head_on_a_get_route_answers_as_get_would_without_the_body() -> No
 
     iii.register_function("show", show)
     iii.register_trigger({"type": "http", "function_id": "show", "config": {"api_path": "/o/:id"}})
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
 
     async with iii.running():
         assert iii.http_server is not None
@@ -615,9 +579,8 @@ async def test_head_on_a_get_route_answers_as_get_would_without_the_body() -> No
         head = await anyio.to_thread.run_sync(request, port, "HEAD", "/o/42")
         wrong = await anyio.to_thread.run_sync(request, port, "PUT", "/o/42")
         missing = await anyio.to_thread.run_sync(request, port, "HEAD", "/nope")
-        await iii.asgi_app(
-            {"type": "http", "method": "HEAD", "path": "/o/7", "headers": []}, receive, send
-        )
+        scope = {"type": "http", "method": "HEAD", "path": "/o/7", "headers": []}
+        sent = await asgi_messages(iii.asgi_app, scope)
     assert got[0] == 200 and got[2] == b'{"id": "42"}'
     assert head[0] == 200 and head[2] == b""
     assert head[1]["content-length"] == str(len(got[2]))
@@ -834,14 +797,6 @@ async def test_a_content_length_that_is_not_ascii_digits_is_no_crash() -> None:
     iii.register_trigger(
         {"type": "http", "function_id": "p", "config": {"api_path": "/p", "http_method": "POST"}}
     )
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"hi", "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
     scope = {
         "type": "http",
         "method": "POST",
@@ -849,7 +804,7 @@ async def test_a_content_length_that_is_not_ascii_digits_is_no_crash() -> None:
         "headers": [(b"content-length", "\u00b2".encode("latin-1"))],
     }
     async with iii.running():
-        await iii.asgi_app(scope, receive, send)
+        sent = await asgi_messages(iii.asgi_app, scope, b"hi")
     start, body = sent
     assert (start["status"], json.loads(body["body"])) == (200, {"got": "hi"})
 
