@@ -133,6 +133,47 @@ async def test_another_process_holding_the_write_lock_never_blocks_the_loop(
     assert store.loop_commits == 1
 
 
+async def test_after_commits_on_the_loop_the_writer_still_waits_for_another_process(
+    store: SQLiteStore,
+) -> None:
+    """The loop's transactions leave the connection's busy timeout at 0 (they must never
+    wait); the writer's next transaction sets SQLite's wait back, so a write lock another
+    process holds for a moment delays it instead of failing it."""
+    assert await store.enqueue([new_job("a")]) == ["a"]
+    assert store.loop_commits == 1
+    store.commit_on_loop = False  # what follows goes to the writer thread
+    begun = threading.Event()
+    assert store._conn is not None
+
+    def trace(sql: str) -> None:
+        if sql == "BEGIN IMMEDIATE" and threading.current_thread().name.startswith("iii-sqlite["):
+            begun.set()
+
+    store._conn.set_trace_callback(trace)
+    held = threading.Event()
+
+    def other_process() -> None:
+        with closing(sqlite3.connect(store.path, isolation_level=None)) as other:
+            other.execute("BEGIN IMMEDIATE")
+            held.set()
+            begun.wait(10)  # the writer has started its transaction: let it have the lock
+            other.execute("COMMIT")
+
+    thread = threading.Thread(target=other_process)
+    thread.start()
+    try:
+        await anyio.to_thread.run_sync(held.wait)
+        with anyio.fail_after(10):
+            assert await store.enqueue([new_job("b")]) == ["b"]
+    finally:
+        begun.set()
+        await anyio.to_thread.run_sync(thread.join)
+    assert store.loop_commits == 1
+    with store._conn_lock:
+        assert store._conn.execute("PRAGMA busy_timeout").fetchone() == (10_000,)
+    assert rows_seen_elsewhere(store) == 2
+
+
 async def test_a_commit_on_the_loop_never_overtakes_one_handed_to_the_writer(
     store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
