@@ -6,7 +6,8 @@ outcome; ``iii.runs.get``/``cancel`` inspect and stop runs.
 
 Waiting registers a callback with the runtime (called when this process settles the run)
 and then reads the run from the store, so a run that finished in between is not missed; on
-a store shared with other processes it also re-reads the run every ``poll_interval_ms``.
+a store shared with other processes one watcher per engine also reads the states of all
+the runs its waits are waiting for every ``poll_interval_ms`` (``_Watcher``).
 ``timeout_ms`` counts on the runtime's clock, like every other timeout.
 
 A queued handler that waits lends its concurrency slot to its queue while it waits, and
@@ -21,7 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
+import threading
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -456,6 +458,80 @@ async def _read_final(rt: Runtime, ids: Sequence[str], results: list[RunResult |
                 results[index] = _result(job, now)
 
 
+class _Watch:
+    __slots__ = ("event", "interval_s")
+
+    def __init__(self, event: anyio.Event, interval_s: float) -> None:
+        self.event = event
+        self.interval_s = interval_s
+
+
+class _Watcher:
+    """Whether runs that waits in this process are waiting for were settled by another
+    process sharing the store: one read of all their states every poll interval (the
+    shortest of the waits' queues'), which wakes the waits whose runs are final or gone.
+    Without it each wait read its own run every interval: 400 waits on a file store kept
+    the event loop about half busy with reads. Runs this process settles wake their
+    waits at once, without a read (``Runtime.on_final``)."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self._rt = rt
+        self._watched: dict[str, list[_Watch]] = {}
+        self._polling = False
+        self.reads = 0
+        """Reads of watched runs' states made (for tests)."""
+
+    def watch(self, run_id: str, interval_s: float, event: anyio.Event) -> _Watch | None:
+        """Set ``event`` once ``run_id`` is seen final or gone; ``None`` if no poll can run
+        (the engine is stopping): the caller then looks for itself."""
+        if not self._polling:
+            rt = self._rt
+            if rt.loop_thread != threading.get_ident() or not rt.start_soon(self._poll):
+                return None
+            self._polling = True
+        watch = _Watch(event, interval_s)
+        self._watched.setdefault(run_id, []).append(watch)
+        return watch
+
+    def unwatch(self, run_id: str, watch: _Watch) -> None:
+        """Stop watching for one wait (it ended, or it was woken)."""
+        watches = self._watched.get(run_id)
+        if watches is not None and watch in watches:
+            watches.remove(watch)
+            if not watches:
+                del self._watched[run_id]
+
+    async def _poll(self) -> None:
+        try:
+            while self._watched:
+                await anyio.sleep(min(w.interval_s for ws in self._watched.values() for w in ws))
+                ids = list(self._watched)
+                if not ids:
+                    return
+                try:
+                    states: dict[str, str] | None = await self._rt.store.states(ids)
+                except Exception:  # the waits read the store themselves and see the error
+                    states = None
+                self.reads += 1
+                for run_id in ids:
+                    state = None if states is None else states.get(run_id, "gone")
+                    if state is None or state == "gone" or state in _FINAL:
+                        for watch in self._watched.get(run_id, ()):
+                            watch.event.set()
+        finally:
+            self._polling = False
+
+
+_watchers: weakref.WeakKeyDictionary[Runtime, _Watcher] = weakref.WeakKeyDictionary()
+
+
+def _watcher(rt: Runtime) -> _Watcher:
+    watcher = _watchers.get(rt)
+    if watcher is None:
+        watcher = _watchers[rt] = _Watcher(rt)
+    return watcher
+
+
 async def _wait_one(
     rt: Runtime,
     run_id: str,
@@ -463,15 +539,17 @@ async def _wait_one(
     index: int,
     woken: list[int] | None,
 ) -> None:
-    event = anyio.Event()
+    # Set when this process settles the run, or when the watcher sees it final or gone in
+    # a store shared with other processes; a new one after a wake that found it live.
+    event = [anyio.Event()]
     final: list[Outcome] = []
 
     def settled(_job: Job | None, outcome: Outcome) -> None:
-        if woken is not None and not event.is_set():
+        if woken is not None and not final:
             woken[0] += 1
             rt.waking_waiters += 1
         final.append(outcome)
-        event.set()
+        event[0].set()
 
     # Registered before the store is read: a run settled in between is seen by the read,
     # one settled after it sets the event (settling writes the store, then calls back).
@@ -491,12 +569,25 @@ async def _wait_one(
             if job.state in _FINAL:
                 results[index] = _result(job, rt.clock.now())
                 return
-            # Another process may settle it on a shared store: look again every poll (its
+            if event[0].is_set():  # woken, and it is live again (a dead run redriven)
+                event[0] = anyio.Event()
+            if not rt.store.shared:  # only this process can settle it
+                await event[0].wait()
+                continue
+            # Another process may settle it: the watcher looks every poll interval (its
             # queue's, or the default's for a queue this process does not serve).
             queue = rt.config.queues.get(job.queue) or QueueConfig()
-            poll = queue.poll_interval_ms / 1000 if rt.store.shared else None
-            with anyio.move_on_after(poll if poll is not None else math.inf):
-                await event.wait()
+            poll = queue.poll_interval_ms / 1000
+            watcher = _watcher(rt)
+            watch = watcher.watch(run_id, poll, event[0])
+            if watch is None:  # no watcher in a stopping engine: look again after a poll
+                with anyio.move_on_after(poll):
+                    await event[0].wait()
+                continue
+            try:
+                await event[0].wait()
+            finally:
+                watcher.unwatch(run_id, watch)
     finally:
         rt.forget_final(run_id, settled)
 

@@ -293,18 +293,20 @@ class Runtime:
             with contextlib.suppress(RuntimeError):  # the portal has stopped: so has the engine
                 self.portal.call(fn, *args)
 
-    def start_soon(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
+    def start_soon(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> bool:
         """Start ``fn(*args)`` as a task in the running engine's task group, from any
         thread (from another, such as ``register_worker``'s caller, it is started on the
         loop through the portal), so that it is cancelled when the engine stops. Does
-        nothing once the engine is stopping."""
+        nothing once the engine is stopping. On the loop: whether it started."""
         if self._tg is None or self.stopping:
-            return
+            return False
         if threading.get_ident() == self.loop_thread:
             self._tg.start_soon(fn, *args)
-        elif self.portal is not None:
+            return True
+        if self.portal is not None:
             with contextlib.suppress(RuntimeError):  # the portal has stopped: so has the engine
-                self.portal.call(self.start_soon, fn, *args)
+                return bool(self.portal.call(self.start_soon, fn, *args))
+        return False
 
     async def _release_held(self, function_id: str) -> None:
         try:

@@ -24,10 +24,12 @@ from iii_embedded import (
     RunResult,
     StoreConfig,
     TriggerAction,
+    _runs,
     current_invocation,
 )
-from iii_embedded._stores import Job, NewJob
+from iii_embedded._stores import Job, NewJob, completed_outcome
 from iii_embedded._stores._memory import MemoryStore
+from iii_embedded._stores._sqlite import SQLiteStore
 from iii_embedded.testing import VirtualClock, drain
 
 pytestmark = pytest.mark.anyio
@@ -686,3 +688,82 @@ async def test_a_run_cancelled_elsewhere_is_not_attempted_again_after_it_fails(
         fail_now.set()
         await drain(iii)
     assert [(r.status, calls) for r in results] == [("cancelled", 1)]
+
+
+async def test_waits_on_a_shared_store_look_for_other_processes_in_one_read_per_poll(
+    tmp_path: Path,
+) -> None:
+    """Forty waits for runs of a queue this process does not serve (another process runs
+    them): while they wait, the engine looks whether the runs were settled elsewhere with
+    one read of all their states per poll interval, not a read per wait; once another
+    process completes them (a second connection to the store, as it would), every wait
+    ends with its output. Until 2026-12-03 each wait read its own run every interval."""
+    iii = III(
+        Config(
+            queues={"work": QueueConfig(name="work")},
+            store=StoreConfig(store_method="file_based", file_path=str(tmp_path / "store")),
+        ),
+        shutdown_grace_ms=0,
+    )
+    ids = [f"elsewhere-{i}" for i in range(40)]
+    async with iii.running(), anyio.create_task_group() as tg:
+        store = iii.runtime.store
+        now = iii.runtime.clock.now()
+        await store.enqueue(
+            [
+                NewJob(
+                    id=run_id,
+                    queue="theirs",  # no runner here: another process serves it
+                    function_id="job",
+                    payload="{}",
+                    created_at=now,
+                    available_at=now,
+                    max_attempts=3,
+                )
+                for run_id in ids
+            ]
+        )
+        gets = 0
+        get = store.get
+
+        async def counted_get(job_id: str) -> Job | None:
+            nonlocal gets
+            gets += 1
+            return await get(job_id)
+
+        store.get = counted_get  # type: ignore[method-assign]
+        results: list[RunResult] = []
+
+        async def wait(run_id: str) -> None:
+            results.append(await iii.runs.wait_async(run_id))
+
+        for run_id in ids:
+            tg.start_soon(wait, run_id)
+        watcher = _runs._watcher(iii.runtime)
+        with anyio.fail_after(10):  # three looks at all forty runs (100 ms apart)
+            while watcher.reads < 3:
+                await anyio.sleep(0.01)
+        # Each wait read its run twice as it began (``runs.wait`` checks it exists), and
+        # never since: the three looks read all forty at once.
+        assert (len(results), gets) == (0, 80)
+        other = SQLiteStore(tmp_path / "store")
+        await other.open()
+        try:
+            claimed = await other.claim(
+                "theirs", fifo=False, limit=40, now=now, owner="far-host:1:x", lease_until=now + 60
+            )
+            await other.finish(
+                [
+                    completed_outcome(j.id, "far-host:1:x", j.attempts, now, f'"{j.id}"')
+                    for j in claimed
+                ]
+            )
+        finally:
+            await other.aclose()
+        with anyio.fail_after(10):
+            while len(results) < 40:
+                await anyio.sleep(0.01)
+    assert sorted((r.id, r.status, r.output) for r in results) == sorted(
+        (run_id, "completed", run_id) for run_id in ids
+    )
+    assert gets == 120  # and once more each when a look found it final

@@ -622,6 +622,11 @@ class Store(Protocol):
         file store shows it ``running``: it is leased, and no other process may take it.
         :meth:`counts` and :meth:`list_jobs` show the same as ``get``."""
 
+    async def states(self, job_ids: Sequence[str]) -> dict[str, str]:
+        """The state of each of ``job_ids`` that exists (ids of no job are left out), as
+        :meth:`get` shows it: one read for many runs, for waits that look whether other
+        processes settled them."""
+
     async def key_holders(self, function_id: str, keys: Sequence[str]) -> list[Job]:
         """The runs of ``function_id`` that hold any of the idempotency ``keys`` now (the
         ones an enqueue with that key would return instead of storing a new run), in no

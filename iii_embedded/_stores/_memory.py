@@ -634,6 +634,16 @@ class MemoryStore:
         row = self._rows.get(job_id)
         return row.view() if row is not None else None
 
+    async def states(self, job_ids: Sequence[str]) -> dict[str, str]:
+        """The states of the runs that exist; see :meth:`Store.states`."""
+        rows = self._rows
+        found: dict[str, str] = {}
+        for job_id in job_ids:
+            row = rows.get(job_id)
+            if row is not None:
+                found[job_id] = "queued" if row.waiting else row.state
+        return found
+
     async def key_holders(self, function_id: str, keys: Sequence[str]) -> list[Job]:
         """The runs holding these keys; see :meth:`Store.key_holders`."""
         held = (self._keys.get((function_id, key)) for key in dict.fromkeys(keys))

@@ -1961,6 +1961,21 @@ class SQLiteStore:
 
         return await self._submit(run, write=False)
 
+    async def states(self, job_ids: Sequence[str]) -> dict[str, str]:
+        """The states of the runs that exist; see :meth:`Store.states`."""
+        wanted = list(dict.fromkeys(job_ids))
+
+        def run(conn: Conn) -> dict[str, str]:
+            found: dict[str, str] = {}
+            for chunk in _chunks(wanted, 500):
+                marks = ",".join("?" * len(chunk))
+                found.update(
+                    conn.execute(f"SELECT id, state FROM jobs WHERE id IN ({marks})", chunk)
+                )
+            return found
+
+        return await self._submit(run, write=False)
+
     async def key_holders(self, function_id: str, keys: Sequence[str]) -> list[Job]:
         """The runs holding these keys; see :meth:`Store.key_holders`."""
         wanted = list(dict.fromkeys(keys))

@@ -246,6 +246,29 @@ async def test_key_holders_are_the_runs_an_enqueue_with_the_key_would_return(
     assert await store.key_holders("fn", []) == []
 
 
+async def test_states_reads_many_runs_at_once_as_get_shows_them(store: Store) -> None:
+    await store.enqueue([job(c) for c in "abcd"])
+    claimed = await store.claim(
+        "q", fifo=False, limit=3, now=T0, owner=OWNER, lease_until=T0 + 30, start=2
+    )
+    assert [j.id for j in claimed] == ["a", "b", "c"]
+    await store.finish([done("a")])
+    ids = ["a", "b", "c", "d", "missing", "a"]
+    shown = {i: j.state for i in ids if (j := await store.get(i)) is not None}
+    assert await store.states(ids) == shown
+    # c is prefetched, not started: leased on the file store, as before its claim in memory.
+    assert shown == {
+        "a": "completed",
+        "b": "running",
+        "c": "running" if store.shared else "queued",
+        "d": "queued",
+    }
+    assert await store.states([]) == {}
+    many = [f"id-{i}" for i in range(1_200)]  # more than one statement's worth of ids
+    await store.enqueue([job(i) for i in many])
+    assert await store.states(many) == dict.fromkeys(many, "queued")
+
+
 async def test_a_completed_job_keeps_its_key_until_pruned(store: Store) -> None:
     await store.enqueue([job("a", key="k")])
     await claim(store)
