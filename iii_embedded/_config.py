@@ -161,6 +161,9 @@ class HttpConfig:
     header_timeout_ms: int = attrs.field(default=10_000, validator=_positive)
     """*Extension*: how long a connection has to send a whole request head, from its
     opening or its last response, before the engine's server closes it."""
+    body_timeout_ms: int = attrs.field(default=60_000, validator=_positive)
+    """*Extension*: how long a request's whole body may take to arrive after its head; one
+    still coming is answered with a 408 and the function is not called (60 s)."""
 
 
 def _default_queues() -> dict[str, QueueConfig]:

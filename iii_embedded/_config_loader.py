@@ -31,7 +31,7 @@ DEFAULT_CONFIG_FILE = "iii-config.yaml"
 
 _QUEUE_WORKERS = {"iii-queue", "queue"}
 _HTTP_WORKERS = {"iii-http", "http"}
-_HTTP_EXTENSIONS = {"max_body_bytes", "header_timeout_ms"}
+_HTTP_EXTENSIONS = {"max_body_bytes", "header_timeout_ms", "body_timeout_ms"}
 """The http worker's keys of ours beside iii's port and host: integers >= 1."""
 _QUEUE_MODULES = {"modules::queue::QueueModule"}
 _HTTP_MODULES = {"modules::rest_api::RestApiModule", "modules::http::HttpModule"}

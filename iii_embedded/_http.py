@@ -136,8 +136,28 @@ class HttpRouter:
         headers = _request_headers(scope.get("headers", []))
         http = self._app.config.http
         limit = http.max_body_bytes if http is not None else _MAX_BODY_BYTES
+        body_timeout_ms = http.body_timeout_ms if http is not None else _BODY_TIMEOUT_MS
         try:
-            raw = await _read_body(receive, headers.get("content-length", ""), limit)
+            with anyio.fail_after(body_timeout_ms / 1000):
+                raw = await _read_body(receive, headers.get("content-length", ""), limit)
+        except TimeoutError:
+            # A body that trickles in (a byte now and then, say) would hold the
+            # connection and this task for as long as the client likes. The rest of it
+            # is not read: "connection: close", as for a 413.
+            log.info(
+                "http %s %s: the body did not arrive within %d ms; %r is not called",
+                method,
+                path,
+                body_timeout_ms,
+                route.function_id,
+            )
+            await _respond(
+                send,
+                408,
+                {"error": "request body timed out", "body_timeout_ms": body_timeout_ms},
+                headers={"connection": "close"},
+            )
+            return
         except _BodyTooLarge:
             # Said with "connection: close": the rest of the body is not read, and the
             # connection cannot carry another request after it.
@@ -236,7 +256,8 @@ def _without_body(send: Send) -> Send:
 
 
 _MAX_BODY_BYTES = 10 * 1024 * 1024
-"""The request body limit of an app whose config has no http worker (mounted elsewhere)."""
+_BODY_TIMEOUT_MS = 60_000
+"""The request body's limits of an app whose config has no http worker (mounted elsewhere)."""
 
 
 class _BodyTooLarge(Exception):

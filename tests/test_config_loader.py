@@ -258,6 +258,11 @@ def test_relative_file_path_is_resolved_from_the_config_files_directory(
             5,
             "header_timeout_ms must be an integer >= 1, got -1",
         ),
+        (
+            "workers:\n  - name: iii-http\n    config:\n      body_timeout_ms: 0\n",
+            4,
+            "body_timeout_ms must be an integer >= 1, got 0",
+        ),
         ("- just\n- a list\n", 1, "the top level of the file must be a mapping"),
         ("queue_configs:\n  q: {concurrency: 2\n", 3, "invalid YAML"),
     ],
@@ -424,6 +429,13 @@ def test_the_http_body_limit_is_read_and_has_a_default() -> None:
     assert default.http is not None and default.http.max_body_bytes == 10 * 1024 * 1024
     set_ = parse_config("workers:\n  - name: iii-http\n    config: {max_body_bytes: 1024}\n")
     assert set_.http is not None and set_.http.max_body_bytes == 1024
+
+
+def test_the_http_body_timeout_is_read_and_has_a_default() -> None:
+    default = parse_config("workers:\n  - name: iii-http\n")
+    assert default.http is not None and default.http.body_timeout_ms == 60_000
+    set_ = parse_config("workers:\n  - name: iii-http\n    config: {body_timeout_ms: 1500}\n")
+    assert set_.http is not None and set_.http.body_timeout_ms == 1500
 
 
 def test_the_http_header_timeout_is_read_and_has_a_default() -> None:

@@ -829,3 +829,75 @@ async def test_a_malformed_request_line_is_a_400_and_calls_nothing() -> None:
         ]
     assert [a.split(b"\r\n", 1)[0] for a in answers] == [b"HTTP/1.1 400 Bad Request"] * 3
     assert calls == []
+
+
+async def test_a_body_that_does_not_arrive_in_time_is_a_408_and_the_function_is_not_called() -> (
+    None
+):
+    """A request whose body trickles in (or stops coming) would hold its connection and a
+    task for as long as the client likes: after ``body_timeout_ms`` it is answered with a
+    408 and ``connection: close``, and the function is not called. Through the ASGI app and
+    through the engine's own server."""
+    import socket
+
+    iii = III(
+        Config(http=HttpConfig(host="127.0.0.1", port=0, body_timeout_ms=300)),
+        shutdown_grace_ms=0,
+    )
+    called: list[Any] = []
+    iii.register_function("p", lambda req: called.append(req["body"]) or {"status_code": 200})
+    iii.register_trigger(
+        {"type": "http", "function_id": "p", "config": {"api_path": "/p", "http_method": "POST"}}
+    )
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/p",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"10")],
+    }
+    pieces = [{"type": "http.request", "body": b'{"a"', "more_body": True}]
+    never = anyio.Event()
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if pieces:
+            return pieces.pop(0)
+        await never.wait()  # the rest of the body never comes
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    def trickled(port: int) -> bytes:
+        """Send a head and part of its body, then nothing: what the server answers."""
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(
+                b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 10\r\n\r\n{"a"'
+            )
+            answer = b""
+            while chunk := sock.recv(65536):  # until the server closes
+                answer += chunk
+            return answer
+
+    async with iii.running():
+        with anyio.fail_after(10):
+            await iii.asgi_app(scope, receive, send)
+        assert iii.http_server is not None
+        answer = await anyio.to_thread.run_sync(trickled, iii.http_server.port)
+        # A body that comes in time is served as usual.
+        served = await call(iii.http_server.port, "POST", "/p", {"b": 1})
+    assert sent[0]["status"] == 408
+    assert (b"connection", b"close") in sent[0]["headers"]
+    assert json.loads(sent[1]["body"]) == {
+        "error": "request body timed out",
+        "body_timeout_ms": 300,
+    }
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 ")
+    assert b"connection: close" in head.lower()
+    assert json.loads(body) == {"error": "request body timed out", "body_timeout_ms": 300}
+    assert served[0] == 200
+    assert called == [{"b": 1}]
