@@ -701,8 +701,11 @@ class SQLiteStore:
         timeout) for a write lock another process holds, as the writer's transactions do
         (the loop's set it to 0, see ``_commit_here``)."""
         if not self._busy_waits:
-            conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-            self._busy_waits = True
+            # Never fails in practice; if it did, the transaction would not wait for a lock
+            # and its requests would get the error, rather than the writer thread die.
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+                self._busy_waits = True
 
     def _timed(self, seconds: float) -> None:
         """Note how long a write transaction took, on any thread."""
