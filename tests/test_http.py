@@ -841,7 +841,7 @@ async def test_a_body_that_does_not_arrive_in_time_is_a_408_and_the_function_is_
     import socket
 
     iii = III(
-        Config(http=HttpConfig(host="127.0.0.1", port=0, body_timeout_ms=300)),
+        Config(http=HttpConfig(host="127.0.0.1", port=0, body_timeout_ms=500)),
         shutdown_grace_ms=0,
     )
     called: list[Any] = []
@@ -893,11 +893,11 @@ async def test_a_body_that_does_not_arrive_in_time_is_a_408_and_the_function_is_
     assert (b"connection", b"close") in sent[0]["headers"]
     assert json.loads(sent[1]["body"]) == {
         "error": "request body timed out",
-        "body_timeout_ms": 300,
+        "body_timeout_ms": 500,
     }
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 408 ")
     assert b"connection: close" in head.lower()
-    assert json.loads(body) == {"error": "request body timed out", "body_timeout_ms": 300}
+    assert json.loads(body) == {"error": "request body timed out", "body_timeout_ms": 500}
     assert served[0] == 200
     assert called == [{"b": 1}]
