@@ -1112,6 +1112,9 @@ class SQLiteStore:
                 conn.close()
             raise self._error(exc, "opening the store") from None
         self._conn = conn
+        # A new connection waits SQLite's busy timeout (set above): a store opened again
+        # after the loop set 0 on its last connection must have the loop set it again.
+        self._busy_waits = True
 
     def _migrate(self, conn: Conn) -> None:
         db = sqlite_utils.Database(conn)

@@ -174,6 +174,50 @@ async def test_after_commits_on_the_loop_the_writer_still_waits_for_another_proc
     assert rows_seen_elsewhere(store) == 2
 
 
+async def test_a_store_opened_again_still_never_blocks_the_loop(store: SQLiteStore) -> None:
+    """A store closed after the loop's commits (its busy timeout at 0) and opened again
+    (an ``III`` given the store, in its next lifecycle) has a new connection, which waits
+    SQLite's 10 s: the loop sets 0 again before it commits there. Until 2026-12-03 the
+    store still believed 0 was set, and the loop's next commit waited in SQLite's busy
+    handler for as long as another process held the write lock."""
+    assert await store.enqueue([new_job("a")]) == ["a"]
+    assert store.loop_commits == 1
+    await store.aclose()
+    await store.open()
+    assert store._conn is not None
+    begun = threading.Event()
+
+    def trace(sql: str) -> None:
+        if sql == "BEGIN IMMEDIATE" and threading.current_thread().name.startswith("iii-sqlite["):
+            begun.set()
+
+    store._conn.set_trace_callback(trace)
+    held = threading.Event()
+    begun_in_time: list[bool] = []
+
+    def other_process() -> None:
+        with closing(sqlite3.connect(store.path, isolation_level=None)) as other:
+            other.execute("BEGIN IMMEDIATE")
+            held.set()
+            # Released once the writer thread begins its transaction: the loop found the
+            # lock taken at once and handed the enqueue over. A loop waiting in SQLite's
+            # busy handler never does: released after 5 s, it then commits on the loop.
+            begun_in_time.append(begun.wait(5))
+            other.execute("COMMIT")
+
+    thread = threading.Thread(target=other_process)
+    thread.start()
+    try:
+        await anyio.to_thread.run_sync(held.wait)
+        with anyio.fail_after(10):
+            assert await store.enqueue([new_job("b")]) == ["b"]
+    finally:
+        begun.set()
+        await anyio.to_thread.run_sync(thread.join)
+    assert (begun_in_time, store.loop_commits) == ([True], 1)
+    assert rows_seen_elsewhere(store) == 2
+
+
 async def test_a_commit_on_the_loop_never_overtakes_one_handed_to_the_writer(
     store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
