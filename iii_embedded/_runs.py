@@ -520,6 +520,11 @@ class _Watcher:
                             watch.event.set()
         finally:
             self._polling = False
+            # Cancelled, as the engine stops: the waits still watched look for themselves
+            # (they see the store closed, or poll it on their own), or they would hang.
+            for watches in self._watched.values():
+                for watch in watches:
+                    watch.event.set()
 
 
 _watchers: weakref.WeakKeyDictionary[Runtime, _Watcher] = weakref.WeakKeyDictionary()

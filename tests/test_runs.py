@@ -27,6 +27,7 @@ from iii_embedded import (
     _runs,
     current_invocation,
 )
+from iii_embedded._errors import StoreClosedError
 from iii_embedded._stores import Job, NewJob, completed_outcome
 from iii_embedded._stores._memory import MemoryStore
 from iii_embedded._stores._sqlite import SQLiteStore
@@ -767,3 +768,51 @@ async def test_waits_on_a_shared_store_look_for_other_processes_in_one_read_per_
         (run_id, "completed", run_id) for run_id in ids
     )
     assert gets == 120  # and once more each when a look found it final
+
+
+def elsewhere_job(run_id: str, queue: str, now: float, delay_s: float = 0.0) -> NewJob:
+    """A run of a function this process does not have (another process would run it)."""
+    return NewJob(
+        id=run_id,
+        queue=queue,
+        function_id="job",
+        payload="{}",
+        created_at=now,
+        available_at=now + delay_s,
+        max_attempts=3,
+    )
+
+
+async def test_a_wait_for_another_processes_run_ends_when_the_engine_stops(
+    tmp_path: Path,
+) -> None:
+    """A wait outside the engine (the program's own task) for a run another process would
+    settle, when the engine stops: the watcher is cancelled with the engine, and the wait
+    reads the store itself, which says it closed, as it did before there was a watcher.
+    Until 2026-12-03 the wait was left watched by a watcher that had stopped, for ever."""
+    iii = III(
+        Config(store=StoreConfig(store_method="file_based", file_path=str(tmp_path / "store"))),
+        shutdown_grace_ms=0,
+    )
+    errors: list[Exception] = []
+
+    async def wait() -> None:
+        try:
+            await iii.runs.wait_async("far")
+        except Exception as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        async with iii.running():
+            now = iii.runtime.clock.now()
+            await iii.runtime.store.enqueue([elsewhere_job("far", "theirs", now)])
+            tg.start_soon(wait)
+            watcher = _runs._watcher(iii.runtime)
+            with anyio.fail_after(10):
+                while "far" not in watcher._watched:
+                    await anyio.sleep(0.01)
+        with anyio.fail_after(10):  # for ever without the change
+            while not errors:
+                await anyio.sleep(0.01)
+    assert [type(e) for e in errors] == [StoreClosedError]
+    assert watcher._watched == {}
