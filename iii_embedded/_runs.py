@@ -478,6 +478,9 @@ class _Watcher:
         self._rt = rt
         self._watched: dict[str, list[_Watch]] = {}
         self._polling = False
+        self._sleep: anyio.CancelScope | None = None
+        """The poll's wait for its next look (its deadline is moved up for a wait with a
+        shorter interval)."""
         self.reads = 0
         """Reads of watched runs' states made (for tests)."""
 
@@ -491,6 +494,9 @@ class _Watcher:
             self._polling = True
         watch = _Watch(event, interval_s)
         self._watched.setdefault(run_id, []).append(watch)
+        sleep = self._sleep
+        if sleep is not None:  # a look due later than this wait's interval comes sooner
+            sleep.deadline = min(sleep.deadline, anyio.current_time() + interval_s)
         return watch
 
     def unwatch(self, run_id: str, watch: _Watch) -> None:
@@ -504,7 +510,10 @@ class _Watcher:
     async def _poll(self) -> None:
         try:
             while self._watched:
-                await anyio.sleep(min(w.interval_s for ws in self._watched.values() for w in ws))
+                interval = min(w.interval_s for ws in self._watched.values() for w in ws)
+                with anyio.move_on_after(interval) as self._sleep:
+                    await anyio.sleep_forever()
+                self._sleep = None
                 ids = list(self._watched)
                 if not ids:
                     return
@@ -519,6 +528,7 @@ class _Watcher:
                         for watch in self._watched.get(run_id, ()):
                             watch.event.set()
         finally:
+            self._sleep = None
             self._polling = False
             # Cancelled, as the engine stops: the waits still watched look for themselves
             # (they see the store closed, or poll it on their own), or they would hang.

@@ -816,3 +816,58 @@ async def test_a_wait_for_another_processes_run_ends_when_the_engine_stops(
                 await anyio.sleep(0.01)
     assert [type(e) for e in errors] == [StoreClosedError]
     assert watcher._watched == {}
+
+
+async def complete_elsewhere(path: Path, queue: str, now: float) -> None:
+    """Claim and complete the runs queued in ``queue`` through a second connection to the
+    store, as another process serving it would; each run's output is its id."""
+    other = SQLiteStore(path)
+    await other.open()
+    try:
+        claimed = await other.claim(
+            queue, fifo=False, limit=100, now=now, owner="far-host:1:x", lease_until=now + 60
+        )
+        await other.finish(
+            [completed_outcome(j.id, "far-host:1:x", j.attempts, now, f'"{j.id}"') for j in claimed]
+        )
+    finally:
+        await other.aclose()
+
+
+async def test_a_wait_is_looked_at_within_its_own_poll_interval_beside_a_longer_ones(
+    tmp_path: Path,
+) -> None:
+    """The watcher sleeps for the shortest interval among the waits it watches: a wait on
+    a queue polled every 100 ms that begins while it sleeps out a minute (for a wait on a
+    queue polled every minute) is looked at within its own 100 ms, not after the minute.
+    Until 2026-12-03 the sleep already begun held it back."""
+    iii = III(
+        Config(
+            queues={"slow": QueueConfig(name="slow", poll_interval_ms=60_000)},
+            store=StoreConfig(store_method="file_based", file_path=str(tmp_path / "store")),
+        ),
+        shutdown_grace_ms=0,
+    )
+    async with iii.running(), anyio.create_task_group() as tg:
+        store = iii.runtime.store
+        now = iii.runtime.clock.now()
+        # Due in an hour: this process serves "slow", and must not run it meanwhile.
+        await store.enqueue([elsewhere_job("later", "slow", now, delay_s=3600)])
+        await store.enqueue([elsewhere_job("soon", "theirs", now)])
+        watcher = _runs._watcher(iii.runtime)
+        slow = in_background(tg, lambda: iii.runs.wait_async("later"))
+        with anyio.fail_after(10):
+            while "later" not in watcher._watched:
+                await anyio.sleep(0.01)
+        fast = in_background(tg, lambda: iii.runs.wait_async("soon"))
+        with anyio.fail_after(10):
+            while "soon" not in watcher._watched:
+                await anyio.sleep(0.01)
+        await complete_elsewhere(tmp_path / "store", "theirs", now)
+        with anyio.fail_after(10):  # a minute without the change
+            while not fast:
+                await anyio.sleep(0.01)
+        assert [(r.id, r.status, r.output) for r in fast] == [("soon", "completed", "soon")]
+        assert (slow, list(watcher._watched)) == ([], ["later"])
+        tg.cancel_scope.cancel()
+
