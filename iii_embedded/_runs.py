@@ -474,8 +474,8 @@ class _Watcher:
     the event loop about half busy with reads. Runs this process settles wake their
     waits at once, without a read (``Runtime.on_final``)."""
 
-    def __init__(self, rt: Runtime) -> None:
-        self._rt = rt
+    def __init__(self) -> None:
+        # No reference to the runtime: this is the value of a weak mapping keyed by it.
         self._watched: dict[str, list[_Watch]] = {}
         self._polling = False
         self._sleep: anyio.CancelScope | None = None
@@ -484,12 +484,13 @@ class _Watcher:
         self.reads = 0
         """Reads of watched runs' states made (for tests)."""
 
-    def watch(self, run_id: str, interval_s: float, event: anyio.Event) -> _Watch | None:
+    def watch(
+        self, rt: Runtime, run_id: str, interval_s: float, event: anyio.Event
+    ) -> _Watch | None:
         """Set ``event`` once ``run_id`` is seen final or gone; ``None`` if no poll can run
         (the engine is stopping): the caller then looks for itself."""
         if not self._polling:
-            rt = self._rt
-            if rt.loop_thread != threading.get_ident() or not rt.start_soon(self._poll):
+            if rt.loop_thread != threading.get_ident() or not rt.start_soon(self._poll, rt):
                 return None
             self._polling = True
         watch = _Watch(event, interval_s)
@@ -507,7 +508,7 @@ class _Watcher:
             if not watches:
                 del self._watched[run_id]
 
-    async def _poll(self) -> None:
+    async def _poll(self, rt: Runtime) -> None:
         try:
             while self._watched:
                 interval = min(w.interval_s for ws in self._watched.values() for w in ws)
@@ -518,7 +519,7 @@ class _Watcher:
                 if not ids:
                     return
                 try:
-                    states: dict[str, str] | None = await self._rt.store.states(ids)
+                    states: dict[str, str] | None = await rt.store.states(ids)
                 except Exception:  # the waits read the store themselves and see the error
                     states = None
                 self.reads += 1
@@ -543,7 +544,7 @@ _watchers: weakref.WeakKeyDictionary[Runtime, _Watcher] = weakref.WeakKeyDiction
 def _watcher(rt: Runtime) -> _Watcher:
     watcher = _watchers.get(rt)
     if watcher is None:
-        watcher = _watchers[rt] = _Watcher(rt)
+        watcher = _watchers[rt] = _Watcher()
     return watcher
 
 
@@ -594,7 +595,7 @@ async def _wait_one(
             queue = rt.config.queues.get(job.queue) or QueueConfig()
             poll = queue.poll_interval_ms / 1000
             watcher = _watcher(rt)
-            watch = watcher.watch(run_id, poll, event[0])
+            watch = watcher.watch(rt, run_id, poll, event[0])
             if watch is None:  # no watcher in a stopping engine: look again after a poll
                 with anyio.move_on_after(poll):
                     await event[0].wait()

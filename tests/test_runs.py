@@ -4,7 +4,9 @@
 
 from __future__ import annotations
 
+import gc
 import threading
+import weakref
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -871,3 +873,31 @@ async def test_a_wait_is_looked_at_within_its_own_poll_interval_beside_a_longer_
         assert (slow, list(watcher._watched)) == ([], ["later"])
         tg.cancel_scope.cancel()
 
+
+async def test_the_runs_watcher_keeps_no_stopped_engine_alive(tmp_path: Path) -> None:
+    """The watcher of an engine's waits is kept in a weak mapping keyed by its runtime, and
+    holds no reference to it: once the engine stops, its runtime (with its config, store,
+    threads and registry) can be freed. Until 2026-12-03 the watcher held its runtime, so
+    every lifecycle that had waited on a file store stayed in memory for good."""
+    iii = III(
+        Config(store=StoreConfig(store_method="file_based", file_path=str(tmp_path / "store"))),
+        shutdown_grace_ms=0,
+    )
+    async with iii.running(), anyio.create_task_group() as tg:
+        rt = iii.runtime
+        now = rt.clock.now()
+        await rt.store.enqueue([elsewhere_job("far", "theirs", now)])
+        results = in_background(tg, lambda: iii.runs.wait_async("far"))
+        watcher = _runs._watcher(rt)
+        with anyio.fail_after(10):
+            while "far" not in watcher._watched:
+                await anyio.sleep(0.01)
+        await complete_elsewhere(tmp_path / "store", "theirs", now)
+        with anyio.fail_after(10):
+            while not results:
+                await anyio.sleep(0.01)
+    assert [(r.id, r.status) for r in results] == [("far", "completed")]
+    stopped = weakref.ref(rt)
+    del rt
+    gc.collect()
+    assert stopped() is None
