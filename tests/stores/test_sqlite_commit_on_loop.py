@@ -111,14 +111,26 @@ async def test_another_process_holding_the_write_lock_never_blocks_the_loop(
             loop_ran_in_time.append(loop_ran.wait(5))
             other.execute("COMMIT")
 
+    begins: list[str] = []  # the threads that began a write transaction, in order
+    writer_began = threading.Event()
+    assert store._conn is not None
+
+    def trace(sql: str) -> None:
+        if sql == "BEGIN IMMEDIATE":
+            begins.append(threading.current_thread().name)
+            if begins[-1].startswith("iii-sqlite["):
+                writer_began.set()
+
+    store._conn.set_trace_callback(trace)
     thread = threading.Thread(target=other_process)
     thread.start()
     try:
         await anyio.to_thread.run_sync(held.wait)
         pending = asyncio.ensure_future(store.enqueue([new_job("a")]))
         # The loop tried, found the lock taken at once, and handed the request to the
-        # writer thread, which waits for the lock: the loop runs on.
-        await until(lambda: store._with_writer == 1)
+        # writer thread, which waits for the lock: the loop runs on. (Waited for in a
+        # thread: a timer on the loop would make it leave the commit to the writer.)
+        assert await anyio.to_thread.run_sync(writer_began.wait, 10)
         assert not pending.done()
         loop_ran.set()
         with anyio.fail_after(10):
@@ -126,7 +138,9 @@ async def test_another_process_holding_the_write_lock_never_blocks_the_loop(
     finally:
         loop_ran.set()
         await anyio.to_thread.run_sync(thread.join)
+    store._conn.set_trace_callback(None)
     assert loop_ran_in_time == [True]
+    assert [name.startswith("iii-sqlite[") for name in begins] == [False, True]
     assert store.loop_commits == 0
     # The writer had it back: the loop commits again.
     assert await store.enqueue([new_job("b")]) == ["b"]
