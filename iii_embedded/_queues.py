@@ -57,6 +57,12 @@ log = logging.getLogger("iii_embedded.queue")
 
 StopReason = Literal["shutdown", "cancelled"]
 
+_FAN_OUT_S = 0.01
+"""How long a sync job started while a queue's thread is busy may wait for that thread
+before the pool wakes another for it (``ThreadPool`` ``fan_out_s``): the delay before
+blocking handlers run side by side. Long enough that the check is seldom the next timer
+due, which would send the loop's commits to the writer (``commit_on_loop``)."""
+
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -205,6 +211,7 @@ class QueueRunner:
             settle=self._settle_sync,
             # Only prefetched jobs can wait behind running ones (see ``_chain``).
             follow=self._follow if self.prefetch else None,
+            fan_out_s=_FAN_OUT_S,
         )
         self._line: deque[_SyncActive] = deque()
         """Claimed sync jobs waiting for the thread of a running one, oldest first (see

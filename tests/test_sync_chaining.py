@@ -240,7 +240,7 @@ async def test_a_timed_out_jobs_thread_takes_nothing_from_the_line(tmp_path: Pat
             assert handler.thread_of[1] != handler.thread_of[0]
             assert waiting(iii) == 1
             handler.gates[0].set()  # job 0's handler returns: its thread goes idle
-            await until(lambda: runner(iii).threads._idle == 1)
+            await until(lambda: runner(iii).threads.idle == 1)
             assert handler.runs[2] == 0
             handler.gates[1].set()  # job 1's thread takes job 2
             await drain(iii)

@@ -19,6 +19,7 @@ from iii_embedded import (
     QueueConfig,
     StoreConfig,
     TriggerAction,
+    _threads,
     current_invocation,
 )
 from iii_embedded._stores._memory import MemoryStore
@@ -263,6 +264,71 @@ def test_a_pool_thread_waiting_on_the_pool_grows_it_past_its_bound() -> None:
 
 def inner_alone(n: int) -> int:
     return n
+
+
+class Results:
+    """A pool's ``settle``: collects the results until ``count`` are in."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.batches: list[list[tuple[Any, bool, Any]]] = []
+        self.done = anyio.Event()
+
+    def __call__(self, batch: list[tuple[Any, bool, Any]]) -> None:
+        self.batches.append(batch)
+        if sum(map(len, self.batches)) == self.count:
+            self.done.set()
+
+    async def all(self) -> dict[Any, Any]:
+        with anyio.fail_after(10):
+            await self.done.wait()
+        assert all(ok for batch in self.batches for _, ok, _ in batch)
+        return {token: value for batch in self.batches for token, _, value in batch}
+
+
+def thread_of(n: int) -> tuple[int, int]:
+    return n, threading.get_ident()
+
+
+async def test_calls_left_to_a_busy_thread_run_on_it_and_wake_no_other(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # However short, a call may take longer than ``_SLOW_S`` on a busy machine, which
+    # would rightly make the pool wake more threads: out of the way here.
+    monkeypatch.setattr(_threads, "_SLOW_S", 60.0)
+    results = Results(10)
+    pool = ThreadPool("test", max_threads=10, settle=results, fan_out_s=60.0)
+    try:
+        for n in range(10):  # the first wakes a thread; the rest are left to it
+            pool.submit(n, thread_of, n)
+        outputs = await results.all()
+        threads = len(pool._threads)
+    finally:
+        pool.close()
+    assert sorted(outputs) == list(range(10))
+    assert len({ident for _, ident in outputs.values()}) == 1
+    assert threads == 1
+
+
+async def test_calls_left_to_a_thread_held_up_in_a_handler_get_threads_of_their_own() -> None:
+    # The first call holds its thread until all three run at once: the calls left to
+    # that thread must get threads of their own once they have waited ``fan_out_s``.
+    barrier = threading.Barrier(3, timeout=10)
+
+    def meet(n: int) -> tuple[int, int]:
+        barrier.wait()
+        return thread_of(n)
+
+    results = Results(3)
+    pool = ThreadPool("test", max_threads=3, settle=results, fan_out_s=0.01)
+    try:
+        for n in range(3):
+            pool.submit(n, meet, n)
+        outputs = await results.all()
+    finally:
+        pool.close()
+    assert sorted(outputs) == [0, 1, 2]
+    assert len({ident for _, ident in outputs.values()}) == 3
 
 
 def test_nested_synchronous_calls_of_sync_handlers_do_not_exhaust_the_threads() -> None:
