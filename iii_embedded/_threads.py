@@ -38,7 +38,10 @@ cancelled are still running (a thread cannot be killed; it is abandoned and its 
 dropped). A call made from one of the pool's own threads may grow it further: a sync
 handler that calls another synchronously waits for it, holding its thread, and with every
 thread held by such waiters the pool would otherwise wait for itself forever. Threads are
-daemons, so an abandoned handler never keeps the process alive.
+daemons, so an abandoned handler never keeps the process alive. A thread that has waited
+``_IDLE_EXIT_S`` for a call ends, so a pool grown by a burst shrinks back; since the pool
+wakes the thread that fell idle last, the threads a steady load does not need are the ones
+that wait that long.
 """
 
 from __future__ import annotations
@@ -71,6 +74,9 @@ It must not block, nor take the pool's lock."""
 
 _STOP = None
 _WAKE = True
+_IDLE_EXIT_S = 60.0
+"""A pool thread that waited this long for a call ends (the pool starts one again when a
+call finds none idle)."""
 _SLOW_S = 0.0002
 """A call that took this long makes the pool wake threads for calls at once (``_eager``):
 running the next ones beside it is then worth a thread's wake-up (~65 µs here)."""
@@ -103,6 +109,8 @@ class ThreadPool:
         self._calls: deque[tuple[Any, contextvars.Context, Callable[[Any], Any], Any]] = deque()
         """Calls made and not yet taken by a thread, oldest first (guarded by ``_lock``)."""
         self._threads: list[threading.Thread] = []
+        self._spawned = 0
+        """Threads started so far (each is named by its number)."""
         self._inboxes: list[queue.SimpleQueue[Any]] = []
         """Each thread's own: ``_WAKE`` sends it for calls, ``_STOP`` ends it."""
         self._sleepers: list[queue.SimpleQueue[Any]] = []
@@ -258,10 +266,11 @@ class ThreadPool:
 
     def _spawn(self) -> None:
         inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._spawned += 1
         thread = threading.Thread(
             target=self._work,
             args=(inbox,),
-            name=f"iii-{self.name}-{len(self._threads)}",
+            name=f"iii-{self.name}-{self._spawned - 1}",
             daemon=True,
         )
         self._threads.append(thread)
@@ -281,7 +290,19 @@ class ThreadPool:
                 self._rest(inbox)
         while True:
             if item is None:
-                if get() is _STOP:
+                try:
+                    message = get(timeout=_IDLE_EXIT_S)
+                except queue.Empty:
+                    with lock:
+                        if self._closed:  # told to stop (``close``): nothing to undo
+                            return
+                        if inbox in self._sleepers:  # idle all along: end this thread
+                            self._sleepers.remove(inbox)
+                            self._inboxes.remove(inbox)
+                            self._threads.remove(threading.current_thread())
+                            return
+                    continue  # a wake-up is on its way to it: take it
+                if message is _STOP:
                     return
                 with lock:
                     self._waking -= 1

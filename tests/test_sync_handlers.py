@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextvars
 import threading
+import time
 from typing import Any
 
 import anyio
@@ -329,6 +330,50 @@ async def test_calls_left_to_a_thread_held_up_in_a_handler_get_threads_of_their_
         pool.close()
     assert sorted(outputs) == [0, 1, 2]
     assert len({ident for _, ident in outputs.values()}) == 3
+
+
+def test_threads_idle_for_a_while_end_and_the_pool_starts_one_again_when_needed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A burst grows a pool to its bound; threads that then wait ``_IDLE_EXIT_S`` for a
+    call end, so it shrinks back, and the next call starts a thread again. A thread stuck
+    in a call is not idle, and stays."""
+    monkeypatch.setattr(_threads, "_IDLE_EXIT_S", 0.05, raising=False)
+    pool = ThreadPool("idling", max_threads=3)
+    all_in = threading.Barrier(3, timeout=10)
+    release = threading.Event()
+
+    def meet(n: int) -> int:
+        all_in.wait()  # three calls at once: three threads
+        return n
+
+    def stuck(n: int) -> int:
+        release.wait(10)
+        return n
+
+    def threads_become(count: int) -> None:
+        deadline = time.monotonic() + 10
+        while len(pool._threads) != count:
+            assert time.monotonic() < deadline, f"{len(pool._threads)} threads, not {count}"
+            time.sleep(0.01)
+
+    try:
+        calls = [pool.run_from_thread(meet, n, contextvars.copy_context()) for n in range(3)]
+        assert sorted(f.result(timeout=10) for f in calls) == [0, 1, 2]
+        assert len(pool._threads) == 3
+        threads_become(0)
+        assert pool.idle == 0
+        held = pool.run_from_thread(stuck, 7, contextvars.copy_context())
+        assert pool.run_from_thread(inner_alone, 8, contextvars.copy_context()).result(10) == 8
+        threads_become(1)  # the idle one ended; the one in ``stuck`` did not
+        release.set()
+        assert held.result(10) == 7
+        threads_become(0)
+        names = {t.name for t in threading.enumerate() if t.name.startswith("iii-idling-")}
+        assert pool.run_from_thread(inner_alone, 9, contextvars.copy_context()).result(10) == 9
+    finally:
+        pool.close()
+    assert names == set()
 
 
 def test_nested_synchronous_calls_of_sync_handlers_do_not_exhaust_the_threads() -> None:
