@@ -63,6 +63,13 @@ def make_app() -> III:
     return III(config, shutdown_grace_ms=0)
 
 
+def route_post_p(iii: III) -> None:
+    """``POST /p`` calls the function ``p``."""
+    iii.register_trigger(
+        {"type": "http", "function_id": "p", "config": {"api_path": "/p", "http_method": "POST"}}
+    )
+
+
 def route_orders_show(iii: III, show: Any) -> None:
     """``show`` as ``orders::show``, served at ``POST /orders/:id``."""
     iii.register_function("orders::show", show)
@@ -794,9 +801,7 @@ async def test_a_content_length_that_is_not_ascii_digits_is_no_crash() -> None:
     ``str.isdigit``, not to ``int``): the body is counted as it comes instead."""
     iii = III(shutdown_grace_ms=0)
     iii.register_function("p", lambda req: {"status_code": 200, "body": {"got": req["body"]}})
-    iii.register_trigger(
-        {"type": "http", "function_id": "p", "config": {"api_path": "/p", "http_method": "POST"}}
-    )
+    route_post_p(iii)
     scope = {
         "type": "http",
         "method": "POST",
@@ -846,9 +851,7 @@ async def test_a_body_that_does_not_arrive_in_time_is_a_408_and_the_function_is_
     )
     called: list[Any] = []
     iii.register_function("p", lambda req: called.append(req["body"]) or {"status_code": 200})
-    iii.register_trigger(
-        {"type": "http", "function_id": "p", "config": {"api_path": "/p", "http_method": "POST"}}
-    )
+    route_post_p(iii)
     scope = {
         "type": "http",
         "method": "POST",

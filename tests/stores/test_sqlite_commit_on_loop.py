@@ -147,15 +147,10 @@ async def test_another_process_holding_the_write_lock_never_blocks_the_loop(
     assert store.loop_commits == 1
 
 
-async def test_after_commits_on_the_loop_the_writer_still_waits_for_another_process(
-    store: SQLiteStore,
-) -> None:
-    """The loop's transactions leave the connection's busy timeout at 0 (they must never
-    wait); the writer's next transaction sets SQLite's wait back, so a write lock another
-    process holds for a moment delays it instead of failing it."""
-    assert await store.enqueue([new_job("a")]) == ["a"]
-    assert store.loop_commits == 1
-    store.commit_on_loop = False  # what follows goes to the writer thread
+async def enqueue_while_another_process_writes(store: SQLiteStore, job_id: str) -> bool:
+    """Enqueue ``job_id`` while another connection (as another process's writer would)
+    holds the write lock, which it gives up once the store's writer thread begins a
+    transaction, or after 5 s. Whether the writer thread began one in that time."""
     begun = threading.Event()
     assert store._conn is not None
 
@@ -165,12 +160,13 @@ async def test_after_commits_on_the_loop_the_writer_still_waits_for_another_proc
 
     store._conn.set_trace_callback(trace)
     held = threading.Event()
+    begun_in_time: list[bool] = []
 
     def other_process() -> None:
         with closing(sqlite3.connect(store.path, isolation_level=None)) as other:
             other.execute("BEGIN IMMEDIATE")
             held.set()
-            begun.wait(10)  # the writer has started its transaction: let it have the lock
+            begun_in_time.append(begun.wait(5))
             other.execute("COMMIT")
 
     thread = threading.Thread(target=other_process)
@@ -178,11 +174,26 @@ async def test_after_commits_on_the_loop_the_writer_still_waits_for_another_proc
     try:
         await anyio.to_thread.run_sync(held.wait)
         with anyio.fail_after(10):
-            assert await store.enqueue([new_job("b")]) == ["b"]
+            assert await store.enqueue([new_job(job_id)]) == [job_id]
     finally:
         begun.set()
         await anyio.to_thread.run_sync(thread.join)
+        store._conn.set_trace_callback(None)
+    return begun_in_time == [True]
+
+
+async def test_after_commits_on_the_loop_the_writer_still_waits_for_another_process(
+    store: SQLiteStore,
+) -> None:
+    """The loop's transactions leave the connection's busy timeout at 0 (they must never
+    wait); the writer's next transaction sets SQLite's wait back, so a write lock another
+    process holds for a moment delays it instead of failing it."""
+    assert await store.enqueue([new_job("a")]) == ["a"]
     assert store.loop_commits == 1
+    store.commit_on_loop = False  # what follows goes to the writer thread
+    assert await enqueue_while_another_process_writes(store, "b")
+    assert store.loop_commits == 1
+    assert store._conn is not None
     with store._conn_lock:
         assert store._conn.execute("PRAGMA busy_timeout").fetchone() == (10_000,)
     assert rows_seen_elsewhere(store) == 2
@@ -198,37 +209,12 @@ async def test_a_store_opened_again_still_never_blocks_the_loop(store: SQLiteSto
     assert store.loop_commits == 1
     await store.aclose()
     await store.open()
-    assert store._conn is not None
-    begun = threading.Event()
-
-    def trace(sql: str) -> None:
-        if sql == "BEGIN IMMEDIATE" and threading.current_thread().name.startswith("iii-sqlite["):
-            begun.set()
-
-    store._conn.set_trace_callback(trace)
-    held = threading.Event()
-    begun_in_time: list[bool] = []
-
-    def other_process() -> None:
-        with closing(sqlite3.connect(store.path, isolation_level=None)) as other:
-            other.execute("BEGIN IMMEDIATE")
-            held.set()
-            # Released once the writer thread begins its transaction: the loop found the
-            # lock taken at once and handed the enqueue over. A loop waiting in SQLite's
-            # busy handler never does: released after 5 s, it then commits on the loop.
-            begun_in_time.append(begun.wait(5))
-            other.execute("COMMIT")
-
-    thread = threading.Thread(target=other_process)
-    thread.start()
-    try:
-        await anyio.to_thread.run_sync(held.wait)
-        with anyio.fail_after(10):
-            assert await store.enqueue([new_job("b")]) == ["b"]
-    finally:
-        begun.set()
-        await anyio.to_thread.run_sync(thread.join)
-    assert (begun_in_time, store.loop_commits) == ([True], 1)
+    # The loop found the lock taken at once and handed the enqueue to the writer thread,
+    # which began its transaction (the other process then gave the lock up). A loop
+    # waiting in SQLite's busy handler never hands it over: the lock is given up after
+    # 5 s, and the loop commits itself.
+    assert await enqueue_while_another_process_writes(store, "b")
+    assert store.loop_commits == 1
     assert rows_seen_elsewhere(store) == 2
 
 
