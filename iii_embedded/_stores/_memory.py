@@ -641,7 +641,7 @@ class MemoryStore:
         for job_id in job_ids:
             row = rows.get(job_id)
             if row is not None:
-                found[job_id] = "queued" if row.waiting else row.state
+                found[job_id] = row.view().state  # as ``get`` shows it
         return found
 
     async def key_holders(self, function_id: str, keys: Sequence[str]) -> list[Job]:
