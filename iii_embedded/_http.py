@@ -311,6 +311,8 @@ def _decode_body(raw: bytes, content_type: str) -> Any:
             return json.loads(raw)  # UTF-8 (or the UTF-16/32 JSON allows), else an error
         except ValueError as exc:
             raise _MalformedBody("malformed JSON body", str(exc)) from None
+        except RecursionError:  # nested deeper than the parser recurses: "[[[[..."
+            raise _MalformedBody("malformed JSON body", "nested too deeply") from None
     if media and not (media.startswith("text/") or media in _TEXT_TYPES or media.endswith("+xml")):
         return raw
     charset = "utf-8"
@@ -326,7 +328,7 @@ def _decode_body(raw: bytes, content_type: str) -> Any:
         raise _MalformedBody("malformed text body", str(exc)) from None
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested too deeply to parse
         return text
 
 

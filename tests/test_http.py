@@ -686,6 +686,28 @@ async def test_a_binary_body_reaches_the_function_as_its_exact_bytes() -> None:
     assert json.loads(answers[6][2])["error"] == "malformed JSON body"
 
 
+async def test_json_nested_too_deep_to_parse_is_a_400_and_as_text_stays_text() -> None:
+    """A JSON body nested deeper than the parser recurses (a few kilobytes of ``[``) is a
+    malformed body, a JSON 400, not an exception out of the app (the server's plain-text
+    500); the same bytes sent as text, or untyped, reach the function as the text."""
+    iii = III(shutdown_grace_ms=0)
+    seen: list[Any] = []
+    iii.register_function("p", lambda req: seen.append(req["body"]) or {"status_code": 200})
+    route_post_p(iii)
+    deep = b"[" * 100_000 + b"]" * 100_000
+    answers = []
+    async with iii.running():
+        for content_type in (b"application/json", b"text/plain", None):
+            headers = [(b"content-type", content_type)] if content_type else []
+            scope = {"type": "http", "method": "POST", "path": "/p", "headers": headers}
+            answers.append(await asgi_messages(iii.asgi_app, scope, deep))
+    start, body = answers[0]
+    assert start["status"] == 400
+    assert json.loads(body["body"])["error"] == "malformed JSON body"
+    assert [a[0]["status"] for a in answers[1:]] == [200, 200]
+    assert seen == [deep.decode()] * 2
+
+
 async def test_a_body_over_max_body_bytes_is_a_413_before_it_is_read() -> None:
     """A Content-Length over the limit is refused without reading the body; a chunked body
     is counted as it arrives and refused once past the limit, before its end; bodies up to
