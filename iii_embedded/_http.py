@@ -430,9 +430,12 @@ def _segments(scope: Scope, path: str) -> list[str]:
     root = str(scope.get("root_path") or "").rstrip("/")
     if root and (text == root or text.startswith(root + "/")):
         text = text[len(root) :]
-    parts = [unquote(p) for p in text.strip("/").split("/") if p]
     # Only if it is the same path as ``path`` (a framework may have rewritten that one).
-    return parts if "/".join(parts) == "/".join(decoded) else decoded
+    # Compared whole: an encoded slash first or last in a segment decodes to an empty
+    # segment, which ``decoded`` has dropped.
+    if unquote(text) != path:
+        return decoded
+    return [unquote(p) for p in text.strip("/").split("/") if p]
 
 
 async def _respond(

@@ -421,6 +421,35 @@ async def test_a_fixed_segment_wins_over_a_parameter_whatever_the_order_of_regis
     assert slash == (200, {"fn": "show", "id": "a/b"})  # an encoded slash stays in its segment
 
 
+async def test_an_encoded_slash_at_either_end_of_a_segment_stays_in_it() -> None:
+    """``%2F`` first or last in a segment is part of the parameter too: the path it
+    decodes to has an empty segment there, which must not make the route use the decoded
+    path (and match ``/e/:id/:x`` for ``/e/a%2Fb/%2F`` with the wrong values)."""
+    iii = III(shutdown_grace_ms=0)
+    for fid, api_path in (("one", "/e/:id"), ("two", "/e/:id/:x")):
+        iii.register_function(fid, lambda req, fid=fid: {"fn": fid, **req["path_params"]})
+        iii.register_trigger({"type": "http", "function_id": fid, "config": {"api_path": api_path}})
+    async with iii.running():
+        trailing = await asgi_get(iii, "/e/a/", raw_path=b"/e/a%2F")
+        leading = await asgi_get(iii, "/e//b", raw_path=b"/e/%2Fb")
+        both = await asgi_get(iii, "/e/a/b//", raw_path=b"/e/a%2Fb/%2F")
+        mounted = await asgi_messages(
+            iii.asgi_app,
+            {
+                "type": "http",
+                "method": "GET",
+                "path": "/api/e//b",
+                "root_path": "/api",
+                "raw_path": b"/api/e/%2Fb",
+                "headers": [],
+            },
+        )
+    assert trailing == (200, {"fn": "one", "id": "a/"})
+    assert leading == (200, {"fn": "one", "id": "/b"})
+    assert both == (200, {"fn": "two", "id": "a/b", "x": "/"})
+    assert json.loads(mounted[1]["body"]) == {"fn": "one", "id": "/b"}
+
+
 async def test_a_taken_port_is_one_error_naming_it_and_serve_false_leaves_the_port_alone() -> None:
     import socket
 
