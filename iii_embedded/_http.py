@@ -501,10 +501,11 @@ class HttpServer:
                 return contextlib.nullcontext()
 
         config = uvicorn.Config(
-            self.app.asgi_app,
+            _served(self.app.asgi_app),
             host=self.host,
             port=self.port,
             http=_with_head_timeout(self.header_timeout_ms / 1000),
+            h11_max_incomplete_event_size=_MAX_HEAD_BYTES,
             lifespan="off",
             log_level="warning",
             access_log=False,
@@ -557,6 +558,44 @@ class HttpServer:
                 await self._done.wait()
 
 
+_MAX_HEAD_BYTES = 16 * 1024
+"""The largest request head (request line and headers) the engine's server reads: h11's
+own limit for a head still arriving, applied to one that came whole too."""
+_HTTP_VERSIONS = {"1.0", "1.1"}
+"""The versions the engine's server speaks (h11 parses any ``HTTP/d.d``)."""
+_HEAD_TOO_LARGE = {"error": "request head too large", "max_head_bytes": _MAX_HEAD_BYTES}
+
+
+def _head_size(scope: Scope) -> int:
+    """The size of the request's head as it was sent, near enough: its request line and
+    headers (a server strips the spaces around a header's value)."""
+    query = len(scope.get("query_string") or b"")
+    target = len(scope.get("raw_path") or b"") + (query + 1 if query else 0)  # "?" + query
+    line = len(scope.get("method", "")) + 1 + target + len(" HTTP/1.1\r\n")
+    return line + sum(len(k) + len(v) + 4 for k, v in scope.get("headers", ())) + 2
+
+
+def _served(app: HttpRouter) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    """``app`` as the engine's server runs it: a request in an HTTP version the server does
+    not speak (h11 takes ``HTTP/9.9`` as it would 1.1) is a 505, and one whose head is
+    over ``_MAX_HEAD_BYTES`` a 431 (h11 limits only a head that has not all arrived),
+    each with ``connection: close`` and no route looked at."""
+
+    async def served(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            version = scope.get("http_version", "1.1")
+            if version not in _HTTP_VERSIONS:
+                body = {"error": "http version not supported", "http_version": version}
+                await _respond(send, 505, body, headers={"connection": "close"})
+                return
+            if _head_size(scope) > _MAX_HEAD_BYTES:
+                await _respond(send, 431, _HEAD_TOO_LARGE, headers={"connection": "close"})
+                return
+        await app(scope, receive, send)
+
+    return served
+
+
 def _with_head_timeout(timeout: float) -> type[asyncio.Protocol]:
     """uvicorn's HTTP protocol (h11 or httptools, as uvicorn picks), closing a connection
     that has not sent a whole request head ``timeout`` seconds after it opened or after
@@ -595,6 +634,29 @@ def _with_head_timeout(timeout: float) -> type[asyncio.Protocol]:
             self._head_timer = None
             if self.cycle is cycle and not self.transport.is_closing():
                 self.transport.close()
+
+        def send_400_response(self, msg: str) -> None:
+            # h11 refuses a head that passes its limit before it is complete, and uvicorn
+            # answers every refusal with a 400: this one is a 431, as a head that came
+            # whole gets (``_served``). httptools' protocol has no ``conn``.
+            conn = getattr(self, "conn", None)
+            if conn is None or len(conn.trailing_data[0]) <= _MAX_HEAD_BYTES:
+                super().send_400_response(msg)
+                return
+            import h11
+
+            body = json.dumps(_HEAD_TOO_LARGE).encode()
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ]
+            response = h11.Response(
+                status_code=431, headers=headers, reason=b"Request Header Fields Too Large"
+            )
+            for event in (response, h11.Data(data=body), h11.EndOfMessage()):
+                self.transport.write(conn.send(event))
+            self.transport.close()
 
     return _Protocol
 

@@ -887,6 +887,75 @@ async def test_a_malformed_request_line_is_a_400_and_calls_nothing() -> None:
     assert calls == []
 
 
+async def test_an_http_version_the_server_does_not_speak_is_a_505_and_the_connection_closed() -> (
+    None
+):
+    """h11 parses any ``HTTP/d.d`` request line; the engine's server speaks 1.0 and 1.1,
+    and answers another version with a 505 and closes, calling nothing."""
+    iii = make_app()
+    calls: list[Any] = []
+    iii.register_function("p", lambda req: calls.append(req) or {"status_code": 200})
+    iii.register_trigger({"type": "http", "function_id": "p", "config": {"api_path": "/p"}})
+    async with iii.running():
+        assert iii.http_server is not None
+        port = iii.http_server.port
+        answers = [
+            await anyio.to_thread.run_sync(raw_exchange, port, b"GET /p %s\r\nHost: x\r\n\r\n" % v)
+            for v in (b"HTTP/9.9", b"HTTP/2.0", b"HTTP/1.0")
+        ]
+    for answer in answers[:2]:
+        status_line, _, rest = answer.partition(b"\r\n")
+        headers, _, body = rest.partition(b"\r\n\r\n")
+        assert status_line == b"HTTP/1.1 505 HTTP Version Not Supported"
+        assert b"connection: close" in headers.lower()
+        assert json.loads(body)["error"] == "http version not supported"
+    assert answers[2].startswith(b"HTTP/1.1 200 ")
+    assert len(calls) == 1
+
+
+async def test_a_request_head_over_16_kib_is_a_431_whether_it_comes_whole_or_in_pieces() -> None:
+    """h11 limits a head only while it is incomplete: one that came in one piece was
+    served whatever its size. Both are a 431 now, with ``connection: close``; a head just
+    under the limit is served."""
+    import socket
+
+    iii = make_app()
+    calls: list[Any] = []
+    iii.register_function("p", lambda req: calls.append(req) or {"status_code": 200})
+    iii.register_trigger({"type": "http", "function_id": "p", "config": {"api_path": "/p"}})
+
+    def head(value_size: int, end: bytes = b"\r\n\r\n") -> bytes:
+        return b"GET /p HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * value_size + end
+
+    def in_pieces(port: int) -> bytes:
+        """A head sent a header at a time, past the limit before its end comes."""
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET /p HTTP/1.1\r\nHost: x\r\n")
+            for _ in range(5):
+                sock.sendall(b"X-Part: " + b"b" * 4000 + b"\r\n")
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        return b"".join(chunks)
+
+    async with iii.running():
+        assert iii.http_server is not None
+        port = iii.http_server.port
+        under = await anyio.to_thread.run_sync(
+            raw_exchange, port, head(16_000, b"\r\nConnection: close\r\n\r\n")
+        )
+        whole = await anyio.to_thread.run_sync(raw_exchange, port, head(20_000))
+        pieces = await anyio.to_thread.run_sync(in_pieces, port)
+    assert under.startswith(b"HTTP/1.1 200 ")
+    for answer in (whole, pieces):
+        status_line, _, rest = answer.partition(b"\r\n")
+        headers, _, body = rest.partition(b"\r\n\r\n")
+        assert status_line == b"HTTP/1.1 431 Request Header Fields Too Large"
+        assert b"connection: close" in headers.lower()
+        assert json.loads(body) == {"error": "request head too large", "max_head_bytes": 16384}
+    assert len(calls) == 1
+
+
 async def test_a_body_that_does_not_arrive_in_time_is_a_408_and_the_function_is_not_called() -> (
     None
 ):
