@@ -216,7 +216,8 @@ class HttpRouter:
         try:
             status, payload, extra = _response_of(result)
             await _respond(send, status, payload, headers=extra)
-        except (TypeError, ValueError) as exc:  # raised before anything was sent
+        # Raised before anything was sent (a body nested too deeply is a RecursionError).
+        except (TypeError, ValueError, RecursionError) as exc:
             error_id = str(uuid.uuid4())
             log.error(
                 "http %s %s -> %r returned a response that cannot be sent (error id %s): "
@@ -449,7 +450,8 @@ async def _respond(
     elif isinstance(body, str):
         data, content_type = body.encode(), "text/plain; charset=utf-8"
     else:
-        data, content_type = json.dumps(body).encode(), "application/json"
+        # No NaN or Infinity: JSON has none, and a client's parser would refuse the body.
+        data, content_type = json.dumps(body, allow_nan=False).encode(), "application/json"
     if content_type and "content-type" not in extra:
         extra["content-type"] = [content_type]
     if status not in _NO_BODY:

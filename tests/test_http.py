@@ -320,12 +320,28 @@ def test_the_engine_serves_http_in_every_lifecycle(tmp_path: Path) -> None:
         assert proc.returncode == 0, (name, err)
 
 
+def nested(depth: int) -> list[Any]:
+    """A list ``depth`` lists deep: deeper than ``json.dumps`` recurses for 100 000."""
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
 @pytest.mark.parametrize(
     ("response", "cause"),
     [
         (
             {"status_code": 200, "body": {1, 2}},
             "TypeError: Object of type set is not JSON serializable",
+        ),
+        (  # sent as it was, NaN would be a body that is not JSON, typed as JSON
+            {"status_code": 200, "body": {"x": float("nan")}},
+            "ValueError: Out of range float values are not JSON compliant",
+        ),
+        (
+            {"status_code": 200, "body": nested(100_000)},
+            "RecursionError: maximum recursion depth exceeded",
         ),
         ({"status_code": "abc"}, "ValueError: invalid literal for int()"),
         ({"status_code": 2.5}, "TypeError: status_code 2.5 is not an integer"),
