@@ -362,10 +362,13 @@ def _response_of(result: Any) -> tuple[int, Any, dict[str, list[str]]]:
     ``TypeError`` when they cannot make an HTTP response."""
     if isinstance(result, Mapping) and "status_code" in result:
         raw = result["status_code"]
-        # An integer, or its digits as text ("201"); not a bool, float or other text.
+        # An integer, or its ASCII digits as text ("201"); not a bool, a float, or text
+        # that int() reads but is no status (" 201", "2_01", fullwidth digits).
         if isinstance(raw, bool) or not isinstance(raw, (int, str)):
             raise TypeError(f"status_code {raw!r} is not an integer")
-        status = int(raw)  # ValueError for text that is not digits
+        if isinstance(raw, str) and not (raw.isascii() and raw.isdigit()):
+            raise ValueError(f"status_code {raw!r} is not an integer")
+        status = int(raw)
         # 1xx are interim responses, not an answer: an ASGI app cannot send them.
         if not 200 <= status <= 599:
             raise ValueError(f"status_code {status} is outside 200-599")
@@ -386,7 +389,9 @@ _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 def _header_name(name: Any) -> str:
-    text = str(name).lower()
+    if not isinstance(name, str):  # str(b"x-a") is "b'x-a'", an HTTP token
+        raise TypeError(f"header name {name!r} is not a string")
+    text = name.lower()
     if not _TOKEN.fullmatch(text):
         raise ValueError(f"header name {text!r} is not an HTTP token")
     return text
@@ -400,8 +405,14 @@ def _header_values(name: Any, value: Any) -> list[str]:
 
 
 def _header_value(name: Any, value: Any) -> str:
-    """The header's value as text; ``ValueError`` for a CR, LF or NUL (which would end the
-    header and start another: response splitting) or a character outside latin-1."""
+    """The header's value as text (a number as its digits); ``TypeError`` for another
+    type (``None``, bytes: their ``str`` is no value meant), ``ValueError`` for a CR, LF or
+    NUL (which would end the header and start another: response splitting) or a character
+    outside latin-1."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise TypeError(
+            f"header {str(name).lower()!r}: value {value!r} is not a string or a number"
+        )
     text = str(value)
     if any(c in text for c in "\r\n\0"):
         raise ValueError(f"header {str(name).lower()!r}: value {text!r} has a CR, LF or NUL")

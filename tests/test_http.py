@@ -343,7 +343,31 @@ def nested(depth: int) -> list[Any]:
             {"status_code": 200, "body": nested(100_000)},
             "RecursionError: maximum recursion depth exceeded",
         ),
-        ({"status_code": "abc"}, "ValueError: invalid literal for int()"),
+        ({"status_code": "abc"}, "ValueError: status_code 'abc' is not an integer"),
+        # int() takes these; an HTTP status is three ASCII digits
+        ({"status_code": "2_01"}, "ValueError: status_code '2_01' is not an integer"),
+        ({"status_code": " 201"}, "ValueError: status_code ' 201' is not an integer"),
+        (
+            {"status_code": "\uff12\uff10\uff11"},
+            "ValueError: status_code '\uff12\uff10\uff11' is not an integer",
+        ),
+        # str() of these is no header: "b'x-a'" is even an HTTP token
+        (
+            {"status_code": 200, "headers": {b"x-a": "1"}},
+            "TypeError: header name b'x-a' is not a string",
+        ),
+        (
+            {"status_code": 200, "headers": {"x-a": b"1"}},
+            "TypeError: header 'x-a': value b'1' is not a string or a number",
+        ),
+        (
+            {"status_code": 200, "headers": {"x-a": None}},
+            "TypeError: header 'x-a': value None is not a string or a number",
+        ),
+        (
+            {"status_code": 200, "headers": {"x-a": ["1", {"a": 1}]}},
+            "TypeError: header 'x-a': value {'a': 1} is not a string or a number",
+        ),
         ({"status_code": 2.5}, "TypeError: status_code 2.5 is not an integer"),
         ({"status_code": True}, "TypeError: status_code True is not an integer"),
         ({"status_code": 1200}, "ValueError: status_code 1200 is outside 200-599"),
@@ -666,7 +690,8 @@ async def test_repeated_request_headers_are_joined_and_a_list_value_sends_one_li
 
     def echo(req: dict[str, Any]) -> dict[str, Any]:
         seen.append(req["headers"])
-        return {"status_code": 200, "headers": {"set-cookie": ["a=1; Path=/", "b=2"]}}
+        # A number is sent as its text.
+        return {"status_code": 200, "headers": {"set-cookie": ["a=1; Path=/", "b=2"], "age": 7}}
 
     iii.register_function("echo", echo)
     iii.register_trigger({"type": "http", "function_id": "echo", "config": {"api_path": "/e"}})
@@ -687,6 +712,7 @@ async def test_repeated_request_headers_are_joined_and_a_list_value_sends_one_li
         b"set-cookie: a=1; path=/",
         b"set-cookie: b=2",
     ]
+    assert b"age: 7" in head
 
 
 async def test_a_binary_body_reaches_the_function_as_its_exact_bytes() -> None:
