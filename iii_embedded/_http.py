@@ -588,6 +588,22 @@ def _head_size(scope: Scope) -> int:
     return line + sum(len(k) + len(v) + 4 for k, v in scope.get("headers", ())) + 2
 
 
+def _origin_form(scope: Scope) -> Scope:
+    """``scope`` with a target in absolute form (``http://host/p``, which a server must
+    accept: RFC 9112 §3.2.2) cut to its path, as the router reads it; uvicorn's h11
+    protocol leaves the whole URL in ``path``."""
+    path, raw = str(scope.get("path", "")), bytes(scope.get("raw_path") or b"")
+    if "://" not in path:
+        return scope
+    after = path.partition("://")[2]
+    raw_after = raw.partition(b"://")[2]
+    return {
+        **scope,
+        "path": after[after.find("/") :] if "/" in after else "/",
+        "raw_path": raw_after[raw_after.find(b"/") :] if b"/" in raw_after else b"/",
+    }
+
+
 def _served(app: HttpRouter) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
     """``app`` as the engine's server runs it: a request in an HTTP version the server does
     not speak (h11 takes ``HTTP/9.9`` as it would 1.1) is a 505, and one whose head is
@@ -604,6 +620,8 @@ def _served(app: HttpRouter) -> Callable[[Scope, Receive, Send], Awaitable[None]
             if _head_size(scope) > _MAX_HEAD_BYTES:
                 await _respond(send, 431, _HEAD_TOO_LARGE, headers={"connection": "close"})
                 return
+            if not str(scope.get("path", "/")).startswith("/"):
+                scope = _origin_form(scope)
         await app(scope, receive, send)
 
     return served

@@ -955,6 +955,29 @@ async def test_an_http_version_the_server_does_not_speak_is_a_505_and_the_connec
     assert len(calls) == 1
 
 
+async def test_a_request_target_in_absolute_form_is_routed_by_its_path() -> None:
+    """``GET http://host/p?q=1 HTTP/1.1`` (RFC 9112 §3.2.2: a server must accept it) is
+    the request for ``/p``; uvicorn's h11 protocol passes the whole URL as the path."""
+    iii = make_app()
+    seen: list[Any] = []
+    iii.register_function("p", lambda req: seen.append(req) or {"status_code": 200})
+    iii.register_trigger({"type": "http", "function_id": "p", "config": {"api_path": "/p/:id"}})
+    async with iii.running():
+        assert iii.http_server is not None
+        answer = await anyio.to_thread.run_sync(
+            raw_exchange,
+            iii.http_server.port,
+            b"GET http://x:80/p/a%2Fb?q=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    [req] = seen
+    assert (req["path"], req["path_params"], req["query_params"]) == (
+        "/p/a/b",
+        {"id": "a/b"},
+        {"q": "1"},
+    )
+
+
 async def test_a_request_head_over_16_kib_is_a_431_whether_it_comes_whole_or_in_pieces() -> None:
     """h11 limits a head only while it is incomplete: one that came in one piece was
     served whatever its size. Both are a 431 now, with ``connection: close``; a head just
