@@ -112,7 +112,7 @@ def _register_cron(app: III, trigger: Mapping[str, Any]) -> Binding:
         parse_expression(expression, now).get_next(float)
     except ValueError as exc:  # croniter's errors are ValueErrors
         if str(exc).startswith("invalid cron expression"):
-            raise
+            raise ValueError(f"the cron trigger of {function_id!r}: {exc}") from None
         raise ValueError(
             f"cron expression {expression!r} of {function_id!r} has no fire time after "
             f"{_iso(now)} ({exc})"

@@ -260,20 +260,26 @@ async def test_a_functions_second_schedule_fires_on_its_own_and_a_repeat_is_one(
     )
 
 
-def test_invalid_expressions_are_refused_naming_the_expression() -> None:
+def test_invalid_expressions_are_refused_naming_the_expression_and_the_trigger() -> None:
     iii = III()
     with pytest.raises(ValueError) as wrong_count:
         iii.register_trigger(
             {"type": "cron", "function_id": "f", "config": {"expression": "every minute"}}
         )
     assert str(wrong_count.value) == (  # invalid, not a schedule that has no fire time
-        "invalid cron expression 'every minute': it has 2 fields; expected 5 "
-        "(min hour day month weekday), 6 (iii: seconds first) or 7 (… and year)"
+        "the cron trigger of 'f': invalid cron expression 'every minute': it has 2 fields; "
+        "expected 5 (min hour day month weekday), 6 (iii: seconds first) or 7 (… and year)"
     )
-    with pytest.raises(ValueError, match="invalid cron expression '99 \\* \\* \\* \\*'"):
+    with pytest.raises(
+        ValueError, match="the cron trigger of 'f': invalid cron expression '99 \\* \\* \\* \\*'"
+    ):
         iii.register_trigger(
             {"type": "cron", "function_id": "f", "config": {"expression": "99 * * * *"}}
         )
+    with pytest.raises(  # the decorator's cron= too
+        ValueError, match="the cron trigger of 'g': invalid cron expression '\\* \\* \\*'"
+    ):
+        iii.function("g", cron="* * *")(lambda event: None)
     with pytest.raises(ValueError, match=r"needs config\.expression"):
         iii.register_trigger({"type": "cron", "function_id": "f", "config": {}})
     with pytest.raises(ValueError, match="cron expression '0 0 0 31 2 \\*' of 'f' has no fire"):
