@@ -420,7 +420,14 @@ def find_config(explicit: str | os.PathLike[str] | None = None) -> Config:
         return load_config(explicit)
     env = os.environ.get(CONFIG_ENV)
     if env:
-        return load_config(env)
+        try:
+            return load_config(env)
+        except ConfigError as exc:
+            if exc.line is not None:
+                raise
+            # About the file itself (not found, unreadable): say which variable named it,
+            # since the program was given no path.
+            raise ConfigError(f"{exc.reason} (named by ${CONFIG_ENV})", path=exc.path) from None
     if Path(DEFAULT_CONFIG_FILE).is_file():
         return load_config(DEFAULT_CONFIG_FILE)
     return Config(queues={DEFAULT_QUEUE: QueueConfig(name=DEFAULT_QUEUE)})

@@ -359,6 +359,27 @@ def test_find_config_prefers_env_then_cwd_then_defaults(
     assert "email" in find_config(tmp_path / "iii-config.yaml").queues
 
 
+def test_a_missing_file_named_by_iii_config_says_the_variable_named_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``$III_CONFIG`` pointing at no file is an error (not the defaults, nor
+    ``./iii-config.yaml``), and says where the path came from: a program that was given no
+    path otherwise reports one its user never typed."""
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, OLDER)  # ./iii-config.yaml exists and is not used instead
+    missing = tmp_path / "nowhere" / "iii-config.yaml"
+    monkeypatch.setenv("III_CONFIG", str(missing))
+    with pytest.raises(ConfigError) as error:
+        find_config()
+    assert str(error.value) == f"{missing}: config file not found (named by $III_CONFIG)"
+    monkeypatch.setenv("III_CONFIG", str(tmp_path))  # a directory
+    with pytest.raises(ConfigError, match=r"Is a directory \(named by \$III_CONFIG\)$"):
+        find_config()
+    with pytest.raises(ConfigError) as explicit:  # a path given in the call says nothing more
+        find_config(missing)
+    assert str(explicit.value) == f"{missing}: config file not found"
+
+
 queue_fields = st.fixed_dictionaries(
     {
         "max_retries": st.integers(0, 50),
