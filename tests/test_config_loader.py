@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from iii_embedded import ConfigError, QueueConfig
+from iii_embedded import ConfigError, HttpConfig, QueueConfig
 from iii_embedded._config_loader import find_config, load_config, parse_config
 
 CURRENT = """\
@@ -277,6 +277,28 @@ def test_errors_name_the_file_the_line_and_the_problem(
     assert message.startswith(f"{path}:{line}: "), message
     assert fragment in message
     assert caught.value.line == line
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"port": -1}, "port must be an integer 0-65535, got -1"),
+        ({"port": 70000}, "port must be an integer 0-65535, got 70000"),
+        ({"port": "3111"}, "port must be an integer 0-65535, got '3111'"),
+        ({"port": True}, "port must be an integer 0-65535, got True"),
+        ({"host": ""}, "host must be a non-empty string, got ''"),
+        ({"host": 127}, "host must be a non-empty string, got 127"),
+    ],
+)
+def test_an_http_config_made_in_python_checks_its_host_and_port_as_the_file_does(
+    kwargs: dict[str, object], message: str
+) -> None:
+    """``HttpConfig`` is the http worker's block in Python: the same checks, a
+    ``ValueError`` naming the key, when it is made rather than when the server starts."""
+    with pytest.raises(ValueError) as caught:
+        HttpConfig(**kwargs)  # type: ignore[arg-type]
+    assert str(caught.value) == message
+    assert HttpConfig(host="::1", port=0).port == 0
 
 
 _A_CPU = max(os.sched_getaffinity(0))
