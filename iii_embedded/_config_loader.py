@@ -389,6 +389,8 @@ def parse_config(text: str, *, source: str = "<string>", base_dir: str | None = 
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else None
         problem = exc.problem or exc.context or "invalid YAML"
+        if "'\\t'" in problem:  # a tab where a token starts: an indentation
+            problem += " (YAML indents with spaces, never tabs)"
         raise ConfigError(f"invalid YAML: {problem}", path=source, line=line) from None
     except YAMLError as exc:
         raise ConfigError(f"invalid YAML: {exc}", path=source) from None

@@ -265,6 +265,12 @@ def test_relative_file_path_is_resolved_from_the_config_files_directory(
         ),
         ("- just\n- a list\n", 1, "the top level of the file must be a mapping"),
         ("queue_configs:\n  q: {concurrency: 2\n", 3, "invalid YAML"),
+        (  # what was expected: spaces
+            "queue_configs:\n  q:\n\tconcurrency: 2\n",
+            3,
+            "invalid YAML: found character '\\t' that cannot start any token (YAML indents "
+            "with spaces, never tabs)",
+        ),
     ],
 )
 def test_errors_name_the_file_the_line_and_the_problem(
