@@ -14,6 +14,7 @@ import anyio
 import pytest
 
 from iii_embedded import III, Config, StoreConfig, StoreError
+from iii_embedded._cron import parse_expression
 from iii_embedded._stores._sqlite import DB_FILENAME
 from iii_embedded.testing import VirtualClock, drain
 
@@ -82,6 +83,29 @@ async def test_fires_at_the_scheduled_times_with_the_iii_payload(
         "actual_time": iso(T0 + first),
     }
     assert len(record.payloads) == (2 if second else 1)
+
+
+@pytest.mark.parametrize(
+    ("expression", "days"),
+    [
+        # T0 is Sunday 2026-03-01: the next six fire days of each, as docs/cron.md reads them
+        ("0 0 0 13 * FRI", ["03-06", "03-13", "03-20", "03-27", "04-03", "04-10"]),  # either
+        ("0 0 0 * * 1", ["03-02", "03-09", "03-16", "03-23", "03-30", "04-06"]),  # 1: Monday
+        ("0 0 0 * * 7", ["03-08", "03-15", "03-22", "03-29", "04-05", "04-12"]),  # 7: Sunday
+        ("0 0 0 29 2 *", ["02-29"] * 6),  # leap years only (2028, 2032, ...)
+    ],
+)
+def test_day_fields_read_as_classic_cron_does(expression: str, days: list[str]) -> None:
+    """The day rules docs/cron.md states (croniter's, classic cron's): a weekday number
+    0-7 with Monday 1 and Sunday 0 or 7, and either day field matching when both are
+    restricted (iii's Rust crate differs on both: its Sunday is 1, and both must match)."""
+    iii = III(clock=VirtualClock(start=T0))
+    iii.register_function("f", lambda event: None)
+    iii.register_trigger({"type": "cron", "function_id": "f", "config": {"expression": expression}})
+    schedule = parse_expression(expression, T0)
+    fires = [dt.datetime.fromtimestamp(schedule.get_next(float), dt.UTC) for _ in range(6)]
+    assert [f.strftime("%m-%d") for f in fires] == days
+    assert {f.strftime("%H:%M:%S") for f in fires} == {"00:00:00"}
 
 
 async def test_a_schedule_registered_while_running_fires_from_the_loop_or_another_thread() -> None:
