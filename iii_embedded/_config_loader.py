@@ -70,6 +70,10 @@ class _Reader:
     def __init__(self, source: str, base_dir: Path | None) -> None:
         self.source = source
         self.base_dir = base_dir
+        # Where each queue and the adapter were configured: the excerpt form's top-level
+        # blocks beside a queue worker's must not replace what it set without a word.
+        self.queue_lines: dict[str, int | None] = {}
+        self.adapter_lines: list[int | None] = []
 
     def fail(self, message: str, line: int | None) -> ConfigError:
         return ConfigError(message, path=self.source, line=line)
@@ -243,6 +247,13 @@ class _Reader:
             name_line = self.line_of(block, name)
             if not isinstance(name, str) or not name:
                 raise self.fail(f"a queue name must be a non-empty string, got {name!r}", name_line)
+            if name in self.queue_lines:
+                raise self.fail(
+                    f"queue {name!r} is configured twice (the first is at line "
+                    f"{self.queue_lines[name]}): configure it once",
+                    name_line,
+                )
+            self.queue_lines[name] = name_line
             out[name] = self.queue(name, block[name], name_line)
         return out
 
@@ -295,6 +306,13 @@ class _Reader:
     # --- adapter -----------------------------------------------------------------------
 
     def adapter(self, node: Any, line: int | None) -> StoreConfig:
+        if self.adapter_lines:
+            raise self.fail(
+                f"a second adapter (the first is at line {self.adapter_lines[0]}): configure "
+                "the store once",
+                line,
+            )
+        self.adapter_lines.append(line)
         block = self.mapping(node, "adapter", line)
         kind = block.get("name", block.get("class", "builtin"))
         if not isinstance(kind, str) or kind not in _BUILTIN_ADAPTERS:

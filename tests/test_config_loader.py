@@ -464,6 +464,34 @@ def test_a_second_queue_or_http_worker_block_is_refused_naming_both_lines(tmp_pa
         parse_config(http)
 
 
+def test_a_queue_or_adapter_given_in_a_worker_block_and_at_the_top_level_is_refused() -> None:
+    """The excerpt form (top-level ``queue_configs:`` and ``adapter:``) beside a queue
+    worker's block: a queue or an adapter in both replaced the first without a word (a
+    file store became an in-memory one)."""
+    worker = textwrap.dedent(
+        """\
+        workers:
+          - name: iii-queue
+            config:
+              queue_configs:
+                pay: {concurrency: 2}
+              adapter: {name: builtin, config: {store_method: file_based, file_path: /tmp/a}}
+        """
+    )
+    with pytest.raises(ConfigError) as queue:
+        parse_config(worker + "queue_configs:\n  pay: {concurrency: 7}\n", source="c.yaml")
+    assert str(queue.value) == (
+        "c.yaml:8: queue 'pay' is configured twice (the first is at line 5): configure it once"
+    )
+    with pytest.raises(ConfigError) as adapter:
+        parse_config(worker + "adapter: {config: {store_method: in_memory}}\n", source="c.yaml")
+    assert str(adapter.value) == (
+        "c.yaml:7: a second adapter (the first is at line 6): configure the store once"
+    )
+    both = worker + "queue_configs:\n  other: {concurrency: 7}\n"  # different queues: fine
+    assert {"pay", "other"} <= set(parse_config(both).queues)
+
+
 def test_a_file_path_under_the_home_directory_is_expanded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
