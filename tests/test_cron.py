@@ -56,6 +56,12 @@ async def advance(clock: VirtualClock, seconds: float) -> None:
         ("0 */5 * * * *", 300, 600),  # iii: every five minutes
         ("*/15 * * * *", 900, 1800),  # classic five fields
         ("30 0 12 * * * 2026", 30, 86_400 + 30),  # iii 7 fields: 12:00:30 daily, in 2026
+        # the shorthands iii's parser takes (T0 is Sunday 2026-03-01 12:00)
+        ("@hourly", 3600, 7200),
+        ("@daily", 43_200, 43_200 + 86_400),
+        ("@weekly", 43_200 + 6 * 86_400, 43_200 + 13 * 86_400),  # Sundays at 00:00
+        ("@monthly", 31 * 86_400 - 43_200, 61 * 86_400 - 43_200),  # April 1, May 1
+        ("@yearly", 306 * 86_400 - 43_200, 671 * 86_400 - 43_200),  # 2027-01-01, 2028-01-01
     ],
 )
 async def test_fires_at_the_scheduled_times_with_the_iii_payload(
@@ -292,7 +298,8 @@ def test_invalid_expressions_are_refused_naming_the_expression_and_the_trigger()
         )
     assert str(wrong_count.value) == (  # invalid, not a schedule that has no fire time
         "the cron trigger of 'f': invalid cron expression 'every minute': it has 2 fields; "
-        "expected 5 (min hour day month weekday), 6 (iii: seconds first) or 7 (… and year)"
+        "expected 5 (min hour day month weekday), 6 (iii: seconds first) or 7 (… and year), "
+        "or one of @yearly, @monthly, @weekly, @daily, @hourly"
     )
     with pytest.raises(
         ValueError, match="the cron trigger of 'f': invalid cron expression '99 \\* \\* \\* \\*'"
@@ -300,6 +307,15 @@ def test_invalid_expressions_are_refused_naming_the_expression_and_the_trigger()
         iii.register_trigger(
             {"type": "cron", "function_id": "f", "config": {"expression": "99 * * * *"}}
         )
+    with pytest.raises(ValueError) as unknown_shorthand:
+        iii.register_trigger(
+            {"type": "cron", "function_id": "f", "config": {"expression": "@reboot"}}
+        )
+    assert str(unknown_shorthand.value) == (
+        "the cron trigger of 'f': invalid cron expression '@reboot': it has 1 field; expected 5 "
+        "(min hour day month weekday), 6 (iii: seconds first) or 7 (… and year), or one of "
+        "@yearly, @monthly, @weekly, @daily, @hourly"
+    )
     with pytest.raises(  # the decorator's cron= too
         ValueError, match="the cron trigger of 'g': invalid cron expression '\\* \\* \\*'"
     ):
