@@ -70,6 +70,25 @@ def route_post_p(iii: III) -> None:
     )
 
 
+def recording(calls: list[Any], key: str | None = None) -> Any:
+    """A handler that records each request (or its ``key``) in ``calls`` and answers 200."""
+
+    def handler(req: dict[str, Any]) -> dict[str, Any]:
+        calls.append(req if key is None else req[key])
+        return {"status_code": 200}
+
+    return handler
+
+
+def echo_params(fid: str) -> Any:
+    """A handler answering with its function id and the request's path parameters."""
+
+    def handler(req: dict[str, Any]) -> dict[str, Any]:
+        return {"fn": fid, **req["path_params"]}
+
+    return handler
+
+
 def route_orders_show(iii: III, show: Any) -> None:
     """``show`` as ``orders::show``, served at ``POST /orders/:id``."""
     iii.register_function("orders::show", show)
@@ -467,7 +486,7 @@ async def test_an_encoded_slash_at_either_end_of_a_segment_stays_in_it() -> None
     path (and match ``/e/:id/:x`` for ``/e/a%2Fb/%2F`` with the wrong values)."""
     iii = III(shutdown_grace_ms=0)
     for fid, api_path in (("one", "/e/:id"), ("two", "/e/:id/:x")):
-        iii.register_function(fid, lambda req, fid=fid: {"fn": fid, **req["path_params"]})
+        iii.register_function(fid, echo_params(fid))
         iii.register_trigger({"type": "http", "function_id": fid, "config": {"api_path": api_path}})
     async with iii.running():
         trailing = await asgi_get(iii, "/e/a/", raw_path=b"/e/a%2F")
@@ -763,7 +782,7 @@ async def test_json_nested_too_deep_to_parse_is_a_400_and_as_text_stays_text() -
     500); the same bytes sent as text, or untyped, reach the function as the text."""
     iii = III(shutdown_grace_ms=0)
     seen: list[Any] = []
-    iii.register_function("p", lambda req: seen.append(req["body"]) or {"status_code": 200})
+    iii.register_function("p", recording(seen, "body"))
     route_post_p(iii)
     deep = b"[" * 100_000 + b"]" * 100_000
     answers = []
@@ -936,7 +955,7 @@ async def test_an_http_version_the_server_does_not_speak_is_a_505_and_the_connec
     and answers another version with a 505 and closes, calling nothing."""
     iii = make_app()
     calls: list[Any] = []
-    iii.register_function("p", lambda req: calls.append(req) or {"status_code": 200})
+    iii.register_function("p", recording(calls))
     iii.register_trigger({"type": "http", "function_id": "p", "config": {"api_path": "/p"}})
     async with iii.running():
         assert iii.http_server is not None
@@ -960,7 +979,7 @@ async def test_a_request_target_in_absolute_form_is_routed_by_its_path() -> None
     the request for ``/p``; uvicorn's h11 protocol passes the whole URL as the path."""
     iii = make_app()
     seen: list[Any] = []
-    iii.register_function("p", lambda req: seen.append(req) or {"status_code": 200})
+    iii.register_function("p", recording(seen))
     iii.register_trigger({"type": "http", "function_id": "p", "config": {"api_path": "/p/:id"}})
     async with iii.running():
         assert iii.http_server is not None
@@ -986,7 +1005,7 @@ async def test_a_request_head_over_16_kib_is_a_431_whether_it_comes_whole_or_in_
 
     iii = make_app()
     calls: list[Any] = []
-    iii.register_function("p", lambda req: calls.append(req) or {"status_code": 200})
+    iii.register_function("p", recording(calls))
     iii.register_trigger({"type": "http", "function_id": "p", "config": {"api_path": "/p"}})
 
     def head(value_size: int, end: bytes = b"\r\n\r\n") -> bytes:
