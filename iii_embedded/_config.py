@@ -150,12 +150,23 @@ class StoreConfig:
             raise ValueError(f"commit_on_loop must be true or false, got {self.commit_on_loop!r}")
 
 
+def _host(_inst: object, _attribute: attrs.Attribute[str], value: str) -> None:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"host must be a non-empty string, got {value!r}")
+
+
+def _port(_inst: object, _attribute: attrs.Attribute[int], value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+        raise ValueError(f"port must be an integer 0-65535, got {value!r}")
+
+
 @attrs.define(frozen=True, kw_only=True)
 class HttpConfig:
     """iii's http worker: where the engine serves HTTP triggers itself."""
 
-    host: str = "127.0.0.1"
-    port: int = 3111
+    host: str = attrs.field(default="127.0.0.1", validator=_host)
+    port: int = attrs.field(default=3111, validator=_port)
+    """``0``: a free port, picked when the server starts."""
     max_body_bytes: int = attrs.field(default=10 * 1024 * 1024, validator=_positive)
     """*Extension*: the largest request body served; a larger one is a 413 (10 MiB)."""
     header_timeout_ms: int = attrs.field(default=10_000, validator=_positive)

@@ -70,6 +70,10 @@ class _Reader:
     def __init__(self, source: str, base_dir: Path | None) -> None:
         self.source = source
         self.base_dir = base_dir
+        # Where each queue and the adapter were configured: the excerpt form's top-level
+        # blocks beside a queue worker's must not replace what it set without a word.
+        self.queue_lines: dict[str, int | None] = {}
+        self.adapter_lines: list[int | None] = []
 
     def fail(self, message: str, line: int | None) -> ConfigError:
         return ConfigError(message, path=self.source, line=line)
@@ -243,6 +247,13 @@ class _Reader:
             name_line = self.line_of(block, name)
             if not isinstance(name, str) or not name:
                 raise self.fail(f"a queue name must be a non-empty string, got {name!r}", name_line)
+            if name in self.queue_lines:
+                raise self.fail(
+                    f"queue {name!r} is configured twice (the first is at line "
+                    f"{self.queue_lines[name]}): configure it once",
+                    name_line,
+                )
+            self.queue_lines[name] = name_line
             out[name] = self.queue(name, block[name], name_line)
         return out
 
@@ -295,6 +306,13 @@ class _Reader:
     # --- adapter -----------------------------------------------------------------------
 
     def adapter(self, node: Any, line: int | None) -> StoreConfig:
+        if self.adapter_lines:
+            raise self.fail(
+                f"a second adapter (the first is at line {self.adapter_lines[0]}): configure "
+                "the store once",
+                line,
+            )
+        self.adapter_lines.append(line)
         block = self.mapping(node, "adapter", line)
         kind = block.get("name", block.get("class", "builtin"))
         if not isinstance(kind, str) or kind not in _BUILTIN_ADAPTERS:
@@ -389,6 +407,8 @@ def parse_config(text: str, *, source: str = "<string>", base_dir: str | None = 
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else None
         problem = exc.problem or exc.context or "invalid YAML"
+        if "'\\t'" in problem:  # a tab where a token starts: an indentation
+            problem += " (YAML indents with spaces, never tabs)"
         raise ConfigError(f"invalid YAML: {problem}", path=source, line=line) from None
     except YAMLError as exc:
         raise ConfigError(f"invalid YAML: {exc}", path=source) from None
@@ -420,7 +440,14 @@ def find_config(explicit: str | os.PathLike[str] | None = None) -> Config:
         return load_config(explicit)
     env = os.environ.get(CONFIG_ENV)
     if env:
-        return load_config(env)
+        try:
+            return load_config(env)
+        except ConfigError as exc:
+            if exc.line is not None:
+                raise
+            # About the file itself (not found, unreadable): say which variable named it,
+            # since the program was given no path.
+            raise ConfigError(f"{exc.reason} (named by ${CONFIG_ENV})", path=exc.path) from None
     if Path(DEFAULT_CONFIG_FILE).is_file():
         return load_config(DEFAULT_CONFIG_FILE)
     return Config(queues={DEFAULT_QUEUE: QueueConfig(name=DEFAULT_QUEUE)})

@@ -72,21 +72,34 @@ _SEARCH_YEARS = 200
 """How far ahead a schedule's next fire time is looked for."""
 
 
+_SHORTHANDS = {
+    "@yearly": "0 0 0 1 1 *",
+    "@monthly": "0 0 0 1 * *",
+    "@weekly": "0 0 0 * * SUN",
+    "@daily": "0 0 0 * * *",
+    "@hourly": "0 0 * * * *",
+}
+"""The shorthands iii's parser (the Rust ``cron`` crate) takes, in its 6-field form."""
+
+
 def parse_expression(expression: str, start: float) -> Any:
-    """A croniter iterator over ``expression`` (5, 6 or 7 fields) from ``start``."""
+    """A croniter iterator over ``expression`` (5, 6 or 7 fields, or a shorthand such as
+    ``@daily``) from ``start``."""
     croniter = _croniter()
-    fields = expression.split()
+    fields = _SHORTHANDS.get(expression.strip(), expression).split()
     if len(fields) not in (5, 6, 7):
+        count = f"{len(fields)} field{'' if len(fields) == 1 else 's'}"
         raise ValueError(
-            f"invalid cron expression {expression!r}: it has {len(fields)} fields; expected 5 "
-            "(min hour day month weekday), 6 (iii: seconds first) or 7 (… and year)"
+            f"invalid cron expression {expression!r}: it has {count}; expected 5 "
+            "(min hour day month weekday), 6 (iii: seconds first) or 7 (… and year), or one "
+            f"of {', '.join(_SHORTHANDS)}"
         )
     base = dt.datetime.fromtimestamp(start, dt.UTC)
     try:
         # croniter looks 50 years ahead by default: a 7-field schedule for a year further
         # off (croniter's years go to 2099) would read as one that never fires.
         return croniter(
-            expression,
+            " ".join(fields),
             base,
             second_at_beginning=len(fields) >= 6,
             max_years_between_matches=_SEARCH_YEARS,
@@ -112,7 +125,7 @@ def _register_cron(app: III, trigger: Mapping[str, Any]) -> Binding:
         parse_expression(expression, now).get_next(float)
     except ValueError as exc:  # croniter's errors are ValueErrors
         if str(exc).startswith("invalid cron expression"):
-            raise
+            raise ValueError(f"the cron trigger of {function_id!r}: {exc}") from None
         raise ValueError(
             f"cron expression {expression!r} of {function_id!r} has no fire time after "
             f"{_iso(now)} ({exc})"

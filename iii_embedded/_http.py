@@ -216,7 +216,8 @@ class HttpRouter:
         try:
             status, payload, extra = _response_of(result)
             await _respond(send, status, payload, headers=extra)
-        except (TypeError, ValueError) as exc:  # raised before anything was sent
+        # Raised before anything was sent (a body nested too deeply is a RecursionError).
+        except (TypeError, ValueError, RecursionError) as exc:
             error_id = str(uuid.uuid4())
             log.error(
                 "http %s %s -> %r returned a response that cannot be sent (error id %s): "
@@ -311,6 +312,8 @@ def _decode_body(raw: bytes, content_type: str) -> Any:
             return json.loads(raw)  # UTF-8 (or the UTF-16/32 JSON allows), else an error
         except ValueError as exc:
             raise _MalformedBody("malformed JSON body", str(exc)) from None
+        except RecursionError:  # nested deeper than the parser recurses: "[[[[..."
+            raise _MalformedBody("malformed JSON body", "nested too deeply") from None
     if media and not (media.startswith("text/") or media in _TEXT_TYPES or media.endswith("+xml")):
         return raw
     charset = "utf-8"
@@ -326,7 +329,7 @@ def _decode_body(raw: bytes, content_type: str) -> Any:
         raise _MalformedBody("malformed text body", str(exc)) from None
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested too deeply to parse
         return text
 
 
@@ -359,10 +362,13 @@ def _response_of(result: Any) -> tuple[int, Any, dict[str, list[str]]]:
     ``TypeError`` when they cannot make an HTTP response."""
     if isinstance(result, Mapping) and "status_code" in result:
         raw = result["status_code"]
-        # An integer, or its digits as text ("201"); not a bool, float or other text.
+        # An integer, or its ASCII digits as text ("201"); not a bool, a float, or text
+        # that int() reads but is no status (" 201", "2_01", fullwidth digits).
         if isinstance(raw, bool) or not isinstance(raw, (int, str)):
             raise TypeError(f"status_code {raw!r} is not an integer")
-        status = int(raw)  # ValueError for text that is not digits
+        if isinstance(raw, str) and not (raw.isascii() and raw.isdigit()):
+            raise ValueError(f"status_code {raw!r} is not an integer")
+        status = int(raw)
         # 1xx are interim responses, not an answer: an ASGI app cannot send them.
         if not 200 <= status <= 599:
             raise ValueError(f"status_code {status} is outside 200-599")
@@ -383,7 +389,9 @@ _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 def _header_name(name: Any) -> str:
-    text = str(name).lower()
+    if not isinstance(name, str):  # str(b"x-a") is "b'x-a'", an HTTP token
+        raise TypeError(f"header name {name!r} is not a string")
+    text = name.lower()
     if not _TOKEN.fullmatch(text):
         raise ValueError(f"header name {text!r} is not an HTTP token")
     return text
@@ -397,8 +405,14 @@ def _header_values(name: Any, value: Any) -> list[str]:
 
 
 def _header_value(name: Any, value: Any) -> str:
-    """The header's value as text; ``ValueError`` for a CR, LF or NUL (which would end the
-    header and start another: response splitting) or a character outside latin-1."""
+    """The header's value as text (a number as its digits); ``TypeError`` for another
+    type (``None``, bytes: their ``str`` is no value meant), ``ValueError`` for a CR, LF or
+    NUL (which would end the header and start another: response splitting) or a character
+    outside latin-1."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise TypeError(
+            f"header {str(name).lower()!r}: value {value!r} is not a string or a number"
+        )
     text = str(value)
     if any(c in text for c in "\r\n\0"):
         raise ValueError(f"header {str(name).lower()!r}: value {text!r} has a CR, LF or NUL")
@@ -428,9 +442,12 @@ def _segments(scope: Scope, path: str) -> list[str]:
     root = str(scope.get("root_path") or "").rstrip("/")
     if root and (text == root or text.startswith(root + "/")):
         text = text[len(root) :]
-    parts = [unquote(p) for p in text.strip("/").split("/") if p]
     # Only if it is the same path as ``path`` (a framework may have rewritten that one).
-    return parts if "/".join(parts) == "/".join(decoded) else decoded
+    # Compared whole: an encoded slash first or last in a segment decodes to an empty
+    # segment, which ``decoded`` has dropped.
+    if unquote(text) != path:
+        return decoded
+    return [unquote(p) for p in text.strip("/").split("/") if p]
 
 
 async def _respond(
@@ -444,7 +461,8 @@ async def _respond(
     elif isinstance(body, str):
         data, content_type = body.encode(), "text/plain; charset=utf-8"
     else:
-        data, content_type = json.dumps(body).encode(), "application/json"
+        # No NaN or Infinity: JSON has none, and a client's parser would refuse the body.
+        data, content_type = json.dumps(body, allow_nan=False).encode(), "application/json"
     if content_type and "content-type" not in extra:
         extra["content-type"] = [content_type]
     if status not in _NO_BODY:
@@ -496,10 +514,11 @@ class HttpServer:
                 return contextlib.nullcontext()
 
         config = uvicorn.Config(
-            self.app.asgi_app,
+            _served(self.app.asgi_app),
             host=self.host,
             port=self.port,
             http=_with_head_timeout(self.header_timeout_ms / 1000),
+            h11_max_incomplete_event_size=_MAX_HEAD_BYTES,
             lifespan="off",
             log_level="warning",
             access_log=False,
@@ -552,6 +571,62 @@ class HttpServer:
                 await self._done.wait()
 
 
+_MAX_HEAD_BYTES = 16 * 1024
+"""The largest request head (request line and headers) the engine's server reads: h11's
+own limit for a head still arriving, applied to one that came whole too."""
+_HTTP_VERSIONS = {"1.0", "1.1"}
+"""The versions the engine's server speaks (h11 parses any ``HTTP/d.d``)."""
+_HEAD_TOO_LARGE = {"error": "request head too large", "max_head_bytes": _MAX_HEAD_BYTES}
+
+
+def _head_size(scope: Scope) -> int:
+    """The size of the request's head as it was sent, near enough: its request line and
+    headers (a server strips the spaces around a header's value)."""
+    query = len(scope.get("query_string") or b"")
+    target = len(scope.get("raw_path") or b"") + (query + 1 if query else 0)  # "?" + query
+    line = len(scope.get("method", "")) + 1 + target + len(" HTTP/1.1\r\n")
+    return line + sum(len(k) + len(v) + 4 for k, v in scope.get("headers", ())) + 2
+
+
+def _origin_form(scope: Scope) -> Scope:
+    """``scope`` with a target in absolute form (``http://host/p``, which a server must
+    accept: RFC 9112 §3.2.2) cut to its path, as the router reads it; uvicorn's h11
+    protocol leaves the whole URL in ``path``."""
+    path, raw = str(scope.get("path", "")), bytes(scope.get("raw_path") or b"")
+    if "://" not in path:
+        return scope
+    after = path.partition("://")[2]
+    raw_after = raw.partition(b"://")[2]
+    return {
+        **scope,
+        "path": after[after.find("/") :] if "/" in after else "/",
+        "raw_path": raw_after[raw_after.find(b"/") :] if b"/" in raw_after else b"/",
+    }
+
+
+def _served(app: HttpRouter) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    """``app`` as the engine's server runs it: a request in an HTTP version the server does
+    not speak (h11 takes ``HTTP/9.9`` as it would 1.1) is a 505, and one whose head is
+    over ``_MAX_HEAD_BYTES`` a 431 (h11 limits only a head that has not all arrived),
+    each with ``connection: close`` and no route looked at."""
+
+    async def served(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            version = scope.get("http_version", "1.1")
+            if version not in _HTTP_VERSIONS:
+                body = {"error": "http version not supported", "http_version": version}
+                await _respond(send, 505, body, headers={"connection": "close"})
+                return
+            if _head_size(scope) > _MAX_HEAD_BYTES:
+                await _respond(send, 431, _HEAD_TOO_LARGE, headers={"connection": "close"})
+                return
+            if not str(scope.get("path", "/")).startswith("/"):
+                scope = _origin_form(scope)
+        await app(scope, receive, send)
+
+    return served
+
+
 def _with_head_timeout(timeout: float) -> type[asyncio.Protocol]:
     """uvicorn's HTTP protocol (h11 or httptools, as uvicorn picks), closing a connection
     that has not sent a whole request head ``timeout`` seconds after it opened or after
@@ -590,6 +665,29 @@ def _with_head_timeout(timeout: float) -> type[asyncio.Protocol]:
             self._head_timer = None
             if self.cycle is cycle and not self.transport.is_closing():
                 self.transport.close()
+
+        def send_400_response(self, msg: str) -> None:
+            # h11 refuses a head that passes its limit before it is complete, and uvicorn
+            # answers every refusal with a 400: this one is a 431, as a head that came
+            # whole gets (``_served``). httptools' protocol has no ``conn``.
+            conn = getattr(self, "conn", None)
+            if conn is None or len(conn.trailing_data[0]) <= _MAX_HEAD_BYTES:
+                super().send_400_response(msg)
+                return
+            import h11
+
+            body = json.dumps(_HEAD_TOO_LARGE).encode()
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ]
+            response = h11.Response(
+                status_code=431, headers=headers, reason=b"Request Header Fields Too Large"
+            )
+            for event in (response, h11.Data(data=body), h11.EndOfMessage()):
+                self.transport.write(conn.send(event))
+            self.transport.close()
 
     return _Protocol
 

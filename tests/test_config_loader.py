@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from iii_embedded import ConfigError, QueueConfig
+from iii_embedded import ConfigError, HttpConfig, QueueConfig
 from iii_embedded._config_loader import find_config, load_config, parse_config
 
 CURRENT = """\
@@ -265,6 +265,12 @@ def test_relative_file_path_is_resolved_from_the_config_files_directory(
         ),
         ("- just\n- a list\n", 1, "the top level of the file must be a mapping"),
         ("queue_configs:\n  q: {concurrency: 2\n", 3, "invalid YAML"),
+        (  # what was expected: spaces
+            "queue_configs:\n  q:\n\tconcurrency: 2\n",
+            3,
+            "invalid YAML: found character '\\t' that cannot start any token (YAML indents "
+            "with spaces, never tabs)",
+        ),
     ],
 )
 def test_errors_name_the_file_the_line_and_the_problem(
@@ -277,6 +283,28 @@ def test_errors_name_the_file_the_line_and_the_problem(
     assert message.startswith(f"{path}:{line}: "), message
     assert fragment in message
     assert caught.value.line == line
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"port": -1}, "port must be an integer 0-65535, got -1"),
+        ({"port": 70000}, "port must be an integer 0-65535, got 70000"),
+        ({"port": "3111"}, "port must be an integer 0-65535, got '3111'"),
+        ({"port": True}, "port must be an integer 0-65535, got True"),
+        ({"host": ""}, "host must be a non-empty string, got ''"),
+        ({"host": 127}, "host must be a non-empty string, got 127"),
+    ],
+)
+def test_an_http_config_made_in_python_checks_its_host_and_port_as_the_file_does(
+    kwargs: dict[str, object], message: str
+) -> None:
+    """``HttpConfig`` is the http worker's block in Python: the same checks, a
+    ``ValueError`` naming the key, when it is made rather than when the server starts."""
+    with pytest.raises(ValueError) as caught:
+        HttpConfig(**kwargs)  # type: ignore[arg-type]
+    assert str(caught.value) == message
+    assert HttpConfig(host="::1", port=0).port == 0
 
 
 _A_CPU = max(os.sched_getaffinity(0))
@@ -359,6 +387,27 @@ def test_find_config_prefers_env_then_cwd_then_defaults(
     assert "email" in find_config(tmp_path / "iii-config.yaml").queues
 
 
+def test_a_missing_file_named_by_iii_config_says_the_variable_named_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``$III_CONFIG`` pointing at no file is an error (not the defaults, nor
+    ``./iii-config.yaml``), and says where the path came from: a program that was given no
+    path otherwise reports one its user never typed."""
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, OLDER)  # ./iii-config.yaml exists and is not used instead
+    missing = tmp_path / "nowhere" / "iii-config.yaml"
+    monkeypatch.setenv("III_CONFIG", str(missing))
+    with pytest.raises(ConfigError) as error:
+        find_config()
+    assert str(error.value) == f"{missing}: config file not found (named by $III_CONFIG)"
+    monkeypatch.setenv("III_CONFIG", str(tmp_path))  # a directory
+    with pytest.raises(ConfigError, match=r"Is a directory \(named by \$III_CONFIG\)$"):
+        find_config()
+    with pytest.raises(ConfigError) as explicit:  # a path given in the call says nothing more
+        find_config(missing)
+    assert str(explicit.value) == f"{missing}: config file not found"
+
+
 queue_fields = st.fixed_dictionaries(
     {
         "max_retries": st.integers(0, 50),
@@ -413,6 +462,34 @@ def test_a_second_queue_or_http_worker_block_is_refused_naming_both_lines(tmp_pa
     http = "workers:\n  - name: iii-http\n    config: {port: 1}\n  - name: iii-http\n"
     with pytest.raises(ConfigError, match=r"a second iii-http worker \(the first is at line 2\)"):
         parse_config(http)
+
+
+def test_a_queue_or_adapter_given_in_a_worker_block_and_at_the_top_level_is_refused() -> None:
+    """The excerpt form (top-level ``queue_configs:`` and ``adapter:``) beside a queue
+    worker's block: a queue or an adapter in both replaced the first without a word (a
+    file store became an in-memory one)."""
+    worker = textwrap.dedent(
+        """\
+        workers:
+          - name: iii-queue
+            config:
+              queue_configs:
+                pay: {concurrency: 2}
+              adapter: {name: builtin, config: {store_method: file_based, file_path: /tmp/a}}
+        """
+    )
+    with pytest.raises(ConfigError) as queue:
+        parse_config(worker + "queue_configs:\n  pay: {concurrency: 7}\n", source="c.yaml")
+    assert str(queue.value) == (
+        "c.yaml:8: queue 'pay' is configured twice (the first is at line 5): configure it once"
+    )
+    with pytest.raises(ConfigError) as adapter:
+        parse_config(worker + "adapter: {config: {store_method: in_memory}}\n", source="c.yaml")
+    assert str(adapter.value) == (
+        "c.yaml:7: a second adapter (the first is at line 6): configure the store once"
+    )
+    both = worker + "queue_configs:\n  other: {concurrency: 7}\n"  # different queues: fine
+    assert {"pay", "other"} <= set(parse_config(both).queues)
 
 
 def test_a_file_path_under_the_home_directory_is_expanded(

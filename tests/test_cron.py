@@ -14,6 +14,7 @@ import anyio
 import pytest
 
 from iii_embedded import III, Config, StoreConfig, StoreError
+from iii_embedded._cron import parse_expression
 from iii_embedded._stores._sqlite import DB_FILENAME
 from iii_embedded.testing import VirtualClock, drain
 
@@ -55,6 +56,12 @@ async def advance(clock: VirtualClock, seconds: float) -> None:
         ("0 */5 * * * *", 300, 600),  # iii: every five minutes
         ("*/15 * * * *", 900, 1800),  # classic five fields
         ("30 0 12 * * * 2026", 30, 86_400 + 30),  # iii 7 fields: 12:00:30 daily, in 2026
+        # the shorthands iii's parser takes (T0 is Sunday 2026-03-01 12:00)
+        ("@hourly", 3600, 7200),
+        ("@daily", 43_200, 43_200 + 86_400),
+        ("@weekly", 43_200 + 6 * 86_400, 43_200 + 13 * 86_400),  # Sundays at 00:00
+        ("@monthly", 31 * 86_400 - 43_200, 61 * 86_400 - 43_200),  # April 1, May 1
+        ("@yearly", 306 * 86_400 - 43_200, 671 * 86_400 - 43_200),  # 2027-01-01, 2028-01-01
     ],
 )
 async def test_fires_at_the_scheduled_times_with_the_iii_payload(
@@ -82,6 +89,29 @@ async def test_fires_at_the_scheduled_times_with_the_iii_payload(
         "actual_time": iso(T0 + first),
     }
     assert len(record.payloads) == (2 if second else 1)
+
+
+@pytest.mark.parametrize(
+    ("expression", "days"),
+    [
+        # T0 is Sunday 2026-03-01: the next six fire days of each, as docs/cron.md reads them
+        ("0 0 0 13 * FRI", ["03-06", "03-13", "03-20", "03-27", "04-03", "04-10"]),  # either
+        ("0 0 0 * * 1", ["03-02", "03-09", "03-16", "03-23", "03-30", "04-06"]),  # 1: Monday
+        ("0 0 0 * * 7", ["03-08", "03-15", "03-22", "03-29", "04-05", "04-12"]),  # 7: Sunday
+        ("0 0 0 29 2 *", ["02-29"] * 6),  # leap years only (2028, 2032, ...)
+    ],
+)
+def test_day_fields_read_as_classic_cron_does(expression: str, days: list[str]) -> None:
+    """The day rules docs/cron.md states (croniter's, classic cron's): a weekday number
+    0-7 with Monday 1 and Sunday 0 or 7, and either day field matching when both are
+    restricted (iii's Rust crate differs on both: its Sunday is 1, and both must match)."""
+    iii = III(clock=VirtualClock(start=T0))
+    iii.register_function("f", lambda event: None)
+    iii.register_trigger({"type": "cron", "function_id": "f", "config": {"expression": expression}})
+    schedule = parse_expression(expression, T0)
+    fires = [dt.datetime.fromtimestamp(schedule.get_next(float), dt.UTC) for _ in range(6)]
+    assert [f.strftime("%m-%d") for f in fires] == days
+    assert {f.strftime("%H:%M:%S") for f in fires} == {"00:00:00"}
 
 
 async def test_a_schedule_registered_while_running_fires_from_the_loop_or_another_thread() -> None:
@@ -260,20 +290,36 @@ async def test_a_functions_second_schedule_fires_on_its_own_and_a_repeat_is_one(
     )
 
 
-def test_invalid_expressions_are_refused_naming_the_expression() -> None:
+def test_invalid_expressions_are_refused_naming_the_expression_and_the_trigger() -> None:
     iii = III()
     with pytest.raises(ValueError) as wrong_count:
         iii.register_trigger(
             {"type": "cron", "function_id": "f", "config": {"expression": "every minute"}}
         )
     assert str(wrong_count.value) == (  # invalid, not a schedule that has no fire time
-        "invalid cron expression 'every minute': it has 2 fields; expected 5 "
-        "(min hour day month weekday), 6 (iii: seconds first) or 7 (… and year)"
+        "the cron trigger of 'f': invalid cron expression 'every minute': it has 2 fields; "
+        "expected 5 (min hour day month weekday), 6 (iii: seconds first) or 7 (… and year), "
+        "or one of @yearly, @monthly, @weekly, @daily, @hourly"
     )
-    with pytest.raises(ValueError, match="invalid cron expression '99 \\* \\* \\* \\*'"):
+    with pytest.raises(
+        ValueError, match="the cron trigger of 'f': invalid cron expression '99 \\* \\* \\* \\*'"
+    ):
         iii.register_trigger(
             {"type": "cron", "function_id": "f", "config": {"expression": "99 * * * *"}}
         )
+    with pytest.raises(ValueError) as unknown_shorthand:
+        iii.register_trigger(
+            {"type": "cron", "function_id": "f", "config": {"expression": "@reboot"}}
+        )
+    assert str(unknown_shorthand.value) == (
+        "the cron trigger of 'f': invalid cron expression '@reboot': it has 1 field; expected 5 "
+        "(min hour day month weekday), 6 (iii: seconds first) or 7 (… and year), or one of "
+        "@yearly, @monthly, @weekly, @daily, @hourly"
+    )
+    with pytest.raises(  # the decorator's cron= too
+        ValueError, match="the cron trigger of 'g': invalid cron expression '\\* \\* \\*'"
+    ):
+        iii.function("g", cron="* * *")(lambda event: None)
     with pytest.raises(ValueError, match=r"needs config\.expression"):
         iii.register_trigger({"type": "cron", "function_id": "f", "config": {}})
     with pytest.raises(ValueError, match="cron expression '0 0 0 31 2 \\*' of 'f' has no fire"):

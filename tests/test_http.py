@@ -70,6 +70,25 @@ def route_post_p(iii: III) -> None:
     )
 
 
+def recording(calls: list[Any], key: str | None = None) -> Any:
+    """A handler that records each request (or its ``key``) in ``calls`` and answers 200."""
+
+    def handler(req: dict[str, Any]) -> dict[str, Any]:
+        calls.append(req if key is None else req[key])
+        return {"status_code": 200}
+
+    return handler
+
+
+def echo_params(fid: str) -> Any:
+    """A handler answering with its function id and the request's path parameters."""
+
+    def handler(req: dict[str, Any]) -> dict[str, Any]:
+        return {"fn": fid, **req["path_params"]}
+
+    return handler
+
+
 def route_orders_show(iii: III, show: Any) -> None:
     """``show`` as ``orders::show``, served at ``POST /orders/:id``."""
     iii.register_function("orders::show", show)
@@ -320,6 +339,14 @@ def test_the_engine_serves_http_in_every_lifecycle(tmp_path: Path) -> None:
         assert proc.returncode == 0, (name, err)
 
 
+def nested(depth: int) -> list[Any]:
+    """A list ``depth`` lists deep: deeper than ``json.dumps`` recurses for 100 000."""
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
 @pytest.mark.parametrize(
     ("response", "cause"),
     [
@@ -327,7 +354,39 @@ def test_the_engine_serves_http_in_every_lifecycle(tmp_path: Path) -> None:
             {"status_code": 200, "body": {1, 2}},
             "TypeError: Object of type set is not JSON serializable",
         ),
-        ({"status_code": "abc"}, "ValueError: invalid literal for int()"),
+        (  # sent as it was, NaN would be a body that is not JSON, typed as JSON
+            {"status_code": 200, "body": {"x": float("nan")}},
+            "ValueError: Out of range float values are not JSON compliant",
+        ),
+        (
+            {"status_code": 200, "body": nested(100_000)},
+            "RecursionError: maximum recursion depth exceeded",
+        ),
+        ({"status_code": "abc"}, "ValueError: status_code 'abc' is not an integer"),
+        # int() takes these; an HTTP status is three ASCII digits
+        ({"status_code": "2_01"}, "ValueError: status_code '2_01' is not an integer"),
+        ({"status_code": " 201"}, "ValueError: status_code ' 201' is not an integer"),
+        (
+            {"status_code": "\uff12\uff10\uff11"},
+            "ValueError: status_code '\uff12\uff10\uff11' is not an integer",
+        ),
+        # str() of these is no header: "b'x-a'" is even an HTTP token
+        (
+            {"status_code": 200, "headers": {b"x-a": "1"}},
+            "TypeError: header name b'x-a' is not a string",
+        ),
+        (
+            {"status_code": 200, "headers": {"x-a": b"1"}},
+            "TypeError: header 'x-a': value b'1' is not a string or a number",
+        ),
+        (
+            {"status_code": 200, "headers": {"x-a": None}},
+            "TypeError: header 'x-a': value None is not a string or a number",
+        ),
+        (
+            {"status_code": 200, "headers": {"x-a": ["1", {"a": 1}]}},
+            "TypeError: header 'x-a': value {'a': 1} is not a string or a number",
+        ),
         ({"status_code": 2.5}, "TypeError: status_code 2.5 is not an integer"),
         ({"status_code": True}, "TypeError: status_code True is not an integer"),
         ({"status_code": 1200}, "ValueError: status_code 1200 is outside 200-599"),
@@ -419,6 +478,35 @@ async def test_a_fixed_segment_wins_over_a_parameter_whatever_the_order_of_regis
     assert first == (200, {"fn": "first_item", "id": "42"})
     assert item == (200, {"fn": "item", "id": "42", "n": "3"})
     assert slash == (200, {"fn": "show", "id": "a/b"})  # an encoded slash stays in its segment
+
+
+async def test_an_encoded_slash_at_either_end_of_a_segment_stays_in_it() -> None:
+    """``%2F`` first or last in a segment is part of the parameter too: the path it
+    decodes to has an empty segment there, which must not make the route use the decoded
+    path (and match ``/e/:id/:x`` for ``/e/a%2Fb/%2F`` with the wrong values)."""
+    iii = III(shutdown_grace_ms=0)
+    for fid, api_path in (("one", "/e/:id"), ("two", "/e/:id/:x")):
+        iii.register_function(fid, echo_params(fid))
+        iii.register_trigger({"type": "http", "function_id": fid, "config": {"api_path": api_path}})
+    async with iii.running():
+        trailing = await asgi_get(iii, "/e/a/", raw_path=b"/e/a%2F")
+        leading = await asgi_get(iii, "/e//b", raw_path=b"/e/%2Fb")
+        both = await asgi_get(iii, "/e/a/b//", raw_path=b"/e/a%2Fb/%2F")
+        mounted = await asgi_messages(
+            iii.asgi_app,
+            {
+                "type": "http",
+                "method": "GET",
+                "path": "/api/e//b",
+                "root_path": "/api",
+                "raw_path": b"/api/e/%2Fb",
+                "headers": [],
+            },
+        )
+    assert trailing == (200, {"fn": "one", "id": "a/"})
+    assert leading == (200, {"fn": "one", "id": "/b"})
+    assert both == (200, {"fn": "two", "id": "a/b", "x": "/"})
+    assert json.loads(mounted[1]["body"]) == {"fn": "one", "id": "/b"}
 
 
 async def test_a_taken_port_is_one_error_naming_it_and_serve_false_leaves_the_port_alone() -> None:
@@ -621,7 +709,8 @@ async def test_repeated_request_headers_are_joined_and_a_list_value_sends_one_li
 
     def echo(req: dict[str, Any]) -> dict[str, Any]:
         seen.append(req["headers"])
-        return {"status_code": 200, "headers": {"set-cookie": ["a=1; Path=/", "b=2"]}}
+        # A number is sent as its text.
+        return {"status_code": 200, "headers": {"set-cookie": ["a=1; Path=/", "b=2"], "age": 7}}
 
     iii.register_function("echo", echo)
     iii.register_trigger({"type": "http", "function_id": "echo", "config": {"api_path": "/e"}})
@@ -642,6 +731,7 @@ async def test_repeated_request_headers_are_joined_and_a_list_value_sends_one_li
         b"set-cookie: a=1; path=/",
         b"set-cookie: b=2",
     ]
+    assert b"age: 7" in head
 
 
 async def test_a_binary_body_reaches_the_function_as_its_exact_bytes() -> None:
@@ -684,6 +774,28 @@ async def test_a_binary_body_reaches_the_function_as_its_exact_bytes() -> None:
     assert seen == [every_byte, b"\x89PNG\r\n\x1a\n\x00", "caf\u00e9", "caf\u00e9", b"\x00\xff"]
     assert json.loads(answers[5][2])["error"] == "malformed text body"
     assert json.loads(answers[6][2])["error"] == "malformed JSON body"
+
+
+async def test_json_nested_too_deep_to_parse_is_a_400_and_as_text_stays_text() -> None:
+    """A JSON body nested deeper than the parser recurses (a few kilobytes of ``[``) is a
+    malformed body, a JSON 400, not an exception out of the app (the server's plain-text
+    500); the same bytes sent as text, or untyped, reach the function as the text."""
+    iii = III(shutdown_grace_ms=0)
+    seen: list[Any] = []
+    iii.register_function("p", recording(seen, "body"))
+    route_post_p(iii)
+    deep = b"[" * 100_000 + b"]" * 100_000
+    answers = []
+    async with iii.running():
+        for content_type in (b"application/json", b"text/plain", None):
+            headers = [(b"content-type", content_type)] if content_type else []
+            scope = {"type": "http", "method": "POST", "path": "/p", "headers": headers}
+            answers.append(await asgi_messages(iii.asgi_app, scope, deep))
+    start, body = answers[0]
+    assert start["status"] == 400
+    assert json.loads(body["body"])["error"] == "malformed JSON body"
+    assert [a[0]["status"] for a in answers[1:]] == [200, 200]
+    assert seen == [deep.decode()] * 2
 
 
 async def test_a_body_over_max_body_bytes_is_a_413_before_it_is_read() -> None:
@@ -834,6 +946,98 @@ async def test_a_malformed_request_line_is_a_400_and_calls_nothing() -> None:
         ]
     assert [a.split(b"\r\n", 1)[0] for a in answers] == [b"HTTP/1.1 400 Bad Request"] * 3
     assert calls == []
+
+
+async def test_an_http_version_the_server_does_not_speak_is_a_505_and_the_connection_closed() -> (
+    None
+):
+    """h11 parses any ``HTTP/d.d`` request line; the engine's server speaks 1.0 and 1.1,
+    and answers another version with a 505 and closes, calling nothing."""
+    iii = make_app()
+    calls: list[Any] = []
+    iii.register_function("p", recording(calls))
+    iii.register_trigger({"type": "http", "function_id": "p", "config": {"api_path": "/p"}})
+    async with iii.running():
+        assert iii.http_server is not None
+        port = iii.http_server.port
+        answers = [
+            await anyio.to_thread.run_sync(raw_exchange, port, b"GET /p %s\r\nHost: x\r\n\r\n" % v)
+            for v in (b"HTTP/9.9", b"HTTP/2.0", b"HTTP/1.0")
+        ]
+    for answer in answers[:2]:
+        status_line, _, rest = answer.partition(b"\r\n")
+        headers, _, body = rest.partition(b"\r\n\r\n")
+        assert status_line == b"HTTP/1.1 505 HTTP Version Not Supported"
+        assert b"connection: close" in headers.lower()
+        assert json.loads(body)["error"] == "http version not supported"
+    assert answers[2].startswith(b"HTTP/1.1 200 ")
+    assert len(calls) == 1
+
+
+async def test_a_request_target_in_absolute_form_is_routed_by_its_path() -> None:
+    """``GET http://host/p?q=1 HTTP/1.1`` (RFC 9112 §3.2.2: a server must accept it) is
+    the request for ``/p``; uvicorn's h11 protocol passes the whole URL as the path."""
+    iii = make_app()
+    seen: list[Any] = []
+    iii.register_function("p", recording(seen))
+    iii.register_trigger({"type": "http", "function_id": "p", "config": {"api_path": "/p/:id"}})
+    async with iii.running():
+        assert iii.http_server is not None
+        answer = await anyio.to_thread.run_sync(
+            raw_exchange,
+            iii.http_server.port,
+            b"GET http://x:80/p/a%2Fb?q=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    [req] = seen
+    assert (req["path"], req["path_params"], req["query_params"]) == (
+        "/p/a/b",
+        {"id": "a/b"},
+        {"q": "1"},
+    )
+
+
+async def test_a_request_head_over_16_kib_is_a_431_whether_it_comes_whole_or_in_pieces() -> None:
+    """h11 limits a head only while it is incomplete: one that came in one piece was
+    served whatever its size. Both are a 431 now, with ``connection: close``; a head just
+    under the limit is served."""
+    import socket
+
+    iii = make_app()
+    calls: list[Any] = []
+    iii.register_function("p", recording(calls))
+    iii.register_trigger({"type": "http", "function_id": "p", "config": {"api_path": "/p"}})
+
+    def head(value_size: int, end: bytes = b"\r\n\r\n") -> bytes:
+        return b"GET /p HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * value_size + end
+
+    def in_pieces(port: int) -> bytes:
+        """A head sent a header at a time, past the limit before its end comes."""
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET /p HTTP/1.1\r\nHost: x\r\n")
+            for _ in range(5):
+                sock.sendall(b"X-Part: " + b"b" * 4000 + b"\r\n")
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        return b"".join(chunks)
+
+    async with iii.running():
+        assert iii.http_server is not None
+        port = iii.http_server.port
+        under = await anyio.to_thread.run_sync(
+            raw_exchange, port, head(16_000, b"\r\nConnection: close\r\n\r\n")
+        )
+        whole = await anyio.to_thread.run_sync(raw_exchange, port, head(20_000))
+        pieces = await anyio.to_thread.run_sync(in_pieces, port)
+    assert under.startswith(b"HTTP/1.1 200 ")
+    for answer in (whole, pieces):
+        status_line, _, rest = answer.partition(b"\r\n")
+        headers, _, body = rest.partition(b"\r\n\r\n")
+        assert status_line == b"HTTP/1.1 431 Request Header Fields Too Large"
+        assert b"connection: close" in headers.lower()
+        assert json.loads(body) == {"error": "request head too large", "max_head_bytes": 16384}
+    assert len(calls) == 1
 
 
 async def test_a_body_that_does_not_arrive_in_time_is_a_408_and_the_function_is_not_called() -> (
