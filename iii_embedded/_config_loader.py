@@ -5,13 +5,15 @@ Both of iii's spellings load (``workers: - name: iii-queue`` and the older
 top-level ``queue_configs:``). The file is parsed with ruamel.yaml's round-trip loader
 because it keeps line numbers: every error names the file, the line and the key, and says
 what was expected. Workers the runtime has no equivalent for are ignored with one warning
-each, so the same file stays valid for the real engine.
+each, so the same file stays valid for the real engine. iii's environment references
+(``${NAME}``, ``${NAME:default}``) are expanded in values (see :func:`_expand_env`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,13 @@ _HTTP_WORKERS = {"iii-http", "http"}
 _HTTP_EXTENSIONS = {"max_body_bytes", "header_timeout_ms", "body_timeout_ms"}
 """The http worker's keys of ours beside iii's port and host: integers >= 1."""
 _QUEUE_MODULES = {"modules::queue::QueueModule"}
-_HTTP_MODULES = {"modules::rest_api::RestApiModule", "modules::http::HttpModule"}
+# iii's engine names its REST module ``modules::api::RestApiModule``; the other two are
+# accepted as they always were.
+_HTTP_MODULES = {
+    "modules::api::RestApiModule",
+    "modules::rest_api::RestApiModule",
+    "modules::http::HttpModule",
+}
 # Top-level list → (the field naming each item, queue block ids, http block ids).
 _BLOCKS = {
     "workers": ("name", _QUEUE_WORKERS, _HTTP_WORKERS),
@@ -62,6 +70,9 @@ _ADAPTER_KEYS = {
     "pin_cpu",
     "commit_on_loop",
 }
+_IGNORED_ADAPTER_KEYS = {"save_interval_ms"}
+"""iii's built-in adapter keys with no meaning here: its file store saves its state every
+``save_interval_ms``; the SQLite store commits every write (warned about, then ignored)."""
 
 
 class _Reader:
@@ -333,6 +344,15 @@ class _Reader:
         for key in config:
             key_line = self.line_of(config, key)
             value = config[key]
+            if key in _IGNORED_ADAPTER_KEYS:
+                log.warning(
+                    "%s:%s: adapter option %r has no meaning for iii-embedded's store (it "
+                    "commits every write to SQLite) and is ignored",
+                    self.source,
+                    key_line,
+                    key,
+                )
+                continue
             if key not in _ADAPTER_KEYS:
                 raise self.fail(
                     f"adapter config: unknown key {key!r} "
@@ -398,6 +418,69 @@ def _describe(value: Any) -> str:
     return repr(value)
 
 
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::([^}]*))?\}")
+"""iii's environment reference: ``${NAME}`` or ``${NAME:default}``."""
+
+
+def _expand_env(node: Any, source: str, env: Mapping[str, str], lines: list[str]) -> None:
+    """Replace iii's environment references in the string values of ``node`` (a parsed
+    document, changed in place): ``${NAME}`` is the variable's value, ``${NAME:default}``
+    the default when the variable is not set (a variable set to "" is ""). A value that
+    is one plain (unquoted) reference is then read as YAML would read the text in its
+    place, so ``port: ${PORT:3111}`` is the integer 3111; a quoted value, or one with
+    text around the reference, stays a string. Values only: keys and comments are left
+    as they are, so a reference in a commented-out line needs no variable. A variable
+    that is not set and has no default is a ``ConfigError`` naming the line. ``lines``
+    are the document's lines, where a value's first character tells if it is quoted."""
+    if isinstance(node, Mapping):
+        keys: list[Any] = list(node)
+    elif isinstance(node, list):
+        keys = list(range(len(node)))
+    else:
+        return
+    for key in keys:
+        value = node[key]
+        if not (isinstance(value, str) and "${" in value):
+            _expand_env(value, source, env, lines)
+            continue
+        try:  # where the value starts (0-based line and column)
+            lc: Any = getattr(node, "lc", None)  # ruamel's positions of the node's parts
+            at = lc.value(key) if isinstance(node, Mapping) else lc.item(key)
+            row, col = int(at[0]), int(at[1])
+        except (AttributeError, KeyError, TypeError, IndexError, ValueError):
+            row = col = -1
+        quoted = 0 <= row < len(lines) and lines[row][col : col + 1] in ("'", '"')
+        line = row + 1 if row >= 0 else None
+        node[key] = _expanded(value, quoted, line, source, env)
+
+
+def _expanded(
+    value: str, quoted: bool, line: int | None, source: str, env: Mapping[str, str]
+) -> Any:
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        found = env.get(name)
+        if found is not None:
+            return found
+        if default is not None:
+            return default
+        raise ConfigError(
+            f"environment variable {name!r} is not set and {match.group(0)} gives no "
+            f"default (write ${{{name}:default}} to give one)",
+            path=source,
+            line=line,
+        )
+
+    text = _ENV_REF.sub(substitute, value)
+    if quoted or not _ENV_REF.fullmatch(value):
+        return text
+    try:  # read as the plain scalar it stands for: a number, a boolean, null or text
+        read = YAML(typ="safe", pure=True).load(text)
+    except YAMLError:
+        return text
+    return read if read is None or isinstance(read, (str, int, float, bool)) else text
+
+
 def parse_config(text: str, *, source: str = "<string>", base_dir: str | None = None) -> Config:
     """Parse configuration text. ``base_dir`` resolves a relative ``file_path``."""
     yaml = YAML(typ="rt")
@@ -412,6 +495,7 @@ def parse_config(text: str, *, source: str = "<string>", base_dir: str | None = 
         raise ConfigError(f"invalid YAML: {problem}", path=source, line=line) from None
     except YAMLError as exc:
         raise ConfigError(f"invalid YAML: {exc}", path=source) from None
+    _expand_env(doc, source, os.environ, text.splitlines())
     return _Reader(source, Path(base_dir) if base_dir else None).read(doc)
 
 

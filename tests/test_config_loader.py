@@ -520,3 +520,90 @@ def test_the_http_header_timeout_is_read_and_has_a_default() -> None:
     assert default.http is not None and default.http.header_timeout_ms == 10_000
     set_ = parse_config("workers:\n  - name: iii-http\n    config: {header_timeout_ms: 500}\n")
     assert set_.http is not None and set_.http.header_timeout_ms == 500
+
+
+# --- iii's environment references and its reference config -----------------------------
+
+III_REFERENCE = """\
+port: ${III_PORT:49134}
+modules:
+  - class: modules::api::RestApiModule
+    config:
+      port: ${API_PORT:3111}
+      host: ${API_HOST:127.0.0.1}
+      default_timeout: 30000
+  - class: modules::queue::QueueModule
+    config:
+      queue_configs:
+        default:
+          max_retries: ${RETRIES:5}
+          concurrency: 5
+      adapter:
+        class: modules::queue::BuiltinQueueAdapter
+        config:
+          store_method: ${STORE_METHOD:file_based}
+          file_path: ./data/${STORE_NAME:queue}_store
+          save_interval_ms: 5000
+        # Prod: another adapter
+        # config:
+        #   redis_url: ${REDIS_URL}
+"""
+
+
+def test_iii_reference_config_loads_with_its_environment_defaults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    for name in ("III_PORT", "API_PORT", "API_HOST", "RETRIES", "STORE_METHOD", "STORE_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("REDIS_URL", raising=False)  # only in a comment: needs no value
+    caplog.set_level(logging.WARNING, logger="iii_embedded.config")
+    cfg = load_config(write(tmp_path, III_REFERENCE))
+    # A plain reference reads as YAML would read its text: 3111 and 5 are integers.
+    assert cfg.http == HttpConfig(host="127.0.0.1", port=3111)
+    assert cfg.queues["default"].max_retries == 5
+    assert cfg.store.store_method == "file_based"
+    assert cfg.store.file_path == str(tmp_path / "data" / "queue_store")
+    warnings = [r.getMessage() for r in caplog.records]
+    assert any(":19: adapter option 'save_interval_ms'" in w for w in warnings), warnings
+    assert any(":7: http option 'default_timeout'" in w for w in warnings), warnings
+
+
+def test_environment_variables_override_the_defaults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("API_PORT", "8088")
+    monkeypatch.setenv("API_HOST", "0.0.0.0")
+    monkeypatch.setenv("RETRIES", "9")
+    monkeypatch.setenv("STORE_NAME", "")  # set, if empty: its value, not the default
+    cfg = load_config(write(tmp_path, III_REFERENCE))
+    assert cfg.http is not None and (cfg.http.host, cfg.http.port) == ("0.0.0.0", 8088)
+    assert cfg.queues["default"].max_retries == 9
+    assert cfg.store.file_path == str(tmp_path / "data" / "_store")
+
+
+def test_an_unset_variable_without_a_default_names_it_and_the_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("QUEUE_DIR", raising=False)
+    text = OLDER.replace(
+        "store_method: in_memory", "store_method: file_based\n          file_path: ${QUEUE_DIR}"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    assert info.value.line == 14
+    assert "'QUEUE_DIR' is not set" in str(info.value)
+    assert "${QUEUE_DIR:default}" in str(info.value)
+
+
+def test_a_quoted_reference_stays_text_and_an_empty_default_is_empty(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("CONC", raising=False)
+    monkeypatch.delenv("GROUP_FIELD", raising=False)
+    with pytest.raises(ConfigError) as info:  # "4" quoted is text, as a quoted 4 would be
+        parse_config('queue_configs:\n  q:\n    concurrency: "${CONC:4}"\n')
+    assert info.value.line == 3 and "got '4'" in str(info.value)
+    cfg = parse_config(
+        "queue_configs:\n  q:\n    type: fifo\n    message_group_field: g${GROUP_FIELD:}\n"
+    )
+    assert cfg.queues["q"].message_group_field == "g"
