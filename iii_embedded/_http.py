@@ -300,21 +300,25 @@ _TEXT_TYPES = ("application/x-www-form-urlencoded", "application/xml")
 
 def _decode_body(raw: bytes, content_type: str) -> Any:
     """The body as the function gets it: ``None`` when empty; parsed JSON for a JSON
-    type; for a text type (``text/*``, form, XML) or none, parsed JSON if it parses, else
-    the text (its charset, UTF-8 by default); for any other type the bytes as sent. A JSON
-    or text body that does not decode is ``_MalformedBody``."""
+    type (``application/json``, ``*/*+json``); the text for a type of JSON lines
+    (``application/x-ndjson``, ``application/json-seq``: many documents, which one parse
+    would refuse); for a text type (``text/*``, form, XML) or none, parsed JSON if it
+    parses, else the text (its charset, UTF-8 by default); for any other type the bytes
+    as sent. A JSON or text body that does not decode is ``_MalformedBody``."""
     if not raw:
         return None
     media, _, params = content_type.lower().partition(";")
     media = media.strip()
-    if "json" in media:
+    lines_of_json = "json" in media and not (media == "application/json" or media.endswith("+json"))
+    if "json" in media and not lines_of_json:
         try:
             return json.loads(raw)  # UTF-8 (or the UTF-16/32 JSON allows), else an error
         except ValueError as exc:
             raise _MalformedBody("malformed JSON body", str(exc)) from None
         except RecursionError:  # nested deeper than the parser recurses: "[[[[..."
             raise _MalformedBody("malformed JSON body", "nested too deeply") from None
-    if media and not (media.startswith("text/") or media in _TEXT_TYPES or media.endswith("+xml")):
+    textual = media.startswith("text/") or media in _TEXT_TYPES or media.endswith("+xml")
+    if media and not (textual or lines_of_json):
         return raw
     charset = "utf-8"
     for param in params.split(";"):
@@ -327,6 +331,8 @@ def _decode_body(raw: bytes, content_type: str) -> Any:
         if not media:
             return raw  # no type claimed: bytes that are not text stay bytes
         raise _MalformedBody("malformed text body", str(exc)) from None
+    if lines_of_json:  # one line would parse, two would not: the text, whatever it holds
+        return text
     try:
         return json.loads(text)
     except (ValueError, RecursionError):  # not JSON, or nested too deeply to parse

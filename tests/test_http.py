@@ -798,6 +798,39 @@ async def test_json_nested_too_deep_to_parse_is_a_400_and_as_text_stays_text() -
     assert seen == [deep.decode()] * 2
 
 
+async def test_json_lines_reach_the_function_as_text_and_a_json_suffix_type_is_parsed() -> (
+    None
+):
+    """A type that names JSON but is many documents (NDJSON, JSON text sequences) is not
+    one JSON parse (two lines would be a 400, one line a dict): its text, whatever it
+    holds; ``application/<x>+json`` is JSON, parsed (a malformed one a 400)."""
+    iii = III(shutdown_grace_ms=0)
+    seen: list[Any] = []
+    iii.register_function("p", recording(seen, "body"))
+    route_post_p(iii)
+    two_lines = b'{"n": 1}\n{"n": 2}\n'
+    cases = [
+        (b"application/x-ndjson", two_lines),
+        (b"application/x-ndjson", b'{"n": 1}\n'),
+        (b"application/json-seq", b'\x1e{"n": 1}\n'),
+        (b"application/problem+json", b'{"title": "t"}'),
+        (b"application/vnd.api+json", b"{broken"),
+    ]
+    answers = []
+    async with iii.running():
+        for content_type, raw in cases:
+            scope = {
+                "type": "http",
+                "method": "POST",
+                "path": "/p",
+                "headers": [(b"content-type", content_type)],
+            }
+            answers.append(await asgi_messages(iii.asgi_app, scope, raw))
+    assert [a[0]["status"] for a in answers] == [200, 200, 200, 200, 400]
+    assert seen == [two_lines.decode(), '{"n": 1}\n', '\x1e{"n": 1}\n', {"title": "t"}]
+    assert json.loads(answers[4][1]["body"])["error"] == "malformed JSON body"
+
+
 async def test_a_body_over_max_body_bytes_is_a_413_before_it_is_read() -> None:
     """A Content-Length over the limit is refused without reading the body; a chunked body
     is counted as it arrives and refused once past the limit, before its end; bodies up to
