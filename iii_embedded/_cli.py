@@ -37,6 +37,7 @@ __all__ = ["main"]
 
 T = TypeVar("T")
 CHUNK = 500
+MISSING_SHOWN = 10  # ids named when given ids were not in a dead-letter queue
 
 
 class UsageError(Exception):
@@ -407,7 +408,7 @@ def _dlq_bulk(args: argparse.Namespace, verb: str) -> int:
         raise UsageError(f"dlq {verb}: give job ids or --all (not both)")
     show = args.progress or sys.stderr.isatty()
 
-    async def work(store: Store) -> int:
+    async def work(store: Store) -> tuple[int, bool]:
         await _known_queue(args, store, args.queue)
         now = time.time()
         # --all is the jobs dead when the command starts, each handled once: their ids
@@ -418,26 +419,39 @@ def _dlq_bulk(args: argparse.Namespace, verb: str) -> int:
         # Chunks of CHUNK ids, one transaction each: an interruption leaves every chunk
         # fully done or not started, and running the command again continues with the rest.
         total, done = len(ids), 0
+        missing: list[str] = []
         for start in range(0, total, CHUNK):
-            done += len(await _apply(store, verb, args.queue, ids[start : start + CHUNK], now))
+            chunk = ids[start : start + CHUNK]
+            taken = set(await _apply(store, verb, args.queue, chunk, now))
+            done += len(taken)
+            missing.extend(i for i in chunk if i not in taken)
             _progress(verb, min(start + CHUNK, total), total, show)
-        missing = total - done
-        if missing:
-            why = (
-                "had left the dead-letter queue of '{}' before the command reached them"
-                if args.all
-                else "were not in the dead-letter queue of '{}'"
+        if missing and args.all:
+            print(
+                f"{len(missing)} id(s) had left the dead-letter queue of '{args.queue}' "
+                "before the command reached them",
+                file=sys.stderr,
             )
-            print(f"{missing} id(s) {why.format(args.queue)}", file=sys.stderr)
-        return done
+        elif missing:
+            # Ids the user named that were not dead there (a typo, or already redriven):
+            # named, and the exit status says the command did not do all it was asked.
+            shown = ", ".join(missing[:MISSING_SHOWN]) + (
+                ", ..." if len(missing) > MISSING_SHOWN else ""
+            )
+            print(
+                f"{len(missing)} id(s) were not in the dead-letter queue of "
+                f"'{args.queue}': {shown}",
+                file=sys.stderr,
+            )
+        return done, bool(missing) and not args.all
 
-    count = _with_store(args, work)
+    count, incomplete = _with_store(args, work)
     past = "redriven" if verb == "redrive" else "discarded"
     if args.json:
         _print_json({"queue": args.queue, past: count})
     else:
         print(f"{past} {count} job(s) of '{args.queue}'")
-    return 0
+    return 1 if incomplete else 0
 
 
 async def _apply(store: Store, verb: str, queue: str, ids: Sequence[str], now: float) -> list[str]:

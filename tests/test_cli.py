@@ -602,7 +602,29 @@ def test_dlq_redrive_of_a_repeated_id_counts_it_once(project: Path) -> None:
     assert "not in the dead-letter queue" not in out.stderr
     missing = cli(project, "dlq", "discard", "work", one, "no-such-id", "no-such-id")
     assert missing.stdout.strip() == "discarded 0 job(s) of 'work'"
-    assert missing.stderr.strip() == "2 id(s) were not in the dead-letter queue of 'work'"
+    assert missing.stderr.strip() == (
+        f"2 id(s) were not in the dead-letter queue of 'work': {one}, no-such-id"
+    )
+    assert missing.returncode == 1
+
+
+def test_dlq_redrive_and_discard_of_unknown_ids_name_them_and_exit_1(project: Path) -> None:
+    """A mistyped id is not a success: the ids found are still handled, the others are
+    named on stderr, and the exit status says something was not done."""
+    one, two = dead_jobs_in(project, 2)
+    out = cli(project, "dlq", "redrive", "work", one, "01a2-typo")
+    assert (out.returncode, out.stdout.strip()) == (1, "redriven 1 job(s) of 'work'")
+    assert out.stderr.strip() == "1 id(s) were not in the dead-letter queue of 'work': 01a2-typo"
+    out = cli(project, "dlq", "discard", "work", "nope", "--json")
+    assert out.returncode == 1
+    assert json.loads(out.stdout) == {"queue": "work", "discarded": 0}
+    assert out.stderr.strip() == "1 id(s) were not in the dead-letter queue of 'work': nope"
+    out = cli(project, "dlq", "discard", "work", two)
+    assert (out.returncode, out.stdout.strip(), out.stderr) == (
+        0,
+        "discarded 1 job(s) of 'work'",
+        "",
+    )
 
 
 def one_line_error(out: subprocess.CompletedProcess[str]) -> str:
