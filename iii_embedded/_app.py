@@ -370,12 +370,14 @@ class III:
         jobs, future = rt.enqueue_elsewhere(fid, data, act, inline=inline)
         return rt.from_thread(rt.store_jobs, jobs, act.queue) if future is None else future
 
-    def _call_blocking(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def _call_blocking(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """``await fn(*args)`` on the engine's loop, from a thread that blocks meanwhile;
+        ``name`` (``iii.stats``) is the blocking call, named if it is made on the loop."""
         rt = self.runtime
         if rt.loop_thread == threading.get_ident():
             raise RuntimeError(
-                "this call blocks, and this is the engine's event-loop thread: "
-                "use its `_async` twin in async code"
+                f"{name}() blocks, and this is the engine's event-loop thread: "
+                f"use `await {name}_async(...)` in async code"
             )
         return _blocking_result(rt, rt.from_thread(fn, *args))
 
@@ -428,6 +430,7 @@ class III:
     ) -> list[str]:
         """Blocking twin of :meth:`batch_trigger_async`."""
         result: list[str] = self._call_blocking(
+            "iii.batch_trigger",
             lambda: self.batch_trigger_async(
                 function_id,
                 payloads,
@@ -435,7 +438,7 @@ class III:
                 delay_ms=delay_ms,
                 idempotency_keys=idempotency_keys,
                 max_attempts=max_attempts,
-            )
+            ),
         )
         return result
 
@@ -490,6 +493,7 @@ class III:
         """Blocking twin of :meth:`trigger_and_wait_async` (for sync code and handlers)."""
         inv = current_invocation()
         result: RunResult = self._call_blocking(
+            "iii.trigger_and_wait",
             lambda: self.trigger_and_wait_async(
                 function_id,
                 payload,
@@ -499,7 +503,7 @@ class III:
                 idempotency_key=idempotency_key,
                 max_attempts=max_attempts,
                 _invocation=inv,
-            )
+            ),
         )
         return result
 
@@ -550,6 +554,7 @@ class III:
         """Blocking twin of :meth:`batch_trigger_and_wait_async`."""
         inv = current_invocation()
         result: BatchResult = self._call_blocking(
+            "iii.batch_trigger_and_wait",
             lambda: self.batch_trigger_and_wait_async(
                 function_id,
                 payloads,
@@ -559,7 +564,7 @@ class III:
                 idempotency_keys=idempotency_keys,
                 max_attempts=max_attempts,
                 _invocation=inv,
-            )
+            ),
         )
         return result
 
@@ -773,7 +778,7 @@ class III:
 
     def stats(self) -> dict[str, QueueStats]:
         """Blocking twin of :meth:`stats_async`."""
-        result: dict[str, QueueStats] = self._call_blocking(self.stats_async)
+        result: dict[str, QueueStats] = self._call_blocking("iii.stats", self.stats_async)
         return result
 
     async def queue_stats_async(self, queue: str) -> QueueStats:
@@ -782,7 +787,7 @@ class III:
 
     def queue_stats(self, queue: str) -> QueueStats:
         """Blocking twin of :meth:`queue_stats_async`."""
-        result: QueueStats = self._call_blocking(self.queue_stats_async, queue)
+        result: QueueStats = self._call_blocking("iii.queue_stats", self.queue_stats_async, queue)
         return result
 
     async def dlq_list_async(
@@ -801,7 +806,7 @@ class III:
     def dlq_list(self, queue: str, *, offset: int = 0, limit: int = 100) -> list[DeadJob]:
         """Blocking twin of :meth:`dlq_list_async`."""
         result: list[DeadJob] = self._call_blocking(
-            lambda: self.dlq_list_async(queue, offset=offset, limit=limit)
+            "iii.dlq_list", lambda: self.dlq_list_async(queue, offset=offset, limit=limit)
         )
         return result
 
@@ -823,7 +828,9 @@ class III:
 
     def dlq_redrive(self, queue: str, ids: Sequence[str] | None = None) -> list[str]:
         """Blocking twin of :meth:`dlq_redrive_async`."""
-        result: list[str] = self._call_blocking(self.dlq_redrive_async, queue, ids)
+        result: list[str] = self._call_blocking(
+            "iii.dlq_redrive", self.dlq_redrive_async, queue, ids
+        )
         return result
 
     async def dlq_discard_async(self, queue: str, ids: Sequence[str] | None = None) -> list[str]:
@@ -832,7 +839,9 @@ class III:
 
     def dlq_discard(self, queue: str, ids: Sequence[str] | None = None) -> list[str]:
         """Blocking twin of :meth:`dlq_discard_async`."""
-        result: list[str] = self._call_blocking(self.dlq_discard_async, queue, ids)
+        result: list[str] = self._call_blocking(
+            "iii.dlq_discard", self.dlq_discard_async, queue, ids
+        )
         return result
 
 
