@@ -483,6 +483,18 @@ def _import_app(spec: str) -> Any:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise UsageError(f"expected MODULE:APP (like 'myapp:iii'), got {spec!r}")
+    if module_name.endswith(".py") or "/" in module_name or os.sep in module_name:
+        # A file's path (shop.py, ./app/shop.py): say the module's name instead.
+        path = Path(module_name).with_suffix("")
+        with contextlib.suppress(ValueError):
+            path = path.resolve().relative_to(Path.cwd())
+        if path.is_absolute():  # outside this directory: its name, run from where it is
+            hint = f"'{path.name}:{attr}' from the file's directory"
+        else:
+            hint = f"'{'.'.join(path.parts)}:{attr}'"
+        raise UsageError(
+            f"cannot import {module_name!r}: MODULE is a module's name, not a file: try {hint}"
+        )
     sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
@@ -499,7 +511,9 @@ def _import_app(spec: str) -> Any:
             f"importing {module_name!r} failed: {type(exc).__name__}: {exc}{where}; "
             f"'python -c \"import {module_name}\"' shows the traceback"
         ) from None
-    app = getattr(module, attr, None)
+    if not hasattr(module, attr):
+        raise UsageError(f"module {module_name!r} has no attribute {attr!r} (in {spec!r})")
+    app = getattr(module, attr)
     if not isinstance(app, III):
         raise UsageError(f"{spec!r} is not an III app (found {type(app).__name__})")
     return app

@@ -303,6 +303,15 @@ def test_check_reports_an_unknown_key_with_file_and_line(tmp_path: Path) -> None
         (["run", "nomodule:app"], "cannot import 'nomodule'"),
         (["run", "myapp"], "expected MODULE:APP"),
         (["run", "myapp:CONFIG"], "is not an III app"),
+        (["run", "myapp:nothere"], "module 'myapp' has no attribute 'nothere'"),
+        (
+            ["run", "myapp.py:iii"],
+            "cannot import 'myapp.py': MODULE is a module's name, not a file: try 'myapp:iii'",
+        ),
+        (
+            ["trigger", "add", "--app", "./pkg/myapp.py:iii"],
+            "MODULE is a module's name, not a file: try 'pkg.myapp:iii'",
+        ),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
         (["queues", "--config", "missing.yaml"], "missing.yaml: config file not found"),
     ],
