@@ -37,6 +37,7 @@ __all__ = ["main"]
 
 T = TypeVar("T")
 CHUNK = 500
+NO_CONFIG = "no config file found (no --config, no $III_CONFIG, no ./iii-config.yaml here)"
 MISSING_SHOWN = 10  # ids named when given ids were not in a dead-letter queue
 
 
@@ -142,8 +143,10 @@ def _store_dir(args: argparse.Namespace, *, create: bool = False) -> Path:
         create = False
     else:
         config = _config(args)
+        if config.source is None:
+            raise UsageError(f"{NO_CONFIG}: give --store DIR or --config FILE")
         if config.store.store_method != "file_based" or not config.store.file_path:
-            where = config.source or "the default config"
+            where = config.source
             raise UsageError(
                 f"{where} uses an in-memory store; nothing to inspect from outside the app "
                 "(use --store DIR or a config with a file_based store)"
@@ -547,7 +550,13 @@ def cmd_trigger(args: argparse.Namespace) -> int:
     queue = config.queues.get(queue_name)
     if queue is None:
         # Worded as the app's enqueue says it, as the command's other enqueue errors are.
-        raise UsageError(f"enqueue_error: Queue '{queue_name}' not found")
+        why = (
+            " (no config file found: a queue's settings come from --config FILE, "
+            "$III_CONFIG or ./iii-config.yaml)"
+            if config.source is None
+            else ""
+        )
+        raise UsageError(f"enqueue_error: Queue '{queue_name}' not found{why}")
     try:
         jobs = new_jobs(
             queue,

@@ -335,6 +335,27 @@ def test_an_in_memory_config_has_no_store_to_inspect(tmp_path: Path) -> None:
     assert "uses an in-memory store; nothing to inspect from outside the app" in out.stderr
 
 
+def test_without_a_config_file_the_commands_say_none_was_found(project: Path) -> None:
+    """Run where there is no iii-config.yaml: the store commands say that no config was
+    found (not that "the default config" is in memory), and an enqueue into a queue the
+    store has but no config names says where its settings would come from."""
+    assert cli(project, "trigger", "add", "--payload", '{"a": 1, "b": 2}').returncode == 0
+    elsewhere = project / "elsewhere"
+    elsewhere.mkdir()
+    line = one_line_error(cli(elsewhere, "queues"))
+    assert line == (
+        "iii-embedded: error: no config file found (no --config, no $III_CONFIG, no "
+        "./iii-config.yaml here): give --store DIR or --config FILE"
+    )
+    store = str(project / "store")
+    line = one_line_error(cli(elsewhere, "trigger", "add", "--store", store, "--queue", "work"))
+    assert line == (
+        "iii-embedded: error: enqueue_error: Queue 'work' not found (no config file found: "
+        "a queue's settings come from --config FILE, $III_CONFIG or ./iii-config.yaml)"
+    )
+    assert cli(elsewhere, "queues", "--store", store).returncode == 0
+
+
 def test_every_command_has_help_with_examples(tmp_path: Path) -> None:
     for args in (
         ["--help"],
