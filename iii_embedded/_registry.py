@@ -150,7 +150,10 @@ class Registry:
                 f"id is required: a function id must be a non-blank string, got {spec.id!r}"
             )
         if spec.id in self._specs:
-            raise ValueError(f"function {spec.id!r} is already registered")
+            raise ValueError(
+                f"function {spec.id!r} is already registered: give this handler another id, "
+                "or unregister the first one (the FunctionRef register_function returned)"
+            )
         kind = _generator_kind(spec.handler)
         if kind is not None:
             raise ValueError(

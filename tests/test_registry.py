@@ -243,3 +243,14 @@ async def test_handlers_that_take_one_argument_in_any_form_are_accepted() -> Non
         ]
         assert results == [6, 8, 2, 10, 4]
         assert await iii.trigger_async("builtin", -7) == 7
+
+
+def test_a_duplicate_id_is_refused_saying_what_to_do() -> None:
+    iii = make_app()
+    iii.register_function("orders::create", lambda data: data)
+    with pytest.raises(ValueError) as caught:
+        iii.register_function("orders::create", lambda data: data)
+    assert str(caught.value) == (
+        "function 'orders::create' is already registered: give this handler another id, or "
+        "unregister the first one (the FunctionRef register_function returned)"
+    )
