@@ -665,6 +665,16 @@ class III:
         """Run the engine as the main program (blocking) until SIGINT/SIGTERM. Only in
         the main thread, where Python delivers signals; elsewhere use :meth:`start`."""
         _require_main_thread("run()")
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # no loop here, as expected
+            pass
+        else:
+            raise RuntimeError(
+                "iii.run() runs its own event loop, and this thread already runs one: in "
+                "async code use `async with iii.running():`, or `await iii.serve_forever()` "
+                "to serve until SIGINT/SIGTERM"
+            )
         anyio.run(self.serve_forever)
 
     def start(self, *, serve: bool = True) -> III:
