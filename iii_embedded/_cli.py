@@ -116,6 +116,14 @@ def _age(seconds: float | None) -> str:
     return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
 
 
+ERROR_WIDTH = 60  # characters of an error in a table (dlq show has it whole)
+
+
+def _clip(text: str, width: int) -> str:
+    """``text`` in at most ``width`` characters, ending with an ellipsis if it was cut."""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def _when(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
 
@@ -338,17 +346,31 @@ def cmd_cron(args: argparse.Namespace) -> int:
 
 
 def cmd_dlq_list(args: argparse.Namespace) -> int:
-    async def read(store: Store) -> list[DeadJob]:
+    async def read(store: Store) -> tuple[list[DeadJob], int]:
         await _known_queue(args, store, args.queue)
-        return [DeadJob.from_job(j) for j in await store.list_dead(args.queue, limit=args.limit)]
+        jobs = [DeadJob.from_job(j) for j in await store.list_dead(args.queue, limit=args.limit)]
+        if len(jobs) < args.limit:
+            return jobs, len(jobs)
+        counts = await store.counts(time.time())
+        return jobs, counts.get(args.queue, QueueCounts()).dead
 
-    dead = _with_store(args, read)
+    dead, total = _with_store(args, read)
     if args.json:
         _print_json([d.to_iii() | {"error_type": d.error.type if d.error else None} for d in dead])
-        return 0
-    if not dead:
+    elif not dead:
         print(f"the dead-letter queue of '{args.queue}' is empty")
-        return 0
+    else:
+        _print_dead_table(dead)
+    if len(dead) < total:  # after the table, on stderr: a script reading stdout gets rows
+        sys.stdout.flush()
+        print(
+            f"{len(dead)} of the {total} dead jobs of '{args.queue}' shown (--limit N shows more)",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _print_dead_table(dead: Sequence[DeadJob]) -> None:
     print(
         _table(
             ["id", "function", "attempts", "failed at", "error"],
@@ -358,13 +380,12 @@ def cmd_dlq_list(args: argparse.Namespace) -> int:
                     d.function_id,
                     d.attempts,
                     _when(d.last_failed_at),
-                    (str(d.error) if d.error else "-")[:60],
+                    _clip(str(d.error), ERROR_WIDTH) if d.error else "-",
                 ]
                 for d in dead
             ],
         )
     )
-    return 0
 
 
 def cmd_dlq_show(args: argparse.Namespace) -> int:

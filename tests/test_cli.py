@@ -616,6 +616,33 @@ def test_dlq_list_limit_must_be_a_positive_integer(project: Path, limit: str) ->
     assert len(out.stderr.strip().splitlines()) == 1
 
 
+def test_dlq_list_says_when_it_shows_only_part_and_marks_cut_errors(project: Path) -> None:
+    """A list cut at --limit says how many jobs are dead in all, and an error cut to fit
+    its column ends with an ellipsis, so neither reads as the whole."""
+    iii = III.from_config(project / "iii-config.yaml", clock=VirtualClock(), shutdown_grace_ms=0)
+
+    def refused(_: Any) -> None:
+        raise ConnectionError("gateway https://pay.example refused the connection " + "x" * 40)
+
+    iii.register_function("refused", refused)
+
+    async def main() -> None:
+        async with iii.running():
+            await iii.batch_trigger_async("refused", [1, 2, 3], queue="work")
+            await drain(iii)
+
+    anyio.run(main)
+    out = cli(project, "dlq", "list", "work", "--limit", "2")
+    assert out.returncode == 0, out.stderr
+    rows = out.stdout.strip().splitlines()[2:]
+    assert len(rows) == 2
+    cut = "ConnectionError: gateway https://pay.example refused the co…"
+    assert all(row.endswith(cut) for row in rows), rows
+    assert out.stderr.strip() == "2 of the 3 dead jobs of 'work' shown (--limit N shows more)"
+    whole = cli(project, "dlq", "list", "work")
+    assert len(whole.stdout.strip().splitlines()[2:]) == 3 and whole.stderr == ""
+
+
 def test_dlq_list_limit_lists_that_many(project: Path) -> None:
     ids = dead_jobs_in(project, 3)
     out = cli(project, "dlq", "list", "work", "--limit", "2", "--json")
