@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import logging
 import os
@@ -45,6 +46,26 @@ from ._triggers import Bindings, Trigger, trigger_registrar
 __all__ = ["III", "HOOK_EVENTS"]
 
 log = logging.getLogger("iii_embedded")
+
+
+class RunAtImportError(RuntimeError):
+    """``III.run()`` (or ``serve_forever``) called while the ``iii-embedded`` command
+    imports the app's module, which would serve the app inside the import."""
+
+
+# Set by the command while it imports an app's module (see ``_cli._import_app``).
+_importing_app: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "iii_embedded_importing_app", default=False
+)
+
+
+def _refuse_run_at_import() -> None:
+    if _importing_app.get():
+        raise RunAtImportError(
+            "the module calls iii.run() when it is imported: the command runs the app "
+            'itself, so call run() only under `if __name__ == "__main__":`'
+        )
+
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
@@ -651,6 +672,7 @@ class III:
 
     async def serve_forever(self) -> None:
         """Run until SIGINT or SIGTERM, then shut down gracefully (main thread only)."""
+        _refuse_run_at_import()
         _require_main_thread("serve_forever()")
         # Listen before starting: a signal that arrives while the engine starts (its
         # lifecycle hooks may already run jobs) is then handled once it is up, instead of
@@ -664,6 +686,7 @@ class III:
     def run(self) -> None:
         """Run the engine as the main program (blocking) until SIGINT/SIGTERM. Only in
         the main thread, where Python delivers signals; elsewhere use :meth:`start`."""
+        _refuse_run_at_import()
         _require_main_thread("run()")
         try:
             asyncio.get_running_loop()

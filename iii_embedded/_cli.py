@@ -24,6 +24,7 @@ import anyio
 import attrs
 
 from ._actions import EnqueueAction
+from ._app import RunAtImportError, _importing_app
 from ._config import Config, StoreConfig
 from ._config_loader import find_config
 from ._errors import ConfigError, InvocationError, StoreError
@@ -520,8 +521,17 @@ def _import_app(spec: str) -> Any:
             f"cannot import {module_name!r}: MODULE is a module's name, not a file: try {hint}"
         )
     sys.path.insert(0, os.getcwd())
+    # While the module is imported, iii.run() raises: a script that ends with it (not
+    # under `if __name__ == "__main__":`) would serve the app inside the import.
+    importing = _importing_app.set(True)
     try:
         module = importlib.import_module(module_name)
+    except RunAtImportError as exc:
+        raise UsageError(
+            f"{spec}: the module calls iii.run() when it is imported{_user_frame(exc)}: "
+            "the command runs the app itself, so call run() only under "
+            '`if __name__ == "__main__":`'
+        ) from None
     except ImportError as exc:
         raise UsageError(f"cannot import {module_name!r}: {exc}") from None
     except ConfigError as exc:  # III.from_config at import time, say: one clear line
@@ -535,12 +545,26 @@ def _import_app(spec: str) -> Any:
             f"importing {module_name!r} failed: {type(exc).__name__}: {exc}{where}; "
             f"'python -c \"import {module_name}\"' shows the traceback"
         ) from None
+    finally:
+        _importing_app.reset(importing)
     if not hasattr(module, attr):
         raise UsageError(f"module {module_name!r} has no attribute {attr!r} (in {spec!r})")
     app = getattr(module, attr)
     if not isinstance(app, III):
         raise UsageError(f"{spec!r} is not an III app (found {type(app).__name__})")
     return app
+
+
+def _user_frame(exc: BaseException) -> str:
+    """`` (file:line)`` of the innermost frame of ``exc`` outside this package."""
+    package = str(Path(__file__).parent) + os.sep
+    where, tb = "", exc.__traceback__
+    while tb is not None:
+        filename = tb.tb_frame.f_code.co_filename
+        if not filename.startswith((package, "<")):
+            where = f" ({filename}:{tb.tb_lineno})"
+        tb = tb.tb_next
+    return where
 
 
 def cmd_trigger(args: argparse.Namespace) -> int:

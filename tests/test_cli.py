@@ -335,6 +335,39 @@ def test_an_in_memory_config_has_no_store_to_inspect(tmp_path: Path) -> None:
     assert "uses an in-memory store; nothing to inspect from outside the app" in out.stderr
 
 
+RUNS_AT_IMPORT = """\
+from iii_embedded import III
+iii = III.from_config("iii-config.yaml", shutdown_grace_ms=0)
+iii.register_function("hello", lambda data: "hi")
+iii.run()
+"""
+
+
+@pytest.mark.parametrize(
+    "args", [["run", "script:iii"], ["trigger", "hello", "--app", "script:iii"]]
+)
+def test_an_app_module_that_calls_run_when_imported_is_refused_in_one_line(
+    project: Path, args: list[str]
+) -> None:
+    """A script that ends with ``iii.run()`` (not under ``if __name__ == "__main__":``)
+    served the app while the command imported it: ``trigger --app`` never returned, and
+    ``run`` ran the app a second time after the first Ctrl-C."""
+    (project / "script.py").write_text(RUNS_AT_IMPORT)
+    out = subprocess.run(
+        [sys.executable, "-m", "iii_embedded", *args],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    line = one_line_error(out)
+    assert line == (
+        "iii-embedded: error: script:iii: the module calls iii.run() when it is imported "
+        f"({project / 'script.py'}:4): the command runs the app itself, so call run() "
+        'only under `if __name__ == "__main__":`'
+    )
+
+
 def test_without_a_config_file_the_commands_say_none_was_found(project: Path) -> None:
     """Run where there is no iii-config.yaml: the store commands say that no config was
     found (not that "the default config" is in memory), and an enqueue into a queue the
