@@ -162,6 +162,16 @@ def _store_dir(args: argparse.Namespace, *, create: bool = False) -> Path:
             )
         directory = Path(config.store.file_path)
     if not create and not (directory / DB_FILENAME).is_file():
+        if directory.name == DB_FILENAME and directory.is_file():
+            raise UsageError(
+                f"no store at {directory}: that is the store's database file; "
+                f"give its directory, {directory.parent}"
+            )
+        if directory.is_file():
+            raise UsageError(
+                f"no store at {directory}: it is a file; a store is the directory that "
+                f"holds {DB_FILENAME}"
+            )
         raise UsageError(f"no store at {directory} (no {DB_FILENAME} there)")
     return directory
 

@@ -299,6 +299,15 @@ def test_check_reports_an_unknown_key_with_file_and_line(tmp_path: Path) -> None
         (["trigger", "flaky", "--queue", "missing"], "enqueue_error: Queue 'missing' not found"),
         (["queues", "--store", "/nonexistent/store"], "no store at /nonexistent/store"),
         (["cron", "--store", "/nonexistent/store"], "no store at /nonexistent/store"),
+        (
+            ["queues", "--store", "store/iii-queue.db"],
+            "no store at store/iii-queue.db: that is the store's database file; "
+            "give its directory, store",
+        ),
+        (
+            ["dlq", "list", "work", "--store", "myapp.py"],
+            "no store at myapp.py: it is a file; a store is the directory that holds iii-queue.db",
+        ),
         (["runs", "show", "no-such-run"], "no run no-such-run"),
         (["run", "nomodule:app"], "cannot import 'nomodule'"),
         (["run", "myapp"], "expected MODULE:APP"),
