@@ -100,6 +100,13 @@ class III:
         shutdown_grace_ms: int = 10_000,
         invocation_timeout_ms: int = DEFAULT_TIMEOUT_MS,
     ) -> None:
+        if config is not None and not isinstance(config, Config):
+            if isinstance(config, (str, os.PathLike)):
+                raise TypeError(
+                    f"III() takes a Config, not a path ({os.fspath(config)!r}): to read a "
+                    f"config file, use III.from_config({os.fspath(config)!r})"
+                )
+            raise TypeError(f"III() takes a Config, not {type(config).__name__}")
         self.config = config if config is not None else Config()
         if (
             isinstance(invocation_timeout_ms, bool)
