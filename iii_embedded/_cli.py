@@ -679,13 +679,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     app = _import_app(args.app)
     _no_config_for_a_started_app(app, args)
     if app.is_running:  # its module started it on import (register_worker, or start())
+        _announce(app, args.app)
         _serve_until_stopped(app)
         return 0
     if args.config:
         _use_config(app, args)
+    app.lifecycle_hooks.append(lambda app, tg: _announce(app, args.app))
     with _engine_errors(args.app):
         app.run()
     return 0
+
+
+def _announce(app: Any, spec: str) -> None:
+    """One line on stderr once the app's engine is up: what it serves, how to stop it."""
+    store = app.config.store
+    where = f"{store.store_method} store"
+    if store.store_method == "file_based":
+        where += f" {store.file_path}"
+    http = app.config.http
+    serving = f"; http on {http.host}:{http.port}" if http is not None and http.port else ""
+    print(
+        f"iii-embedded: serving {spec} ({where}; queues: {', '.join(sorted(app.config.queues))}"
+        f"{serving}); Ctrl-C or SIGTERM stops it",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 @contextlib.contextmanager

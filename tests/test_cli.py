@@ -165,6 +165,19 @@ def test_inspect_a_failing_queue_fix_and_redrive_while_the_app_runs(project: Pat
     assert "Traceback" not in err
 
 
+def test_run_says_on_stderr_what_it_serves_once_the_engine_is_up(project: Path) -> None:
+    """Before, ``run`` was silent until a warning: nothing said the app was up, on which
+    store, or how to stop it."""
+    app = run_app(project, "myapp:iii")
+    app.send_signal(signal.SIGTERM)
+    _, err = app.communicate(timeout=30)
+    assert app.returncode == 0, err
+    assert err.splitlines()[0] == (
+        f"iii-embedded: serving myapp:iii (file_based store {project / 'store'}; "
+        "queues: default, ledger, work); Ctrl-C or SIGTERM stops it"
+    )
+
+
 def test_check_lists_each_queues_settings(project: Path) -> None:
     out = cli(project, "check")
     assert out.returncode == 0
