@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import logging
 import os
@@ -46,6 +47,26 @@ __all__ = ["III", "HOOK_EVENTS"]
 
 log = logging.getLogger("iii_embedded")
 
+
+class RunAtImportError(RuntimeError):
+    """``III.run()`` (or ``serve_forever``) called while the ``iii-embedded`` command
+    imports the app's module, which would serve the app inside the import."""
+
+
+# Set by the command while it imports an app's module (see ``_cli._import_app``).
+_importing_app: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "iii_embedded_importing_app", default=False
+)
+
+
+def _refuse_run_at_import() -> None:
+    if _importing_app.get():
+        raise RunAtImportError(
+            "the module calls iii.run() when it is imported: the command runs the app "
+            'itself, so call run() only under `if __name__ == "__main__":`'
+        )
+
+
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
 
@@ -79,6 +100,13 @@ class III:
         shutdown_grace_ms: int = 10_000,
         invocation_timeout_ms: int = DEFAULT_TIMEOUT_MS,
     ) -> None:
+        if config is not None and not isinstance(config, Config):
+            if isinstance(config, (str, os.PathLike)):
+                raise TypeError(
+                    f"III() takes a Config, not a path ({os.fspath(config)!r}): to read a "
+                    f"config file, use III.from_config({os.fspath(config)!r})"
+                )
+            raise TypeError(f"III() takes a Config, not {type(config).__name__}")
         self.config = config if config is not None else Config()
         if (
             isinstance(invocation_timeout_ms, bool)
@@ -370,12 +398,14 @@ class III:
         jobs, future = rt.enqueue_elsewhere(fid, data, act, inline=inline)
         return rt.from_thread(rt.store_jobs, jobs, act.queue) if future is None else future
 
-    def _call_blocking(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def _call_blocking(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """``await fn(*args)`` on the engine's loop, from a thread that blocks meanwhile;
+        ``name`` (``iii.stats``) is the blocking call, named if it is made on the loop."""
         rt = self.runtime
         if rt.loop_thread == threading.get_ident():
             raise RuntimeError(
-                "this call blocks, and this is the engine's event-loop thread: "
-                "use its `_async` twin in async code"
+                f"{name}() blocks, and this is the engine's event-loop thread: "
+                f"use `await {name}_async(...)` in async code"
             )
         return _blocking_result(rt, rt.from_thread(fn, *args))
 
@@ -428,6 +458,7 @@ class III:
     ) -> list[str]:
         """Blocking twin of :meth:`batch_trigger_async`."""
         result: list[str] = self._call_blocking(
+            "iii.batch_trigger",
             lambda: self.batch_trigger_async(
                 function_id,
                 payloads,
@@ -435,7 +466,7 @@ class III:
                 delay_ms=delay_ms,
                 idempotency_keys=idempotency_keys,
                 max_attempts=max_attempts,
-            )
+            ),
         )
         return result
 
@@ -490,6 +521,7 @@ class III:
         """Blocking twin of :meth:`trigger_and_wait_async` (for sync code and handlers)."""
         inv = current_invocation()
         result: RunResult = self._call_blocking(
+            "iii.trigger_and_wait",
             lambda: self.trigger_and_wait_async(
                 function_id,
                 payload,
@@ -499,7 +531,7 @@ class III:
                 idempotency_key=idempotency_key,
                 max_attempts=max_attempts,
                 _invocation=inv,
-            )
+            ),
         )
         return result
 
@@ -550,6 +582,7 @@ class III:
         """Blocking twin of :meth:`batch_trigger_and_wait_async`."""
         inv = current_invocation()
         result: BatchResult = self._call_blocking(
+            "iii.batch_trigger_and_wait",
             lambda: self.batch_trigger_and_wait_async(
                 function_id,
                 payloads,
@@ -559,7 +592,7 @@ class III:
                 idempotency_keys=idempotency_keys,
                 max_attempts=max_attempts,
                 _invocation=inv,
-            )
+            ),
         )
         return result
 
@@ -646,6 +679,7 @@ class III:
 
     async def serve_forever(self) -> None:
         """Run until SIGINT or SIGTERM, then shut down gracefully (main thread only)."""
+        _refuse_run_at_import()
         _require_main_thread("serve_forever()")
         # Listen before starting: a signal that arrives while the engine starts (its
         # lifecycle hooks may already run jobs) is then handled once it is up, instead of
@@ -659,7 +693,18 @@ class III:
     def run(self) -> None:
         """Run the engine as the main program (blocking) until SIGINT/SIGTERM. Only in
         the main thread, where Python delivers signals; elsewhere use :meth:`start`."""
+        _refuse_run_at_import()
         _require_main_thread("run()")
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # no loop here, as expected
+            pass
+        else:
+            raise RuntimeError(
+                "iii.run() runs its own event loop, and this thread already runs one: in "
+                "async code use `async with iii.running():`, or `await iii.serve_forever()` "
+                "to serve until SIGINT/SIGTERM"
+            )
         anyio.run(self.serve_forever)
 
     def start(self, *, serve: bool = True) -> III:
@@ -773,7 +818,7 @@ class III:
 
     def stats(self) -> dict[str, QueueStats]:
         """Blocking twin of :meth:`stats_async`."""
-        result: dict[str, QueueStats] = self._call_blocking(self.stats_async)
+        result: dict[str, QueueStats] = self._call_blocking("iii.stats", self.stats_async)
         return result
 
     async def queue_stats_async(self, queue: str) -> QueueStats:
@@ -782,7 +827,7 @@ class III:
 
     def queue_stats(self, queue: str) -> QueueStats:
         """Blocking twin of :meth:`queue_stats_async`."""
-        result: QueueStats = self._call_blocking(self.queue_stats_async, queue)
+        result: QueueStats = self._call_blocking("iii.queue_stats", self.queue_stats_async, queue)
         return result
 
     async def dlq_list_async(
@@ -801,7 +846,7 @@ class III:
     def dlq_list(self, queue: str, *, offset: int = 0, limit: int = 100) -> list[DeadJob]:
         """Blocking twin of :meth:`dlq_list_async`."""
         result: list[DeadJob] = self._call_blocking(
-            lambda: self.dlq_list_async(queue, offset=offset, limit=limit)
+            "iii.dlq_list", lambda: self.dlq_list_async(queue, offset=offset, limit=limit)
         )
         return result
 
@@ -823,7 +868,9 @@ class III:
 
     def dlq_redrive(self, queue: str, ids: Sequence[str] | None = None) -> list[str]:
         """Blocking twin of :meth:`dlq_redrive_async`."""
-        result: list[str] = self._call_blocking(self.dlq_redrive_async, queue, ids)
+        result: list[str] = self._call_blocking(
+            "iii.dlq_redrive", self.dlq_redrive_async, queue, ids
+        )
         return result
 
     async def dlq_discard_async(self, queue: str, ids: Sequence[str] | None = None) -> list[str]:
@@ -832,7 +879,9 @@ class III:
 
     def dlq_discard(self, queue: str, ids: Sequence[str] | None = None) -> list[str]:
         """Blocking twin of :meth:`dlq_discard_async`."""
-        result: list[str] = self._call_blocking(self.dlq_discard_async, queue, ids)
+        result: list[str] = self._call_blocking(
+            "iii.dlq_discard", self.dlq_discard_async, queue, ids
+        )
         return result
 
 

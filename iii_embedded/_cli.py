@@ -24,6 +24,7 @@ import anyio
 import attrs
 
 from ._actions import EnqueueAction
+from ._app import RunAtImportError, _importing_app
 from ._config import Config, StoreConfig
 from ._config_loader import find_config
 from ._errors import ConfigError, InvocationError, StoreError
@@ -37,6 +38,8 @@ __all__ = ["main"]
 
 T = TypeVar("T")
 CHUNK = 500
+NO_CONFIG = "no config file found (no --config, no $III_CONFIG, no ./iii-config.yaml here)"
+MISSING_SHOWN = 10  # ids named when given ids were not in a dead-letter queue
 
 
 class UsageError(Exception):
@@ -114,6 +117,14 @@ def _age(seconds: float | None) -> str:
     return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
 
 
+ERROR_WIDTH = 60  # characters of an error in a table (dlq show has it whole)
+
+
+def _clip(text: str, width: int) -> str:
+    """``text`` in at most ``width`` characters, ending with an ellipsis if it was cut."""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def _when(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
 
@@ -141,14 +152,26 @@ def _store_dir(args: argparse.Namespace, *, create: bool = False) -> Path:
         create = False
     else:
         config = _config(args)
+        if config.source is None:
+            raise UsageError(f"{NO_CONFIG}: give --store DIR or --config FILE")
         if config.store.store_method != "file_based" or not config.store.file_path:
-            where = config.source or "the default config"
+            where = config.source
             raise UsageError(
                 f"{where} uses an in-memory store; nothing to inspect from outside the app "
                 "(use --store DIR or a config with a file_based store)"
             )
         directory = Path(config.store.file_path)
     if not create and not (directory / DB_FILENAME).is_file():
+        if directory.name == DB_FILENAME and directory.is_file():
+            raise UsageError(
+                f"no store at {directory}: that is the store's database file; "
+                f"give its directory, {directory.parent}"
+            )
+        if directory.is_file():
+            raise UsageError(
+                f"no store at {directory}: it is a file; a store is the directory that "
+                f"holds {DB_FILENAME}"
+            )
         raise UsageError(f"no store at {directory} (no {DB_FILENAME} there)")
     return directory
 
@@ -334,17 +357,31 @@ def cmd_cron(args: argparse.Namespace) -> int:
 
 
 def cmd_dlq_list(args: argparse.Namespace) -> int:
-    async def read(store: Store) -> list[DeadJob]:
+    async def read(store: Store) -> tuple[list[DeadJob], int]:
         await _known_queue(args, store, args.queue)
-        return [DeadJob.from_job(j) for j in await store.list_dead(args.queue, limit=args.limit)]
+        jobs = [DeadJob.from_job(j) for j in await store.list_dead(args.queue, limit=args.limit)]
+        if len(jobs) < args.limit:
+            return jobs, len(jobs)
+        counts = await store.counts(time.time())
+        return jobs, counts.get(args.queue, QueueCounts()).dead
 
-    dead = _with_store(args, read)
+    dead, total = _with_store(args, read)
     if args.json:
         _print_json([d.to_iii() | {"error_type": d.error.type if d.error else None} for d in dead])
-        return 0
-    if not dead:
+    elif not dead:
         print(f"the dead-letter queue of '{args.queue}' is empty")
-        return 0
+    else:
+        _print_dead_table(dead)
+    if len(dead) < total:  # after the table, on stderr: a script reading stdout gets rows
+        sys.stdout.flush()
+        print(
+            f"{len(dead)} of the {total} dead jobs of '{args.queue}' shown (--limit N shows more)",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _print_dead_table(dead: Sequence[DeadJob]) -> None:
     print(
         _table(
             ["id", "function", "attempts", "failed at", "error"],
@@ -354,13 +391,12 @@ def cmd_dlq_list(args: argparse.Namespace) -> int:
                     d.function_id,
                     d.attempts,
                     _when(d.last_failed_at),
-                    (str(d.error) if d.error else "-")[:60],
+                    _clip(str(d.error), ERROR_WIDTH) if d.error else "-",
                 ]
                 for d in dead
             ],
         )
     )
-    return 0
 
 
 def cmd_dlq_show(args: argparse.Namespace) -> int:
@@ -407,7 +443,7 @@ def _dlq_bulk(args: argparse.Namespace, verb: str) -> int:
         raise UsageError(f"dlq {verb}: give job ids or --all (not both)")
     show = args.progress or sys.stderr.isatty()
 
-    async def work(store: Store) -> int:
+    async def work(store: Store) -> tuple[int, bool]:
         await _known_queue(args, store, args.queue)
         now = time.time()
         # --all is the jobs dead when the command starts, each handled once: their ids
@@ -418,26 +454,39 @@ def _dlq_bulk(args: argparse.Namespace, verb: str) -> int:
         # Chunks of CHUNK ids, one transaction each: an interruption leaves every chunk
         # fully done or not started, and running the command again continues with the rest.
         total, done = len(ids), 0
+        missing: list[str] = []
         for start in range(0, total, CHUNK):
-            done += len(await _apply(store, verb, args.queue, ids[start : start + CHUNK], now))
+            chunk = ids[start : start + CHUNK]
+            taken = set(await _apply(store, verb, args.queue, chunk, now))
+            done += len(taken)
+            missing.extend(i for i in chunk if i not in taken)
             _progress(verb, min(start + CHUNK, total), total, show)
-        missing = total - done
-        if missing:
-            why = (
-                "had left the dead-letter queue of '{}' before the command reached them"
-                if args.all
-                else "were not in the dead-letter queue of '{}'"
+        if missing and args.all:
+            print(
+                f"{len(missing)} id(s) had left the dead-letter queue of '{args.queue}' "
+                "before the command reached them",
+                file=sys.stderr,
             )
-            print(f"{missing} id(s) {why.format(args.queue)}", file=sys.stderr)
-        return done
+        elif missing:
+            # Ids the user named that were not dead there (a typo, or already redriven):
+            # named, and the exit status says the command did not do all it was asked.
+            shown = ", ".join(missing[:MISSING_SHOWN]) + (
+                ", ..." if len(missing) > MISSING_SHOWN else ""
+            )
+            print(
+                f"{len(missing)} id(s) were not in the dead-letter queue of "
+                f"'{args.queue}': {shown}",
+                file=sys.stderr,
+            )
+        return done, bool(missing) and not args.all
 
-    count = _with_store(args, work)
+    count, incomplete = _with_store(args, work)
     past = "redriven" if verb == "redrive" else "discarded"
     if args.json:
         _print_json({"queue": args.queue, past: count})
     else:
         print(f"{past} {count} job(s) of '{args.queue}'")
-    return 0
+    return 1 if incomplete else 0
 
 
 async def _apply(store: Store, verb: str, queue: str, ids: Sequence[str], now: float) -> list[str]:
@@ -469,9 +518,30 @@ def _import_app(spec: str) -> Any:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise UsageError(f"expected MODULE:APP (like 'myapp:iii'), got {spec!r}")
+    if module_name.endswith(".py") or "/" in module_name or os.sep in module_name:
+        # A file's path (shop.py, ./app/shop.py): say the module's name instead.
+        path = Path(module_name).with_suffix("")
+        with contextlib.suppress(ValueError):
+            path = path.resolve().relative_to(Path.cwd())
+        if path.is_absolute():  # outside this directory: its name, run from where it is
+            hint = f"'{path.name}:{attr}' from the file's directory"
+        else:
+            hint = f"'{'.'.join(path.parts)}:{attr}'"
+        raise UsageError(
+            f"cannot import {module_name!r}: MODULE is a module's name, not a file: try {hint}"
+        )
     sys.path.insert(0, os.getcwd())
+    # While the module is imported, iii.run() raises: a script that ends with it (not
+    # under `if __name__ == "__main__":`) would serve the app inside the import.
+    importing = _importing_app.set(True)
     try:
         module = importlib.import_module(module_name)
+    except RunAtImportError as exc:
+        raise UsageError(
+            f"{spec}: the module calls iii.run() when it is imported{_user_frame(exc)}: "
+            "the command runs the app itself, so call run() only under "
+            '`if __name__ == "__main__":`'
+        ) from None
     except ImportError as exc:
         raise UsageError(f"cannot import {module_name!r}: {exc}") from None
     except ConfigError as exc:  # III.from_config at import time, say: one clear line
@@ -485,10 +555,26 @@ def _import_app(spec: str) -> Any:
             f"importing {module_name!r} failed: {type(exc).__name__}: {exc}{where}; "
             f"'python -c \"import {module_name}\"' shows the traceback"
         ) from None
-    app = getattr(module, attr, None)
+    finally:
+        _importing_app.reset(importing)
+    if not hasattr(module, attr):
+        raise UsageError(f"module {module_name!r} has no attribute {attr!r} (in {spec!r})")
+    app = getattr(module, attr)
     if not isinstance(app, III):
         raise UsageError(f"{spec!r} is not an III app (found {type(app).__name__})")
     return app
+
+
+def _user_frame(exc: BaseException) -> str:
+    """`` (file:line)`` of the innermost frame of ``exc`` outside this package."""
+    package = str(Path(__file__).parent) + os.sep
+    where, tb = "", exc.__traceback__
+    while tb is not None:
+        filename = tb.tb_frame.f_code.co_filename
+        if not filename.startswith((package, "<")):
+            where = f" ({filename}:{tb.tb_lineno})"
+        tb = tb.tb_next
+    return where
 
 
 def cmd_trigger(args: argparse.Namespace) -> int:
@@ -519,7 +605,13 @@ def cmd_trigger(args: argparse.Namespace) -> int:
     queue = config.queues.get(queue_name)
     if queue is None:
         # Worded as the app's enqueue says it, as the command's other enqueue errors are.
-        raise UsageError(f"enqueue_error: Queue '{queue_name}' not found")
+        why = (
+            " (no config file found: a queue's settings come from --config FILE, "
+            "$III_CONFIG or ./iii-config.yaml)"
+            if config.source is None
+            else ""
+        )
+        raise UsageError(f"enqueue_error: Queue '{queue_name}' not found{why}")
     try:
         jobs = new_jobs(
             queue,
@@ -587,13 +679,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     app = _import_app(args.app)
     _no_config_for_a_started_app(app, args)
     if app.is_running:  # its module started it on import (register_worker, or start())
+        _announce(app, args.app)
         _serve_until_stopped(app)
         return 0
     if args.config:
         _use_config(app, args)
+    app.lifecycle_hooks.append(lambda app, tg: _announce(app, args.app))
     with _engine_errors(args.app):
         app.run()
     return 0
+
+
+def _announce(app: Any, spec: str) -> None:
+    """One line on stderr once the app's engine is up: what it serves, how to stop it."""
+    store = app.config.store
+    where = f"{store.store_method} store"
+    if store.store_method == "file_based":
+        where += f" {store.file_path}"
+    http = app.config.http
+    serving = f"; http on {http.host}:{http.port}" if http is not None and http.port else ""
+    print(
+        f"iii-embedded: serving {spec} ({where}; queues: {', '.join(sorted(app.config.queues))}"
+        f"{serving}); Ctrl-C or SIGTERM stops it",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 @contextlib.contextmanager

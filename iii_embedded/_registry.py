@@ -103,6 +103,25 @@ def is_async_callable(fn: object) -> bool:
     return call is not None and inspect.iscoroutinefunction(call)
 
 
+def _payload_refused(fn: object) -> str | None:
+    """The handler's parameters, as ``(a, b)``, if it cannot be called with one positional
+    argument (the payload); ``None`` if it can, or if its signature cannot be read (some
+    builtins), where the call itself will tell."""
+    try:
+        signature = inspect.signature(fn)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    try:
+        signature.bind(None)
+    except TypeError:
+        bare = signature.replace(
+            parameters=[p.replace(annotation=p.empty) for p in signature.parameters.values()],
+            return_annotation=signature.empty,
+        )
+        return str(bare)
+    return None
+
+
 def _generator_kind(fn: object) -> str | None:
     while isinstance(fn, functools.partial):
         fn = fn.func
@@ -123,19 +142,30 @@ class Registry:
 
     def add(self, spec: FunctionSpec) -> FunctionSpec:
         """Register ``spec`` and return it as stored; raises ``ValueError`` if its id is
-        empty, blank or taken."""
+        empty, blank or taken, or its handler a generator, and ``TypeError`` if its handler
+        cannot take the payload as its one argument."""
         if not isinstance(spec.id, str) or not spec.id.strip():
             # iii's SDK: ValueError("id is required").
             raise ValueError(
                 f"id is required: a function id must be a non-blank string, got {spec.id!r}"
             )
         if spec.id in self._specs:
-            raise ValueError(f"function {spec.id!r} is already registered")
+            raise ValueError(
+                f"function {spec.id!r} is already registered: give this handler another id, "
+                "or unregister the first one (the FunctionRef register_function returned)"
+            )
         kind = _generator_kind(spec.handler)
         if kind is not None:
             raise ValueError(
                 f"the handler of {spec.id!r} is {kind} function: a handler returns its "
                 "result (use return, not yield)"
+            )
+        refused = _payload_refused(spec.handler)
+        if refused is not None:
+            raise TypeError(
+                f"the handler of {spec.id!r} must take one argument, the payload, but its "
+                f"parameters are {refused}: write it as `def handler(data): ...` (other "
+                "parameters need defaults)"
             )
         if not spec.is_async:
             spec = attrs.evolve(spec, handler=refusing_awaitables(spec.handler, spec.id))

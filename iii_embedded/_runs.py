@@ -718,7 +718,7 @@ class Runs:
 
     def get(self, run_id: str) -> Run | None:
         """Blocking twin of :meth:`get_async`."""
-        result: Run | None = self._app._call_blocking(self._get, run_id)
+        result: Run | None = self._app._call_blocking("iii.runs.get", self._get, run_id)
         return result
 
     async def _get(self, run_id: str) -> Run | None:
@@ -742,7 +742,8 @@ class Runs:
         """Blocking twin of :meth:`wait_async`."""
         inv = current_invocation()
         result: RunResult = self._app._call_blocking(
-            lambda: wait_for_run(self._app.runtime, run_id, timeout_ms=timeout_ms, inv=inv)
+            "iii.runs.wait",
+            lambda: wait_for_run(self._app.runtime, run_id, timeout_ms=timeout_ms, inv=inv),
         )
         return result
 
@@ -758,7 +759,7 @@ class Runs:
 
     def cancel(self, run_id: str) -> CancelResult:
         """Blocking twin of :meth:`cancel_async`."""
-        result: CancelResult = self._app._call_blocking(self._cancel, run_id)
+        result: CancelResult = self._app._call_blocking("iii.runs.cancel", self._cancel, run_id)
         return result
 
     async def _withdraw_prefetched(self, run_id: str) -> bool:

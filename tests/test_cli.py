@@ -165,6 +165,19 @@ def test_inspect_a_failing_queue_fix_and_redrive_while_the_app_runs(project: Pat
     assert "Traceback" not in err
 
 
+def test_run_says_on_stderr_what_it_serves_once_the_engine_is_up(project: Path) -> None:
+    """Before, ``run`` was silent until a warning: nothing said the app was up, on which
+    store, or how to stop it."""
+    app = run_app(project, "myapp:iii")
+    app.send_signal(signal.SIGTERM)
+    _, err = app.communicate(timeout=30)
+    assert app.returncode == 0, err
+    assert err.splitlines()[0] == (
+        f"iii-embedded: serving myapp:iii (file_based store {project / 'store'}; "
+        "queues: default, ledger, work); Ctrl-C or SIGTERM stops it"
+    )
+
+
 def test_check_lists_each_queues_settings(project: Path) -> None:
     out = cli(project, "check")
     assert out.returncode == 0
@@ -299,10 +312,28 @@ def test_check_reports_an_unknown_key_with_file_and_line(tmp_path: Path) -> None
         (["trigger", "flaky", "--queue", "missing"], "enqueue_error: Queue 'missing' not found"),
         (["queues", "--store", "/nonexistent/store"], "no store at /nonexistent/store"),
         (["cron", "--store", "/nonexistent/store"], "no store at /nonexistent/store"),
+        (
+            ["queues", "--store", "store/iii-queue.db"],
+            "no store at store/iii-queue.db: that is the store's database file; "
+            "give its directory, store",
+        ),
+        (
+            ["dlq", "list", "work", "--store", "myapp.py"],
+            "no store at myapp.py: it is a file; a store is the directory that holds iii-queue.db",
+        ),
         (["runs", "show", "no-such-run"], "no run no-such-run"),
         (["run", "nomodule:app"], "cannot import 'nomodule'"),
         (["run", "myapp"], "expected MODULE:APP"),
         (["run", "myapp:CONFIG"], "is not an III app"),
+        (["run", "myapp:nothere"], "module 'myapp' has no attribute 'nothere'"),
+        (
+            ["run", "myapp.py:iii"],
+            "cannot import 'myapp.py': MODULE is a module's name, not a file: try 'myapp:iii'",
+        ),
+        (
+            ["trigger", "add", "--app", "./pkg/myapp.py:iii"],
+            "MODULE is a module's name, not a file: try 'pkg.myapp:iii'",
+        ),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
         (["queues", "--config", "missing.yaml"], "missing.yaml: config file not found"),
     ],
@@ -324,6 +355,60 @@ def test_an_in_memory_config_has_no_store_to_inspect(tmp_path: Path) -> None:
     out = cli(tmp_path, "queues")
     assert out.returncode == 2
     assert "uses an in-memory store; nothing to inspect from outside the app" in out.stderr
+
+
+RUNS_AT_IMPORT = """\
+from iii_embedded import III
+iii = III.from_config("iii-config.yaml", shutdown_grace_ms=0)
+iii.register_function("hello", lambda data: "hi")
+iii.run()
+"""
+
+
+@pytest.mark.parametrize(
+    "args", [["run", "script:iii"], ["trigger", "hello", "--app", "script:iii"]]
+)
+def test_an_app_module_that_calls_run_when_imported_is_refused_in_one_line(
+    project: Path, args: list[str]
+) -> None:
+    """A script that ends with ``iii.run()`` (not under ``if __name__ == "__main__":``)
+    served the app while the command imported it: ``trigger --app`` never returned, and
+    ``run`` ran the app a second time after the first Ctrl-C."""
+    (project / "script.py").write_text(RUNS_AT_IMPORT)
+    out = subprocess.run(
+        [sys.executable, "-m", "iii_embedded", *args],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    line = one_line_error(out)
+    assert line == (
+        "iii-embedded: error: script:iii: the module calls iii.run() when it is imported "
+        f"({project / 'script.py'}:4): the command runs the app itself, so call run() "
+        'only under `if __name__ == "__main__":`'
+    )
+
+
+def test_without_a_config_file_the_commands_say_none_was_found(project: Path) -> None:
+    """Run where there is no iii-config.yaml: the store commands say that no config was
+    found (not that "the default config" is in memory), and an enqueue into a queue the
+    store has but no config names says where its settings would come from."""
+    assert cli(project, "trigger", "add", "--payload", '{"a": 1, "b": 2}').returncode == 0
+    elsewhere = project / "elsewhere"
+    elsewhere.mkdir()
+    line = one_line_error(cli(elsewhere, "queues"))
+    assert line == (
+        "iii-embedded: error: no config file found (no --config, no $III_CONFIG, no "
+        "./iii-config.yaml here): give --store DIR or --config FILE"
+    )
+    store = str(project / "store")
+    line = one_line_error(cli(elsewhere, "trigger", "add", "--store", store, "--queue", "work"))
+    assert line == (
+        "iii-embedded: error: enqueue_error: Queue 'work' not found (no config file found: "
+        "a queue's settings come from --config FILE, $III_CONFIG or ./iii-config.yaml)"
+    )
+    assert cli(elsewhere, "queues", "--store", store).returncode == 0
 
 
 def test_every_command_has_help_with_examples(tmp_path: Path) -> None:
@@ -586,6 +671,33 @@ def test_dlq_list_limit_must_be_a_positive_integer(project: Path, limit: str) ->
     assert len(out.stderr.strip().splitlines()) == 1
 
 
+def test_dlq_list_says_when_it_shows_only_part_and_marks_cut_errors(project: Path) -> None:
+    """A list cut at --limit says how many jobs are dead in all, and an error cut to fit
+    its column ends with an ellipsis, so neither reads as the whole."""
+    iii = III.from_config(project / "iii-config.yaml", clock=VirtualClock(), shutdown_grace_ms=0)
+
+    def refused(_: Any) -> None:
+        raise ConnectionError("gateway https://pay.example refused the connection " + "x" * 40)
+
+    iii.register_function("refused", refused)
+
+    async def main() -> None:
+        async with iii.running():
+            await iii.batch_trigger_async("refused", [1, 2, 3], queue="work")
+            await drain(iii)
+
+    anyio.run(main)
+    out = cli(project, "dlq", "list", "work", "--limit", "2")
+    assert out.returncode == 0, out.stderr
+    rows = out.stdout.strip().splitlines()[2:]
+    assert len(rows) == 2
+    cut = "ConnectionError: gateway https://pay.example refused the co…"
+    assert all(row.endswith(cut) for row in rows), rows
+    assert out.stderr.strip() == "2 of the 3 dead jobs of 'work' shown (--limit N shows more)"
+    whole = cli(project, "dlq", "list", "work")
+    assert len(whole.stdout.strip().splitlines()[2:]) == 3 and whole.stderr == ""
+
+
 def test_dlq_list_limit_lists_that_many(project: Path) -> None:
     ids = dead_jobs_in(project, 3)
     out = cli(project, "dlq", "list", "work", "--limit", "2", "--json")
@@ -602,7 +714,29 @@ def test_dlq_redrive_of_a_repeated_id_counts_it_once(project: Path) -> None:
     assert "not in the dead-letter queue" not in out.stderr
     missing = cli(project, "dlq", "discard", "work", one, "no-such-id", "no-such-id")
     assert missing.stdout.strip() == "discarded 0 job(s) of 'work'"
-    assert missing.stderr.strip() == "2 id(s) were not in the dead-letter queue of 'work'"
+    assert missing.stderr.strip() == (
+        f"2 id(s) were not in the dead-letter queue of 'work': {one}, no-such-id"
+    )
+    assert missing.returncode == 1
+
+
+def test_dlq_redrive_and_discard_of_unknown_ids_name_them_and_exit_1(project: Path) -> None:
+    """A mistyped id is not a success: the ids found are still handled, the others are
+    named on stderr, and the exit status says something was not done."""
+    one, two = dead_jobs_in(project, 2)
+    out = cli(project, "dlq", "redrive", "work", one, "01a2-typo")
+    assert (out.returncode, out.stdout.strip()) == (1, "redriven 1 job(s) of 'work'")
+    assert out.stderr.strip() == "1 id(s) were not in the dead-letter queue of 'work': 01a2-typo"
+    out = cli(project, "dlq", "discard", "work", "nope", "--json")
+    assert out.returncode == 1
+    assert json.loads(out.stdout) == {"queue": "work", "discarded": 0}
+    assert out.stderr.strip() == "1 id(s) were not in the dead-letter queue of 'work': nope"
+    out = cli(project, "dlq", "discard", "work", two)
+    assert (out.returncode, out.stdout.strip(), out.stderr) == (
+        0,
+        "discarded 1 job(s) of 'work'",
+        "",
+    )
 
 
 def one_line_error(out: subprocess.CompletedProcess[str]) -> str:

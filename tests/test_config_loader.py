@@ -6,6 +6,7 @@ import logging
 import os
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -607,3 +608,19 @@ def test_a_quoted_reference_stays_text_and_an_empty_default_is_empty(
         "queue_configs:\n  q:\n    type: fifo\n    message_group_field: g${GROUP_FIELD:}\n"
     )
     assert cfg.queues["q"].message_group_field == "g"
+
+
+@pytest.mark.parametrize("path", ["iii-config.yaml", Path("iii-config.yaml")])
+def test_a_config_path_given_to_iii_itself_says_to_use_from_config(path: Any) -> None:
+    """``III("iii-config.yaml")`` was accepted, and starting the app then failed with
+    ``AttributeError: 'str' object has no attribute 'store'``."""
+    from iii_embedded import III
+
+    with pytest.raises(TypeError) as caught:
+        III(path)
+    assert str(caught.value) == (
+        f"III() takes a Config, not a path ({str(path)!r}): to read a config file, "
+        f"use III.from_config({str(path)!r})"
+    )
+    with pytest.raises(TypeError, match=r"III\(\) takes a Config, not dict"):
+        III({"queues": {}})  # type: ignore[arg-type]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -207,6 +208,25 @@ def test_run_outside_the_main_thread_says_to_use_start() -> None:
     assert not thread.is_alive()
     [error] = errors
     assert "main thread" in str(error) and "iii.start()" in str(error)
+    assert not iii.is_running
+
+
+def test_run_inside_async_code_says_to_use_running() -> None:
+    """``iii.run()`` in an async main (or a notebook) cannot start a second event loop in
+    the thread: the error says what to use there, not anyio's "Already running asyncio"."""
+    iii = III(shutdown_grace_ms=0)
+
+    async def main() -> str:
+        with pytest.raises(RuntimeError) as caught:
+            iii.run()
+        return str(caught.value)
+
+    message = asyncio.run(main())
+    assert message == (
+        "iii.run() runs its own event loop, and this thread already runs one: in async "
+        "code use `async with iii.running():`, or `await iii.serve_forever()` to serve "
+        "until SIGINT/SIGTERM"
+    )
     assert not iii.is_running
 
 

@@ -188,3 +188,69 @@ async def test_invocation_timeout_ms_bounds_sync_calls_that_give_no_timeout() ->
                 assert errors == []
                 clock.advance(0.001)
     assert [str(e) for e in errors] == ["TIMEOUT: Function 'stuck' did not return within 2000 ms"]
+
+
+def test_a_handler_that_cannot_take_the_payload_is_refused_when_registered() -> None:
+    """A handler is called with one argument, the payload: one that takes none, or needs a
+    second, would fail every call and every retry with a TypeError. It is refused at once,
+    naming the function and its parameters."""
+    iii = make_app()
+
+    def no_payload() -> int:
+        return 1
+
+    async def two_needed(data: Any, extra: Any) -> int:
+        return 1
+
+    with pytest.raises(TypeError, match=r"handler of 'tick' must take one argument, the payload"):
+        iii.register_function("tick", no_payload)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"'pair'.*are \(data, extra\)"):
+        iii.function("pair")(two_needed)
+    with pytest.raises(TypeError, match=r"'lam'.*are \(\)"):
+        iii.register_function("lam", lambda: 1)  # type: ignore[arg-type,misc]
+    assert not any(fid in iii.registry for fid in ("tick", "pair", "lam"))
+
+
+class _Callable:
+    def __call__(self, data: Any, scale: int = 2) -> Any:
+        return data * scale
+
+
+def _with_default(data: Any, scale: int = 3) -> Any:
+    return data * scale
+
+
+def _keyword_only(data: Any, *, extra: int = 0) -> Any:
+    return data + extra
+
+
+async def test_handlers_that_take_one_argument_in_any_form_are_accepted() -> None:
+    """Defaults, ``*args``, keyword-only parameters, partials, callable objects and
+    callables whose signature cannot be read (builtins) are all accepted."""
+    import functools
+
+    iii = make_app()
+    iii.register_function("default", _with_default)
+    iii.register_function("star", lambda *args: args[0] * 4)
+    iii.register_function("kwonly", _keyword_only)
+    iii.register_function("partial", functools.partial(lambda scale, data: data * scale, 5))
+    iii.register_function("object", _Callable())
+    iii.register_function("builtin", abs)
+    async with iii.running():
+        results = [
+            await iii.trigger_async(fid, 2)
+            for fid in ("default", "star", "kwonly", "partial", "object")
+        ]
+        assert results == [6, 8, 2, 10, 4]
+        assert await iii.trigger_async("builtin", -7) == 7
+
+
+def test_a_duplicate_id_is_refused_saying_what_to_do() -> None:
+    iii = make_app()
+    iii.register_function("orders::create", lambda data: data)
+    with pytest.raises(ValueError) as caught:
+        iii.register_function("orders::create", lambda data: data)
+    assert str(caught.value) == (
+        "function 'orders::create' is already registered: give this handler another id, or "
+        "unregister the first one (the FunctionRef register_function returned)"
+    )

@@ -6,6 +6,7 @@ import fractions
 import logging
 import numbers
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -89,12 +90,14 @@ async def test_sync_error_is_invocation_failed_with_the_original_as_cause() -> N
     assert isinstance(err.__cause__, KeyError)
 
 
-async def test_a_handler_that_cannot_take_the_payload_fails_like_one_that_raises() -> None:
+async def test_a_handler_that_raises_type_error_leaves_the_callers_context() -> None:
+    """(A handler that cannot take the payload is refused when registered: see
+    test_registry.py.)"""
     iii = make_app()
 
     @iii.function("two_args")
-    async def two_args(data: Any, extra: Any) -> None:  # the call itself raises TypeError
-        raise AssertionError("never runs")
+    async def two_args(data: Any) -> None:
+        raise TypeError("two_args() missing 1 required positional argument: 'extra'")
 
     async with iii.running():
         with pytest.raises(InvocationError) as caught:
@@ -473,6 +476,33 @@ async def test_sync_trigger_on_the_loop_thread_raises_naming_trigger_async() -> 
     async with iii.running():
         with pytest.raises(RuntimeError, match="trigger_async"):
             iii.trigger("x", 1)
+
+
+async def test_every_blocking_call_on_the_loop_thread_names_its_async_twin() -> None:
+    """Not "this call blocks": the error says which call, and what to await instead."""
+    iii = make_app()
+    iii.register_function("x", lambda d: d)
+    calls: dict[str, Callable[[], object]] = {
+        "iii.batch_trigger": lambda: iii.batch_trigger("x", [1]),
+        "iii.trigger_and_wait": lambda: iii.trigger_and_wait("x", 1),
+        "iii.batch_trigger_and_wait": lambda: iii.batch_trigger_and_wait("x", [1]),
+        "iii.stats": iii.stats,
+        "iii.queue_stats": lambda: iii.queue_stats("default"),
+        "iii.dlq_list": lambda: iii.dlq_list("default"),
+        "iii.dlq_redrive": lambda: iii.dlq_redrive("default"),
+        "iii.dlq_discard": lambda: iii.dlq_discard("default"),
+        "iii.runs.get": lambda: iii.runs.get("r"),
+        "iii.runs.wait": lambda: iii.runs.wait("r"),
+        "iii.runs.cancel": lambda: iii.runs.cancel("r"),
+    }
+    async with iii.running():
+        for name, call in calls.items():
+            with pytest.raises(RuntimeError) as caught:
+                call()
+            assert str(caught.value) == (
+                f"{name}() blocks, and this is the engine's event-loop thread: "
+                f"use `await {name}_async(...)` in async code"
+            )
 
 
 def test_start_and_shutdown_run_the_engine_in_a_background_thread() -> None:
