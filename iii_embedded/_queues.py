@@ -1312,7 +1312,7 @@ class QueueRunner:
             return "null"
         try:
             return dumps_lenient(result)
-        except (TypeError, ValueError):
+        except Exception:  # not JSON (or a container whose own methods raise)
             log.warning(
                 "job %s of %r returned a value that is not JSON-serialisable; "
                 "its run output is stored as its repr",
@@ -1320,7 +1320,15 @@ class QueueRunner:
                 job.function_id,
                 extra=self._extra(job, 0.0),
             )
-            return json.dumps(repr(result))
+        # The handler has returned, so its run completes whatever the value. A repr that
+        # raises (an int past str()'s digit limit, a broken __repr__) gets a placeholder:
+        # it used to raise out of an async job's worker, stopping the engine, and to fail
+        # a sync job's attempt, running a handler that had succeeded again.
+        try:
+            text = repr(result)
+        except Exception as exc:
+            text = f"<{type(result).__name__} object: repr failed with {type(exc).__name__}>"
+        return json.dumps(text)
 
     def _extra(self, job: Job, duration_ms: float) -> dict[str, Any]:
         return {

@@ -202,3 +202,40 @@ async def test_a_subscriber_not_registered_yet_gets_its_copy_held_and_others_the
         await drain(iii)
     assert got["audit"] == [{"n": 1}]
     assert seen_before == [] and got["later"] == [{"n": 1}]
+
+
+class _Unprintable:
+    """A return value that is not JSON and whose ``repr`` raises."""
+
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+
+@pytest.mark.parametrize("sync", [False, True], ids=["async", "sync"])
+async def test_an_output_that_neither_json_nor_repr_can_write_completes_its_run(
+    store_config: StoreConfig, sync: bool
+) -> None:
+    iii = III(Config(store=store_config), clock=VirtualClock(), shutdown_grace_ms=0)
+
+    def outcome(kind: str) -> Any:
+        if kind == "unprintable":
+            return _Unprintable()
+        if kind == "huge_int":
+            return 10**5000  # past str()'s digit limit: repr raises ValueError
+        return kind
+
+    async def outcome_async(kind: str) -> Any:
+        return outcome(kind)
+
+    iii.register_function("work", outcome if sync else outcome_async)
+    async with iii.running():
+        results = await iii.batch_trigger_and_wait_async(
+            "work", ["unprintable", "huge_int", "plain"]
+        )
+    # The handlers returned: their runs completed (the engine did not stop, nor were
+    # they retried), each output a placeholder that names the value's type.
+    assert [(r.status, r.output) for r in results.runs] == [
+        ("completed", "<_Unprintable object: repr failed with RuntimeError>"),
+        ("completed", "<int object: repr failed with ValueError>"),
+        ("completed", "plain"),
+    ]
