@@ -34,7 +34,7 @@ import anyio.abc
 from ._codec import dumps_lenient, loads
 from ._config import QueueConfig
 from ._context import _current
-from ._errors import NonRetryableError, RetryAfter, StoreError
+from ._errors import NonRetryableError, RetryAfter, StoreError, exception_message
 from ._fastpath import PENDING, Interrupted, Interrupter, first_step, resume_suspended
 from ._stores import (
     EnqueueClaim,
@@ -80,7 +80,7 @@ def error_info(exc: BaseException) -> ErrorInfo:
     tb = _user_frames(exc.__traceback__) or exc.__traceback__
     return ErrorInfo(
         type=type(exc).__qualname__,
-        message=str(exc),
+        message=exception_message(exc),
         traceback="".join(traceback.format_exception(type(exc), exc, tb)),
     )
 

@@ -33,7 +33,7 @@ from ._clock import Clock, SystemClock
 from ._codec import dumps_strict
 from ._config import COUNT_MAX, Config, QueueConfig
 from ._context import Invocation, _current
-from ._errors import InvocationError, InvocationTimeoutError, StoreError
+from ._errors import InvocationError, InvocationTimeoutError, StoreError, exception_message
 from ._fastpath import PENDING, Interrupted, first_step, resume_suspended, run_handler
 from ._ids import new_receipt_id
 from ._queues import QueueRunner, log_dead_lettered
@@ -666,7 +666,9 @@ class Runtime:
         except Exception as exc:
             if spec.internal and isinstance(exc, InvocationError):
                 raise  # the runtime's own functions answer with their own errors
-            raise InvocationError("invocation_failed", f"{type(exc).__name__}: {exc}") from exc
+            raise InvocationError(
+                "invocation_failed", f"{type(exc).__name__}: {exception_message(exc)}"
+            ) from exc
         finally:
             _current.reset(token)
 
@@ -821,7 +823,9 @@ class Runtime:
             return InvocationTimeoutError(
                 f"Function '{function_id}' did not return within {timeout} ms"
             )
-        error = InvocationError("invocation_failed", f"{type(exc).__name__}: {exc}")
+        error = InvocationError(
+            "invocation_failed", f"{type(exc).__name__}: {exception_message(exc)}"
+        )
         error.__cause__ = exc  # raised ``from`` it
         return error
 

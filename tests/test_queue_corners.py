@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import anyio
 import pytest
 
 from iii_embedded import (
@@ -239,3 +240,49 @@ async def test_an_output_that_neither_json_nor_repr_can_write_completes_its_run(
         ("completed", "<int object: repr failed with ValueError>"),
         ("completed", "plain"),
     ]
+
+
+class _Unspeakable(Exception):
+    """An exception whose ``str`` raises (as some libraries' do when an attribute their
+    message names was never set)."""
+
+    def __str__(self) -> str:
+        raise AttributeError("no message")
+
+
+@pytest.mark.parametrize("sync", [False, True], ids=["async", "sync"])
+async def test_an_exception_whose_str_raises_fails_its_attempt_like_any_other(
+    store_config: StoreConfig, sync: bool
+) -> None:
+    queues = {"q": QueueConfig(name="q", max_retries=2, backoff_ms=10)}
+    iii = III(Config(queues=queues, store=store_config), shutdown_grace_ms=0)
+
+    def work(kind: str) -> str:
+        if kind == "bad":
+            raise _Unspeakable()
+        return kind
+
+    async def work_async(kind: str) -> str:
+        return work(kind)
+
+    iii.register_function("work", work if sync else work_async)
+    async with iii.running():
+        # Bounded: a sync job's failure used to raise in the loop's callback that settles
+        # it, so its run never ended.
+        with anyio.fail_after(10):
+            failed = await iii.trigger_and_wait_async("work", "bad", queue="q")
+            after = await iii.trigger_and_wait_async("work", "fine", queue="q")
+        with pytest.raises(InvocationError) as caught:
+            await iii.trigger_async("work", "bad")
+        dead = await dead_jobs(iii, "q")
+    placeholder = "<_Unspeakable: str() raised AttributeError>"
+    # Retried, then dead-lettered with a placeholder message; the engine went on.
+    assert (failed.status, failed.error.type if failed.error else None) == (
+        "failed",
+        "_Unspeakable",
+    )
+    assert failed.error is not None and failed.error.message == placeholder
+    assert [d.attempts for d in dead] == [2]
+    assert (after.status, after.output) == ("completed", "fine")
+    assert caught.value.code == "invocation_failed"
+    assert caught.value.message == f"_Unspeakable: {placeholder}"
