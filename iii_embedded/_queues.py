@@ -35,7 +35,14 @@ from ._codec import dumps_lenient, loads
 from ._config import QueueConfig
 from ._context import _current
 from ._errors import NonRetryableError, RetryAfter, StoreError, exception_message
-from ._fastpath import PENDING, Interrupted, Interrupter, first_step, resume_suspended
+from ._fastpath import (
+    PENDING,
+    Interrupted,
+    Interrupter,
+    first_step,
+    raised_by_handler,
+    resume_suspended,
+)
 from ._stores import (
     EnqueueClaim,
     ErrorInfo,
@@ -1218,6 +1225,10 @@ class QueueRunner:
             stopped = exc.reason
         except Exception as exc:
             error = exc
+        except asyncio.CancelledError as exc:
+            if not raised_by_handler():
+                raise  # the engine's own stop: its task group is being cancelled
+            error = exc  # a failed attempt, as any error of the handler's own
         finally:
             _current.reset(token)
         now = clock.now()

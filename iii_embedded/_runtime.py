@@ -34,7 +34,14 @@ from ._codec import dumps_strict
 from ._config import COUNT_MAX, Config, QueueConfig
 from ._context import Invocation, _current
 from ._errors import InvocationError, InvocationTimeoutError, StoreError, exception_message
-from ._fastpath import PENDING, Interrupted, first_step, resume_suspended, run_handler
+from ._fastpath import (
+    PENDING,
+    Interrupted,
+    first_step,
+    raised_by_handler,
+    resume_suspended,
+    run_handler,
+)
 from ._ids import new_receipt_id
 from ._queues import QueueRunner, log_dead_lettered
 from ._registry import FunctionSpec, Registry
@@ -663,7 +670,9 @@ class Runtime:
             raise InvocationTimeoutError(
                 f"Function '{function_id}' did not return within {timeout} ms"
             ) from None
-        except Exception as exc:
+        except (Exception, asyncio.CancelledError) as exc:
+            if not isinstance(exc, Exception) and not raised_by_handler():
+                raise  # the caller's task is being cancelled
             if spec.internal and isinstance(exc, InvocationError):
                 raise  # the runtime's own functions answer with their own errors
             raise InvocationError(
@@ -689,7 +698,9 @@ class Runtime:
                 await spec.handler(payload)
             else:
                 await self.threads.run(spec.handler, payload)
-        except Exception:
+        except (Exception, asyncio.CancelledError) as exc:
+            if not isinstance(exc, Exception) and not raised_by_handler():
+                raise  # the engine's own stop
             log.exception(
                 "void trigger of %r failed (the caller is not told)",
                 spec.id,

@@ -6,6 +6,7 @@ not cost the others their copies."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import anyio
@@ -286,3 +287,37 @@ async def test_an_exception_whose_str_raises_fails_its_attempt_like_any_other(
     assert (after.status, after.output) == ("completed", "fine")
     assert caught.value.code == "invocation_failed"
     assert caught.value.message == f"_Unspeakable: {placeholder}"
+
+
+async def test_a_cancelled_error_an_async_handler_raises_itself_fails_its_attempt(
+    store_config: StoreConfig,
+) -> None:
+    queues = {"q": QueueConfig(name="q", max_retries=2, backoff_ms=10)}
+    iii = III(Config(queues=queues, store=store_config), shutdown_grace_ms=0)
+    reached_the_end = False
+
+    @iii.function("work")
+    async def work(kind: str) -> str:
+        if kind == "bad":
+            # Awaiting work that something else cancelled (not the engine: nothing asked
+            # this run to stop) raises CancelledError in the handler.
+            future = asyncio.get_running_loop().create_future()
+            future.cancel()
+            await future
+        return kind
+
+    async with iii.running():
+        with anyio.fail_after(10):
+            failed = await iii.trigger_and_wait_async("work", "bad", queue="q")
+            after = await iii.trigger_and_wait_async("work", "fine", queue="q")
+        dead = await dead_jobs(iii, "q")
+        reached_the_end = True
+    # It used to go up through the queue's worker and cancel the engine's task group,
+    # which ended this block silently at the first wait: nothing below ran.
+    assert reached_the_end
+    assert (failed.status, failed.error.type if failed.error else None) == (
+        "failed",
+        "CancelledError",
+    )
+    assert [d.attempts for d in dead] == [2]
+    assert (after.status, after.output) == ("completed", "fine")
