@@ -155,6 +155,13 @@ async def resume_suspended(
             raise
         task.uncancel()
         raise Interrupted(stopper.reason) from None
+    except BaseException:
+        if stopper.reason is not None and task.cancelling():
+            # The handler turned our cancellation into an error of its own (a cleanup
+            # that raised): take it back too. The task is a queue's long-lived worker,
+            # and a count left behind made every later handler in it look cancelled.
+            task.uncancel()
+        raise
     finally:
         stopper.task = None
         if cancel_timer is not None:

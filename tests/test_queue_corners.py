@@ -321,3 +321,41 @@ async def test_a_cancelled_error_an_async_handler_raises_itself_fails_its_attemp
     )
     assert [d.attempts for d in dead] == [2]
     assert (after.status, after.output) == ("completed", "fine")
+
+
+async def test_a_handler_that_turns_its_timeout_into_an_error_leaves_its_worker_uncancelled(
+    store_config: StoreConfig,
+) -> None:
+    queues = {"q": QueueConfig(name="q", concurrency=1, prefetch=0, timeout_ms=50, max_retries=1)}
+    iii = III(Config(queues=queues, store=store_config), shutdown_grace_ms=0)
+    cancelling: list[int] = []
+
+    @iii.function("cleanup_fails")
+    async def cleanup_fails(_: Any) -> None:
+        try:
+            await anyio.sleep(10)
+        except asyncio.CancelledError:
+            raise ValueError("cleanup failed") from None  # the timeout's cancellation
+
+    @iii.function("look")
+    async def look(kind: str) -> str:
+        task = asyncio.current_task()
+        assert task is not None
+        cancelling.append(task.cancelling())
+        if kind == "own_cancel":
+            future = asyncio.get_running_loop().create_future()
+            future.cancel()
+            await future  # the handler's own CancelledError: a failed attempt
+        return kind
+
+    async with iii.running():
+        with anyio.fail_after(10):
+            timed_out = await iii.trigger_and_wait_async("cleanup_fails", {}, queue="q")
+            fine = await iii.trigger_and_wait_async("look", "fine", queue="q")
+            own = await iii.trigger_and_wait_async("look", "own_cancel", queue="q")
+            after = await iii.trigger_and_wait_async("look", "after", queue="q")
+    assert timed_out.error is not None and timed_out.error.message == "cleanup failed"
+    # One worker ran them all; the timeout's cancellation was taken back from it, so the
+    # next handler's own CancelledError was its failure, not read as the engine stopping.
+    assert cancelling == [0, 0, 0]
+    assert [fine.status, own.status, after.status] == ["completed", "failed", "completed"]
