@@ -473,7 +473,9 @@ class Runtime:
     async def _await_hook(self, result: Awaitable[Any], listener: Any, event: str) -> None:
         try:
             await result
-        except Exception:
+        except (Exception, asyncio.CancelledError) as exc:
+            if not isinstance(exc, Exception) and not raised_by_handler():
+                raise  # the engine's own stop
             log.exception("event hook %r for %s failed", listener, event)
         finally:
             self._hooks_inflight -= 1
