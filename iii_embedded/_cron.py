@@ -23,6 +23,7 @@ lease ran out) no longer holds the schedule back.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import functools
 import logging
@@ -35,7 +36,7 @@ import attrs
 
 from ._context import Invocation, _current
 from ._errors import StoreError
-from ._fastpath import run_handler
+from ._fastpath import raised_by_handler, run_handler
 from ._triggers import Binding, register_trigger_type
 
 if TYPE_CHECKING:
@@ -265,7 +266,9 @@ async def run_schedule(
             }
             coro = spec.handler(payload) if spec.is_async else rt.threads.run(spec.handler, payload)
             await run_handler(coro, call_at=clock.call_at, deadline=None)
-        except Exception:
+        except (Exception, asyncio.CancelledError) as exc:
+            if not isinstance(exc, Exception) and not raised_by_handler():
+                raise  # the engine's own stop
             log.exception("cron job %r (%s) failed", job.job_id, job.function_id)
         finally:
             _current.reset(token)

@@ -171,3 +171,13 @@ class AwaitableResultError(NonRetryableError, TypeError):
     dead-letter queue. Make the handler ``async def``, or register the async function
     itself. A ``TypeError``, so code that catches that catches this too.
     """
+
+
+def exception_message(exc: BaseException) -> str:
+    """``str(exc)``, or a placeholder naming the exception's type when its ``__str__``
+    raises: a handler's exception is recorded and reported, never a new failure of the
+    engine's own (it stopped the engine from an async job's worker)."""
+    try:
+        return str(exc)
+    except Exception as failure:
+        return f"<{type(exc).__qualname__}: str() raised {type(failure).__name__}>"

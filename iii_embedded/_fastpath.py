@@ -31,6 +31,7 @@ __all__ = [
     "resume",
     "first_step",
     "PENDING",
+    "raised_by_handler",
 ]
 
 
@@ -154,6 +155,13 @@ async def resume_suspended(
             raise
         task.uncancel()
         raise Interrupted(stopper.reason) from None
+    except BaseException:
+        if stopper.reason is not None and task.cancelling():
+            # The handler turned our cancellation into an error of its own (a cleanup
+            # that raised): take it back too. The task is a queue's long-lived worker,
+            # and a count left behind made every later handler in it look cancelled.
+            task.uncancel()
+        raise
     finally:
         stopper.task = None
         if cancel_timer is not None:
@@ -161,3 +169,13 @@ async def resume_suspended(
     if stopper.reason is not None and task.cancelling():
         task.uncancel()  # the handler swallowed our cancellation and returned
     return result
+
+
+def raised_by_handler() -> bool:
+    """In an ``except CancelledError`` around a handler: whether the handler raised it
+    itself, not a stop of the engine's. Nothing is cancelling the current task, so the
+    handler awaited work that someone else cancelled: that is its own error, to record
+    as any other. Raised on, it would cancel the engine's task group, which ends the
+    program's ``running()`` block silently."""
+    task = asyncio.current_task()
+    return task is not None and not task.cancelling()

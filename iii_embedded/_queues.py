@@ -34,8 +34,15 @@ import anyio.abc
 from ._codec import dumps_lenient, loads
 from ._config import QueueConfig
 from ._context import _current
-from ._errors import NonRetryableError, RetryAfter, StoreError
-from ._fastpath import PENDING, Interrupted, Interrupter, first_step, resume_suspended
+from ._errors import NonRetryableError, RetryAfter, StoreError, exception_message
+from ._fastpath import (
+    PENDING,
+    Interrupted,
+    Interrupter,
+    first_step,
+    raised_by_handler,
+    resume_suspended,
+)
 from ._stores import (
     EnqueueClaim,
     ErrorInfo,
@@ -80,7 +87,7 @@ def error_info(exc: BaseException) -> ErrorInfo:
     tb = _user_frames(exc.__traceback__) or exc.__traceback__
     return ErrorInfo(
         type=type(exc).__qualname__,
-        message=str(exc),
+        message=exception_message(exc),
         traceback="".join(traceback.format_exception(type(exc), exc, tb)),
     )
 
@@ -1218,6 +1225,10 @@ class QueueRunner:
             stopped = exc.reason
         except Exception as exc:
             error = exc
+        except asyncio.CancelledError as exc:
+            if not raised_by_handler():
+                raise  # the engine's own stop: its task group is being cancelled
+            error = exc  # a failed attempt, as any error of the handler's own
         finally:
             _current.reset(token)
         now = clock.now()
@@ -1312,7 +1323,7 @@ class QueueRunner:
             return "null"
         try:
             return dumps_lenient(result)
-        except (TypeError, ValueError):
+        except Exception:  # not JSON (or a container whose own methods raise)
             log.warning(
                 "job %s of %r returned a value that is not JSON-serialisable; "
                 "its run output is stored as its repr",
@@ -1320,7 +1331,15 @@ class QueueRunner:
                 job.function_id,
                 extra=self._extra(job, 0.0),
             )
-            return json.dumps(repr(result))
+        # The handler has returned, so its run completes whatever the value. A repr that
+        # raises (an int past str()'s digit limit, a broken __repr__) gets a placeholder:
+        # it used to raise out of an async job's worker, stopping the engine, and to fail
+        # a sync job's attempt, running a handler that had succeeded again.
+        try:
+            text = repr(result)
+        except Exception as exc:
+            text = f"<{type(result).__name__} object: repr failed with {type(exc).__name__}>"
+        return json.dumps(text)
 
     def _extra(self, job: Job, duration_ms: float) -> dict[str, Any]:
         return {

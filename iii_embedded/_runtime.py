@@ -33,8 +33,15 @@ from ._clock import Clock, SystemClock
 from ._codec import dumps_strict
 from ._config import COUNT_MAX, Config, QueueConfig
 from ._context import Invocation, _current
-from ._errors import InvocationError, InvocationTimeoutError, StoreError
-from ._fastpath import PENDING, Interrupted, first_step, resume_suspended, run_handler
+from ._errors import InvocationError, InvocationTimeoutError, StoreError, exception_message
+from ._fastpath import (
+    PENDING,
+    Interrupted,
+    first_step,
+    raised_by_handler,
+    resume_suspended,
+    run_handler,
+)
 from ._ids import new_receipt_id
 from ._queues import QueueRunner, log_dead_lettered
 from ._registry import FunctionSpec, Registry
@@ -466,7 +473,9 @@ class Runtime:
     async def _await_hook(self, result: Awaitable[Any], listener: Any, event: str) -> None:
         try:
             await result
-        except Exception:
+        except (Exception, asyncio.CancelledError) as exc:
+            if not isinstance(exc, Exception) and not raised_by_handler():
+                raise  # the engine's own stop
             log.exception("event hook %r for %s failed", listener, event)
         finally:
             self._hooks_inflight -= 1
@@ -663,10 +672,14 @@ class Runtime:
             raise InvocationTimeoutError(
                 f"Function '{function_id}' did not return within {timeout} ms"
             ) from None
-        except Exception as exc:
+        except (Exception, asyncio.CancelledError) as exc:
+            if not isinstance(exc, Exception) and not raised_by_handler():
+                raise  # the caller's task is being cancelled
             if spec.internal and isinstance(exc, InvocationError):
                 raise  # the runtime's own functions answer with their own errors
-            raise InvocationError("invocation_failed", f"{type(exc).__name__}: {exc}") from exc
+            raise InvocationError(
+                "invocation_failed", f"{type(exc).__name__}: {exception_message(exc)}"
+            ) from exc
         finally:
             _current.reset(token)
 
@@ -687,7 +700,9 @@ class Runtime:
                 await spec.handler(payload)
             else:
                 await self.threads.run(spec.handler, payload)
-        except Exception:
+        except (Exception, asyncio.CancelledError) as exc:
+            if not isinstance(exc, Exception) and not raised_by_handler():
+                raise  # the engine's own stop
             log.exception(
                 "void trigger of %r failed (the caller is not told)",
                 spec.id,
@@ -821,7 +836,9 @@ class Runtime:
             return InvocationTimeoutError(
                 f"Function '{function_id}' did not return within {timeout} ms"
             )
-        error = InvocationError("invocation_failed", f"{type(exc).__name__}: {exc}")
+        error = InvocationError(
+            "invocation_failed", f"{type(exc).__name__}: {exception_message(exc)}"
+        )
         error.__cause__ = exc  # raised ``from`` it
         return error
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections import Counter
@@ -351,6 +352,34 @@ async def test_a_run_held_for_an_unknown_function_and_cancelled_before_that_is_w
     assert run is not None and (run.status, run.attempts) == ("cancelled", 0)
     assert hooked == [ghost]
     assert (stats.held, stats.ready, stats.running) == (0, 0, 0)
+
+
+async def test_an_async_hook_that_raises_cancelled_error_itself_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An async hook that awaits work someone else cancelled fails like any failing hook:
+    its CancelledError used to cancel the engine's task group, which ended the program's
+    ``running()`` block silently at its next await."""
+    iii = make_app()
+
+    async def metrics(job: Any, **info: Any) -> None:
+        future = asyncio.get_running_loop().create_future()
+        future.cancel()
+        await future
+
+    iii.on("job_succeeded", metrics)
+    iii.register_function("ok", lambda _: "fine")
+    reached_the_end = False
+    async with iii.running():
+        await iii.trigger_async("ok", {}, action=TriggerAction.Enqueue(queue="q"))
+        await drain(iii)
+        completed = (await iii.queue_stats_async("q")).completed
+        reached_the_end = True
+    assert (reached_the_end, completed) == (True, 1)
+    assert any(
+        r.getMessage().startswith("event hook") and "job_succeeded failed" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 async def test_an_async_hook_runs_and_drain_and_shutdown_wait_for_it() -> None:

@@ -6,8 +6,10 @@ not cost the others their copies."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
+import anyio
 import pytest
 
 from iii_embedded import (
@@ -202,3 +204,158 @@ async def test_a_subscriber_not_registered_yet_gets_its_copy_held_and_others_the
         await drain(iii)
     assert got["audit"] == [{"n": 1}]
     assert seen_before == [] and got["later"] == [{"n": 1}]
+
+
+class _Unprintable:
+    """A return value that is not JSON and whose ``repr`` raises."""
+
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+
+@pytest.mark.parametrize("sync", [False, True], ids=["async", "sync"])
+async def test_an_output_that_neither_json_nor_repr_can_write_completes_its_run(
+    store_config: StoreConfig, sync: bool
+) -> None:
+    iii = III(Config(store=store_config), clock=VirtualClock(), shutdown_grace_ms=0)
+
+    def outcome(kind: str) -> Any:
+        if kind == "unprintable":
+            return _Unprintable()
+        if kind == "huge_int":
+            return 10**5000  # past str()'s digit limit: repr raises ValueError
+        return kind
+
+    async def outcome_async(kind: str) -> Any:
+        return outcome(kind)
+
+    iii.register_function("work", outcome if sync else outcome_async)
+    async with iii.running():
+        results = await iii.batch_trigger_and_wait_async(
+            "work", ["unprintable", "huge_int", "plain"]
+        )
+    # The handlers returned: their runs completed (the engine did not stop, nor were
+    # they retried), each output a placeholder that names the value's type.
+    assert [(r.status, r.output) for r in results.runs] == [
+        ("completed", "<_Unprintable object: repr failed with RuntimeError>"),
+        ("completed", "<int object: repr failed with ValueError>"),
+        ("completed", "plain"),
+    ]
+
+
+class _Unspeakable(Exception):
+    """An exception whose ``str`` raises (as some libraries' do when an attribute their
+    message names was never set)."""
+
+    def __str__(self) -> str:
+        raise AttributeError("no message")
+
+
+@pytest.mark.parametrize("sync", [False, True], ids=["async", "sync"])
+async def test_an_exception_whose_str_raises_fails_its_attempt_like_any_other(
+    store_config: StoreConfig, sync: bool
+) -> None:
+    queues = {"q": QueueConfig(name="q", max_retries=2, backoff_ms=10)}
+    iii = III(Config(queues=queues, store=store_config), shutdown_grace_ms=0)
+
+    def work(kind: str) -> str:
+        if kind == "bad":
+            raise _Unspeakable()
+        return kind
+
+    async def work_async(kind: str) -> str:
+        return work(kind)
+
+    iii.register_function("work", work if sync else work_async)
+    async with iii.running():
+        # Bounded: a sync job's failure used to raise in the loop's callback that settles
+        # it, so its run never ended.
+        with anyio.fail_after(10):
+            failed = await iii.trigger_and_wait_async("work", "bad", queue="q")
+            after = await iii.trigger_and_wait_async("work", "fine", queue="q")
+        with pytest.raises(InvocationError) as caught:
+            await iii.trigger_async("work", "bad")
+        dead = await dead_jobs(iii, "q")
+    placeholder = "<_Unspeakable: str() raised AttributeError>"
+    # Retried, then dead-lettered with a placeholder message; the engine went on.
+    assert (failed.status, failed.error.type if failed.error else None) == (
+        "failed",
+        "_Unspeakable",
+    )
+    assert failed.error is not None and failed.error.message == placeholder
+    assert [d.attempts for d in dead] == [2]
+    assert (after.status, after.output) == ("completed", "fine")
+    assert caught.value.code == "invocation_failed"
+    assert caught.value.message == f"_Unspeakable: {placeholder}"
+
+
+async def test_a_cancelled_error_an_async_handler_raises_itself_fails_its_attempt(
+    store_config: StoreConfig,
+) -> None:
+    queues = {"q": QueueConfig(name="q", max_retries=2, backoff_ms=10)}
+    iii = III(Config(queues=queues, store=store_config), shutdown_grace_ms=0)
+    reached_the_end = False
+
+    @iii.function("work")
+    async def work(kind: str) -> str:
+        if kind == "bad":
+            # Awaiting work that something else cancelled (not the engine: nothing asked
+            # this run to stop) raises CancelledError in the handler.
+            future = asyncio.get_running_loop().create_future()
+            future.cancel()
+            await future
+        return kind
+
+    async with iii.running():
+        with anyio.fail_after(10):
+            failed = await iii.trigger_and_wait_async("work", "bad", queue="q")
+            after = await iii.trigger_and_wait_async("work", "fine", queue="q")
+        dead = await dead_jobs(iii, "q")
+        reached_the_end = True
+    # It used to go up through the queue's worker and cancel the engine's task group,
+    # which ended this block silently at the first wait: nothing below ran.
+    assert reached_the_end
+    assert (failed.status, failed.error.type if failed.error else None) == (
+        "failed",
+        "CancelledError",
+    )
+    assert [d.attempts for d in dead] == [2]
+    assert (after.status, after.output) == ("completed", "fine")
+
+
+async def test_a_handler_that_turns_its_timeout_into_an_error_leaves_its_worker_uncancelled(
+    store_config: StoreConfig,
+) -> None:
+    queues = {"q": QueueConfig(name="q", concurrency=1, prefetch=0, timeout_ms=50, max_retries=1)}
+    iii = III(Config(queues=queues, store=store_config), shutdown_grace_ms=0)
+    cancelling: list[int] = []
+
+    @iii.function("cleanup_fails")
+    async def cleanup_fails(_: Any) -> None:
+        try:
+            await anyio.sleep(10)
+        except asyncio.CancelledError:
+            raise ValueError("cleanup failed") from None  # the timeout's cancellation
+
+    @iii.function("look")
+    async def look(kind: str) -> str:
+        task = asyncio.current_task()
+        assert task is not None
+        cancelling.append(task.cancelling())
+        if kind == "own_cancel":
+            future = asyncio.get_running_loop().create_future()
+            future.cancel()
+            await future  # the handler's own CancelledError: a failed attempt
+        return kind
+
+    async with iii.running():
+        with anyio.fail_after(10):
+            timed_out = await iii.trigger_and_wait_async("cleanup_fails", {}, queue="q")
+            fine = await iii.trigger_and_wait_async("look", "fine", queue="q")
+            own = await iii.trigger_and_wait_async("look", "own_cancel", queue="q")
+            after = await iii.trigger_and_wait_async("look", "after", queue="q")
+    assert timed_out.error is not None and timed_out.error.message == "cleanup failed"
+    # One worker ran them all; the timeout's cancellation was taken back from it, so the
+    # next handler's own CancelledError was its failure, not read as the engine stopping.
+    assert cancelling == [0, 0, 0]
+    assert [fine.status, own.status, after.status] == ["completed", "failed", "completed"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import fractions
 import logging
 import numbers
@@ -255,6 +256,44 @@ async def test_void_errors_never_reach_the_caller_and_are_logged(
     messages = [r.getMessage() for r in caplog.records]
     assert any("void trigger of 'flaky' failed" in m for m in messages)
     assert any("void failure" in (r.exc_text or "") for r in caplog.records)
+
+
+async def test_a_cancelled_error_a_handler_raises_itself_is_its_error_in_every_caller(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A handler that awaits work someone else cancelled raises ``CancelledError``
+    though nothing cancelled it. It used to cancel the engine's task group from a Void
+    call or a cron fire, ending the program's ``running()`` block silently, and to reach
+    a synchronous caller as a bare ``CancelledError``."""
+    clock = VirtualClock(start=1_700_000_000.0)  # 100 s before a fire of the cron below
+    iii = make_app(clock)
+    reached: list[str] = []
+
+    @iii.function("fetch")
+    async def fetch(_: Any) -> None:
+        future = asyncio.get_running_loop().create_future()
+        future.cancel()
+        await future
+
+    iii.register_trigger(
+        {"type": "cron", "function_id": "fetch", "config": {"expression": "0 */5 * * * *"}}
+    )
+    caplog.set_level(logging.ERROR, logger="iii_embedded")
+    async with iii.running():
+        with pytest.raises(InvocationError) as caught:
+            await iii.trigger_async("fetch", {})
+        reached.append("sync")
+        await iii.trigger_async("fetch", {}, action=TriggerAction.Void())
+        await drain(iii)
+        reached.append("void")
+        clock.advance(200)
+        await drain(iii)
+        reached.append("cron")
+    assert reached == ["sync", "void", "cron"]
+    assert (caught.value.code, caught.value.message) == ("invocation_failed", "CancelledError: ")
+    messages = [r.getMessage() for r in caplog.records]
+    assert "void trigger of 'fetch' failed (the caller is not told)" in messages
+    assert "cron job 'cron::fetch' (fetch) failed" in messages
 
 
 # --- enqueue ---------------------------------------------------------------------------
