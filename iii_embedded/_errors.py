@@ -89,7 +89,8 @@ class RetryAfter(IIIError):
             or not 0 <= float(delay_ms) <= 2**63 - 1
         ):
             raise ValueError(
-                f"RetryAfter delay_ms must be a number of milliseconds >= 0, got {delay_ms!r}"
+                "RetryAfter delay_ms must be a number of milliseconds from 0 to 2**63-1, "
+                f"got {delay_ms!r}"
             )
         super().__init__(message or f"retry after {delay_ms} ms")
         self.delay_ms: float = delay_ms

@@ -963,7 +963,8 @@ def new_jobs(
     # An int is the usual case; its bound is the one _is_delay checks for other numbers.
     if not 0 <= delay < 2**63 if delay.__class__ is int else not _is_delay(delay):
         raise InvocationError(
-            "enqueue_error", f"delay_ms must be a number of milliseconds >= 0, got {delay!r}"
+            "enqueue_error",
+            f"delay_ms must be a number of milliseconds from 0 to 2**63-1, got {delay!r}",
         )
     max_attempts = queue.max_attempts
     if action.max_attempts is not None:

@@ -90,7 +90,10 @@ def test_backoff_of_a_late_retry_is_capped_not_a_huge_integer() -> None:
     ("options", "message"),
     [
         ({"max_attempts": 2**32}, "max_attempts must be at most 4294967295, got 4294967296"),
-        ({"delay_ms": 10**400}, f"delay_ms must be a number of milliseconds >= 0, got {10**400}"),
+        (
+            {"delay_ms": 10**400},
+            f"delay_ms must be a number of milliseconds from 0 to 2**63-1, got {10**400}",
+        ),
     ],
 )
 async def test_enqueue_options_out_of_range_are_an_enqueue_error(
@@ -111,7 +114,7 @@ def test_retry_after_refuses_a_delay_that_is_not_a_finite_number(delay: Any) -> 
     with pytest.raises(ValueError) as caught:
         RetryAfter(delay)
     assert str(caught.value) == (
-        f"RetryAfter delay_ms must be a number of milliseconds >= 0, got {delay!r}"
+        f"RetryAfter delay_ms must be a number of milliseconds from 0 to 2**63-1, got {delay!r}"
     )
 
 

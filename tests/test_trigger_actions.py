@@ -418,13 +418,17 @@ async def test_an_enqueue_whose_queue_is_not_a_name_is_an_enqueue_error(queue: A
     assert stored == []
 
 
+_DELAY_MS = "delay_ms must be a number of milliseconds from 0 to 2**63-1, got "
+
+
 @pytest.mark.parametrize(
     ("option", "value", "message"),
     [
-        ("delay_ms", "abc", "delay_ms must be a number of milliseconds >= 0, got 'abc'"),
-        ("delay_ms", -5, "delay_ms must be a number of milliseconds >= 0, got -5"),
-        ("delay_ms", True, "delay_ms must be a number of milliseconds >= 0, got True"),
-        ("delay_ms", float("nan"), "delay_ms must be a number of milliseconds >= 0, got nan"),
+        ("delay_ms", "abc", _DELAY_MS + "'abc'"),
+        ("delay_ms", -5, _DELAY_MS + "-5"),
+        ("delay_ms", True, _DELAY_MS + "True"),
+        ("delay_ms", float("nan"), _DELAY_MS + "nan"),
+        ("delay_ms", 2**63, _DELAY_MS + str(2**63)),
         ("max_attempts", "x", "max_attempts must be an integer >= 1, got 'x'"),
         ("max_attempts", 0, "max_attempts must be an integer >= 1, got 0"),
         ("max_attempts", 2.5, "max_attempts must be an integer >= 1, got 2.5"),
