@@ -125,7 +125,7 @@ class III:
         self.shutdown_grace_ms = shutdown_grace_ms
         self.registry = Registry()
         self.hooks: dict[str, list[Callable[..., Any]]] = {}
-        self._bindings = Bindings()
+        self._bindings = Bindings(self._on_engine_thread)
         self.triggers: list[dict[str, Any]] = self._bindings.requests
         """The registered triggers' requests (an unregistered one leaves)."""
         self.lifecycle_hooks: list[Callable[[III, anyio.abc.TaskGroup], Any]] = []
@@ -241,8 +241,31 @@ class III:
 
         Returns a :class:`Trigger` whose ``unregister()`` stops it. Raises ``ValueError``
         for an unknown type or a trigger its type refuses (the error says why)."""
-        binding = trigger_registrar(trigger.get("type"))(self, trigger)
-        return self._bindings.add(binding, trigger)
+        return self._bindings.bind(trigger_registrar(trigger.get("type")), self, trigger)
+
+    def _on_engine_thread(self, fn: Callable[[], T]) -> T:
+        """``fn()`` on the running engine's loop, waiting for it from another thread (so
+        that trigger registrations and unregistrations made from several threads run one
+        at a time); here and now when the engine is not running, or on its loop."""
+        rt = self._runtime
+        portal = rt.portal if rt is not None else None
+        if rt is None or portal is None or threading.get_ident() == rt.loop_thread:
+            return fn()
+
+        def run() -> tuple[bool, Any]:
+            try:
+                return True, fn()
+            except BaseException as exc:  # raised in the caller's thread, not the portal's
+                return False, exc
+
+        try:
+            ok, value = portal.call(run)
+        except RuntimeError:  # the portal has stopped: so has the engine
+            return fn()
+        if not ok:
+            raise value
+        result: T = value
+        return result
 
     @property
     def asgi_app(self) -> Any:

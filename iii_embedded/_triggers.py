@@ -101,14 +101,31 @@ class Trigger:
         )
 
 
+Serialise = Callable[[Callable[[], Any]], Any]
+"""Runs a registration or an unregistration where they cannot interleave (the app's
+``_on_engine_thread``) and returns its result."""
+
+
 class Bindings:
     """An app's bound triggers: how many handles hold each binding, and the registered
-    trigger requests (``III.triggers``)."""
+    trigger requests (``III.triggers``).
 
-    def __init__(self) -> None:
+    A registration (the registrar's binding, then its count) and an unregistration (the
+    count, then the undo) each run whole through ``serialise``: on the engine's loop
+    while it runs. Otherwise a trigger registered again from one thread while another
+    thread's unregistration of the same thing was undoing it found it still bound, was
+    counted, and was then undone: a live handle with nothing bound."""
+
+    def __init__(self, serialise: Serialise | None = None) -> None:
+        self._serialise: Serialise = serialise if serialise is not None else _direct
         self._lock = threading.Lock()
         self._held: dict[Hashable, tuple[Binding, int]] = {}
         self.requests: list[dict[str, Any]] = []
+
+    def bind(self, registrar: TriggerRegistrar, app: III, request: Mapping[str, Any]) -> Trigger:
+        """Bind ``request`` with ``registrar`` and count the handle, as one step."""
+        trigger: Trigger = self._serialise(lambda: self.add(registrar(app, request), request))
+        return trigger
 
     def add(self, binding: Binding, request: Mapping[str, Any]) -> Trigger:
         """Count one more handle of ``binding`` and return it."""
@@ -125,6 +142,9 @@ class Bindings:
 
     def release(self, trigger: Trigger) -> None:
         """Drop ``trigger``'s hold; the last one undoes the binding."""
+        self._serialise(lambda: self._release(trigger))
+
+    def _release(self, trigger: Trigger) -> None:
         with self._lock:
             key, trigger._key = trigger._key, None
             if key is None:
@@ -136,3 +156,7 @@ class Bindings:
                 return
             del self._held[key]
         binding.undo()
+
+
+def _direct(fn: Callable[[], Any]) -> Any:
+    return fn()

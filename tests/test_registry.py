@@ -254,3 +254,52 @@ def test_a_duplicate_id_is_refused_saying_what_to_do() -> None:
         "function 'orders::create' is already registered: give this handler another id, or "
         "unregister the first one (the FunctionRef register_function returned)"
     )
+
+
+def test_a_trigger_registered_again_while_another_thread_undoes_it_stays_bound() -> None:
+    """The last handle of a binding is unregistered in one thread while another thread
+    registers the same trigger again. The re-registration must not be counted against a
+    binding that is being undone: it runs after the undo, and binds again. (It used to
+    find the binding still there, count itself, and then lose it to the undo.)"""
+    from iii_embedded._triggers import _TRIGGER_TYPES, Binding, register_trigger_type
+
+    bound: set[str] = set()
+    registered_during_undo: list[bool] = []
+    undoing = threading.Event()
+    request = {"type": "probe", "function_id": "f", "config": {"name": "a"}}
+    iii = III(shutdown_grace_ms=0)
+
+    def registrar(app: III, trigger: Any) -> Binding:
+        registered_during_undo.append(undoing.is_set())
+        bound.add(trigger["config"]["name"])
+
+        def undo() -> None:
+            undoing.set()
+            again = threading.Thread(target=iii.register_trigger, args=(request,))
+            again.start()
+            # A registration that can overtake the undo does so at once; one that waits
+            # for it is still waiting after this bound (it cannot finish before we do).
+            again.join(0.5)
+            bound.discard(trigger["config"]["name"])
+            undoing.clear()
+            threads.append(again)
+
+        return Binding(key=("probe", trigger["config"]["name"]), undo=undo)
+
+    threads: list[threading.Thread] = []
+    register_trigger_type("probe", registrar)
+    iii.register_function("f", lambda data: data)
+    iii.start()
+    try:
+        first = iii.register_trigger(request)
+        remover = threading.Thread(target=first.unregister)
+        remover.start()
+        remover.join(10)
+        for thread in threads:
+            thread.join(10)
+        assert registered_during_undo == [False, False]
+        assert bound == {"a"}
+        assert [t["config"]["name"] for t in iii.triggers] == ["a"]
+    finally:
+        iii.shutdown()
+        _TRIGGER_TYPES.pop("probe")
