@@ -673,24 +673,30 @@ def _with_head_timeout(timeout: float) -> type[asyncio.Protocol]:
                 self.transport.close()
 
         def send_400_response(self, msg: str) -> None:
-            # h11 refuses a head that passes its limit before it is complete, and uvicorn
-            # answers every refusal with a 400: this one is a 431, as a head that came
-            # whole gets (``_served``). httptools' protocol has no ``conn``.
+            # uvicorn answers a request h11 refuses with a plain-text 400; every other
+            # error of ours is JSON, so this one is too. A head that passes h11's limit
+            # before it is complete is a 431, as a head that came whole gets (``_served``).
+            # httptools' protocol has no ``conn``: its own answer stands.
             conn = getattr(self, "conn", None)
-            if conn is None or len(conn.trailing_data[0]) <= _MAX_HEAD_BYTES:
+            if conn is None:
                 super().send_400_response(msg)
                 return
             import h11
 
-            body = json.dumps(_HEAD_TOO_LARGE).encode()
+            payload: dict[str, object] = {"error": "malformed request"}
+            status, reason = 400, b"Bad Request"
+            if len(conn.trailing_data[0]) > _MAX_HEAD_BYTES:
+                status, reason = 431, b"Request Header Fields Too Large"
+                payload = _HEAD_TOO_LARGE
+            else:
+                payload["detail"] = msg
+            body = json.dumps(payload).encode()
             headers = [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
                 (b"connection", b"close"),
             ]
-            response = h11.Response(
-                status_code=431, headers=headers, reason=b"Request Header Fields Too Large"
-            )
+            response = h11.Response(status_code=status, headers=headers, reason=reason)
             for event in (response, h11.Data(data=body), h11.EndOfMessage()):
                 self.transport.write(conn.send(event))
             self.transport.close()

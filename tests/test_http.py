@@ -978,6 +978,12 @@ async def test_a_malformed_request_line_is_a_400_and_calls_nothing() -> None:
             )
         ]
     assert [a.split(b"\r\n", 1)[0] for a in answers] == [b"HTTP/1.1 400 Bad Request"] * 3
+    # JSON, as every other error the server sends, and the connection closed.
+    for answer in answers:
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert b"content-type: application/json" in head.lower()
+        assert b"connection: close" in head.lower()
+        assert json.loads(body)["error"] == "malformed request"
     assert calls == []
 
 
