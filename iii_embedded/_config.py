@@ -6,6 +6,7 @@ Every value here is a frozen attrs object, validated once at the boundary (YAML 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Literal
 
 import attrs
@@ -181,7 +182,21 @@ def _default_queues() -> dict[str, QueueConfig]:
     return {DEFAULT_QUEUE: QueueConfig(name=DEFAULT_QUEUE)}
 
 
-def _ensure_default(queues: dict[str, QueueConfig]) -> dict[str, QueueConfig]:
+def _ensure_default(
+    queues: Mapping[str, QueueConfig] | Iterable[QueueConfig],
+) -> dict[str, QueueConfig]:
+    """The queues by name, with a ``default`` one; a list of ``QueueConfig`` is taken by
+    their names (``Config(queues=[QueueConfig(name="a")])``)."""
+    if not isinstance(queues, Mapping):
+        by_name: dict[str, QueueConfig] = {}
+        for queue in queues:
+            if not isinstance(queue, QueueConfig):
+                raise TypeError(f"queues must hold QueueConfig items, got {queue!r}")
+            if queue.name in by_name:
+                raise ValueError(f"queue {queue.name!r} is given twice")
+            by_name[queue.name] = queue
+        queues = by_name
+    queues = dict(queues)
     if DEFAULT_QUEUE not in queues:
         queues = {**queues, DEFAULT_QUEUE: QueueConfig(name=DEFAULT_QUEUE)}
     for name, queue in queues.items():

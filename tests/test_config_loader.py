@@ -624,3 +624,15 @@ def test_a_config_path_given_to_iii_itself_says_to_use_from_config(path: Any) ->
     )
     with pytest.raises(TypeError, match=r"III\(\) takes a Config, not dict"):
         III({"queues": {}})  # type: ignore[arg-type]
+
+
+def test_config_takes_its_queues_as_a_list_keyed_by_their_names() -> None:
+    from iii_embedded import Config
+
+    cfg = Config(queues=[QueueConfig(name="pay", type="fifo", message_group_field="t")])
+    assert sorted(cfg.queues) == ["default", "pay"]
+    assert cfg.queues["pay"].message_group_field == "t"
+    with pytest.raises(ValueError, match="queue 'pay' is given twice"):
+        Config(queues=[QueueConfig(name="pay"), QueueConfig(name="pay")])
+    with pytest.raises(TypeError, match="queues must hold QueueConfig items, got 'pay'"):
+        Config(queues=["pay"])  # type: ignore[list-item]
