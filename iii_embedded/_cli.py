@@ -404,7 +404,12 @@ def cmd_dlq_show(args: argparse.Namespace) -> int:
         await _known_queue(args, store, args.queue)
         job = await store.get(args.id)
         if job is None or job.queue != args.queue or job.state != "dead":
-            raise UsageError(f"no dead job {args.id} in queue '{args.queue}'")
+            where = ""
+            if job is not None and job.queue != args.queue:
+                where = f" (that job is in queue '{job.queue}')"
+            elif job is not None:
+                where = f" (that job is not dead: it is {job.state})"
+            raise UsageError(f"no dead job {args.id} in queue '{args.queue}'{where}")
         return DeadJob.from_job(job)
 
     dead = _with_store(args, read)

@@ -147,6 +147,11 @@ def test_inspect_a_failing_queue_fix_and_redrive_while_the_app_runs(project: Pat
         assert "Traceback (most recent call last):" in shown.stdout
         assert 'raise ValueError(f"not fixed yet' in shown.stdout
         assert '"n": 1' in shown.stdout
+        elsewhere = cli(project, "dlq", "show", "default", ids[1])
+        assert elsewhere.returncode == 2
+        assert f"no dead job {ids[1]} in queue 'default' (that job is in queue 'work')" in (
+            elsewhere.stderr
+        )
 
         (project / "fixed").write_text("the handler is fixed")
         redriven = cli(project, "dlq", "redrive", "work", "--all", "--progress")
@@ -158,6 +163,9 @@ def test_inspect_a_failing_queue_fix_and_redrive_while_the_app_runs(project: Pat
         run = cli(project, "runs", "show", ids[0], "--json")
         assert json.loads(run.stdout)["status"] == "completed"
         assert json.loads(run.stdout)["output"] == {"done": 0}
+        alive = cli(project, "dlq", "show", "work", ids[0])
+        assert alive.returncode == 2
+        assert "(that job is not dead: it is completed)" in alive.stderr
     finally:
         app.send_signal(signal.SIGTERM)
         _, err = app.communicate(timeout=30)
