@@ -408,3 +408,33 @@ async def test_drain_moves_the_clock_to_a_fifo_groups_head_not_to_a_job_behind_i
         await drain(iii, max_advance_s=1.0)
     assert ran == [("head", 0.7), ("behind", 0.7)]
     assert clock.now() == 0.7
+
+
+async def test_drain_runs_a_retry_whose_time_the_test_advanced_the_clock_past(
+    store_config: StoreConfig,
+) -> None:
+    """``clock.advance`` past a delayed retry, then ``drain``: the memory store's drain
+    returned at once (the queue's timer had fired, but its dispatcher had not run yet and
+    still read idle), leaving the retry unrun."""
+    clock = VirtualClock()
+    queues = {"work": QueueConfig(name="work", max_retries=2, backoff_ms=1000)}
+    iii = III(Config(queues=queues, store=store_config), clock=clock, shutdown_grace_ms=0)
+    calls: list[float] = []
+
+    @iii.function("flaky")
+    async def flaky(_: Any) -> str:
+        calls.append(clock.now())
+        if len(calls) == 1:
+            raise ConnectionError("first attempt fails")
+        return "done"
+
+    async with iii.running():
+        start = clock.now()
+        receipt = await iii.trigger_async("flaky", {}, action=TriggerAction.Enqueue(queue="work"))
+        await drain(iii, max_advance_s=0)  # the first attempt; its retry is due at +1 s
+        assert [run.status for run in await queued_jobs(iii, "work")] == ["delayed"]
+        clock.advance(5)
+        await drain(iii, max_advance_s=0)
+        run = await iii.runs.get_async(receipt["messageReceiptId"])
+    assert [t - start for t in calls] == [0, 5]
+    assert (run.status, run.attempts, run.output) == ("completed", 2, "done")
