@@ -12,7 +12,14 @@ import anyio
 import pytest
 
 from iii_embedded import III, Config, InvocationError, QueueConfig, StoreConfig, TriggerAction
-from iii_embedded.testing import VirtualClock, drain, drain_blocking, queued_jobs, running_jobs
+from iii_embedded.testing import (
+    VirtualClock,
+    drain,
+    drain_blocking,
+    held_jobs,
+    queued_jobs,
+    running_jobs,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -438,3 +445,35 @@ async def test_drain_runs_a_retry_whose_time_the_test_advanced_the_clock_past(
         run = await iii.runs.get_async(receipt["messageReceiptId"])
     assert [t - start for t in calls] == [0, 5]
     assert (run.status, run.attempts, run.output) == ("completed", 2, "done")
+
+
+async def test_held_jobs_lists_the_runs_waiting_for_their_function(
+    store_config: StoreConfig,
+) -> None:
+    """A job whose function is not registered is held: counted in the statistics, but
+    neither queued nor running, so no helper listed it."""
+    clock = VirtualClock()
+    iii = III(Config(store=store_config), clock=clock, shutdown_grace_ms=0)
+    ref = iii.register_function("resize", lambda image: f"{image['name']} resized")
+    iii.register_function("other", lambda _: None)
+    async with iii.running():
+        action = TriggerAction.Enqueue(queue="default", delay_ms=1000)
+        receipt = await iii.trigger_async("resize", {"name": "cat.png"}, action=action)
+        ref.unregister()
+        await drain(iii)  # the job falls due and is held, not attempted
+        held = await held_jobs(iii, "default")
+        everywhere = await held_jobs(iii)
+        queued = await queued_jobs(iii, "default")
+        stats = await iii.queue_stats_async("default")
+        with pytest.raises(ValueError):
+            await held_jobs(iii, "defualt")
+        iii.register_function("resize", lambda image: f"{image['name']} resized")
+        await drain(iii)
+        after = await held_jobs(iii)
+        run = await iii.runs.get_async(receipt["messageReceiptId"])
+    assert [(r.id, r.payload, r.attempts) for r in held] == [
+        (receipt["messageReceiptId"], {"name": "cat.png"}, 0)
+    ]
+    assert [r.id for r in everywhere] == [r.id for r in held]
+    assert (queued, stats.held, after) == ([], 1, [])
+    assert (run.status, run.output) == ("completed", "cat.png resized")

@@ -4,7 +4,8 @@
   take no wall time.
 * :func:`drain`: wait until every queue is idle, advancing a virtual clock to each delayed
   job's time as needed.
-* Inspection: :func:`queued_jobs`, :func:`running_jobs`, :func:`dead_jobs`.
+* Inspection: :func:`queued_jobs`, :func:`running_jobs`, :func:`held_jobs`,
+  :func:`dead_jobs`.
 * A pytest plugin (installed with the package) with the fixtures ``iii_clock`` and
   ``iii_app`` (see :mod:`iii_embedded.testing._plugin`).
 
@@ -40,6 +41,7 @@ __all__ = [
     "drain_blocking",
     "queued_jobs",
     "running_jobs",
+    "held_jobs",
     "dead_jobs",
     "DrainTimeout",
 ]
@@ -155,7 +157,16 @@ async def running_jobs(app: III, queue: str | None = None) -> list[Run]:
     return await _runs_in(app, queue, "running")
 
 
-async def _runs_in(app: III, queue: str | None, state: Literal["queued", "running"]) -> list[Run]:
+async def held_jobs(app: III, queue: str | None = None) -> list[Run]:
+    """Runs held in ``queue`` (or every queue), in enqueue order: jobs whose function is
+    not registered here, which wait, unattempted, until it is (their ``status`` reads
+    ``queued``, as ``iii.runs.get`` shows them). An unknown queue is a ``ValueError``."""
+    return await _runs_in(app, queue, "held")
+
+
+async def _runs_in(
+    app: III, queue: str | None, state: Literal["queued", "running", "held"]
+) -> list[Run]:
     rt = app.runtime
     if queue is not None and queue not in rt.runners:
         raise ValueError(f"Queue '{queue}' not found")
