@@ -477,3 +477,55 @@ async def test_held_jobs_lists_the_runs_waiting_for_their_function(
     assert [r.id for r in everywhere] == [r.id for r in held]
     assert (queued, stats.held, after) == ([], 1, [])
     assert (run.status, run.output) == ("completed", "cat.png resized")
+
+
+async def test_drain_with_max_advance_returns_while_a_handler_waits_for_a_later_retry(
+    store_config: StoreConfig,
+) -> None:
+    """``drain(iii, max_advance_s=60)`` while a parent waits for a child whose retry is
+    due after the limit: drain kept waiting in wall time until ``DrainTimeout`` (30 s by
+    default), though nothing could happen within the limit. It returns with the parent
+    still waiting; a waiter's timeout within the limit still fires at its own time."""
+    clock = VirtualClock()
+    queues = {
+        "parent": QueueConfig(name="parent"),
+        "child": QueueConfig(name="child", max_retries=2, backoff_ms=100_000),
+    }
+    iii = III(Config(queues=queues, store=store_config), clock=clock, shutdown_grace_ms=0)
+    child_calls: list[float] = []
+    outcomes: list[tuple[str, float]] = []
+
+    async def child(_: Any) -> str:
+        child_calls.append(clock.now())
+        if len(child_calls) % 2:
+            raise ConnectionError("flaky")
+        return "ok"
+
+    async def parent(timeout_ms: int) -> None:
+        t0 = clock.now()
+        try:
+            result = await iii.trigger_and_wait_async(
+                "child", {}, queue="child", timeout_ms=timeout_ms
+            )
+            outcomes.append((str(result.output), clock.now() - t0))
+        except InvocationError as exc:
+            outcomes.append((exc.code, clock.now() - t0))
+
+    iii.register_function("child", child)
+    iii.register_function("parent", parent)
+    async with iii.running():
+        start = clock.now()
+        await iii.trigger_async("parent", 200_000, action=TriggerAction.Enqueue(queue="parent"))
+        await drain(iii, max_advance_s=60, timeout=10)
+        waiting = await running_jobs(iii, "parent")
+        first = (clock.now() - start, list(outcomes))
+        await drain(iii, timeout=10)
+        second = (clock.now() - start, list(outcomes))
+        start = clock.now()
+        await iii.trigger_async("parent", 30_000, action=TriggerAction.Enqueue(queue="parent"))
+        await drain(iii, max_advance_s=60, timeout=10)
+        third = (clock.now() - start, list(outcomes))
+    assert [run.payload for run in waiting] == [200_000]
+    assert first == (0.0, [])
+    assert second == (100.0, [("ok", 100.0)])
+    assert third == (30.0, [("ok", 100.0), ("TIMEOUT", 30.0)])

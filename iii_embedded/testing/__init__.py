@@ -58,12 +58,15 @@ async def drain(app: III, *, timeout: float = 30.0, max_advance_s: float = math.
     (backoff, ``delay_ms``) until none is left or the next one is more than
     ``max_advance_s`` ahead of the time drain started; also while handlers wait for runs
     that are delayed (``trigger_and_wait`` of a job that retries), when nothing else
-    runs. With the system clock, drain waits for delayed jobs in real time. A cron fire
-    whose time has come (the clock advanced past it) is waited for; cron schedules and a
-    running handler's own timers (``timeout_ms``) are not advanced to (advance the clock
-    yourself). On the way to a delayed job's time, the clock stops at each timeout that
-    falls due before it (a waiter's ``timeout_ms``, a handler's), so they fire at their
-    own time. Raises :class:`DrainTimeout` after ``timeout`` seconds of wall time.
+    runs. Past ``max_advance_s``, drain returns once nothing else can happen before it:
+    delayed jobs stay queued, and handlers waiting for them stay waiting (a waiter's
+    timeout within the limit fires first). With the system clock, drain waits for delayed
+    jobs in real time. A cron fire whose time has come (the clock advanced past it) is
+    waited for; cron schedules and a running handler's own timers (``timeout_ms``) are not
+    advanced to (advance the clock yourself). On the way to a delayed job's time, the clock
+    stops at each timeout that falls due before it (a waiter's ``timeout_ms``, a
+    handler's), so they fire at their own time. Raises :class:`DrainTimeout` after
+    ``timeout`` seconds of wall time.
 
     From an event loop other than the engine's (an engine started with ``iii.start()``,
     awaited from another asyncio loop or from trio), it runs :func:`drain_blocking` in a
@@ -91,6 +94,21 @@ async def drain(app: III, *, timeout: float = 30.0, max_advance_s: float = math.
             if due is None or due > limit:
                 if rt.is_quiet():
                     return
+                if (
+                    waiting
+                    and due is not None
+                    and isinstance(clock, VirtualClock)
+                    and rt.only_waiting()
+                ):
+                    # Handlers wait for a run due past the limit: a timeout within it
+                    # fires at its time; then nothing more can happen before the limit.
+                    stop = clock.next_stop()
+                    if stop is None or stop > limit:
+                        return
+                    clock.advance_to(stop)
+                    rt.wake_all()
+                    await anyio.lowlevel.checkpoint()
+                    continue
                 if waiting:  # waiting for something no delayed run here will bring
                     with anyio.move_on_after(0.05):
                         await rt.wait_activity()
