@@ -13,6 +13,7 @@ import pytest
 
 from iii_embedded import III, Config, InvocationError, QueueConfig, StoreConfig, TriggerAction
 from iii_embedded.testing import (
+    DrainTimeout,
     VirtualClock,
     drain,
     drain_blocking,
@@ -529,3 +530,29 @@ async def test_drain_with_max_advance_returns_while_a_handler_waits_for_a_later_
     assert first == (0.0, [])
     assert second == (100.0, [("ok", 100.0)])
     assert third == (30.0, [("ok", 100.0), ("TIMEOUT", 30.0)])
+
+
+async def test_drain_timeout_names_the_held_run_a_handler_waits_for(
+    store_config: StoreConfig,
+) -> None:
+    """A parent waits for a child whose function was unregistered: the child is held and
+    drain can only time out. The message said "1 job(s) claimed and not settled", with
+    nothing about the wait or the held run."""
+    iii = III(Config(store=store_config), clock=VirtualClock(), shutdown_grace_ms=0)
+    ref = iii.register_function("child", lambda n: n)
+
+    @iii.function("parent")
+    async def parent(n: int) -> Any:
+        return (await iii.trigger_and_wait_async("child", n, delay_ms=1000)).output
+
+    async with iii.running():
+        await iii.trigger_async("parent", 1, action=TriggerAction.Enqueue())
+        await drain(iii, max_advance_s=0)  # the parent now waits for its delayed child
+        ref.unregister()
+        with pytest.raises(DrainTimeout) as timed_out:
+            await drain(iii, timeout=0.5)
+    assert str(timed_out.value) == (
+        "still busy after 0.5 s of wall time: 1 job(s) claimed and not settled in "
+        "'default' (1 waiting for other runs); 1 run(s) held in 'default' (function not "
+        "registered)"
+    )

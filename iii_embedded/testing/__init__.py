@@ -121,16 +121,17 @@ async def drain(app: III, *, timeout: float = 30.0, max_advance_s: float = math.
             rt.wake_all()
             await anyio.lowlevel.checkpoint()
     if scope.cancelled_caught:
-        raise DrainTimeout(f"still busy after {timeout} s of wall time: {_busy(app)}")
+        raise DrainTimeout(f"still busy after {timeout} s of wall time: {await _busy(app)}")
 
 
-def _busy(app: III) -> str:
+async def _busy(app: III) -> str:
     """What keeps ``app`` from being quiet, for :class:`DrainTimeout`."""
     rt = app.runtime
     parts = [
-        f"{count} job(s) claimed and not settled in {name!r}"
-        for name, count in ((name, r.unsettled) for name, r in rt.runners.items())
-        if count
+        f"{r.unsettled} job(s) claimed and not settled in {name!r}"
+        + (f" ({r.lent} waiting for other runs)" if r.lent else "")
+        for name, r in rt.runners.items()
+        if r.unsettled
     ]
     parts += [
         f"{count} {what}"
@@ -144,6 +145,16 @@ def _busy(app: III) -> str:
     dispatching = [name for name, r in rt.runners.items() if not r.idle and not r.unsettled]
     if dispatching:
         parts.append(f"queue(s) {dispatching} still dispatching")
+    # Held runs are not work, but a handler may be waiting for one.
+    try:
+        stats = await app.stats_async()
+    except OSError:  # a store that fails here must not hide the timeout
+        stats = {}
+    parts += [
+        f"{queue.held} run(s) held in {name!r} (function not registered)"
+        for name, queue in stats.items()
+        if queue.held
+    ]
     return "; ".join(parts) or "a Void call or an async hook runs"
 
 
