@@ -15,6 +15,7 @@ from iii_embedded import III, Config, InvocationError, QueueConfig, StoreConfig,
 from iii_embedded.testing import (
     DrainTimeout,
     VirtualClock,
+    dead_jobs,
     drain,
     drain_blocking,
     held_jobs,
@@ -556,3 +557,32 @@ async def test_drain_timeout_names_the_held_run_a_handler_waits_for(
         "'default' (1 waiting for other runs); 1 run(s) held in 'default' (function not "
         "registered)"
     )
+
+
+async def test_dead_jobs_without_a_queue_lists_every_queues_dead_jobs(
+    store_config: StoreConfig,
+) -> None:
+    """``assert await dead_jobs(iii) == []`` checks that nothing died anywhere; the queue
+    was a required argument."""
+    queues = {name: QueueConfig(name=name, max_retries=1) for name in ("email", "payment")}
+    iii = III(Config(queues=queues, store=store_config), clock=VirtualClock(), shutdown_grace_ms=0)
+
+    @iii.function("fail")
+    async def fail(what: str) -> None:
+        raise ValueError(f"{what} failed")
+
+    async with iii.running():
+        before = await dead_jobs(iii)
+        for queue in ("payment", "email", "payment"):
+            action = TriggerAction.Enqueue(queue=queue)
+            await iii.trigger_async("fail", f"{queue} job", action=action)
+            await drain(iii)
+        everywhere = await dead_jobs(iii)
+        with pytest.raises(ValueError):
+            await dead_jobs(iii, "emial")
+    assert before == []
+    assert [(job.queue, job.payload, job.attempts) for job in everywhere] == [
+        ("email", "email job", 1),
+        ("payment", "payment job", 1),
+        ("payment", "payment job", 1),
+    ]

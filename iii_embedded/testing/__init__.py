@@ -204,6 +204,8 @@ async def _runs_in(
     return [Run.from_job(job, now) for job in jobs]
 
 
-async def dead_jobs(app: III, queue: str) -> list[DeadJob]:
-    """The dead-letter queue of ``queue``, oldest failure first."""
-    return await app.dlq_list_async(queue, limit=1_000_000)
+async def dead_jobs(app: III, queue: str | None = None) -> list[DeadJob]:
+    """The dead-letter queue of ``queue``, oldest failure first, or (no ``queue``) those
+    of every queue, queue by queue. An unknown queue is a ``ValueError``."""
+    names = list(app.runtime.runners) if queue is None else [queue]
+    return [job for name in names for job in await app.dlq_list_async(name, limit=1_000_000)]
