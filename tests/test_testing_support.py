@@ -6,6 +6,9 @@ misspelt queue."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -586,3 +589,27 @@ async def test_dead_jobs_without_a_queue_lists_every_queues_dead_jobs(
         ("payment", "payment job", 1),
         ("payment", "payment job", 1),
     ]
+
+
+def test_the_iii_app_fixture_stops_an_engine_the_test_left_started(tmp_path: Path) -> None:
+    """A synchronous test that calls ``iii_app.start()`` and no ``shutdown()`` left the
+    engine and its threads running into the next tests."""
+    (tmp_path / "test_left_running.py").write_text(
+        "import threading\n"
+        "started = []\n"
+        "def test_starts_and_forgets(iii_app):\n"
+        "    iii_app.register_function('echo', lambda d: d)\n"
+        "    started.append(iii_app.start())\n"
+        "    assert iii_app.trigger('echo', 1) == 1\n"
+        "def test_next_test():\n"
+        "    assert not started[0].is_running\n"
+        "    assert not [t.name for t in threading.enumerate() if 'portal' in t.name]\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_left_running.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "2 passed" in done.stdout, done.stdout + done.stderr
