@@ -22,6 +22,7 @@ from iii_embedded.testing import (
     drain,
     drain_blocking,
     held_jobs,
+    http_request,
     queued_jobs,
     running_jobs,
 )
@@ -613,3 +614,37 @@ def test_the_iii_app_fixture_stops_an_engine_the_test_left_started(tmp_path: Pat
         timeout=120,
     )
     assert "2 passed" in done.stdout, done.stdout + done.stderr
+
+
+async def test_http_request_calls_an_http_trigger_and_drain_runs_what_it_enqueued(
+    store_config: StoreConfig,
+) -> None:
+    iii = III(Config(store=store_config), clock=VirtualClock(), shutdown_grace_ms=0)
+    shipped: list[str] = []
+
+    async def create(request: dict[str, Any]) -> dict[str, Any]:
+        order = {"id": request["path_params"]["id"], **request["body"]}
+        action = TriggerAction.Enqueue(delay_ms=3_600_000)
+        await iii.trigger_async("ship", order, action=action)
+        return {
+            "status_code": 201,
+            "body": {"order": order, "page": request["query_params"]["page"]},
+            "headers": {"x-seen": request["headers"]["x-client"]},
+        }
+
+    iii.register_function("create", create)
+    iii.register_function("ship", lambda order: shipped.append(order["id"]))
+    route = {"api_path": "/orders/:id", "http_method": "POST"}
+    iii.register_trigger({"type": "http", "function_id": "create", "config": route})
+    async with iii.running():
+        created = await http_request(
+            iii, "POST", "/orders/4%2F2?page=2", json={"sku": "tea"}, headers={"X-Client": "t1"}
+        )
+        missing = await http_request(iii, "GET", "/nowhere")
+        text = await http_request(iii, "POST", "/orders/7", body=b"not json")
+        await drain(iii)
+    assert (created.status_code, created.headers["x-seen"]) == (201, "t1")
+    assert created.json() == {"order": {"id": "4/2", "sku": "tea"}, "page": "2"}
+    assert (missing.status_code, missing.json()["error"]) == (404, "not found")
+    assert text.status_code == 500
+    assert shipped == ["4/2"]

@@ -6,6 +6,7 @@
   job's time as needed.
 * Inspection: :func:`queued_jobs`, :func:`running_jobs`, :func:`held_jobs`,
   :func:`dead_jobs`.
+* :func:`http_request`: call the app's HTTP triggers without a server.
 * A pytest plugin (installed with the package) with the fixtures ``iii_clock`` and
   ``iii_app`` (see :mod:`iii_embedded.testing._plugin`).
 
@@ -23,12 +24,16 @@ Example::
 from __future__ import annotations
 
 import functools
+import json as jsonlib
 import math
 import threading
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
+from urllib.parse import quote, unquote
 
 import anyio
 import anyio.to_thread
+import attrs
 
 from .._app import III
 from .._clock import VirtualClock
@@ -43,6 +48,8 @@ __all__ = [
     "running_jobs",
     "held_jobs",
     "dead_jobs",
+    "http_request",
+    "HttpResponse",
     "DrainTimeout",
 ]
 
@@ -209,3 +216,81 @@ async def dead_jobs(app: III, queue: str | None = None) -> list[DeadJob]:
     of every queue, queue by queue. An unknown queue is a ``ValueError``."""
     names = list(app.runtime.runners) if queue is None else [queue]
     return [job for name in names for job in await app.dlq_list_async(name, limit=1_000_000)]
+
+
+@attrs.define(frozen=True, kw_only=True)
+class HttpResponse:
+    """The answer :func:`http_request` got: status, headers (lower-case names; a header
+    sent more than once has its values joined with ``", "``) and the body's bytes."""
+
+    status_code: int
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def text(self) -> str:
+        """The body decoded as UTF-8."""
+        return self.body.decode()
+
+    def json(self) -> Any:
+        """The body parsed as JSON."""
+        return jsonlib.loads(self.body)
+
+
+_NO_JSON: Any = object()
+
+
+async def http_request(
+    app: III,
+    method: str,
+    path: str,
+    *,
+    json: Any = _NO_JSON,
+    body: bytes | str = b"",
+    headers: Mapping[str, str] | None = None,
+) -> HttpResponse:
+    """Send one request to ``app``'s HTTP triggers (its :attr:`~III.asgi_app`), as a
+    client would, with no server: ``path`` is percent-encoded as in a URL and may carry a
+    query string (``/orders/a%2Fb?page=2``);
+    ``json`` sends a JSON body (with its content type), ``body`` raw bytes or text.
+    Await it in the test with ``async with app.running()``; ``drain(app)`` then waits
+    for what the handler enqueued."""
+    raw = jsonlib.dumps(json).encode() if json is not _NO_JSON else body
+    data = raw.encode() if isinstance(raw, str) else raw
+    sent = {name.lower(): value for name, value in (headers or {}).items()}
+    if json is not _NO_JSON:
+        sent.setdefault("content-type", "application/json")
+    sent["content-length"] = str(len(data))
+    route, _, query = path.partition("?")
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method.upper(),
+        "scheme": "http",
+        "path": unquote(route),
+        "raw_path": quote(route, safe="/%:@!$&'()*+,;=-._~").encode(),
+        "query_string": query.encode(),
+        "root_path": "",
+        "headers": [(name.encode(), value.encode()) for name, value in sent.items()],
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+    }
+    requests = [{"type": "http.request", "body": data, "more_body": False}]
+    messages: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return requests.pop() if requests else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        messages.append(message)
+
+    await app.asgi_app(scope, receive, send)
+    start = next(m for m in messages if m["type"] == "http.response.start")
+    got: dict[str, str] = {}
+    for name, value in start.get("headers", []):
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1")
+        got[key] = f"{got[key]}, {text}" if key in got else text
+    content = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body")
+    return HttpResponse(status_code=start["status"], headers=got, body=content)
