@@ -868,10 +868,16 @@ class QueueRunner:
             if deadline is None:
                 await event.wait()
             else:
-                with self.rt.clock.deadline_scope(deadline):
+                # The timer wakes the runner itself, so it reads busy from the moment a
+                # delayed job falls due: a test that advances a virtual clock past it and
+                # then drains finds the work, before this task has run again.
+                cancel = self.rt.clock.call_at(deadline, self.wake)
+                try:
                     await event.wait()
+                finally:
+                    cancel()
         self.idle = False
-        if not event.is_set():  # a delayed job fell due, or it is time to poll
+        if not event.is_set():  # it is time to poll
             self.wake()
 
     # --- workers ---------------------------------------------------------------------

@@ -6,13 +6,26 @@ misspelt queue."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 
 from iii_embedded import III, Config, InvocationError, QueueConfig, StoreConfig, TriggerAction
-from iii_embedded.testing import VirtualClock, drain, drain_blocking, queued_jobs, running_jobs
+from iii_embedded.testing import (
+    DrainTimeout,
+    VirtualClock,
+    dead_jobs,
+    drain,
+    drain_blocking,
+    held_jobs,
+    http_request,
+    queued_jobs,
+    running_jobs,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -408,3 +421,230 @@ async def test_drain_moves_the_clock_to_a_fifo_groups_head_not_to_a_job_behind_i
         await drain(iii, max_advance_s=1.0)
     assert ran == [("head", 0.7), ("behind", 0.7)]
     assert clock.now() == 0.7
+
+
+async def test_drain_runs_a_retry_whose_time_the_test_advanced_the_clock_past(
+    store_config: StoreConfig,
+) -> None:
+    """``clock.advance`` past a delayed retry, then ``drain``: the memory store's drain
+    returned at once (the queue's timer had fired, but its dispatcher had not run yet and
+    still read idle), leaving the retry unrun."""
+    clock = VirtualClock()
+    queues = {"work": QueueConfig(name="work", max_retries=2, backoff_ms=1000)}
+    iii = III(Config(queues=queues, store=store_config), clock=clock, shutdown_grace_ms=0)
+    calls: list[float] = []
+
+    @iii.function("flaky")
+    async def flaky(_: Any) -> str:
+        calls.append(clock.now())
+        if len(calls) == 1:
+            raise ConnectionError("first attempt fails")
+        return "done"
+
+    async with iii.running():
+        start = clock.now()
+        receipt = await iii.trigger_async("flaky", {}, action=TriggerAction.Enqueue(queue="work"))
+        await drain(iii, max_advance_s=0)  # the first attempt; its retry is due at +1 s
+        assert [run.status for run in await queued_jobs(iii, "work")] == ["delayed"]
+        clock.advance(5)
+        await drain(iii, max_advance_s=0)
+        run = await iii.runs.get_async(receipt["messageReceiptId"])
+    assert [t - start for t in calls] == [0, 5]
+    assert (run.status, run.attempts, run.output) == ("completed", 2, "done")
+
+
+async def test_held_jobs_lists_the_runs_waiting_for_their_function(
+    store_config: StoreConfig,
+) -> None:
+    """A job whose function is not registered is held: counted in the statistics, but
+    neither queued nor running, so no helper listed it."""
+    clock = VirtualClock()
+    iii = III(Config(store=store_config), clock=clock, shutdown_grace_ms=0)
+    ref = iii.register_function("resize", lambda image: f"{image['name']} resized")
+    iii.register_function("other", lambda _: None)
+    async with iii.running():
+        action = TriggerAction.Enqueue(queue="default", delay_ms=1000)
+        receipt = await iii.trigger_async("resize", {"name": "cat.png"}, action=action)
+        ref.unregister()
+        await drain(iii)  # the job falls due and is held, not attempted
+        held = await held_jobs(iii, "default")
+        everywhere = await held_jobs(iii)
+        queued = await queued_jobs(iii, "default")
+        stats = await iii.queue_stats_async("default")
+        with pytest.raises(ValueError):
+            await held_jobs(iii, "defualt")
+        iii.register_function("resize", lambda image: f"{image['name']} resized")
+        await drain(iii)
+        after = await held_jobs(iii)
+        run = await iii.runs.get_async(receipt["messageReceiptId"])
+    assert [(r.id, r.payload, r.attempts) for r in held] == [
+        (receipt["messageReceiptId"], {"name": "cat.png"}, 0)
+    ]
+    assert [r.id for r in everywhere] == [r.id for r in held]
+    assert (queued, stats.held, after) == ([], 1, [])
+    assert (run.status, run.output) == ("completed", "cat.png resized")
+
+
+async def test_drain_with_max_advance_returns_while_a_handler_waits_for_a_later_retry(
+    store_config: StoreConfig,
+) -> None:
+    """``drain(iii, max_advance_s=60)`` while a parent waits for a child whose retry is
+    due after the limit: drain kept waiting in wall time until ``DrainTimeout`` (30 s by
+    default), though nothing could happen within the limit. It returns with the parent
+    still waiting; a waiter's timeout within the limit still fires at its own time."""
+    clock = VirtualClock()
+    queues = {
+        "parent": QueueConfig(name="parent"),
+        "child": QueueConfig(name="child", max_retries=2, backoff_ms=100_000),
+    }
+    iii = III(Config(queues=queues, store=store_config), clock=clock, shutdown_grace_ms=0)
+    child_calls: list[float] = []
+    outcomes: list[tuple[str, float]] = []
+
+    async def child(_: Any) -> str:
+        child_calls.append(clock.now())
+        if len(child_calls) % 2:
+            raise ConnectionError("flaky")
+        return "ok"
+
+    async def parent(timeout_ms: int) -> None:
+        t0 = clock.now()
+        try:
+            result = await iii.trigger_and_wait_async(
+                "child", {}, queue="child", timeout_ms=timeout_ms
+            )
+            outcomes.append((str(result.output), clock.now() - t0))
+        except InvocationError as exc:
+            outcomes.append((exc.code, clock.now() - t0))
+
+    iii.register_function("child", child)
+    iii.register_function("parent", parent)
+    async with iii.running():
+        start = clock.now()
+        await iii.trigger_async("parent", 200_000, action=TriggerAction.Enqueue(queue="parent"))
+        await drain(iii, max_advance_s=60, timeout=10)
+        waiting = await running_jobs(iii, "parent")
+        first = (clock.now() - start, list(outcomes))
+        await drain(iii, timeout=10)
+        second = (clock.now() - start, list(outcomes))
+        start = clock.now()
+        await iii.trigger_async("parent", 30_000, action=TriggerAction.Enqueue(queue="parent"))
+        await drain(iii, max_advance_s=60, timeout=10)
+        third = (clock.now() - start, list(outcomes))
+    assert [run.payload for run in waiting] == [200_000]
+    assert first == (0.0, [])
+    assert second == (100.0, [("ok", 100.0)])
+    assert third == (30.0, [("ok", 100.0), ("TIMEOUT", 30.0)])
+
+
+async def test_drain_timeout_names_the_held_run_a_handler_waits_for(
+    store_config: StoreConfig,
+) -> None:
+    """A parent waits for a child whose function was unregistered: the child is held and
+    drain can only time out. The message said "1 job(s) claimed and not settled", with
+    nothing about the wait or the held run."""
+    iii = III(Config(store=store_config), clock=VirtualClock(), shutdown_grace_ms=0)
+    ref = iii.register_function("child", lambda n: n)
+
+    @iii.function("parent")
+    async def parent(n: int) -> Any:
+        return (await iii.trigger_and_wait_async("child", n, delay_ms=1000)).output
+
+    async with iii.running():
+        await iii.trigger_async("parent", 1, action=TriggerAction.Enqueue())
+        await drain(iii, max_advance_s=0)  # the parent now waits for its delayed child
+        ref.unregister()
+        with pytest.raises(DrainTimeout) as timed_out:
+            await drain(iii, timeout=0.5)
+    assert str(timed_out.value) == (
+        "still busy after 0.5 s of wall time: 1 job(s) claimed and not settled in "
+        "'default' (1 waiting for other runs); 1 run(s) held in 'default' (function not "
+        "registered)"
+    )
+
+
+async def test_dead_jobs_without_a_queue_lists_every_queues_dead_jobs(
+    store_config: StoreConfig,
+) -> None:
+    """``assert await dead_jobs(iii) == []`` checks that nothing died anywhere; the queue
+    was a required argument."""
+    queues = {name: QueueConfig(name=name, max_retries=1) for name in ("email", "payment")}
+    iii = III(Config(queues=queues, store=store_config), clock=VirtualClock(), shutdown_grace_ms=0)
+
+    @iii.function("fail")
+    async def fail(what: str) -> None:
+        raise ValueError(f"{what} failed")
+
+    async with iii.running():
+        before = await dead_jobs(iii)
+        for queue in ("payment", "email", "payment"):
+            action = TriggerAction.Enqueue(queue=queue)
+            await iii.trigger_async("fail", f"{queue} job", action=action)
+            await drain(iii)
+        everywhere = await dead_jobs(iii)
+        with pytest.raises(ValueError):
+            await dead_jobs(iii, "emial")
+    assert before == []
+    assert [(job.queue, job.payload, job.attempts) for job in everywhere] == [
+        ("email", "email job", 1),
+        ("payment", "payment job", 1),
+        ("payment", "payment job", 1),
+    ]
+
+
+def test_the_iii_app_fixture_stops_an_engine_the_test_left_started(tmp_path: Path) -> None:
+    """A synchronous test that calls ``iii_app.start()`` and no ``shutdown()`` left the
+    engine and its threads running into the next tests."""
+    (tmp_path / "test_left_running.py").write_text(
+        "import threading\n"
+        "started = []\n"
+        "def test_starts_and_forgets(iii_app):\n"
+        "    iii_app.register_function('echo', lambda d: d)\n"
+        "    started.append(iii_app.start())\n"
+        "    assert iii_app.trigger('echo', 1) == 1\n"
+        "def test_next_test():\n"
+        "    assert not started[0].is_running\n"
+        "    assert not [t.name for t in threading.enumerate() if 'portal' in t.name]\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_left_running.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "2 passed" in done.stdout, done.stdout + done.stderr
+
+
+async def test_http_request_calls_an_http_trigger_and_drain_runs_what_it_enqueued(
+    store_config: StoreConfig,
+) -> None:
+    iii = III(Config(store=store_config), clock=VirtualClock(), shutdown_grace_ms=0)
+    shipped: list[str] = []
+
+    async def create(request: dict[str, Any]) -> dict[str, Any]:
+        order = {"id": request["path_params"]["id"], **request["body"]}
+        action = TriggerAction.Enqueue(delay_ms=3_600_000)
+        await iii.trigger_async("ship", order, action=action)
+        return {
+            "status_code": 201,
+            "body": {"order": order, "page": request["query_params"]["page"]},
+            "headers": {"x-seen": request["headers"]["x-client"]},
+        }
+
+    iii.register_function("create", create)
+    iii.register_function("ship", lambda order: shipped.append(order["id"]))
+    route = {"api_path": "/orders/:id", "http_method": "POST"}
+    iii.register_trigger({"type": "http", "function_id": "create", "config": route})
+    async with iii.running():
+        created = await http_request(
+            iii, "POST", "/orders/4%2F2?page=2", json={"sku": "tea"}, headers={"X-Client": "t1"}
+        )
+        missing = await http_request(iii, "GET", "/nowhere")
+        text = await http_request(iii, "POST", "/orders/7", body=b"not json")
+        await drain(iii)
+    assert (created.status_code, created.headers["x-seen"]) == (201, "t1")
+    assert created.json() == {"order": {"id": "4/2", "sku": "tea"}, "page": "2"}
+    assert (missing.status_code, missing.json()["error"]) == (404, "not found")
+    assert text.status_code == 500
+    assert shipped == ["4/2"]
