@@ -648,3 +648,36 @@ async def test_http_request_calls_an_http_trigger_and_drain_runs_what_it_enqueue
     assert (missing.status_code, missing.json()["error"]) == (404, "not found")
     assert text.status_code == 500
     assert shipped == ["4/2"]
+
+
+async def test_drain_inside_a_handler_is_refused_at_once_naming_the_handler() -> None:
+    """A handler that drains would wait for itself: refused at once with a message that
+    says so (it used to end in DrainTimeout blaming a running call), in an async handler
+    and in a sync one (``drain_blocking``)."""
+    iii = III(clock=VirtualClock(), shutdown_grace_ms=0)
+
+    @iii.function("drains")
+    async def drains(_: Any) -> str:
+        try:
+            await drain(iii, timeout=5)
+        except RuntimeError as exc:
+            return str(exc)
+        return "drained"
+
+    @iii.function("drains_blocking")
+    def drains_blocking(_: Any) -> str:
+        try:
+            drain_blocking(iii, timeout=5)
+        except RuntimeError as exc:
+            return str(exc)
+        return "drained"
+
+    async with iii.running():
+        said = await iii.trigger_async("drains", None)
+        said_blocking = await iii.trigger_async("drains_blocking", None)
+    assert said == (
+        "drain() waits until every handler has returned, and it was called inside the "
+        "handler of 'drains', which would wait for itself: call it from the test"
+    )
+    assert "drain_blocking() waits until every handler has returned" in said_blocking
+    assert "handler of 'drains_blocking'" in said_blocking

@@ -37,6 +37,7 @@ import attrs
 
 from .._app import III
 from .._clock import VirtualClock
+from .._context import current_invocation
 from .._runs import Run
 from .._stats import DeadJob
 
@@ -77,8 +78,10 @@ async def drain(app: III, *, timeout: float = 30.0, max_advance_s: float = math.
 
     From an event loop other than the engine's (an engine started with ``iii.start()``,
     awaited from another asyncio loop or from trio), it runs :func:`drain_blocking` in a
-    worker thread.
+    worker thread. Inside a handler it raises ``RuntimeError``: the handler would wait for
+    itself to return.
     """
+    _refuse_in_handler("drain")
     rt = app.runtime
     if threading.get_ident() != rt.loop_thread:
         await anyio.to_thread.run_sync(
@@ -169,7 +172,8 @@ def drain_blocking(app: III, *, timeout: float = 30.0, max_advance_s: float = ma
     """:func:`drain` for synchronous code, with the engine started by ``app.start()`` (or
     ``register_worker``): blocks until every queue is idle and no Void call is in flight.
     Not on the engine's own event-loop thread (it would wait for itself): ``await
-    drain(iii)`` there."""
+    drain(iii)`` there. Not inside a handler either (``RuntimeError``)."""
+    _refuse_in_handler("drain_blocking")
     rt = app.runtime
     if threading.get_ident() == rt.loop_thread:
         raise RuntimeError(
@@ -179,6 +183,18 @@ def drain_blocking(app: III, *, timeout: float = 30.0, max_advance_s: float = ma
     portal = rt.portal
     assert portal is not None
     portal.call(lambda: drain(app, timeout=timeout, max_advance_s=max_advance_s))
+
+
+def _refuse_in_handler(name: str) -> None:
+    """``drain`` waits for every handler to return: called inside one, it would wait for
+    its caller until ``DrainTimeout``, with a message about something else."""
+    invocation = current_invocation()
+    if invocation is not None:
+        raise RuntimeError(
+            f"{name}() waits until every handler has returned, and it was called inside the "
+            f"handler of {invocation.function_id!r}, which would wait for itself: call it "
+            "from the test"
+        )
 
 
 async def queued_jobs(app: III, queue: str | None = None) -> list[Run]:
