@@ -334,7 +334,9 @@ class III:
         with anyio.move_on_after(rt.call_timeout_s(timeout)):
             try:
                 return await _wait_elsewhere(future)
-            except Exception as exc:  # the handler's own
+            except BaseException as exc:  # the handler's own (SystemExit too), or a stop
+                if not _raised_in(future, exc):
+                    raise
                 error = rt.call_failed(fid, future, timeout, exc)
                 raise error from error.__cause__
         # The wait ran out. The handler may have returned at that very moment: then its
@@ -384,7 +386,9 @@ class III:
             return _blocking_result(rt, rt.from_thread(rt.trigger, fid, data, act, timeout))
         try:
             return future.result(timeout=rt.call_timeout_s(timeout))
-        except Exception as exc:
+        except BaseException as exc:  # the handler's own (SystemExit too), or the timeout
+            if not isinstance(exc, Exception) and not _raised_in(future, exc):
+                raise  # the caller's own KeyboardInterrupt, say
             error = rt.call_failed(fid, future, timeout, exc)
             raise error from error.__cause__
 
@@ -924,6 +928,12 @@ async def _awaited_result(rt: Runtime, future: Future[T]) -> T:
         if rt.stopping and not _caller_cancelled():
             raise _engine_stopped() from exc
         raise
+
+
+def _raised_in(future: Future[Any], exc: BaseException) -> bool:
+    """Whether ``exc`` is what ``future`` (a handler's call in a pool thread) raised, and
+    not the caller's own cancellation or interrupt."""
+    return future.done() and not future.cancelled() and future.exception() is exc
 
 
 def _caller_cancelled() -> bool:

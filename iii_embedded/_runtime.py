@@ -38,7 +38,7 @@ from ._fastpath import (
     PENDING,
     Interrupted,
     first_step,
-    raised_by_handler,
+    handler_failed,
     resume_suspended,
     run_handler,
 )
@@ -473,8 +473,8 @@ class Runtime:
     async def _await_hook(self, result: Awaitable[Any], listener: Any, event: str) -> None:
         try:
             await result
-        except (Exception, asyncio.CancelledError) as exc:
-            if not isinstance(exc, Exception) and not raised_by_handler():
+        except BaseException as exc:
+            if not handler_failed(exc):
                 raise  # the engine's own stop
             log.exception("event hook %r for %s failed", listener, event)
         finally:
@@ -672,8 +672,8 @@ class Runtime:
             raise InvocationTimeoutError(
                 f"Function '{function_id}' did not return within {timeout} ms"
             ) from None
-        except (Exception, asyncio.CancelledError) as exc:
-            if not isinstance(exc, Exception) and not raised_by_handler():
+        except BaseException as exc:
+            if not handler_failed(exc):
                 raise  # the caller's task is being cancelled
             if spec.internal and isinstance(exc, InvocationError):
                 raise  # the runtime's own functions answer with their own errors
@@ -700,8 +700,8 @@ class Runtime:
                 await spec.handler(payload)
             else:
                 await self.threads.run(spec.handler, payload)
-        except (Exception, asyncio.CancelledError) as exc:
-            if not isinstance(exc, Exception) and not raised_by_handler():
+        except BaseException as exc:
+            if not handler_failed(exc):
                 raise  # the engine's own stop
             log.exception(
                 "void trigger of %r failed (the caller is not told)",
@@ -824,7 +824,7 @@ class Runtime:
 
     @staticmethod
     def call_failed(
-        function_id: str, future: Future[Any], timeout_ms: int | None, exc: Exception
+        function_id: str, future: Future[Any], timeout_ms: int | None, exc: BaseException
     ) -> InvocationError:
         """The error for a wait on :meth:`call_in_threads`'s future that raised ``exc``:
         ``TIMEOUT`` if the wait ran out (the future is cancelled: the thread cannot be
