@@ -11,13 +11,14 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 
-from iii_embedded import III, Config, QueueConfig, StoreError, TriggerAction
+from iii_embedded import III, Config, QueueConfig, StoreConfig, StoreError, TriggerAction
 from iii_embedded._stores._memory import MemoryStore
 from iii_embedded._stores._sqlite import SQLiteStore
 from iii_embedded.testing import DrainTimeout, VirtualClock, drain
@@ -484,3 +485,81 @@ def test_a_store_error_during_the_grace_period_is_not_called_engine_stopped() ->
     closed.set_exception(StoreClosedError("store.db: the store is not open"))
     with pytest.raises(Exception, match="engine_stopped"):
         _blocking_result(Stopping(), closed)  # type: ignore[arg-type]
+
+
+def _child_report(iii: III) -> str:
+    """In a forked child of a process whose engine runs: what the child sees of it."""
+    lines = [f"running: {iii.is_running}"]
+    for name, call in [
+        ("call", lambda: iii.trigger("whose", None, timeout_ms=2_000)),
+        ("enqueue", lambda: iii.trigger("whose", None, action=TriggerAction.Enqueue())),
+        ("shutdown", iii.shutdown),
+    ]:
+        try:
+            call()
+            lines.append(f"{name}: no error")
+        except RuntimeError as exc:
+            lines.append(f"{name}: {exc}")
+    own = III(shutdown_grace_ms=0)  # a store of its own (see docs/design.md, "Forking")
+    own.register_function("whose", lambda _: os.getpid())
+    with own:
+        lines.append(f"own engine: {own.trigger('whose', None) == os.getpid()}")
+    return "\n".join(lines)
+
+
+def _wait_for_child(pid: int, deadline_s: float) -> int:
+    """The forked child's wait status; a child still running at the deadline (hung) is
+    killed, and its status says so."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        threading.Event().wait(0.05)
+    os.kill(pid, signal.SIGKILL)
+    return os.waitpid(pid, 0)[1]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_does_not_inherit_the_running_engine(tmp_path: Path) -> None:
+    """The engine's threads do not survive a fork, but the child's app still said it
+    was running: a call of an async handler, or an enqueue into the in-memory store,
+    waited for ever on a loop no thread runs (its timeout_ms ignored), and an enqueue
+    into a file store committed on the parent's SQLite connection, which SQLite forbids.
+    ``shutdown()`` waited for ever too. The child now sees the engine as not running, with
+    an error that says why, and may start one of its own."""
+    config = Config(store=StoreConfig(store_method="file_based", file_path=str(tmp_path)))
+    iii = III(config, shutdown_grace_ms=0)
+
+    @iii.function("whose")
+    async def whose(_: Any) -> int:
+        return os.getpid()
+
+    with iii:
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report, and never return into pytest
+            status = 1
+            try:
+                os.close(read_end)
+                os.write(write_end, _child_report(iii).encode())
+                status = 0
+            finally:
+                os._exit(status)
+        os.close(write_end)
+        status = _wait_for_child(pid, deadline_s=30)
+        with os.fdopen(read_end) as pipe:
+            report = pipe.read()
+        assert iii.trigger("whose", None) == os.getpid()  # the parent's engine goes on
+    assert os.waitstatus_to_exitcode(status) == 0, report
+    forked = (
+        "the iii-embedded engine runs in the process this one was forked from, not here: "
+        "start an engine of this process's own (iii.start(), or `async with iii.running():`)"
+    )
+    assert report.splitlines() == [
+        "running: False",
+        f"call: {forked}",
+        f"enqueue: {forked}",
+        "shutdown: no error",
+        "own engine: True",
+    ]
