@@ -772,11 +772,8 @@ class III:
             return False
         self._stopping, self._stopping_thread = threading.Event(), me
         self._thread_cm = self._portal_cm = None
-        invocation = current_invocation()
-        # A Void call that stops the engine is not waited for by the grace period.
-        itself = runtime is not None and invocation is not None and invocation.action == "void"
-        if itself and runtime is not None:
-            runtime.voids_stopping += 1
+        if runtime is not None:
+            runtime.stopped_by(current_invocation())
         try:
             try:
                 if thread_cm is not None:

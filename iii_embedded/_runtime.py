@@ -176,6 +176,8 @@ class Runtime:
         self.voids_stopping = 0
         """Void calls that are running ``III.shutdown`` (the grace period does not wait
         for them: they wait for it)."""
+        self.calls_stopping = 0
+        """Synchronous calls that are running ``III.shutdown`` (as ``voids_stopping``)."""
         self._hooks_inflight = 0
         """Async hooks running (``emit``): drain and the grace period wait for them."""
         self.waiting_calls = 0
@@ -196,6 +198,10 @@ class Runtime:
         self.cron_schedules: dict[str, ScheduleState] = {}
         """The cron schedules' states, by job id (see ``_cron``)."""
         self._sync_invocations: dict[str, Invocation] = {}
+        self._thread_invocations: dict[str, Invocation] = {}
+        """The invocations of synchronous calls that skip the loop (``call_in_threads``):
+        equal to ``_sync_invocations``' but other objects, which ``stopped_by`` tells
+        apart."""
         self._pruning = False
         """A prune of expired runs is under way (``_prune``)."""
         self._activity_waiters = 0
@@ -231,10 +237,12 @@ class Runtime:
         self.registry.remove_listener(self._on_register)
         for runner in self.runners.values():
             runner.stop_claiming()
-        # Void calls in flight are running work too: the grace period covers them.
+        # Void and synchronous calls in flight are running work too: the grace period
+        # covers them.
         with anyio.move_on_after(self.shutdown_grace_s):
             while (
                 self._void_inflight > self.voids_stopping
+                or self.calls_inflight > self.calls_stopping
                 or self._hooks_inflight
                 or any(r.inflight for r in self.runners.values())
             ):
@@ -256,6 +264,18 @@ class Runtime:
         self.threads.close()
         for runner in self.runners.values():
             runner.threads.close()
+
+    def stopped_by(self, invocation: Invocation | None) -> None:
+        """``III.shutdown`` is called from inside ``invocation``: a Void call, or a
+        synchronous call the grace period counts, is not waited for by it (it waits for
+        the stop). A synchronous call of a sync handler from another thread is not
+        counted: it runs without the loop, and its own ``Invocation`` tells it apart."""
+        if invocation is None:
+            return
+        if invocation.action == "void":
+            self.voids_stopping += 1
+        elif invocation is self._sync_invocations.get(invocation.function_id):
+            self.calls_stopping += 1
 
     def add_queue(self, queue: QueueConfig) -> None:
         """Start serving a queue added while running, from any thread."""
@@ -807,10 +827,10 @@ class Runtime:
         spec = self.registry.get(function_id)
         if spec is None or spec.is_async or not isinstance(self.clock, SystemClock):
             return None
-        invocation = self._sync_invocations.get(function_id)
+        invocation = self._thread_invocations.get(function_id)
         if invocation is None:
             invocation = Invocation(function_id=function_id, action="sync")
-            self._sync_invocations[function_id] = invocation
+            self._thread_invocations[function_id] = invocation
         context = contextvars.Context()  # a context of its own, as the loop's way gives
         context.run(_current.set, invocation)
         return self.threads.run_from_thread(spec.handler, payload, context)

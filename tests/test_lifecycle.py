@@ -18,7 +18,15 @@ from typing import Any
 import anyio
 import pytest
 
-from iii_embedded import III, Config, QueueConfig, StoreConfig, StoreError, TriggerAction
+from iii_embedded import (
+    III,
+    Config,
+    InvocationError,
+    QueueConfig,
+    StoreConfig,
+    StoreError,
+    TriggerAction,
+)
 from iii_embedded._stores._memory import MemoryStore
 from iii_embedded._stores._sqlite import SQLiteStore
 from iii_embedded.testing import DrainTimeout, VirtualClock, drain
@@ -403,6 +411,69 @@ async def test_shutdown_waits_for_void_calls_within_the_grace_period() -> None:
         for event in ("a", "b", "c"):
             await iii.trigger_async("track", event, action=TriggerAction.Void())
     assert finished == ["a", "b", "c"]  # before 2026-12-03 they were cancelled at once
+
+
+def test_shutdown_waits_for_sync_calls_from_other_threads_within_the_grace_period() -> None:
+    """A call made before the stop is running work, as a Void is: a blocking call of an
+    async handler got ``engine_stopped`` at once, however long the grace period, while
+    one of a sync handler (which runs without the loop) was let finish."""
+    iii = III(shutdown_grace_ms=30_000)
+    started, finish = threading.Event(), anyio.Event()
+    results: list[Any] = []
+
+    @iii.function("work")
+    async def work(n: int) -> int:
+        started.set()
+        await finish.wait()
+        return n
+
+    iii.start()
+    rt = iii.runtime
+    assert rt.loop is not None
+
+    def call() -> None:
+        try:
+            results.append(iii.trigger("work", 7))
+        except InvocationError as exc:
+            results.append(exc.code)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    assert started.wait(10)
+    stopper = threading.Thread(target=iii.shutdown)
+    stopper.start()
+    while not rt.stopping:  # the grace period has begun
+        threading.Event().wait(0.01)
+    assert caller.is_alive()  # still waiting for its handler
+    rt.loop.call_soon_threadsafe(finish.set)
+    caller.join(10)
+    stopper.join(10)
+    assert results == [7]
+
+
+@pytest.mark.parametrize("clock", [None, VirtualClock()], ids=["loop-less", "through-the-loop"])
+def test_a_synchronous_call_that_shuts_the_engine_down_is_not_waited_for(
+    clock: VirtualClock | None,
+) -> None:
+    """As a Void call's: the grace period waits for calls in flight, but not for the one
+    that is stopping the engine, which waits for the stop (ten minutes here). Under a
+    virtual clock the call goes through the loop and is counted (its caller then gets
+    ``engine_stopped``: the loop that would hand it the result has ended); under the
+    system clock it skips the loop, is not counted, and returns."""
+    iii = III(clock=clock, shutdown_grace_ms=600_000)
+
+    @iii.function("admin::stop")
+    def stop(_: object) -> str:
+        iii.shutdown()
+        return "stopped"
+
+    iii.start()
+    try:
+        answer = iii.trigger("admin::stop", None)
+    except InvocationError as exc:
+        answer = exc.code
+    assert answer == ("stopped" if clock is None else "engine_stopped")
+    assert not iii.is_running
 
 
 def test_shutdown_from_the_engines_own_loop_is_refused_and_leaves_it_stoppable() -> None:
