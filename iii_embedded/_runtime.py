@@ -480,7 +480,9 @@ class Runtime:
         for listener in listeners:
             try:
                 result = listener(job, **info)
-            except Exception:
+            except BaseException as exc:  # SystemExit too: it would end the event loop
+                if not handler_failed(exc):
+                    raise
                 log.exception("event hook %r for %s failed", listener, event)
                 continue
             if inspect.isawaitable(result):  # an async hook: run it beside the engine
