@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import threading
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import CancelledError as FutureCancelled
 from concurrent.futures import Future
@@ -139,6 +140,9 @@ class III:
         self._stopping: threading.Event | None = None
         """Set while a :meth:`shutdown` is under way (see ``_stop``)."""
         self._stopping_thread: int | None = None
+        self._forked = False
+        """This process was forked from one where this app's engine ran (and it has
+        started none since): see ``_forget_engines_in_child``."""
         self.runs = Runs(self)
         """Look runs up and cancel them: ``iii.runs.get(id)``, ``iii.runs.cancel(id)``."""
         self.topics: dict[str, list[str]] = {}
@@ -299,6 +303,12 @@ class III:
         """The running engine; ``RuntimeError`` when the app is not running."""
         rt = self._runtime
         if rt is None:
+            if self._forked:
+                raise RuntimeError(
+                    "the iii-embedded engine runs in the process this one was forked from, "
+                    "not here: start an engine of this process's own (iii.start(), or "
+                    "`async with iii.running():`)"
+                )
             raise RuntimeError(
                 "the iii-embedded engine is not running: use `async with iii.running():`, "
                 "`iii.run()` or `iii.start()` first"
@@ -357,7 +367,9 @@ class III:
         with anyio.move_on_after(rt.call_timeout_s(timeout)):
             try:
                 return await _wait_elsewhere(future)
-            except Exception as exc:  # the handler's own
+            except BaseException as exc:  # the handler's own (SystemExit too), or a stop
+                if not _raised_in(future, exc):
+                    raise
                 error = rt.call_failed(fid, future, timeout, exc)
                 raise error from error.__cause__
         # The wait ran out. The handler may have returned at that very moment: then its
@@ -407,7 +419,9 @@ class III:
             return _blocking_result(rt, rt.from_thread(rt.trigger, fid, data, act, timeout))
         try:
             return future.result(timeout=rt.call_timeout_s(timeout))
-        except Exception as exc:
+        except BaseException as exc:  # the handler's own (SystemExit too), or the timeout
+            if not isinstance(exc, Exception) and not _raised_in(future, exc):
+                raise  # the caller's own KeyboardInterrupt, say
             error = rt.call_failed(fid, future, timeout, exc)
             raise error from error.__cause__
 
@@ -667,6 +681,8 @@ class III:
                 ):
                     await rt.start(tg, portal)
                     self._runtime = rt
+                    self._forked = False
+                    _ENGINES.add(self)
                     try:
                         if serve and self.config.http is not None:
                             from ._http import HttpServer
@@ -694,6 +710,7 @@ class III:
                                 await rt.shutdown()
                             finally:
                                 self._runtime = None
+                                _ENGINES.discard(self)
                                 tg.cancel_scope.cancel()
         finally:
             RUNNING_OWNERS.discard(rt.owner)
@@ -778,11 +795,8 @@ class III:
             return False
         self._stopping, self._stopping_thread = threading.Event(), me
         self._thread_cm = self._portal_cm = None
-        invocation = current_invocation()
-        # A Void call that stops the engine is not waited for by the grace period.
-        itself = runtime is not None and invocation is not None and invocation.action == "void"
-        if itself and runtime is not None:
-            runtime.voids_stopping += 1
+        if runtime is not None:
+            runtime.stopped_by(current_invocation())
         try:
             try:
                 if thread_cm is not None:
@@ -908,6 +922,32 @@ class III:
         return result
 
 
+_ENGINES: weakref.WeakSet[III] = weakref.WeakSet()
+"""The apps whose engine runs in this process (see ``_forget_engines_in_child``)."""
+
+_LEFT_BY_FORK: list[object] = []
+"""What a forked child's apps held of the parent's engines: kept, never finalised, so
+that the child does not close the parent's SQLite connection or portal in its stead."""
+
+
+def _forget_engines_in_child() -> None:
+    """In a forked child: an engine's threads (its event loop, the store's writer, the
+    handlers' pools) stay in the parent, so no app runs one here. A call waiting on the
+    parent's loop would wait for ever, and a commit on its SQLite connection from here
+    is one SQLite forbids. The apps say they are not running, and may start again."""
+    for app in list(_ENGINES):
+        _LEFT_BY_FORK.append((app._runtime, app._thread_cm, app._portal_cm, app.http_server))
+        app._runtime = None
+        app._thread_cm = app._portal_cm = None
+        app._stopping = app._stopping_thread = None
+        app.http_server = None
+        app._forked = True
+    _ENGINES.clear()
+
+
+os.register_at_fork(after_in_child=_forget_engines_in_child)
+
+
 def _require_main_thread(what: str) -> None:
     if threading.current_thread() is not threading.main_thread():
         raise RuntimeError(
@@ -947,6 +987,12 @@ async def _awaited_result(rt: Runtime, future: Future[T]) -> T:
         if rt.stopping and not _caller_cancelled():
             raise _engine_stopped() from exc
         raise
+
+
+def _raised_in(future: Future[Any], exc: BaseException) -> bool:
+    """Whether ``exc`` is what ``future`` (a handler's call in a pool thread) raised, and
+    not the caller's own cancellation or interrupt."""
+    return future.done() and not future.cancelled() and future.exception() is exc
 
 
 def _caller_cancelled() -> bool:

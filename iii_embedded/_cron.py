@@ -23,7 +23,6 @@ lease ran out) no longer holds the schedule back.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import functools
 import logging
@@ -36,7 +35,7 @@ import attrs
 
 from ._context import Invocation, _current
 from ._errors import StoreError
-from ._fastpath import raised_by_handler, run_handler
+from ._fastpath import handler_failed, run_handler
 from ._triggers import Binding, register_trigger_type
 
 if TYPE_CHECKING:
@@ -266,8 +265,8 @@ async def run_schedule(
             }
             coro = spec.handler(payload) if spec.is_async else rt.threads.run(spec.handler, payload)
             await run_handler(coro, call_at=clock.call_at, deadline=None)
-        except (Exception, asyncio.CancelledError) as exc:
-            if not isinstance(exc, Exception) and not raised_by_handler():
+        except BaseException as exc:
+            if not handler_failed(exc):
                 raise  # the engine's own stop
             log.exception("cron job %r (%s) failed", job.job_id, job.function_id)
         finally:

@@ -32,6 +32,7 @@ __all__ = [
     "first_step",
     "PENDING",
     "raised_by_handler",
+    "handler_failed",
 ]
 
 
@@ -179,3 +180,18 @@ def raised_by_handler() -> bool:
     program's ``running()`` block silently."""
     task = asyncio.current_task()
     return task is not None and not task.cancelling()
+
+
+def handler_failed(exc: BaseException) -> bool:
+    """In an ``except BaseException`` around a handler: whether ``exc`` is the handler's
+    own error, to record as a failure, rather than a stop to pass on. Any ``Exception``; a
+    ``CancelledError`` (or a group) when :func:`raised_by_handler` says so; and any other
+    ``BaseException`` a handler raises itself, ``sys.exit()``'s ``SystemExit`` and a
+    ``KeyboardInterrupt`` raised by hand among them (raised on, out of the engine's task
+    they would stop its event loop at once, with no graceful shutdown). Not
+    ``GeneratorExit``: a coroutine being closed."""
+    if isinstance(exc, Exception):
+        return True
+    if isinstance(exc, (asyncio.CancelledError, BaseExceptionGroup)):
+        return raised_by_handler()
+    return not isinstance(exc, GeneratorExit)

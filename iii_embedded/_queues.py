@@ -40,7 +40,7 @@ from ._fastpath import (
     Interrupted,
     Interrupter,
     first_step,
-    raised_by_handler,
+    handler_failed,
     resume_suspended,
 )
 from ._stores import (
@@ -1231,10 +1231,13 @@ class QueueRunner:
             stopped = exc.reason
         except Exception as exc:
             error = exc
-        except asyncio.CancelledError as exc:
-            if not raised_by_handler():
+        except BaseException as exc:
+            if not handler_failed(exc):
                 raise  # the engine's own stop: its task group is being cancelled
-            error = exc  # a failed attempt, as any error of the handler's own
+            # A failed attempt, as any error of the handler's own; SystemExit and the like
+            # as from a sync handler's thread (``_settle_sync``).
+            is_error = isinstance(exc, (asyncio.CancelledError, BaseExceptionGroup))
+            error = exc if is_error else RuntimeError(repr(exc))
         finally:
             _current.reset(token)
         now = clock.now()

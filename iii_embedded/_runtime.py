@@ -38,7 +38,7 @@ from ._fastpath import (
     PENDING,
     Interrupted,
     first_step,
-    raised_by_handler,
+    handler_failed,
     resume_suspended,
     run_handler,
 )
@@ -176,6 +176,8 @@ class Runtime:
         self.voids_stopping = 0
         """Void calls that are running ``III.shutdown`` (the grace period does not wait
         for them: they wait for it)."""
+        self.calls_stopping = 0
+        """Synchronous calls that are running ``III.shutdown`` (as ``voids_stopping``)."""
         self._hooks_inflight = 0
         """Async hooks running (``emit``): drain and the grace period wait for them."""
         self.waiting_calls = 0
@@ -196,6 +198,10 @@ class Runtime:
         self.cron_schedules: dict[str, ScheduleState] = {}
         """The cron schedules' states, by job id (see ``_cron``)."""
         self._sync_invocations: dict[str, Invocation] = {}
+        self._thread_invocations: dict[str, Invocation] = {}
+        """The invocations of synchronous calls that skip the loop (``call_in_threads``):
+        equal to ``_sync_invocations``' but other objects, which ``stopped_by`` tells
+        apart."""
         self._pruning = False
         """A prune of expired runs is under way (``_prune``)."""
         self._activity_waiters = 0
@@ -231,10 +237,12 @@ class Runtime:
         self.registry.remove_listener(self._on_register)
         for runner in self.runners.values():
             runner.stop_claiming()
-        # Void calls in flight are running work too: the grace period covers them.
+        # Void and synchronous calls in flight are running work too: the grace period
+        # covers them.
         with anyio.move_on_after(self.shutdown_grace_s):
             while (
                 self._void_inflight > self.voids_stopping
+                or self.calls_inflight > self.calls_stopping
                 or self._hooks_inflight
                 or any(r.inflight for r in self.runners.values())
             ):
@@ -256,6 +264,18 @@ class Runtime:
         self.threads.close()
         for runner in self.runners.values():
             runner.threads.close()
+
+    def stopped_by(self, invocation: Invocation | None) -> None:
+        """``III.shutdown`` is called from inside ``invocation``: a Void call, or a
+        synchronous call the grace period counts, is not waited for by it (it waits for
+        the stop). A synchronous call of a sync handler from another thread is not
+        counted: it runs without the loop, and its own ``Invocation`` tells it apart."""
+        if invocation is None:
+            return
+        if invocation.action == "void":
+            self.voids_stopping += 1
+        elif invocation is self._sync_invocations.get(invocation.function_id):
+            self.calls_stopping += 1
 
     def add_queue(self, queue: QueueConfig) -> None:
         """Start serving a queue added while running, from any thread."""
@@ -460,7 +480,9 @@ class Runtime:
         for listener in listeners:
             try:
                 result = listener(job, **info)
-            except Exception:
+            except BaseException as exc:  # SystemExit too: it would end the event loop
+                if not handler_failed(exc):
+                    raise
                 log.exception("event hook %r for %s failed", listener, event)
                 continue
             if inspect.isawaitable(result):  # an async hook: run it beside the engine
@@ -473,8 +495,8 @@ class Runtime:
     async def _await_hook(self, result: Awaitable[Any], listener: Any, event: str) -> None:
         try:
             await result
-        except (Exception, asyncio.CancelledError) as exc:
-            if not isinstance(exc, Exception) and not raised_by_handler():
+        except BaseException as exc:
+            if not handler_failed(exc):
                 raise  # the engine's own stop
             log.exception("event hook %r for %s failed", listener, event)
         finally:
@@ -672,8 +694,8 @@ class Runtime:
             raise InvocationTimeoutError(
                 f"Function '{function_id}' did not return within {timeout} ms"
             ) from None
-        except (Exception, asyncio.CancelledError) as exc:
-            if not isinstance(exc, Exception) and not raised_by_handler():
+        except BaseException as exc:
+            if not handler_failed(exc):
                 raise  # the caller's task is being cancelled
             if spec.internal and isinstance(exc, InvocationError):
                 raise  # the runtime's own functions answer with their own errors
@@ -700,8 +722,8 @@ class Runtime:
                 await spec.handler(payload)
             else:
                 await self.threads.run(spec.handler, payload)
-        except (Exception, asyncio.CancelledError) as exc:
-            if not isinstance(exc, Exception) and not raised_by_handler():
+        except BaseException as exc:
+            if not handler_failed(exc):
                 raise  # the engine's own stop
             log.exception(
                 "void trigger of %r failed (the caller is not told)",
@@ -807,10 +829,10 @@ class Runtime:
         spec = self.registry.get(function_id)
         if spec is None or spec.is_async or not isinstance(self.clock, SystemClock):
             return None
-        invocation = self._sync_invocations.get(function_id)
+        invocation = self._thread_invocations.get(function_id)
         if invocation is None:
             invocation = Invocation(function_id=function_id, action="sync")
-            self._sync_invocations[function_id] = invocation
+            self._thread_invocations[function_id] = invocation
         context = contextvars.Context()  # a context of its own, as the loop's way gives
         context.run(_current.set, invocation)
         return self.threads.run_from_thread(spec.handler, payload, context)
@@ -824,7 +846,7 @@ class Runtime:
 
     @staticmethod
     def call_failed(
-        function_id: str, future: Future[Any], timeout_ms: int | None, exc: Exception
+        function_id: str, future: Future[Any], timeout_ms: int | None, exc: BaseException
     ) -> InvocationError:
         """The error for a wait on :meth:`call_in_threads`'s future that raised ``exc``:
         ``TIMEOUT`` if the wait ran out (the future is cancelled: the thread cannot be

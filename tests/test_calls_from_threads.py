@@ -364,6 +364,43 @@ def test_calls_from_another_event_loop_return_values_and_errors(
     assert [iii.trigger("double", n) for n in range(3)] == [0, 2, 4]
 
 
+def test_sys_exit_in_a_handler_reaches_a_caller_elsewhere_as_invocation_failed(
+    started: tuple[III, Seen],
+) -> None:
+    """A handler's ``SystemExit`` is its error for callers on other threads and event
+    loops too: it reached a blocking caller as the ``SystemExit`` itself (ending a
+    program that only called a function), and from an async handler it stopped the
+    engine's event loop, after which ``shutdown()`` failed."""
+    iii, _ = started
+
+    @iii.function("exits")
+    def exits(_: Any) -> None:  # a sync handler: it runs in the engine's threads
+        raise SystemExit(3)
+
+    @iii.function("exits_async")
+    async def exits_async(_: Any) -> None:
+        raise SystemExit(4)
+
+    errors: list[tuple[str, str, bool]] = []
+
+    def caught(call: Callable[[], Any]) -> None:
+        with pytest.raises(InvocationError) as info:
+            call()
+        exc = info.value
+        errors.append((exc.code, exc.message, isinstance(exc.__cause__, SystemExit)))
+
+    caught(lambda: iii.trigger("exits", None))
+    caught(lambda: iii.trigger("exits_async", None))
+    caught(lambda: asyncio.run(iii.trigger_async("exits", None)))
+    caught(lambda: asyncio.run(iii.trigger_async("exits_async", None)))
+    failed = [
+        ("invocation_failed", "SystemExit: 3", True),
+        ("invocation_failed", "SystemExit: 4", True),
+    ]
+    assert errors == failed * 2
+    assert iii.trigger("job", "still serving") is None
+
+
 def register_forever(iii: III) -> tuple[threading.Event, threading.Event, list[str]]:
     """Register ``forever``, an async handler that waits until it is stopped; returns the
     events set when it begins and ends, and the names of what stopped it."""

@@ -382,6 +382,34 @@ async def test_an_async_hook_that_raises_cancelled_error_itself_is_logged(
     )
 
 
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_a_hook_that_calls_sys_exit_is_logged_and_the_engine_goes_on(
+    kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failing hook is logged, never raised: a ``SystemExit`` too. From a sync hook
+    it went up through the queue's worker and out of the event loop, ending the engine
+    (and here the test's loop) at once."""
+    iii = make_app()
+
+    def exits(job: Any, **info: Any) -> None:
+        raise SystemExit(2)
+
+    async def exits_async(job: Any, **info: Any) -> None:
+        await anyio.lowlevel.checkpoint()
+        raise SystemExit(2)
+
+    iii.on("job_succeeded", exits if kind == "sync" else exits_async)
+    iii.register_function("ok", lambda _: "fine")
+    async with iii.running():
+        for _ in range(2):
+            await iii.trigger_async("ok", {}, action=TriggerAction.Enqueue(queue="q"))
+            await drain(iii)
+        completed = (await iii.queue_stats_async("q")).completed
+    assert completed == 2
+    failures = [r for r in caplog.records if r.getMessage().startswith("event hook")]
+    assert len(failures) == 2 and all("job_succeeded failed" in r.getMessage() for r in failures)
+
+
 async def test_an_async_hook_runs_and_drain_and_shutdown_wait_for_it() -> None:
     iii = make_app()
     seen: list[Any] = []

@@ -11,13 +11,22 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 
-from iii_embedded import III, Config, QueueConfig, StoreError, TriggerAction
+from iii_embedded import (
+    III,
+    Config,
+    InvocationError,
+    QueueConfig,
+    StoreConfig,
+    StoreError,
+    TriggerAction,
+)
 from iii_embedded._stores._memory import MemoryStore
 from iii_embedded._stores._sqlite import SQLiteStore
 from iii_embedded.testing import DrainTimeout, VirtualClock, drain
@@ -404,6 +413,69 @@ async def test_shutdown_waits_for_void_calls_within_the_grace_period() -> None:
     assert finished == ["a", "b", "c"]  # before 2026-12-03 they were cancelled at once
 
 
+def test_shutdown_waits_for_sync_calls_from_other_threads_within_the_grace_period() -> None:
+    """A call made before the stop is running work, as a Void is: a blocking call of an
+    async handler got ``engine_stopped`` at once, however long the grace period, while
+    one of a sync handler (which runs without the loop) was let finish."""
+    iii = III(shutdown_grace_ms=30_000)
+    started, finish = threading.Event(), anyio.Event()
+    results: list[Any] = []
+
+    @iii.function("work")
+    async def work(n: int) -> int:
+        started.set()
+        await finish.wait()
+        return n
+
+    iii.start()
+    rt = iii.runtime
+    assert rt.loop is not None
+
+    def call() -> None:
+        try:
+            results.append(iii.trigger("work", 7))
+        except InvocationError as exc:
+            results.append(exc.code)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    assert started.wait(10)
+    stopper = threading.Thread(target=iii.shutdown)
+    stopper.start()
+    while not rt.stopping:  # the grace period has begun
+        threading.Event().wait(0.01)
+    assert caller.is_alive()  # still waiting for its handler
+    rt.loop.call_soon_threadsafe(finish.set)
+    caller.join(10)
+    stopper.join(10)
+    assert results == [7]
+
+
+@pytest.mark.parametrize("clock", [None, VirtualClock()], ids=["loop-less", "through-the-loop"])
+def test_a_synchronous_call_that_shuts_the_engine_down_is_not_waited_for(
+    clock: VirtualClock | None,
+) -> None:
+    """As a Void call's: the grace period waits for calls in flight, but not for the one
+    that is stopping the engine, which waits for the stop (ten minutes here). Under a
+    virtual clock the call goes through the loop and is counted (its caller then gets
+    ``engine_stopped``: the loop that would hand it the result has ended); under the
+    system clock it skips the loop, is not counted, and returns."""
+    iii = III(clock=clock, shutdown_grace_ms=600_000)
+
+    @iii.function("admin::stop")
+    def stop(_: object) -> str:
+        iii.shutdown()
+        return "stopped"
+
+    iii.start()
+    try:
+        answer = iii.trigger("admin::stop", None)
+    except InvocationError as exc:
+        answer = exc.code
+    assert answer == ("stopped" if clock is None else "engine_stopped")
+    assert not iii.is_running
+
+
 def test_shutdown_from_the_engines_own_loop_is_refused_and_leaves_it_stoppable() -> None:
     iii = III(shutdown_grace_ms=0)
     refused: list[str] = []
@@ -484,3 +556,81 @@ def test_a_store_error_during_the_grace_period_is_not_called_engine_stopped() ->
     closed.set_exception(StoreClosedError("store.db: the store is not open"))
     with pytest.raises(Exception, match="engine_stopped"):
         _blocking_result(Stopping(), closed)  # type: ignore[arg-type]
+
+
+def _child_report(iii: III) -> str:
+    """In a forked child of a process whose engine runs: what the child sees of it."""
+    lines = [f"running: {iii.is_running}"]
+    for name, call in [
+        ("call", lambda: iii.trigger("whose", None, timeout_ms=2_000)),
+        ("enqueue", lambda: iii.trigger("whose", None, action=TriggerAction.Enqueue())),
+        ("shutdown", iii.shutdown),
+    ]:
+        try:
+            call()
+            lines.append(f"{name}: no error")
+        except RuntimeError as exc:
+            lines.append(f"{name}: {exc}")
+    own = III(shutdown_grace_ms=0)  # a store of its own (see docs/design.md, "Forking")
+    own.register_function("whose", lambda _: os.getpid())
+    with own:
+        lines.append(f"own engine: {own.trigger('whose', None) == os.getpid()}")
+    return "\n".join(lines)
+
+
+def _wait_for_child(pid: int, deadline_s: float) -> int:
+    """The forked child's wait status; a child still running at the deadline (hung) is
+    killed, and its status says so."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        threading.Event().wait(0.05)
+    os.kill(pid, signal.SIGKILL)
+    return os.waitpid(pid, 0)[1]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_does_not_inherit_the_running_engine(tmp_path: Path) -> None:
+    """The engine's threads do not survive a fork, but the child's app still said it
+    was running: a call of an async handler, or an enqueue into the in-memory store,
+    waited for ever on a loop no thread runs (its timeout_ms ignored), and an enqueue
+    into a file store committed on the parent's SQLite connection, which SQLite forbids.
+    ``shutdown()`` waited for ever too. The child now sees the engine as not running, with
+    an error that says why, and may start one of its own."""
+    config = Config(store=StoreConfig(store_method="file_based", file_path=str(tmp_path)))
+    iii = III(config, shutdown_grace_ms=0)
+
+    @iii.function("whose")
+    async def whose(_: Any) -> int:
+        return os.getpid()
+
+    with iii:
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report, and never return into pytest
+            status = 1
+            try:
+                os.close(read_end)
+                os.write(write_end, _child_report(iii).encode())
+                status = 0
+            finally:
+                os._exit(status)
+        os.close(write_end)
+        status = _wait_for_child(pid, deadline_s=30)
+        with os.fdopen(read_end) as pipe:
+            report = pipe.read()
+        assert iii.trigger("whose", None) == os.getpid()  # the parent's engine goes on
+    assert os.waitstatus_to_exitcode(status) == 0, report
+    forked = (
+        "the iii-embedded engine runs in the process this one was forked from, not here: "
+        "start an engine of this process's own (iii.start(), or `async with iii.running():`)"
+    )
+    assert report.splitlines() == [
+        "running: False",
+        f"call: {forked}",
+        f"enqueue: {forked}",
+        "shutdown: no error",
+        "own engine: True",
+    ]

@@ -296,6 +296,67 @@ async def test_a_cancelled_error_a_handler_raises_itself_is_its_error_in_every_c
     assert "cron job 'cron::fetch' (fetch) failed" in messages
 
 
+@pytest.mark.parametrize("kind", ["async", "async-suspended", "sync"])
+async def test_sys_exit_in_a_handler_is_its_error_and_the_engine_lives_on(
+    kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``sys.exit()`` (or a ``KeyboardInterrupt`` raised by hand) in a handler is that
+    handler's error, in every caller, as it already was for a sync handler's queued job.
+    From an async handler, or a sync one whose result the loop awaits, it went up
+    through the engine's task and out of its event loop: the engine died without its
+    graceful shutdown, and a synchronous caller got the ``SystemExit`` itself."""
+    clock = VirtualClock(start=1_700_000_000.0)  # 100 s before a fire of the cron below
+    config = Config(queues={"q": QueueConfig(name="q", max_retries=1)})
+    iii = III(config, clock=clock, shutdown_grace_ms=0)
+    errors = {"exits": SystemExit(3), "interrupts": KeyboardInterrupt()}
+
+    for function_id, error in errors.items():
+        if kind == "sync":
+
+            def handler(_: Any, error: BaseException = error) -> None:
+                raise error
+
+        else:
+
+            async def handler(_: Any, error: BaseException = error) -> None:
+                if kind == "async-suspended":
+                    await anyio.sleep(0)
+                raise error
+
+        iii.register_function(function_id, handler)
+        iii.register_trigger(
+            {"type": "cron", "function_id": function_id, "config": {"expression": "0 */5 * * * *"}}
+        )
+    iii.register_function("echo", lambda data: data)
+    caplog.set_level(logging.ERROR, logger="iii_embedded")
+    outcomes: dict[str, Any] = {}
+    async with iii.running():
+        for function_id in errors:
+            with pytest.raises(InvocationError) as caught:
+                await iii.trigger_async(function_id, {})
+            outcomes[f"{function_id} sync"] = (caught.value.code, caught.value.message)
+            assert caught.value.__cause__ is errors[function_id]
+            await iii.trigger_async(function_id, {}, action=TriggerAction.Void())
+            run = await iii.trigger_and_wait_async(function_id, {}, queue="q")
+            assert run.error is not None
+            outcomes[f"{function_id} queued"] = (run.status, run.error.type, run.error.message)
+        await drain(iii)
+        clock.advance(200)
+        await drain(iii)
+        outcomes["still serving"] = await iii.trigger_async("echo", 5)
+    messages = [r.getMessage() for r in caplog.records]
+    assert outcomes == {
+        "exits sync": ("invocation_failed", "SystemExit: 3"),
+        "exits queued": ("failed", "RuntimeError", "SystemExit(3)"),
+        "interrupts sync": ("invocation_failed", "KeyboardInterrupt: "),
+        "interrupts queued": ("failed", "RuntimeError", "KeyboardInterrupt()"),
+        "still serving": 5,
+    }
+    for function_id in errors:
+        assert f"void trigger of {function_id!r} failed (the caller is not told)" in messages
+        assert f"cron job 'cron::{function_id}' ({function_id}) failed" in messages
+
+
 # --- enqueue ---------------------------------------------------------------------------
 
 
