@@ -138,6 +138,17 @@ def test_current_invocation_is_none_outside_handlers() -> None:
     assert "job_dead_lettered" in HOOK_EVENTS
 
 
+def _text(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
+def _killed(proc: subprocess.Popen[str]) -> tuple[str, str]:
+    """A failed check's message: the output of ``proc``, killed first (it may serve for
+    ever)."""
+    proc.kill()
+    return proc.communicate(timeout=10)
+
+
 def run_until_signal(
     tmp_path: Path, script_text: str, ready: Path, sig: int, *, served: Path | None = None
 ) -> tuple[int, str, str]:
@@ -155,10 +166,13 @@ def run_until_signal(
     )
     try:
         wait_until(lambda: ready.exists() or proc.poll() is not None, timeout=30)
-        assert ready.exists() and proc.poll() is None, proc.communicate()
+        assert ready.exists() and proc.poll() is None, _killed(proc)
         if served is not None:
-            wait_until(lambda: served.exists() or proc.poll() is not None, timeout=30)
-            assert served.read_text() == "served after the script ended", proc.communicate()
+            # Its content, not only the file: write_text creates the file before it writes,
+            # and an empty file seen in between failed the check (then the message's
+            # communicate() waited for a process that serves until signalled).
+            wait_until(lambda: _text(served) or proc.poll() is not None, timeout=30)
+            assert _text(served) == "served after the script ended", _killed(proc)
             assert proc.poll() is None, "the process exited although the worker should serve"
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=20)
