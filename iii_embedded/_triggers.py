@@ -116,18 +116,18 @@ class Bindings:
     thread's unregistration of the same thing was undoing it found it still bound, was
     counted, and was then undone: a live handle with nothing bound."""
 
-    def __init__(self, serialise: Serialise | None = None) -> None:
-        self._serialise: Serialise = serialise if serialise is not None else _direct
+    def __init__(self, serialise: Serialise) -> None:
+        self._serialise = serialise
         self._lock = threading.Lock()
         self._held: dict[Hashable, tuple[Binding, int]] = {}
         self.requests: list[dict[str, Any]] = []
 
     def bind(self, registrar: TriggerRegistrar, app: III, request: Mapping[str, Any]) -> Trigger:
         """Bind ``request`` with ``registrar`` and count the handle, as one step."""
-        trigger: Trigger = self._serialise(lambda: self.add(registrar(app, request), request))
+        trigger: Trigger = self._serialise(lambda: self._add(registrar(app, request), request))
         return trigger
 
-    def add(self, binding: Binding, request: Mapping[str, Any]) -> Trigger:
+    def _add(self, binding: Binding, request: Mapping[str, Any]) -> Trigger:
         """Count one more handle of ``binding`` and return it."""
         saved = dict(request)
         config = saved.get("config")
@@ -156,7 +156,3 @@ class Bindings:
                 return
             del self._held[key]
         binding.undo()
-
-
-def _direct(fn: Callable[[], Any]) -> Any:
-    return fn()
