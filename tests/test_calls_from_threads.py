@@ -492,18 +492,24 @@ def test_a_call_waiting_when_the_engine_shuts_down_gets_engine_stopped(
 
 
 def test_a_sync_call_from_another_event_loop_with_no_time_left_times_out() -> None:
+    # The handler waits until the call has answered: a handler that returned at once could
+    # finish before the zero timeout is looked at, and a result that is there stands.
     iii = app_on(StoreConfig())
-    iii.register_function("quick", lambda payload: payload)
+    answered = threading.Event()
+    iii.register_function("held", lambda payload: answered.wait(10) and payload)
 
     async def call() -> str:
         try:
-            await iii.trigger_async("quick", 1, timeout_ms=0)
+            await iii.trigger_async("held", 1, timeout_ms=0)
         except InvocationError as exc:
             return f"{exc.code} {exc.__cause__!r}"
         return "returned"
 
     with iii:
-        answer = asyncio.run(call())
+        try:
+            answer = asyncio.run(call())
+        finally:
+            answered.set()
     assert answer == "TIMEOUT None"
 
 
