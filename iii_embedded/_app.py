@@ -9,6 +9,7 @@ inside an existing anyio/asyncio program, ``iii.run()`` as the main program, or
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import contextvars
 import inspect
@@ -749,7 +750,9 @@ class III:
 
     def start(self, *, serve: bool = True) -> III:
         """Start the engine on a background thread and return once it is running.
-        ``serve=False``: without the http server and cron (see :meth:`running`)."""
+        ``serve=False``: without the http server and cron (see :meth:`running`). Stop it
+        with :meth:`shutdown`; a program that ends without doing so gets the same
+        graceful shutdown at exit."""
         if self._thread_cm is not None:
             raise RuntimeError("this III app is already started")
         portal_cm = anyio.from_thread.start_blocking_portal()
@@ -762,6 +765,9 @@ class III:
             raise
         self._portal_cm = portal_cm
         self._thread_cm = thread_cm
+        # The engine's thread is a daemon: a program that ends without shutdown() would
+        # drop its Void calls and running jobs mid-flight. Stop it gracefully instead.
+        atexit.register(self._stop_at_exit)
         return self
 
     def shutdown(self) -> None:
@@ -772,6 +778,18 @@ class III:
         of a queue it waits the grace period for that handler too, and then gives its job
         back (``released``). A second call while one is under way waits for it (from
         another thread) or returns at once (a signal handler that interrupted it)."""
+        self._stop()
+
+    def _stop_at_exit(self) -> None:
+        """At interpreter exit (``atexit``), for an engine :meth:`start` started and
+        nobody shut down: the graceful shutdown the program did not ask for."""
+        if self._thread_cm is None or self._stopping is not None:
+            return  # stopped, stopping, or a forked child's copy of the parent's engine
+        log.info(
+            "the program is ending while the engine still runs: shutting it down "
+            "gracefully (up to the %s ms grace period); call shutdown() to choose when",
+            self.shutdown_grace_ms,
+        )
         self._stop()
 
     def _stop(self) -> bool:
@@ -795,6 +813,7 @@ class III:
             return False
         self._stopping, self._stopping_thread = threading.Event(), me
         self._thread_cm = self._portal_cm = None
+        atexit.unregister(self._stop_at_exit)
         if runtime is not None:
             runtime.stopped_by(current_invocation())
         try:

@@ -634,3 +634,118 @@ def test_a_forked_child_does_not_inherit_the_running_engine(tmp_path: Path) -> N
         "shutdown: no error",
         "own engine: True",
     ]
+
+
+_ENDS_WITHOUT_SHUTDOWN = """
+import atexit, logging, sys, threading
+import anyio
+from iii_embedded import III, Config, StoreConfig, TriggerAction
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+config = Config(store=StoreConfig(store_method="file_based", file_path=sys.argv[1]))
+iii = III(config, shutdown_grace_ms=30_000)
+release = threading.Event()  # set at exit: the handlers are all in flight until then
+started = {"void-sync": threading.Event(), "void-async": threading.Event(),
+           "job": threading.Event()}
+
+@iii.function("void-sync")
+def void_sync(_):
+    started["void-sync"].set()
+    release.wait()
+    print("void-sync finished", flush=True)
+
+async def wait_for_release(name):
+    started[name].set()
+    while not release.is_set():
+        await anyio.sleep(0.005)
+    print(f"{name} finished", flush=True)
+
+@iii.function("void-async")
+async def void_async(_):
+    await wait_for_release("void-async")
+
+@iii.function("job")
+async def job(_):
+    await wait_for_release("job")
+iii.start()
+iii.trigger("void-sync", None, action=TriggerAction.Void())
+iii.trigger("void-async", None, action=TriggerAction.Void())
+receipt = iii.trigger("job", None, action=TriggerAction.Enqueue(queue="default"))
+print(receipt["messageReceiptId"], flush=True)
+for event in started.values():
+    assert event.wait(30)
+if sys.argv[2] == "shutdown":
+    release.set()
+    iii.shutdown()
+# Registered after start(), so it runs before the engine's own exit hook (last in, first out).
+atexit.register(release.set)
+print("script ends", flush=True)
+"""
+
+
+@pytest.mark.parametrize("ending", ["exit", "shutdown"])
+async def test_a_program_that_ends_without_shutdown_stops_the_engine_gracefully(
+    tmp_path: Path, ending: str
+) -> None:
+    """``start()`` runs the engine on a daemon thread, and a script that ended without
+    ``shutdown()`` killed it mid-flight: its Void calls never finished and its running
+    job stayed claimed until its lease ran out, to run again. At exit the engine now
+    shuts down gracefully, as ``shutdown()`` would; after an explicit ``shutdown()``
+    the exit hook does nothing."""
+    script = tmp_path / "app.py"
+    script.write_text(_ENDS_WITHOUT_SHUTDOWN)
+    store = tmp_path / "store"
+    proc = subprocess.run(
+        [sys.executable, str(script), str(store), ending],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    receipt = lines[0]
+    # At exit the handlers finish after the script's last line; with shutdown(), before.
+    assert lines.index("script ends") == (1 if ending == "exit" else 4)
+    assert sorted(line for line in lines if line.endswith("finished")) == [
+        "job finished",
+        "void-async finished",
+        "void-sync finished",
+    ]
+    at_exit = "the program is ending while the engine still runs: shutting it down gracefully"
+    assert (at_exit in proc.stderr) == (ending == "exit")
+
+    reopened = SQLiteStore(store)
+    await reopened.open()
+    try:
+        job = await reopened.get(receipt)
+    finally:
+        await reopened.aclose()
+    assert job is not None
+    assert (job.state, job.attempts, job.lease_owner) == ("completed", 1, None)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_that_exits_leaves_the_parents_engine_alone(tmp_path: Path) -> None:
+    """A forked child inherits the parent's exit hooks, the engine's among them: ending
+    normally, it must neither wait for nor stop the engine, which runs in the parent."""
+    script = tmp_path / "app.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import os, sys
+            from iii_embedded import III
+            iii = III(shutdown_grace_ms=0)
+            iii.register_function("whose", lambda _: os.getpid())
+            iii.start()
+            pid = os.fork()
+            if pid == 0:
+                sys.exit(7)  # a normal exit: the exit hooks run
+            _, status = os.waitpid(pid, 0)
+            print("child", os.waitstatus_to_exitcode(status))
+            print("parent's engine", iii.trigger("whose", None) == os.getpid())
+            """
+        )
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["child 7", "parent's engine True"]
+    assert "Traceback" not in proc.stderr
