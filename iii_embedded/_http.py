@@ -298,6 +298,16 @@ class _MalformedBody(ValueError):
 _TEXT_TYPES = ("application/x-www-form-urlencoded", "application/xml")
 
 
+def _not_json(constant: str) -> Any:
+    """``json.loads`` takes ``NaN``, ``Infinity`` and ``-Infinity``; JSON (RFC 8259) has
+    no such values, and a payload holding one could not be stored or sent back."""
+    raise ValueError(f"{constant} is not a JSON value")
+
+
+def _loads(raw: str | bytes) -> Any:
+    return json.loads(raw, parse_constant=_not_json)
+
+
 def _decode_body(raw: bytes, content_type: str) -> Any:
     """The body as the function gets it: ``None`` when empty; parsed JSON for a JSON
     type (``application/json``, ``*/*+json``); the text for a type of JSON lines
@@ -312,7 +322,7 @@ def _decode_body(raw: bytes, content_type: str) -> Any:
     lines_of_json = "json" in media and not (media == "application/json" or media.endswith("+json"))
     if "json" in media and not lines_of_json:
         try:
-            return json.loads(raw)  # UTF-8 (or the UTF-16/32 JSON allows), else an error
+            return _loads(raw)  # UTF-8 (or the UTF-16/32 JSON allows), else an error
         except ValueError as exc:
             raise _MalformedBody("malformed JSON body", str(exc)) from None
         except RecursionError:  # nested deeper than the parser recurses: "[[[[..."
@@ -334,7 +344,7 @@ def _decode_body(raw: bytes, content_type: str) -> Any:
     if lines_of_json:  # one line would parse, two would not: the text, whatever it holds
         return text
     try:
-        return json.loads(text)
+        return _loads(text)
     except (ValueError, RecursionError):  # not JSON, or nested too deeply to parse
         return text
 

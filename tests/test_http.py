@@ -798,9 +798,7 @@ async def test_json_nested_too_deep_to_parse_is_a_400_and_as_text_stays_text() -
     assert seen == [deep.decode()] * 2
 
 
-async def test_json_lines_reach_the_function_as_text_and_a_json_suffix_type_is_parsed() -> (
-    None
-):
+async def test_json_lines_reach_the_function_as_text_and_a_json_suffix_type_is_parsed() -> None:
     """A type that names JSON but is many documents (NDJSON, JSON text sequences) is not
     one JSON parse (two lines would be a 400, one line a dict): its text, whatever it
     holds; ``application/<x>+json`` is JSON, parsed (a malformed one a 400)."""
@@ -1147,3 +1145,40 @@ async def test_a_body_that_does_not_arrive_in_time_is_a_408_and_the_function_is_
     assert json.loads(body) == {"error": "request body timed out", "body_timeout_ms": 500}
     assert served[0] == 200
     assert called == [{"b": 1}]
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+async def test_a_json_body_with_nan_or_infinity_is_a_400(constant: str) -> None:
+    """Python's ``json`` parses ``NaN`` and ``Infinity``, which JSON does not have: a
+    function got a float no JSON response or file store could hold. A JSON body with
+    one is malformed; a text body with one stays text."""
+    from iii_embedded.testing import http_request
+
+    iii = III(shutdown_grace_ms=0)
+    iii.register_function(
+        "echo", lambda req: {"status_code": 200, "body": {"got": repr(req["body"])}}
+    )
+    iii.register_trigger(
+        {
+            "type": "http",
+            "function_id": "echo",
+            "config": {"api_path": "/echo", "http_method": "POST"},
+        }
+    )
+    async with iii.running():
+        as_json = await http_request(
+            iii,
+            "POST",
+            "/echo",
+            body=f'{{"x": {constant}}}',
+            headers={"content-type": "application/json"},
+        )
+        as_text = await http_request(
+            iii, "POST", "/echo", body=constant, headers={"content-type": "text/plain"}
+        )
+        finite = await http_request(iii, "POST", "/echo", json={"x": 1.5})
+    assert as_json.status_code == 400
+    assert as_json.json()["error"] == "malformed JSON body"
+    assert f"{constant} is not a JSON value" in as_json.json()["detail"]
+    assert (as_text.status_code, as_text.json()) == (200, {"got": repr(constant)})
+    assert (finite.status_code, finite.json()) == (200, {"got": "{'x': 1.5}"})
