@@ -57,6 +57,10 @@ __all__ = ["Runtime", "DEFAULT_TIMEOUT_MS", "JobEvent"]
 T = TypeVar("T")
 log = logging.getLogger("iii_embedded")
 
+STOP_WAIT_S = 5.0
+"""How long a shutdown waits for the handlers it cancelled after the grace period before
+it says which ones it is still waiting for (it waits for them all the same)."""
+
 DEFAULT_TIMEOUT_MS = 30_000
 
 JobEvent = str
@@ -249,9 +253,23 @@ class Runtime:
                 await self.wait_activity()
         for runner in self.runners.values():
             runner.interrupt_all("shutdown")
-        with anyio.move_on_after(5):
+        with anyio.move_on_after(STOP_WAIT_S):
             while any(r.inflight for r in self.runners.values()):
                 await self.wait_activity()
+        stuck = sorted(
+            f"{entry.job.function_id!r} (job {entry.job.id})"
+            for runner in self.runners.values()
+            for entry in runner.active.values()
+        )
+        if stuck:
+            # The stop cannot end before they do (a task cannot be killed): say whom it
+            # waits for, rather than hang without a word.
+            log.warning(
+                "shutdown: still waiting for %s, cancelled %s s ago and not stopped; an "
+                "async handler must let CancelledError propagate",
+                ", ".join(stuck),
+                STOP_WAIT_S,
+            )
         if self.cron_fires:
             # Cron runs still going are abandoned (cancelled, or left in their thread):
             # the next fire need not wait for their leases to run out.

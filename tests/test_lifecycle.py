@@ -749,3 +749,55 @@ def test_a_forked_child_that_exits_leaves_the_parents_engine_alone(tmp_path: Pat
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["child 7", "parent's engine True"]
     assert "Traceback" not in proc.stderr
+
+
+async def test_a_shutdown_held_up_by_a_handler_that_ignores_cancellation_says_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An async handler that catches ``CancelledError`` and goes on cannot be killed: the
+    shutdown waits for it. It waited without a word; it now names the handler and its job
+    once the handlers it cancelled have had a few seconds (here 0.1) to stop."""
+    from iii_embedded import _runtime
+
+    monkeypatch.setattr(_runtime, "STOP_WAIT_S", 0.1, raising=False)
+    warned = threading.Event()
+
+    class Watch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("shutdown: still waiting for"):
+                self.message = record.getMessage()
+                warned.set()
+
+    watch = Watch()
+    logging.getLogger("iii_embedded").addHandler(watch)
+    iii = III(shutdown_grace_ms=0)
+    started = anyio.Event()
+    ended: list[str] = []
+
+    @iii.function("stubborn")
+    async def stubborn(_: Any) -> None:
+        started.set()
+        for _ in range(10_000):  # bounded (seconds): a failing test ends
+            if warned.is_set():
+                ended.append("after the warning")
+                return
+            try:
+                await anyio.sleep(0.001)
+            except asyncio.CancelledError:
+                pass
+        ended.append("never warned")
+
+    try:
+        async with iii.running():
+            receipt = await iii.trigger_async(
+                "stubborn", None, action=TriggerAction.Enqueue(queue="default")
+            )
+            await started.wait()
+    finally:
+        logging.getLogger("iii_embedded").removeHandler(watch)
+    assert ended == ["after the warning"]
+    assert watch.message == (
+        f"shutdown: still waiting for 'stubborn' (job {receipt['messageReceiptId']}), "
+        "cancelled 0.1 s ago and not stopped; an async handler must let CancelledError "
+        "propagate"
+    )
