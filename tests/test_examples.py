@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import importlib.util
 import json
+import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -185,3 +188,26 @@ def test_topic_migration_runs_directly_and_prints_its_outcome() -> None:
         "orders::process-payment received {'id': 'o-9', 'total': 3}",
         "both styles delivered",
     ]
+
+
+def test_several_processes_share_one_store_and_run_each_job_once(tmp_path: Path) -> None:
+    script = EXAMPLES / "several_processes" / "several_processes.py"
+    proc = subprocess.run(
+        [sys.executable, script.name],
+        cwd=script.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "STORE_DIR": str(tmp_path)},
+    )
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    lines = proc.stdout.splitlines()
+    counts = [int(line.split(": ")[1].split()[0]) for line in lines[1:]]
+    # How the jobs spread depends on timing; that more than one process ran some does not
+    # (each job takes 0.1 s, and the workers are up before the batch is enqueued).
+    assert lines[0] == f"24 thumbnails made by {len(counts)} processes"
+    assert len(counts) >= 2 and sum(counts) == 24
+    assert sum(line.startswith("  main process ") for line in lines) == 1
+    with contextlib.closing(sqlite3.connect(tmp_path / "iii-queue.db")) as db:
+        rows = db.execute("SELECT state, attempts, count(*) FROM jobs GROUP BY 1, 2").fetchall()
+    assert rows == [("completed", 1, 24)]  # each job ran once, in one process
