@@ -136,15 +136,17 @@ def test_topic_migration_delivers_old_and_new_style() -> None:
     assert received == [("orders::process-payment", {"id": "o-9", "total": 3})] * 2
 
 
-def run_example(relative: str) -> list[str]:
-    """Run an example script directly, as a user would; return its output lines."""
+def run_example(relative: str, env: dict[str, str] | None = None) -> list[str]:
+    """Run an example script directly, as a user would (with ``env`` added to the
+    environment); return its output lines."""
     script = EXAMPLES / relative
     proc = subprocess.run(
         [sys.executable, script.name],
         cwd=script.parent,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=120,
+        env={**os.environ, **(env or {})},
     )
     assert proc.returncode == 0, (proc.stdout, proc.stderr)
     return proc.stdout.splitlines()
@@ -191,17 +193,7 @@ def test_topic_migration_runs_directly_and_prints_its_outcome() -> None:
 
 
 def test_several_processes_share_one_store_and_run_each_job_once(tmp_path: Path) -> None:
-    script = EXAMPLES / "several_processes" / "several_processes.py"
-    proc = subprocess.run(
-        [sys.executable, script.name],
-        cwd=script.parent,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "STORE_DIR": str(tmp_path)},
-    )
-    assert proc.returncode == 0, (proc.stdout, proc.stderr)
-    lines = proc.stdout.splitlines()
+    lines = run_example("several_processes/several_processes.py", {"STORE_DIR": str(tmp_path)})
     counts = [int(line.split(": ")[1].split()[0]) for line in lines[1:]]
     # How the jobs spread depends on timing; that more than one process ran some does not
     # (each job takes 0.1 s, and the workers are up before the batch is enqueued).
