@@ -15,7 +15,7 @@ import anyio
 import attrs
 import pytest
 
-from iii_embedded import III, Config, QueueConfig, StoreConfig, current_invocation
+from iii_embedded import III, Config, ConfigError, QueueConfig, StoreConfig, current_invocation
 from iii_embedded._runtime import StallGuard
 from iii_embedded._stores import NewJob
 from iii_embedded._stores._sqlite import DB_FILENAME, SQLiteStore
@@ -296,3 +296,50 @@ async def test_after_a_stall_other_owners_expired_leases_are_left_for_a_lease(
         finally:
             await other.aclose()
     assert held_off == "peer:1:p"
+
+
+@pytest.mark.parametrize(
+    ("queue", "stored_group", "configured_as", "stored_as"),
+    [
+        ({"type": "fifo", "message_group_field": "g"}, None, "fifo", "standard"),
+        ({}, '"g"', "standard", "fifo"),
+    ],
+)
+async def test_an_app_refuses_a_queue_whose_stored_jobs_are_of_the_other_type(
+    tmp_path: Path,
+    queue: dict[str, Any],
+    stored_group: str | None,
+    configured_as: str,
+    stored_as: str,
+) -> None:
+    # Jobs stored while "q" had the other type (by an earlier version of the app, or by
+    # another process that configures it so). Until 2026-12-03 a standard app's claims
+    # failed on the one-running-job-per-group index at every poll, for ever, and a FIFO
+    # app never claimed the jobs without a group: neither ran anything.
+    path = tmp_path / "store"
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        await store.enqueue(
+            [
+                attrs.evolve(new_job(f"j{n}", "work", time.time()), group=stored_group)
+                for n in range(3)
+            ]
+        )
+    finally:
+        await store.aclose()
+    iii = III(file_config(path, poll_interval_ms=20, **queue), shutdown_grace_ms=0)
+    iii.register_function("work", lambda _: None)
+    with pytest.raises(ConfigError) as caught:
+        async with iii.running():
+            pass
+    message = str(caught.value)
+    assert f"queue 'q' is configured {configured_as} here" in message, message
+    assert f"holds jobs stored while it was {stored_as}" in message, message
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        states = {j.id: (j.state, j.attempts) for j in await store.list_jobs("q")}
+    finally:
+        await store.aclose()
+    assert states == {f"j{n}": ("queued", 0) for n in range(3)}  # left as they were

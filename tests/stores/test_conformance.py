@@ -388,6 +388,27 @@ async def test_release_held_can_keep_to_some_queues(store: Store) -> None:
     )
 
 
+async def test_mistyped_queues_are_those_whose_live_jobs_are_of_the_other_type(
+    store: Store,
+) -> None:
+    await store.enqueue(
+        [
+            job("f1", queue="fifo", group="A"),
+            job("f2", queue="fifo"),  # no group: stored while "fifo" was standard
+            job("s1", queue="std", group="A"),  # a group: stored while "std" was FIFO
+            job("ok", queue="fine", group="A"),
+            job("done", queue="finished", group="A"),
+        ]
+    )
+    assert await store.mistyped_queues(["fifo", "fine"], ["std"]) == ["fifo", "std"]
+    assert await claim(store, queue="finished", fifo=True) == ["done"]
+    await store.finish([completed_outcome("done", OWNER, 1, T0, "null")])
+    # Only live jobs count: a finished one of the other type is history.
+    assert await store.mistyped_queues([], ["finished"]) == []
+    assert await claim(store, queue="std", fifo=True) == ["s1"]
+    assert await store.mistyped_queues([], ["std"]) == ["std"]  # a running job counts too
+
+
 async def test_recover_returns_expired_leases_or_buries_exhausted_jobs(store: Store) -> None:
     await store.enqueue([job("a"), job("b", max_attempts=1)])
     await claim(store)
