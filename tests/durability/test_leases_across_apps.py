@@ -343,3 +343,41 @@ async def test_an_app_refuses_a_queue_whose_stored_jobs_are_of_the_other_type(
     finally:
         await store.aclose()
     assert states == {f"j{n}": ("queued", 0) for n in range(3)}  # left as they were
+
+
+async def test_a_queues_concurrency_is_each_processs_own(tmp_path: Path) -> None:
+    # Two apps (as two processes would) with concurrency 1 on one store: two jobs of the
+    # queue run at once, one in each, as docs/queues.md says.
+    path = tmp_path / "store"
+    running: dict[str, str] = {}
+    both_running = anyio.Event()
+    finish = anyio.Event()
+    apps = [
+        III(file_config(path, concurrency=1, prefetch=0, poll_interval_ms=20), shutdown_grace_ms=0)
+        for _ in range(2)
+    ]
+    for name, app in zip("AB", apps, strict=True):
+
+        async def work(_: Any, name: str = name) -> None:
+            running[iii_invocation()] = name
+            if len(running) == 2:
+                both_running.set()
+            await finish.wait()
+
+        app.register_function("work", work)
+    other = SQLiteStore(path)
+    async with apps[0].running(), apps[1].running():
+        await other.open()
+        try:
+            await other.enqueue([new_job(f"j{n}", "work", time.time()) for n in range(2)])
+            with anyio.fail_after(10):
+                await both_running.wait()
+            finish.set()
+
+            async def all_completed() -> bool:
+                return len(await other.list_jobs("q", "completed")) == 2
+
+            await until(all_completed)
+        finally:
+            await other.aclose()
+    assert sorted(running.values()) == ["A", "B"]
