@@ -1472,14 +1472,21 @@ class SQLiteStore:
                 "WHERE g.queue = ? AND j.state = 'queued' AND j.available_at <= ? "
                 "ORDER BY j.available_at, j.seq LIMIT ?"
             )
+            own = ""
         else:
             candidates = (
                 "SELECT seq FROM jobs WHERE queue = ? AND state = 'queued' "
                 "AND available_at <= ? ORDER BY available_at, seq LIMIT ?"
             )
+            # Jobs of FIFO groups (stored by a process that configures this queue FIFO)
+            # are for FIFO claims only, as in memory. Tested on the rows the update reads
+            # anyway, not in the candidates' index-only scan: such jobs among the oldest
+            # candidates make the claim come back short, which only a store shared by
+            # processes that disagree on the queue's type can see (docs/design.md).
+            own = " AND grp IS NULL"
         rows = conn.execute(
             "UPDATE jobs SET state = 'running', attempts = attempts + 1, started_at = ?, "
-            f"lease_owner = ?, lease_until = ? WHERE seq IN ({candidates}) "
+            f"lease_owner = ?, lease_until = ? WHERE seq IN ({candidates}){own} "
             f"RETURNING {_COLUMNS}",
             (started_at, owner, lease_until, queue, now, limit),
         ).fetchall()

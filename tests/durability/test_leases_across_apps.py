@@ -5,6 +5,7 @@ another app that has it, without a restart."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
@@ -381,3 +382,55 @@ async def test_a_queues_concurrency_is_each_processs_own(tmp_path: Path) -> None
         finally:
             await other.aclose()
     assert sorted(running.values()) == ["A", "B"]
+
+
+async def test_a_process_that_configures_a_fifo_queue_standard_leaves_its_groups_alone(
+    tmp_path: Path,
+) -> None:
+    # Two processes that disagree on a queue's type, both started on an empty store (so
+    # the start's check has nothing to see). Until 2026-12-03 the standard one's claims
+    # took the FIFO jobs too: it ran them outside their groups' order and bookkeeping
+    # (and two of one group failed its whole claim, with the outcomes written with it).
+    path = tmp_path / "store"
+    ran: list[tuple[str, str]] = []
+    std = III(file_config(path, poll_interval_ms=20), shutdown_grace_ms=0)
+    std.register_function("work", lambda payload: ran.append(("std", payload["k"])))
+    # The FIFO process polls rarely: the standard one sees every job first.
+    fifo_clock = VirtualClock(start=time.time())
+    fifo = III(
+        file_config(path, type="fifo", message_group_field="g", poll_interval_ms=3_600_000),
+        clock=fifo_clock,
+        shutdown_grace_ms=0,
+    )
+    fifo.register_function("work", lambda payload: ran.append(("fifo", payload["k"])))
+
+    def keyed(job_id: str, group: str | None) -> NewJob:
+        payload = json.dumps({"k": job_id, "g": group})
+        job = attrs.evolve(new_job(job_id, "work", time.time()), payload=payload)
+        return job if group is None else attrs.evolve(job, group=json.dumps(group))
+
+    other = SQLiteStore(path)
+    async with std.running(), fifo.running():
+        await other.open()
+        try:
+
+            async def completed(*ids: str) -> bool:
+                states = {j.id: j.state for j in await other.list_jobs("q")}
+                return all(states[i] == "completed" for i in ids)
+
+            await other.enqueue([keyed("aG", "G"), keyed("aH", "H"), keyed("p1", None)])
+            await until(lambda: completed("p1"))  # its claim passed over aG and aH
+            await other.enqueue([keyed("bG", "G"), keyed("p2", None)])
+            await until(lambda: completed("p2"))
+            fifo_clock.advance(1)  # the FIFO process's maintenance pass wakes its queue
+            await until(lambda: completed("aG", "aH", "bG"))
+        finally:
+            await other.aclose()
+    assert sorted(ran) == [
+        ("fifo", "aG"),
+        ("fifo", "aH"),
+        ("fifo", "bG"),
+        ("std", "p1"),
+        ("std", "p2"),
+    ]
+    assert [key for _, key in ran if key.endswith("G")] == ["aG", "bG"]
