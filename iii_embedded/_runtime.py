@@ -33,7 +33,13 @@ from ._clock import Clock, SystemClock
 from ._codec import dumps_strict
 from ._config import COUNT_MAX, Config, QueueConfig
 from ._context import Invocation, _current
-from ._errors import InvocationError, InvocationTimeoutError, StoreError, exception_message
+from ._errors import (
+    ConfigError,
+    InvocationError,
+    InvocationTimeoutError,
+    StoreError,
+    exception_message,
+)
 from ._fastpath import (
     PENDING,
     Interrupted,
@@ -221,6 +227,7 @@ class Runtime:
         self.loop_thread = threading.get_ident()
         self.loop = asyncio.get_running_loop()
         self._waking = set()
+        await self._check_queue_types()
         now = self.clock.now()
         recovered = await self.store.recover(now)
         if recovered:
@@ -233,6 +240,30 @@ class Runtime:
         for runner in self.runners.values():
             runner.start(tg)
         tg.start_soon(self._maintain, name="iii-maintenance")
+
+    async def _check_queue_types(self) -> None:
+        """Refuse to start if a queue holds live jobs of the other type than its config
+        gives it (stored while it had that type, or by a process configured so): a FIFO
+        runner never claims jobs without a group, and a standard one's claim of two jobs
+        of one group fails, at every poll. See docs/design.md."""
+        queues = self.config.queues.values()
+        mistyped = await self.store.mistyped_queues(
+            [q.name for q in queues if q.is_fifo], [q.name for q in queues if not q.is_fifo]
+        )
+        if not mistyped:
+            return
+        name = mistyped[0]
+        ours, theirs = ("standard", "fifo")
+        if self.config.queues[name].is_fifo:
+            ours, theirs = theirs, ours
+        raise ConfigError(
+            f"queue '{name}' is configured {ours} here, but the store at "
+            f"{self.store.location} holds jobs stored while it was {theirs} (by an earlier "
+            "version of the app, or by a process that configures it so), which a "
+            f"{ours} queue cannot run: give '{name}' the same type in every process that "
+            f"shares the store, and change a queue's type only once its jobs have finished",
+            path=self.config.source,
+        )
 
     async def shutdown(self) -> None:
         """Graceful stop: claim nothing more, wait up to the grace period for running jobs,

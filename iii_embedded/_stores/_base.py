@@ -581,6 +581,12 @@ class Store(Protocol):
         """Make ``held`` jobs of these functions (in ``queues`` if given) ``queued``
         again; return how many."""
 
+    async def mistyped_queues(self, fifo: Sequence[str], standard: Sequence[str]) -> list[str]:
+        """The queues among ``fifo`` that hold live jobs (queued, running or held) without
+        a message group, and those among ``standard`` that hold live jobs with one: jobs
+        stored while the queue had the other type, which a runner of this type cannot
+        claim (see docs/design.md, "A queue's type is its jobs' type")."""
+
     async def next_available_at(self, queue: str, now: float) -> float | None:
         """The earliest ``available_at`` after ``now`` among ``queued`` jobs of ``queue``
         that could be claimed then: in a FIFO queue, only its groups' heads (a job behind

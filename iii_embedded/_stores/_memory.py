@@ -582,6 +582,18 @@ class MemoryStore:
                 count += 1
         return count
 
+    async def mistyped_queues(self, fifo: Sequence[str], standard: Sequence[str]) -> list[str]:
+        """Queues whose live jobs are of the other type; see :meth:`Store.mistyped_queues`."""
+        self._check_open()
+        fifo_names, standard_names = set(fifo), set(standard)
+        found = {
+            row.queue
+            for row in self._rows.values()
+            if row.state in ("queued", "running", "held")
+            and (row.queue in fifo_names if row.group is None else row.queue in standard_names)
+        }
+        return sorted(found)
+
     def _ready_valid(self, entry: tuple[float, int, str]) -> bool:
         row = self._rows.get(entry[2])
         return row is not None and row.state == "queued" and row.available_at == entry[0]

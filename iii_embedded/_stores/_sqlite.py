@@ -1472,14 +1472,21 @@ class SQLiteStore:
                 "WHERE g.queue = ? AND j.state = 'queued' AND j.available_at <= ? "
                 "ORDER BY j.available_at, j.seq LIMIT ?"
             )
+            own = ""
         else:
             candidates = (
                 "SELECT seq FROM jobs WHERE queue = ? AND state = 'queued' "
                 "AND available_at <= ? ORDER BY available_at, seq LIMIT ?"
             )
+            # Jobs of FIFO groups (stored by a process that configures this queue FIFO)
+            # are for FIFO claims only, as in memory. Tested on the rows the update reads
+            # anyway, not in the candidates' index-only scan: such jobs among the oldest
+            # candidates make the claim come back short, which only a store shared by
+            # processes that disagree on the queue's type can see (docs/design.md).
+            own = " AND grp IS NULL"
         rows = conn.execute(
             "UPDATE jobs SET state = 'running', attempts = attempts + 1, started_at = ?, "
-            f"lease_owner = ?, lease_until = ? WHERE seq IN ({candidates}) "
+            f"lease_owner = ?, lease_until = ? WHERE seq IN ({candidates}){own} "
             f"RETURNING {_COLUMNS}",
             (started_at, owner, lease_until, queue, now, limit),
         ).fetchall()
@@ -1912,6 +1919,49 @@ class SQLiteStore:
             return count
 
         return await self._submit(run)
+
+    async def mistyped_queues(self, fifo: Sequence[str], standard: Sequence[str]) -> list[str]:
+        """Queues whose live jobs are of the other type; see :meth:`Store.mistyped_queues`.
+        A standard queue costs one probe of the group index. A FIFO queue's live jobs are
+        counted, and those with a group: through indexes alone (the ready and group
+        indexes, and the few running and held jobs), not by reading every row of the
+        table, finished runs included (a start's cost, not a claim's)."""
+        fifo_names, standard_names = list(fifo), list(standard)
+
+        def count(conn: Conn, sql: str, name: str) -> int:
+            (n,) = conn.execute(sql, (name,)).fetchone()
+            return int(n)
+
+        def run(conn: Conn) -> list[str]:
+            found = [
+                name
+                for name in standard_names
+                if conn.execute(
+                    f"SELECT 1 FROM jobs WHERE queue = ? AND grp IS NOT NULL "
+                    f"AND state IN {_LIVE} LIMIT 1",
+                    (name,),
+                ).fetchone()
+            ]
+            for name in fifo_names:
+                live = sum(
+                    count(
+                        conn,
+                        f"SELECT COUNT(*) FROM jobs WHERE state = '{state}' AND queue = ?",
+                        name,
+                    )
+                    for state in ("queued", "running", "held")
+                )
+                grouped = count(
+                    conn,
+                    f"SELECT COUNT(*) FROM jobs WHERE queue = ? AND grp IS NOT NULL "
+                    f"AND state IN {_LIVE}",
+                    name,
+                )
+                if live > grouped:
+                    found.append(name)
+            return sorted(found)
+
+        return await self._submit(run, write=False)
 
     async def next_available_at(self, queue: str, now: float) -> float | None:
         """Earliest future availability; see :meth:`Store.next_available_at`."""

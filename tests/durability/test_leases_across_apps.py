@@ -5,6 +5,7 @@ another app that has it, without a restart."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
@@ -15,7 +16,7 @@ import anyio
 import attrs
 import pytest
 
-from iii_embedded import III, Config, QueueConfig, StoreConfig, current_invocation
+from iii_embedded import III, Config, ConfigError, QueueConfig, StoreConfig, current_invocation
 from iii_embedded._runtime import StallGuard
 from iii_embedded._stores import NewJob
 from iii_embedded._stores._sqlite import DB_FILENAME, SQLiteStore
@@ -296,3 +297,140 @@ async def test_after_a_stall_other_owners_expired_leases_are_left_for_a_lease(
         finally:
             await other.aclose()
     assert held_off == "peer:1:p"
+
+
+@pytest.mark.parametrize(
+    ("queue", "stored_group", "configured_as", "stored_as"),
+    [
+        ({"type": "fifo", "message_group_field": "g"}, None, "fifo", "standard"),
+        ({}, '"g"', "standard", "fifo"),
+    ],
+)
+async def test_an_app_refuses_a_queue_whose_stored_jobs_are_of_the_other_type(
+    tmp_path: Path,
+    queue: dict[str, Any],
+    stored_group: str | None,
+    configured_as: str,
+    stored_as: str,
+) -> None:
+    # Jobs stored while "q" had the other type (by an earlier version of the app, or by
+    # another process that configures it so). Until 2026-12-03 a standard app's claims
+    # failed on the one-running-job-per-group index at every poll, for ever, and a FIFO
+    # app never claimed the jobs without a group: neither ran anything.
+    path = tmp_path / "store"
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        await store.enqueue(
+            [
+                attrs.evolve(new_job(f"j{n}", "work", time.time()), group=stored_group)
+                for n in range(3)
+            ]
+        )
+    finally:
+        await store.aclose()
+    iii = III(file_config(path, poll_interval_ms=20, **queue), shutdown_grace_ms=0)
+    iii.register_function("work", lambda _: None)
+    with pytest.raises(ConfigError) as caught:
+        async with iii.running():
+            pass
+    message = str(caught.value)
+    assert f"queue 'q' is configured {configured_as} here" in message, message
+    assert f"holds jobs stored while it was {stored_as}" in message, message
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        states = {j.id: (j.state, j.attempts) for j in await store.list_jobs("q")}
+    finally:
+        await store.aclose()
+    assert states == {f"j{n}": ("queued", 0) for n in range(3)}  # left as they were
+
+
+async def test_a_queues_concurrency_is_each_processs_own(tmp_path: Path) -> None:
+    # Two apps (as two processes would) with concurrency 1 on one store: two jobs of the
+    # queue run at once, one in each, as docs/queues.md says.
+    path = tmp_path / "store"
+    running: dict[str, str] = {}
+    both_running = anyio.Event()
+    finish = anyio.Event()
+    apps = [
+        III(file_config(path, concurrency=1, prefetch=0, poll_interval_ms=20), shutdown_grace_ms=0)
+        for _ in range(2)
+    ]
+    for name, app in zip("AB", apps, strict=True):
+
+        async def work(_: Any, name: str = name) -> None:
+            running[iii_invocation()] = name
+            if len(running) == 2:
+                both_running.set()
+            await finish.wait()
+
+        app.register_function("work", work)
+    other = SQLiteStore(path)
+    async with apps[0].running(), apps[1].running():
+        await other.open()
+        try:
+            await other.enqueue([new_job(f"j{n}", "work", time.time()) for n in range(2)])
+            with anyio.fail_after(10):
+                await both_running.wait()
+            finish.set()
+
+            async def all_completed() -> bool:
+                return len(await other.list_jobs("q", "completed")) == 2
+
+            await until(all_completed)
+        finally:
+            await other.aclose()
+    assert sorted(running.values()) == ["A", "B"]
+
+
+async def test_a_process_that_configures_a_fifo_queue_standard_leaves_its_groups_alone(
+    tmp_path: Path,
+) -> None:
+    # Two processes that disagree on a queue's type, both started on an empty store (so
+    # the start's check has nothing to see). Until 2026-12-03 the standard one's claims
+    # took the FIFO jobs too: it ran them outside their groups' order and bookkeeping
+    # (and two of one group failed its whole claim, with the outcomes written with it).
+    path = tmp_path / "store"
+    ran: list[tuple[str, str]] = []
+    std = III(file_config(path, poll_interval_ms=20), shutdown_grace_ms=0)
+    std.register_function("work", lambda payload: ran.append(("std", payload["k"])))
+    # The FIFO process polls rarely: the standard one sees every job first.
+    fifo_clock = VirtualClock(start=time.time())
+    fifo = III(
+        file_config(path, type="fifo", message_group_field="g", poll_interval_ms=3_600_000),
+        clock=fifo_clock,
+        shutdown_grace_ms=0,
+    )
+    fifo.register_function("work", lambda payload: ran.append(("fifo", payload["k"])))
+
+    def keyed(job_id: str, group: str | None) -> NewJob:
+        payload = json.dumps({"k": job_id, "g": group})
+        job = attrs.evolve(new_job(job_id, "work", time.time()), payload=payload)
+        return job if group is None else attrs.evolve(job, group=json.dumps(group))
+
+    other = SQLiteStore(path)
+    async with std.running(), fifo.running():
+        await other.open()
+        try:
+
+            async def completed(*ids: str) -> bool:
+                states = {j.id: j.state for j in await other.list_jobs("q")}
+                return all(states[i] == "completed" for i in ids)
+
+            await other.enqueue([keyed("aG", "G"), keyed("aH", "H"), keyed("p1", None)])
+            await until(lambda: completed("p1"))  # its claim passed over aG and aH
+            await other.enqueue([keyed("bG", "G"), keyed("p2", None)])
+            await until(lambda: completed("p2"))
+            fifo_clock.advance(1)  # the FIFO process's maintenance pass wakes its queue
+            await until(lambda: completed("aG", "aH", "bG"))
+        finally:
+            await other.aclose()
+    assert sorted(ran) == [
+        ("fifo", "aG"),
+        ("fifo", "aH"),
+        ("fifo", "bG"),
+        ("std", "p1"),
+        ("std", "p2"),
+    ]
+    assert [key for _, key in ran if key.endswith("G")] == ["aG", "bG"]

@@ -388,6 +388,37 @@ async def test_release_held_can_keep_to_some_queues(store: Store) -> None:
     )
 
 
+async def test_a_standard_claim_leaves_jobs_of_fifo_groups_alone(store: Store) -> None:
+    # Jobs of groups in a queue a process claims as standard: stored by a process that
+    # configures the queue FIFO. Only FIFO claims take them, in order, one at a time.
+    # (The file store's standard claim took them: two of a group failed the claim, and
+    # one ran outside its group's bookkeeping, so the group never ran again in FIFO.)
+    await store.enqueue([job("a1", group="A"), job("p1"), job("a2", group="A"), job("p2")])
+    assert await claim(store, fifo=False) == ["p1", "p2"]
+    assert await claim(store, fifo=True) == ["a1"]
+
+
+async def test_mistyped_queues_are_those_whose_live_jobs_are_of_the_other_type(
+    store: Store,
+) -> None:
+    await store.enqueue(
+        [
+            job("f1", queue="fifo", group="A"),
+            job("f2", queue="fifo"),  # no group: stored while "fifo" was standard
+            job("s1", queue="std", group="A"),  # a group: stored while "std" was FIFO
+            job("ok", queue="fine", group="A"),
+            job("done", queue="finished", group="A"),
+        ]
+    )
+    assert await store.mistyped_queues(["fifo", "fine"], ["std"]) == ["fifo", "std"]
+    assert await claim(store, queue="finished", fifo=True) == ["done"]
+    await store.finish([completed_outcome("done", OWNER, 1, T0, "null")])
+    # Only live jobs count: a finished one of the other type is history.
+    assert await store.mistyped_queues([], ["finished"]) == []
+    assert await claim(store, queue="std", fifo=True) == ["s1"]
+    assert await store.mistyped_queues([], ["std"]) == ["std"]  # a running job counts too
+
+
 async def test_recover_returns_expired_leases_or_buries_exhausted_jobs(store: Store) -> None:
     await store.enqueue([job("a"), job("b", max_attempts=1)])
     await claim(store)
