@@ -807,7 +807,10 @@ class QueueRunner:
                     deadline = await store.next_available_at(self.name, now)
                 except StoreError:
                     deadline = None
-            if self._wake_pending:
+            if self._wake_pending or (deadline is not None and deadline <= clock.now()):
+                # Woken, or the next job fell due while the store was read: a test moved
+                # a virtual clock past it, and a timer set in the past would wait for the
+                # next move (drain would find this queue idle with the job unrun).
                 continue
             poll_s = self.config.poll_interval_ms / 1000 if store.shared else None
             await self._wait_for_wake(deadline, poll_s)
