@@ -360,7 +360,10 @@ class Runtime:
             else StallGuard(interval, self.lease_s, started=time.monotonic(), wall=time.time())
         )
         while True:
-            await self.clock.sleep_until(next_at)
+            # Counted as pending work from its time, for ``drain`` to wait for the pass,
+            # and for the prune it starts (``is_quiet``): a test that moves a virtual
+            # clock past a run's retention finds it pruned once it has drained.
+            await self.until_due(next_at, drain_stops=False)
             now = self.clock.now()
             next_at += interval
             if next_at <= now:
@@ -408,6 +411,34 @@ class Runtime:
                 if guard is not None:
                     guard.stalled(time.monotonic())  # a lock held too long, say
                     guard.pass_ended(time.monotonic(), time.time())
+            finally:
+                self.pending_work -= 1
+                self.notify_activity()
+
+    async def until_due(self, at: float, *, drain_stops: bool = True) -> None:
+        """Sleep until ``at`` on the runtime's clock, and count one piece of pending work
+        from that moment (the caller ends it: ``pending_work -= 1``, then
+        ``notify_activity()``). Counted by the timer itself, so that a test that advances
+        a virtual clock past ``at`` sees the work at once (``drain`` waits for it).
+        ``drain_stops``: see :meth:`Clock.call_at`."""
+        due = anyio.Event()
+
+        def on_due() -> None:
+            if not due.is_set():
+                self.pending_work += 1
+                due.set()
+
+        if at <= self.clock.now():
+            on_due()  # no checkpoint: a cancel there would leave the work counted
+            return
+        cancel = self.clock.call_at(at, on_due, drain_stops=drain_stops)
+        try:
+            await due.wait()
+        except BaseException:
+            cancel()
+            if due.is_set():  # due, but cancelled before the caller could end the work
+                self.pending_work -= 1
+            raise
 
     async def _prune(self, finished_before: float) -> None:
         """Forget the runs whose retention has ended, beside the maintenance passes: a
@@ -422,6 +453,7 @@ class Runtime:
                 log.error("pruning finished runs failed: %s", exc)
         finally:
             self._pruning = False
+            self.notify_activity()
 
     # --- activity (drain and shutdown wait on it) -------------------------------------
 
@@ -440,8 +472,11 @@ class Runtime:
             self._activity_waiters -= 1
 
     def is_quiet(self) -> bool:
-        """True when no queue has work it could start and nothing is running."""
+        """True when no queue has work it could start and nothing is running (nor a
+        prune of expired runs)."""
         if self._void_inflight or self.pending_work or self._hooks_inflight or self.calls_inflight:
+            return False
+        if self._pruning:
             return False
         return all(r.idle and not r.unsettled for r in self.runners.values())
 
