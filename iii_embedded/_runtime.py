@@ -1037,8 +1037,8 @@ def new_jobs(
                 "enqueue_error", f"max_attempts must be at most {COUNT_MAX}, got {given!r}"
             )
     key = action.idempotency_key
-    if key is not None and not isinstance(key, str):
-        raise InvocationError("enqueue_error", f"idempotency_key must be a string, got {key!r}")
+    if key is not None:
+        _check_key(key, "")
     available_at = now + action.delay_ms / 1000
     fifo = queue.is_fifo
     group: str | None = None
@@ -1056,10 +1056,8 @@ def new_jobs(
         key = action.idempotency_key
         if idempotency_keys is not None:
             key = idempotency_keys[index]
-            if key is not None and not isinstance(key, str):
-                raise InvocationError(
-                    "enqueue_error", f"{where}idempotency_key must be a string, got {key!r}"
-                )
+            if key is not None:
+                _check_key(key, where)
         jobs.append(
             make_new_job(
                 new_receipt_id(),
@@ -1074,6 +1072,24 @@ def new_jobs(
             )
         )
     return jobs
+
+
+def _check_key(key: Any, where: str) -> None:
+    """An idempotency key is a string both stores can keep: not one with a lone surrogate
+    (a bad decode's ``surrogateescape``), which SQLite's UTF-8 cannot encode."""
+    if not isinstance(key, str):
+        raise InvocationError(
+            "enqueue_error", f"{where}idempotency_key must be a string, got {key!r}"
+        )
+    if not key.isascii():
+        try:
+            key.encode()
+        except UnicodeEncodeError:
+            raise InvocationError(
+                "enqueue_error",
+                f"{where}idempotency_key must be valid Unicode text (no lone surrogate), "
+                f"got {key!r}",
+            ) from None
 
 
 def check_timeout(timeout_ms: Any) -> None:

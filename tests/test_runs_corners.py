@@ -97,6 +97,28 @@ async def test_a_batch_with_a_key_that_is_not_a_string_stores_nothing(
     assert stored == []
 
 
+async def test_a_key_with_a_lone_surrogate_is_refused_by_both_stores_naming_the_item(
+    store_config: StoreConfig,
+) -> None:
+    """A key that is not valid Unicode text (a lone surrogate, as from a bad decode with
+    ``surrogateescape``) was taken by the memory store and refused by the file store's
+    UTF-8 encoding as a failure of the store, "could not store the job"."""
+    iii = make_app(store_config)
+    iii.register_function("noop", lambda _: None)
+    bad = "order-\udc80"
+    async with iii.running():
+        with pytest.raises(InvocationError) as single:
+            action = TriggerAction.Enqueue(queue="work", idempotency_key=bad)
+            await iii.trigger_async("noop", {}, action=action)
+        with pytest.raises(InvocationError) as batch:
+            await iii.batch_trigger_async("noop", [1, 2], queue="work", idempotency_keys=["a", bad])
+        stored = await iii.runtime.store.list_jobs()
+    why = f"idempotency_key must be valid Unicode text (no lone surrogate), got {bad!r}"
+    assert (single.value.code, single.value.message) == ("enqueue_error", why)
+    assert (batch.value.code, batch.value.message) == ("enqueue_error", f"item 1: {why}")
+    assert stored == []
+
+
 @pytest.mark.parametrize("timeout_ms", ["1000", -5, True, float("nan")])
 async def test_a_bad_wait_timeout_is_refused_before_anything_is_enqueued(
     store_config: StoreConfig, timeout_ms: Any
