@@ -86,10 +86,19 @@ def error_info(exc: BaseException) -> ErrorInfo:
     """Record an exception as the store keeps it: type name, message, traceback."""
     tb = _user_frames(exc.__traceback__) or exc.__traceback__
     return ErrorInfo(
-        type=type(exc).__qualname__,
-        message=exception_message(exc),
-        traceback="".join(traceback.format_exception(type(exc), exc, tb)),
+        type=_storable(type(exc).__qualname__),
+        message=_storable(exception_message(exc)),
+        traceback=_storable("".join(traceback.format_exception(type(exc), exc, tb))),
     )
+
+
+def _storable(text: str) -> str:
+    """``text`` with each lone surrogate (an undecodable byte of a file name, an argument
+    or the environment, as Python keeps it) written as its escape, ``\\udcff``: UTF-8,
+    and so the file store, cannot hold one, and both stores keep the same text."""
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class _Active(Interrupter):
