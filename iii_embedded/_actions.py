@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -93,6 +94,31 @@ class TriggerAction:
 
 _VOID = VoidAction()
 _ACTION_TYPES = (EnqueueAction, VoidAction)
+_ENQUEUE_KEYS = ("type", "queue", "delay_ms", "idempotency_key", "max_attempts")
+"""The keys of the Enqueue action's dict form: iii's, then our extensions."""
+_ENQUEUE_KEY_SET = frozenset(_ENQUEUE_KEYS)
+
+
+def _refuse_unknown_keys(
+    action: Mapping[Any, Any], name: str, known: Sequence[str], code: str
+) -> None:
+    """Refuse an action dict with keys it does not know: ignored, a misspelt option (a
+    Trigger.dev user's ``idempotencyKey``) left the enqueue without what it asked for.
+    A camelCase spelling of a known key is named."""
+    unknown = [key for key in action if key not in known]
+    if len(unknown) == 1:
+        what = f"an unknown key {unknown[0]!r}"
+        snake = re.sub(r"(?<!^)([A-Z])", r"_\1", str(unknown[0])).lower()
+        if snake in known:
+            what += f" (did you mean {snake!r}?)"
+    else:
+        what = "unknown keys " + ", ".join(repr(key) for key in unknown)
+    keys = (
+        f"its only key is {known[0]}"
+        if len(known) == 1
+        else f"its keys are {', '.join(known[:-1])} and {known[-1]}"
+    )
+    raise InvocationError(code, f"{name} action has {what}; {keys}")
 
 
 def parse_action(action: object) -> Action | None:
@@ -102,8 +128,12 @@ def parse_action(action: object) -> Action | None:
     if isinstance(action, Mapping):
         kind = str(action.get("type", "")).lower()
         if kind == "void":
+            if len(action) > 1:
+                _refuse_unknown_keys(action, "Void", ("type",), "invalid_action")
             return _VOID
         if kind == "enqueue":
+            if not _ENQUEUE_KEY_SET.issuperset(action):
+                _refuse_unknown_keys(action, "Enqueue", _ENQUEUE_KEYS, "enqueue_error")
             # iii: "the default queue is used when no queue name is specified".
             queue = action.get("queue", "default")
             if queue is None:

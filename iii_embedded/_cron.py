@@ -298,7 +298,7 @@ async def run_schedule(
                 break
             with anyio.CancelScope() as waiting:
                 state.waiting = waiting  # cancelled by ``_stop_schedule``
-                await _until_due(rt, scheduled)
+                await rt.until_due(scheduled, drain_stops=False)  # fires collapse
             if state.waiting is waiting:
                 state.waiting = None
             if waiting.cancelled_caught:
@@ -330,30 +330,6 @@ async def run_schedule(
             finally:
                 rt.pending_work -= 1
                 rt.notify_activity()
-
-
-async def _until_due(rt: Runtime, scheduled: float) -> None:
-    """Sleep until ``scheduled`` on the runtime's clock, and count one piece of pending
-    work from that moment (the caller ends it). Counted by the timer itself, so a test
-    that advances a virtual clock past it sees the work at once."""
-    due = anyio.Event()
-
-    def on_due() -> None:
-        if not due.is_set():
-            rt.pending_work += 1
-            due.set()
-
-    if scheduled <= rt.clock.now():
-        on_due()
-        return
-    cancel = rt.clock.call_at(scheduled, on_due, drain_stops=False)  # fires collapse
-    try:
-        await due.wait()
-    except BaseException:
-        cancel()
-        if due.is_set():  # due, but cancelled before the caller could end the work
-            rt.pending_work -= 1
-        raise
 
 
 def _latest(expression: str, scheduled: float, now: float) -> float:

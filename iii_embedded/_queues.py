@@ -86,10 +86,19 @@ def error_info(exc: BaseException) -> ErrorInfo:
     """Record an exception as the store keeps it: type name, message, traceback."""
     tb = _user_frames(exc.__traceback__) or exc.__traceback__
     return ErrorInfo(
-        type=type(exc).__qualname__,
-        message=exception_message(exc),
-        traceback="".join(traceback.format_exception(type(exc), exc, tb)),
+        type=_storable(type(exc).__qualname__),
+        message=_storable(exception_message(exc)),
+        traceback=_storable("".join(traceback.format_exception(type(exc), exc, tb))),
     )
+
+
+def _storable(text: str) -> str:
+    """``text`` with each lone surrogate (an undecodable byte of a file name, an argument
+    or the environment, as Python keeps it) written as its escape, ``\\udcff``: UTF-8,
+    and so the file store, cannot hold one, and both stores keep the same text."""
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class _Active(Interrupter):
@@ -807,7 +816,10 @@ class QueueRunner:
                     deadline = await store.next_available_at(self.name, now)
                 except StoreError:
                     deadline = None
-            if self._wake_pending:
+            if self._wake_pending or (deadline is not None and deadline <= clock.now()):
+                # Woken, or the next job fell due while the store was read: a test moved
+                # a virtual clock past it, and a timer set in the past would wait for the
+                # next move (drain would find this queue idle with the job unrun).
                 continue
             poll_s = self.config.poll_interval_ms / 1000 if store.shared else None
             await self._wait_for_wake(deadline, poll_s)

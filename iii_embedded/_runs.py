@@ -700,6 +700,24 @@ async def batch_trigger_and_wait(
 # --- iii.runs --------------------------------------------------------------------------
 
 
+def _run_id(run: str | Mapping[str, Any]) -> str:
+    """The id of the run ``run`` names: its id, or the receipt ``trigger`` returned for it
+    (``{"messageReceiptId": id}``, the run's handle). Anything else is refused by name:
+    ``None`` would read as "no such run" and hide a misspelt key, and a value a store
+    cannot look up would fail differently in each store."""
+    if isinstance(run, str):
+        return run
+    if isinstance(run, Mapping):
+        run_id = run.get("messageReceiptId")
+        if isinstance(run_id, str):
+            return run_id
+    raise InvocationError(
+        "invalid_request",
+        "a run is named by its id (a string) or by the receipt trigger returned for it "
+        f"({{'messageReceiptId': id}}), not {type(run).__name__} {run!r:.100}",
+    )
+
+
 class Runs:
     """``iii.runs``: look runs up, wait for them and cancel them.
 
@@ -711,14 +729,15 @@ class Runs:
     def __init__(self, app: III) -> None:
         self._app = app
 
-    async def get_async(self, run_id: str) -> Run | None:
-        """The run with this id, or ``None`` (unknown, or pruned after its retention)."""
-        result: Run | None = await self._app._on_loop(self._get, run_id)
+    async def get_async(self, run_id: str | Mapping[str, Any]) -> Run | None:
+        """The run with this id (or receipt), or ``None`` (unknown, or pruned after its
+        retention)."""
+        result: Run | None = await self._app._on_loop(self._get, _run_id(run_id))
         return result
 
-    def get(self, run_id: str) -> Run | None:
+    def get(self, run_id: str | Mapping[str, Any]) -> Run | None:
         """Blocking twin of :meth:`get_async`."""
-        result: Run | None = self._app._call_blocking("iii.runs.get", self._get, run_id)
+        result: Run | None = self._app._call_blocking("iii.runs.get", self._get, _run_id(run_id))
         return result
 
     async def _get(self, run_id: str) -> Run | None:
@@ -726,40 +745,46 @@ class Runs:
         job = await rt.store.get(run_id)
         return Run.from_job(job, rt.clock.now()) if job is not None else None
 
-    async def wait_async(self, run_id: str, *, timeout_ms: int | None = None) -> RunResult:
-        """Wait until the run is final (after its retries) and return its outcome, as
-        ``trigger_and_wait`` does for a run it starts. Raises ``InvocationError`` with code
-        ``run_not_found`` for an unknown (or pruned) run, ``TIMEOUT`` when ``timeout_ms``
-        passes (the run goes on) and :class:`DeadlockError` for a wait that could never
-        end."""
+    async def wait_async(
+        self, run_id: str | Mapping[str, Any], *, timeout_ms: int | None = None
+    ) -> RunResult:
+        """Wait until the run (named by its id or receipt) is final (after its retries)
+        and return its outcome, as ``trigger_and_wait`` does for a run it starts. Raises
+        ``InvocationError`` with code ``run_not_found`` for an unknown (or pruned) run,
+        ``TIMEOUT`` when ``timeout_ms`` passes (the run goes on) and
+        :class:`DeadlockError` for a wait that could never end."""
         inv = current_invocation()
+        run = _run_id(run_id)
         result: RunResult = await self._app._on_loop(
-            lambda: wait_for_run(self._app.runtime, run_id, timeout_ms=timeout_ms, inv=inv)
+            lambda: wait_for_run(self._app.runtime, run, timeout_ms=timeout_ms, inv=inv)
         )
         return result
 
-    def wait(self, run_id: str, *, timeout_ms: int | None = None) -> RunResult:
+    def wait(self, run_id: str | Mapping[str, Any], *, timeout_ms: int | None = None) -> RunResult:
         """Blocking twin of :meth:`wait_async`."""
         inv = current_invocation()
+        run = _run_id(run_id)
         result: RunResult = self._app._call_blocking(
             "iii.runs.wait",
-            lambda: wait_for_run(self._app.runtime, run_id, timeout_ms=timeout_ms, inv=inv),
+            lambda: wait_for_run(self._app.runtime, run, timeout_ms=timeout_ms, inv=inv),
         )
         return result
 
-    async def cancel_async(self, run_id: str) -> CancelResult:
-        """Cancel a run: a queued or delayed run at once (it never starts); a running one
-        is asked to stop (an async handler is cancelled at its next await; a sync handler
-        cannot be interrupted, so its thread is abandoned and its result dropped; a handler
-        that returns before the request reaches it keeps its outcome); a finished run, or
-        a running one an earlier cancel already asked to stop, is left as it is
-        (``cancelled`` is false)."""
-        result: CancelResult = await self._app._on_loop(self._cancel, run_id)
+    async def cancel_async(self, run_id: str | Mapping[str, Any]) -> CancelResult:
+        """Cancel a run (named by its id or receipt): a queued or delayed run at once (it
+        never starts); a running one is asked to stop (an async handler is cancelled at
+        its next await; a sync handler cannot be interrupted, so its thread is abandoned
+        and its result dropped; a handler that returns before the request reaches it keeps
+        its outcome); a finished run, or a running one an earlier cancel already asked to
+        stop, is left as it is (``cancelled`` is false)."""
+        result: CancelResult = await self._app._on_loop(self._cancel, _run_id(run_id))
         return result
 
-    def cancel(self, run_id: str) -> CancelResult:
+    def cancel(self, run_id: str | Mapping[str, Any]) -> CancelResult:
         """Blocking twin of :meth:`cancel_async`."""
-        result: CancelResult = self._app._call_blocking("iii.runs.cancel", self._cancel, run_id)
+        result: CancelResult = self._app._call_blocking(
+            "iii.runs.cancel", self._cancel, _run_id(run_id)
+        )
         return result
 
     async def _withdraw_prefetched(self, run_id: str) -> bool:

@@ -409,7 +409,10 @@ class Runtime:
             else StallGuard(interval, self.lease_s, started=time.monotonic(), wall=time.time())
         )
         while True:
-            await self.clock.sleep_until(next_at)
+            # Counted as pending work from its time, for ``drain`` to wait for the pass,
+            # and for the prune it starts (``is_quiet``): a test that moves a virtual
+            # clock past a run's retention finds it pruned once it has drained.
+            await self.until_due(next_at, drain_stops=False)
             now = self.clock.now()
             next_at += interval
             if next_at <= now:
@@ -457,6 +460,34 @@ class Runtime:
                 if guard is not None:
                     guard.stalled(time.monotonic())  # a lock held too long, say
                     guard.pass_ended(time.monotonic(), time.time())
+            finally:
+                self.pending_work -= 1
+                self.notify_activity()
+
+    async def until_due(self, at: float, *, drain_stops: bool = True) -> None:
+        """Sleep until ``at`` on the runtime's clock, and count one piece of pending work
+        from that moment (the caller ends it: ``pending_work -= 1``, then
+        ``notify_activity()``). Counted by the timer itself, so that a test that advances
+        a virtual clock past ``at`` sees the work at once (``drain`` waits for it).
+        ``drain_stops``: see :meth:`Clock.call_at`."""
+        due = anyio.Event()
+
+        def on_due() -> None:
+            if not due.is_set():
+                self.pending_work += 1
+                due.set()
+
+        if at <= self.clock.now():
+            on_due()  # no checkpoint: a cancel there would leave the work counted
+            return
+        cancel = self.clock.call_at(at, on_due, drain_stops=drain_stops)
+        try:
+            await due.wait()
+        except BaseException:
+            cancel()
+            if due.is_set():  # due, but cancelled before the caller could end the work
+                self.pending_work -= 1
+            raise
 
     async def _prune(self, finished_before: float) -> None:
         """Forget the runs whose retention has ended, beside the maintenance passes: a
@@ -471,6 +502,7 @@ class Runtime:
                 log.error("pruning finished runs failed: %s", exc)
         finally:
             self._pruning = False
+            self.notify_activity()
 
     # --- activity (drain and shutdown wait on it) -------------------------------------
 
@@ -489,8 +521,11 @@ class Runtime:
             self._activity_waiters -= 1
 
     def is_quiet(self) -> bool:
-        """True when no queue has work it could start and nothing is running."""
+        """True when no queue has work it could start and nothing is running (nor a
+        prune of expired runs)."""
         if self._void_inflight or self.pending_work or self._hooks_inflight or self.calls_inflight:
+            return False
+        if self._pruning:
             return False
         return all(r.idle and not r.unsettled for r in self.runners.values())
 
@@ -1051,8 +1086,8 @@ def new_jobs(
                 "enqueue_error", f"max_attempts must be at most {COUNT_MAX}, got {given!r}"
             )
     key = action.idempotency_key
-    if key is not None and not isinstance(key, str):
-        raise InvocationError("enqueue_error", f"idempotency_key must be a string, got {key!r}")
+    if key is not None:
+        _check_key(key, "")
     available_at = now + action.delay_ms / 1000
     fifo = queue.is_fifo
     group: str | None = None
@@ -1070,10 +1105,8 @@ def new_jobs(
         key = action.idempotency_key
         if idempotency_keys is not None:
             key = idempotency_keys[index]
-            if key is not None and not isinstance(key, str):
-                raise InvocationError(
-                    "enqueue_error", f"{where}idempotency_key must be a string, got {key!r}"
-                )
+            if key is not None:
+                _check_key(key, where)
         jobs.append(
             make_new_job(
                 new_receipt_id(),
@@ -1088,6 +1121,24 @@ def new_jobs(
             )
         )
     return jobs
+
+
+def _check_key(key: Any, where: str) -> None:
+    """An idempotency key is a string both stores can keep: not one with a lone surrogate
+    (a bad decode's ``surrogateescape``), which SQLite's UTF-8 cannot encode."""
+    if not isinstance(key, str):
+        raise InvocationError(
+            "enqueue_error", f"{where}idempotency_key must be a string, got {key!r}"
+        )
+    if not key.isascii():
+        try:
+            key.encode()
+        except UnicodeEncodeError:
+            raise InvocationError(
+                "enqueue_error",
+                f"{where}idempotency_key must be valid Unicode text (no lone surrogate), "
+                f"got {key!r}",
+            ) from None
 
 
 def check_timeout(timeout_ms: Any) -> None:

@@ -7,6 +7,8 @@ not cost the others their copies."""
 from __future__ import annotations
 
 import asyncio
+import os
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -290,6 +292,36 @@ async def test_an_exception_whose_str_raises_fails_its_attempt_like_any_other(
     assert (after.status, after.output) == ("completed", "fine")
     assert caught.value.code == "invocation_failed"
     assert caught.value.message == f"_Unspeakable: {placeholder}"
+
+
+async def test_an_error_naming_a_file_whose_name_is_not_utf8_reaches_the_dlq(
+    store_config: StoreConfig, tmp_path: Path
+) -> None:
+    """Python keeps a file name's undecodable bytes as lone surrogates (``os.listdir``,
+    ``sys.argv``, the environment), and an error message may quote such a name: the file
+    store's UTF-8 could not write the failed attempt, so the job stayed running until its
+    lease ran out, ran again and failed the same way, for ever, and never reached the
+    dead-letter queue (its waiters waited for ever too)."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (Path(os.fsdecode(os.fsencode(inbox) + b"/report-\xff.csv"))).write_text("")
+    queues = {"q": QueueConfig(name="q", max_retries=2, backoff_ms=10)}
+    iii = III(Config(queues=queues, store=store_config), shutdown_grace_ms=0)
+
+    @iii.function("import")
+    async def import_reports(_: Any) -> None:
+        for name in os.listdir(inbox):
+            raise ValueError(f"cannot import {name}")
+
+    async with iii.running():
+        with anyio.fail_after(10):
+            failed = await iii.trigger_and_wait_async("import", {}, queue="q")
+        dead = await dead_jobs(iii, "q")
+    assert failed.status == "failed" and failed.error is not None
+    # The undecodable byte is kept as its escape, the rest as it was.
+    assert failed.error.message == "cannot import report-\\udcff.csv"
+    assert "ValueError: cannot import report-\\udcff.csv" in failed.error.traceback
+    assert [(d.attempts, d.error.message) for d in dead] == [(2, failed.error.message)]
 
 
 async def test_a_cancelled_error_an_async_handler_raises_itself_fails_its_attempt(

@@ -426,6 +426,27 @@ async def test_idempotency_keys_expire_with_the_result_retention(
     assert (second.id != first.id, second.output) == (True, 2)
 
 
+async def test_drain_after_the_clock_passed_a_runs_retention_finds_it_pruned(
+    store_config: StoreConfig,
+) -> None:
+    """A test of a key's expiry moves a virtual clock past the retention and drains, as
+    for any delayed work. The maintenance pass that prunes was due then but had not run
+    (nor its prune, a task of its own): drain returned with the run kept and its key
+    held, always in memory (the file store's reads gave it the time)."""
+    store = attrs.evolve(store_config, result_retention_ms=1000)
+    clock = VirtualClock()
+    iii = make_app(store, clock)
+    iii.register_function("job", lambda n: n)
+    async with iii.running():
+        first = await iii.trigger_and_wait_async("job", 1, queue="work", idempotency_key="k")
+        clock.advance(store.lease_ms / 1000)
+        await drain(iii)
+        kept = await iii.runs.get_async(first.id)
+        second = await iii.trigger_and_wait_async("job", 2, queue="work", idempotency_key="k")
+    assert kept is None
+    assert (second.id != first.id, second.output) == (True, 2)
+
+
 class _PrunedBeforeTheWaiterLooks(MemoryStore):
     """A store whose retention ends for a finished run at once: the first read that finds
     it final prunes it first, as a maintenance pass that ran between the run's end and

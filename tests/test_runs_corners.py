@@ -97,6 +97,28 @@ async def test_a_batch_with_a_key_that_is_not_a_string_stores_nothing(
     assert stored == []
 
 
+async def test_a_key_with_a_lone_surrogate_is_refused_by_both_stores_naming_the_item(
+    store_config: StoreConfig,
+) -> None:
+    """A key that is not valid Unicode text (a lone surrogate, as from a bad decode with
+    ``surrogateescape``) was taken by the memory store and refused by the file store's
+    UTF-8 encoding as a failure of the store, "could not store the job"."""
+    iii = make_app(store_config)
+    iii.register_function("noop", lambda _: None)
+    bad = "order-\udc80"
+    async with iii.running():
+        with pytest.raises(InvocationError) as single:
+            action = TriggerAction.Enqueue(queue="work", idempotency_key=bad)
+            await iii.trigger_async("noop", {}, action=action)
+        with pytest.raises(InvocationError) as batch:
+            await iii.batch_trigger_async("noop", [1, 2], queue="work", idempotency_keys=["a", bad])
+        stored = await iii.runtime.store.list_jobs()
+    why = f"idempotency_key must be valid Unicode text (no lone surrogate), got {bad!r}"
+    assert (single.value.code, single.value.message) == ("enqueue_error", why)
+    assert (batch.value.code, batch.value.message) == ("enqueue_error", f"item 1: {why}")
+    assert stored == []
+
+
 @pytest.mark.parametrize("timeout_ms", ["1000", -5, True, float("nan")])
 async def test_a_bad_wait_timeout_is_refused_before_anything_is_enqueued(
     store_config: StoreConfig, timeout_ms: Any
@@ -218,3 +240,37 @@ async def test_a_batch_wait_takes_max_attempts_and_delay(store_config: StoreConf
     [batch] = results
     assert [r.status for r in batch.runs] == ["failed"]
     assert calls == [start + 5.0]  # one attempt (the queue allows 3), five seconds on
+
+
+async def test_the_runs_api_takes_the_receipt_trigger_returned_as_the_runs_handle(
+    store_config: StoreConfig,
+) -> None:
+    """Trigger.dev hands back a run's handle to monitor and manage it with; here that is
+    the receipt ``trigger`` returns. Passed to ``runs.get`` it failed with ``unhashable
+    type: 'dict'`` in memory and as a store failure on a file store."""
+    iii = make_app(store_config)
+    iii.register_function("job", lambda n: n * 2)
+    async with iii.running():
+        receipt = await iii.trigger_async("job", 21, action=TriggerAction.Enqueue(queue="work"))
+        result = await iii.runs.wait_async(receipt)
+        run = await iii.runs.get_async(receipt)
+        cancel = await iii.runs.cancel_async(receipt)
+    assert (result.id, result.output) == (receipt["messageReceiptId"], 42)
+    assert run is not None and (run.id, run.status) == (receipt["messageReceiptId"], "completed")
+    assert (cancel.id, cancel.cancelled) == (receipt["messageReceiptId"], False)
+
+
+@pytest.mark.parametrize("bad", [None, 7, ["run-id"], {"id": "run-id"}, b"run-id"])
+async def test_a_run_named_by_anything_but_an_id_or_a_receipt_is_refused_by_name(
+    store_config: StoreConfig, bad: Any
+) -> None:
+    """``runs.get(None)`` answered "no such run" (a misspelt receipt key went unnoticed),
+    a list or another dict failed differently on each store (a ``TypeError`` in memory, a
+    ``StoreError`` from the file store as if it were damaged)."""
+    iii = make_app(store_config)
+    async with iii.running():
+        for call in (iii.runs.get_async, iii.runs.wait_async, iii.runs.cancel_async):
+            with pytest.raises(InvocationError) as caught:
+                await call(bad)
+            assert caught.value.code == "invalid_request"
+            assert f"not {type(bad).__name__}" in caught.value.message

@@ -6,6 +6,7 @@ misspelt queue."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
@@ -681,3 +682,35 @@ async def test_drain_inside_a_handler_is_refused_at_once_naming_the_handler() ->
     )
     assert "drain_blocking() waits until every handler has returned" in said_blocking
     assert "handler of 'drains_blocking'" in said_blocking
+
+
+async def test_drain_runs_a_job_that_fell_due_while_its_queue_read_the_next_due_time() -> None:
+    """A test moves a virtual clock past a delayed job while the queue's dispatcher is
+    reading when that job falls due (the store's answer is already in the past when it
+    arrives): the dispatcher set a timer for that past time, which a virtual clock fires
+    only at its next move, and went idle; ``drain`` then found nothing running and nothing
+    delayed and returned with the job unrun (seen with a FIFO queue beside a standard one
+    on a file store, where reads take a thread's turn)."""
+    clock = VirtualClock()
+    iii = III(Config(queues={"work": QueueConfig(name="work")}), clock=clock, shutdown_grace_ms=0)
+    ran: list[float] = []
+    iii.register_function("job", lambda _: ran.append(clock.now()))
+
+    async with iii.running():
+        store = iii.runtime.store
+        read = store.next_available_at
+        test_task = asyncio.current_task()
+
+        async def read_while_the_test_advances(queue: str, now: float) -> float | None:
+            answer = await read(queue, now)
+            if answer is not None and asyncio.current_task() is not test_task:
+                clock.advance_to(answer)  # as a test's advance landing during the read
+            return answer
+
+        store.next_available_at = read_while_the_test_advances  # type: ignore[method-assign]
+        start = clock.now()
+        action = TriggerAction.Enqueue(queue="work", delay_ms=1000)
+        await iii.trigger_async("job", {}, action=action)
+        await drain(iii, max_advance_s=0)
+        store.next_available_at = read  # type: ignore[method-assign]
+    assert [t - start for t in ran] == [1.0]

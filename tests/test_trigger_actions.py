@@ -719,3 +719,40 @@ def test_an_unbounded_timeout_does_not_time_a_sync_handler_out_at_once() -> None
             for n in (float("inf"), 10**13)
         ]
     assert answers == [float("inf"), 10**13]
+
+
+@pytest.mark.parametrize(
+    ("action", "message"),
+    [
+        (
+            {"type": "enqueue", "queue": "email", "idempotencyKey": "k"},
+            "enqueue_error: Enqueue action has an unknown key 'idempotencyKey' "
+            "(did you mean 'idempotency_key'?); its keys are type, queue, delay_ms, "
+            "idempotency_key and max_attempts",
+        ),
+        (
+            {"type": "enqueue", "queue": "email", "delay": 500, "ttl": 5},
+            "enqueue_error: Enqueue action has unknown keys 'delay', 'ttl'; its keys are "
+            "type, queue, delay_ms, idempotency_key and max_attempts",
+        ),
+        (
+            {"type": "void", "delay_ms": 500},
+            "invalid_action: Void action has an unknown key 'delay_ms'; its only key is type",
+        ),
+    ],
+)
+async def test_an_action_dict_with_a_key_it_does_not_know_is_refused_naming_it(
+    action: dict[str, Any], message: str
+) -> None:
+    """A Trigger.dev user writes ``idempotencyKey``; a key the action does not know was
+    ignored, so the enqueue happened without the idempotency (or the delay) it asked for."""
+    iii = make_app()
+    seen: list[Any] = []
+    iii.register_function("emails::send", seen.append)
+    async with iii.running():
+        with pytest.raises(InvocationError) as caught:
+            await iii.trigger_async("emails::send", {"n": 1}, action=action)
+        stored = await iii.runtime.store.list_jobs()
+        await drain(iii)
+    assert str(caught.value) == message
+    assert (stored, seen) == ([], [])
