@@ -144,6 +144,8 @@ class III:
         self._forked = False
         """This process was forked from one where this app's engine ran (and it has
         started none since): see ``_forget_engines_in_child``."""
+        self._unentered = False
+        """Started by :meth:`start` and not yet entered by ``with`` (``with iii.start():``)."""
         self.runs = Runs(self)
         """Look runs up and cancel them: ``iii.runs.get(id)``, ``iii.runs.cancel(id)``."""
         self.topics: dict[str, list[str]] = {}
@@ -752,7 +754,13 @@ class III:
         """Start the engine on a background thread and return once it is running.
         ``serve=False``: without the http server and cron (see :meth:`running`). Stop it
         with :meth:`shutdown`; a program that ends without doing so gets the same
-        graceful shutdown at exit."""
+        graceful shutdown at exit. ``with iii.start():`` (as ``with iii:``) shuts it down at
+        the end of the block."""
+        self._start(serve)
+        self._unentered = True
+        return self
+
+    def _start(self, serve: bool) -> None:
         if self._thread_cm is not None:
             raise RuntimeError("this III app is already started")
         portal_cm = anyio.from_thread.start_blocking_portal()
@@ -768,7 +776,6 @@ class III:
         # The engine's thread is a daemon: a program that ends without shutdown() would
         # drop its Void calls and running jobs mid-flight. Stop it gracefully instead.
         atexit.register(self._stop_at_exit)
-        return self
 
     def shutdown(self) -> None:
         """Stop an engine started with :meth:`start` (graceful; waits for it).
@@ -813,6 +820,7 @@ class III:
             return False
         self._stopping, self._stopping_thread = threading.Event(), me
         self._thread_cm = self._portal_cm = None
+        self._unentered = False
         atexit.unregister(self._stop_at_exit)
         if runtime is not None:
             runtime.stopped_by(current_invocation())
@@ -837,7 +845,12 @@ class III:
         self._shutdown_callbacks.append(callback)
 
     def __enter__(self) -> III:
-        return self.start()
+        if self._unentered and self._thread_cm is not None:
+            # ``with iii.start():``: the engine the call started is the block's.
+            self._unentered = False
+            return self
+        self._start(serve=True)
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()

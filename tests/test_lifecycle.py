@@ -799,3 +799,21 @@ async def test_a_shutdown_held_up_by_a_handler_that_ignores_cancellation_says_so
         "cancelled 0.1 s ago and not stopped; an async handler must let CancelledError "
         "propagate"
     )
+
+
+def test_with_start_runs_the_engine_for_the_block() -> None:
+    """``start()`` returns the app, so ``with iii.start():`` entered an app already
+    started and raised "already started"; the block now gets the engine that call
+    started, and shuts it down at its end. Starting twice is still an error."""
+    iii = III(shutdown_grace_ms=0)
+    iii.register_function("double", lambda n: 2 * n)
+    with iii.start(serve=False) as app:
+        assert app is iii and iii.is_running
+        assert iii.trigger("double", 21) == 42
+        with pytest.raises(RuntimeError, match="already started"), iii:
+            pass
+        assert iii.is_running
+    assert not iii.is_running
+    with iii:  # and the plain form starts it again
+        assert iii.trigger("double", 2) == 4
+    assert not iii.is_running
