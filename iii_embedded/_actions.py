@@ -99,16 +99,21 @@ _ENQUEUE_KEYS = ("type", "queue", "delay_ms", "idempotency_key", "max_attempts")
 _ENQUEUE_KEY_SET = frozenset(_ENQUEUE_KEYS)
 
 
-def _refuse_unknown_keys(
-    action: Mapping[Any, Any], name: str, known: Sequence[str], code: str
+_SAME_AS = {"data": "payload"}
+"""Other projects' names for a key of ours (iii's wire messages call the payload data)."""
+
+
+def refuse_unknown_keys(
+    given: Mapping[Any, Any], subject: str, known: Sequence[str], code: str
 ) -> None:
-    """Refuse an action dict with keys it does not know: ignored, a misspelt option (a
-    Trigger.dev user's ``idempotencyKey``) left the enqueue without what it asked for.
-    A camelCase spelling of a known key is named."""
-    unknown = [key for key in action if key not in known]
+    """Refuse a dict (an action's, a trigger request's) with keys it does not know:
+    ignored, a misspelt option (a Trigger.dev user's ``idempotencyKey``) left the call
+    without what it asked for. A camelCase spelling of a known key is named."""
+    unknown = [key for key in given if key not in known]
     if len(unknown) == 1:
         what = f"an unknown key {unknown[0]!r}"
         snake = re.sub(r"(?<!^)([A-Z])", r"_\1", str(unknown[0])).lower()
+        snake = _SAME_AS.get(snake, snake)
         if snake in known:
             what += f" (did you mean {snake!r}?)"
     else:
@@ -118,7 +123,7 @@ def _refuse_unknown_keys(
         if len(known) == 1
         else f"its keys are {', '.join(known[:-1])} and {known[-1]}"
     )
-    raise InvocationError(code, f"{name} action has {what}; {keys}")
+    raise InvocationError(code, f"{subject} has {what}; {keys}")
 
 
 def parse_action(action: object) -> Action | None:
@@ -129,11 +134,11 @@ def parse_action(action: object) -> Action | None:
         kind = str(action.get("type", "")).lower()
         if kind == "void":
             if len(action) > 1:
-                _refuse_unknown_keys(action, "Void", ("type",), "invalid_action")
+                refuse_unknown_keys(action, "Void action", ("type",), "invalid_action")
             return _VOID
         if kind == "enqueue":
             if not _ENQUEUE_KEY_SET.issuperset(action):
-                _refuse_unknown_keys(action, "Enqueue", _ENQUEUE_KEYS, "enqueue_error")
+                refuse_unknown_keys(action, "Enqueue action", _ENQUEUE_KEYS, "enqueue_error")
             # iii: "the default queue is used when no queue name is specified".
             queue = action.get("queue", "default")
             if queue is None:

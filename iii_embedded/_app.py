@@ -28,7 +28,7 @@ import anyio
 import attrs
 from anyio.from_thread import BlockingPortal
 
-from ._actions import EnqueueAction, VoidAction, parse_action
+from ._actions import EnqueueAction, VoidAction, parse_action, refuse_unknown_keys
 from ._affinity import pinned
 from ._clock import Clock, SystemClock
 from ._config import Config, QueueConfig
@@ -1071,6 +1071,11 @@ async def _single_errors() -> AsyncIterator[None]:
         raise
 
 
+_REQUEST_KEYS = ("function_id", "payload", "action", "timeout_ms")
+"""The keys of a trigger request dict (iii's ``TriggerRequest``)."""
+_REQUEST_KEY_SET = frozenset(_REQUEST_KEYS)
+
+
 def _parse_request(
     request: str | Mapping[str, Any] | None,
     payload: Any,
@@ -1088,6 +1093,8 @@ def _parse_request(
     if type(request) is str and request:  # the common spelling, decided without an ABC check
         fid = request
     elif isinstance(request, Mapping):
+        if not _REQUEST_KEY_SET.issuperset(request):
+            refuse_unknown_keys(request, "a trigger request", _REQUEST_KEYS, "invalid_request")
         named = request.get("function_id")
         if not isinstance(named, str) or not named:
             raise InvocationError(

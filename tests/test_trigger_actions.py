@@ -756,3 +756,39 @@ async def test_an_action_dict_with_a_key_it_does_not_know_is_refused_naming_it(
         await drain(iii)
     assert str(caught.value) == message
     assert (stored, seen) == ([], [])
+
+
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        (
+            {"function_id": "emails::send", "payload": {"n": 1}, "timeoutMs": 5},
+            "invalid_request: a trigger request has an unknown key 'timeoutMs' (did you mean "
+            "'timeout_ms'?); its keys are function_id, payload, action and timeout_ms",
+        ),
+        (
+            {"function_id": "emails::send", "data": {"n": 1}},
+            "invalid_request: a trigger request has an unknown key 'data' (did you mean "
+            "'payload'?); its keys are function_id, payload, action and timeout_ms",
+        ),
+        (
+            {"functionId": "emails::send", "queue": "email"},
+            "invalid_request: a trigger request has unknown keys 'functionId', 'queue'; its "
+            "keys are function_id, payload, action and timeout_ms",
+        ),
+    ],
+)
+async def test_a_request_dict_with_a_key_it_does_not_know_is_refused_naming_it(
+    request_: dict[str, Any], message: str
+) -> None:
+    """A request dict's unknown keys were ignored: ``timeoutMs`` left the call with the
+    default timeout, and ``data`` (iii's wire name) called the function with no payload."""
+    iii = make_app()
+    seen: list[Any] = []
+    iii.register_function("emails::send", seen.append)
+    async with iii.running():
+        with pytest.raises(InvocationError) as caught:
+            await iii.trigger_async(request_)
+        await drain(iii)
+    assert str(caught.value) == message
+    assert seen == []
