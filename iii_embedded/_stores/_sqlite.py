@@ -1074,6 +1074,7 @@ class SQLiteStore:
             raise StoreError(f"{self.path}: the store directory is read-only (permission denied)")
         if self.path.exists() and not os.access(self.path, os.W_OK):
             raise StoreError(f"{self.path}: the database file is read-only (permission denied)")
+        self._create_file()
         conn: Conn | None = None
         try:
             conn = sqlite3.connect(
@@ -1115,6 +1116,41 @@ class SQLiteStore:
         # A new connection waits SQLite's busy timeout (set above): a store opened again
         # after the loop set 0 on its last connection must have the loop set it again.
         self._busy_waits = True
+
+    def _create_file(self) -> None:
+        """Make the database file if there is none, and refuse an empty one.
+
+        SQLite takes a 0-byte file for a new database and deletes the WAL beside it, which
+        holds every commit since the last checkpoint: such a file is damage (a failed copy,
+        a ``> file``), never a store. So that no process of ours can see a 0-byte file of
+        another that is creating the store, the file is made under a name of its own, with
+        its first page written (the switch to WAL mode writes it), and linked into place.
+        """
+        try:
+            size = os.stat(self.path).st_size
+        except FileNotFoundError:
+            size = None
+        except OSError:
+            return  # left to SQLite, whose error names the cause
+        if size == 0:
+            raise StoreError(
+                f"{self.path}: the database file is empty (0 bytes): it was truncated or "
+                "replaced, so the store's jobs are not in it; restore it from a backup "
+                "(with its -wal file, if any), or delete it to start an empty store"
+            )
+        if size is not None:
+            return
+        draft = self.path.with_name(f"{DB_FILENAME}.new-{os.getpid()}-{threading.get_ident()}")
+        try:
+            with contextlib.closing(sqlite3.connect(draft, isolation_level=None)) as conn:
+                conn.execute("PRAGMA journal_mode = WAL").fetchall()
+            with contextlib.suppress(FileExistsError):  # another process made it meanwhile
+                os.link(draft, self.path)
+        except (OSError, sqlite3.Error):
+            pass  # no hard links here (or no space): SQLite makes the file itself
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(draft)
 
     def _migrate(self, conn: Conn) -> None:
         db = sqlite_utils.Database(conn)

@@ -142,6 +142,33 @@ async def test_a_corrupt_database_fails_naming_the_path_and_the_cause(tmp_path: 
     assert "not a valid SQLite database" in message
 
 
+@pytest.mark.parametrize("with_wal", [True, False])
+async def test_an_empty_database_file_is_refused_and_its_wal_kept(
+    tmp_path: Path, with_wal: bool
+) -> None:
+    """A database file cut to 0 bytes (a failed copy, a ``> file``) is damage: SQLite would
+    take it for a new database, delete the WAL beside it (the jobs acknowledged since the
+    last checkpoint) and start empty. The store never leaves an empty file itself: the
+    switch to WAL mode writes the first page as soon as the file is made."""
+    directory = tmp_path / "store"
+    directory.mkdir()
+    (directory / DB_FILENAME).write_bytes(b"")
+    wal = directory / (DB_FILENAME + "-wal")
+    if with_wal:
+        wal.write_bytes(b"frames of acknowledged jobs" * 100)
+    with pytest.raises(StoreError) as caught:
+        await SQLiteStore(directory).open()
+    assert str(caught.value) == (
+        f"{directory / DB_FILENAME}: the database file is empty (0 bytes): it was truncated "
+        "or replaced, so the store's jobs are not in it; restore it from a backup (with its "
+        f"-wal file, if any), or delete it to start an empty store"
+    )
+    assert (directory / DB_FILENAME).stat().st_size == 0
+    assert wal.exists() == with_wal
+    if with_wal:
+        assert wal.read_bytes() == b"frames of acknowledged jobs" * 100
+
+
 async def test_a_database_that_is_not_ours_is_refused(tmp_path: Path) -> None:
     directory = tmp_path / "store"
     directory.mkdir()
