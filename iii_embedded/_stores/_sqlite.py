@@ -492,6 +492,8 @@ class SQLiteStore:
         self._identity: tuple[int, int] = (-1, -1)
         self._stat_path = str(self.path)
         """The database file's device and inode when opened (see ``_file_gone``)."""
+        self._wal_identity: tuple[int, int] | None = None
+        """The same of its -wal file (``None``: there was none to look at)."""
         self._gone_logged = False
         self._owners: set[str] = set()
         self._closed = False
@@ -928,27 +930,41 @@ class SQLiteStore:
         return succeeded
 
     def _file_gone(self) -> StoreError | None:
-        """After a commit: the error to give its callers if the database file is no
-        longer the one this store opened (removed, or replaced). SQLite keeps writing to
-        an open file that was unlinked, so the commit succeeded into a file nobody will
-        open again: no receipt may be handed out for it. One ``stat`` per commit."""
+        """After a commit: the error to give its callers if the database file, or its
+        -wal file, is no longer the one this store opened (removed, or replaced). SQLite
+        keeps writing to an open file that was unlinked, so the commit succeeded into a
+        file nobody will open again (a crash loses a WAL's commits not yet copied into the
+        database file): no receipt may be handed out for it. Two ``stat`` per commit."""
         try:
             stat = os.stat(self._stat_path)
             same = (stat.st_dev, stat.st_ino) == self._identity
         except OSError:
             same = False
+        which, fate = "database file", "this write went with it"
+        if same and self._wal_identity is not None:
+            which = "database's -wal file"
+            fate = (
+                "this write is only in the removed file (lost if the process dies; a clean "
+                "stop copies it into the database file)"
+            )
+            try:
+                stat = os.stat(self._stat_path + "-wal")
+                same = (stat.st_dev, stat.st_ino) == self._wal_identity
+            except OSError:
+                same = False
         if same:
             return None
         if not self._gone_logged:
             self._gone_logged = True
             log.error(
-                "%s: the database file was removed or replaced while the store was open; "
-                "every write from now on fails (restart on a store that stays in place)",
+                "%s: the %s was removed or replaced while the store was open; every write "
+                "from now on fails (stop the app, which copies what it wrote into the "
+                "database file if that is still in place, and start it again)",
                 self.path,
+                which,
             )
         return StoreError(
-            f"{self.path}: the database file was removed or replaced while the store was "
-            "open: this write went with it"
+            f"{self.path}: the {which} was removed or replaced while the store was open: {fate}"
         )
 
     def _try_each(
@@ -1104,6 +1120,11 @@ class SQLiteStore:
             self._stat_path = os.path.realpath(self.path)
             stat = os.stat(self._stat_path)
             self._identity = (stat.st_dev, stat.st_ino)
+            try:  # made by the first read, which the migration's check was
+                stat = os.stat(self._stat_path + "-wal")
+                self._wal_identity = (stat.st_dev, stat.st_ino)
+            except OSError:
+                self._wal_identity = None
         except StoreError:
             if conn is not None:
                 conn.close()

@@ -317,6 +317,42 @@ async def test_a_store_whose_file_is_removed_while_open_gives_no_more_receipts(
             await store.aclose()
 
 
+async def test_a_store_whose_wal_file_is_removed_while_open_gives_no_more_receipts(
+    tmp_path: Path,
+) -> None:
+    """SQLite commits on into a WAL file that was unlinked (an ``rm *-wal`` to "clean up"),
+    where a crash loses them and no other process sees them: no receipt may be given for
+    such a commit. What was written before is in the unlinked file, and a clean close
+    copies it into the database file."""
+    directory = tmp_path / "store"
+    store = SQLiteStore(directory)
+    await store.open()
+    try:
+        await store.enqueue([new_job("kept")])
+        (directory / (DB_FILENAME + "-wal")).unlink()
+        errors = []
+        for n in range(2):
+            with pytest.raises(StoreError) as caught:
+                await store.enqueue([new_job(f"after-{n}")])
+            errors.append(str(caught.value))
+    finally:
+        await store.aclose()
+    expected = (
+        f"{directory / DB_FILENAME}: the database's -wal file was removed or replaced while "
+        "the store was open: this write is only in the removed file (lost if the process "
+        "dies; a clean stop copies it into the database file)"
+    )
+    assert errors == [expected, expected]
+    store = SQLiteStore(directory)
+    await store.open()
+    try:
+        # The close copied the removed file's commits in, the refused ones too: a caller
+        # that enqueues again after the error may have its job twice (at-least-once).
+        assert [j.id for j in await store.list_jobs()] == ["kept", "after-0", "after-1"]
+    finally:
+        await store.aclose()
+
+
 @pytest.mark.parametrize("kind", ["held", "released", "retry"])
 async def test_a_failed_write_leaves_a_converted_outcome_as_its_runner_decided(
     tmp_path: Path, kind: Literal["held", "released", "retry"]
