@@ -1167,8 +1167,10 @@ class SQLiteStore:
                 conn.execute("PRAGMA journal_mode = WAL").fetchall()
             with contextlib.suppress(FileExistsError):  # another process made it meanwhile
                 os.link(draft, self.path)
-        except (OSError, sqlite3.Error):
-            pass  # no hard links here (or no space): SQLite makes the file itself
+        except sqlite3.Error as exc:  # a full disk: no file is left that looks damaged
+            raise self._error(exc, "creating the store") from None
+        except OSError:
+            pass  # no hard links on this file system: SQLite makes the file itself
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(draft)

@@ -169,6 +169,41 @@ async def test_an_empty_database_file_is_refused_and_its_wal_kept(
         assert wal.read_bytes() == b"frames of acknowledged jobs" * 100
 
 
+async def test_a_store_that_cannot_be_made_leaves_no_file_for_the_next_start(
+    tmp_path: Path,
+) -> None:
+    """A full disk at the first start (here a file size limit of 0, so that every write
+    fails) fails that start naming the path, and leaves no empty database file, which the
+    next start, with room again, would refuse as damaged (SQLite makes the file before
+    it finds that it cannot write it)."""
+    directory = tmp_path / "store"
+    code = f"""
+import resource, signal, anyio
+from iii_embedded import StoreError
+from iii_embedded._stores._sqlite import SQLiteStore
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))
+async def main():
+    try:
+        await SQLiteStore({str(directory)!r}).open()
+    except StoreError as exc:
+        print("ERROR", exc)
+anyio.run(main)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert list(directory.iterdir()) == []
+    assert proc.stdout.startswith(
+        f"ERROR {directory / DB_FILENAME}: creating the store failed: "
+    ), proc.stdout + proc.stderr
+    store = SQLiteStore(directory)
+    await store.open()
+    try:
+        await store.enqueue([new_job("first")])
+        assert [j.id for j in await store.list_jobs()] == ["first"]
+    finally:
+        await store.aclose()
+
+
 async def test_a_database_that_is_not_ours_is_refused(tmp_path: Path) -> None:
     directory = tmp_path / "store"
     directory.mkdir()
