@@ -1187,8 +1187,13 @@ class SQLiteStore:
                 db["meta"].create(  # type: ignore[union-attr]
                     {"key": str, "value": str}, pk="key", if_not_exists=True
                 )
-                for target in range(version + 1, SCHEMA_VERSION + 1):
-                    _MIGRATIONS[target](db)
+                try:
+                    for target in range(version + 1, SCHEMA_VERSION + 1):
+                        _MIGRATIONS[target](db)
+                except sqlite3.Error as exc:  # rolled back below: the store is as it was
+                    raise self._error(
+                        exc, f"migrating the store from schema version {version}"
+                    ) from None
                 conn.execute(
                     "INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)",
                     (str(SCHEMA_VERSION),),
@@ -1212,7 +1217,13 @@ class SQLiteStore:
                 "point file_path at another directory"
             )
         row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        version = int(row[0]) if row else 0
+        try:
+            version = int(row[0]) if row else 0
+        except (TypeError, ValueError):
+            raise StoreError(
+                f"{self.path}: the store's schema version is {row[0]!r}, not a number "
+                "(its meta table was changed by hand?)"
+            ) from None
         if version > SCHEMA_VERSION:
             raise StoreVersionError(
                 f"{self.path}: the store has schema version {version}, but this "

@@ -228,6 +228,39 @@ async def test_a_store_from_a_newer_version_is_refused(tmp_path: Path) -> None:
     assert str(directory / DB_FILENAME) in str(caught.value)
 
 
+async def test_a_schema_version_that_is_not_a_number_is_refused_naming_the_path(
+    tmp_path: Path,
+) -> None:
+    directory = tmp_path / "store"
+    await make_store(directory)
+    with sqlite3.connect(directory / DB_FILENAME) as conn:
+        conn.execute("UPDATE meta SET value = 'abc' WHERE key = 'schema_version'")
+    with pytest.raises(StoreError) as caught:
+        await SQLiteStore(directory).open()
+    assert str(caught.value) == (
+        f"{directory / DB_FILENAME}: the store's schema version is 'abc', not a number "
+        "(its meta table was changed by hand?)"
+    )
+
+
+async def test_a_schema_version_lowered_by_hand_fails_its_migration_and_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    directory = tmp_path / "store"
+    await make_store(directory)
+    with sqlite3.connect(directory / DB_FILENAME) as conn:
+        conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    with pytest.raises(StoreError) as caught:
+        await SQLiteStore(directory).open()
+    assert str(caught.value).startswith(
+        f"{directory / DB_FILENAME}: migrating the store from schema version 2 failed: "
+        'table "cron_fires" already exists'
+    )
+    with sqlite3.connect(directory / DB_FILENAME) as conn:
+        assert conn.execute("SELECT value FROM meta").fetchall() == [("2",)]
+        assert conn.execute("SELECT id FROM jobs").fetchall() == [("kept",)]
+
+
 async def test_reopening_keeps_the_jobs_and_the_schema(tmp_path: Path) -> None:
     directory = tmp_path / "store"
     await make_store(directory)
