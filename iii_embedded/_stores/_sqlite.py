@@ -47,6 +47,7 @@ import logging
 import os
 import queue
 import sqlite3
+import stat as stat_module
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -1148,11 +1149,18 @@ class SQLiteStore:
         its first page written (the switch to WAL mode writes it), and linked into place.
         """
         try:
-            size = os.stat(self.path).st_size
+            stat = os.stat(self.path)
+            size: int | None = stat.st_size
         except FileNotFoundError:
             size = None
         except OSError:
             return  # left to SQLite, whose error names the cause
+        else:
+            if stat_module.S_ISDIR(stat.st_mode):
+                raise StoreError(
+                    f"{self.path}: this is a directory, where the store keeps its database "
+                    "file; move it away, or point file_path at another directory"
+                )
         if size == 0:
             raise StoreError(
                 f"{self.path}: the database file is empty (0 bytes): it was truncated or "

@@ -127,6 +127,19 @@ async def test_a_file_where_the_store_directory_should_be_is_named_as_such(
     assert path.read_text() == "not a directory"
 
 
+async def test_a_directory_where_the_database_file_should_be_is_named_as_such(
+    tmp_path: Path,
+) -> None:
+    directory = tmp_path / "store"
+    (directory / DB_FILENAME).mkdir(parents=True)
+    with pytest.raises(StoreError) as caught:
+        await SQLiteStore(directory).open()
+    assert str(caught.value) == (
+        f"{directory / DB_FILENAME}: this is a directory, where the store keeps its "
+        "database file; move it away, or point file_path at another directory"
+    )
+
+
 async def test_a_corrupt_database_fails_naming_the_path_and_the_cause(tmp_path: Path) -> None:
     directory = tmp_path / "store"
     await make_store(directory)
