@@ -816,27 +816,27 @@ class QueueRunner:
             await self._wait_for_wake(deadline, poll_s)
 
     def _failed(self, exc: StoreError, outcomes: int) -> None:
-        """An exchange failed. A store that fails every write (a full disk) fails one per
-        poll for as long as it lasts: the first is logged, then a line a minute at most
-        with the count, so that the log (often on that disk) is not flooded."""
+        """An exchange failed. A store that fails every write (a full disk) fails a claim
+        per poll for as long as it lasts: the first failure is logged, and then a line a
+        minute at most with the count, so that the log (often on that disk) is not
+        flooded. One that lost outcomes is always logged: no job is claimed meanwhile, so
+        there are at most as many as jobs were claimed before."""
         self._failed_exchanges += 1
         at = time.monotonic()
-        if self._failed_exchanges == 1:
+        if self._failed_exchanges == 1 or outcomes:
             log.error(
                 "queue %r: writing %d outcome(s) and claiming failed: %s; jobs whose outcome "
-                "was not written run again when their lease expires (repeats are counted: a "
-                "line a minute at most)",
+                "was not written run again when their lease expires (failed claims alone are "
+                "logged once a minute at most)",
                 self.name,
                 outcomes,
                 exc,
             )
         elif at - self._failure_logged_at >= _FAILURE_LOG_EVERY_S:
             log.error(
-                "queue %r: writing outcomes and claiming still fails (%d failed exchanges "
-                "so far; %d outcome(s) not written this time): %s",
+                "queue %r: writing outcomes and claiming still fails (%d failures): %s",
                 self.name,
                 self._failed_exchanges,
-                outcomes,
                 exc,
             )
         else:
@@ -845,7 +845,7 @@ class QueueRunner:
 
     def _recovered(self) -> None:
         log.warning(
-            "queue %r: the store takes writes again, after %d failed exchanges",
+            "queue %r: the store takes writes again, after %d failures",
             self.name,
             self._failed_exchanges,
         )
