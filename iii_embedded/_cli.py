@@ -161,7 +161,9 @@ def _store_dir(args: argparse.Namespace, *, create: bool = False) -> Path:
                 "(use --store DIR or a config with a file_based store)"
             )
         directory = Path(config.store.file_path)
-    if not create and not (directory / DB_FILENAME).is_file():
+    # Anything at the database's path is for the store to judge (a directory there is
+    # named as such); only nothing there means no store.
+    if not create and not (directory / DB_FILENAME).exists():
         if directory.name == DB_FILENAME and directory.is_file():
             raise UsageError(
                 f"no store at {directory}: that is the store's database file; "

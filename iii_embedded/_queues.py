@@ -170,6 +170,10 @@ def log_dead_lettered(job: Job, info: object, extra: dict[str, Any], why: str = 
     )
 
 
+_FAILURE_LOG_EVERY_S = 60.0
+"""How often a store that keeps failing a queue's exchanges is logged again (seconds)."""
+
+
 class QueueRunner:
     """Runs one queue's jobs inside the runtime's task group."""
 
@@ -184,6 +188,9 @@ class QueueRunner:
         """Jobs claimed whose outcome is not yet written to the store."""
         self._exchanging = False
         """An exchange is in flight: its claim may bring jobs that must be handed back."""
+        self._failed_exchanges = 0
+        """Exchanges failed in a row (a full disk): one log line for many, see ``_failed``."""
+        self._failure_logged_at = 0.0
         self._outcomes: list[tuple[Job, Outcome]] = []
         self.lent = 0
         """Slots lent by handlers that wait for other runs (see ``lend_slot``)."""
@@ -763,15 +770,11 @@ class QueueRunner:
                         self._drained = len(jobs) < limit and self._generation == generation
                         self._owed = self._queued_here - queued_here
                         learn = self._drained and now >= self._due_at
+                    if self._failed_exchanges:
+                        self._recovered()
                 except StoreError as exc:
                     self._drained = False
-                    log.error(
-                        "queue %r: writing %d outcome(s) and claiming failed: %s; jobs whose "
-                        "outcome was not written run again when their lease expires",
-                        self.name,
-                        len(settled),
-                        exc,
-                    )
+                    self._failed(exc, len(settled))
                 finally:
                     self._exchanging = False
                     self._claiming = 0
@@ -823,6 +826,42 @@ class QueueRunner:
                 continue
             poll_s = self.config.poll_interval_ms / 1000 if store.shared else None
             await self._wait_for_wake(deadline, poll_s)
+
+    def _failed(self, exc: StoreError, outcomes: int) -> None:
+        """An exchange failed. A store that fails every write (a full disk) fails a claim
+        per poll for as long as it lasts: the first failure is logged, and then a line a
+        minute at most with the count, so that the log (often on that disk) is not
+        flooded. One that lost outcomes is always logged: no job is claimed meanwhile, so
+        there are at most as many as jobs were claimed before."""
+        self._failed_exchanges += 1
+        at = time.monotonic()
+        if self._failed_exchanges == 1 or outcomes:
+            log.error(
+                "queue %r: writing %d outcome(s) and claiming failed: %s; jobs whose outcome "
+                "was not written run again when their lease expires (failed claims alone are "
+                "logged once a minute at most)",
+                self.name,
+                outcomes,
+                exc,
+            )
+        elif at - self._failure_logged_at >= _FAILURE_LOG_EVERY_S:
+            log.error(
+                "queue %r: writing outcomes and claiming still fails (%d failures): %s",
+                self.name,
+                self._failed_exchanges,
+                exc,
+            )
+        else:
+            return
+        self._failure_logged_at = at
+
+    def _recovered(self) -> None:
+        log.warning(
+            "queue %r: the store takes writes again, after %d failures",
+            self.name,
+            self._failed_exchanges,
+        )
+        self._failed_exchanges = 0
 
     async def _learn_due(self, now: float) -> None:
         """After a claim found the queue drained at ``now``: ask the store when its next

@@ -240,6 +240,30 @@ class Runtime:
         for runner in self.runners.values():
             runner.start(tg)
         tg.start_soon(self._maintain, name="iii-maintenance")
+        if self.store.shared:
+            tg.start_soon(self._say_unserved, now, name="iii-unserved-queues")
+
+    async def _say_unserved(self, now: float) -> None:
+        """Jobs stored in queues this app has no config for wait for an app that has
+        (a queue renamed or removed by a new version): say so once, at start. Beside the
+        queues, so that counting a large store does not hold them back."""
+        try:
+            counts = await self.store.counts(now)
+        except StoreError:
+            return  # the queues' own errors say what is wrong
+        waiting = {
+            queue: c.ready + c.delayed + c.running + c.held
+            for queue, c in sorted(counts.items())
+            if queue not in self.runners and c.ready + c.delayed + c.running + c.held
+        }
+        if waiting:
+            log.warning(
+                "the store has %d waiting job(s) in queue(s) this app does not serve: %s; "
+                "they run in an app whose config has the queue (renamed or removed in this "
+                "version?)",
+                sum(waiting.values()),
+                ", ".join(f"{queue!r} ({n})" for queue, n in waiting.items()),
+            )
 
     async def _check_queue_types(self) -> None:
         """Refuse to start if a queue holds live jobs of the other type than its config

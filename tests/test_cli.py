@@ -358,6 +358,17 @@ def test_user_mistakes_are_one_line_and_exit_2(
     assert "Traceback" not in out.stderr
 
 
+def test_a_directory_in_place_of_the_database_file_is_named_as_such(tmp_path: Path) -> None:
+    (tmp_path / "odd" / "iii-queue.db").mkdir(parents=True)
+    out = cli(tmp_path, "queues", "--store", "odd")
+    assert out.returncode == 2
+    assert out.stderr == (
+        f"iii-embedded: error: {tmp_path / 'odd' / 'iii-queue.db'}: this is a directory, "
+        "where the store keeps its database file; move it away, or point file_path at "
+        "another directory\n"
+    )
+
+
 def test_an_in_memory_config_has_no_store_to_inspect(tmp_path: Path) -> None:
     (tmp_path / "iii-config.yaml").write_text("queue_configs:\n  q: {}\n")
     out = cli(tmp_path, "queues")

@@ -12,6 +12,7 @@ from typing import Any
 import anyio
 import pytest
 
+import iii_embedded._queues
 from iii_embedded import (
     III,
     Config,
@@ -20,9 +21,11 @@ from iii_embedded import (
     NonRetryableError,
     QueueConfig,
     StoreConfig,
+    StoreError,
     TriggerAction,
 )
-from iii_embedded._stores import NewJob
+from iii_embedded._stores import Job, NewJob
+from iii_embedded._stores._sqlite import DB_FILENAME, SQLiteStore
 from iii_embedded.testing import VirtualClock, drain
 
 pytestmark = pytest.mark.anyio
@@ -466,3 +469,90 @@ async def test_json_formatter_writes_a_data_cycle_as_its_repr() -> None:
     record = logging.LogRecord("app", logging.INFO, __file__, 1, "hello", None, None)
     record.data = cycle
     assert json.loads(JsonFormatter().format(record))["data"] == "{'a': 1, 'self': {...}}"
+
+
+@pytest.mark.parametrize("every_s", [60.0, 0.0])
+async def test_a_store_that_keeps_failing_is_logged_once_and_its_recovery_too(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    every_s: float,
+) -> None:
+    """A full disk fails every claim of a queue with jobs waiting, one per poll (10 a
+    second by default) for as long as it lasts: one ERROR says so, the repeats are
+    counted (a line a minute at most), and one line says when the store works again. A
+    failure that loses outcomes (their jobs will run again) is always logged: there are
+    at most as many as jobs were claimed before, since no claim succeeds meanwhile."""
+    monkeypatch.setattr(iii_embedded._queues, "_FAILURE_LOG_EVERY_S", every_s)
+    failures = 0
+    failing = False
+    release = anyio.Event()
+
+    class FullDisk(SQLiteStore):
+        async def exchange(self, outcomes: Any, queue: str, **kwargs: Any) -> list[Job]:
+            nonlocal failures, failing
+            if queue == "q" and failing:
+                failures += 1
+                if failures == 5:
+                    release.set()  # the running job finishes: its outcome is not written
+                failing = failures < 25
+                raise StoreError(f"{self.path}: committing failed: the disk is full")
+            return await super().exchange(outcomes, queue, **kwargs)
+
+    directory = tmp_path / "store"
+    config = Config(
+        queues={"q": QueueConfig(name="q", poll_interval_ms=1)},
+        store=StoreConfig(store_method="file_based", file_path=str(directory)),
+    )
+    iii = III(config, store=FullDisk(directory), shutdown_grace_ms=0)
+    running = anyio.Event()
+    done = anyio.Event()
+
+    async def fn(data: str) -> None:
+        if data == "slow":
+            running.set()
+            await release.wait()
+        else:
+            done.set()
+
+    iii.register_function("fn", fn)
+    caplog.set_level(logging.INFO, logger="iii_embedded.queue")
+    async with iii.running():
+        await iii.trigger_async("fn", "slow", action=TriggerAction.Enqueue(queue="q"))
+        with anyio.fail_after(10):
+            await running.wait()
+            failing = True
+            # Delayed, so that its claim is the dispatcher's, not one made at enqueue.
+            await iii.trigger_async(
+                "fn", "fast", action=TriggerAction.Enqueue(queue="q", delay_ms=1)
+            )
+            await done.wait()
+    lines = [
+        (r.levelname, r.getMessage()) for r in caplog.records if r.name == "iii_embedded.queue"
+    ]
+    error = f"{directory / DB_FILENAME}: committing failed: the disk is full"
+
+    def failed(outcomes: int) -> tuple[str, str]:
+        return (
+            "ERROR",
+            f"queue 'q': writing {outcomes} outcome(s) and claiming failed: {error}; jobs "
+            "whose outcome was not written run again when their lease expires (failed "
+            "claims alone are logged once a minute at most)",
+        )
+
+    assert lines[0] == failed(0)
+    assert lines[-1] == ("WARNING", "queue 'q': the store takes writes again, after 25 failures")
+    assert lines.count(failed(1)) == 1
+    repeats = [line for line in lines[1:-1] if line != failed(1)]
+    if every_s == 0:  # each failure logged: the one that lost the outcome as such
+        lost = lines.index(failed(1)) + 1
+        assert repeats == [
+            (
+                "ERROR",
+                f"queue 'q': writing outcomes and claiming still fails ({n} failures): {error}",
+            )
+            for n in range(2, 26)
+            if n != lost
+        ]
+    else:
+        assert repeats == []

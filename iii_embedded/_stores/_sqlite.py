@@ -47,6 +47,7 @@ import logging
 import os
 import queue
 import sqlite3
+import stat as stat_module
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -492,6 +493,8 @@ class SQLiteStore:
         self._identity: tuple[int, int] = (-1, -1)
         self._stat_path = str(self.path)
         """The database file's device and inode when opened (see ``_file_gone``)."""
+        self._wal_identity: tuple[int, int] | None = None
+        """The same of its -wal file (``None``: there was none to look at)."""
         self._gone_logged = False
         self._owners: set[str] = set()
         self._closed = False
@@ -928,27 +931,41 @@ class SQLiteStore:
         return succeeded
 
     def _file_gone(self) -> StoreError | None:
-        """After a commit: the error to give its callers if the database file is no
-        longer the one this store opened (removed, or replaced). SQLite keeps writing to
-        an open file that was unlinked, so the commit succeeded into a file nobody will
-        open again: no receipt may be handed out for it. One ``stat`` per commit."""
+        """After a commit: the error to give its callers if the database file, or its
+        -wal file, is no longer the one this store opened (removed, or replaced). SQLite
+        keeps writing to an open file that was unlinked, so the commit succeeded into a
+        file nobody will open again (a crash loses a WAL's commits not yet copied into the
+        database file): no receipt may be handed out for it. Two ``stat`` per commit."""
         try:
             stat = os.stat(self._stat_path)
             same = (stat.st_dev, stat.st_ino) == self._identity
         except OSError:
             same = False
+        which, fate = "database file", "this write went with it"
+        if same and self._wal_identity is not None:
+            which = "database's -wal file"
+            fate = (
+                "this write is only in the removed file (lost if the process dies; a clean "
+                "stop copies it into the database file)"
+            )
+            try:
+                stat = os.stat(self._stat_path + "-wal")
+                same = (stat.st_dev, stat.st_ino) == self._wal_identity
+            except OSError:
+                same = False
         if same:
             return None
         if not self._gone_logged:
             self._gone_logged = True
             log.error(
-                "%s: the database file was removed or replaced while the store was open; "
-                "every write from now on fails (restart on a store that stays in place)",
+                "%s: the %s was removed or replaced while the store was open; every write "
+                "from now on fails (stop the app, which copies what it wrote into the "
+                "database file if that is still in place, and start it again)",
                 self.path,
+                which,
             )
         return StoreError(
-            f"{self.path}: the database file was removed or replaced while the store was "
-            "open: this write went with it"
+            f"{self.path}: the {which} was removed or replaced while the store was open: {fate}"
         )
 
     def _try_each(
@@ -1074,6 +1091,7 @@ class SQLiteStore:
             raise StoreError(f"{self.path}: the store directory is read-only (permission denied)")
         if self.path.exists() and not os.access(self.path, os.W_OK):
             raise StoreError(f"{self.path}: the database file is read-only (permission denied)")
+        self._create_file()
         conn: Conn | None = None
         try:
             conn = sqlite3.connect(
@@ -1103,6 +1121,11 @@ class SQLiteStore:
             self._stat_path = os.path.realpath(self.path)
             stat = os.stat(self._stat_path)
             self._identity = (stat.st_dev, stat.st_ino)
+            try:  # made by the first read, which the migration's check was
+                stat = os.stat(self._stat_path + "-wal")
+                self._wal_identity = (stat.st_dev, stat.st_ino)
+            except OSError:
+                self._wal_identity = None
         except StoreError:
             if conn is not None:
                 conn.close()
@@ -1116,6 +1139,50 @@ class SQLiteStore:
         # after the loop set 0 on its last connection must have the loop set it again.
         self._busy_waits = True
 
+    def _create_file(self) -> None:
+        """Make the database file if there is none, and refuse an empty one.
+
+        SQLite takes a 0-byte file for a new database and deletes the WAL beside it, which
+        holds every commit since the last checkpoint: such a file is damage (a failed copy,
+        a ``> file``), never a store. So that no process of ours can see a 0-byte file of
+        another that is creating the store, the file is made under a name of its own, with
+        its first page written (the switch to WAL mode writes it), and linked into place.
+        """
+        try:
+            stat = os.stat(self.path)
+            size: int | None = stat.st_size
+        except FileNotFoundError:
+            size = None
+        except OSError:
+            return  # left to SQLite, whose error names the cause
+        else:
+            if stat_module.S_ISDIR(stat.st_mode):
+                raise StoreError(
+                    f"{self.path}: this is a directory, where the store keeps its database "
+                    "file; move it away, or point file_path at another directory"
+                )
+        if size == 0:
+            raise StoreError(
+                f"{self.path}: the database file is empty (0 bytes): it was truncated or "
+                "replaced, so the store's jobs are not in it; restore it from a backup "
+                "(with its -wal file, if any), or delete it to start an empty store"
+            )
+        if size is not None:
+            return
+        draft = self.path.with_name(f"{DB_FILENAME}.new-{os.getpid()}-{threading.get_ident()}")
+        try:
+            with contextlib.closing(sqlite3.connect(draft, isolation_level=None)) as conn:
+                conn.execute("PRAGMA journal_mode = WAL").fetchall()
+            with contextlib.suppress(FileExistsError):  # another process made it meanwhile
+                os.link(draft, self.path)
+        except sqlite3.Error as exc:  # a full disk: no file is left that looks damaged
+            raise self._error(exc, "creating the store") from None
+        except OSError:
+            pass  # no hard links on this file system: SQLite makes the file itself
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(draft)
+
     def _migrate(self, conn: Conn) -> None:
         db = sqlite_utils.Database(conn)
         if self._schema_version(conn, db) == SCHEMA_VERSION:
@@ -1128,8 +1195,13 @@ class SQLiteStore:
                 db["meta"].create(  # type: ignore[union-attr]
                     {"key": str, "value": str}, pk="key", if_not_exists=True
                 )
-                for target in range(version + 1, SCHEMA_VERSION + 1):
-                    _MIGRATIONS[target](db)
+                try:
+                    for target in range(version + 1, SCHEMA_VERSION + 1):
+                        _MIGRATIONS[target](db)
+                except sqlite3.Error as exc:  # rolled back below: the store is as it was
+                    raise self._error(
+                        exc, f"migrating the store from schema version {version}"
+                    ) from None
                 conn.execute(
                     "INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)",
                     (str(SCHEMA_VERSION),),
@@ -1153,7 +1225,13 @@ class SQLiteStore:
                 "point file_path at another directory"
             )
         row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        version = int(row[0]) if row else 0
+        try:
+            version = int(row[0]) if row else 0
+        except (TypeError, ValueError):
+            raise StoreError(
+                f"{self.path}: the store's schema version is {row[0]!r}, not a number "
+                "(its meta table was changed by hand?)"
+            ) from None
         if version > SCHEMA_VERSION:
             raise StoreVersionError(
                 f"{self.path}: the store has schema version {version}, but this "

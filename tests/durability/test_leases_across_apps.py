@@ -6,6 +6,7 @@ another app that has it, without a restart."""
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
@@ -18,7 +19,7 @@ import pytest
 
 from iii_embedded import III, Config, ConfigError, QueueConfig, StoreConfig, current_invocation
 from iii_embedded._runtime import StallGuard
-from iii_embedded._stores import NewJob
+from iii_embedded._stores import NewJob, Outcome
 from iii_embedded._stores._sqlite import DB_FILENAME, SQLiteStore
 from iii_embedded.testing import VirtualClock, drain
 
@@ -434,3 +435,46 @@ async def test_a_process_that_configures_a_fifo_queue_standard_leaves_its_groups
         ("std", "p2"),
     ]
     assert [key for _, key in ran if key.endswith("G")] == ["aG", "bG"]
+
+
+async def test_an_app_says_at_start_which_stored_queues_it_does_not_serve(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A new version renamed a queue (``emails`` to ``mail``): the jobs the old one left
+    in ``emails`` wait for an app that serves it, which this one does not. They are not
+    lost, but nothing else would say that they wait; finished and dead jobs need no
+    app, and are not counted."""
+    path = tmp_path / "store"
+    store = SQLiteStore(path)
+    await store.open()
+    now = time.time()
+    try:
+        await store.enqueue(
+            [
+                attrs.evolve(new_job(f"e{n}", "work", now), queue="emails", available_at=at)
+                for n, at in enumerate([now, now, now + 3600])
+            ]
+            + [attrs.evolve(new_job("old", "work", now), queue="gone")]
+        )
+        claimed = await store.claim(
+            "gone", fifo=False, limit=1, now=now, owner="x:1:y", lease_until=now + 30
+        )
+        await store.finish(
+            [Outcome(job_id=claimed[0].id, kind="completed", owner="x:1:y", attempt=1, at=now)]
+        )
+    finally:
+        await store.aclose()
+    caplog.set_level(logging.WARNING, logger="iii_embedded")
+    iii = III(file_config(path), shutdown_grace_ms=0)
+    iii.register_function("work", lambda _: None)
+    async with iii.running():
+
+        async def said() -> bool:
+            return any("does not serve" in r.getMessage() for r in caplog.records)
+
+        await until(said)
+    lines = [r.getMessage() for r in caplog.records if "does not serve" in r.getMessage()]
+    assert lines == [
+        "the store has 3 waiting job(s) in queue(s) this app does not serve: 'emails' (3); "
+        "they run in an app whose config has the queue (renamed or removed in this version?)"
+    ]

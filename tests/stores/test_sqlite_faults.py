@@ -127,6 +127,19 @@ async def test_a_file_where_the_store_directory_should_be_is_named_as_such(
     assert path.read_text() == "not a directory"
 
 
+async def test_a_directory_where_the_database_file_should_be_is_named_as_such(
+    tmp_path: Path,
+) -> None:
+    directory = tmp_path / "store"
+    (directory / DB_FILENAME).mkdir(parents=True)
+    with pytest.raises(StoreError) as caught:
+        await SQLiteStore(directory).open()
+    assert str(caught.value) == (
+        f"{directory / DB_FILENAME}: this is a directory, where the store keeps its "
+        "database file; move it away, or point file_path at another directory"
+    )
+
+
 async def test_a_corrupt_database_fails_naming_the_path_and_the_cause(tmp_path: Path) -> None:
     directory = tmp_path / "store"
     await make_store(directory)
@@ -140,6 +153,68 @@ async def test_a_corrupt_database_fails_naming_the_path_and_the_cause(tmp_path: 
     message = str(caught.value)
     assert str(directory / DB_FILENAME) in message
     assert "not a valid SQLite database" in message
+
+
+@pytest.mark.parametrize("with_wal", [True, False])
+async def test_an_empty_database_file_is_refused_and_its_wal_kept(
+    tmp_path: Path, with_wal: bool
+) -> None:
+    """A database file cut to 0 bytes (a failed copy, a ``> file``) is damage: SQLite would
+    take it for a new database, delete the WAL beside it (the jobs acknowledged since the
+    last checkpoint) and start empty. The store never leaves an empty file itself: the
+    switch to WAL mode writes the first page as soon as the file is made."""
+    directory = tmp_path / "store"
+    directory.mkdir()
+    (directory / DB_FILENAME).write_bytes(b"")
+    wal = directory / (DB_FILENAME + "-wal")
+    if with_wal:
+        wal.write_bytes(b"frames of acknowledged jobs" * 100)
+    with pytest.raises(StoreError) as caught:
+        await SQLiteStore(directory).open()
+    assert str(caught.value) == (
+        f"{directory / DB_FILENAME}: the database file is empty (0 bytes): it was truncated "
+        "or replaced, so the store's jobs are not in it; restore it from a backup (with its "
+        f"-wal file, if any), or delete it to start an empty store"
+    )
+    assert (directory / DB_FILENAME).stat().st_size == 0
+    assert wal.exists() == with_wal
+    if with_wal:
+        assert wal.read_bytes() == b"frames of acknowledged jobs" * 100
+
+
+async def test_a_store_that_cannot_be_made_leaves_no_file_for_the_next_start(
+    tmp_path: Path,
+) -> None:
+    """A full disk at the first start (here a file size limit of 0, so that every write
+    fails) fails that start naming the path, and leaves no empty database file, which the
+    next start, with room again, would refuse as damaged (SQLite makes the file before
+    it finds that it cannot write it)."""
+    directory = tmp_path / "store"
+    code = f"""
+import resource, signal, anyio
+from iii_embedded import StoreError
+from iii_embedded._stores._sqlite import SQLiteStore
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))
+async def main():
+    try:
+        await SQLiteStore({str(directory)!r}).open()
+    except StoreError as exc:
+        print("ERROR", exc)
+anyio.run(main)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert list(directory.iterdir()) == []
+    assert proc.stdout.startswith(
+        f"ERROR {directory / DB_FILENAME}: creating the store failed: "
+    ), proc.stdout + proc.stderr
+    store = SQLiteStore(directory)
+    await store.open()
+    try:
+        await store.enqueue([new_job("first")])
+        assert [j.id for j in await store.list_jobs()] == ["first"]
+    finally:
+        await store.aclose()
 
 
 async def test_a_database_that_is_not_ours_is_refused(tmp_path: Path) -> None:
@@ -164,6 +239,39 @@ async def test_a_store_from_a_newer_version_is_refused(tmp_path: Path) -> None:
     with pytest.raises(StoreVersionError, match="schema version 99") as caught:
         await store.open()
     assert str(directory / DB_FILENAME) in str(caught.value)
+
+
+async def test_a_schema_version_that_is_not_a_number_is_refused_naming_the_path(
+    tmp_path: Path,
+) -> None:
+    directory = tmp_path / "store"
+    await make_store(directory)
+    with sqlite3.connect(directory / DB_FILENAME) as conn:
+        conn.execute("UPDATE meta SET value = 'abc' WHERE key = 'schema_version'")
+    with pytest.raises(StoreError) as caught:
+        await SQLiteStore(directory).open()
+    assert str(caught.value) == (
+        f"{directory / DB_FILENAME}: the store's schema version is 'abc', not a number "
+        "(its meta table was changed by hand?)"
+    )
+
+
+async def test_a_schema_version_lowered_by_hand_fails_its_migration_and_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    directory = tmp_path / "store"
+    await make_store(directory)
+    with sqlite3.connect(directory / DB_FILENAME) as conn:
+        conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    with pytest.raises(StoreError) as caught:
+        await SQLiteStore(directory).open()
+    assert str(caught.value).startswith(
+        f"{directory / DB_FILENAME}: migrating the store from schema version 2 failed: "
+        'table "cron_fires" already exists'
+    )
+    with sqlite3.connect(directory / DB_FILENAME) as conn:
+        assert conn.execute("SELECT value FROM meta").fetchall() == [("2",)]
+        assert conn.execute("SELECT id FROM jobs").fetchall() == [("kept",)]
 
 
 async def test_reopening_keeps_the_jobs_and_the_schema(tmp_path: Path) -> None:
@@ -288,6 +396,42 @@ async def test_a_store_whose_file_is_removed_while_open_gives_no_more_receipts(
             assert [j.id for j in await store.list_jobs()] == ["kept"]  # only its own
         finally:
             await store.aclose()
+
+
+async def test_a_store_whose_wal_file_is_removed_while_open_gives_no_more_receipts(
+    tmp_path: Path,
+) -> None:
+    """SQLite commits on into a WAL file that was unlinked (an ``rm *-wal`` to "clean up"),
+    where a crash loses them and no other process sees them: no receipt may be given for
+    such a commit. What was written before is in the unlinked file, and a clean close
+    copies it into the database file."""
+    directory = tmp_path / "store"
+    store = SQLiteStore(directory)
+    await store.open()
+    try:
+        await store.enqueue([new_job("kept")])
+        (directory / (DB_FILENAME + "-wal")).unlink()
+        errors = []
+        for n in range(2):
+            with pytest.raises(StoreError) as caught:
+                await store.enqueue([new_job(f"after-{n}")])
+            errors.append(str(caught.value))
+    finally:
+        await store.aclose()
+    expected = (
+        f"{directory / DB_FILENAME}: the database's -wal file was removed or replaced while "
+        "the store was open: this write is only in the removed file (lost if the process "
+        "dies; a clean stop copies it into the database file)"
+    )
+    assert errors == [expected, expected]
+    store = SQLiteStore(directory)
+    await store.open()
+    try:
+        # The close copied the removed file's commits in, the refused ones too: a caller
+        # that enqueues again after the error may have its job twice (at-least-once).
+        assert [j.id for j in await store.list_jobs()] == ["kept", "after-0", "after-1"]
+    finally:
+        await store.aclose()
 
 
 @pytest.mark.parametrize("kind", ["held", "released", "retry"])
