@@ -7,7 +7,9 @@
 ``engine::queue::dlq_topics {}`` → ``[{topic, broker_type, message_count}]``;
 ``engine::queue::list_topics {}`` → ``[{name, broker_type, subscriber_count}]``;
 ``engine::queue::topic_stats {queue}`` → ``{depth, consumer_count, dlq_depth, config}``.
-Each accepts ``queue`` or iii's alias ``topic``.
+Each accepts ``queue`` or iii's alias ``topic``. One given without its queue, or (those that
+take one) without its ``message_id``, fails with iii's codes: ``queue_not_set`` (``Queue name
+is required``) and ``message_id_not_set`` (``Message ID is required``).
 
 As iii's engine does, the two listings name the publish/subscribe topics (broker type
 ``builtin``; a topic's subscribers are its subscribed functions, its dead messages theirs)
@@ -23,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from ._errors import InvocationError
+
 if TYPE_CHECKING:
     from ._app import III
 
@@ -37,13 +41,13 @@ def _queue_of(data: Any) -> str:
         name = data.get("queue", data.get("topic"))
         if isinstance(name, str) and name:
             return name
-    raise ValueError("Queue name is required")
+    raise InvocationError("queue_not_set", "Queue name is required")
 
 
 def _message_id(data: Any) -> str:
     message_id = data.get("message_id") if isinstance(data, Mapping) else None
     if not isinstance(message_id, str) or not message_id:
-        raise ValueError("Message ID is required")
+        raise InvocationError("message_id_not_set", "Message ID is required")
     return message_id
 
 

@@ -173,6 +173,33 @@ async def test_iii_function_ids_work_through_trigger_with_iii_shapes() -> None:
         assert sorted(d.id for d in await dead_jobs(iii, "email")) == sorted(ids[1:])
 
 
+async def test_dlq_functions_missing_their_queue_or_message_id_fail_with_iiis_codes() -> None:
+    iii, _fixed = make_app(VirtualClock())
+    async with iii.running():
+        for function_id in (
+            "iii::queue::redrive",
+            "iii::queue::redrive_message",
+            "iii::queue::discard_message",
+            "engine::queue::dlq_messages",
+            "engine::queue::topic_stats",
+        ):
+            for payload in ({}, {"queue": ""}, None):
+                with pytest.raises(InvocationError) as missing_queue:
+                    await iii.trigger_async(function_id, payload)
+                assert (missing_queue.value.code, missing_queue.value.message) == (
+                    "queue_not_set",
+                    "Queue name is required",
+                )
+        for function_id in ("iii::queue::redrive_message", "iii::queue::discard_message"):
+            for payload in ({"queue": "email"}, {"topic": "email", "message_id": ""}):
+                with pytest.raises(InvocationError) as missing_id:
+                    await iii.trigger_async(function_id, payload)
+                assert (missing_id.value.code, missing_id.value.message) == (
+                    "message_id_not_set",
+                    "Message ID is required",
+                )
+
+
 async def test_dlq_messages_takes_its_paging_values_as_given_and_names_a_bad_one() -> None:
     iii, _fixed = make_app(VirtualClock())
     async with iii.running():
