@@ -7,9 +7,10 @@ Subscribing: ``register_trigger({"type": "queue" | "durable:subscriber", "functi
 
 Each (topic, function) subscription is served by its own internal named queue,
 ``topic::<topic>::<function_id>``, configured from the subscription's ``queue_config`` (the
-same keys as ``queue_configs``): every subscribed function gets its own copy of each
-message with its own retries and dead-letter queue, and subscribing the same function twice
-makes the subscriptions compete on one queue. A publish stores one job per subscribed
+same keys as ``queue_configs``, or iii's camelCase ``maxRetries`` and ``backoffDelayMs``):
+every subscribed function gets its own copy of each message with its own retries and
+dead-letter queue, and subscribing the same function twice makes the subscriptions compete
+on one queue. A publish stores one job per subscribed
 function, all in one transaction. A message published to a topic nobody subscribes to is
 dropped with a warning (see docs/design.md). An unregistered subscription
 (``Trigger.unregister``) gets no copy of later messages; its queue still delivers the
@@ -41,6 +42,45 @@ log = logging.getLogger("iii_embedded.topics")
 _QUEUE_KEYS = {field.name for field in attrs.fields(QueueConfig)} - {"name"}
 """The keys of a subscription's ``queue_config``: those of ``queue_configs``."""
 
+_III_QUEUE_KEYS = {"maxRetries": "max_retries", "backoffDelayMs": "backoff_ms"}
+"""iii's engine reads a subscription's ``queue_config`` in camelCase: these are its names
+for ours (``type`` and ``concurrency`` are spelled alike)."""
+
+_IGNORED_QUEUE_KEYS = frozenset({"visibilityTimeout", "delaySeconds", "backoffType", "maxPriority"})
+"""Keys of iii's ``queue_config`` that its builtin adapter ignores (they configure its
+RabbitMQ and Redis adapters): ignored here too, with a warning."""
+
+
+def _queue_options(function_id: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """A subscription's ``queue_config`` in our key names, iii's camelCase ones translated."""
+    result: dict[str, Any] = {}
+    ignored = sorted(key for key in options if key in _IGNORED_QUEUE_KEYS)
+    for key, value in options.items():
+        if key in _IGNORED_QUEUE_KEYS:
+            continue
+        name = _III_QUEUE_KEYS.get(key, key)
+        if name in result:
+            iii_name = next(k for k, ours in _III_QUEUE_KEYS.items() if ours == name)
+            raise ValueError(
+                f"queue trigger of {function_id!r}: queue_config gives both "
+                f"'{iii_name}' and '{name}', iii's name and ours for one key"
+            )
+        result[name] = value
+    unknown = set(result) - _QUEUE_KEYS
+    if unknown:
+        raise ValueError(
+            f"queue trigger of {function_id!r}: unknown queue_config key(s) "
+            f"{sorted(unknown)} (allowed: {', '.join(sorted(_QUEUE_KEYS))})"
+        )
+    if ignored:
+        log.warning(
+            "queue trigger of %r ignores queue_config key(s) %s: they configure iii's "
+            "other queue adapters",
+            function_id,
+            ignored,
+        )
+    return result
+
 
 def topic_queue_name(topic: str, function_id: str) -> str:
     """The internal queue that delivers ``topic`` to ``function_id``."""
@@ -55,15 +95,10 @@ def _subscribe(app: III, trigger: Mapping[str, Any]) -> Binding:
         raise ValueError("a queue trigger needs a 'function_id'")
     if not isinstance(topic, str) or not topic:
         raise ValueError(f"the queue trigger of {function_id!r} needs config.topic")
-    options = config.get("queue_config") or {}
-    if not isinstance(options, Mapping):
+    given = config.get("queue_config") or {}
+    if not isinstance(given, Mapping):
         raise ValueError(f"queue trigger of {function_id!r}: queue_config must be a mapping")
-    unknown = set(options) - _QUEUE_KEYS
-    if unknown:
-        raise ValueError(
-            f"queue trigger of {function_id!r}: unknown queue_config key(s) "
-            f"{sorted(unknown)} (allowed: {', '.join(sorted(_QUEUE_KEYS))})"
-        )
+    options = _queue_options(function_id, given)
     name = topic_queue_name(topic, function_id)
     taken = app.topic_queues.get(name)
     if taken is not None and taken != (topic, function_id):

@@ -276,6 +276,58 @@ def test_a_subscriptions_queue_config_takes_every_queue_key() -> None:
     )
 
 
+async def test_a_subscriptions_queue_config_takes_iiis_own_key_names(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """iii's engine reads a subscription's ``queue_config`` in camelCase (``maxRetries``,
+    ``backoffDelayMs``); iii code that set them was refused as having unknown keys. The
+    keys its builtin adapter ignores are ignored here too, with a warning."""
+    iii = make_app()
+    calls: list[float] = []
+
+    def bad(_: Any) -> None:
+        calls.append(iii.clock.now())
+        raise RuntimeError("subscriber broken")
+
+    iii.register_function("sub::bad", bad)
+    caplog.set_level(logging.WARNING, logger="iii_embedded.topics")
+    iii.register_trigger(
+        {
+            "type": "queue",
+            "function_id": "sub::bad",
+            "config": {
+                "topic": "t",
+                "queue_config": {
+                    "type": "standard",
+                    "maxRetries": 3,
+                    "concurrency": 2,
+                    "backoffDelayMs": 250,
+                    "backoffType": "exponential",
+                    "visibilityTimeout": 3000,
+                },
+            },
+        }
+    )
+    queue = iii.config.queues[topic_queue_name("t", "sub::bad")]
+    assert (queue.max_retries, queue.concurrency, queue.backoff_ms) == (3, 2, 250)
+    assert "ignores queue_config key(s) ['backoffType', 'visibilityTimeout']" in caplog.text
+    with pytest.raises(ValueError, match="both 'maxRetries' and 'max_retries'"):
+        iii.register_trigger(
+            {
+                "type": "queue",
+                "function_id": "sub::other",
+                "config": {"topic": "t", "queue_config": {"maxRetries": 3, "max_retries": 2}},
+            }
+        )
+    async with iii.running():
+        start = iii.clock.now()
+        await iii.trigger_async("iii::durable::publish", {"topic": "t", "data": "m"})
+        await drain(iii)
+        dead = await dead_jobs(iii, topic_queue_name("t", "sub::bad"))
+    assert [round(t - start, 3) for t in calls] == [0.0, 0.25, 0.75]
+    assert [d.payload for d in dead] == ["m"]
+
+
 def test_bad_subscriptions_are_refused_with_a_clear_error() -> None:
     iii = make_app()
     with pytest.raises(ValueError, match=r"needs config\.topic"):
