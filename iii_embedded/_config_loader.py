@@ -70,6 +70,9 @@ _ADAPTER_KEYS = {
     "pin_cpu",
     "commit_on_loop",
 }
+_IGNORED_QUEUE_KEYS = {"max_priority", "priority_field"}
+"""iii's queue keys that only its RabbitMQ adapter reads (its builtin adapter ignores them):
+warned about, then ignored."""
 _IGNORED_ADAPTER_KEYS = {"save_interval_ms"}
 """iii's built-in adapter keys with no meaning here: its file store saves its state every
 ``save_interval_ms``; the SQLite store commits every write (warned about, then ignored)."""
@@ -274,6 +277,16 @@ class _Reader:
         for key in fields:
             key_line = self.line_of(fields, key)
             value = fields[key]
+            if key in _IGNORED_QUEUE_KEYS:
+                log.warning(
+                    "%s:%s: queue '%s': %r configures priorities in iii's RabbitMQ adapter, "
+                    "which iii-embedded does not have, and is ignored",
+                    self.source,
+                    key_line,
+                    name,
+                    key,
+                )
+                continue
             if key not in _QUEUE_KEYS:
                 raise self.fail(
                     f"queue '{name}': unknown key {key!r} "

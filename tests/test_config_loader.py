@@ -569,6 +569,34 @@ def test_iii_reference_config_loads_with_its_environment_defaults(
     assert any(":7: http option 'default_timeout'" in w for w in warnings), warnings
 
 
+def test_iiis_rabbitmq_only_queue_keys_are_ignored_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``max_priority`` and ``priority_field`` are keys of iii's queue_configs that only
+    its RabbitMQ adapter reads; its builtin adapter ignores them. They were refused here
+    as unknown keys, so an iii config that set them did not load."""
+    caplog.set_level(logging.WARNING, logger="iii_embedded.config")
+    cfg = load_config(
+        write(
+            tmp_path,
+            """\
+workers:
+  - name: iii-queue
+    config:
+      queue_configs:
+        jobs:
+          max_retries: 4
+          max_priority: 10
+          priority_field: priority
+""",
+        )
+    )
+    assert cfg.queues["jobs"].max_retries == 4
+    warnings = [r.getMessage() for r in caplog.records]
+    assert any(":7: queue 'jobs': 'max_priority'" in w for w in warnings), warnings
+    assert any(":8: queue 'jobs': 'priority_field'" in w for w in warnings), warnings
+
+
 def test_environment_variables_override_the_defaults(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
