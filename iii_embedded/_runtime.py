@@ -1208,9 +1208,21 @@ def _group_of(queue: QueueConfig, payload: Any, where: str) -> str:
             "enqueue_error", f"{where}FIFO queue '{queue.name}': field '{field}' must be finite"
         )
     try:
-        return json.dumps(value, sort_keys=True)
+        return json.dumps(value if isinstance(value, str) else _one_number(value), sort_keys=True)
     except (TypeError, ValueError) as exc:
         raise InvocationError(
             "enqueue_error",
             f"{where}FIFO queue '{queue.name}': field '{field}' is not JSON-serialisable",
         ) from exc
+
+
+def _one_number(value: Any) -> Any:
+    """``value`` with its integral floats made ints, so that equal JSON numbers (``1`` and
+    ``1.0``) give one group key. Other values are left as they are (``true`` is not ``1``)."""
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else value
+    if isinstance(value, Mapping):
+        return {key: _one_number(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_one_number(item) for item in value]
+    return value

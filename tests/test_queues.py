@@ -20,6 +20,7 @@ from iii_embedded import (
     NonRetryableError,
     QueueConfig,
     RetryAfter,
+    StoreConfig,
     TriggerAction,
 )
 from iii_embedded._stores import EnqueueClaim, Job, NewJob
@@ -216,6 +217,46 @@ async def test_fifo_runs_one_job_per_group_in_enqueue_order_and_groups_in_parall
     assert overlap == []
     assert {a: order[a] for a in "ABC"} == {a: list(range(20)) for a in "ABC"}
     assert groups_at_once == 3
+
+
+async def test_equal_json_numbers_are_one_fifo_group(store_config: StoreConfig) -> None:
+    """``1`` and ``1.0`` are the same account (JSON has one number type, and a Node
+    producer cannot tell them apart), so a job for ``1.0`` waits behind a failing ``1``
+    (docs/design.md). Until 2026-12-03 their group keys were ``1`` and ``1.0``: the job
+    overtook the head of its group. ``"1"`` and ``true`` are other groups."""
+    clock = VirtualClock()
+    iii = III(
+        Config(
+            queues={
+                "f": QueueConfig(
+                    name="f", type="fifo", message_group_field="g", max_retries=2, concurrency=4
+                )
+            },
+            store=store_config,
+        ),
+        clock=clock,
+        shutdown_grace_ms=0,
+    )
+    ran: list[tuple[float, str]] = []
+    t0 = clock.now()
+
+    @iii.function("h")
+    async def h(data: dict[str, Any]) -> None:
+        ran.append((clock.now() - t0, data["n"]))
+        if data["n"] == "head":
+            raise RuntimeError("fails until its DLQ")
+
+    async with iii.running():
+        for group, name in [(1, "head"), (1.0, "float"), ("1", "text"), (True, "bool")]:
+            await enqueue(iii, "h", {"g": group, "n": name}, "f")
+        await drain(iii)
+    assert sorted(ran) == [
+        (0.0, "bool"),
+        (0.0, "head"),
+        (0.0, "text"),
+        (1.0, "float"),
+        (1.0, "head"),
+    ]
 
 
 async def test_a_failing_fifo_job_blocks_its_group_through_its_backoff() -> None:
