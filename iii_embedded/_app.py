@@ -248,7 +248,18 @@ class III:
 
         Returns a :class:`Trigger` whose ``unregister()`` stops it. Raises ``ValueError``
         for an unknown type or a trigger its type refuses (the error says why)."""
-        return self._bindings.bind(trigger_registrar(trigger.get("type")), self, trigger)
+        registrar = trigger_registrar(trigger.get("type"))
+        config = trigger.get("config")
+        if isinstance(config, Mapping) and config.get("condition_function_id") is not None:
+            # iii skips the handler when the condition returns false; ignoring the key
+            # would run the handler for everything the condition was there to hold back.
+            function_id = trigger.get("function_id")
+            raise ValueError(
+                f"{trigger.get('type')} trigger of {function_id!r}: condition_function_id "
+                "is not supported by iii-embedded; check the condition in "
+                f"{function_id!r} itself (return early when it does not hold)"
+            )
+        return self._bindings.bind(registrar, self, trigger)
 
     def _on_engine_thread(self, fn: Callable[[], T]) -> T:
         """``fn()`` on the running engine's loop, waiting for it from another thread (so

@@ -303,3 +303,25 @@ def test_a_trigger_registered_again_while_another_thread_undoes_it_stays_bound()
     finally:
         iii.shutdown()
         _TRIGGER_TYPES.pop("probe")
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        {"type": "queue", "function_id": "f", "config": {"topic": "t"}},
+        {"type": "http", "function_id": "f", "config": {"api_path": "/f", "http_method": "POST"}},
+        {"type": "cron", "function_id": "f", "config": {"expression": "0 * * * * *"}},
+    ],
+)
+def test_a_trigger_with_iiis_condition_function_id_is_refused(request_: dict[str, Any]) -> None:
+    """iii runs a trigger's ``condition_function_id`` first and skips the handler when it
+    returns ``false``. It was accepted and ignored here, so every message, request or fire
+    ran the handler that the condition was there to hold back."""
+    iii = III()
+    iii.register_function("f", lambda data: data)
+    iii.register_function("only_big", lambda data: data["amount"] > 100)
+    refused = {**request_, "config": {**request_["config"], "condition_function_id": "only_big"}}
+    with pytest.raises(ValueError, match="condition_function_id is not supported") as error:
+        iii.register_trigger(refused)
+    assert "check the condition in 'f' itself" in str(error.value)
+    iii.register_trigger(request_)  # the same trigger without a condition is bound
