@@ -7,9 +7,9 @@
 ``engine::queue::dlq_topics {}`` → ``[{topic, broker_type, message_count}]``;
 ``engine::queue::list_topics {}`` → ``[{name, broker_type, subscriber_count}]``;
 ``engine::queue::topic_stats {queue}`` → ``{depth, consumer_count, dlq_depth, config}``.
-Each accepts ``queue`` or iii's alias ``topic``. One given without its queue, or (those that
-take one) without its ``message_id``, fails with iii's codes: ``queue_not_set`` (``Queue name
-is required``) and ``message_id_not_set`` (``Message ID is required``).
+Each accepts ``queue`` or iii's alias ``topic``. As in iii, a payload without its queue (or
+its ``message_id``) fails with ``deserialization_error`` naming the field, an empty one with
+``queue_not_set`` (``Queue name is required``) or ``message_id_not_set``.
 
 As iii's engine does, the two listings name the publish/subscribe topics (broker type
 ``builtin``; a topic's subscribers are its subscribed functions, its dead messages theirs)
@@ -36,29 +36,50 @@ BROKER_TYPE = "builtin"
 FUNCTION_QUEUE = "function_queue"
 
 
-def _queue_of(data: Any) -> str:
+def _unreadable(function_id: str, why: str) -> InvocationError:
+    """A payload the function cannot read, as iii's engine reports one."""
+    return InvocationError(
+        "deserialization_error", f"Failed to deserialize input for {function_id}: {why}"
+    )
+
+
+def _text(data: Any, function_id: str, field: str, alias: str | None = None) -> str:
+    """The string ``field`` (or its ``alias``) of a payload; missing, it is a
+    ``deserialization_error`` naming the field, as in iii."""
+    value = None
     if isinstance(data, Mapping):
-        name = data.get("queue", data.get("topic"))
-        if isinstance(name, str) and name:
-            return name
-    raise InvocationError("queue_not_set", "Queue name is required")
+        value = data.get(field, data.get(alias) if alias else None)
+    if value is None:
+        raise _unreadable(function_id, f"missing field `{field}`")
+    if not isinstance(value, str):
+        raise _unreadable(function_id, f"`{field}` must be a string, got {value!r}")
+    return value
 
 
-def _message_id(data: Any) -> str:
-    message_id = data.get("message_id") if isinstance(data, Mapping) else None
-    if not isinstance(message_id, str) or not message_id:
+def _queue_of(data: Any, function_id: str, field: str = "queue") -> str:
+    """The queue a DLQ function is called for. iii names it ``queue`` (alias ``topic``) in
+    the redrive and discard functions, ``topic`` (alias ``queue``) in the others."""
+    name = _text(data, function_id, field, "topic" if field == "queue" else "queue")
+    if not name:
+        raise InvocationError("queue_not_set", "Queue name is required")
+    return name
+
+
+def _message_id(data: Any, function_id: str) -> str:
+    message_id = _text(data, function_id, "message_id")
+    if not message_id:
         raise InvocationError("message_id_not_set", "Message ID is required")
     return message_id
 
 
-def _count(data: Any, field: str, default: int) -> int:
+def _count(data: Any, function_id: str, field: str, default: int) -> int:
     """A paging value of ``data``: absent or null gives ``default``; anything but a
     non-negative integer is refused, naming the field."""
     value = data.get(field) if isinstance(data, Mapping) else None
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"'{field}' must be a non-negative integer, got {value!r}")
+        raise _unreadable(function_id, f"'{field}' must be a non-negative integer, got {value!r}")
     return value
 
 
@@ -66,23 +87,27 @@ def register_builtins(app: III) -> None:
     """Register the ``iii::queue::*`` and ``engine::queue::*`` functions on ``app``."""
 
     async def redrive(data: Any) -> dict[str, Any]:
-        queue = _queue_of(data)
+        queue = _queue_of(data, "iii::queue::redrive")
         moved = await app.dlq_redrive_async(queue)
         return {"queue": queue, "redriven": len(moved)}
 
     async def redrive_message(data: Any) -> dict[str, Any]:
-        queue, message_id = _queue_of(data), _message_id(data)
+        function_id = "iii::queue::redrive_message"
+        queue, message_id = _queue_of(data, function_id), _message_id(data, function_id)
         moved = await app.dlq_redrive_async(queue, [message_id])
         return {"queue": queue, "message_id": message_id, "redriven": len(moved)}
 
     async def discard_message(data: Any) -> dict[str, Any]:
-        queue, message_id = _queue_of(data), _message_id(data)
+        function_id = "iii::queue::discard_message"
+        queue, message_id = _queue_of(data, function_id), _message_id(data, function_id)
         gone = await app.dlq_discard_async(queue, [message_id])
         return {"queue": queue, "message_id": message_id, "redriven": len(gone)}
 
     async def dlq_messages(data: Any) -> list[dict[str, Any]]:
-        queue = _queue_of(data)
-        offset, limit = _count(data, "offset", 0), _count(data, "limit", 50)
+        function_id = "engine::queue::dlq_messages"
+        queue = _queue_of(data, function_id, "topic")
+        offset = _count(data, function_id, "offset", 0)
+        limit = _count(data, function_id, "limit", 50)
         queues = app.topics.get(queue)
         if not queues:
             jobs = await app.dlq_list_async(queue, offset=offset, limit=limit)
@@ -134,7 +159,7 @@ def register_builtins(app: III) -> None:
         ]
 
     async def topic_stats(data: Any) -> dict[str, Any]:
-        queue = _queue_of(data)
+        queue = _queue_of(data, "engine::queue::topic_stats", "topic")
         queues = app.topics.get(queue)
         if queues:  # a topic: its subscribers' queues together
             each = [await app.queue_stats_async(q) for q in queues]

@@ -143,12 +143,26 @@ def _unsubscribe(app: III, name: str) -> None:
     app.unsubscribed.add(name)
 
 
-async def publish(app: III, data: Any) -> None:
-    """Store one copy of a message for each function subscribed to its topic."""
-    if not isinstance(data, Mapping):
-        raise InvocationError("topic_not_set", "publish needs a payload {topic, data}")
-    topic = data.get("topic", data.get("queue"))
-    if not isinstance(topic, str) or not topic:
+async def publish(app: III, data: Any, function_id: str = "iii::durable::publish") -> None:
+    """Store one copy of a message for each function subscribed to its topic.
+
+    As iii's engine does, a payload without its ``topic`` or ``data`` fails with
+    ``deserialization_error`` naming the field (called by ``function_id``), an empty
+    topic with ``topic_not_set``."""
+    topic = data.get("topic", data.get("queue")) if isinstance(data, Mapping) else None
+    missing = "topic" if topic is None else "data" if "data" not in data else None
+    if missing:
+        raise InvocationError(
+            "deserialization_error",
+            f"Failed to deserialize input for {function_id}: missing field `{missing}`",
+        )
+    if not isinstance(topic, str):
+        raise InvocationError(
+            "deserialization_error",
+            f"Failed to deserialize input for {function_id}: `topic` must be a string, "
+            f"got {topic!r}",
+        )
+    if not topic:
         raise InvocationError("topic_not_set", "Topic is not set")
     queues = [q for q in app.topics.get(topic, ()) if q not in app.unsubscribed]
     if not queues:
@@ -187,10 +201,13 @@ async def publish(app: III, data: Any) -> None:
 def install_topics(app: III) -> None:
     """Register the publish functions and the ``queue``/``durable:subscriber`` triggers."""
 
-    async def publish_fn(data: Any) -> None:
-        await publish(app, data)
+    async def enqueue(data: Any) -> None:
+        await publish(app, data, "enqueue")
 
-    app._register_internal("enqueue", publish_fn)
-    app._register_internal("iii::durable::publish", publish_fn)
+    async def durable_publish(data: Any) -> None:
+        await publish(app, data, "iii::durable::publish")
+
+    app._register_internal("enqueue", enqueue)
+    app._register_internal("iii::durable::publish", durable_publish)
     register_trigger_type("queue", _subscribe)
     register_trigger_type("durable:subscriber", _subscribe)

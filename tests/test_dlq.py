@@ -173,31 +173,43 @@ async def test_iii_function_ids_work_through_trigger_with_iii_shapes() -> None:
         assert sorted(d.id for d in await dead_jobs(iii, "email")) == sorted(ids[1:])
 
 
-async def test_dlq_functions_missing_their_queue_or_message_id_fail_with_iiis_codes() -> None:
+async def test_dlq_functions_without_their_queue_or_message_id_fail_with_iiis_codes() -> None:
+    """As iii's engine answers: a payload that lacks the field (or is not an object) is a
+    ``deserialization_error`` naming it; an empty queue or message id is ``queue_not_set``
+    or ``message_id_not_set``."""
     iii, _fixed = make_app(VirtualClock())
+
+    async def failure(function_id: str, payload: Any) -> tuple[str, str]:
+        with pytest.raises(InvocationError) as error:
+            await iii.trigger_async(function_id, payload)
+        return error.value.code, error.value.message
+
     async with iii.running():
-        for function_id in (
-            "iii::queue::redrive",
-            "iii::queue::redrive_message",
-            "iii::queue::discard_message",
-            "engine::queue::dlq_messages",
-            "engine::queue::topic_stats",
+        for function_id, field in (
+            ("iii::queue::redrive", "queue"),
+            ("iii::queue::redrive_message", "queue"),
+            ("iii::queue::discard_message", "queue"),
+            ("engine::queue::dlq_messages", "topic"),
+            ("engine::queue::topic_stats", "topic"),
         ):
-            for payload in ({}, {"queue": ""}, None):
-                with pytest.raises(InvocationError) as missing_queue:
-                    await iii.trigger_async(function_id, payload)
-                assert (missing_queue.value.code, missing_queue.value.message) == (
-                    "queue_not_set",
-                    "Queue name is required",
+            for payload in ({}, None, ["email"]):
+                assert await failure(function_id, payload) == (
+                    "deserialization_error",
+                    f"Failed to deserialize input for {function_id}: missing field `{field}`",
                 )
+            assert await failure(function_id, {"queue": ""}) == (
+                "queue_not_set",
+                "Queue name is required",
+            )
         for function_id in ("iii::queue::redrive_message", "iii::queue::discard_message"):
-            for payload in ({"queue": "email"}, {"topic": "email", "message_id": ""}):
-                with pytest.raises(InvocationError) as missing_id:
-                    await iii.trigger_async(function_id, payload)
-                assert (missing_id.value.code, missing_id.value.message) == (
-                    "message_id_not_set",
-                    "Message ID is required",
-                )
+            assert await failure(function_id, {"queue": "email"}) == (
+                "deserialization_error",
+                f"Failed to deserialize input for {function_id}: missing field `message_id`",
+            )
+            assert await failure(function_id, {"topic": "email", "message_id": ""}) == (
+                "message_id_not_set",
+                "Message ID is required",
+            )
 
 
 async def test_dlq_messages_takes_its_paging_values_as_given_and_names_a_bad_one() -> None:

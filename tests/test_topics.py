@@ -228,6 +228,42 @@ async def test_a_message_to_a_topic_without_subscribers_is_dropped_with_a_warnin
     assert any("topic 'nobody' dropped" in r.getMessage() for r in caplog.records)
 
 
+async def test_a_publish_without_its_topic_or_data_fails_as_iiis_does() -> None:
+    """iii's publish reads ``{topic, data}``: a payload without one of them is a
+    ``deserialization_error`` naming it, an empty topic ``topic_not_set``. A publish
+    without ``data`` (say, ``payload`` written for it) delivered ``None`` to every
+    subscriber."""
+    iii = make_app()
+    got: list[Any] = []
+    iii.register_function("sub", got.append)
+    iii.register_trigger({"type": "queue", "function_id": "sub", "config": {"topic": "t"}})
+
+    async def failure(function_id: str, payload: Any) -> tuple[str, str]:
+        with pytest.raises(InvocationError) as error:
+            await iii.trigger_async(function_id, payload)
+        return error.value.code, error.value.message
+
+    async with iii.running():
+        for function_id in ("enqueue", "iii::durable::publish"):
+            unreadable = f"Failed to deserialize input for {function_id}: missing field"
+            assert await failure(function_id, {"topic": "t", "payload": {"id": 1}}) == (
+                "deserialization_error",
+                f"{unreadable} `data`",
+            )
+            for payload in ({"data": 1}, None, "t"):
+                assert await failure(function_id, payload) == (
+                    "deserialization_error",
+                    f"{unreadable} `topic`",
+                )
+            assert await failure(function_id, {"topic": "", "data": 1}) == (
+                "topic_not_set",
+                "Topic is not set",
+            )
+        await iii.trigger_async("enqueue", {"topic": "t", "data": None})  # null is data
+        await drain(iii)
+    assert got == [None]
+
+
 async def test_a_subscription_registered_while_running_starts_serving() -> None:
     iii = make_app()
     got: list[Any] = []
