@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import CancelledError as FutureCancelled
 from concurrent.futures import Future
 from contextlib import AbstractContextManager, asynccontextmanager
+from types import FrameType
 from typing import Any, TypeVar
 
 import anyio
@@ -784,9 +785,11 @@ class III:
             raise
         self._portal_cm = portal_cm
         self._thread_cm = thread_cm
+        _STARTED.add(self)
         # The engine's thread is a daemon: a program that ends without shutdown() would
         # drop its Void calls and running jobs mid-flight. Stop it gracefully instead.
         atexit.register(self._stop_at_exit)
+        _stop_started_engines_on_sigterm()
 
     def shutdown(self) -> None:
         """Stop an engine started with :meth:`start` (graceful; waits for it).
@@ -833,6 +836,9 @@ class III:
         self._thread_cm = self._portal_cm = None
         self._unentered = False
         atexit.unregister(self._stop_at_exit)
+        _STARTED.discard(self)
+        if not _STARTED:
+            _restore_sigterm()
         if runtime is not None:
             runtime.stopped_by(current_invocation())
         try:
@@ -986,9 +992,51 @@ def _forget_engines_in_child() -> None:
         app.http_server = None
         app._forked = True
     _ENGINES.clear()
+    _STARTED.clear()
+    _restore_sigterm()
 
 
 os.register_at_fork(after_in_child=_forget_engines_in_child)
+
+_STARTED: weakref.WeakSet[III] = weakref.WeakSet()
+"""The apps whose engine :meth:`III.start` started (on a thread of its own) and nobody
+has stopped yet: what ``_on_sigterm`` stops."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM to a program that left its default action (``flask run``, Django's
+    ``runserver``, a script) and started engines: stop them gracefully (the exit hooks do
+    not run when SIGTERM kills a process), then let SIGTERM end the process as it would
+    have, with the same status."""
+    log.info("received SIGTERM, shutting down the engine before the process ends")
+    try:
+        for app in list(_STARTED):
+            app._stop()
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.raise_signal(signal.SIGTERM)
+
+
+def _stop_started_engines_on_sigterm() -> None:
+    """Make SIGTERM stop the started engines first, where the program leaves it to its
+    default action: a server that handles SIGTERM itself (gunicorn, uvicorn) keeps its
+    handler, and one that ignores it keeps ignoring it. Signals are set in the main
+    thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    with contextlib.suppress(ValueError):  # not the main interpreter
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _restore_sigterm() -> None:
+    """SIGTERM's default action back, once no started engine is left (or in a forked
+    child, which has none)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    with contextlib.suppress(ValueError):
+        if signal.getsignal(signal.SIGTERM) is _on_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _require_main_thread(what: str) -> None:

@@ -24,7 +24,7 @@ import anyio
 import attrs
 
 from ._actions import EnqueueAction
-from ._app import RunAtImportError, _importing_app
+from ._app import RunAtImportError, _importing_app, _on_sigterm
 from ._config import Config, StoreConfig
 from ._config_loader import find_config
 from ._errors import ConfigError, InvocationError, StoreError
@@ -763,7 +763,10 @@ def _serve_until_stopped(app: Any) -> None:
     stopped = threading.Event()
     app.on_shutdown(stopped.set)
     signals = (signal.SIGINT, signal.SIGTERM)
-    if all(signal.getsignal(s) in (signal.SIG_DFL, signal.default_int_handler) for s in signals):
+    # start()'s SIGTERM handler (_on_sigterm) would stop the engine and then end the
+    # process by SIGTERM: here the stop is this command's own, which exits with 0.
+    defaults = (signal.SIG_DFL, signal.default_int_handler, _on_sigterm)
+    if all(signal.getsignal(s) in defaults for s in signals):
         for s in signals:
             signal.signal(s, lambda signum, frame: app.shutdown())
     try:

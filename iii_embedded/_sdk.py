@@ -25,7 +25,7 @@ from typing import Any
 
 import attrs
 
-from ._app import III
+from ._app import III, _on_sigterm
 from ._config_loader import find_config
 from ._runtime import DEFAULT_TIMEOUT_MS
 
@@ -130,6 +130,8 @@ def _keep_serving(app: III) -> None:
         if signal.getsignal(sig) is signal.SIG_IGN:
             continue  # the program ignores it: so do we
         previous[sig] = signal.signal(sig, stop)
+        if previous[sig] is _on_sigterm:  # start()'s, which this handler does the work of
+            previous[sig] = signal.SIG_DFL
 
     def restore() -> None:
         if threading.current_thread() is threading.main_thread():

@@ -289,6 +289,23 @@ def test_run_serves_an_app_its_module_started_with_register_worker(project: Path
     assert "Traceback" not in err
 
 
+def test_run_stops_an_app_its_module_started_with_start_on_sigterm(project: Path) -> None:
+    """``start()`` makes SIGTERM stop its engine where the program leaves SIGTERM's
+    default action; ``run`` of a module that called it must still take SIGTERM as its
+    own graceful stop (exit status 0), not as the end of a program killed by SIGTERM."""
+    (project / "started.py").write_text(
+        "from pathlib import Path\n"
+        "from iii_embedded import III\n"
+        "iii = III.from_config('iii-config.yaml').start()\n"
+        "Path('ready').write_text('1')\n"
+    )
+    app = run_app(project, "started:iii")
+    app.send_signal(signal.SIGTERM)
+    _, err = app.communicate(timeout=30)
+    assert app.returncode == 0, err
+    assert "Traceback" not in err
+
+
 def test_trigger_through_the_app_calls_synchronously(project: Path) -> None:
     out = cli(project, "trigger", "add", "--payload", '{"a": 2, "b": 40}', "--app", "myapp:iii")
     assert out.returncode == 0, out.stderr

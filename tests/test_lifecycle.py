@@ -817,3 +817,77 @@ def test_with_start_runs_the_engine_for_the_block() -> None:
     with iii:  # and the plain form starts it again
         assert iii.trigger("double", 2) == 4
     assert not iii.is_running
+
+
+_KILLED_BY_SIGTERM = """
+import logging, os, pathlib, sys, threading
+import anyio
+from iii_embedded import III, Config, StoreConfig, TriggerAction
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+store, started, release, grace_ms = sys.argv[1:5]
+config = Config(store=StoreConfig(store_method="file_based", file_path=store))
+iii = III(config, shutdown_grace_ms=int(grace_ms))
+
+@iii.function("job")
+async def job(_):
+    pathlib.Path(started).write_text("yes")
+    while not os.path.exists(release):
+        await anyio.sleep(0.005)
+    print("job finished", flush=True)
+
+iii.start()
+receipt = iii.trigger("job", None, action=TriggerAction.Enqueue(queue="default"))
+print(receipt["messageReceiptId"], flush=True)
+threading.Event().wait()  # a server's main loop, which leaves SIGTERM's default action
+"""
+
+
+@pytest.mark.parametrize("outcome", ["finishes", "released"])
+async def test_sigterm_to_a_program_that_started_the_engine_stops_it_gracefully(
+    tmp_path: Path, outcome: str
+) -> None:
+    """A server that leaves SIGTERM's default action (``flask run``, Django's
+    ``runserver``, a script) was killed on the spot with the engine ``start()`` started:
+    no exit hook runs then, so a running job stayed leased to a dead process, to run
+    again with an attempt spent once its lease ran out. The engine now stops gracefully
+    first (a job finishing within the grace period finishes; one still running after it
+    goes back unspent), and the process then ends by SIGTERM as it would have."""
+    script = tmp_path / "app.py"
+    script.write_text(_KILLED_BY_SIGTERM)
+    store, started, release = tmp_path / "store", tmp_path / "started", tmp_path / "release"
+    grace_ms = "30000" if outcome == "finishes" else "100"
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(store), str(started), str(release), grace_ms],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not started.exists() and proc.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=0.01)
+        assert started.exists()
+        os.kill(proc.pid, signal.SIGTERM)
+        if outcome == "finishes":
+            release.write_text("go")
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGTERM, err
+    assert "Traceback" not in err
+    receipt = out.splitlines()[0]
+    reopened = SQLiteStore(store)
+    await reopened.open()
+    try:
+        job = await reopened.get(receipt)
+    finally:
+        await reopened.aclose()
+    assert job is not None
+    if outcome == "finishes":
+        assert "job finished" in out
+        assert (job.state, job.attempts, job.lease_owner) == ("completed", 1, None)
+    else:
+        assert "job finished" not in out
+        assert (job.state, job.attempts, job.lease_owner) == ("queued", 0, None)
