@@ -321,8 +321,10 @@ class III:
             if self._forked:
                 raise RuntimeError(
                     "the iii-embedded engine runs in the process this one was forked from, "
-                    "not here: start an engine of this process's own (iii.start(), or "
-                    "`async with iii.running():`)"
+                    "not here: start it after the fork, in this process (iii.start(), or "
+                    "`async with iii.running():`), rather than before it in the parent "
+                    "(gunicorn --preload: in a post_fork hook, not at import); see "
+                    "docs/design.md, 'Forking'"
                 )
             raise RuntimeError(
                 "the iii-embedded engine is not running: use `async with iii.running():`, "

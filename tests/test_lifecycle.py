@@ -623,9 +623,13 @@ def test_a_forked_child_does_not_inherit_the_running_engine(tmp_path: Path) -> N
             report = pipe.read()
         assert iii.trigger("whose", None) == os.getpid()  # the parent's engine goes on
     assert os.waitstatus_to_exitcode(status) == 0, report
+    # What to do, for a server that forks its workers after importing an app that
+    # started its engine (gunicorn --preload): start it after the fork instead.
     forked = (
         "the iii-embedded engine runs in the process this one was forked from, not here: "
-        "start an engine of this process's own (iii.start(), or `async with iii.running():`)"
+        "start it after the fork, in this process (iii.start(), or `async with "
+        "iii.running():`), rather than before it in the parent (gunicorn --preload: in a "
+        "post_fork hook, not at import); see docs/design.md, 'Forking'"
     )
     assert report.splitlines() == [
         "running: False",
