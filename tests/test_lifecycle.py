@@ -641,13 +641,17 @@ def test_a_forked_child_does_not_inherit_the_running_engine(tmp_path: Path) -> N
 
 
 _ENDS_WITHOUT_SHUTDOWN = """
-import atexit, logging, sys, threading
+import atexit, logging, os, sys, threading
 import anyio
 from iii_embedded import III, Config, StoreConfig, TriggerAction
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 config = Config(store=StoreConfig(store_method="file_based", file_path=sys.argv[1]))
 iii = III(config, shutdown_grace_ms=30_000)
 release = threading.Event()  # set at exit: the handlers are all in flight until then
+
+def say(line):  # one write per line: print() from two threads can interleave them
+    sys.stdout.flush()
+    os.write(1, (line + "\\n").encode())
 started = {"void-sync": threading.Event(), "void-async": threading.Event(),
            "job": threading.Event()}
 
@@ -655,13 +659,13 @@ started = {"void-sync": threading.Event(), "void-async": threading.Event(),
 def void_sync(_):
     started["void-sync"].set()
     release.wait()
-    print("void-sync finished", flush=True)
+    say("void-sync finished")
 
 async def wait_for_release(name):
     started[name].set()
     while not release.is_set():
         await anyio.sleep(0.005)
-    print(f"{name} finished", flush=True)
+    say(f"{name} finished")
 
 @iii.function("void-async")
 async def void_async(_):
