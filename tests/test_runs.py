@@ -29,7 +29,6 @@ from iii_embedded import (
     _runs,
     current_invocation,
 )
-from iii_embedded._errors import StoreClosedError
 from iii_embedded._stores import Job, NewJob, completed_outcome
 from iii_embedded._stores._memory import MemoryStore
 from iii_embedded._stores._sqlite import SQLiteStore
@@ -853,8 +852,9 @@ async def test_a_wait_for_another_processes_run_ends_when_the_engine_stops(
 ) -> None:
     """A wait outside the engine (the program's own task) for a run another process would
     settle, when the engine stops: the watcher is cancelled with the engine, and the wait
-    reads the store itself, which says it closed, as it did before there was a watcher.
-    Until 2026-12-03 the wait was left watched by a watcher that had stopped, for ever."""
+    ends with ``engine_stopped``, as a thread's does (it got the store's StoreClosedError
+    until a later change of 2026-12-03). Until 2026-12-03 the wait was left watched by a
+    watcher that had stopped, for ever."""
     iii = III(
         Config(store=StoreConfig(store_method="file_based", file_path=str(tmp_path / "store"))),
         shutdown_grace_ms=0,
@@ -879,7 +879,9 @@ async def test_a_wait_for_another_processes_run_ends_when_the_engine_stops(
         with anyio.fail_after(10):  # for ever without the change
             while not errors:
                 await anyio.sleep(0.01)
-    assert [type(e) for e in errors] == [StoreClosedError]
+    assert [(type(e), getattr(e, "code", None)) for e in errors] == [
+        (InvocationError, "engine_stopped")
+    ]
     assert watcher._watched == {}
 
 
