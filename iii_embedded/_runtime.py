@@ -584,9 +584,10 @@ class Runtime:
         for runner in self.runners.values():
             runner.wake()
 
-    async def next_due(self) -> float | None:
-        """The earliest time a delayed job becomes available, over all queues."""
-        now = self.clock.now()
+    async def next_due(self, after: float | None = None) -> float | None:
+        """The earliest time a delayed job becomes available, over all queues (after
+        ``after``; by default after now)."""
+        now = self.clock.now() if after is None else after
         times = [await self.store.next_available_at(name, now) for name in self.runners]
         due = [t for t in times if t is not None]
         return min(due) if due else None
