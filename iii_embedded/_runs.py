@@ -604,6 +604,14 @@ async def _wait_one(
                 return
             if event[0].is_set():  # woken, and it is live again (a dead run redriven)
                 event[0] = anyio.Event()
+                if final:
+                    # Settled, which took this wait off the run's list: back on it, to
+                    # hear of its new end, and no longer counted as woken.
+                    if woken is not None:
+                        woken[0] -= 1
+                        rt.waking_waiters -= 1
+                    final.clear()
+                    rt.on_final(run_id, settled)
             if not rt.store.shared:  # only this process can settle it
                 await event[0].wait()
                 continue
