@@ -34,7 +34,7 @@ from ._affinity import pinned
 from ._clock import Clock, SystemClock
 from ._config import Config, QueueConfig
 from ._context import Invocation, current_invocation
-from ._errors import InvocationError, StoreClosedError, StoreError
+from ._errors import InvocationError, StoreClosedError, StoreError, engine_stopped
 from ._registry import FunctionRef, FunctionSpec, Registry, is_async_callable
 from ._runs import BatchResult, RunResult, Runs
 from ._runs import batch_trigger as _batch_trigger
@@ -1050,15 +1050,6 @@ def _require_main_thread(what: str) -> None:
         )
 
 
-def _engine_stopped() -> InvocationError:
-    return InvocationError(
-        "engine_stopped",
-        "the engine shut down while this call was waiting on it (a run it enqueued, if "
-        "any, is not finished: in a file store it goes on when an engine next serves its "
-        "queue)",
-    )
-
-
 def _blocking_result(rt: Runtime, future: Future[T]) -> T:
     """Wait in this thread for a call on the engine's loop (or the store's writer); a
     call the engine's shutdown ended (its task cancelled, or the store closed under it)
@@ -1067,7 +1058,7 @@ def _blocking_result(rt: Runtime, future: Future[T]) -> T:
         return future.result()
     except (FutureCancelled, StoreClosedError) as exc:
         if rt.stopping:
-            raise _engine_stopped() from exc
+            raise engine_stopped() from exc
         raise
 
 
@@ -1078,7 +1069,7 @@ async def _awaited_result(rt: Runtime, future: Future[T]) -> T:
         return await _wait_elsewhere(future)
     except (FutureCancelled, asyncio.CancelledError, StoreClosedError) as exc:
         if rt.stopping and not _caller_cancelled():
-            raise _engine_stopped() from exc
+            raise engine_stopped() from exc
         raise
 
 

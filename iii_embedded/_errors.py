@@ -174,6 +174,16 @@ class AwaitableResultError(NonRetryableError, TypeError):
     """
 
 
+def engine_stopped() -> InvocationError:
+    """The error of a call, or a wait for runs, that the engine's shutdown ended."""
+    return InvocationError(
+        "engine_stopped",
+        "the engine shut down while this call was waiting on it (a run it enqueued, if "
+        "any, is not finished: in a file store it goes on when an engine next serves its "
+        "queue)",
+    )
+
+
 def exception_message(exc: BaseException) -> str:
     """``str(exc)``, or a placeholder naming the exception's type when its ``__str__``
     raises: a handler's exception is recorded and reported, never a new failure of the

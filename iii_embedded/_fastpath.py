@@ -68,6 +68,21 @@ class Interrupter:
         """Stop the handler at its current (or next) suspension point."""
         if self.reason is None:
             self.reason = reason
+        task = self.task
+        if task is None:
+            return
+        if task is asyncio.current_task():
+            # The handler stops its own run (``runs.cancel`` of its own id): its task is
+            # running, so a cancel now would stay pending until the task's next
+            # suspension, which, if the handler returns first, is the queue worker's own
+            # wait for work, and the worker would die with a CancelledError that cancels
+            # the engine's task group (Python < 3.13 keeps it past ``uncancel()``). It is
+            # cancelled from the loop instead, only if it is still in the handler then.
+            task.get_loop().call_soon(self._cancel_suspended)
+        else:
+            task.cancel()
+
+    def _cancel_suspended(self) -> None:
         if self.task is not None:
             self.task.cancel()
 

@@ -33,7 +33,14 @@ import attrs
 from ._actions import EnqueueAction
 from ._config import QueueConfig
 from ._context import Invocation, current_invocation
-from ._errors import DeadlockError, InvocationError, InvocationTimeoutError, RunFailedError
+from ._errors import (
+    DeadlockError,
+    InvocationError,
+    InvocationTimeoutError,
+    RunFailedError,
+    StoreClosedError,
+    engine_stopped,
+)
 from ._ids import new_receipt_id
 from ._queues import QueueRunner
 from ._runtime import Runtime, check_timeout
@@ -561,6 +568,9 @@ async def _wait_one(
     final: list[Outcome] = []
 
     def settled(_job: Job | None, outcome: Outcome) -> None:
+        if rt.stopped:  # the engine shut down with the run not final: see below
+            event[0].set()
+            return
         if woken is not None and not final:
             woken[0] += 1
             rt.waking_waiters += 1
@@ -573,7 +583,14 @@ async def _wait_one(
     seen: Job | None = None
     try:
         while True:
-            job = await rt.store.get(run_id)
+            if rt.stopped:
+                raise engine_stopped()
+            try:
+                job = await rt.store.get(run_id)
+            except StoreClosedError:
+                if not rt.stopping:
+                    raise
+                raise engine_stopped() from None
             if job is None:
                 if seen is not None and final:
                     # Pruned (its retention ended) before this wait could read it: the
@@ -587,6 +604,14 @@ async def _wait_one(
                 return
             if event[0].is_set():  # woken, and it is live again (a dead run redriven)
                 event[0] = anyio.Event()
+                if final:
+                    # Settled, which took this wait off the run's list: back on it, to
+                    # hear of its new end, and no longer counted as woken.
+                    if woken is not None:
+                        woken[0] -= 1
+                        rt.waking_waiters -= 1
+                    final.clear()
+                    rt.on_final(run_id, settled)
             if not rt.store.shared:  # only this process can settle it
                 await event[0].wait()
                 continue

@@ -203,6 +203,9 @@ class Runtime:
         """Run id → the queued handlers waiting for it (``_runs`` refuses waits that could
         never end, such as one on the waiter's own FIFO group further down a chain)."""
         self.stopping = False
+        self.stopped = False
+        """The shutdown has closed the store: nothing here settles a run any more, and a
+        wait for one ends with ``engine_stopped`` (see ``_runs._wait_one``)."""
         self.cron_fires: set[str] = set()
         """Cron jobs whose fire this runtime took in a shared store and is running."""
         self.cron_schedules: dict[str, ScheduleState] = {}
@@ -333,7 +336,17 @@ class Runtime:
             except StoreError as exc:
                 log.error("ending the running cron fires failed: %s", exc)
             self.cron_fires.clear()
-        await self.store.aclose()
+        try:
+            await self.store.aclose()
+        finally:
+            self.stopped = True
+            # Waits for runs that are not final would never end (in memory) or read a
+            # closed store: wake them, to end with ``engine_stopped``.
+            now = self.clock.now()
+            for job_id, waiters in list(self._final_waiters.items()):
+                stop = Outcome(job_id=job_id, kind="released", owner=self.owner, attempt=0, at=now)
+                for waiter in list(waiters):
+                    waiter(None, stop)
         self.threads.close()
         for runner in self.runners.values():
             runner.threads.close()
@@ -571,9 +584,10 @@ class Runtime:
         for runner in self.runners.values():
             runner.wake()
 
-    async def next_due(self) -> float | None:
-        """The earliest time a delayed job becomes available, over all queues."""
-        now = self.clock.now()
+    async def next_due(self, after: float | None = None) -> float | None:
+        """The earliest time a delayed job becomes available, over all queues (after
+        ``after``; by default after now)."""
+        now = self.clock.now() if after is None else after
         times = [await self.store.next_available_at(name, now) for name in self.runners]
         due = [t for t in times if t is not None]
         return min(due) if due else None

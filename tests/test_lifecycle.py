@@ -84,6 +84,44 @@ async def test_jobs_still_running_after_the_grace_period_go_back_without_spendin
     assert other is not None and other.state in ("queued",)
 
 
+@pytest.mark.parametrize("wait", ["trigger_and_wait", "runs.wait"])
+async def test_a_wait_on_the_engines_own_loop_at_shutdown_gets_engine_stopped(
+    store_config: StoreConfig, wait: str
+) -> None:
+    """A task of the program itself (not the engine's) waiting for a run when the engine
+    stops: until 2026-12-03 it waited for ever in memory, and got the file store's
+    StoreClosedError ("not open") on a file store, where a thread got ``engine_stopped``."""
+    iii = III(Config(store=store_config), clock=VirtualClock(), shutdown_grace_ms=0)
+    began = anyio.Event()
+
+    @iii.function("forever")
+    async def forever(_: Any) -> None:
+        began.set()
+        await anyio.sleep_forever()
+
+    answers: list[BaseException | str] = []
+
+    async def waiter() -> None:
+        try:
+            if wait == "trigger_and_wait":
+                result = await iii.trigger_and_wait_async("forever", None)
+            else:
+                receipt = await iii.trigger_async(
+                    "forever", None, action=TriggerAction.Enqueue(queue="default")
+                )
+                result = await iii.runs.wait_async(receipt)
+            answers.append(result.status)
+        except Exception as exc:
+            answers.append(exc)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg, iii.running():
+            tg.start_soon(waiter)
+            await began.wait()
+    [error] = answers
+    assert isinstance(error, InvocationError) and error.code == "engine_stopped"
+
+
 async def test_the_app_can_run_again_after_a_shutdown() -> None:
     iii = III(clock=VirtualClock(), shutdown_grace_ms=0)
     iii.register_function("id", lambda x: x)

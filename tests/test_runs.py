@@ -29,7 +29,6 @@ from iii_embedded import (
     _runs,
     current_invocation,
 )
-from iii_embedded._errors import StoreClosedError
 from iii_embedded._stores import Job, NewJob, completed_outcome
 from iii_embedded._stores._memory import MemoryStore
 from iii_embedded._stores._sqlite import SQLiteStore
@@ -663,6 +662,48 @@ async def test_a_handler_that_cancels_its_own_run_is_stopped_at_its_next_await(
     assert run is not None and (run.status, run.attempts, run.output) == ("cancelled", 1, None)
 
 
+async def test_a_handler_that_cancels_its_own_run_and_returns_leaves_the_engine_running(
+    store_config: StoreConfig,
+) -> None:
+    # Cancelled after its first suspension, the handler's task is the one running: a
+    # cancel of it then stayed pending past the handler's return and hit its worker's
+    # wait for the next job, and the worker's CancelledError cancelled the engine's task
+    # group, which ended the `running()` block silently (found by a chaos run).
+    iii = make_app(store_config, solo=QueueConfig(name="solo", concurrency=1))
+    ran: list[str] = []
+
+    @iii.function("quitter")
+    async def quitter(_: Any) -> str:
+        await anyio.lowlevel.checkpoint()
+        inv = current_invocation()
+        assert inv is not None and inv.receipt_id is not None
+        answer = await iii.runs.cancel_async(inv.receipt_id)
+        ran.append(answer.message)
+        return "finished"
+
+    @iii.function("next")
+    async def next_job(_: Any) -> str:
+        await anyio.lowlevel.checkpoint()
+        ran.append("next")
+        return "done"
+
+    body_ended = False
+    async with iii.running():
+        first = await iii.trigger_async("quitter", {}, action=TriggerAction.Enqueue(queue="solo"))
+        await drain(iii)
+        second = await iii.trigger_async("next", {}, action=TriggerAction.Enqueue(queue="solo"))
+        await drain(iii)
+        runs = [await iii.runs.get_async(r["messageReceiptId"]) for r in (first, second)]
+        body_ended = True
+    assert body_ended
+    assert ran == ["running; asked to stop", "next"]
+    # It returned before any later await could stop it: its run completed.
+    assert [(r.status, r.output) for r in runs if r is not None] == [
+        ("completed", "finished"),
+        ("completed", "done"),
+    ]
+
+
 async def test_cancel_of_a_running_sync_handler_drops_its_result(store_config: StoreConfig) -> None:
     iii = make_app(store_config)
     entered = threading.Event()
@@ -811,8 +852,9 @@ async def test_a_wait_for_another_processes_run_ends_when_the_engine_stops(
 ) -> None:
     """A wait outside the engine (the program's own task) for a run another process would
     settle, when the engine stops: the watcher is cancelled with the engine, and the wait
-    reads the store itself, which says it closed, as it did before there was a watcher.
-    Until 2026-12-03 the wait was left watched by a watcher that had stopped, for ever."""
+    ends with ``engine_stopped``, as a thread's does (it got the store's StoreClosedError
+    until a later change of 2026-12-03). Until 2026-12-03 the wait was left watched by a
+    watcher that had stopped, for ever."""
     iii = III(
         Config(store=StoreConfig(store_method="file_based", file_path=str(tmp_path / "store"))),
         shutdown_grace_ms=0,
@@ -837,7 +879,9 @@ async def test_a_wait_for_another_processes_run_ends_when_the_engine_stops(
         with anyio.fail_after(10):  # for ever without the change
             while not errors:
                 await anyio.sleep(0.01)
-    assert [type(e) for e in errors] == [StoreClosedError]
+    assert [(type(e), getattr(e, "code", None)) for e in errors] == [
+        (InvocationError, "engine_stopped")
+    ]
     assert watcher._watched == {}
 
 

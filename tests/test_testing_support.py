@@ -9,13 +9,23 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 
-from iii_embedded import III, Config, InvocationError, QueueConfig, StoreConfig, TriggerAction
+from iii_embedded import (
+    III,
+    Config,
+    InvocationError,
+    QueueConfig,
+    StoreConfig,
+    SystemClock,
+    TriggerAction,
+)
 from iii_embedded.testing import (
     DrainTimeout,
     VirtualClock,
@@ -714,3 +724,45 @@ async def test_drain_runs_a_job_that_fell_due_while_its_queue_read_the_next_due_
         await drain(iii, max_advance_s=0)
         store.next_available_at = read  # type: ignore[method-assign]
     assert [t - start for t in ran] == [1.0]
+
+
+class _LateTimers(SystemClock):
+    """The system clock, with timers that fire late: an event loop busy elsewhere comes
+    round to a due timer only after the wall clock has passed its time."""
+
+    def call_at(
+        self, deadline: float, callback: Callable[[], None], *, drain_stops: bool = True
+    ) -> Callable[[], None]:
+        return super().call_at(deadline + 5.0, callback, drain_stops=drain_stops)
+
+
+async def test_drain_on_the_system_clock_runs_a_job_that_fell_due_before_its_timer_fired(
+    store_config: StoreConfig,
+) -> None:
+    """Until 2026-12-03 drain returned with such a job unrun: the job was no longer
+    delayed (no due time ahead to sleep to), its queue idle until its timer fired, and
+    so every queue looked quiet once the other queue's job ended (found by a chaos run,
+    under load)."""
+    queues = {"other": QueueConfig(name="other")}
+    iii = III(Config(queues=queues, store=store_config), clock=_LateTimers(), shutdown_grace_ms=0)
+    ran: list[str] = []
+
+    @iii.function("busy")
+    async def busy(due: float) -> None:
+        with anyio.fail_after(10):
+            while time.time() <= due:  # runs until the delayed job has fallen due
+                await anyio.sleep(0.005)
+        ran.append("busy")
+
+    iii.register_function("later", lambda _: ran.append("later"))
+    async with iii.running():
+        due = time.time() + 0.05
+        later = await iii.trigger_async(
+            "later", {}, action=TriggerAction.Enqueue(queue="default", delay_ms=50)
+        )
+        await iii.trigger_async("busy", due, action=TriggerAction.Enqueue(queue="other"))
+        with anyio.fail_after(4):  # well before the late timer
+            await drain(iii)
+        run = await iii.runs.get_async(later)
+    assert ran == ["busy", "later"]
+    assert run is not None and run.status == "completed"

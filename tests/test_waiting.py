@@ -807,3 +807,42 @@ async def test_a_sync_handler_stopped_while_it_waits_for_room_stops_counting_at_
         p2_go.set()
         for gate in gates.values():
             gate.set()
+
+
+async def test_in_memory_a_wait_for_a_run_redriven_as_it_died_hears_of_its_new_end() -> None:
+    """The run dies and is redriven before the woken waiter reads it: the waiter finds it
+    live again and waits on. Until 2026-12-03 its death had taken the wait off the run's
+    list of waiters, for good, so the wait never heard of the run's new end (found by a
+    chaos run). In memory only: on a file store the waiter reads the death before the
+    redrive's commit (and a wait there also polls the store for a run's end)."""
+    iii = make_app(StoreConfig())
+    attempts: list[int] = []
+
+    @iii.function("flaky")
+    async def flaky(_: Any) -> str:
+        attempts.append(len(attempts) + 1)
+        if len(attempts) == 1:
+            raise NonRetryableError("first time")
+        return "second time"
+
+    async def redrive(job: Any, **_: Any) -> None:
+        # An async hook starts before the run's waiters are woken, so it runs first.
+        await iii.dlq_redrive_async("work", [job.id])
+
+    iii.on("job_dead_lettered", redrive)
+    answers: list[RunResult] = []
+
+    async def wait(run_id: str) -> None:
+        answers.append(await iii.runs.wait_async(run_id))
+
+    async with iii.running(), anyio.create_task_group() as tg:
+        receipt = await iii.trigger_async(
+            "flaky", {}, action=TriggerAction.Enqueue(queue="work")
+        )
+        tg.start_soon(wait, receipt["messageReceiptId"])
+        await anyio.lowlevel.checkpoint()
+        await drain(iii)
+        with anyio.fail_after(10):  # for ever without the change
+            await until(lambda: bool(answers))
+    assert attempts == [1, 2]
+    assert [(r.status, r.output) for r in answers] == [("completed", "second time")]

@@ -103,7 +103,17 @@ async def drain(app: III, *, timeout: float = 30.0, max_advance_s: float = math.
             due = await rt.next_due()
             if due is None or due > limit:
                 if rt.is_quiet():
-                    return
+                    if virtual:
+                        return
+                    # A job may have fallen due on the wall clock before its queue's timer
+                    # fired (it runs on the event loop's clock, and fires only when the
+                    # loop comes round to it): no longer delayed, not yet claimed.
+                    overdue = await rt.next_due(after=-math.inf)
+                    if overdue is None or overdue > clock.now():
+                        return
+                    rt.wake_all()
+                    await anyio.lowlevel.checkpoint()
+                    continue
                 if (
                     waiting
                     and due is not None
