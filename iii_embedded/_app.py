@@ -147,6 +147,9 @@ class III:
         started none since): see ``_forget_engines_in_child``."""
         self._unentered = False
         """Started by :meth:`start` and not yet entered by ``with`` (``with iii.start():``)."""
+        self._kept_serving = False
+        """Started by ``register_worker``, whose keeper thread holds the process: not
+        stopped at exit (see ``_stop_at_exit``)."""
         self.runs = Runs(self)
         """Look runs up and cancel them: ``iii.runs.get(id)``, ``iii.runs.cancel(id)``."""
         self.topics: dict[str, list[str]] = {}
@@ -788,9 +791,10 @@ class III:
         self._portal_cm = portal_cm
         self._thread_cm = thread_cm
         _STARTED.add(self)
-        # The engine's thread is a daemon: a program that ends without shutdown() would
-        # drop its Void calls and running jobs mid-flight. Stop it gracefully instead.
-        atexit.register(self._stop_at_exit)
+        # A program that ends without shutdown() would kill the engine's thread mid-flight
+        # (or, with an anyio whose portal thread is not a daemon, wait for it for ever):
+        # stop it gracefully at exit instead.
+        _stop_at_exit_too(self._runtime)
         _stop_started_engines_on_sigterm()
 
     def shutdown(self) -> None:
@@ -804,9 +808,10 @@ class III:
         self._stop()
 
     def _stop_at_exit(self) -> None:
-        """At interpreter exit (``atexit``), for an engine :meth:`start` started and
-        nobody shut down: the graceful shutdown the program did not ask for."""
-        if self._thread_cm is None or self._stopping is not None:
+        """At interpreter exit, for an engine :meth:`start` started and nobody shut
+        down: the graceful shutdown the program did not ask for. Not for
+        ``register_worker``'s, whose keeper thread serves until a signal or shutdown()."""
+        if self._thread_cm is None or self._stopping is not None or self._kept_serving:
             return  # stopped, stopping, or a forked child's copy of the parent's engine
         log.info(
             "the program is ending while the engine still runs: shutting it down "
@@ -837,7 +842,6 @@ class III:
         self._stopping, self._stopping_thread = threading.Event(), me
         self._thread_cm = self._portal_cm = None
         self._unentered = False
-        atexit.unregister(self._stop_at_exit)
         _STARTED.discard(self)
         if not _STARTED:
             _restore_sigterm()
@@ -1003,6 +1007,38 @@ os.register_at_fork(after_in_child=_forget_engines_in_child)
 _STARTED: weakref.WeakSet[III] = weakref.WeakSet()
 """The apps whose engine :meth:`III.start` started (on a thread of its own) and nobody
 has stopped yet: what ``_on_sigterm`` stops."""
+
+_EXIT_HOOKS: set[str] = set()
+"""Which exit hooks ``_stop_at_exit_too`` registered: "early", "late", or both."""
+
+
+def _stop_started_engines() -> None:
+    for app in list(_STARTED):
+        app._stop_at_exit()
+
+
+def _stop_at_exit_too(runtime: Runtime | None) -> None:
+    """Have the engines :meth:`III.start` started stopped gracefully at interpreter exit.
+
+    ``atexit`` runs after the program's other non-daemon threads have ended, so they may
+    still use the engine. But where the engine's thread is itself not a daemon (older
+    anyio, 4.4 among them, runs its portal in a ``ThreadPoolExecutor``), Python would wait
+    for it before running ``atexit``, for ever: there the stop runs where the executors'
+    own exit hook does, before the threads are waited for."""
+    thread = None
+    if runtime is not None:
+        thread = next((t for t in threading.enumerate() if t.ident == runtime.loop_thread), None)
+    early = thread is not None and not thread.daemon
+    when = "early" if early else "late"
+    if when in _EXIT_HOOKS:
+        return
+    _EXIT_HOOKS.add(when)
+    register_early = getattr(threading, "_register_atexit", None)
+    if early and register_early is not None:
+        with contextlib.suppress(RuntimeError):  # the interpreter is already exiting
+            register_early(_stop_started_engines)
+            return
+    atexit.register(_stop_started_engines)
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:

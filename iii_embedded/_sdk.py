@@ -85,6 +85,7 @@ def register_worker(
             return _shared
         app = III(find_config(), invocation_timeout_ms=timeout)
         app.start()
+        app._kept_serving = True  # the keeper below holds the process, not the exit hook
         _keep_serving(app)
         _shared = app
         return app

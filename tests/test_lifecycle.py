@@ -679,13 +679,12 @@ def test_a_forked_child_does_not_inherit_the_running_engine(tmp_path: Path) -> N
 
 
 _ENDS_WITHOUT_SHUTDOWN = """
-import atexit, logging, os, sys, threading
+import logging, os, sys, threading, time
 import anyio
 from iii_embedded import III, Config, StoreConfig, TriggerAction
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 config = Config(store=StoreConfig(store_method="file_based", file_path=sys.argv[1]))
 iii = III(config, shutdown_grace_ms=30_000)
-release = threading.Event()  # set at exit: the handlers are all in flight until then
 
 def say(line):  # one write per line: print() from two threads can interleave them
     sys.stdout.flush()
@@ -693,26 +692,31 @@ def say(line):  # one write per line: print() from two threads can interleave th
 started = {"void-sync": threading.Event(), "void-async": threading.Event(),
            "job": threading.Event()}
 
+def stopping():  # the handlers stay in flight until the engine begins to stop
+    return runtime.stopping
+
 @iii.function("void-sync")
 def void_sync(_):
     started["void-sync"].set()
-    release.wait()
+    while not stopping():
+        time.sleep(0.005)
     say("void-sync finished")
 
-async def wait_for_release(name):
+async def wait_for_stop(name):
     started[name].set()
-    while not release.is_set():
+    while not stopping():
         await anyio.sleep(0.005)
     say(f"{name} finished")
 
 @iii.function("void-async")
 async def void_async(_):
-    await wait_for_release("void-async")
+    await wait_for_stop("void-async")
 
 @iii.function("job")
 async def job(_):
-    await wait_for_release("job")
+    await wait_for_stop("job")
 iii.start()
+runtime = iii.runtime
 iii.trigger("void-sync", None, action=TriggerAction.Void())
 iii.trigger("void-async", None, action=TriggerAction.Void())
 receipt = iii.trigger("job", None, action=TriggerAction.Enqueue(queue="default"))
@@ -720,10 +724,7 @@ print(receipt["messageReceiptId"], flush=True)
 for event in started.values():
     assert event.wait(30)
 if sys.argv[2] == "shutdown":
-    release.set()
     iii.shutdown()
-# Registered after start(), so it runs before the engine's own exit hook (last in, first out).
-atexit.register(release.set)
 print("script ends", flush=True)
 """
 
@@ -734,7 +735,8 @@ async def test_a_program_that_ends_without_shutdown_stops_the_engine_gracefully(
 ) -> None:
     """``start()`` runs the engine on a daemon thread, and a script that ended without
     ``shutdown()`` killed it mid-flight: its Void calls never finished and its running
-    job stayed claimed until its lease ran out, to run again. At exit the engine now
+    job stayed claimed until its lease ran out, to run again (with anyio 4.4, whose
+    portal thread is not a daemon, the script hung at exit instead). At exit the engine now
     shuts down gracefully, as ``shutdown()`` would; after an explicit ``shutdown()``
     the exit hook does nothing."""
     script = tmp_path / "app.py"
