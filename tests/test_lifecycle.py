@@ -678,6 +678,16 @@ def test_a_forked_child_does_not_inherit_the_running_engine(tmp_path: Path) -> N
     ]
 
 
+async def _stored_job(directory: Path, job_id: str) -> Any:
+    """The job ``job_id`` as the file store in ``directory`` has it, after its app ended."""
+    reopened = SQLiteStore(directory)
+    await reopened.open()
+    try:
+        return await reopened.get(job_id)
+    finally:
+        await reopened.aclose()
+
+
 _ENDS_WITHOUT_SHUTDOWN = """
 import logging, os, sys, threading, time
 import anyio
@@ -761,12 +771,7 @@ async def test_a_program_that_ends_without_shutdown_stops_the_engine_gracefully(
     at_exit = "the program is ending while the engine still runs: shutting it down gracefully"
     assert (at_exit in proc.stderr) == (ending == "exit")
 
-    reopened = SQLiteStore(store)
-    await reopened.open()
-    try:
-        job = await reopened.get(receipt)
-    finally:
-        await reopened.aclose()
+    job = await _stored_job(store, receipt)
     assert job is not None
     assert (job.state, job.attempts, job.lease_owner) == ("completed", 1, None)
 
@@ -926,12 +931,7 @@ async def test_sigterm_to_a_program_that_started_the_engine_stops_it_gracefully(
     assert proc.returncode == -signal.SIGTERM, err
     assert "Traceback" not in err
     receipt = out.splitlines()[0]
-    reopened = SQLiteStore(store)
-    await reopened.open()
-    try:
-        job = await reopened.get(receipt)
-    finally:
-        await reopened.aclose()
+    job = await _stored_job(store, receipt)
     assert job is not None
     if outcome == "finishes":
         assert "job finished" in out
