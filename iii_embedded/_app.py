@@ -1006,7 +1006,7 @@ os.register_at_fork(after_in_child=_forget_engines_in_child)
 
 _STARTED: weakref.WeakSet[III] = weakref.WeakSet()
 """The apps whose engine :meth:`III.start` started (on a thread of its own) and nobody
-has stopped yet: what ``_on_sigterm`` stops."""
+has stopped yet: what ``_on_sigterm`` and the exit hook (``_stop_started_engines``) stop."""
 
 _EXIT_HOOKS: set[str] = set()
 """Which exit hooks ``_stop_at_exit_too`` registered: "early", "late", or both."""
