@@ -230,11 +230,17 @@ async def test_a_database_that_is_not_ours_is_refused(tmp_path: Path) -> None:
         assert [r[0] for r in conn.execute("SELECT name FROM sqlite_master")] == ["users"]
 
 
-async def test_a_store_from_a_newer_version_is_refused(tmp_path: Path) -> None:
+async def _store_with_schema_version(tmp_path: Path, version: str) -> Path:
+    """A store made by ``make_store`` whose meta table was then set to ``version`` by hand."""
     directory = tmp_path / "store"
     await make_store(directory)
     with sqlite3.connect(directory / DB_FILENAME) as conn:
-        conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (version,))
+    return directory
+
+
+async def test_a_store_from_a_newer_version_is_refused(tmp_path: Path) -> None:
+    directory = await _store_with_schema_version(tmp_path, "99")
     store = SQLiteStore(directory)
     with pytest.raises(StoreVersionError, match="schema version 99") as caught:
         await store.open()
@@ -244,10 +250,7 @@ async def test_a_store_from_a_newer_version_is_refused(tmp_path: Path) -> None:
 async def test_a_schema_version_that_is_not_a_number_is_refused_naming_the_path(
     tmp_path: Path,
 ) -> None:
-    directory = tmp_path / "store"
-    await make_store(directory)
-    with sqlite3.connect(directory / DB_FILENAME) as conn:
-        conn.execute("UPDATE meta SET value = 'abc' WHERE key = 'schema_version'")
+    directory = await _store_with_schema_version(tmp_path, "abc")
     with pytest.raises(StoreError) as caught:
         await SQLiteStore(directory).open()
     assert str(caught.value) == (
@@ -259,10 +262,7 @@ async def test_a_schema_version_that_is_not_a_number_is_refused_naming_the_path(
 async def test_a_schema_version_lowered_by_hand_fails_its_migration_and_changes_nothing(
     tmp_path: Path,
 ) -> None:
-    directory = tmp_path / "store"
-    await make_store(directory)
-    with sqlite3.connect(directory / DB_FILENAME) as conn:
-        conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    directory = await _store_with_schema_version(tmp_path, "2")
     with pytest.raises(StoreError) as caught:
         await SQLiteStore(directory).open()
     assert str(caught.value).startswith(
